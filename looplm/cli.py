@@ -1,0 +1,97 @@
+"""The ``looplm`` command: thin; it parses flags and calls the library.
+
+Each subcommand lives in the module that implements it and exposes two functions:
+``add_arguments(parser: argparse.ArgumentParser) -> None`` and
+``run(args: argparse.Namespace) -> int``. Modules are imported only when their
+subcommand runs, so ``looplm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from looplm.errors import LoopLMError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("looplm.train.command", "train a model (default: the Python stdlib corpus)"),
+    "generate": ("looplm.generate_command", "stream text from a checkpoint"),
+    "eval": ("looplm.train.evaluate", "validation loss and bits per byte of a checkpoint"),
+    "info": ("looplm.info", "parameters, FLOPs per token and config of a checkpoint"),
+    "quantize": ("looplm.quant.command", "write a low-precision copy of a checkpoint"),
+}
+
+# bench name -> (module, one-line help)
+BENCHES: dict[str, tuple[str, str]] = {
+    "ops": ("looplm.bench.ops", "token-mixer ops: tokens/s against sequence length"),
+    "model": ("looplm.bench.model", "training and decoding speed against transformers"),
+    "train": ("looplm.bench.train", "training throughput against transformers' Llama"),
+    "mqar": ("looplm.bench.mqar", "multi-query associative recall (Zoology)"),
+    "lm": ("looplm.bench.lm", "compute-matched language modelling"),
+    "decode": ("looplm.bench.decode", "decoding latency and memory against context"),
+    "quant": ("looplm.bench.quant", "size, speed and quality of quantised formats"),
+    "report": ("looplm.bench.report", "write docs/results.md from saved results"),
+}
+
+
+def _add_lazy(sub: argparse._SubParsersAction, name: str, module: str, help_: str) -> None:
+    """Register a subcommand whose flags come from ``module.add_arguments``."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:  # not built yet: keep the rest of the CLI usable
+        if exc.name is not None and exc.name.startswith("looplm"):
+            return
+        raise
+    parser = sub.add_parser(name, help=help_, description=help_)
+    mod.add_arguments(parser)
+    parser.set_defaults(_run=mod.run)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Build the parser; only the subcommand named in ``argv`` has its module imported."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="looplm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv else None
+    for name, (module, help_) in COMMANDS.items():
+        if wanted == name:
+            _add_lazy(sub, name, module, help_)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks; see `looplm bench --help`")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    wanted_bench = argv[1] if wanted == "bench" and len(argv) > 1 else None
+    for name, (module, help_) in BENCHES.items():
+        if wanted_bench == name:
+            _add_lazy(bench_sub, name, module, help_)
+        else:
+            bench_sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``looplm`` command; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        if args.command is None:
+            parser.print_help()
+            return 0
+        print(f"error: `looplm {' '.join(argv[:2])}` is not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return int(run(args) or 0)
+    except LoopLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
