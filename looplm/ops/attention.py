@@ -1,0 +1,87 @@
+"""Causal softmax attention over SDPA with grouped KV heads, and rotary position embeddings.
+
+RoPE: Su et al. 2021 (RoFormer), "rotate half" layout (pairs ``(i, i + D/2)``) as in GPT-NeoX
+and Llama. Positions are absolute integers ``[B, T]`` so that padded or skipped tokens keep
+their true positions. Attention: Vaswani et al. 2017; grouped KV heads: Ainslie et al. 2023
+(GQA), computed by ``torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation tables for integer ``positions [B, T]`` (or ``[T]``): ``cos, sin [B, T, 1, dim/2]``.
+
+    Angles are computed in float32 and cast to ``dtype`` at the end.
+    """
+    if dim % 2:
+        raise ValueError(f"dim must be even for RoPE, got {dim}")
+    if positions.dim() == 1:
+        positions = positions[None]
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, dim/2]
+    return angles.cos()[:, :, None].to(dtype), angles.sin()[:, :, None].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, H, D]`` by tables ``cos, sin [B|1, T, 1, D/2]`` from :func:`rope_cos_sin`."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """``apply_rope`` with tables built for ``positions [B, T]``; ``x [B, T, H, D]``."""
+    cos, sin = rope_cos_sin(positions, x.shape[-1], base, x.dtype)
+    return apply_rope(x, cos, sin)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention: ``q [B, T, H, D]``, ``k, v [B, S, Hkv, D|Dv]`` -> ``[B, T, H, Dv]``.
+
+    ``H`` must be a multiple of ``Hkv`` (grouped KV heads). Causality is by position: query t
+    sees key s iff ``k_pos[b, s] <= q_pos[b, t]``. Without positions the queries are the last
+    T of the S keys (a cache prepended). ``key_mask [B, S]`` bool, False = never attended.
+    A query that sees no key at all returns zeros.
+    """
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[-1] != D:
+        raise ValueError(f"k, v must be [B, S, Hkv, D] matching q {tuple(q.shape)}, got "
+                         f"k {tuple(k.shape)} v {tuple(v.shape)}")
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = H != Hkv
+    if key_mask is None and q_pos is None and k_pos is None and (T == S or not causal):
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and T > 1, scale=scale,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2)
+    allowed = torch.ones(B, T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        if q_pos is None:
+            q_pos = torch.arange(S - T, S, device=q.device).expand(B, T)
+        if k_pos is None:
+            k_pos = torch.arange(S, device=q.device).expand(B, S)
+        allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    seen = allowed.any(-1, keepdim=True)  # [B, T, 1]
+    allowed = allowed | ~seen  # keep softmax finite on empty rows; zeroed below
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[:, None], scale=scale,
+                                         enable_gqa=gqa)
+    return out.transpose(1, 2).masked_fill(~seen[..., None], 0.0)

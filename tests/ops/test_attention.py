@@ -1,0 +1,71 @@
+"""Softmax attention and RoPE against explicit references."""
+
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from looplm.ops.attention import apply_rope, attention, rope, rope_cos_sin
+
+
+def reference(q, k, v, allowed):
+    """Explicit softmax with grouped heads repeated; ``allowed [B, T, S]``; empty rows -> 0."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1))
+    return torch.einsum("bhts,bshd->bthd", p, v)
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 9), extra=st.integers(0, 6), hkv=st.sampled_from([1, 2]),
+       rep=st.sampled_from([1, 3]), seed=st.integers(0, 1000))
+def test_gqa_matches_reference_with_cache_and_mask(B, T, extra, hkv, rep, seed):
+    g = torch.Generator().manual_seed(seed)
+    S, H, D = T + extra, hkv * rep, 8
+    q = torch.randn(B, T, H, D, generator=g)
+    k = torch.randn(B, S, hkv, D, generator=g)
+    v = torch.randn(B, S, hkv, 5, generator=g)
+    out = attention(q, k, v)  # queries are the last T keys
+    causal = torch.arange(S)[None, :] <= torch.arange(extra, S)[:, None]
+    torch.testing.assert_close(out, reference(q, k, v, causal.expand(B, T, S)), atol=1e-5, rtol=1e-5)
+    key_mask = torch.rand(B, S, generator=g) > 0.4
+    q_pos = torch.randint(0, S, (B, T), generator=g)
+    k_pos = torch.arange(S).expand(B, S)
+    out = attention(q, k, v, q_pos=q_pos, k_pos=k_pos, key_mask=key_mask)
+    allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & key_mask[:, None, :]
+    torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+
+
+def test_non_causal_and_gradients():
+    q, k, v = (torch.randn(2, 4, 4, 8, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, causal=False)
+    ref = reference(q, k, v, torch.ones(2, 4, 4, dtype=torch.bool))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_bad_heads_raise():
+    q = torch.randn(1, 2, 3, 8)
+    k = torch.randn(1, 2, 2, 8)
+    try:
+        attention(q, k, k)
+    except ValueError as e:
+        assert "multiple" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_rope_relative_and_norm_preserving():
+    """Scores depend only on position differences; rotation keeps norms."""
+    q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16)
+    def score(pq, pk):
+        return (rope(q, torch.tensor([[pq]])) * rope(k, torch.tensor([[pk]]))).sum()
+    torch.testing.assert_close(score(7, 3), score(104, 100), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(score(7, 3), score(7, 5))
+    x = torch.randn(2, 5, 3, 16)
+    cos, sin = rope_cos_sin(torch.arange(5), 16)
+    torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rope(x, torch.zeros(2, 5, dtype=torch.long)), x)
