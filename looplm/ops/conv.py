@@ -39,6 +39,8 @@ def causal_conv1d(
     if state is None:
         state = x.new_zeros(B, K - 1, D)
     xp = torch.cat((state, x), dim=1)  # [B, T+K-1, D]
+    if T == 0:
+        return x, state
     y = F.conv1d(xp.transpose(1, 2), weight[:, None, :], bias, groups=D).transpose(1, 2)
     return y, xp[:, xp.shape[1] - (K - 1):]
 
