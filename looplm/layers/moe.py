@@ -1,0 +1,115 @@
+"""Sparse mixture-of-experts FFN with token-choice top-k routing (MECHANISMS.md §3).
+
+Switch Transformer (Fedus et al. 2021) balance loss, ST-MoE (Zoph et al. 2022) router z-loss,
+a shared expert (DeepSeek-MoE, Dai et al. 2024) and zero-computation experts
+(MoE++, Jin et al. 2024: zero -> 0, copy -> x, constant -> a1 x + a2 v).
+
+Dispatch is dropless: the (token, expert) slots are sorted by expert and each SwiGLU expert
+runs one matmul pair on its contiguous group. torch 2.13's ``torch._grouped_mm`` runs on the
+CPU but was slower than this loop over experts (0.90 s vs 0.65 s forward, 8192 slots,
+d=256, hidden=512, E=8) and has no CPU backward, so the loop stays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplm.errors import ConfigError
+from looplm.layers.ffn import SwiGLU
+
+
+class MoE(nn.Module):
+    """Top-k MoE: ``forward(x [..., d]) -> (y [..., d], aux)``.
+
+    Router logits ``z = x W_r`` over ``E = n_experts + zero + copy + constant`` experts,
+    ``p = softmax(z)``, ``y = sum_{e in topk} p_e E_e(x)`` (``p`` renormalised over the k when
+    ``renormalize``), plus the shared expert if any. ``aux``: ``balance_loss`` ``E sum_e f_e P_e``
+    (f_e fraction of routed slots, P_e mean router probability; 1 at uniform load),
+    ``z_loss`` ``mean(logsumexp(z)^2)``, ``load [E]`` = f (detached), in the order
+    SwiGLU experts, zero, copy, constant.
+    """
+
+    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int = 2, *,
+                 renormalize: bool = False, shared_hidden: int = 0, zero_experts: int = 0,
+                 copy_experts: int = 0, constant_experts: int = 0) -> None:
+        super().__init__()
+        counts = {"n_experts": n_experts, "zero_experts": zero_experts, "copy_experts": copy_experts,
+                  "constant_experts": constant_experts, "shared_hidden": shared_hidden}
+        for name, n in counts.items():
+            if not isinstance(n, int) or n < 0:
+                raise ConfigError(f"{name} must be a non-negative int, got {n!r}")
+        if n_experts < 1:
+            raise ConfigError(f"n_experts must be >= 1, got {n_experts}")
+        self.n_experts = n_experts
+        self.n_total = n_experts + zero_experts + copy_experts + constant_experts
+        if not isinstance(top_k, int) or not 1 <= top_k <= self.n_total:
+            raise ConfigError(f"top_k must be in 1..{self.n_total} (the number of experts incl. "
+                              f"zero-computation ones), got {top_k!r}")
+        self.top_k, self.renormalize = top_k, renormalize
+        self.kinds = (zero_experts, copy_experts, constant_experts)
+        self.router = nn.Linear(d_model, self.n_total, bias=False)
+        bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden)
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden).uniform_(-bound_in, bound_in))
+        self.w_out = nn.Parameter(torch.empty(n_experts, hidden, d_model).uniform_(-bound_out, bound_out))
+        if constant_experts:
+            self.const_v = nn.Parameter(torch.randn(constant_experts, d_model) * bound_in)
+            self.const_w = nn.Parameter(torch.zeros(constant_experts, d_model, 2))
+        self.shared = SwiGLU(d_model, shared_hidden) if shared_hidden else None
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Output of expert ``e`` on its tokens ``x [n, d]``; None for a zero expert."""
+        if e < self.n_experts:
+            gate, up = (x @ self.w_in[e]).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ self.w_out[e]
+        e -= self.n_experts
+        zero, copy, _ = self.kinds
+        if e < zero:
+            return None
+        if e < zero + copy:
+            return x
+        c = e - zero - copy
+        a = (x @ self.const_w[c]).softmax(-1)
+        return a[:, :1] * x + a[:, 1:] * self.const_v[c]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        N, k, E = x.shape[0], self.top_k, self.n_total
+        z = self.router(x).float()
+        p = z.softmax(-1)
+        weight, expert = p.topk(k, dim=-1)  # [N, k]
+        if self.renormalize:
+            weight = weight / weight.sum(-1, keepdim=True)
+        flat = expert.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=E)
+        token = order // k  # token of each slot, slots grouped by expert
+        slot_w = weight.flatten()[order].to(x.dtype)
+        outs, idx, start = [], [], 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                t = token[start:start + c]
+                y_e = self._expert(e, x[t])
+                if y_e is not None:
+                    outs.append(y_e * slot_w[start:start + c, None])
+                    idx.append(t)
+            start += c
+        y = x.new_zeros(N, shape[-1])
+        if outs:
+            y = y.index_add(0, torch.cat(idx), torch.cat(outs))
+        if self.shared is not None:
+            y = y + self.shared(x)[0]
+        if N == 0:  # e.g. no token left at this recursion
+            zero = z.sum()
+            return y.reshape(shape), {"balance_loss": zero, "z_loss": zero, "load": p.new_zeros(E)}
+        load = counts.to(p.dtype) / (N * k)
+        aux = {
+            "balance_loss": E * (load * p.mean(0)).sum(),
+            "z_loss": torch.logsumexp(z, -1).square().mean(),
+            "load": load,
+        }
+        return y.reshape(shape), aux

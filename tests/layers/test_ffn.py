@@ -1,0 +1,121 @@
+"""SwiGLU and MoE: dense equivalence, routing losses, zero-computation experts, gradients, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from looplm.errors import ConfigError
+from looplm.layers.ffn import SwiGLU
+from looplm.layers.moe import MoE
+
+D, HID = 8, 12
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_matches_formula():
+    ffn = SwiGLU(D, HID)
+    x = torch.randn(3, 5, D)
+    wg, wu = ffn.w_in.weight[:HID], ffn.w_in.weight[HID:]
+    y, aux = ffn(x)
+    close(y, (F.silu(x @ wg.T) * (x @ wu.T)) @ ffn.w_out.weight.T)
+    assert aux == {}
+
+
+def test_one_expert_top1_equals_dense_swiglu():
+    dense, moe = SwiGLU(D, HID), MoE(D, HID, n_experts=1, top_k=1)
+    with torch.no_grad():
+        moe.w_in[0].copy_(dense.w_in.weight.T)
+        moe.w_out[0].copy_(dense.w_out.weight.T)
+    x = torch.randn(2, 7, D)
+    y, aux = moe(x)
+    close(y, dense(x)[0])
+    close(aux["balance_loss"], torch.tensor(1.0))
+    close(aux["load"], torch.tensor([1.0]))
+
+
+@given(N=st.integers(1, 40), E=st.integers(1, 6), k=st.integers(1, 3), renorm=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_matches_dense_per_token_reference(N, E, k, renorm, seed):
+    """Dispatch by sorting equals running every token through its chosen experts one by one."""
+    k = min(k, E)
+    torch.manual_seed(seed)
+    moe = MoE(D, HID, n_experts=E, top_k=k, renormalize=renorm)
+    x = torch.randn(N, D)
+    y, aux = moe(x)
+    p = moe.router(x).softmax(-1)
+    w, idx = p.topk(k, -1)
+    if renorm:
+        w = w / w.sum(-1, keepdim=True)
+    ref = torch.zeros(N, D)
+    for n in range(N):
+        for j in range(k):
+            e = idx[n, j]
+            g, u = (x[n] @ moe.w_in[e]).chunk(2)
+            ref[n] += w[n, j] * ((F.silu(g) * u) @ moe.w_out[e])
+    close(y, ref)
+    close(aux["load"].sum(), torch.tensor(1.0))
+
+
+def test_balance_loss_one_at_uniform_larger_when_skewed():
+    moe = MoE(D, HID, n_experts=4, top_k=1)
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities
+    close(moe(x)[1]["balance_loss"], torch.tensor(1.0))
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 5 * x.mean(0) / x.mean(0).square().sum()  # favour expert 0
+    aux = moe(x)[1]
+    assert aux["balance_loss"] > 1.5
+    assert aux["load"][0] > 0.5
+    close(aux["z_loss"], torch.logsumexp(moe.router(x), -1).square().mean())
+
+
+def test_zero_copy_constant_experts():
+    moe = MoE(D, HID, n_experts=1, top_k=1, zero_experts=1, copy_experts=1, constant_experts=1)
+    x = torch.randn(6, D)
+    for e, expect in ((1, torch.zeros_like(x)), (2, x)):
+        with torch.no_grad():
+            moe.router.weight.zero_()
+            moe.router.weight[e, 0] = 1e4  # route token n by sign of x[n, 0]
+        y, aux = moe(x)
+        routed = x[:, 0] > 0
+        p = moe.router(x).softmax(-1)[:, e]
+        close(y[routed], (expect * p[:, None])[routed])
+        assert aux["load"].shape == (4,)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[3, 0] = 1e4
+        moe.const_w.normal_()
+    y, _ = moe(x)
+    a = (x @ moe.const_w[0]).softmax(-1)
+    const = a[:, :1] * x + a[:, 1:] * moe.const_v[0]
+    routed = x[:, 0] > 0
+    close(y[routed], (const * moe.router(x).softmax(-1)[:, 3:])[routed])
+
+
+def test_shared_expert_and_gradients_reach_router():
+    moe = MoE(D, HID, n_experts=3, top_k=2, shared_hidden=HID, constant_experts=1)
+    x = torch.randn(10, D, requires_grad=True)
+    y, aux = moe(x)
+    (y.square().sum() + aux["balance_loss"] + aux["z_loss"]).backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    assert moe.shared.w_in.weight.grad.abs().sum() > 0
+    assert moe.w_in.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_empty_input():
+    y, aux = MoE(D, HID, n_experts=2)(torch.zeros(0, D))
+    assert y.shape == (0, D) and aux["balance_loss"] == 0 and aux["load"].shape == (2,)
+
+
+@pytest.mark.parametrize("kw", [dict(n_experts=2, top_k=3), dict(n_experts=0, top_k=1),
+                                dict(n_experts=2, top_k=0), dict(n_experts=2, zero_experts=-1)])
+def test_bad_configs_raise(kw):
+    with pytest.raises(ConfigError):
+        MoE(D, HID, **kw)
