@@ -1,0 +1,68 @@
+"""Process-group set-up for ``torchrun``: DDP over gloo (CPU) or nccl (CUDA).
+
+Without the torchrun environment (``WORLD_SIZE`` unset or 1) everything is single-process
+and these helpers are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: ``rank`` of ``world`` and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | None = None) -> Dist:
+    """Join the process group torchrun describes in the environment (once per process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if world <= 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few floats over all processes (float64)."""
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_flag(flag: bool, d: Dist) -> bool:
+    """Rank 0's decision, seen by every process (e.g. "stop now")."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=d.device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()

@@ -1,0 +1,250 @@
+"""The training loop: one ``TrainConfig`` drives a run from first step to last checkpoint.
+
+AdamW + schedule (``optim.py``), batches as a function of the step (``batches.py``),
+atomic resumable checkpoints (``run_checkpoint.py``), DDP when launched by torchrun
+(``distributed.py``). The model is any module whose ``forward(x, y)`` returns an object
+with ``loss`` (mean cross-entropy, nats) and optionally ``aux_loss`` and ``stats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from looplm.errors import ConfigError, LoopLMError
+from looplm.train import distributed
+from looplm.train.batches import TokenBatches
+from looplm.train.config import TrainConfig
+from looplm.train.distributed import Dist
+from looplm.train.optim import build_optimizer, lr_at, set_lr
+from looplm.train.run_checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+class DivergedError(LoopLMError):
+    """Training produced non-finite losses too many steps in a row."""
+
+
+def _stats(out: Any) -> dict[str, Any]:
+    """The model's stats as JSON-able numbers (scalars → float, small tensors → lists)."""
+    stats = getattr(out, "stats", None) or {}
+    clean = {}
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float()
+            value = value.item() if value.numel() == 1 else [round(v, 5) for v in value.flatten().tolist()]
+        if isinstance(value, (int, float, list)):
+            clean[key] = value
+    return clean
+
+
+def _autocast(d: Dist, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    token_bytes: torch.Tensor | None = None,
+    d: Dist | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Validation loss (nats/token) and bits per byte = nll_nats / (bytes · ln 2).
+
+    ``token_bytes`` [V]: UTF-8 bytes each token id stands for (None: no bits per byte).
+    """
+    d = d or Dist()
+    was_training = model.training
+    model.eval()
+    nll = n_tok = n_bytes = 0.0
+    for x, y in batches:
+        x, y = x.to(d.device), y.to(d.device)
+        with _autocast(d, bf16):
+            out = model(x, y)
+        nll += out.loss.float().item() * y.numel()
+        n_tok += y.numel()
+        if token_bytes is not None:
+            n_bytes += token_bytes[y.cpu()].sum().item()
+    model.train(was_training)
+    nll, n_tok, n_bytes = distributed.all_sum([nll, n_tok, n_bytes], d)
+    result = {"val_loss": nll / max(n_tok, 1)}
+    if token_bytes is not None and n_bytes > 0:
+        result["val_bpb"] = nll / (n_bytes * math.log(2))
+    return result
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0 only), plus TensorBoard when the package is installed."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+        self.path, self.enabled, self.tb = path, enabled, None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():  # drop lines the killed run wrote after its checkpoint
+            lines = path.read_text().splitlines()
+            keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        elif path.exists():
+            path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tb"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def total_steps(cfg: TrainConfig) -> int:
+    """``cfg.steps``, shortened by the token budget when one is set."""
+    if cfg.max_tokens:
+        return max(1, min(cfg.steps, math.ceil(cfg.max_tokens / (cfg.batch_size * cfg.seq_len))))
+    return cfg.steps
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module,
+    train_data: TokenBatches,
+    val_data: TokenBatches | None = None,
+    *,
+    d: Dist | None = None,
+    resume: bool = False,
+    token_bytes: torch.Tensor | None = None,
+    extras: Callable[[Path], None] | None = None,
+    sample: Callable[[nn.Module], str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``model`` (already seeded and built) under ``cfg``; return the last metrics row.
+
+    ``extras(dir)`` writes run files into each checkpoint (tokenizer); ``sample(model)``
+    returns text printed at each evaluation (run under a forked RNG, so it changes nothing).
+    """
+    d = d or Dist()
+    run_dir = Path(cfg.out)
+    steps = total_steps(cfg)
+    sched = dataclasses.replace(cfg, steps=steps)
+    model.to(d.device).train()
+    optimizer = build_optimizer(model, cfg)
+    run = {"tokens": 0, "bad_steps": 0, "best_val": math.inf}
+    start, resume_step = 0, None
+    existing = list_checkpoints(run_dir)
+    if resume and existing:
+        run = load_checkpoint(existing[-1][1], model, optimizer)
+        start = resume_step = run.pop("step")
+        log(f"resuming {run_dir} from step {start}")
+    elif existing:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume or choose another --out")
+    elif resume:
+        log(f"no checkpoint in {run_dir}: starting from step 0")
+    if d.main:
+        clean_partial(run_dir)
+    distributed.barrier(d)
+    net = DistributedDataParallel(model) if d.world > 1 else model
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step, d.main)
+    bar = tqdm(total=steps, initial=start, disable=not (progress and d.main), dynamic_ncols=True, unit="step")
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    t0 = time.perf_counter()
+    window_t, window_steps = t0, 0
+    row: dict[str, Any] = {}
+    last_loss = math.nan
+    for step in range(start, steps):
+        lr = lr_at(step, sched)
+        set_lr(optimizer, lr)
+        micro = train_data.train_step(step, cfg.batch_size, cfg.grad_accum)
+        loss_sum = torch.zeros((), device=d.device)
+        stats: dict[str, Any] = {}
+        for i, (x, y) in enumerate(micro):
+            x, y = x.to(d.device), y.to(d.device)
+            sync = d.world == 1 or i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(d, cfg.bf16):
+                out = net(x, y)
+                aux = getattr(out, "aux_loss", None)
+                total = out.loss if aux is None else out.loss + aux
+                (total / len(micro)).backward()
+            loss_sum += out.loss.detach().float()
+            stats = _stats(out)
+        loss = distributed.all_sum([loss_sum.item() / len(micro)], d)[0] / d.world
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            run["bad_steps"] += 1
+            metrics.write({"step": step + 1, "skipped": True, "loss": str(loss)})
+            log(f"step {step + 1}: non-finite loss/gradient ({loss}); step skipped")
+            if run["bad_steps"] >= cfg.max_bad_steps:
+                raise DivergedError(
+                    f"loss was NaN/inf {run['bad_steps']} steps in a row (at step {step + 1}); "
+                    "lower train.lr, keep train.grad_clip > 0, or turn off train.bf16"
+                )
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run["bad_steps"] = 0
+            last_loss = loss
+        run["tokens"] += tokens_per_step
+        window_steps += 1
+        done = step + 1
+        now = time.perf_counter()
+        out_of_time = cfg.max_minutes > 0 and (now - t0) / 60 >= cfg.max_minutes
+        out_of_time = distributed.broadcast_flag(out_of_time, d)
+        last = done == steps or out_of_time
+        if done % cfg.log_interval == 0 or last:
+            tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+            row = {"step": done, "loss": last_loss, "lr": lr, "tokens": run["tokens"], "tokens_per_s": tps,
+                   "grad_norm": float(grad_norm), "elapsed_s": now - t0, **stats}
+            metrics.write(row)
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            window_t, window_steps = now, 0
+        bar.update(1)
+        if done % cfg.eval_interval == 0 or last:
+            row = {**row, "step": done}
+            is_best = False
+            if val_data is not None:
+                val = val_data.eval_batches(cfg.eval_iters, cfg.batch_size)
+                ev = evaluate(model, val, token_bytes, d, cfg.bf16)
+                is_best = ev["val_loss"] < run["best_val"]
+                run["best_val"] = min(run["best_val"], ev["val_loss"])
+                metrics.write({"step": done, "tokens": run["tokens"], "elapsed_s": now - t0, **ev})
+                row.update(ev)
+                bpb = f", val bits/byte {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
+                if d.main:
+                    bar.write(f"step {done}: val loss {ev['val_loss']:.4f}{bpb}")
+            if sample is not None and cfg.sample_tokens > 0 and d.main:
+                with torch.random.fork_rng(devices=[]):
+                    text = sample(model)
+                bar.write(f"--- sample at step {done} ---\n{text}\n---")
+            if d.main:
+                save_checkpoint(run_dir, done, model, optimizer, dict(run), extras, cfg.keep_last, is_best)
+            distributed.barrier(d)
+        if out_of_time:
+            log(f"time budget of {cfg.max_minutes} min reached at step {done}")
+            break
+    bar.close()
+    metrics.close()
+    return row
