@@ -1,0 +1,342 @@
+"""Token mixers: softmax attention and the fixed-state family (MECHANISMS.md §1).
+
+Every mixer has one signature for training, prefill and decoding::
+
+    y, state = mixer(x [B, T, d], state=None, *, positions=None, mask=None)
+
+- ``state=None``: training path (chunkwise form), returns ``(y, None)``.
+- ``state=mixer.init_state(B)`` (empty) or a state returned earlier: prefill (T > 1, chunkwise
+  form from that state) or decoding (T = 1, step form); returns the new state. States are
+  not modified in place.
+- ``mask [B, T]`` bool, True = the token exists for this layer. A False token neither reads
+  nor writes the state (as if absent) and its output row is zero. Fixed-state mixers move
+  the active tokens of each row to the front (stable), so the short convolution sees only
+  active tokens, and give the rest the identity update (k = 0, g = 0, beta = 0).
+- ``positions [B, T]`` absolute positions for RoPE (attention only); by default they continue
+  from the number of tokens the state has seen (masked ones included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplm.errors import ConfigError
+from looplm.layers.norms import HeadRMSNorm
+from looplm.ops.attention import attention, rope
+from looplm.ops.conv import causal_conv1d, causal_conv1d_step
+from looplm.ops.delta_rule import delta_chunk, delta_step
+from looplm.ops.linear_attn import decay_chunk, decay_step
+
+
+class _NBytes:
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        tensors = (getattr(self, f.name) for f in fields(self))
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class KVState(_NBytes):
+    """Attention cache: ``k, v [B, S, Hkv, D]``, ``key_mask [B, S]`` (False = slot unused in that
+    row), ``pos [B, S]`` key positions, ``seen [B]`` tokens seen so far (for default positions).
+    Grows only by tokens that are active in at least one row."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    key_mask: torch.Tensor
+    pos: torch.Tensor
+    seen: torch.Tensor
+
+
+@dataclass
+class RecurrentState(_NBytes):
+    """Fixed-size state: ``conv [B, K-1, C]`` last conv inputs, ``ssm [B, H, dk, dv]``."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+def _check_inputs(x: torch.Tensor, d_model: int, mask: torch.Tensor | None,
+                  positions: torch.Tensor | None) -> None:
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape [B, T, {d_model}], got {tuple(x.shape)}")
+    for name, t in (("mask", mask), ("positions", positions)):
+        if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{name} must have shape [B, T] = {tuple(x.shape[:2])}, got {tuple(t.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+
+
+class Attention(nn.Module):
+    """Causal softmax attention with RoPE, grouped KV heads and a KV cache (Vaswani 2017;
+    RoFormer; GQA, Ainslie 2023)."""
+
+    def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, rope_base: float = 10000.0) -> None:
+        super().__init__()
+        self.d_model, self.n_heads = d_model, n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = head_dim or _head_dim(d_model, n_heads)
+        if n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        self.rope_base = rope_base
+        D, Hkv = self.head_dim, self.n_kv_heads
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * Hkv) * D, bias=False)
+        self.o_proj = nn.Linear(n_heads * D, d_model, bias=False)
+
+    def init_state(self, batch_size: int) -> KVState:
+        """An empty cache for ``batch_size`` rows."""
+        p = self.o_proj.weight
+        kv = p.new_zeros(batch_size, 0, self.n_kv_heads, self.head_dim)
+        idx = torch.zeros(batch_size, 0, dtype=torch.long, device=p.device)
+        return KVState(kv, kv, idx.bool(), idx, torch.zeros(batch_size, dtype=torch.long, device=p.device))
+
+    def forward(self, x: torch.Tensor, state: KVState | None = None, *,
+                positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVState | None]:
+        _check_inputs(x, self.d_model, mask, positions)
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        default_pos = positions is None
+        if default_pos:
+            start = state.seen[:, None] if state is not None else 0
+            positions = start + torch.arange(T, device=x.device)
+            positions = positions.expand(B, T)
+        q, k, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split((H, Hkv, Hkv), dim=2)
+        q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        if state is None:
+            if mask is None and default_pos:
+                o = attention(q, k, v)
+            else:
+                o = attention(q, k, v, q_pos=positions, k_pos=positions, key_mask=mask)
+            new_state = None
+        else:
+            key_mask = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            if mask is not None and not bool(mask.any(0).all()):  # cache no token masked in every row
+                keep = mask.any(0)
+                k, v, key_mask, kpos = k[:, keep], v[:, keep], key_mask[:, keep], positions[:, keep]
+            else:
+                kpos = positions
+            k, v = torch.cat((state.k, k), 1), torch.cat((state.v, v), 1)
+            key_mask, kpos = torch.cat((state.key_mask, key_mask), 1), torch.cat((state.pos, kpos), 1)
+            o = attention(q, k, v, q_pos=positions, k_pos=kpos, key_mask=key_mask)
+            new_state = KVState(k, v, key_mask, kpos, state.seen + T)
+        if mask is not None:
+            o = o * mask[:, :, None, None]
+        return self.o_proj(o.reshape(B, T, H * D)), new_state
+
+
+class _FixedStateMixer(nn.Module):
+    """Shared recipe (GLA / gated DeltaNet papers): fused q,k,v projection, short causal
+    depthwise conv + SiLU, a per-mixer feature map and gates, the fixed-state op, per-head
+    RMSNorm, output gate ``o * swish(x W_g)``, output projection.
+
+    Subclasses set ``_gates(x, mask) -> dict`` and ``_mix(q, k, v, gates, state, step)``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None,
+                 value_dim: int | None = None, conv_size: int = 4, chunk_size: int = 64,
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        if conv_size < 1:
+            raise ConfigError(f"conv_size must be >= 1, got {conv_size}")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.head_dim = head_dim or _head_dim(d_model, n_heads)
+        self.value_dim = value_dim or self.head_dim
+        self.chunk_size = chunk_size
+        H, dk, dv = n_heads, self.head_dim, self.value_dim
+        self.split = (H * dk, H * dk, H * dv)
+        self.qkv = nn.Linear(d_model, sum(self.split), bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(sum(self.split), conv_size))
+        nn.init.kaiming_uniform_(self.conv_weight, a=math.sqrt(5))
+        self.g_proj = nn.Linear(d_model, H * dv, bias=False)
+        self.norm = HeadRMSNorm(dv, eps=norm_eps)
+        self.o_proj = nn.Linear(H * dv, d_model, bias=False)
+
+    def init_state(self, batch_size: int) -> RecurrentState:
+        """A zero state for ``batch_size`` rows."""
+        p = self.o_proj.weight
+        conv = p.new_zeros(batch_size, self.conv_weight.shape[1] - 1, self.conv_weight.shape[0])
+        ssm = p.new_zeros(batch_size, self.n_heads, self.head_dim, self.value_dim)
+        return RecurrentState(conv, ssm)
+
+    def _features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict:
+        return {}
+
+    def _mix(self, q, k, v, gates: dict, state: torch.Tensor | None, step: bool):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, state: RecurrentState | None = None, *,
+                positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RecurrentState | None]:
+        _check_inputs(x, self.d_model, mask, positions)
+        B, T, _ = x.shape
+        H, dk, dv = self.n_heads, self.head_dim, self.value_dim
+        perm = None
+        if mask is not None and bool(mask.all()):
+            mask = None
+        if mask is not None and T > 1:  # active tokens first in each row, order kept
+            perm = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+            x = x.gather(1, perm[..., None].expand_as(x))
+            mask = mask.gather(1, perm)
+        step = state is not None and T == 1
+        qkv = self.qkv(x)
+        conv_state = state.conv if state is not None else None
+        if step:
+            c, new_conv = causal_conv1d_step(qkv[:, 0], self.conv_weight, None, conv_state)
+            c = c[:, None]
+        else:
+            c, new_conv = causal_conv1d(qkv, self.conv_weight, None, conv_state)
+        if mask is not None and state is not None:  # the last K-1 *active* inputs
+            n_keep = new_conv.shape[1]
+            xp = torch.cat((conv_state, qkv), 1)
+            idx = mask.sum(1, keepdim=True) + torch.arange(n_keep, device=x.device)
+            new_conv = xp.gather(1, idx[..., None].expand(-1, -1, xp.shape[-1]))
+        q, k, v = F.silu(c).split(self.split, dim=-1)
+        q, k = self._features(q.view(B, T, H, dk), k.view(B, T, H, dk))
+        v = v.view(B, T, H, dv)
+        m = None if mask is None else mask.to(x.dtype)
+        if m is not None:
+            k = k * m[..., None, None]
+        o, ssm = self._mix(q, k, v, self._gates(x, m), None if state is None else state.ssm, step)
+        o = self.norm(o).reshape(B, T, H * dv) * F.silu(self.g_proj(x))
+        y = self.o_proj(o)
+        if m is not None:
+            y = y * m[..., None]
+        if perm is not None:
+            y = torch.zeros_like(y).scatter(1, perm[..., None].expand_as(y), y)
+        return y, (None if state is None else RecurrentState(new_conv, ssm))
+
+
+class _DecayMixer(_FixedStateMixer):
+    """Mixers over the ``decay_*`` ops (linear attention, retention, GLA)."""
+
+    def _mix(self, q, k, v, gates, state, step):
+        g = gates.get("g")
+        if step:
+            o, s = decay_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], state=state)
+            return o[:, None], s
+        return decay_chunk(q, k, v, g, initial_state=state, chunk_size=self.chunk_size)
+
+
+class LinearAttention(_DecayMixer):
+    """Linear attention (Katharopoulos et al. 2020): ``S_t = S_{t-1} + k_t^T v_t``, feature map
+    ``elu + 1`` on q, k (``feature_map='identity'`` to drop it); the output RMSNorm replaces
+    the denominator (TransNormer, Qin et al. 2022)."""
+
+    def __init__(self, d_model: int, n_heads: int, *, feature_map: str = "elu1", **kw) -> None:
+        super().__init__(d_model, n_heads, **kw)
+        if feature_map not in ("elu1", "identity"):
+            raise ConfigError(f"feature_map must be 'elu1' or 'identity', got {feature_map!r}")
+        self.feature_map = feature_map
+
+    def _features(self, q, k):
+        if self.feature_map == "elu1":
+            return F.elu(q) + 1, F.elu(k) + 1
+        return q, k
+
+
+class Retention(_DecayMixer):
+    """Retention (RetNet, Sun et al. 2023): fixed decay per head ``gamma_h = 1 - 2^(-5-h)``."""
+
+    def __init__(self, d_model: int, n_heads: int, **kw) -> None:
+        super().__init__(d_model, n_heads, **kw)
+        gamma = 1 - 2.0 ** (-5 - torch.arange(n_heads, dtype=torch.float64))
+        self.register_buffer("log_gamma", gamma.log().float(), persistent=False)
+
+    def _gates(self, x, m):
+        g = self.log_gamma.to(x.dtype).expand(*x.shape[:2], self.n_heads)
+        return {"g": g if m is None else g * m[..., None]}
+
+
+class GLA(_DecayMixer):
+    """Gated linear attention (Yang et al. 2024): gate over the key dim,
+    ``alpha = sigmoid(x W1 W2 + b)^(1/tau)``, low rank, in log space ``g = logsigmoid(.) / tau``."""
+
+    def __init__(self, d_model: int, n_heads: int, *, gate_rank: int = 16, gate_tau: float = 16.0,
+                 **kw) -> None:
+        super().__init__(d_model, n_heads, **kw)
+        self.gate_tau = gate_tau
+        self.gk = nn.Sequential(nn.Linear(d_model, gate_rank, bias=False),
+                                nn.Linear(gate_rank, n_heads * self.head_dim, bias=True))
+
+    def _gates(self, x, m):
+        g = F.logsigmoid(self.gk(x)).view(*x.shape[:2], self.n_heads, self.head_dim) / self.gate_tau
+        return {"g": g if m is None else g * m[..., None, None]}
+
+
+class DeltaNet(_FixedStateMixer):
+    """DeltaNet (Schlag et al. 2021; Yang et al. 2024): ``S_t = (I - b k^T k) S_{t-1} + b k^T v``,
+    q, k L2-normalised, ``beta = sigmoid(x w_beta)``."""
+
+    def __init__(self, d_model: int, n_heads: int, **kw) -> None:
+        super().__init__(d_model, n_heads, **kw)
+        self.beta_proj = nn.Linear(d_model, n_heads, bias=True)
+
+    def _features(self, q, k):
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+
+    def _gates(self, x, m):
+        beta = torch.sigmoid(self.beta_proj(x))
+        return {"beta": beta if m is None else beta * m[..., None]}
+
+    def _mix(self, q, k, v, gates, state, step):
+        beta, g = gates["beta"], gates.get("g")
+        if step:
+            o, s = delta_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
+                              state=state)
+            return o[:, None], s
+        return delta_chunk(q, k, v, beta, g, initial_state=state, chunk_size=self.chunk_size)
+
+
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet (Yang, Kautz, Hatamizadeh 2025): ``S_t = a_t (I - b k^T k) S_{t-1} + b k^T v``,
+    ``a_t = exp(g_t)``, ``g = -exp(A_log) * softplus(x W_a + dt_bias)`` per head (Mamba-2)."""
+
+    def __init__(self, d_model: int, n_heads: int, **kw) -> None:
+        super().__init__(d_model, n_heads, **kw)
+        self.a_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+
+    def _gates(self, x, m):
+        gates = super()._gates(x, m)
+        g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)
+        gates["g"] = g if m is None else g * m[..., None]
+        return gates
+
+
+MIXERS: dict[str, type[nn.Module]] = {
+    "attention": Attention,
+    "linear": LinearAttention,
+    "retention": Retention,
+    "gla": GLA,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
+}
+
+
+def _head_dim(d_model: int, n_heads: int) -> int:
+    if n_heads < 1 or d_model % n_heads:
+        raise ConfigError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}); "
+                          "change one of them or set head_dim")
+    return d_model // n_heads
+
+
+def build_mixer(name: str, d_model: int, n_heads: int, **opts) -> nn.Module:
+    """The mixer called ``name`` (one of ``MIXERS``); ``opts`` go to its constructor."""
+    if name not in MIXERS:
+        raise ConfigError(f"unknown mixer {name!r}; choose one of {', '.join(MIXERS)}")
+    try:
+        return MIXERS[name](d_model, n_heads, **opts)
+    except TypeError as e:
+        raise ConfigError(f"bad option for mixer {name!r}: {e}") from e
