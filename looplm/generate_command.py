@@ -1,0 +1,50 @@
+"""``looplm generate CHECKPOINT_DIR --prompt TEXT``: stream generated text to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from looplm.errors import CheckpointError, LoopLMError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="directory written by training")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop before this text (repeat the flag for several)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from looplm.checkpoint import load_model
+    from looplm.data.tokenizer import load_tokenizer
+    from looplm.generate import generate
+
+    directory = Path(args.checkpoint)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist: give the directory "
+                              "a training run wrote (config.json, model.safetensors, tokenizer)")
+    try:
+        model = load_model(directory)
+        tokenizer = load_tokenizer(directory)
+    except LoopLMError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read checkpoint {str(directory)!r}: {err}") from None
+    try:
+        pieces = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          stop=args.stop, stream=True)
+    except (ValueError, TypeError) as err:  # bad flag values or prompt: one line, no traceback
+        raise LoopLMError(str(err)) from None
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
