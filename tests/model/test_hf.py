@@ -9,6 +9,7 @@ from looplm.errors import ConfigError
 from looplm.generate import generate_ids
 from looplm.hf import LoopLMCache, LoopLMForCausalLM, LoopLMHFConfig
 from looplm.model import LoopConfig, LoopLM
+from tests.model.test_generate import one_thread  # noqa: F401  (autouse fixture)
 
 BASE = dict(vocab_size=259, d_model=32, n_heads=2, n_core=2, tie_embeddings=False, init_std=0.2)
 CONFIGS = {
@@ -17,14 +18,6 @@ CONFIGS = {
                                  sharing="middle_cycle", n_recursions=3, router="expert_choice"),
     "attention_tied": dict(mixer="attention", tie_embeddings=True),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def saved(tmp_path, name):
