@@ -28,7 +28,7 @@ class TrainConfig:
     data: str = "stdlib"  # corpus: "stdlib", a file, directory, glob, .jsonl, .parquet, hf:NAME
     tokenizer: str = "byte"  # byte | bpe
     vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
-    max_bytes: int = 0  # use at most this many bytes of the corpus (0 = all)
+    max_files: int = 0  # use only the first N files of the corpus (0 = all; for quick tests)
     batch_size: int = 16  # sequences per optimizer step, summed over ranks and accumulation
     seq_len: int = 256  # tokens per sequence
     grad_accum: int = 1  # micro-batches per optimizer step

@@ -1,6 +1,7 @@
 """The training loop: one ``TrainConfig`` drives a run from first step to last checkpoint.
 
-AdamW + schedule (``optim.py``), batches as a function of the step (``batches.py``),
+AdamW + schedule (``optim.py``), batches as a function of the step
+(``looplm.data.BatchSampler``: the data position is the step),
 atomic resumable checkpoints (``run_checkpoint.py``), DDP when launched by torchrun
 (``distributed.py``). The model is any module whose ``forward(x, y)`` returns an object
 with ``loss`` (mean cross-entropy, nats) and optionally ``aux_loss`` and ``stats``.
@@ -17,14 +18,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from looplm.data.loader import BatchSampler, eval_batches
 from looplm.errors import ConfigError, LoopLMError
 from looplm.train import distributed
-from looplm.train.batches import TokenBatches
 from looplm.train.config import TrainConfig
 from looplm.train.distributed import Dist
 from looplm.train.optim import build_optimizer, lr_at, set_lr
@@ -130,8 +132,8 @@ def total_steps(cfg: TrainConfig) -> int:
 def train(
     cfg: TrainConfig,
     model: nn.Module,
-    train_data: TokenBatches,
-    val_data: TokenBatches | None = None,
+    train_data: BatchSampler,
+    val_tokens: np.ndarray | None = None,
     *,
     d: Dist | None = None,
     resume: bool = False,
@@ -142,6 +144,9 @@ def train(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``model`` (already seeded and built) under ``cfg``; return the last metrics row.
+
+    ``train_data`` yields this rank's share of the global batch ``cfg.batch_size``;
+    ``val_tokens`` [N] is the validation split (``cfg.eval_iters`` batches of it are read).
 
     ``extras(dir)`` writes run files into each checkpoint (tokenizer); ``sample(model)``
     returns text printed at each evaluation (run under a forked RNG, so it changes nothing).
@@ -158,6 +163,7 @@ def train(
     if resume and existing:
         run = load_checkpoint(existing[-1][1], model, optimizer)
         start = resume_step = run.pop("step")
+        train_data.load_state_dict(run["data"])  # checks the data and batch settings match
         log(f"resuming {run_dir} from step {start}")
     elif existing:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume or choose another --out")
@@ -177,7 +183,11 @@ def train(
     for step in range(start, steps):
         lr = lr_at(step, sched)
         set_lr(optimizer, lr)
-        micro = train_data.train_step(step, cfg.batch_size, cfg.grad_accum)
+        x_all, y_all = train_data.batch(step)
+        if len(x_all) % cfg.grad_accum:
+            raise ConfigError(f"each process's {len(x_all)} sequences do not split into "
+                              f"grad_accum={cfg.grad_accum} micro-batches; change train.grad_accum")
+        micro = list(zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum)))
         loss_sum = torch.zeros((), device=d.device)
         stats: dict[str, Any] = {}
         for i, (x, y) in enumerate(micro):
@@ -225,8 +235,9 @@ def train(
         if done % cfg.eval_interval == 0 or last:
             row = {**row, "step": done}
             is_best = False
-            if val_data is not None:
-                val = val_data.eval_batches(cfg.eval_iters, cfg.batch_size)
+            if val_tokens is not None:
+                val = eval_batches(val_tokens, cfg.batch_size // d.world, cfg.seq_len,
+                                   max_batches=cfg.eval_iters, rank=d.rank, world_size=d.world)
                 ev = evaluate(model, val, token_bytes, d, cfg.bf16)
                 is_best = ev["val_loss"] < run["best_val"]
                 run["best_val"] = min(run["best_val"], ev["val_loss"])
@@ -239,6 +250,8 @@ def train(
                 with torch.random.fork_rng(devices=[]):
                     text = sample(model)
                 bar.write(f"--- sample at step {done} ---\n{text}\n---")
+            train_data.step = done
+            run["data"] = train_data.state_dict()
             if d.main:
                 save_checkpoint(run_dir, done, model, optimizer, dict(run), extras, cfg.keep_last, is_best)
             distributed.barrier(d)

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from looplm.errors import CheckpointError, ConfigError, DataError
-from looplm.train.batches import TokenBatches
+from looplm.data import BatchSampler, eval_batches
+from looplm.errors import CheckpointError, ConfigError
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
 from looplm.train.loop import DivergedError, evaluate, train
 from looplm.train.optim import build_optimizer, lr_at, param_groups
@@ -120,20 +120,9 @@ def test_keeps_last_n_and_best(tmp_path: Path) -> None:
     assert (tmp_path / "latest").resolve().name == "ckpt-000005"
 
 
-def test_batches_are_sharded_slices_of_the_global_batch() -> None:
-    data = tokens(5000)
-    whole = TokenBatches(data, 16, seed=3).train_step(4, 8, 1)[0]
-    parts = [TokenBatches(data, 16, seed=3, rank=r, world=2).train_step(4, 8, 2) for r in range(2)]
-    x = torch.cat([mb[0] for part in parts for mb in part])
-    assert torch.equal(x, whole[0])
-    assert torch.equal(whole[0][:, 1:], whole[1][:, :-1])
-    with pytest.raises(DataError, match="seq_len"):
-        TokenBatches(data[:10], 16)
-
-
 def test_evaluate_bits_per_byte() -> None:
     model = TinyLM()
-    batches = list(TokenBatches(tokens(), 16).eval_batches(2, 4))
+    batches = list(eval_batches(tokens(), 4, 16, max_batches=2))
     ev = evaluate(model, batches, token_bytes=torch.full((64,), 2))
     assert ev["val_bpb"] == pytest.approx(ev["val_loss"] / (2 * math.log(2)))
 
@@ -142,7 +131,7 @@ def test_nan_losses_skip_then_stop(tmp_path: Path) -> None:
     model = TinyLM()
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
-    data = TokenBatches(tokens(), 16)
+    data = BatchSampler(tokens(), 8, 16)
     with pytest.raises(DivergedError, match="NaN/inf 3 steps in a row"):
         cfg = tiny_config(str(tmp_path), 10, max_bad_steps=3)
         train(cfg, model, data, progress=False, log=lambda s: None)
@@ -150,7 +139,7 @@ def test_nan_losses_skip_then_stop(tmp_path: Path) -> None:
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path: Path) -> None:
-    data = TokenBatches(tokens(), 16)
+    data = BatchSampler(tokens(), 8, 16)
     cfg = tiny_config(str(tmp_path), 2)
     train(cfg, TinyLM(), data, progress=False)
     with pytest.raises(ConfigError, match="--resume"):

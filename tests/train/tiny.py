@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm.data import BatchSampler
 from looplm.train import distributed
-from looplm.train.batches import TokenBatches
 from looplm.train.config import TrainConfig
 from looplm.train.loop import train
 
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model.register_forward_hook(lambda *_: time.sleep(args.sleep))
     data = tokens()
-    train(cfg, model, TokenBatches(data[:15000], cfg.seq_len, cfg.seed, d.rank, d.world),
-          TokenBatches(data[15000:], cfg.seq_len, cfg.seed, d.rank, d.world), d=d, resume=args.resume,
-          progress=False)
+    batches = BatchSampler(data[:15000], cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=d.rank,
+                           world_size=d.world)
+    train(cfg, model, batches, data[15000:], d=d, resume=args.resume, progress=False)
     distributed.teardown()
     return 0
 

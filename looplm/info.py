@@ -1,0 +1,41 @@
+"""``looplm info CHECKPOINT``: parameters (unique and with reuse), FLOPs per token, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory (e.g. runs/small/latest)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from looplm.checkpoint import load_model
+
+    ckpt = Path(args.checkpoint)
+    model = load_model(ckpt)
+    info = {
+        "checkpoint": str(ckpt),
+        "params_unique": model.num_params(unique=True),
+        "params_total": model.num_params(unique=False),
+        "flops_per_token": model.flops_per_token(),
+        "config": model.config.to_dict(),
+    }
+    state_file = ckpt / "train_state" / "state.json"
+    if state_file.is_file():
+        info["step"] = json.loads(state_file.read_text()).get("step")
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"checkpoint       {ckpt}")
+    print(f"parameters       {info['params_unique']:,} unique, {info['params_total']:,} with reuse")
+    print(f"FLOPs per token  {info['flops_per_token']:,.0f} (forward + backward)")
+    if info.get("step") is not None:
+        print(f"trained steps    {info['step']}")
+    print("config")
+    for key, value in info["config"].items():
+        print(f"  {key:<20} {value}")
+    return 0

@@ -1,0 +1,127 @@
+"""``looplm train``: a YAML config (+ flags) → corpus, tokenizer, model → the training loop.
+
+Runs the same under ``torchrun --nproc_per_node=N`` (DDP; each rank its own share of every
+batch). ``--set key=value`` overrides any field of the ``model:`` or ``train:`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from looplm.data import BatchSampler, Corpus, Tokenizer, prepare_corpus
+from looplm.errors import ConfigError
+from looplm.train import distributed
+from looplm.train.config import TrainConfig, apply_overrides, load_sections
+from looplm.train.distributed import Dist
+from looplm.train.loop import train
+
+RUN_FILE = "run.json"  # the full config of the run, written into every checkpoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="small", help="tiny | small | a baseline name | PATH.yaml")
+    parser.add_argument("--data", help="corpus: stdlib (default), files, directories, globs, .jsonl, "
+                        ".parquet, hf:NAME")
+    parser.add_argument("--tokenizer", choices=["byte", "bpe"], help="byte (default) or bpe")
+    parser.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
+    parser.add_argument("--out", help="run directory (checkpoints, metrics.jsonl)")
+    parser.add_argument("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override any config field: lr=1e-3, model.d_model=128, train.bf16=true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def model_keys() -> list[str]:
+    from looplm.model import LoopConfig
+
+    return [f.name for f in dataclasses.fields(LoopConfig)]
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
+    """The model dict and TrainConfig of the run: config file, then flags, then ``--set``."""
+    sections = load_sections(args.config)
+    flags = {"data": args.data, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
+             "out": args.out, "steps": args.steps}
+    sections["train"].update({k: v for k, v in flags.items() if v is not None})
+    sections = apply_overrides(sections, args.set, model_keys())
+    return sections["model"], TrainConfig.from_dict(sections["train"])
+
+
+def build_model(model_cfg: dict[str, Any], vocab_size: int, seed: int) -> torch.nn.Module:
+    """LoopLM with the tokenizer's vocabulary (padded to a multiple of 64), seeded."""
+    from looplm.model import LoopConfig, LoopLM
+
+    if "vocab_size" in model_cfg and model_cfg["vocab_size"] < vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg['vocab_size']} is smaller than the tokenizer's "
+                          f"{vocab_size}; remove it from the config (it is set from the tokenizer)")
+    config = LoopConfig.from_dict({**model_cfg, "vocab_size": 64 * math.ceil(vocab_size / 64)})
+    torch.manual_seed(seed)
+    return LoopLM(config)
+
+
+def load_corpus(
+    cfg: TrainConfig, d: Dist, tokenizer: Tokenizer | None = None, progress: bool = True
+) -> Corpus:
+    """The run's corpus from the cache (rank 0 builds it first; the others then read it)."""
+    spec = tokenizer or ("byte" if cfg.tokenizer == "byte" else f"bpe:{cfg.vocab_size}")
+    kwargs = dict(max_files=cfg.max_files or None, progress=progress and d.main)
+    corpus = prepare_corpus(cfg.data, spec, **kwargs) if d.main else None
+    distributed.barrier(d)
+    return corpus or prepare_corpus(cfg.data, spec, **kwargs)
+
+
+def describe(corpus: Corpus) -> str:
+    s = corpus.stats
+    return (f"{s.source}: {s.documents:,} documents, {s.bytes / 1e6:.1f} MB, "
+            f"{s.train_tokens:,} train / {s.val_tokens:,} validation tokens ({corpus.tokenizer.kind})")
+
+
+def sampler(corpus: Corpus, cfg: TrainConfig):
+    """``sample(model) -> str``: a short seeded continuation of ``cfg.sample_prompt``."""
+    from looplm.generate import generate
+
+    def sample(model: torch.nn.Module) -> str:
+        text = generate(model, corpus.tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens,
+                        temperature=0.8, top_k=50, seed=cfg.seed)
+        return cfg.sample_prompt + text
+
+    return sample
+
+
+def run(args: argparse.Namespace) -> int:
+    model_cfg, cfg = resolve(args)
+    d = distributed.setup()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out)
+    corpus = load_corpus(cfg, d)
+    model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
+    if d.main:
+        n = model.num_params()
+        print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(unique=False) / 1e6:.2f}M with reuse), "
+              f"corpus: {describe(corpus)}, {d.world} process(es) on {d.device}")
+    run_info = {"model": model.config.to_dict(), "train": cfg.to_dict()}
+
+    def extras(directory: Path) -> None:
+        corpus.tokenizer.save(directory)
+        (directory / RUN_FILE).write_text(json.dumps(run_info, indent=1))
+
+    train_data = BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=d.rank,
+                              world_size=d.world)
+    token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
+    row = train(cfg, model, train_data, corpus.val.tokens, d=d, resume=args.resume, token_bytes=token_bytes,
+                extras=extras, sample=sampler(corpus, cfg), progress=not args.no_progress)
+    if d.main:
+        bpb = f", val bits/byte {row['val_bpb']:.3f}" if "val_bpb" in row else ""
+        print(f"done: step {row.get('step')}, val loss {row.get('val_loss', float('nan')):.4f}{bpb}; "
+              f"checkpoint {run_dir / 'latest'}")
+    distributed.teardown()
+    return 0
