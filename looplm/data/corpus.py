@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -97,6 +98,13 @@ class Corpus:
         return cls(path, TokenFile(path / "train.bin"), TokenFile(path / "val.bin"),
                    load_tokenizer(path / "tokenizer"), stats)
 
+    def describe(self) -> str:
+        """One line: source, documents, size, tokens, tokenizer."""
+        s = self.stats
+        return (f"{s.source}: {s.documents} documents, {s.bytes / 1e6:.1f} MB, {s.tokens / 1e6:.2f}M tokens "
+                f"({s.train_tokens / 1e6:.2f}M train, {s.val_tokens / 1e6:.2f}M val), "
+                f"{s.bytes / max(s.tokens, 1):.2f} bytes/token, tokenizer {s.tokenizer}")
+
 
 def in_validation(key: str, val_fraction: float) -> bool:
     """Whether the document named ``key`` belongs to the validation split."""
@@ -171,7 +179,8 @@ def prepare_corpus(
     key = hashlib.sha256(json.dumps(
         [CORPUS_VERSION, sys.version, src.label, src.fingerprint(), tok_key, val_fraction]
     ).encode()).hexdigest()[:16]
-    final = cache_root(cache_dir) / "corpora" / f"{src.label}-{tok_key.split('-')[0]}-{key}"
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", src.label).strip("._") or "corpus"
+    final = cache_root(cache_dir) / "corpora" / f"{label}-{tok_key.split('-')[0]}-{key}"
     if (final / "stats.json").exists():
         return Corpus.open(final)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,11 @@ def test_stdlib_validation_is_by_file_hash():
     keys = [k for _, k in stdlib_files()]
     frac = sum(in_validation(k, 0.015) for k in keys) / len(keys)
     assert 0.005 < frac < 0.03
+
+
+def test_glob_source_names_a_safe_directory(tmp_path):
+    (tmp_path / "a b.txt").write_text("hello world\n" * 10)
+    c = prepare_corpus(str(tmp_path / "*.txt"), "byte", tmp_path / "cache")
+    assert c.path.parent == tmp_path / "cache" / "corpora"
+    assert not set(c.path.name) & set("* /?[")
+    assert "1 documents" in c.describe() and "byte-v1" in c.describe()
