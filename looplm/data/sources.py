@@ -248,6 +248,8 @@ def _walk(directory: Path) -> list[Path]:
 
 
 def _expand(spec: str) -> list[FileEntry]:
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"empty data path {spec!r}; pass a file, directory or glob")
     if any(c in spec for c in "*?["):
         matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
         files = [p for p in matches if p.is_file()]

@@ -44,6 +44,8 @@ def test_missing_path(tmp_path):
         resolve_source("someone/dataset")
     with pytest.raises(DataError, match="no files match"):
         resolve_source(str(tmp_path / "*.txt"))
+    with pytest.raises(DataError, match="empty data path"):
+        resolve_source([" "])
 
 
 def test_explicit_empty_or_binary_file_is_an_error(tmp_path):
