@@ -52,7 +52,11 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
              "out": args.out, "steps": args.steps}
     sections["train"].update({k: v for k, v in flags.items() if v is not None})
     sections = apply_overrides(sections, args.set, model_keys())
-    return sections["model"], TrainConfig.from_dict(sections["train"])
+    train_cfg = TrainConfig.from_dict(sections["train"])
+    from looplm.model import LoopConfig
+
+    LoopConfig.from_dict(sections["model"])  # fail on a bad model key before touching the data
+    return sections["model"], train_cfg
 
 
 def build_model(model_cfg: dict[str, Any], vocab_size: int, seed: int) -> torch.nn.Module:
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
-    corpus = load_corpus(cfg, d)
+    corpus = load_corpus(cfg, d, progress=not args.no_progress)
     model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
     if d.main:
         n = model.num_params()
