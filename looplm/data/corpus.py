@@ -211,25 +211,13 @@ def _build(src: Source, tok: Tokenizer | int, val_fraction: float, out: Path, pr
         from tqdm import tqdm
 
         bar = tqdm(desc=f"tokenizing {src.label}", unit="B", unit_scale=True, disable=not progress)
-        batch: list[tuple[bool, Document]] = []
-        size = 0
-
-        def flush() -> None:
+        for batch in _batched(split, _ENCODE_BATCH_BYTES):
             for (is_val, doc), ids in zip(batch, tok.encode_arrays([d.data for _, d in batch])):
                 writers[is_val].write(ids, len(doc.data), documents=int(doc.last))
                 if doc.last:
                     writers[is_val].write(eos)
+                    documents += 1
             bar.update(sum(len(d.data) for _, d in batch))
-            batch.clear()
-
-        for is_val, doc in split:
-            batch.append((is_val, doc))
-            documents += doc.last
-            size += len(doc.data)
-            if size >= _ENCODE_BATCH_BYTES:
-                flush()
-                size = 0
-        flush()
         bar.close()
         train, val = writers[False].close(), writers[True].close()
     except BaseException:
@@ -251,6 +239,19 @@ def _build(src: Source, tok: Tokenizer | int, val_fraction: float, out: Path, pr
         train_tokens=len(train), val_tokens=len(val), build_seconds=round(time.perf_counter() - start, 3),
     )
     (out / "stats.json").write_text(json.dumps(asdict(stats), indent=2) + "\n")
+
+
+def _batched(split: _Split, max_bytes: int) -> Iterator[list[tuple[bool, Document]]]:
+    """Documents in groups of about ``max_bytes`` (one call of the tokenizer each)."""
+    batch, size = [], 0
+    for item in split:
+        batch.append(item)
+        size += len(item[1].data)
+        if size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _train_bpe(split: _Split, vocab_size: int) -> BPETokenizer:

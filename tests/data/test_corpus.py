@@ -115,3 +115,14 @@ def test_glob_source_names_a_safe_directory(tmp_path):
     assert c.path.parent == tmp_path / "cache" / "corpora"
     assert not set(c.path.name) & set("* /?[")
     assert "1 documents" in c.describe() and "byte-v1" in c.describe()
+
+
+def test_all_documents_in_validation_falls_back_to_a_position_split(tmp_path):
+    names = [n for n in (f"f{i}.txt" for i in range(20)) if in_validation(n, 0.9)][:3]
+    assert len(names) == 3
+    for n in names:
+        (tmp_path / n).write_text(f"{n} " * 30 + "\n")
+    c = prepare_corpus(str(tmp_path), "bpe:300", tmp_path / "cache", val_fraction=0.9)
+    assert len(c.train) > 0 and len(c.val) > len(c.train)  # the last 90% of the tokens
+    text = c.tokenizer.decode(np.concatenate([c.train.tokens, c.val.tokens]))
+    assert text == "".join((tmp_path / n).read_text() for n in sorted(names))
