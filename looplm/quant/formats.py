@@ -1,0 +1,236 @@
+"""Low-precision weight formats: quantise a matrix ``W [out, in]`` to packed parts and back.
+
+Formats (MECHANISMS.md §4; error bounds are per element, for finite inputs):
+
+- ``int8``: symmetric per output row, ``s = max|W_row| / 127`` rounded *up* to a bfloat16 value
+  (so the CPU packed kernel, which takes bf16 scales, sees the exact scale), ``q = round(W/s)``.
+  ``|W - s·q| ≤ s/2``.
+- ``int4``: per group of ``g`` inputs (32/64/128), ``q ∈ [0, 15]``, ``W ≈ offset + s·q``;
+  with a zero point ``s = (max - min)/15, offset = min``; without, ``s = max|W|/7,
+  offset = -8s``. ``|W - Ŵ| ≤ s/2``. Two codes per byte, low nibble first.
+- ``fp8_e4m3`` / ``fp8_e5m2``: per output row ``s = max|W_row| / fmax`` (448 / 57344), the
+  elements ``W/s`` rounded to nearest-even in torch's ``float8_e4m3fn`` / ``float8_e5m2``
+  (saturating at ±fmax). Relative error ≤ 2^-4 (E4M3) / 2^-3 (E5M2) above the subnormal
+  range, absolute ≤ half a subnormal step·s below it.
+- ``fp4_mx``: OCP MX block format: 32 consecutive inputs share a power-of-two scale
+  ``2^(floor(log2 max|x|) - 2)`` stored as E8M0 (biased by 127); each element is E2M1
+  (magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}, round to nearest even, saturating at 6). With
+  ``x = W/scale``: ``|x - x̂| ≤ 0.25`` for |x| ≤ 2, ``≤ 0.5`` up to 4, ``≤ 1`` up to 6, and
+  ``< 2`` above 6 (|x| < 8 by the scale rule; the spec saturates these).
+
+FP4 and int4 are hand-written: torch has no CPU E2M1 cast and torchao's MX/int4 tensors target
+CUDA kernels; the packed layouts here are plain (two nibbles per byte) so they round-trip
+through safetensors and are converted to the kernels' layouts at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes by code 0..7
+MX_BLOCK = 32
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A quantisation format. ``bits``: storage bits per weight, scales included (for a
+    group/block of ``group_size`` inputs; per-row scales count as ~0)."""
+
+    name: str
+    group_size: int | None = None
+    zero_point: bool = True
+
+    @property
+    def bits(self) -> float:
+        if self.name == "int8":
+            return 8.0
+        if self.name == "int4":
+            return 4.0 + 32.0 * (2 if self.zero_point else 1) / self.group_size
+        if self.name == "fp4_mx":
+            return 4.0 + 8.0 / MX_BLOCK
+        return 8.0
+
+
+FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_mx")
+
+
+def make_format(name: str, group_size: int | None = None, zero_point: bool = True) -> Format:
+    """Validate a format name and its group size (int4: 32/64/128, default 64)."""
+    if name not in FORMATS:
+        raise ValueError(f"format={name!r} is not one of {', '.join(FORMATS)}")
+    if name == "int4":
+        group_size = 64 if group_size is None else group_size
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={group_size} for int4 must be one of {GROUP_SIZES}")
+        return Format(name, group_size, zero_point)
+    if name == "fp4_mx":
+        if group_size not in (None, MX_BLOCK):
+            raise ValueError(f"fp4_mx uses MX blocks of {MX_BLOCK}; drop group_size={group_size}")
+        return Format(name, MX_BLOCK, False)
+    return Format(name, None, False)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """``codes [..., n]`` integers in [0, 15], n even → ``uint8 [..., n/2]`` (low nibble first)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"the last dimension ({codes.shape[-1]}) must be even to pack two per byte")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """Inverse of ``pack_nibbles``: ``uint8 [..., m]`` → ``uint8 [..., 2m]``."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------- int8 / int4
+
+
+def _bf16_ceil(x: Tensor) -> Tensor:
+    """Smallest bfloat16-representable float32 ≥ x (x ≥ 0)."""
+    b = x.to(torch.bfloat16)
+    b = torch.where(b.float() < x, torch.nextafter(b, b.new_full((), float("inf"))), b)
+    return b.float()
+
+
+def quantize_int8(w: Tensor) -> dict[str, Tensor]:
+    """``w [out, in]`` → ``q int8 [out, in]``, ``scale float32 [out]`` (bf16-exact)."""
+    w = w.float()
+    scale = _bf16_ceil(w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"q": q, "scale": scale}
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def _groups(w: Tensor, g: int) -> Tensor:
+    out, n = w.shape
+    if n % g:
+        raise ValueError(f"in_features={n} is not a multiple of group_size={g}; pick a size dividing it")
+    return w.float().reshape(out, n // g, g)
+
+
+def quantize_int4(w: Tensor, group_size: int = 64, zero_point: bool = True) -> dict[str, Tensor]:
+    """``w [out, in]`` → ``packed uint8 [out, in/2]``, ``scale, offset float32 [out, in/g]``."""
+    wg = _groups(w, group_size)
+    tiny = torch.finfo(torch.float32).tiny
+    if zero_point:
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=tiny)
+        offset = lo
+    else:
+        scale = (wg.abs().amax(-1) / 7).clamp(min=tiny)
+        offset = -8 * scale
+    q = torch.round((wg - offset[..., None]) / scale[..., None]).clamp(0, 15)
+    return {"packed": pack_nibbles(q.flatten(1)), "scale": scale, "offset": offset}
+
+
+def dequantize_int4(
+    packed: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    out, groups = scale.shape
+    q = unpack_nibbles(packed).reshape(out, groups, -1).to(dtype)
+    return (offset.to(dtype)[..., None] + q * scale.to(dtype)[..., None]).flatten(1)
+
+
+# ---------------------------------------------------------------- FP8
+
+
+def quantize_fp8(w: Tensor, name: str = "fp8_e4m3") -> dict[str, Tensor]:
+    """``w [out, in]`` → ``q float8 [out, in]`` (saturated, RNE), ``scale float32 [out]``."""
+    fmax = FP8_MAX[name]
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / fmax).clamp(min=torch.finfo(torch.float32).tiny)
+    return {"q": cast_fp8(w / scale[:, None], name), "scale": scale}
+
+
+def cast_fp8(x: Tensor, name: str) -> Tensor:
+    """Round ``x`` to the FP8 format ``name`` with saturation to ±max (NaN stays NaN)."""
+    fmax = FP8_MAX[name]
+    return x.float().clamp(-fmax, fmax).to(FP8_DTYPES[name])
+
+
+def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+# ---------------------------------------------------------------- FP4 (E2M1) in MX blocks
+
+_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def fp4_encode(x: Tensor) -> Tensor:
+    """Round ``x`` (already scaled) to E2M1 codes ``uint8`` in [0, 15]: sign bit 3, magnitude
+    code 0..7; round to nearest, ties to the even code; saturates at ±6."""
+    a = x.abs().float()
+    mids = torch.tensor(_FP4_MIDPOINTS, device=x.device)
+    idx = torch.bucketize(a, mids)  # a == mids[i] -> i (the lower neighbour)
+    tie = (a == mids[idx.clamp(max=len(_FP4_MIDPOINTS) - 1)]) & (idx % 2 == 1)
+    idx = (idx + tie.long()).clamp(max=7)
+    sign = (x < 0) & (idx > 0)  # -0 encodes as +0
+    return (idx + 8 * sign.long()).to(torch.uint8)
+
+
+def fp4_decode(codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    table = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=dtype, device=codes.device)
+    return table[codes.long()]
+
+
+def quantize_fp4_mx(w: Tensor) -> dict[str, Tensor]:
+    """``w [out, in]`` → ``packed uint8 [out, in/2]``, ``exponent uint8 [out, in/32]`` (E8M0)."""
+    wb = _groups(w, MX_BLOCK)
+    amax = wb.abs().amax(-1)
+    exp = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - 2  # E2M1's emax = 2
+    exp = exp.clamp(-127, 127)
+    codes = fp4_encode(wb * torch.exp2(-exp)[..., None])
+    return {"packed": pack_nibbles(codes.flatten(1)), "exponent": (exp + 127).to(torch.uint8)}
+
+
+def dequantize_fp4_mx(packed: Tensor, exponent: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    out, blocks = exponent.shape
+    vals = fp4_decode(unpack_nibbles(packed), torch.float32).reshape(out, blocks, MX_BLOCK)
+    return (vals * torch.exp2(exponent.float() - 127)[..., None]).flatten(1).to(dtype)
+
+
+# ---------------------------------------------------------------- by format
+
+
+def quantize(w: Tensor, fmt: Format) -> dict[str, Tensor]:
+    """Quantise ``w [out, in]`` in format ``fmt``; returns the named parts to store."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a weight matrix [out, in], got shape {tuple(w.shape)}")
+    if fmt.name == "int8":
+        return quantize_int8(w)
+    if fmt.name == "int4":
+        return quantize_int4(w, fmt.group_size, fmt.zero_point)
+    if fmt.name == "fp4_mx":
+        return quantize_fp4_mx(w)
+    return quantize_fp8(w, fmt.name)
+
+
+def dequantize(parts: dict[str, Tensor], fmt: Format, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of ``quantize``: the parts back to a ``[out, in]`` matrix of ``dtype``."""
+    if fmt.name == "int8":
+        return dequantize_int8(parts["q"], parts["scale"], dtype)
+    if fmt.name == "int4":
+        return dequantize_int4(parts["packed"], parts["scale"], parts["offset"], dtype)
+    if fmt.name == "fp4_mx":
+        return dequantize_fp4_mx(parts["packed"], parts["exponent"], dtype)
+    return dequantize_fp8(parts["q"], parts["scale"], dtype)
+
+
+def fake_quantize(w: Tensor, fmt: Format) -> Tensor:
+    """``dequantize(quantize(w))`` in ``w``'s dtype (no gradient; see qat.py for the STE)."""
+    with torch.no_grad():
+        return dequantize(quantize(w, fmt), fmt, w.dtype)
