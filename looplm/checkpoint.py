@@ -1,0 +1,86 @@
+"""Model checkpoints: ``config.json`` (the LoopConfig plus ``model_type``) and ``model.safetensors``.
+
+Nothing is unpickled. Tied weights are stored once (``safetensors.torch.save_model`` drops the
+alias and ``load_model`` restores it). Any mismatch raises CheckpointError naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from looplm.errors import CheckpointError, ConfigError
+from looplm.model import LoopConfig, LoopLM
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "looplm"
+# keys written by looplm or transformers next to the LoopConfig fields; ignored on load
+METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
+
+
+def save_model(model: LoopLM, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``directory`` (created)."""
+    if not isinstance(model, LoopLM):
+        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": MODEL_TYPE, **model.config.to_dict()}
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    st_save_model(model, str(path / WEIGHTS_FILE))
+    return path
+
+
+def load_config(directory: str | Path) -> LoopConfig:
+    """The LoopConfig stored in ``directory/config.json``."""
+    path = Path(directory)
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist; give the directory "
+                              "that save_model (or looplm train) wrote")
+    if not file.is_file():
+        raise CheckpointError(f"{str(file)!r} is missing: {str(path)!r} is not a looplm checkpoint")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {str(file)!r}: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(file)!r} must hold a JSON object")
+    if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise CheckpointError(f"{str(file)!r} is a {data['model_type']!r} model, not a looplm one")
+    try:
+        return LoopConfig.from_dict({k: v for k, v in data.items() if k not in METADATA_KEYS})
+    except ConfigError as err:
+        raise CheckpointError(f"invalid config in {str(file)!r}: {err}") from None
+
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LoopLM:
+    """Rebuild the LoopLM saved in ``directory``; CheckpointError if it is missing or mismatched."""
+    config = load_config(directory)
+    file = Path(directory) / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{str(file)!r} is missing; the checkpoint is incomplete")
+    model = LoopLM(config)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {str(file)!r}: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in expected]
+    problems += [f"{k} has shape {stored[k]}, config wants {v}" for k, v in expected.items()
+                 if k in stored and stored[k] != v]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"weights in {str(file)!r} do not match its config.json: {'; '.join(problems[:3])}{more}. "
+            "Was config.json edited or copied from another checkpoint?"
+        )
+    st_load_model(model, str(file), strict=True, device=str(map_location))
+    return model.to(map_location)

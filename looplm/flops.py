@@ -1,0 +1,153 @@
+"""FLOPs accounting: what a LoopLM forward actually spends, and the configured per-token count.
+
+Convention (Kaplan et al. 2020; Languini; MoR): a matmul with P weights costs 2·P FLOPs per
+token forward; training costs 3× forward (backward ≈ 2× forward). Counted per token that a
+layer actually runs (gathered tokens only: routing changes it):
+
+- every weight matrix of the mixer and FFN (params with ≥ 2 dims, so the short conv too);
+  an MoE counts its router, the shared expert and only the experts each token was sent to
+  (zero-computation experts cost nothing);
+- attention adds ``4 · d_attn`` per (query, key) pair actually attended (QKᵀ and AV), causal:
+  a sequence of n tokens attends ``n(n+1)/2`` pairs; recursion-wise caching attends only the
+  tokens active at that recursion;
+- routers (``2·d`` per token per recursion for expert-choice, which scores every token;
+  ``2·d·N_r`` once for token-choice) and the output head ``2·d·V``; embeddings and norms are free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Weights of ``module`` used as matmul / conv weights (parameters with ≥ 2 dims)."""
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+
+
+def _attn_width(mixer: nn.Module) -> int:
+    return mixer.n_heads * mixer.head_dim
+
+
+def attention_pairs(n_new: torch.Tensor, n_cached: torch.Tensor | None = None) -> float:
+    """(query, key) pairs of causal attention: ``n_new [B]`` queries per row after ``n_cached [B]`` keys."""
+    pairs = n_new * (n_new + 1) // 2
+    if n_cached is not None:
+        pairs = pairs + n_new * n_cached
+    return float(pairs.sum())
+
+
+def ffn_flops(blk: nn.Module, tokens: torch.Tensor, aux: dict) -> float:
+    """Forward FLOPs of a block's FFN over ``tokens`` rows; an MoE counts the experts it ran."""
+    if "load" not in aux:
+        return 2.0 * float(tokens) * blk.ffn_matmul
+    c = blk.ffn_cost
+    real = float(aux["load"][: c["n_experts"]].sum())  # share of assignments to real experts
+    return 2.0 * float(tokens) * (c["dense"] + c["top_k"] * real * c["expert"])
+
+
+class Tally:
+    """Accumulates one forward's FLOPs, weighted auxiliary losses and routing statistics."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.flops = 0.0
+        self.losses: dict[str, torch.Tensor] = {}
+        self.weighted: list[torch.Tensor] = []
+        self.reach: list[torch.Tensor] = []
+        self.loads: list[torch.Tensor] = []
+
+    def add_loss(self, name: str, value: torch.Tensor, weight: float) -> None:
+        self.losses[name] = self.losses.get(name, 0) + value.detach()
+        self.weighted.append(weight * value)
+
+    def block(self, blk: nn.Module, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+              state: Any, shared_kv: Any) -> None:
+        """Count a block's mixer before it runs (the state is the one it reads)."""
+        B, T = h.shape[:2]
+        n = mask.sum(1) if mask is not None else torch.full((B,), T, device=h.device)
+        self.flops += 2.0 * float(n.sum()) * blk.mixer_matmul
+        if not blk.is_attention:
+            return
+        if shared_kv is not None:
+            seen = shared_kv.pos[:, None, :] <= positions[:, :, None]
+            seen = seen & shared_kv.key_mask[:, None, :]
+            if mask is not None:
+                seen = seen & mask[:, :, None]
+            pairs = float(seen.sum())
+        else:
+            pairs = attention_pairs(n, None if state is None else state.key_mask.sum(1))
+        self.flops += 4.0 * _attn_width(blk.mixer) * pairs
+
+    def ffn(self, blk: nn.Module, aux: dict) -> None:
+        """Count a block's FFN after it ran and collect an MoE's losses and load."""
+        self.flops += ffn_flops(blk, aux["tokens"], aux)
+        if "load" in aux:
+            c = self.config
+            self.add_loss("balance_loss", aux["balance_loss"], c.balance_loss_weight)
+            self.add_loss("z_loss", aux["z_loss"], c.z_loss_weight)
+            self.loads.append(aux["load"].detach())
+
+    def aux_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the auxiliary losses (a zero scalar on ``like``'s device if none)."""
+        return sum(self.weighted, like.new_zeros(()))
+
+    def stats(self, n_valid: torch.Tensor) -> dict[str, Any]:
+        n = max(float(n_valid), 1.0)
+        out: dict[str, Any] = {
+            "flops": self.flops,
+            "flops_per_token": 3.0 * self.flops / n,
+            "reach": [float(r) / n for r in self.reach],
+        }
+        if self.loads:
+            out["expert_load"] = torch.stack(self.loads).float().mean(0).tolist()
+        out.update({k: float(v) for k, v in self.losses.items()})
+        return out
+
+
+def flops_per_token(model: nn.Module, seq_len: int | None = None, *, training: bool = True,
+                    reach: list[float] | None = None) -> float:
+    """FLOPs per token of ``model`` (a LoopLM) on sequences of ``seq_len`` (default max_seq_len).
+
+    ``reach[r]``: fraction of tokens running recursion r; default the router's plan (all for
+    ``none``, the keep fractions for expert_choice, a uniform depth for token_choice). MoE layers
+    count ``top_k`` real experts per token (an upper bound with zero-computation experts).
+    Attention pairs use the mean causal context ``(reach·T + 1)/2`` (the first recursion's
+    context with ``kv_sharing``). Training = 3 × forward.
+    """
+    c = model.config
+    T = seq_len or c.max_seq_len
+    N = c.n_recursions
+    if reach is None:
+        if c.router == "expert_choice":
+            reach = c.keep_fractions
+        elif c.router == "token_choice":
+            reach = [(N - r) / N for r in range(N)]
+        else:
+            reach = [1.0] * N
+
+    def layer(blk: nn.Module, frac: float, ctx_frac: float) -> float:
+        f = 2.0 * blk.mixer_matmul + 2.0 * _ffn_token_params(blk)
+        if blk.is_attention:
+            f += 4.0 * _attn_width(blk.mixer) * (ctx_frac * T + 1) / 2
+        return frac * f
+
+    total = sum(layer(b, 1.0, 1.0) for b in (*model.prelude, *model.coda))
+    for frac in reach:
+        ctx = reach[0] if c.kv_sharing else frac
+        total += sum(layer(b, frac, ctx) for b in model.core)
+    if c.router == "expert_choice":
+        total += 2.0 * c.d_model * N
+    elif c.router == "token_choice":
+        total += 2.0 * c.d_model * N
+    total += 2.0 * c.d_model * c.vocab_size
+    return 3.0 * total if training else total
+
+
+def _ffn_token_params(blk: nn.Module) -> float:
+    if blk.ffn_cost is None:
+        return blk.ffn_matmul
+    c = blk.ffn_cost
+    return c["dense"] + c["top_k"] * c["expert"]

@@ -1,0 +1,102 @@
+"""The pre-norm residual block: ``h + mixer(norm(h))``, then ``h + ffn(norm(h))``.
+
+The FFN runs only on the rows ``mask`` keeps (a gathered ``[N, d]`` matrix), so absent tokens
+cost nothing there. ``shared_kv`` (MoR recursive KV sharing, Bae et al. 2025) makes an attention
+mixer read the keys/values another recursion cached instead of its own: queries come from this
+block's input, nothing is cached here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from looplm.flops import matmul_params
+from looplm.layers.ffn import SwiGLU
+from looplm.layers.mixers import Attention, KVState, build_mixer
+from looplm.layers.moe import MoE
+from looplm.layers.norms import RMSNorm
+from looplm.ops.attention import attention, rope
+
+
+def attend_shared(attn: Attention, x: torch.Tensor, kv: KVState, positions: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of ``x [B,T,d]`` (queries only) over an existing cache ``kv``; -> ``[B,T,d]``.
+
+    Written here because the mixer's forward always uses its own keys; this reuses its
+    projections and RoPE so the result is what the mixer would give with those keys.
+    """
+    B, T, _ = x.shape
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = attn.qkv(x).view(B, T, H + 2 * Hkv, D)[:, :, :H]
+    q = rope(q, positions, attn.rope_base)
+    o = attention(q, kv.k, kv.v, q_pos=positions, k_pos=kv.pos, key_mask=kv.key_mask)
+    if mask is not None:
+        o = o * mask[:, :, None, None]
+    return attn.o_proj(o.reshape(B, T, H * D))
+
+
+class Block(nn.Module):
+    """One layer of LoopLM; ``mixer`` names its token mixer, ``config`` is a LoopConfig."""
+
+    def __init__(self, config: Any, mixer: str) -> None:
+        super().__init__()
+        c = config
+        d = c.d_model
+        opts: dict[str, Any] = {}
+        if mixer == "attention":
+            opts = {"n_kv_heads": c.n_kv_heads, "rope_base": c.rope_base}
+        else:
+            opts = {"conv_size": c.conv_size, "chunk_size": c.chunk_size}
+        self.mixer_name = mixer
+        self.mixer_norm = RMSNorm(d)
+        self.mixer = build_mixer(mixer, d, c.n_heads, **opts)
+        self.ffn_norm = RMSNorm(d)
+        if c.ffn == "moe":
+            z = c.zero_experts  # MoE++ kinds in turn: zero, copy, constant
+            shared = c.ffn_dim if c.shared_expert else 0
+            self.ffn = MoE(d, c.ffn_dim, c.n_experts, c.top_k, shared_hidden=shared,
+                           zero_experts=(z + 2) // 3, copy_experts=(z + 1) // 3, constant_experts=z // 3)
+        else:
+            self.ffn = SwiGLU(d, c.ffn_dim)
+        self.drop = nn.Dropout(c.dropout)
+        self.mixer_matmul = matmul_params(self.mixer)
+        self.ffn_matmul = matmul_params(self.ffn)
+        self.ffn_cost = None  # MoE: weights every token runs, per expert, experts per token
+        if c.ffn == "moe":
+            w_in, w_out = self.ffn.w_in, self.ffn.w_out
+            expert = w_in[0].numel() + w_out[0].numel()
+            shared = 0 if self.ffn.shared is None else matmul_params(self.ffn.shared)
+            self.ffn_cost = {"dense": self.ffn.router.weight.numel() + shared, "expert": expert,
+                             "top_k": c.top_k, "n_experts": c.n_experts}
+
+    @property
+    def is_attention(self) -> bool:
+        return self.mixer_name == "attention"
+
+    def forward(
+        self, x: torch.Tensor, state: Any = None, *, positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None, shared_kv: KVState | None = None,
+    ) -> tuple[torch.Tensor, Any, dict]:
+        """x ``[B,T,d]``, mask ``[B,T]`` bool (False rows come out unchanged) -> (y, state, aux).
+
+        ``aux`` is the FFN's aux dict plus ``tokens`` (rows run, a 0-dim tensor).
+        """
+        u = self.mixer_norm(x)
+        if shared_kv is not None:
+            y = attend_shared(self.mixer, u, shared_kv, positions, mask)
+        else:
+            y, state = self.mixer(u, state, positions=positions, mask=mask)
+        h = x + self.drop(y)
+        u = self.ffn_norm(h)
+        if mask is None:
+            f, aux = self.ffn(u.reshape(-1, u.shape[-1]))
+            h = h + self.drop(f).view_as(h)
+            tokens = torch.tensor(h.shape[0] * h.shape[1])
+        else:
+            f, aux = self.ffn(u[mask])
+            h = h + torch.zeros_like(h).index_put((mask,), self.drop(f))
+            tokens = mask.sum()
+        return h, state, {**aux, "tokens": tokens}

@@ -1,0 +1,347 @@
+"""LoopConfig and LoopLM: the whole architecture in one file.
+
+A token's path: ``embed → prelude (unique blocks) → recursive core (a shared stack applied up to
+n_recursions times, a router choosing the tokens that continue) → coda (unique blocks) → RMSNorm
+→ head``. A vanilla Transformer is ``n_recursions=1, router="none", mixer="attention",
+ffn="dense"``. Mixture-of-Recursions: Bae et al. 2025; see docs/architecture.md ("Model").
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplm.errors import ConfigError
+from looplm.flops import Tally, flops_per_token
+from looplm.layers.block import Block
+from looplm.layers.norms import RMSNorm
+from looplm.routers import ExpertChoiceRouter, TokenChoiceRouter, gather_index
+from looplm.state import ModelState
+
+MIXERS = ("attention", "linear", "retention", "gla", "deltanet", "gated_deltanet")
+CHOICES = {
+    "mixer": MIXERS,
+    "sharing": ("cycle", "middle_cycle"),
+    "router": ("none", "expert_choice", "token_choice"),
+    "selection": ("topk", "threshold"),
+    "ffn": ("dense", "moe"),
+}
+
+
+@dataclass
+class LoopConfig:
+    """Every knob of LoopLM; validated at construction (one ConfigError naming the field).
+
+    ``capacity``: expert_choice keep fraction of the sequence per recursion (non-increasing, in
+    (0, 1]); ``None`` is MoR's hierarchical rule ``β_r = (N_r − r + 1) / N_r``. ``selection``:
+    the expert_choice rule of ``forward`` — ``topk`` over the sequence (training) or
+    ``threshold`` on σ(score) (causal; what decoding must use unless the routing is replayed).
+    ``attn_every = k > 0`` makes every k-th layer (global index over the unique layers)
+    attention, the others ``mixer``. ``sharing="middle_cycle"`` (MoR) needs at least one unique
+    layer before and after the cycled core. ``d_ffn=None`` is ``8/3·d_model`` rounded up to 32.
+    ``zero_experts = n`` adds n MoE++ zero-computation experts, kinds in turn zero, copy, constant;
+    ``shared_expert`` adds a SwiGLU of width ``d_ffn`` that every token runs.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    n_prelude: int = 0
+    n_core: int = 4
+    n_coda: int = 0
+    n_recursions: int = 1
+    sharing: str = "cycle"
+    router: str = "none"
+    capacity: list[float] | None = None
+    selection: str = "topk"
+    threshold: float = 0.5
+    kv_sharing: bool = False
+    mixer: str = "attention"
+    attn_every: int = 0
+    ffn: str = "dense"
+    d_ffn: int | None = None
+    n_experts: int = 8
+    top_k: int = 2
+    shared_expert: bool = False
+    zero_experts: int = 0
+    router_loss_weight: float = 0.1
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    max_seq_len: int = 2048
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    conv_size: int = 4
+    chunk_size: int = 64
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.capacity is not None:
+            self.capacity = [float(c) for c in self.capacity]
+        self.validate()
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ffn or 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    @property
+    def keep_fractions(self) -> list[float]:
+        """Fraction of the sequence kept at each recursion (expert_choice)."""
+        n = self.n_recursions
+        return list(self.capacity) if self.capacity is not None else [(n - r) / n for r in range(n)]
+
+    def layer_mixer(self, index: int) -> str:
+        """Mixer of unique layer ``index`` (prelude, then core, then coda)."""
+        if self.attn_every and (index + 1) % self.attn_every == 0:
+            return "attention"
+        return self.mixer
+
+    def validate(self) -> None:
+        """Raise one ConfigError naming the first invalid field and the fix."""
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        positive = ("vocab_size", "d_model", "n_heads", "n_core", "n_recursions", "max_seq_len",
+                    "chunk_size", "conv_size", "n_experts", "top_k")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("n_prelude", "n_coda", "attn_every", "zero_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"n_kv_heads={self.n_kv_heads} must be positive and divide n_heads")
+        if self.ffn == "moe" and self.top_k > self.n_experts + self.zero_experts:
+            raise ConfigError(f"top_k={self.top_k} exceeds the {self.n_experts + self.zero_experts} experts")
+        if self.d_ffn is not None and self.d_ffn < 1:
+            raise ConfigError(f"d_ffn must be positive or None, got {self.d_ffn}")
+        if self.sharing == "middle_cycle" and (self.n_prelude < 1 or self.n_coda < 1):
+            raise ConfigError("sharing='middle_cycle' needs n_prelude >= 1 and n_coda >= 1 (unique ends)")
+        if self.capacity is not None:
+            caps = self.capacity
+            if len(caps) != self.n_recursions:
+                raise ConfigError(f"capacity needs {self.n_recursions} fractions, got {caps}")
+            if any(not 0 < c <= 1 for c in caps) or any(a < b for a, b in zip(caps, caps[1:])):
+                raise ConfigError(f"capacity fractions must be in (0, 1] and non-increasing, got {caps}")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.router != "none" and self.n_recursions < 2:
+            raise ConfigError(f"router={self.router!r} needs n_recursions >= 2 (or router='none')")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
+        """Build from a dict; an unknown key raises ConfigError naming it and close matches."""
+        known = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"invalid config: {err}") from None
+
+
+@dataclass
+class LoopOutput:
+    """What ``LoopLM.forward`` returns.
+
+    logits ``[B, T, V]``; loss: LM cross-entropy (None without targets); aux_loss: weighted
+    router + MoE losses (scalar, 0 when there are none); stats: floats for logging
+    (``reach`` fraction of tokens reaching each recursion, ``expert_load``, ``flops`` forward
+    FLOPs spent, ``flops_per_token`` training FLOPs per valid token = 3 · forward); depth
+    ``[B, T]`` recursions each token ran (pass back as ``depth=`` to replay a routing);
+    state: the updated ModelState when ``use_cache`` or a state was given.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+    depth: torch.Tensor | None = None
+    state: ModelState | None = None
+
+
+class LoopLM(nn.Module):
+    """The LoopLM language model; see the module docstring and docs/architecture.md ("Model")."""
+
+    def __init__(self, config: LoopConfig) -> None:
+        super().__init__()
+        if not isinstance(config, LoopConfig):
+            raise TypeError(f"config must be a LoopConfig, got {type(config).__name__}")
+        self.config = c = config
+        P, C = c.n_prelude, c.n_core
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.prelude = nn.ModuleList(Block(c, c.layer_mixer(i)) for i in range(P))
+        self.core = nn.ModuleList(Block(c, c.layer_mixer(P + i)) for i in range(C))
+        self.coda = nn.ModuleList(Block(c, c.layer_mixer(P + C + i)) for i in range(c.n_coda))
+        self.router: nn.Module | None = None
+        if c.router == "expert_choice":
+            self.router = ExpertChoiceRouter(c.d_model, c.keep_fractions, c.selection, c.threshold)
+        elif c.router == "token_choice":
+            self.router = TokenChoiceRouter(c.d_model, c.n_recursions)
+        self.norm = RMSNorm(c.d_model)
+        self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if isinstance(self.router, ExpertChoiceRouter):
+            nn.init.normal_(self.router.weight, std=c.init_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, unique: bool = True) -> int:
+        """Parameters stored (``unique``) or applied when the recursion is unrolled (the core
+        counted ``n_recursions`` times); tied embeddings count once."""
+        total = sum(p.numel() for p in self.parameters())
+        if unique:
+            return total
+        return total + (self.config.n_recursions - 1) * sum(p.numel() for p in self.core.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None, *, training: bool = True,
+                        reach: list[float] | None = None) -> float:
+        """FLOPs per token of the configured model; see :func:`looplm.flops.flops_per_token`."""
+        return flops_per_token(self, seq_len, training=training, reach=reach)
+
+    def init_state(self, batch_size: int) -> ModelState:
+        """An empty decoding state with every (layer, recursion) mixer state allocated, so that a
+        fixed-state model's ``nbytes()`` is the same from the first token on."""
+        c = self.config
+        state = ModelState.empty(batch_size, self.embed.weight.device)
+        named = [(f"prelude.{i}", b) for i, b in enumerate(self.prelude)]
+        named += [(f"coda.{i}", b) for i, b in enumerate(self.coda)]
+        for r in range(c.n_recursions):
+            named += [(f"core.{j}.{r}", b) for j, b in enumerate(self.core)
+                      if not (c.kv_sharing and b.is_attention and r > 0)]
+        state.layers.update((key, b.mixer.init_state(batch_size)) for key, b in named)
+        return state
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+        state: ModelState | None = None, mask: torch.Tensor | None = None, use_cache: bool = False,
+        depth: torch.Tensor | None = None,
+    ) -> LoopOutput:
+        """input_ids ``[B,T]`` long -> LoopOutput.
+
+        targets ``[B,T]`` (−100 ignored); mask ``[B,T]`` bool (False: padding, as if absent);
+        state: a ModelState from an earlier call (continue after it) — it is not modified, the
+        new one is returned; ``use_cache`` starts a state when none is given; depth ``[B,T]``
+        replays a routing (recursions per token, e.g. ``LoopOutput.depth`` of a full forward).
+        """
+        B, T = self._check(input_ids, targets, mask, depth, state)
+        c = self.config
+        if state is None and use_cache:
+            state = self.init_state(B)
+        new = None if state is None else ModelState(state.positions, dict(state.layers))
+        valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        start = state.positions if state is not None else torch.zeros_like(valid[:, 0], dtype=torch.long)
+        positions = start[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+        tally = Tally(c)
+        h = self.drop(self.embed(input_ids))
+        for i, blk in enumerate(self.prelude):
+            h, _ = self._run(blk, f"prelude.{i}", h, new, positions, mask, tally)
+        h, depth = self._recur(h, valid, positions, new, depth, tally)
+        for i, blk in enumerate(self.coda):
+            h, _ = self._run(blk, f"coda.{i}", h, new, positions, mask, tally)
+        h = self.norm(h)
+        logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+        n_valid = valid.sum()
+        tally.flops += 2.0 * c.d_model * c.vocab_size * float(n_valid)
+        loss = None
+        if targets is not None:
+            t = targets if mask is None else targets.masked_fill(~mask, -100)
+            loss = F.cross_entropy(logits.float().reshape(B * T, -1), t.reshape(-1), ignore_index=-100)
+        if new is not None:
+            new.positions = start + valid.sum(1)
+        return LoopOutput(logits, loss, tally.aux_loss(h), tally.stats(n_valid), depth, new)
+
+    def _check(self, input_ids, targets, mask, depth, state) -> tuple[int, int]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError("input_ids must be an integer tensor [B, T]")
+        B, T = input_ids.shape
+        for name, t in (("targets", targets), ("mask", mask), ("depth", depth)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must have the shape of input_ids {(B, T)}, got {tuple(t.shape)}")
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if state is not None and state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
+        return B, T
+
+    def _run(self, blk: Block, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False):
+        """Run one block, reading/writing its state under ``key``; returns (h, mixer state)."""
+        s = None
+        if state is not None and shared_kv is None:
+            s = state.layers.get(key)
+        if s is None and (keep_kv or state is not None) and shared_kv is None:
+            s = blk.mixer.init_state(h.shape[0])
+        tally.block(blk, h, positions, mask, s, shared_kv)
+        h, s, aux = blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv)
+        tally.ffn(blk, aux)
+        if state is not None and shared_kv is None:
+            state.layers[key] = s
+        return h, s
+
+    def _recur(self, h, valid, positions, state, depth, tally):
+        """The recursive core; returns (h, depth ``[B,T]`` recursions each token ran)."""
+        c = self.config
+        gate = None
+        active = valid
+        if isinstance(self.router, TokenChoiceRouter):
+            depth, gate, loss = self.router(h, valid, depth)
+            tally.add_loss("router_loss", loss, c.router_loss_weight)
+        ran = torch.zeros_like(valid, dtype=torch.long)
+        shared: dict[int, Any] = {}
+        for r in range(c.n_recursions):
+            if isinstance(self.router, ExpertChoiceRouter):
+                active, gate, loss = self.router(r, h, active, valid, depth)
+                tally.add_loss("router_loss", loss, c.router_loss_weight)
+                tally.flops += 2.0 * c.d_model * float(valid.sum())
+            elif depth is not None:
+                active = active & (depth > r)
+            ran = ran + active.long()
+            tally.reach.append(active.sum())
+            index, kept = gather_index(active)
+            if index.shape[1] == 0:
+                tally.reach.extend(tally.reach[-1] for _ in range(r + 1, c.n_recursions))
+                break
+            x0 = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
+            pos = positions.gather(1, index)
+            m = None if bool(kept.all()) else kept
+            x = x0
+            for j, blk in enumerate(self.core):
+                keep_kv = c.kv_sharing and blk.is_attention and r == 0
+                x, s = self._run(blk, f"core.{j}.{r}", x, state, pos, m, tally, shared.get(j) if r else None,
+                                 keep_kv)
+                if keep_kv:
+                    shared[j] = s
+            if gate is not None:
+                x = x0 + gate.gather(1, index)[..., None] * (x - x0)
+            x = torch.where(kept[..., None], x, x0)
+            h = h.scatter(1, index[..., None].expand_as(x), x)
+        return h, ran

@@ -1,0 +1,97 @@
+"""Recursion routers of Mixture-of-Recursions (Bae et al. 2025) and the gather that saves compute.
+
+``ExpertChoiceRouter``: before recursion r each still-active token gets ``g = σ(h·w_r + b_r)``;
+with ``selection="topk"`` the top ``⌈β_r·n⌉`` of the tokens active at r−1 continue (n = valid
+tokens in the row, hierarchical filtering), with ``"threshold"`` those with ``g > threshold``
+(causal: decoding uses it; a recursion with ``β_r = 1`` keeps every active token under
+either rule). A binary cross-entropy loss teaches the scores to predict the top-k
+choice, whatever rule routes. ``TokenChoiceRouter``: once, before the first recursion, a
+softmax over N_r depths picks each token's depth (top-1); its probability is the gate; a Switch
+balancing loss ``N_r · Σ_j f_j P_j`` spreads the depths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-align the kept tokens of each row, keeping their order.
+
+    keep ``[B, T]`` bool -> (index ``[B, T']`` long into T, valid ``[B, T']`` bool) with
+    ``T' = max`` kept per row; slots past a row's count point at dropped tokens and are invalid.
+    """
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    width = int(keep.sum(1).max()) if keep.numel() else 0
+    index = order[:, :width]
+    return index, keep.gather(1, index)
+
+
+def topk_keep(logit: torch.Tensor, active: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row keep the ``k[b]`` best active tokens: logit ``[B,T]``, k ``[B]`` -> keep ``[B,T]`` bool."""
+    masked = logit.detach().masked_fill(~active, float("-inf"))
+    rank = torch.argsort(torch.argsort(masked, dim=1, descending=True, stable=True), dim=1)
+    return active & (rank < k[:, None])
+
+
+class ExpertChoiceRouter(nn.Module):
+    """One linear scorer per recursion; see the module docstring."""
+
+    def __init__(self, d_model: int, keep: list[float], selection: str = "topk", threshold: float = 0.5):
+        super().__init__()
+        self.keep = list(keep)
+        self.selection = selection
+        self.threshold = threshold
+        self.weight = nn.Parameter(torch.zeros(len(keep), d_model))
+        self.bias = nn.Parameter(torch.zeros(len(keep)))
+
+    def forward(
+        self, r: int, h: torch.Tensor, active: torch.Tensor, valid: torch.Tensor,
+        depth: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route recursion ``r``: h ``[B,T,d]``, active/valid ``[B,T]`` bool, depth ``[B,T]`` (replay).
+
+        Returns (keep ``[B,T]`` bool, gate ``[B,T]``, BCE loss scalar).
+        """
+        logit = h @ self.weight[r] + self.bias[r]
+        gate = torch.sigmoid(logit)
+        k = torch.ceil(self.keep[r] * valid.sum(1).to(logit.dtype) - 1e-6).long()
+        target = topk_keep(logit, active, k)
+        if depth is not None:
+            keep = active & (depth > r)
+        elif self.selection == "topk" or self.keep[r] >= 1:
+            keep = target
+        else:
+            keep = active & (gate > self.threshold)
+        if active.any():
+            loss = F.binary_cross_entropy_with_logits(logit[active], target[active].to(logit.dtype))
+        else:
+            loss = logit.sum() * 0
+        return keep, gate, loss
+
+
+class TokenChoiceRouter(nn.Module):
+    """A linear router over depths 1..N_r, chosen once per token; see the module docstring."""
+
+    def __init__(self, d_model: int, n_recursions: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, n_recursions, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(
+        self, h: torch.Tensor, valid: torch.Tensor, depth: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h ``[B,T,d]``, valid ``[B,T]`` -> (depth ``[B,T]`` in 1..N_r, gate ``[B,T]``, balance loss)."""
+        probs = torch.softmax(self.proj(h).float(), dim=-1).to(h.dtype)
+        if depth is None:
+            depth = probs.argmax(-1) + 1
+        depth = depth.clamp(1, probs.shape[-1])
+        gate = probs.gather(-1, (depth - 1).unsqueeze(-1)).squeeze(-1)
+        n = probs.shape[-1]
+        p = probs[valid]
+        if p.shape[0] == 0:
+            return depth, gate, probs.sum() * 0
+        frac = torch.bincount(depth[valid] - 1, minlength=n).to(p.dtype) / p.shape[0]
+        return depth, gate, n * (frac * p.mean(0)).sum()
