@@ -27,7 +27,7 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.layers.norms import HeadRMSNorm
-from looplm.ops.attention import attention, rope
+from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
 from looplm.ops.delta_rule import delta_chunk, delta_step
 from looplm.ops.linear_attn import decay_chunk, decay_step
@@ -106,9 +106,11 @@ class Attention(nn.Module):
         if default_pos:
             start = state.seen[:, None] if state is not None else 0
             positions = start + torch.arange(T, device=x.device)
-            positions = positions.expand(B, T)
-        q, k, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split((H, Hkv, Hkv), dim=2)
-        q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        cos, sin = rope_cos_sin(positions, D, self.rope_base, x.dtype)
+        positions = positions.expand(B, T)
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
+        q, k = apply_rope(qkv[:, :, :H + Hkv], cos, sin).split((H, Hkv), dim=2)
+        v = qkv[:, :, H + Hkv:]
         if state is None:
             if mask is None and default_pos:
                 o = attention(q, k, v)

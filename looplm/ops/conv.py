@@ -60,7 +60,7 @@ def causal_conv1d_step(
     if state is None:
         state = x.new_zeros(x.shape[0], K - 1, x.shape[1])
     window = torch.cat((state, x[:, None]), dim=1)  # [B, K, D]
-    y = torch.einsum("bkd,dk->bd", window, weight)
+    y = (window * weight.T).sum(1)
     if bias is not None:
         y = y + bias
     return y, window[:, 1:]

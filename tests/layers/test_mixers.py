@@ -15,7 +15,7 @@ FIXED = [n for n in NAMES if n != "attention"]
 
 def make(name, seed=0):
     torch.manual_seed(seed)
-    opts = {"n_kv_heads": 1} if name == "attention" else {"chunk_size": 4}
+    opts = {"n_kv_heads": 1} if name == "attention" else {"chunk_size": 4, "value_dim": 6}  # dk=8, dv=6
     return build_mixer(name, D_MODEL, HEADS, **opts).eval()
 
 
