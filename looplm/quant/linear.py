@@ -1,0 +1,168 @@
+"""``QuantLinear`` and ``QuantEmbedding``: modules holding a quantised weight (formats.py).
+
+Kernels measured on this CPU (AVX-512, `looplm bench quant`, batch-1 decoding): torch's packed
+weight-only ops are fast only with **bfloat16 activations** — ``torch._weight_int8pack_mm``
+and ``aten._weight_int4pack_mm_for_cpu`` take ~4-6x less time than a float32 mat-vec in
+bf16, while their float32-input paths are 10-20x *slower*; a torch.compile-generated
+dequantise+reduction reached ~1.6x (int8) and ~1x (int4) and costs a compile per shape;
+dequantise-then-matmul is slower than float32. So ``kernel="auto"`` runs int8 / int4 on CPU
+through the packed ops with the input cast to bf16 (int8 scales are bf16-exact by
+construction; int4 scale/zero are rounded to bf16, a relative error ≤ 2^-9 of the group
+offset) and every other case (FP8, FP4-MX, other devices, int4 with out_features % 16 != 0)
+through dequantise-then-matmul in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from looplm.quant.formats import FP8_DTYPES, Format, dequantize, quantize, unpack_nibbles
+
+KERNELS = ("auto", "packed", "dequant")
+
+
+def part_shapes(fmt: Format, out_features: int, in_features: int) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Name → (shape, dtype) of the stored parts of a ``[out, in]`` weight in ``fmt``."""
+    o, i = out_features, in_features
+    if fmt.name == "int8":
+        return {"q": ((o, i), torch.int8), "scale": ((o,), torch.float32)}
+    if fmt.name == "int4":
+        g = (o, i // fmt.group_size)
+        return {"packed": ((o, i // 2), torch.uint8), "scale": (g, torch.float32),
+                "offset": (g, torch.float32)}
+    if fmt.name == "fp4_mx":
+        return {"packed": ((o, i // 2), torch.uint8), "exponent": ((o, i // fmt.group_size), torch.uint8)}
+    return {"q": ((o, i), FP8_DTYPES[fmt.name]), "scale": ((o,), torch.float32)}
+
+
+def supports(fmt: Format, out_features: int, in_features: int) -> bool:
+    """Whether a ``[out, in]`` weight can be stored in ``fmt`` (group/pair divisibility)."""
+    if fmt.group_size is not None:
+        return in_features % fmt.group_size == 0
+    return True
+
+
+class _QuantWeight(nn.Module):
+    """Holds the parts of one quantised ``[rows, cols]`` matrix as buffers."""
+
+    def __init__(self, fmt: Format, rows: int, cols: int, device=None) -> None:
+        super().__init__()
+        if not supports(fmt, rows, cols):
+            raise ValueError(f"a [{rows}, {cols}] weight cannot use {fmt.name} "
+                             f"with group_size={fmt.group_size}")
+        self.fmt, self.rows, self.cols = fmt, rows, cols
+        for name, (shape, dtype) in part_shapes(fmt, rows, cols).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+
+    def parts(self) -> dict[str, Tensor]:
+        return {name: buf for name, buf in self.named_buffers(recurse=False)}
+
+    def set_weight(self, w: Tensor) -> None:
+        for name, value in quantize(w.detach(), self.fmt).items():
+            getattr(self, name).copy_(value)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight ``[rows, cols]`` in ``dtype``."""
+        return dequantize(self.parts(), self.fmt, dtype)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.fmt.group_size}" if self.fmt.group_size else ""
+        return f"{self.rows}, {self.cols}, format={self.fmt.name}{g}"
+
+
+class QuantLinear(_QuantWeight):
+    """``y = x Wᵀ + b`` with ``W [out, in]`` stored in a low-precision format.
+
+    ``x [..., in] → y [..., out]`` in ``x``'s dtype. ``kernel``: ``auto`` (packed ops for
+    int8/int4 on CPU, see the module docstring), ``packed`` (same, error if unavailable) or
+    ``dequant`` (dequantise the weight to ``x.dtype`` then ``F.linear``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: Format, bias: bool = False,
+                 kernel: str = "auto", device=None) -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
+        super().__init__(fmt, out_features, in_features, device)
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._int4_cache: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: Format, kernel: str = "auto") -> QuantLinear:
+        q = cls(linear.in_features, linear.out_features, fmt, linear.bias is not None, kernel,
+                device=linear.weight.device)
+        q.set_weight(linear.weight)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def set_weight(self, w: Tensor) -> None:
+        super().set_weight(w)
+        self._int4_cache = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # new parts: drop the kernel layout
+        self._int4_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def packed_available(self, device: torch.device) -> bool:
+        """Whether torch's packed CPU op exists for this format and shape."""
+        if device.type != "cpu":
+            return False
+        if self.fmt.name == "int8":
+            return True
+        return self.fmt.name == "int4" and self.out_features % 16 == 0
+
+    def _int4_layout(self) -> tuple[Tensor, Tensor]:
+        """torch's int4 CPU layout: packed ``[out, in/2]`` and scale/zero ``bf16 [in/g, out, 2]``
+        with ``W = (q - 8)·scale + zero``, so ``zero = offset + 8·scale``."""
+        if self._int4_cache is None:
+            codes = unpack_nibbles(self.packed).to(torch.int32)
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            zero = self.offset + 8 * self.scale
+            sz = torch.stack([self.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            self._int4_cache = (weight, sz)
+        return self._int4_cache
+
+    def forward(self, x: Tensor) -> Tensor:
+        use_packed = self.kernel != "dequant" and self.packed_available(x.device)
+        if self.kernel == "packed" and not use_packed:
+            raise ValueError(f"no packed kernel for {self.fmt.name} [{self.out_features}, "
+                             f"{self.in_features}] on {x.device.type}; use kernel='auto'")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not use_packed:
+            return F.linear(x, self.dequantized(x.dtype), bias)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.fmt.name == "int8":
+            y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(torch.bfloat16))
+        else:
+            weight, sz = self._int4_layout()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, self.fmt.group_size, sz)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+
+class QuantEmbedding(_QuantWeight):
+    """Embedding table ``[num, dim]`` stored row-wise quantised; ``ids [...] → [..., dim]``
+    dequantises only the rows looked up. ``weight`` (the whole table, dequantised) serves a
+    head tied to the embedding."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: Format, device=None) -> None:
+        super().__init__(fmt, num_embeddings, embedding_dim, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, fmt: Format) -> QuantEmbedding:
+        q = cls(emb.num_embeddings, emb.embedding_dim, fmt, device=emb.weight.device)
+        q.set_weight(emb.weight)
+        return q
+
+    @property
+    def weight(self) -> Tensor:
+        return self.dequantized(torch.float32)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = {name: part[flat] for name, part in self.parts().items()}
+        return dequantize(rows, self.fmt).reshape(*ids.shape, self.embedding_dim)
