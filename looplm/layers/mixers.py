@@ -62,9 +62,16 @@ class RecurrentState(_NBytes):
 
 
 def _check_inputs(x: torch.Tensor, d_model: int, mask: torch.Tensor | None,
-                  positions: torch.Tensor | None) -> None:
+                  positions: torch.Tensor | None, state, state_type: type) -> None:
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(f"x must have shape [B, T, {d_model}], got {tuple(x.shape)}")
+    if state is not None:
+        if not isinstance(state, state_type):
+            raise TypeError(f"state must be a {state_type.__name__} (from this mixer's init_state), "
+                            f"got {type(state).__name__}")
+        rows = state.seen.shape[0] if isinstance(state, KVState) else state.ssm.shape[0]
+        if rows != x.shape[0]:
+            raise ValueError(f"state holds {rows} rows but x has batch size {x.shape[0]}")
     for name, t in (("mask", mask), ("positions", positions)):
         if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{name} must have shape [B, T] = {tuple(x.shape[:2])}, got {tuple(t.shape)}")
@@ -99,7 +106,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, state: KVState | None = None, *,
                 positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVState | None]:
-        _check_inputs(x, self.d_model, mask, positions)
+        _check_inputs(x, self.d_model, mask, positions, state, KVState)
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         default_pos = positions is None
@@ -179,7 +186,7 @@ class _FixedStateMixer(nn.Module):
     def forward(self, x: torch.Tensor, state: RecurrentState | None = None, *,
                 positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RecurrentState | None]:
-        _check_inputs(x, self.d_model, mask, positions)
+        _check_inputs(x, self.d_model, mask, positions, state, RecurrentState)
         B, T, _ = x.shape
         H, dk, dv = self.n_heads, self.head_dim, self.value_dim
         perm = None

@@ -38,13 +38,17 @@ def test_one_expert_top1_equals_dense_swiglu():
     close(aux["load"], torch.tensor([1.0]))
 
 
-@given(N=st.integers(1, 40), E=st.integers(1, 6), k=st.integers(1, 3), renorm=st.booleans(),
-       seed=st.integers(0, 1000))
-def test_matches_dense_per_token_reference(N, E, k, renorm, seed):
+@given(N=st.integers(1, 40), E=st.integers(1, 4), kinds=st.tuples(*[st.integers(0, 2)] * 3),
+       k=st.integers(1, 3), renorm=st.booleans(), seed=st.integers(0, 1000))
+def test_matches_per_token_reference(N, E, kinds, k, renorm, seed):
     """Dispatch by sorting equals running every token through its chosen experts one by one."""
-    k = min(k, E)
     torch.manual_seed(seed)
-    moe = MoE(D, HID, n_experts=E, top_k=k, renormalize=renorm)
+    zero, copy, const = kinds
+    k = min(k, E + zero + copy + const)
+    moe = MoE(D, HID, n_experts=E, top_k=k, renormalize=renorm, zero_experts=zero, copy_experts=copy,
+              constant_experts=const)
+    if const:
+        torch.nn.init.normal_(moe.const_w)
     x = torch.randn(N, D)
     y, aux = moe(x)
     p = moe.router(x).softmax(-1)
@@ -54,11 +58,19 @@ def test_matches_dense_per_token_reference(N, E, k, renorm, seed):
     ref = torch.zeros(N, D)
     for n in range(N):
         for j in range(k):
-            e = idx[n, j]
-            g, u = (x[n] @ moe.w_in[e]).chunk(2)
-            ref[n] += w[n, j] * ((F.silu(g) * u) @ moe.w_out[e])
+            e = int(idx[n, j])
+            if e < E:
+                g, u = (x[n] @ moe.w_in[e]).chunk(2)
+                ref[n] += w[n, j] * ((F.silu(g) * u) @ moe.w_out[e])
+            elif e >= E + zero + copy:
+                c = e - E - zero - copy
+                a = (x[n] @ moe.const_w[c]).softmax(-1)
+                ref[n] += w[n, j] * (a[0] * x[n] + a[1] * moe.const_v[c])
+            elif e >= E + zero:
+                ref[n] += w[n, j] * x[n]
     close(y, ref)
-    close(aux["load"].sum(), torch.tensor(1.0))
+    close(aux["load"], torch.bincount(idx.flatten(), minlength=moe.n_total) / (N * k))
+    close(aux["balance_loss"], moe.n_total * (aux["load"] * p.mean(0)).sum())
 
 
 def test_balance_loss_one_at_uniform_larger_when_skewed():

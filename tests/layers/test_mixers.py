@@ -157,3 +157,7 @@ def test_bad_configs_and_inputs():
         mixer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="mask"):
         mixer(torch.randn(2, 3, D_MODEL), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch size"):
+        mixer(torch.randn(2, 1, D_MODEL), mixer.init_state(3))
+    with pytest.raises(TypeError, match="state must be a RecurrentState"):
+        mixer(torch.randn(2, 1, D_MODEL), make("attention").init_state(2))
