@@ -315,6 +315,7 @@ class LoopLM(nn.Module):
         if isinstance(self.router, TokenChoiceRouter):
             depth, gate, loss = self.router(h, valid, depth)
             tally.add_loss("router_loss", loss, c.router_loss_weight)
+            tally.flops += 2.0 * c.d_model * c.n_recursions * float(valid.sum())
         ran = torch.zeros_like(valid, dtype=torch.long)
         shared: dict[int, Any] = {}
         for r in range(c.n_recursions):
@@ -326,22 +327,33 @@ class LoopLM(nn.Module):
                 active = active & (depth > r)
             ran = ran + active.long()
             tally.reach.append(active.sum())
-            index, kept = gather_index(active)
-            if index.shape[1] == 0:
+            if not active.any():
                 tally.reach.extend(tally.reach[-1] for _ in range(r + 1, c.n_recursions))
                 break
+            h = self._recursion(r, h, active, gate, positions, state, shared, tally)
+        return h, ran
+
+    def _recursion(self, r, h, active, gate, positions, state, shared, tally):
+        """One pass of the core over the ``active [B,T]`` tokens, gathered (left-aligned, in
+        order, true positions) into a ``[B, T', d]`` tensor so skipped tokens cost nothing."""
+        if bool(active.all()):
+            index, kept, x0, pos = None, active, h, positions
+        else:
+            index, kept = gather_index(active)
             x0 = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
             pos = positions.gather(1, index)
-            m = None if bool(kept.all()) else kept
-            x = x0
-            for j, blk in enumerate(self.core):
-                keep_kv = c.kv_sharing and blk.is_attention and r == 0
-                x, s = self._run(blk, f"core.{j}.{r}", x, state, pos, m, tally, shared.get(j) if r else None,
-                                 keep_kv)
-                if keep_kv:
-                    shared[j] = s
-            if gate is not None:
-                x = x0 + gate.gather(1, index)[..., None] * (x - x0)
-            x = torch.where(kept[..., None], x, x0)
-            h = h.scatter(1, index[..., None].expand_as(x), x)
-        return h, ran
+        m = None if bool(kept.all()) else kept
+        x = x0
+        for j, blk in enumerate(self.core):
+            keep_kv = self.config.kv_sharing and blk.is_attention and r == 0
+            x, s = self._run(blk, f"core.{j}.{r}", x, state, pos, m, tally, shared.get(j) if r else None,
+                             keep_kv)
+            if keep_kv:
+                shared[j] = s
+        if gate is not None:
+            g = gate if index is None else gate.gather(1, index)
+            x = x0 + g[..., None] * (x - x0)
+        if index is None:
+            return x
+        x = torch.where(kept[..., None], x, x0)
+        return h.scatter(1, index[..., None].expand_as(x), x)
