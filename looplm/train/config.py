@@ -1,7 +1,8 @@
 """The run configuration: ``TrainConfig`` plus the YAML files and ``--set`` overrides.
 
 A config file has two sections, ``model:`` (fields of ``looplm.model.LoopConfig``) and
-``train:`` (fields of ``TrainConfig``). ``configs/NAME.yaml`` is found by its bare name.
+``train:`` (fields of ``TrainConfig``), and optionally ``base: NAME``: start from that config
+and change only the fields given. ``configs/NAME.yaml`` is found by its bare name.
 """
 
 from __future__ import annotations
@@ -112,17 +113,26 @@ def resolve_config_path(name: str) -> Path:
     return path
 
 
-def load_sections(name: str) -> dict[str, dict[str, Any]]:
-    """Read ``{"model": {...}, "train": {...}}`` from a config name or YAML path."""
+def load_sections(name: str, _seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Read ``{"model": {...}, "train": {...}}`` from a config name or YAML path (after its base)."""
     path = resolve_config_path(name)
+    if str(path) in _seen:
+        raise ConfigError(f"config {path} is its own base (through {' -> '.join(_seen)})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping with sections model: and train:")
-    check_keys(raw, ["model", "train"], "top-level")
-    return {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
+    check_keys(raw, ["base", "model", "train"], "top-level")
+    out = {"model": {}, "train": {}}
+    if raw.get("base"):
+        out = load_sections(str(raw["base"]), (*_seen, str(path)))
+    for section in ("model", "train"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"{path}: {section}: must be a mapping of field: value")
+        out[section].update(raw.get(section) or {})
+    return out
 
 
 def apply_overrides(

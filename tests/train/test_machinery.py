@@ -44,6 +44,17 @@ def test_bad_values_raise(bad: dict) -> None:
         TrainConfig(**bad)
 
 
+def test_base_config_is_merged_field_by_field(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("base: tiny\nmodel:\n  mixer: linear\ntrain:\n  steps: 3\n")
+    tiny, got = load_sections("tiny"), load_sections(str(child))
+    assert got["model"] == {**tiny["model"], "mixer": "linear"}
+    assert got["train"] == {**tiny["train"], "steps": 3}
+    child.write_text(f"base: {child}\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_sections(str(child))
+
+
 def test_config_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_sections(str(tmp_path / "nope.yaml"))

@@ -1,0 +1,103 @@
+"""``looplm bench train``: training throughput of the trainer's step, LoopLM vs transformers' Llama.
+
+The vanilla-Transformer configuration (``configs/transformer.yaml``'s model, widened to about
+10M parameters) and ``LlamaForCausalLM`` of the same width, depth, heads and FFN width are
+trained with the step ``looplm train`` runs (forward, backward, gradient clipping, AdamW with
+decay groups), on the same batch, alternating within every repeat; tokens/s are medians.
+Target: ratio LoopLM / Llama >= 1. Writes ``train.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from looplm.bench.common import machine_info, time_interleaved, write_json
+from looplm.model import LoopConfig, LoopLM
+from looplm.train.config import TrainConfig, load_sections
+from looplm.train.optim import build_optimizer
+
+VOCAB = 320  # the byte tokenizer's 259 ids, padded to a multiple of 64 as looplm train does
+
+
+def looplm_config(d_model: int, n_layers: int, n_heads: int, seq_len: int) -> LoopConfig:
+    base = load_sections("transformer")["model"]
+    return LoopConfig.from_dict({**base, "vocab_size": VOCAB, "d_model": d_model, "n_core": n_layers,
+                                 "n_heads": n_heads, "max_seq_len": seq_len})
+
+
+def llama_like(c: LoopConfig) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.n_core, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        attn_implementation="sdpa",
+    ))
+
+
+def trainer_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The optimizer step of ``looplm.train.loop`` (one micro-batch), for any causal LM."""
+    opt = build_optimizer(model, TrainConfig(lr=1e-4))
+    model.train()
+
+    def step() -> None:
+        if isinstance(model, LoopLM):
+            out = model(x, y)
+            loss = out.loss + out.aux_loss
+        else:  # transformers shifts the labels itself
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--d-model", type=int, default=384, help="width (384 x 6 layers: ~10M parameters)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (numbers meaningless)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/train"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.d_model, args.layers, args.heads = 64, 2, 2
+        args.batch_size, args.seq_len, args.repeats = 2, 32, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = looplm_config(args.d_model, args.layers, args.heads, args.seq_len)
+    torch.manual_seed(0)
+    models = {"looplm": LoopLM(cfg), "llama": llama_like(cfg)}
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), generator=gen)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    secs = time_interleaved({name: trainer_step(m, x, y) for name, m in models.items()}, args.repeats)
+    n_tokens = x.numel()
+    result: dict[str, Any] = {
+        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        "tokens_per_s": {name: n_tokens / s for name, s in secs.items()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out" and not callable(v)},
+        "machine": machine_info(),
+    }
+    tps = result["tokens_per_s"]
+    result["ratio"] = ratio = tps["looplm"] / tps["llama"]
+    print(f"training tokens/s, batch {args.batch_size} x {args.seq_len}, median of {args.repeats}:")
+    for name in models:
+        print(f"  {name:<8} {tps[name]:10,.0f} tok/s   params {result['params'][name] / 1e6:.2f}M")
+    verdict = "(--quick: not meaningful)" if args.quick else ("PASS" if ratio >= 1 else "FAIL")
+    print(f"ratio looplm / llama: {ratio:.3f} (target >= 1) {verdict}")
+    print(f"wrote {write_json(args.out, 'train', result)}")
+    return 0
