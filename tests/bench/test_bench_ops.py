@@ -1,0 +1,73 @@
+"""``looplm bench ops``: the quick run writes its results; helpers compute what they claim."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from looplm.bench import common, ops
+from looplm.cli import main
+
+
+def test_quick_run_writes_json_and_png(tmp_path, capsys):
+    assert main(["bench", "ops", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "crossover" in out and "targets:" in out and "max relative output error" in out
+    data = json.loads((tmp_path / "ops.json").read_text())
+    assert (tmp_path / "ops.png").stat().st_size > 0
+    mixers = {r["mixer"] for r in data["records"]}
+    assert mixers == set(ops.MIXERS)
+    assert all(r["tokens_per_s"] > 0 for r in data["records"])
+    assert max(data["peer_max_rel_error"].values()) < 1e-4  # same op as transformers' fallback
+    assert set(data["step_seconds_per_token"]) == set(ops.FIXED_STATE)
+
+
+def test_crossover():
+    lens = [1, 2, 4, 8]
+    attn = {1: 10.0, 2: 10.0, 4: 10.0, 8: 10.0}
+    assert ops.crossover(lens, {1: 1, 2: 11, 4: 12, 8: 13}, attn) == "2"
+    assert ops.crossover(lens, {1: 11, 2: 11, 4: 12, 8: 13}, attn) == "<=1"
+    assert ops.crossover(lens, {1: 11, 2: 11, 4: 12, 8: 9}, attn) == ">8"
+    assert ops.crossover(lens, {1: 1, 2: 11, 4: 9, 8: 13}, attn) == "8"
+
+
+def test_flop_counts_match_the_algorithms():
+    b, t, h, d, c = 2, 200, 3, 16, ops.CHUNK
+    x = ops.Inputs.make(b, t, h, d, d)
+    n = -(-t // c)
+    # WY/UT chunk: [Q;K]K^T 4C^2 d, solve 2C^2 d, P[U|W] 4C^2 d, K'^T[U|W] 4C d^2, R S 2C d^2, M S 2d^3
+    delta = b * h * n * (10 * c * c * d + 6 * c * d * d + 2 * d**3)
+    assert ops.forward_flops("gated_deltanet", x) == ops.forward_flops("deltanet", x) == delta
+    assert ops.forward_flops("attention", x) == b * h * t * t * 2 * d
+
+
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        (["--seq-lens", "12,x"], "--seq-lens"),
+        (["--mixers", "mamba"], "--mixers"),
+        (["--heads", "0"], "--heads"),
+    ],
+)
+def test_bad_flags_name_the_flag(flags, name):
+    parser = argparse.ArgumentParser()
+    ops.add_arguments(parser)
+    with pytest.raises(ValueError, match=name):
+        ops.run(parser.parse_args(flags))
+
+
+def test_common_helpers(tmp_path):
+    calls = []
+    secs = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, 1)
+    assert calls == ["a", "b"] * 4 and set(secs) == {"a", "b"}
+    table = common.markdown_table(["x", "y"], [[1234, 0.12345], ["s", None]])
+    assert table.splitlines() == ["| x | y |", "|---|---|", "| 1,234 | 0.123 |", "| s | - |"]
+    path = common.write_json(tmp_path / "d", "r", {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and path.name == "r.json"
+    assert common.parse_int_list("3, 5", "--n") == [3, 5]
+    with pytest.raises(ValueError, match="--n"):
+        common.parse_int_list("0", "--n")
+    assert common.pass_fail(None) == "n/a" and common.pass_fail(True) == "PASS"
+    assert common.machine_info()["cpu_count"] >= 1
