@@ -21,13 +21,18 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "looplm"
 # keys written by looplm or transformers next to the LoopConfig fields; ignored on load
-METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
+METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
+                 "quantization")
 
 
 def save_model(model: LoopLM, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``directory`` (created)."""
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
+    if getattr(model, "quantization", None) is not None:  # quantize_model's output (issue 6)
+        from looplm.quant.checkpoint import save_quantized
+
+        return save_quantized(model, directory)
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     config = {"model_type": MODEL_TYPE, **model.config.to_dict()}
@@ -61,6 +66,10 @@ def load_config(directory: str | Path) -> LoopConfig:
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LoopLM:
     """Rebuild the LoopLM saved in ``directory``; CheckpointError if it is missing or mismatched."""
+    from looplm.quant.checkpoint import load_quantized, read_block  # quantised checkpoints (issue 6)
+
+    if read_block(directory) is not None:
+        return load_quantized(directory, map_location)
     config = load_config(directory)
     file = Path(directory) / WEIGHTS_FILE
     if not file.is_file():

@@ -67,6 +67,12 @@ class _QuantWeight(nn.Module):
         """The weight ``[rows, cols]`` in ``dtype``."""
         return dequantize(self.parts(), self.fmt, dtype)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dequantised float32 weight (for code that reads ``.weight``: a tied head, a
+        mixer taking its state's device from it); the forward does not use it."""
+        return self.dequantized(torch.float32)
+
     def extra_repr(self) -> str:
         g = f", group_size={self.fmt.group_size}" if self.fmt.group_size else ""
         return f"{self.rows}, {self.cols}, format={self.fmt.name}{g}"
@@ -145,8 +151,7 @@ class QuantLinear(_QuantWeight):
 
 class QuantEmbedding(_QuantWeight):
     """Embedding table ``[num, dim]`` stored row-wise quantised; ``ids [...] → [..., dim]``
-    dequantises only the rows looked up. ``weight`` (the whole table, dequantised) serves a
-    head tied to the embedding."""
+    dequantises only the rows looked up; ``weight`` (the whole table) serves a tied head."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: Format, device=None) -> None:
         super().__init__(fmt, num_embeddings, embedding_dim, device)
@@ -157,10 +162,6 @@ class QuantEmbedding(_QuantWeight):
         q = cls(emb.num_embeddings, emb.embedding_dim, fmt, device=emb.weight.device)
         q.set_weight(emb.weight)
         return q
-
-    @property
-    def weight(self) -> Tensor:
-        return self.dequantized(torch.float32)
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)

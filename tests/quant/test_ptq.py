@@ -1,0 +1,103 @@
+"""PTQ on LoopLM: module selection, quantised checkpoints through load_model, bad metadata."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from looplm.checkpoint import load_model, save_model
+from looplm.errors import CheckpointError
+from looplm.generate import generate_ids
+from looplm.model import LoopConfig, LoopLM
+from looplm.quant.formats import FORMATS, make_format
+from looplm.quant.linear import QuantEmbedding, QuantLinear
+from looplm.quant.ptq import quantize_model
+
+
+def tiny(**kw) -> LoopLM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, d_model=64, n_heads=2, n_core=2, n_recursions=2, mixer="gla", attn_every=2)
+    return LoopLM(LoopConfig(**{**cfg, **kw})).eval()
+
+
+def test_quantize_model_replaces_linears_keeps_embeddings_and_small_projections():
+    model = quantize_model(tiny(tie_embeddings=False), "int4", group_size=32)
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    assert kinds["embed"] is nn.Embedding and kinds["head"] is nn.Linear
+    quantised = model.quantization["modules"]
+    assert quantised and all(kinds[n] is QuantLinear for n in quantised)
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head"
+            and min(m.in_features, m.out_features) >= 16 and m.in_features % 32 == 0]
+    assert not left
+    out = model(torch.randint(0, 64, (2, 8)))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_tied_embedding_is_quantised_only_when_neither_end_is_kept():
+    assert "embed" not in quantize_model(tiny(), "int8", keep_embeddings=False).quantization["modules"]
+    model = quantize_model(tiny(), "int8", keep_embeddings=False, keep_head=False)
+    assert isinstance(model.embed, QuantEmbedding)
+    assert torch.isfinite(model(torch.randint(0, 64, (1, 5))).logits).all()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_quantised_checkpoint_loads_through_load_model_and_generates(tmp_path, name):
+    ids = torch.randint(0, 64, (2, 6))
+    ref = tiny()
+    float_logits = ref(ids).logits
+    model = quantize_model(ref, name, group_size=32 if name == "int4" else None,
+                           keep_embeddings=False, keep_head=False)
+    save_model(model, tmp_path)
+    block = json.loads((tmp_path / "config.json").read_text())["quantization"]
+    assert block["format"] == name
+    loaded = load_model(tmp_path)
+    assert loaded.quantization == model.quantization
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    err = (loaded(ids).logits - float_logits).norm() / float_logits.norm()
+    assert err < {"int8": 0.05, "fp8_e4m3": 0.1}.get(name, 0.5)
+    new = generate_ids(loaded, ids.tolist(), max_new_tokens=4)
+    assert [len(r) for r in new] == [4, 4]
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp4_mx"])
+def test_quantised_weights_take_their_format_bits(tmp_path, name):
+    model = tiny(vocab_size=256, d_model=128)
+    save_model(model, tmp_path / "f32")
+    q = quantize_model(model, name, keep_embeddings=False, keep_head=False)
+    n = sum(q.get_submodule(m).rows * q.get_submodule(m).cols for m in q.quantization["modules"])
+    save_model(q, tmp_path / "q")
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("f32", "q")]
+    bits = make_format(name).bits
+    assert sizes[0] - sizes[1] == pytest.approx(n * (4 - bits / 8), rel=0.02)
+
+
+def _edit_block(path, **changes):
+    data = json.loads((path / "config.json").read_text())
+    data["quantization"].update(changes)
+    (path / "config.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"format": "int3"}, "format="),
+    ({"format": "fp8_e4m3"}, "do not match"),  # int8 tensors read as fp8: dtype mismatch
+    ({"group_size": 64}, "do not match"),
+    ({"group_size": 128}, "bad .quantization."),
+    ({"modules": ["no.such.module"]}, "bad 'quantization'"),
+    ({"modules": "layers"}, "bad 'quantization'"),
+])
+def test_wrong_format_metadata_is_a_checkpoint_error(tmp_path, change, match):
+    save_model(quantize_model(tiny(), "int8" if "format" in change else "int4", group_size=None
+                              if "format" in change else 32), tmp_path)
+    _edit_block(tmp_path, **change)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(tmp_path)
+
+
+def test_missing_block_is_a_checkpoint_error(tmp_path):
+    save_model(quantize_model(tiny(), "int8"), tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["quantization"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_model(tmp_path)
