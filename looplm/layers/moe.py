@@ -60,11 +60,11 @@ class MoE(nn.Module):
             self.const_w = nn.Parameter(torch.zeros(constant_experts, d_model, 2))
         self.shared = SwiGLU(d_model, shared_hidden) if shared_hidden else None
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor | None:
+    def _expert(self, e: int, x: torch.Tensor, w_in, w_out) -> torch.Tensor | None:
         """Output of expert ``e`` on its tokens ``x [n, d]``; None for a zero expert."""
         if e < self.n_experts:
-            gate, up = (x @ self.w_in[e]).chunk(2, dim=-1)
-            return (F.silu(gate) * up) @ self.w_out[e]
+            gate, up = (x @ w_in[e]).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ w_out[e]
         e -= self.n_experts
         zero, copy, _ = self.kinds
         if e < zero:
@@ -88,19 +88,21 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=E)
         token = order // k  # token of each slot, slots grouped by expert
-        slot_w = weight.flatten()[order].to(x.dtype)
-        outs, idx, start = [], [], 0
-        for e, c in enumerate(counts.tolist()):
-            if c:
-                t = token[start:start + c]
-                y_e = self._expert(e, x[t])
-                if y_e is not None:
-                    outs.append(y_e * slot_w[start:start + c, None])
-                    idx.append(t)
-            start += c
+        xs, slot_w = x[token], weight.flatten()[order].to(x.dtype)
+        # unbind once: indexing the stacked parameter per expert would make E full-size grads
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        ends = counts.cumsum(0).tolist()
+        outs = []
+        for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
+            if end > start and (y_e := self._expert(e, xs[start:end], w_in, w_out)) is not None:
+                outs.append(y_e)
+        n_zero = self.kinds[0]
+        if n_zero:  # zero experts' slots are one contiguous run after the SwiGLU experts'
+            z0, z1 = ends[self.n_experts - 1], ends[self.n_experts + n_zero - 1]
+            token, slot_w = torch.cat((token[:z0], token[z1:])), torch.cat((slot_w[:z0], slot_w[z1:]))
         y = x.new_zeros(N, shape[-1])
         if outs:
-            y = y.index_add(0, torch.cat(idx), torch.cat(outs))
+            y = y.index_add(0, token, torch.cat(outs) * slot_w[:, None])
         if self.shared is not None:
             y = y + self.shared(x)[0]
         if N == 0:  # e.g. no token left at this recursion
