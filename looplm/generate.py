@@ -149,8 +149,9 @@ def _as_rows(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        return input_ids.tolist()
-    rows = [list(map(int, row)) for row in input_ids]
+        rows = input_ids.tolist()
+    else:
+        rows = [list(map(int, row)) for row in input_ids]
     if not rows:
         raise ValueError("input_ids is empty: give at least one prompt")
     return rows
@@ -212,8 +213,9 @@ def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Seque
                 top_p: float | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``[B]`` long, ``max_new_tokens`` times.
 
-    Stop iterating early to stop decoding. Rows the caller considers finished keep being
-    decoded (their tokens can be ignored); the batch is padded on the left.
+    Stop iterating early to stop decoding (the model is in ``decoding_mode`` until the
+    iterator is exhausted or closed). Rows the caller considers finished keep being decoded
+    (their tokens can be ignored); the batch is padded on the left.
     """
     rows = _as_rows(input_ids)
     check_sampling(temperature, top_k, top_p)
@@ -282,7 +284,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
     pieces = _stream(model, tokenizer, rows, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, seed=seed, stop=list(stop or ()))
     if stream:
-        return (p[0] for p in pieces) if single else pieces
+        return (p[0] for p in pieces if p[0]) if single else pieces
     out = ["".join(col) for col in zip(*pieces)]  # _stream yields at least one step
     return out[0] if single else out
 

@@ -77,7 +77,8 @@ def test_stream_pieces_join_to_the_text_and_stop_cuts_it():
     steps = list(generate(model, TOK, prompts, max_new_tokens=16, stream=True))
     assert ["".join(col) for col in zip(*steps)] == texts
     assert generate(model, TOK, "hello", max_new_tokens=16) == texts[0]
-    assert "".join(generate(model, TOK, "hello", max_new_tokens=16, stream=True)) == texts[0]
+    single = list(generate(model, TOK, "hello", max_new_tokens=16, stream=True))
+    assert "".join(single) == texts[0] and all(single)
     raw = TOK.decode(generate_ids(model, [TOK.encode("hello")], max_new_tokens=16)[0])
     stop = raw[3:5]
     cut = generate(model, TOK, "hello", max_new_tokens=16, stop=[stop])
@@ -107,6 +108,8 @@ def test_errors_name_the_problem():
         generate(model, TOK, "x", max_new_tokens=-1)
     with pytest.raises(TypeError, match="stop"):
         generate(model, TOK, "x", max_new_tokens=4, stop="x")
+    with pytest.raises(ValueError, match="empty"):
+        generate_ids(model, torch.zeros(0, 3, dtype=torch.long), max_new_tokens=1)
     with pytest.raises(ValueError, match="outside"):
         generate_ids(model, [[1, 999]], max_new_tokens=1)
     fixed = make("gated_deltanet_moe", max_seq_len=16)  # no attention: no length limit
