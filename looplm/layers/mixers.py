@@ -282,6 +282,20 @@ class GLA(_DecayMixer):
         return {"g": g if m is None else g * m[..., None, None]}
 
 
+class SimpleGLA(_DecayMixer):
+    """Scalar-gated linear attention (Mamba-2 / simple GLA, Dao & Gu 2024): one decay per head
+    and token, ``g = logsigmoid(x w_g + b) / tau``."""
+
+    def __init__(self, d_model: int, n_heads: int, *, gate_tau: float = 16.0, **kw) -> None:
+        super().__init__(d_model, n_heads, **kw)
+        self.gate_tau = gate_tau
+        self.gk = nn.Linear(d_model, n_heads, bias=True)
+
+    def _gates(self, x, m):
+        g = F.logsigmoid(self.gk(x)) / self.gate_tau
+        return {"g": g if m is None else g * m[..., None]}
+
+
 class DeltaNet(_FixedStateMixer):
     """DeltaNet (Schlag et al. 2021; Yang et al. 2024): ``S_t = (I - b k^T k) S_{t-1} + b k^T v``,
     q, k L2-normalised, ``beta = sigmoid(x w_beta)``."""
@@ -329,6 +343,7 @@ MIXERS: dict[str, type[nn.Module]] = {
     "linear": LinearAttention,
     "retention": Retention,
     "gla": GLA,
+    "simple_gla": SimpleGLA,
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
 }
