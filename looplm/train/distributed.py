@@ -54,13 +54,13 @@ def all_sum(values: list[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
-def broadcast_flag(flag: bool, d: Dist) -> bool:
-    """Rank 0's decision, seen by every process (e.g. "stop now")."""
+def broadcast_float(value: float, d: Dist) -> float:
+    """Rank 0's value, seen by every process (e.g. its clock, so all stop at the same step)."""
     if d.world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
     dist.broadcast(t, 0)
-    return bool(t.item())
+    return float(t.item())
 
 
 def barrier(d: Dist) -> None:

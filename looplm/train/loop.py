@@ -176,12 +176,16 @@ def train(
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step, d.main)
     bar = tqdm(total=steps, initial=start, disable=not (progress and d.main), dynamic_ncols=True, unit="step")
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    t0 = time.perf_counter()
-    window_t, window_steps = t0, 0
+    t0 = time.perf_counter() - run.get("elapsed_s", 0.0)  # wall time of the run, across resumes
+    window_t, window_steps = time.perf_counter(), 0
+    budget_s, elapsed = cfg.max_minutes * 60, run.get("elapsed_s", 0.0)
     row: dict[str, Any] = {}
     last_loss = math.nan
     for step in range(start, steps):
-        lr = lr_at(step, sched)
+        # under a time budget the schedule runs on whichever is further along, steps or time,
+        # so the learning rate has decayed when the budget ends (not bit-reproducible then)
+        at = max(step, min(int(steps * elapsed / budget_s), steps - 1)) if budget_s else step
+        lr = lr_at(at, sched)
         set_lr(optimizer, lr)
         x_all, y_all = train_data.batch(step)
         if len(x_all) % cfg.grad_accum:
@@ -221,8 +225,8 @@ def train(
         window_steps += 1
         done = step + 1
         now = time.perf_counter()
-        out_of_time = cfg.max_minutes > 0 and (now - t0) / 60 >= cfg.max_minutes
-        out_of_time = distributed.broadcast_flag(out_of_time, d)
+        elapsed = run["elapsed_s"] = distributed.broadcast_float(now - t0, d) if budget_s else now - t0
+        out_of_time = bool(budget_s) and elapsed >= budget_s
         last = done == steps or out_of_time
         if done % cfg.log_interval == 0 or last:
             tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)

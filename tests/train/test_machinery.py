@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from looplm.data import BatchSampler, eval_batches
 from looplm.errors import CheckpointError, ConfigError
+from looplm.train import loop
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
 from looplm.train.loop import DivergedError, evaluate, train
 from looplm.train.optim import build_optimizer, lr_at, param_groups
@@ -155,3 +157,13 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path: Path) -> None:
     train(cfg, TinyLM(), data, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg, TinyLM(), data, progress=False)
+
+
+def test_time_budget_stops_with_a_checkpoint_and_a_decayed_lr(tmp_path: Path, monkeypatch) -> None:
+    clock = itertools.count(0.0, 0.05)  # a deterministic clock: 50 ms per reading
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    cfg = tiny_config(str(tmp_path), 10**6, max_minutes=0.04, warmup_steps=1, eval_interval=10**6)
+    row = train(cfg, TinyLM(), BatchSampler(tokens(), 8, 16), progress=False, log=lambda s: None)
+    assert 5 < row["step"] < 10**6 and row["elapsed_s"] >= 0.04 * 60
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [row["step"]]
+    assert row["lr"] < 0.15 * cfg.lr  # the schedule followed the clock to its end
