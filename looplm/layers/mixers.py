@@ -118,23 +118,21 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
         q, k = apply_rope(qkv[:, :, :H + Hkv], cos, sin).split((H, Hkv), dim=2)
         v = qkv[:, :, H + Hkv:]
-        if state is None:
-            if mask is None and default_pos:
-                o = attention(q, k, v)
-            else:
-                o = attention(q, k, v, q_pos=positions, k_pos=positions, key_mask=mask)
-            new_state = None
-        else:
+        new_state, kpos, key_mask = None, positions, mask
+        if state is not None:
             key_mask = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             if mask is not None and not bool(mask.any(0).all()):  # cache no token masked in every row
                 keep = mask.any(0)
                 k, v, key_mask, kpos = k[:, keep], v[:, keep], key_mask[:, keep], positions[:, keep]
-            else:
-                kpos = positions
             k, v = torch.cat((state.k, k), 1), torch.cat((state.v, v), 1)
             key_mask, kpos = torch.cat((state.key_mask, key_mask), 1), torch.cat((state.pos, kpos), 1)
-            o = attention(q, k, v, q_pos=positions, k_pos=kpos, key_mask=key_mask)
             new_state = KVState(k, v, key_mask, kpos, state.seen + T)
+        # causal by index == causal by position when positions increase and nothing was cached
+        if mask is None and (state is None or state.k.shape[1] == 0) and (
+                default_pos or T == 1 or bool((positions[:, 1:] > positions[:, :-1]).all())):
+            o = attention(q, k, v)
+        else:
+            o = attention(q, k, v, q_pos=positions, k_pos=kpos, key_mask=key_mask)
         if mask is not None:
             o = o * mask[:, :, None, None]
         return self.o_proj(o.reshape(B, T, H * D)), new_state

@@ -161,3 +161,16 @@ def test_bad_configs_and_inputs():
         mixer(torch.randn(2, 1, D_MODEL), mixer.init_state(3))
     with pytest.raises(TypeError, match="state must be a RecurrentState"):
         mixer(torch.randn(2, 1, D_MODEL), make("attention").init_state(2))
+
+
+def test_attention_causal_by_position():
+    """Shifted positions give the same output (RoPE is relative); permuting the tokens together
+    with their positions permutes the output (causality follows positions, not indices)."""
+    mixer = make("attention")
+    x = torch.randn(1, 5, D_MODEL)
+    with torch.no_grad():
+        y = mixer(x)[0]
+        torch.testing.assert_close(mixer(x, positions=torch.arange(5)[None] + 7)[0], y, atol=1e-4, rtol=1e-4)
+        perm = torch.tensor([3, 0, 4, 1, 2])
+        y_perm = mixer(x[:, perm], positions=perm[None])[0]
+        torch.testing.assert_close(y_perm[:, perm.argsort()], y, atol=1e-4, rtol=1e-4)
