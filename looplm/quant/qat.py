@@ -1,0 +1,66 @@
+"""Quantisation-aware training: fake-quantised weights with a straight-through gradient.
+
+The forward uses ``Ŵ = dequantize(quantize(W))`` in the chosen format; the backward treats the
+rounding as the identity (straight-through estimator, Bengio et al. 2013; as in QAT for LLMs,
+LLM-QAT, Liu et al. 2023): ``∂L/∂W = ∂L/∂Ŵ``. Modules keep their class's parameters and
+state-dict keys, so a QAT run saves an ordinary float checkpoint that ``looplm quantize``
+then turns into the real format with less loss than post-training quantisation.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from looplm.quant.formats import Format, fake_quantize, make_format
+from looplm.quant.ptq import select_modules
+
+
+def ste(w: Tensor, fmt: Format) -> Tensor:
+    """``w`` fake-quantised in ``fmt`` in the forward, identity in the backward."""
+    return w + (fake_quantize(w, fmt) - w).detach()
+
+
+class QATLinear(nn.Linear):
+    """``nn.Linear`` whose forward uses its weight fake-quantised in ``qat_format``."""
+
+    qat_format: Format
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, ste(self.weight, self.qat_format), self.bias)
+
+
+class QATEmbedding(nn.Embedding):
+    """``nn.Embedding`` looking rows up in its table fake-quantised in ``qat_format``."""
+
+    qat_format: Format
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, ste(self.weight, self.qat_format), self.padding_idx)
+
+
+def apply_qat(model: nn.Module, format: str, *, group_size: int | None = None, zero_point: bool = True,
+              keep_embeddings: bool = True, keep_head: bool = True) -> nn.Module:
+    """Make the modules ``quantize_model`` would quantise fake-quantise in ``format``, in place
+    (the same parameter objects: call before or after building the optimizer). Returns
+    ``model``; ``model.qat_format`` records the format. A head tied to a fake-quantised
+    embedding reads the float table (only the lookup is fake-quantised)."""
+    fmt = make_format(format, group_size, zero_point)
+    for name in select_modules(model, fmt, keep_embeddings=keep_embeddings, keep_head=keep_head):
+        m = model.get_submodule(name)
+        m.__class__ = QATLinear if isinstance(m, nn.Linear) else QATEmbedding
+        m.qat_format = fmt
+    model.qat_format = fmt
+    return model
+
+
+def remove_qat(model: nn.Module) -> nn.Module:
+    """Undo ``apply_qat`` (modules back to plain ``nn.Linear`` / ``nn.Embedding``)."""
+    for m in model.modules():
+        if isinstance(m, (QATLinear, QATEmbedding)):
+            m.__class__ = nn.Linear if isinstance(m, QATLinear) else nn.Embedding
+            del m.qat_format
+    if hasattr(model, "qat_format"):
+        del model.qat_format
+    return model
+
