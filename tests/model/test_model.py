@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from looplm.routers import gather_index, topk_keep
@@ -166,3 +166,29 @@ def test_bad_inputs_raise():
         m(x, x[:, :3])
     with pytest.raises(ValueError, match="state"):
         m(x, state=m.init_state(5))
+
+
+@given(st.lists(st.booleans(), min_size=10, max_size=10).filter(any))
+@settings(max_examples=10)
+def test_masked_tokens_anywhere_are_as_if_absent(keep):
+    """A mask with holes anywhere equals running the row without the masked tokens."""
+    m = _HYBRID_MOR
+    x = tokens(batch=1, length=10)
+    mask = torch.tensor([keep])
+    got = m(x, mask=mask).logits[mask]
+    ref = m(x[mask][None]).logits[0]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+_HYBRID_MOR = model(mixer="gated_deltanet", attn_every=2, router="expert_choice", selection="threshold",
+                    n_recursions=3)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "retention"])
+def test_runs_in_bfloat16(mixer):
+    m = model(mixer=mixer, router="token_choice", n_recursions=2).to(torch.bfloat16)
+    x = tokens()
+    out = m(x, x, use_cache=True)
+    step = m(x[:, :1], state=out.state)
+    assert out.logits.dtype == step.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.loss)
