@@ -179,6 +179,8 @@ class _FixedStateMixer(nn.Module):
         return {}
 
     def _mix(self, q, k, v, gates: dict, state: torch.Tensor | None, step: bool):
+        """``q, k [B,T,H,dk]``, ``v [B,T,H,dv]``, ``state [B,H,dk,dv] | None`` -> ``(o [B,T,H,dv],
+        state)``; the step form when ``step`` (T = 1), else the chunkwise form."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, state: RecurrentState | None = None, *,
