@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override any config field: lr=1e-3, model.d_model=128, train.bf16=true")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--qat", choices=["int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_mx"],
+                        help="quantisation-aware training: fake-quantise weights in this format")
 
 
 def model_keys() -> list[str]:
@@ -108,11 +110,15 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.out)
     corpus = load_corpus(cfg, d, progress=not args.no_progress)
     model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
+    if getattr(args, "qat", None):  # looplm.quant.qat (issue 6); checkpoints stay float
+        from looplm.quant.qat import apply_qat
+
+        apply_qat(model, args.qat)
     if d.main:
         n = model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(unique=False) / 1e6:.2f}M with reuse), "
               f"corpus: {describe(corpus)}, {d.world} process(es) on {d.device}")
-    run_info = {"model": model.config.to_dict(), "train": cfg.to_dict()}
+    run_info = {"model": model.config.to_dict(), "train": cfg.to_dict(), "qat": getattr(args, "qat", None)}
 
     def extras(directory: Path) -> None:
         corpus.tokenizer.save(directory)
