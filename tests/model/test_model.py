@@ -192,3 +192,16 @@ def test_runs_in_bfloat16(mixer):
     step = m(x[:, :1], state=out.state)
     assert out.logits.dtype == step.logits.dtype == torch.bfloat16
     assert torch.isfinite(out.loss)
+
+
+def test_moe_flops_count_only_experts_that_ran():
+    x = tokens(batch=1, length=12)
+    dense_route = model(ffn="moe", n_experts=4, top_k=2, shared_expert=True)
+    assert dense_route(x).stats["flops_per_token"] == pytest.approx(dense_route.flops_per_token(12))
+    zero = model(ffn="moe", n_experts=4, top_k=2, zero_experts=3)  # zero, copy, constant experts
+    stats = zero(x).stats
+    assert len(stats["expert_load"]) == 7
+    share = sum(stats["expert_load"][:4])  # share of slots sent to real experts
+    assert share < 1
+    saved = (1 - share) * 2 * zero.core[0].ffn_cost["expert"] * 2 * 4  # top_k · 2 FLOPs · 4 layers
+    assert stats["flops_per_token"] == pytest.approx(zero.flops_per_token(12) - 3 * saved, rel=1e-4)
