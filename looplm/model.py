@@ -139,6 +139,13 @@ class LoopConfig:
                 raise ConfigError(f"capacity needs {self.n_recursions} fractions, got {caps}")
             if any(not 0 < c <= 1 for c in caps) or any(a < b for a, b in zip(caps, caps[1:])):
                 raise ConfigError(f"capacity fractions must be in (0, 1] and non-increasing, got {caps}")
+        for name in ("router_loss_weight", "balance_loss_weight", "z_loss_weight", "init_std", "rope_base"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("kv_sharing", "tie_embeddings", "shared_expert"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 0 < self.threshold < 1:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0 <= self.dropout < 1:

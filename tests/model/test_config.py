@@ -28,6 +28,9 @@ BAD = [  # (override, word the message must name)
     ({"n_core": 0}, "n_core"),
     ({"n_prelude": -1}, "n_prelude"),
     ({"dropout": 1.0}, "dropout"),
+    ({"z_loss_weight": -1.0}, "z_loss_weight"),
+    ({"kv_sharing": "yes"}, "kv_sharing"),
+    ({"d_model": "32"}, "d_model"),
 ]
 
 
