@@ -77,7 +77,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     model = LoopLM(config)
     try:
         with safe_open(str(file), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {str(file)!r}: {err}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
