@@ -36,8 +36,8 @@ QAT_ROWS = [("int4", 64), ("fp4_mx", None)]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="trained float checkpoint (default: train one here)")
-    parser.add_argument("--train-steps", type=int, default=600, help="steps of the model trained here")
-    parser.add_argument("--qat-steps", type=int, default=150, help="QAT fine-tuning steps (0: no QAT rows)")
+    parser.add_argument("--train-steps", type=int, default=300, help="steps of the model trained here")
+    parser.add_argument("--qat-steps", type=int, default=100, help="QAT fine-tuning steps (0: no QAT rows)")
     parser.add_argument("--eval-iters", type=int, default=8, help="validation batches (of 8 x seq_len)")
     parser.add_argument("--decode-tokens", type=int, default=8, help="tokens per timed decode")
     parser.add_argument("--speed-d-model", type=int, default=1024, help="width of the random speed model")
@@ -65,7 +65,7 @@ def _checkpoint(args: argparse.Namespace, work: Path) -> Path:
 
     steps = 3 if args.quick else args.train_steps
     size = ["max_files=30", "d_model=64", "n_core=2", "batch_size=8"] if args.quick else \
-        ["max_files=300", "d_model=256", "n_core=4", "batch_size=16"]
+        ["max_files=300", "d_model=256", "n_core=4", "batch_size=8"]
     sets = [f"steps={steps}", f"eval_interval={steps}", "sample_tokens=0", "lr=3e-3", "seq_len=128",
             "max_seq_len=256", *size]
     if main(["train", "--config", "tiny", "--no-progress", "--set", *sets, "--out", str(work / "run")]):
@@ -87,7 +87,7 @@ def _data(ckpt: Path, seq_len: int, quick: bool):
     kept = ("data", "tokenizer", "vocab_size", "max_files")
     cfg = TrainConfig.from_dict({k: v for k, v in train_cfg.items() if k in kept})
     corpus = load_corpus(cfg, Dist(), load_tokenizer(ckpt), progress=False)
-    sampler = iter(BatchSampler(corpus.train, 4 if quick else 16, seq_len, seed=1))
+    sampler = iter(BatchSampler(corpus.train, 4 if quick else 8, seq_len, seed=1))
     token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
     return corpus, (lambda step: next(sampler)), token_bytes, eval_batches
 
@@ -230,9 +230,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    result = {"machine": machine_info(), "quick": args.quick, "speed": speed(args)}
+    print(f"speed: {result['speed']['rows']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"machine": machine_info(), "quick": args.quick, "quality": quality(args, Path(tmp))}
-    result["speed"] = speed(args)
+        result["quality"] = quality(args, Path(tmp))
     md = report(result)
     result["markdown"] = md
     write_json(out, "quant", result)
