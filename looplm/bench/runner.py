@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -99,6 +101,13 @@ def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None)
         return 3.0 * model(x, y).stats["flops"]
 
 
+def command_line() -> str | None:
+    """The ``looplm ...`` command this process runs, if it was started as ``looplm`` (else None)."""
+    if Path(sys.argv[0]).name != "looplm":
+        return None
+    return " ".join(["looplm", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 class Sweep:
     """Resumable results of a sweep: ``<out>/<name>.json`` holds the settings and one result per
     finished configuration, keyed by a name that encodes what the sweep varies (``swept`` settings:
@@ -125,7 +134,8 @@ class Sweep:
     def save(self, **extra: Any) -> Path:
         """Write the JSON atomically (a temporary file renamed over the old one)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        data = {"bench": self.name, "settings": self.settings, "results": self.results, **extra}
+        data = {"bench": self.name, "command": command_line(), "settings": self.settings,
+                "results": self.results, **extra}
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
         os.replace(tmp, self.path)
