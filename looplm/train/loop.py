@@ -129,6 +129,18 @@ def total_steps(cfg: TrainConfig) -> int:
     return cfg.steps
 
 
+def _schedule_step(step: int, elapsed: float, run: dict[str, Any], cfg: TrainConfig, budget_s: float) -> int:
+    """The step the schedule is at. Under a time budget, after the warmup (counted in steps),
+    whichever is further along, steps or the time left, so the learning rate has decayed
+    when the budget ends (such a run is not bit-reproducible)."""
+    w = cfg.warmup_steps
+    if not budget_s or step < w:
+        return step
+    start = run.setdefault("warm_s", elapsed)  # the clock when the warmup ended
+    frac = (elapsed - start) / max(budget_s - start, 1e-9)
+    return max(step, min(w + int((cfg.steps - w) * frac), cfg.steps - 1))
+
+
 def train(
     cfg: TrainConfig,
     model: nn.Module,
@@ -182,10 +194,7 @@ def train(
     row: dict[str, Any] = {}
     last_loss = math.nan
     for step in range(start, steps):
-        # under a time budget the schedule runs on whichever is further along, steps or time,
-        # so the learning rate has decayed when the budget ends (not bit-reproducible then)
-        at = max(step, min(int(steps * elapsed / budget_s), steps - 1)) if budget_s else step
-        lr = lr_at(at, sched)
+        lr = lr_at(_schedule_step(step, elapsed, run, sched, budget_s), sched)
         set_lr(optimizer, lr)
         x_all, y_all = train_data.batch(step)
         if len(x_all) % cfg.grad_accum:
