@@ -215,7 +215,12 @@ class _FixedStateMixer(nn.Module):
         m = None if mask is None else mask.to(x.dtype)
         if m is not None:
             k = k * m[..., None, None]
-        o, ssm = self._mix(q, k, v, self._gates(x, m), None if state is None else state.ssm, step)
+        # The recurrence runs in the parameters' dtype: under bf16 autocast the projections come
+        # out bf16, but decays and the state stay float32 (accumulating a state in bf16 drifts).
+        op_dtype = self.o_proj.weight.dtype
+        q, k, v = q.to(op_dtype), k.to(op_dtype), v.to(op_dtype)
+        gates = {n: t.to(op_dtype) for n, t in self._gates(x, m).items()}
+        o, ssm = self._mix(q, k, v, gates, None if state is None else state.ssm, step)
         o = self.norm(o).reshape(B, T, H * dv) * F.silu(self.g_proj(x))
         y = self.o_proj(o)
         if m is not None:
