@@ -104,6 +104,11 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LoopLMHFConfig) -> None:
         super().__init__(config)
         self.model = LoopLM(config.to_loop_config())
+        block = getattr(config, "quantization", None)
+        if block:  # a quantised checkpoint (issue 6): swap in its QuantLinear modules before loading
+            from looplm.quant.ptq import apply_structure
+
+            apply_structure(self.model, block)
         self.post_init()
 
     @classmethod

@@ -101,3 +101,17 @@ def test_missing_block_is_a_checkpoint_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="do not match"):
         load_model(tmp_path)
+
+
+def test_quantised_checkpoint_loads_through_transformers_auto_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import looplm.hf  # noqa: F401  (registers the Auto classes)
+
+    model = quantize_model(tiny(), "int4", group_size=32)
+    save_model(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (1, 6))
+    assert isinstance(hf.model.core[0].ffn.w_in, QuantLinear)
+    assert torch.equal(hf(ids).logits, model(ids).logits)
+    assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
