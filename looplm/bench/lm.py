@@ -32,6 +32,7 @@ from looplm.data.loader import BatchSampler, eval_batches
 from looplm.model import LoopConfig, LoopLM
 from looplm.train.loop import evaluate
 
+CURVE_AT = (0.25, 0.5, 0.75)  # fractions of the budget where validation is also measured (the curves)
 RECUR = dict(n_prelude=1, n_core=1, n_coda=1, n_recursions=4, sharing="middle_cycle")
 VARIANTS: dict[str, dict[str, Any]] = {
     "transformer": dict(n_core=6),
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches (of --batch-size)")
     parser.add_argument("--data", default=None, help="corpus source (default: the Python stdlib)")
@@ -87,29 +88,45 @@ def run_one(name: str, s: dict[str, Any], corpus: Any) -> dict[str, Any]:
     torch.manual_seed(s["seed"])
     model = LoopLM(model_config(name, s, corpus.tokenizer.vocab_size))
     sampler = BatchSampler(corpus.train, s["batch_size"], s["seq_len"], seed=s["seed"])
-    res = train_model(model, sampler.batch, budget=s["flops"], lr=s["lr"])
-    val = eval_batches(corpus.val, s["batch_size"], s["seq_len"], max_batches=s["eval_batches"])
-    ev = evaluate(model, val, torch.from_numpy(corpus.tokenizer.token_nbytes()))
+    token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
+    curve = []
+
+    def validate(flops: float, tokens: int) -> dict[str, float]:
+        val = eval_batches(corpus.val, s["batch_size"], s["seq_len"], max_batches=s["eval_batches"])
+        ev = evaluate(model, val, token_bytes)
+        curve.append({"flops": flops, "tokens": tokens, "val_bpb": ev["val_bpb"]})
+        return ev
+
+    res = train_model(model, sampler.batch, budget=s["flops"], lr=s["lr"], hook=validate, hook_at=CURVE_AT)
+    ev = validate(res.flops, res.tokens)
     return {"model": name, "val_bpb": ev["val_bpb"], "val_loss": ev["val_loss"], "train_loss": res.train_loss,
             "flops": res.flops, "tokens": res.tokens, "steps": res.steps, "seconds": res.seconds,
             "tokens_per_s": res.tokens_per_s, "flops_per_token": res.flops / max(res.tokens, 1),
-            "params_unique": model.num_params(), "params_applied": model.num_params(unique=False)}
+            "params_unique": model.num_params(), "params_applied": model.num_params(unique=False),
+            "curve": curve}
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """Val bits/byte against training FLOPs and against unique parameters (Pareto view)."""
-    fig, axes = subplots(2, 1, size=(5.0, 4.0))
-    for key, label in (("flops", "training FLOPs spent"), ("params_unique", "unique parameters")):
-        ax = axes[0][0 if key == "flops" else 1]
-        for r in results.values():
-            ax.scatter(r[key], r["val_bpb"], label=r["model"])
-            ax.annotate(r["model"], (r[key], r["val_bpb"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
+    """Left: val bits/byte against training FLOPs spent (measured at 1/4, 1/2, 3/4 and all of the
+    budget). Right: final val bits/byte against unique parameters (the Pareto view)."""
+    fig, axes = subplots(2, 1, size=(5.2, 4.0))
+    left, right = axes[0]
+    for r in results.values():
+        pts = r.get("curve") or [{"flops": r["flops"], "val_bpb": r["val_bpb"]}]
+        line = left.plot([p["flops"] for p in pts], [p["val_bpb"] for p in pts], marker="o", ms=3,
+                         label=r["model"])[0]
+        right.scatter(r["params_unique"], r["val_bpb"], color=line.get_color())
+        right.annotate(r["model"], (r["params_unique"], r["val_bpb"]), fontsize=7, xytext=(3, 3),
+                       textcoords="offset points")
+    left.set_xscale("log")
+    left.set_xlabel("training FLOPs spent (as counted by the model)")
+    left.set_title("compute-matched LM: val bits/byte vs FLOPs")
+    left.legend(fontsize=7)
+    right.set_xscale("log")
+    right.set_xlabel("unique parameters")
+    right.set_title("at the full budget: vs unique parameters")
+    for ax in (left, right):
         ax.set_ylabel("validation bits per byte")
-    axes[0][0].set_title("compute-matched LM (equal FLOPs budget)")
-    axes[0][1].set_title("bits/byte vs unique parameters")
     return save_figure(fig, path)
 
 

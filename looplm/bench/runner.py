@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,15 @@ def lr_at(frac: float, lr: float, warmup: float = 0.05, min_ratio: float = 0.1) 
 def train_model(
     model: nn.Module, batch: Callable[[int], Batch], *, budget: float | None = None, steps: int | None = None,
     lr: float = 3e-3, weight_decay: float = 0.1, clip: float = 1.0,
+    hook: Callable[[float, int], None] | None = None, hook_at: Sequence[float] = (),
 ) -> TrainResult:
     """Train ``model`` (a LoopLM) on ``batch(step) -> (x [B,T], y [B,T])`` until the training FLOPs it
     counted (3 × forward, routing included) reach ``budget`` or ``steps`` optimizer steps ran, whichever
     comes first; a FLOPs budget overshoots by less than one step.
 
     AdamW (β = 0.9, 0.95) on ``loss + aux_loss``, gradient clipping, warmup + cosine over the fraction
-    of the budget (or steps) spent.
+    of the budget (or steps) spent. ``hook(flops, tokens)`` is called once the spent fraction passes
+    each of ``hook_at`` (e.g. to evaluate along the way; its time is not counted).
     """
     if budget is None and steps is None:
         raise ValueError("give a FLOPs budget or a number of steps")
@@ -70,7 +72,8 @@ def train_model(
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     model.train()
     spent, tokens, step, losses = 0.0, 0, 0, []
-    start = time.perf_counter()
+    pending = sorted(hook_at)
+    seconds, start = 0.0, time.perf_counter()
 
     def progress() -> float:
         return max(spent / budget if budget else 0.0, step / steps if steps else 0.0)
@@ -92,7 +95,15 @@ def train_model(
         tokens += x.numel()
         losses = (losses + [float(out.loss.detach())])[-10:]
         step += 1
-    return TrainResult(step, spent, tokens, time.perf_counter() - start, sum(losses) / max(len(losses), 1))
+        if hook is not None and pending and progress() >= pending[0]:
+            seconds += time.perf_counter() - start
+            while pending and progress() >= pending[0]:
+                pending.pop(0)
+            hook(spent, tokens)
+            model.train()
+            start = time.perf_counter()
+    seconds += time.perf_counter() - start
+    return TrainResult(step, spent, tokens, seconds, sum(losses) / max(len(losses), 1))
 
 
 def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:

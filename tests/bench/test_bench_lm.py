@@ -29,6 +29,7 @@ def test_every_model_reaches_the_same_budget_and_is_plotted(quick):
         overshoot = r["flops"] - budget
         assert 0 <= overshoot <= r["flops_per_token"] * r["tokens"] / r["steps"] * 1.01
         assert 0 < r["val_bpb"] < 10 and r["tokens_per_s"] > 0
+        assert len(r["curve"]) == 4 and r["curve"][-1]["val_bpb"] == r["val_bpb"]
     res = data["results"]
     assert res["mor_expert"]["params_unique"] < res["transformer"]["params_unique"]
     assert res["mor_expert"]["flops_per_token"] < res["transformer"]["flops_per_token"]
@@ -49,8 +50,11 @@ def test_train_model_stops_at_the_counted_budget():
     model = LoopLM(LoopConfig(vocab_size=32, d_model=16, n_heads=2, n_core=1, max_seq_len=8))
     x = torch.randint(0, 32, (2, 8))
     per_step = step_flops(model, x, x)
-    res = train_model(model, lambda step: (x, x), budget=3.5 * per_step)
+    seen = []
+    res = train_model(model, lambda step: (x, x), budget=3.5 * per_step, hook=lambda f, t: seen.append(f),
+                      hook_at=(0.25, 0.5, 0.55))
     assert res.steps == 4 and res.flops == pytest.approx(4 * per_step)
+    assert seen == pytest.approx([per_step, 2 * per_step])  # 0.5 and 0.55 both passed at step 2
     assert train_model(model, lambda step: (x, x), steps=2).steps == 2
     with pytest.raises(ValueError, match="budget"):
         train_model(model, lambda step: (x, x))
