@@ -30,6 +30,18 @@ import torch.nn.functional as F
 
 from looplm.ops.checks import check_chunk_size, check_like, check_qkv
 
+
+def retention_log_decay(n_heads: int) -> torch.Tensor:
+    """RetNet's fixed per-head log-decay ``log γ_h``, ``γ_h = 1 − 2^(−5−h)``: ``[n_heads]`` float32.
+
+    Broadcast it to ``g [B,T,H]`` to run retention (Sun et al. 2023) with the ``decay_*`` forms.
+    """
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    h = torch.arange(n_heads, dtype=torch.float64)
+    return torch.log1p(-(2.0 ** (-5.0 - h))).float()
+
+
 def _check(q, k, v, g, state, *, step: bool) -> None:
     check_qkv(q, k, v, step=step)
     if g is not None:
@@ -131,6 +143,8 @@ def decay_parallel(
     Shapes as :func:`decay_recurrent`.
     """
     _check(q, k, v, g, initial_state, step=False)
+    if q.shape[1] == 0:
+        return decay_recurrent(q, k, v, g, scale=scale, initial_state=initial_state)
     qh, kh, vh = (x.transpose(1, 2) for x in (q * _scale(q, scale), k, v))  # [B,H,T,*]
     if g is None:
         a = (qh @ kh.transpose(-1, -2)).tril()
