@@ -48,7 +48,8 @@ FIXED_STATE = ("linear", "retention", "scalar_gated", "gla", "deltanet", "gated_
 PEER = "hf_gated_deltanet"
 MIXERS = (*FIXED_STATE, "attention", PEER)
 DEFAULT_LENS = "512,1024,2048,4096,8192,16384"
-CHUNK = 64
+CHUNK = 64  # decay family and the transformers peer (their default)
+DELTA_CHUNK = 32  # delta rule: fastest here (measured 32 / 64 / 128 at T = 2048, 8192)
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _decay(g_name: str | None) -> Callable[[Inputs], Any]:
 def _delta(gated: bool) -> Callable[[Inputs], Any]:
     def run(x: Inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         g = x.g_head if gated else None
-        o, _ = delta_chunk(x.q, x.k, x.v, x.beta, g, chunk_size=CHUNK)
+        o, _ = delta_chunk(x.q, x.k, x.v, x.beta, g, chunk_size=DELTA_CHUNK)
         return o, [x.q, x.k, x.v, x.beta] + ([g] if gated else [])
 
     return run
@@ -138,7 +139,7 @@ def forward_flops(mixer: str, x: Inputs) -> float:
         RUNNERS[mixer](x)
     flops = counter.get_total_flops()
     if mixer in ("deltanet", "gated_deltanet", PEER):
-        c = min(CHUNK, t)
+        c = min(CHUNK if mixer == PEER else DELTA_CHUNK, t)
         flops += b * h * -(-t // c) * c * c * (dk + dv)  # both solve [U | W] against the chunk's A
     return float(flops)
 
@@ -301,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the transformers peer needs --dk equal to --dv; drop it from --mixers")
     info = machine_info()
     peak = matmul_gflops(cfg["matmul_n"])
-    print(f"bench ops: B={b} H={h} dk={dk} dv={dv} float32, chunk {CHUNK}, repeats {cfg['repeats']}, "
-          f"torch threads {info['torch_threads']}, load {info['load_average_1min']}")
+    print(f"bench ops: B={b} H={h} dk={dk} dv={dv} float32, chunk {CHUNK} (delta rule {DELTA_CHUNK}), "
+          f"repeats {cfg['repeats']}, threads {info['torch_threads']}, load {info['load_average_1min']}")
     print(f"machine float32 matmul ({cfg['matmul_n']}^2): {peak:.1f} GFLOP/s  [{info['cpu']}]")
 
     tps: dict[str, dict[str, dict[int, float]]] = {"fwd": {}, "fwd+bwd": {}}

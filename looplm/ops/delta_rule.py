@@ -99,50 +99,88 @@ def delta_recurrent(
 
 
 def _chunk_terms(q, k, v, beta, g):
-    """Intra-chunk WY/UT terms, vectorised over all chunks.
+    """Intra-chunk WY/UT terms, vectorised over all chunks and heads ``[N*B*H, C, *]``.
 
-    Inputs ``q, k [B, H, N, C, dk]`` (q already scaled), ``v [B, H, N, C, dv]``, ``beta, g
-    [B, H, N, C]`` (g may be None). With ``b`` the in-chunk cumulative log-decay, ``D_ts =
-    exp(b_t - b_s)`` for ``s <= t`` (built in log space, so strong decays only underflow) and
-    ``A = I + tril(Diag(beta) (K K^T ⊙ D), -1)``, the values written to the state are
-    ``delta = U - W S_0`` with ``[U | W] = A^{-1} [Diag(beta) V | Diag(beta e^b) K]``. Returns
-
-    - ``R [.., C, dk]`` and ``PU [.., C, dv]``: chunk output ``O = R S_0 + PU`` where
-      ``P = Q K^T ⊙ D`` and ``R = Q ⊙ e^b - P W``;
-    - ``M [.., dk, dk]`` and ``KU [.., dk, dv]``: chunk end state ``S_C = M S_0 + KU`` where
-      ``K' = K ⊙ e^{b_C - b}``, ``M = e^{b_C} I - K'^T W`` and ``KU = K'^T U``.
+    Inputs ``q, k [.., C, dk]`` (q already scaled), ``v [.., C, dv]``, ``beta, g [.., C]`` (g may
+    be None). With ``b`` the in-chunk cumulative log-decay and ``D_ts = exp(b_t - b_s)`` for
+    ``s <= t`` (built in log space, so strong decays only underflow), a chunk starting from state
+    ``S`` writes ``delta = U - W S`` where ``A = I + tril(Diag(beta) (K K^T ⊙ D), -1)`` and
+    ``[U | W] = A^{-1} [Diag(beta) V | Diag(beta e^b) K]`` (one batched triangular solve). Returns
+    ``P = Q K^T ⊙ D``, ``Q' = Q ⊙ e^b``, ``U``, ``W``, ``K' = K ⊙ e^{b_C - b}`` and ``d = e^{b_C}
+    [.., 1, 1]`` (None when ungated): the chunk's output is ``Q' S + P delta`` and its end state
+    ``d S + K'^T delta``.
     """
     c, dk, dv = q.shape[-2], q.shape[-1], v.shape[-1]
-    p, kk = (torch.cat((q, k), dim=-2) @ k.transpose(-1, -2)).split(c, dim=-2)  # Q K^T, K K^T
+    kt = k.transpose(-1, -2)
+    p, kk = torch.bmm(q, kt), torch.bmm(k, kt)  # 3-D bmm: ~2x faster than 5-D matmul here
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    beta = beta[..., None]
     if g is None:
         p = p.masked_fill(~causal, 0.0)
-        rhs_k = k * beta[..., None]
-        k_end, q_dec, m_diag = k, q, eye
+        rhs_k, k_end, q_dec, decay = k * beta, k, q, None
     else:
         b = g.cumsum(-1)  # [.., C]
         d = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
         p, kk = p * d, kk * d
         eb = b.exp()[..., None]
-        rhs_k = k * (beta[..., None] * eb)
+        rhs_k, q_dec = k * (beta * eb), q * eb
         k_end = k * (b[..., -1:] - b).exp()[..., None]
-        q_dec = q * eb
-        m_diag = eb[..., -1:, :] * eye  # [.., dk, dk]: e^{b_C} I
-    a = kk * beta[..., None]  # only the strict lower triangle is read: unitriangular solve
-    rhs = torch.cat((v * beta[..., None], rhs_k), dim=-1)  # [.., C, dv + dk]
-    uw = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
-    puw = p @ uw
-    pu, pw = puw.split((dv, dk), dim=-1)
-    kuw = k_end.transpose(-1, -2) @ uw  # [.., dk, dv + dk]
-    ku, kw = kuw.split((dv, dk), dim=-1)
-    return q_dec - pw, pu, m_diag - kw, ku
+        decay = eb[..., -1:, :]
+    # only the strict lower triangle of kk * beta is read (unitriangular solve), also by its backward
+    uw = torch.linalg.solve_triangular(kk * beta, torch.cat((v * beta, rhs_k), dim=-1), upper=False,
+                                       unitriangular=True)
+    u, w = uw.split((dv, dk), dim=-1)
+    return p, q_dec, u, w, k_end, decay
+
+
+class _StateScan(torch.autograd.Function):
+    """The loop over chunks: ``delta_i = U_i - W_i S_i``, ``S_{i+1} = d_i S_i + E_i delta_i``.
+
+    Inputs ``U [N, G, C, dv]``, ``W [N, G, C, dk]``, ``E [N, G, dk, C]`` (``K'^T``), ``d [N, G, 1,
+    1]`` or None, ``S_0 [G, dk, dv]``; outputs the states entering each chunk ``[N, G, dk, dv]``,
+    ``delta [N, G, C, dv]`` and the final state. Hand-written backward: the reverse loop keeps
+    two ``baddbmm`` per chunk and the weight gradients are batched over all chunks afterwards;
+    autograd of the loop was measured ~1.5x slower (about 5 ops per chunk more).
+    """
+
+    @staticmethod
+    def forward(ctx, u, w, e, decay, s0):
+        n = u.shape[0]
+        states = u.new_empty(n + 1, *s0.shape)
+        delta = torch.empty_like(u)
+        states[0] = s0
+        for i in range(n):
+            torch.baddbmm(u[i], w[i], states[i], alpha=-1, out=delta[i])
+            prev = states[i] if decay is None else states[i] * decay[i]
+            torch.baddbmm(prev, e[i], delta[i], out=states[i + 1])
+        ctx.save_for_backward(w, e, decay, states, delta)
+        return states[:n], delta, states[n].clone()
+
+    @staticmethod
+    def backward(ctx, g_states, g_delta, g_final):
+        w, e, decay, states, delta = ctx.saved_tensors
+        n = w.shape[0]
+        g_states = torch.zeros_like(states[:n]) if g_states is None else g_states
+        g_delta = torch.zeros_like(delta) if g_delta is None else g_delta
+        g_s = torch.zeros_like(states[n]) if g_final is None else g_final
+        g_next = torch.empty_like(states[1:])  # grad of the state leaving chunk i
+        g_dtot = torch.empty_like(delta)  # total grad of delta_i
+        for i in reversed(range(n)):
+            g_next[i] = g_s
+            torch.baddbmm(g_delta[i], e[i].transpose(-1, -2), g_s, out=g_dtot[i])
+            carry = g_s if decay is None else g_s * decay[i]
+            g_s = torch.baddbmm(carry + g_states[i], w[i].transpose(-1, -2), g_dtot[i], alpha=-1)
+        s_in = states[:n]
+        g_w = -(g_dtot @ s_in.transpose(-1, -2))
+        g_e = g_next @ delta.transpose(-1, -2)
+        g_decay = None if decay is None else (g_next * s_in).sum((-2, -1), keepdim=True)
+        return g_dtot, g_w, g_e, g_decay, g_s
 
 
 def _chunk_layout(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
-    """``[B, N*C, H, *]`` -> ``[B, H, N, C, *]``."""
-    x = x.transpose(1, 2)
-    return x.reshape(x.shape[0], x.shape[1], n, c, *x.shape[3:])
+    """``[B, N*C, H, *]`` -> chunk-major ``[N*B*H, C, *]``, contiguous."""
+    x = x.reshape(x.shape[0], n, c, *x.shape[2:]).movedim(1, 0)  # [N, B, C, H, *]
+    return x.transpose(2, 3).reshape(-1, c, *x.shape[4:])
 
 
 def delta_chunk(
@@ -159,11 +197,11 @@ def delta_chunk(
     """Chunkwise-parallel delta rule (training, prefill): O(T C d) work, a loop over T/C chunks.
 
     ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``beta, g [B, T, H]``, ``initial_state [B, H, dk,
-    dv]`` -> ``(o [B, T, H, dv], final_state [B, H, dk, dv])``. All intra-chunk work (see
-    :func:`_chunk_terms`) is batched over chunks; the loop only carries the state,
-    ``S_{i+1} = M_i S_i + KU_i`` (one ``baddbmm`` per chunk), and the outputs ``O_i = R_i S_i +
-    PU_i`` are formed for all chunks at once afterwards. The tail is padded with identity
-    tokens (``k = v = beta = g = 0``). Computes in float32 at least.
+    dv]`` -> ``(o [B, T, H, dv], final_state [B, H, dk, dv])``. The intra-chunk terms (see
+    :func:`_chunk_terms`) are batched over all chunks; the loop (:class:`_StateScan`) only carries
+    the state, two ``baddbmm`` per chunk; the outputs ``O_i = Q'_i S_i + P_i delta_i`` are then
+    formed for all chunks at once. The tail is padded with identity tokens (``k = v = beta = g =
+    0``). Computes in float32 at least.
     """
     _check_args(q, k, v, beta, g, initial_state, "initial_state", step=False)
     check_chunk_size(chunk_size)
@@ -172,8 +210,12 @@ def delta_chunk(
     dv = v.shape[-1]
     out_dtype = q.dtype
     cdt = torch.promote_types(q.dtype, torch.float32)
-    c = max(1, min(chunk_size, t))
-    n = -(-t // c) if t else 0
+    state = initial_state
+    state = q.new_zeros(bsz, h, dk, dv, dtype=cdt) if state is None else state.to(cdt)
+    if t == 0:
+        return v.clone(), state.to(out_dtype)
+    c = min(chunk_size, t)
+    n = -(-t // c)
     pad = n * c - t
     q, k, v, beta = (x.to(cdt) for x in (q * scale, k, v, beta))
     g = None if g is None else g.to(cdt)
@@ -181,32 +223,20 @@ def delta_chunk(
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
         beta = F.pad(beta, (0, 0, 0, pad))
         g = None if g is None else F.pad(g, (0, 0, 0, pad))
-    state = initial_state
-    state = q.new_zeros(bsz, h, dk, dv) if state is None else state.to(cdt)
-    if n == 0:
-        return v.to(out_dtype), state.to(out_dtype)
-    r, pu, m, ku = _chunk_terms(
-        *(_chunk_layout(x, n, c) for x in (q, k, v)),
-        _chunk_layout(beta, n, c),
-        None if g is None else _chunk_layout(g, n, c),
+    p, q_dec, u, w, k_end, decay = _chunk_terms(
+        *(_chunk_layout(x, n, c) for x in (q, k, v, beta)), None if g is None else _chunk_layout(g, n, c)
     )
-    if n == 1:
-        states = state[:, :, None]
-        state = (m[:, :, 0] @ state + ku[:, :, 0])
-    else:
-        # chunk-major, heads flattened: each step is one contiguous batched matmul
-        m = m.permute(2, 0, 1, 3, 4).reshape(n, bsz * h, dk, dk)
-        ku = ku.permute(2, 0, 1, 3, 4).reshape(n, bsz * h, dk, dv)
-        s = state.reshape(bsz * h, dk, dv)
-        seen = []
-        for m_i, ku_i in zip(m.unbind(0), ku.unbind(0)):  # unbind: its backward is one stack
-            seen.append(s)
-            s = torch.baddbmm(ku_i, m_i, s)
-        states = torch.stack(seen, dim=1).view(bsz, h, n, dk, dv)
-        state = s.view(bsz, h, dk, dv)
-    o = r @ states + pu  # [B, H, N, C, dv]
-    o = o.reshape(bsz, h, n * c, dv)[:, :, :t].transpose(1, 2)
-    return o.to(out_dtype), state.to(out_dtype)
+    groups = bsz * h  # the scan sees [N, B*H, ...]
+    states, delta, state = _StateScan.apply(
+        u.reshape(n, groups, c, dv),
+        w.reshape(n, groups, c, dk),
+        k_end.reshape(n, groups, c, dk).transpose(-1, -2),
+        None if decay is None else decay.reshape(n, groups, 1, 1),
+        state.reshape(groups, dk, dv),
+    )
+    o = torch.baddbmm(torch.bmm(p, delta.view(-1, c, dv)), q_dec, states.view(-1, dk, dv))
+    o = o.view(n, bsz, h, c, dv).permute(1, 0, 3, 2, 4).reshape(bsz, n * c, h, dv)[:, :t]
+    return o.to(out_dtype), state.view(bsz, h, dk, dv).to(out_dtype)
 
 
 def delta_parallel(

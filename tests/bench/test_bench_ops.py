@@ -34,7 +34,7 @@ def test_crossover():
 
 
 def test_flop_counts_match_the_algorithms():
-    b, t, h, d, c = 2, 200, 3, 16, ops.CHUNK
+    b, t, h, d, c = 2, 200, 3, 16, ops.DELTA_CHUNK
     x = ops.Inputs.make(b, t, h, d, d)
     n = -(-t // c)
     # WY/UT chunk: [Q;K]K^T 4C^2 d, solve 2C^2 d, P[U|W] 4C^2 d, K'^T[U|W] 4C d^2, R S 2C d^2, M S 2d^3
