@@ -20,9 +20,7 @@ Writes ``model.json`` and ``model.png`` to ``--out``. ``--quick`` shrinks everyt
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 
 import torch
 
+from looplm.bench.common import machine_info, markdown_table, pass_fail, time_interleaved, write_json
 from looplm.model import LoopConfig, LoopLM
 
 VOCAB = 259  # the byte tokenizer's vocabulary
@@ -98,6 +97,13 @@ def dense(s: Size, mixer: str = "attention", **kw: Any) -> LoopConfig:
     return LoopConfig(**{**base, **kw})
 
 
+def fixed_state(s: Size) -> LoopConfig:
+    """Gated-DeltaNet twin of ``dense(s)``; its mixer has an extra output-gate projection
+    (``d × d`` per layer), paid for by a narrower FFN so the sizes match."""
+    c = dense(s)
+    return dense(s, "gated_deltanet", d_ffn=c.ffn_dim - 32 * round(c.d_model / 96))
+
+
 def llama(s: Size) -> Any:
     from transformers import LlamaConfig
 
@@ -116,21 +122,6 @@ def mor(s: Size, capacity: list[float] | None) -> LoopConfig:
 
 
 # ---------------------------------------------------------------- timing
-
-
-def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each zero-argument function; they alternate within every repeat so
-    load changes on a shared machine hit all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def train_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
@@ -167,7 +158,7 @@ def bench_train(s: Size, tokens: torch.Tensor) -> dict[str, Any]:
     models = {"looplm_gdn_moe": LoopLM(gdn_moe(s)), "qwen3_next": _hf(qwen3_next(s)),
               "looplm_vanilla": LoopLM(dense(s)), "llama": _hf(llama(s))}
     params = {name: n_params(m) for name, m in models.items()}
-    secs = side_by_side({name: train_step(m, tokens) for name, m in models.items()}, s.repeats)
+    secs = time_interleaved({name: train_step(m, tokens) for name, m in models.items()}, s.repeats)
     n = tokens.shape[0] * (tokens.shape[1] - 1)
     tps = {name: n / t for name, t in secs.items()}
     return {"params": params, "tokens_per_s": tps,
@@ -205,13 +196,13 @@ class _Decoder:
 
 def bench_decode(s: Size) -> dict[str, Any]:
     torch.manual_seed(0)
-    fixed, ref = LoopLM(dense(s, "gated_deltanet")), _hf(llama(s))
+    fixed, ref = LoopLM(fixed_state(s)), _hf(llama(s))
     prompt = torch.randint(0, 256, (1, s.long_prompt))
     decoders = {f"{name}_{n}": _Decoder(model, prompt[:, -n:])
                 for n in (s.short_prompt, s.long_prompt)
                 for name, model in (("looplm_fixed_state", fixed), ("llama", ref))}
-    # repeats of single steps; the first few are warm-up
-    secs = side_by_side(decoders, max(s.decode_steps, 3), warmup=2)
+    # repeats of single steps, the contenders in turn; the first rounds are warm-up
+    secs = time_interleaved(decoders, max(s.decode_steps, 3), warmup=2)
     ms = {name: 1000 * t for name, t in secs.items()}
     long, short = s.long_prompt, s.short_prompt
     return {"params": {"looplm_fixed_state": n_params(fixed), "llama": n_params(ref)},
@@ -229,8 +220,9 @@ def bench_mor(s: Size, tokens: torch.Tensor, capacity: list[float]) -> dict[str,
     with torch.no_grad():
         stats = {name: m(x, y).stats for name, m in models.items()}
     flops = {name: st["flops_per_token"] for name, st in stats.items()}
-    secs = side_by_side({name: train_step(m, tokens) for name, m in models.items()}, s.repeats)
-    return {"capacity": capacity, "reach": stats["mor_expert_choice"]["reach"], "flops_per_token": flops,
+    secs = time_interleaved({name: train_step(m, tokens) for name, m in models.items()}, s.repeats)
+    return {"params": {name: n_params(m) for name, m in models.items()}, "capacity": capacity,
+            "reach": stats["mor_expert_choice"]["reach"], "flops_per_token": flops,
             "step_s": secs, "mor_flops_ratio": flops["mor_expert_choice"] / flops["all_recursions"],
             "mor_time_ratio": secs["mor_expert_choice"] / secs["all_recursions"]}
 
@@ -309,31 +301,36 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, s: Size) -> int:
     parts = set(args.only or ("train", "decode", "mor"))
     tokens = torch.randint(0, 256, (s.batch_size, s.seq_len + 1), generator=torch.Generator().manual_seed(0))
-    results: dict[str, Any] = {"size": vars(s), "threads": torch.get_num_threads()}
+    results: dict[str, Any] = {"command": "looplm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+                               else "looplm bench model", "quick": args.quick, "size": vars(s),
+                               "machine": machine_info()}
     if "train" in parts:
         results["train"] = bench_train(s, tokens)
-        _print_part("training tokens/s", results["train"]["tokens_per_s"], results["train"]["params"])
     if "decode" in parts:
         results["decode"] = bench_decode(s)
-        _print_part("decoding ms/token", results["decode"]["ms_per_token"], results["decode"]["params"])
     if "mor" in parts:
         results["mor"] = bench_mor(s, tokens, list(args.mor_capacity))
-        _print_part("MoR training step s", results["mor"]["step_s"], {})
     results["checks"] = checks = verdicts(results)
-    print("\ntarget check" + (" (--quick: not meaningful)" if args.quick else ""))
-    for label, c in checks.items():
-        print(f"  {label:<52} {c['ratio']:8.3f}  target {c['target']:<7} {'PASS' if c['pass'] else 'FAIL'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+    path = write_json(args.out, "model", results)
     if checks:
         plot(checks, args.out / "model.png")
-    print(f"wrote {args.out / 'model.json'}")
+    print(f"wrote {path}")
     return 0
 
 
-def _print_part(title: str, values: dict[str, float], params: dict[str, int]) -> None:
-    print(f"\n{title}")
-    for name, v in values.items():
-        base = name.rsplit("_", 1)[0] if name not in params else name
-        p = params.get(name, params.get(base))
-        print(f"  {name:<28} {v:12.3f}" + (f"   params {p / 1e6:6.2f}M" if p else ""))
+def render(data: dict[str, Any]) -> str:
+    """Markdown tables of a result: the target checks, then the raw numbers of each part."""
+    note = " (--quick: sizes too small to mean anything)" if data.get("quick") else ""
+    out = [f"Targets{note}:", markdown_table(
+        ["comparison", "ratio", "target", "verdict"],
+        [[label, c["ratio"], c["target"], pass_fail(c["pass"])] for label, c in data["checks"].items()])]
+    raw = (("train", "tokens_per_s", "training tokens/s"), ("decode", "ms_per_token", "decoding ms/token"),
+           ("mor", "step_s", "training step s"))
+    for part, key, title in raw:
+        if part in data:
+            params = data[part].get("params", {})
+            rows = [[name, value, params.get(name, params.get(name.rsplit("_", 1)[0]))]
+                    for name, value in data[part][key].items()]
+            out.append(markdown_table(["model", title, "params"], rows))
+    return "\n\n".join(out)
