@@ -87,9 +87,12 @@ def _data(ckpt: Path, seq_len: int, quick: bool):
     kept = ("data", "tokenizer", "vocab_size", "max_files")
     cfg = TrainConfig.from_dict({k: v for k, v in train_cfg.items() if k in kept})
     corpus = load_corpus(cfg, Dist(), load_tokenizer(ckpt), progress=False)
-    sampler = iter(BatchSampler(corpus.train, 4 if quick else 8, seq_len, seed=1))
+    def batches():  # the same batches for every fine-tuning run
+        sampler = iter(BatchSampler(corpus.train, 4 if quick else 8, seq_len, seed=1))
+        return lambda step: next(sampler)
+
     token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
-    return corpus, (lambda step: next(sampler)), token_bytes, eval_batches
+    return corpus, batches, token_bytes, eval_batches
 
 
 def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -104,7 +107,7 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ckpt = _checkpoint(args, work)
     base = load_model(ckpt).eval()
     seq_len = min(128, base.config.max_seq_len)
-    corpus, batch, token_bytes, eval_batches = _data(ckpt, seq_len, args.quick)
+    corpus, batches, token_bytes, eval_batches = _data(ckpt, seq_len, args.quick)
     iters = 1 if args.quick else args.eval_iters
     windows = list(eval_batches(corpus.val.tokens, 8, seq_len, max_batches=iters))
 
@@ -126,11 +129,11 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     qat_steps = 2 if args.quick else args.qat_steps
     if qat_steps:
         tuned = copy.deepcopy(base)
-        train_model(tuned, batch, steps=qat_steps, lr=3e-4)
+        train_model(tuned, batches(), steps=qat_steps, lr=3e-4)
         rows["float32 +ft"] = {"bits": 32.0, "size": rows["float32"]["size"], "bpb": bpb(tuned.eval())}
         for fmt, g in QAT_ROWS:
             m = apply_qat(copy.deepcopy(base), fmt, group_size=g)
-            train_model(m, batch, steps=qat_steps, lr=3e-4)
+            train_model(m, batches(), steps=qat_steps, lr=3e-4)
             q = quantize_model(remove_qat(m), fmt, group_size=g).eval()
             name = f"{fmt} QAT"
             models[name] = q
