@@ -1,15 +1,16 @@
 """``QuantLinear`` and ``QuantEmbedding``: modules holding a quantised weight (formats.py).
 
-Kernels measured on this CPU (AVX-512, `looplm bench quant`, batch-1 decoding): torch's packed
-weight-only ops are fast only with **bfloat16 activations** — ``torch._weight_int8pack_mm``
-and ``aten._weight_int4pack_mm_for_cpu`` take ~4-6x less time than a float32 mat-vec in
-bf16, while their float32-input paths are 10-20x *slower*; a torch.compile-generated
-dequantise+reduction reached ~1.6x (int8) and ~1x (int4) and costs a compile per shape;
-dequantise-then-matmul is slower than float32. So ``kernel="auto"`` runs int8 / int4 on CPU
-through the packed ops with the input cast to bf16 (int8 scales are bf16-exact by
-construction; int4 scale/zero are rounded to bf16, a relative error ≤ 2^-9 of the group
-offset) and every other case (FP8, FP4-MX, other devices, int4 with out_features % 16 != 0)
-through dequantise-then-matmul in the input's dtype.
+Kernels measured on this CPU (AVX-512, 1 thread; batch-1 decoding of a 101M-parameter model,
+``looplm bench quant``): torch's packed weight-only ops are fast only with **bfloat16
+activations** — there ``torch._weight_int8pack_mm`` decodes 1.8x and
+``aten._weight_int4pack_mm_for_cpu`` (g=64) 2.7x faster than float32, while their
+float32-input paths were 10-20x *slower* than a float32 mat-vec in a per-matrix test;
+dequantise-then-matmul runs at 0.3x (int8) and 0.1x (int4); a torch.compile-generated
+dequantise+reduction reached ~1.6x (int8) and ~1x (int4) per matrix and costs a compile per
+shape. So ``kernel="auto"`` runs int8 / int4 on CPU through the packed ops with the input cast
+to bf16 (int8 scales are bf16-exact by construction; int4 scale/zero are rounded to bf16, a
+relative error ≤ 2^-9 of the group offset), and every other case (FP8, FP4-MX, other devices,
+int4 with out_features % 16 != 0) through dequantise-then-matmul in the input's dtype.
 """
 
 from __future__ import annotations
