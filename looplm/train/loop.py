@@ -129,6 +129,30 @@ def total_steps(cfg: TrainConfig) -> int:
     return cfg.steps
 
 
+def _forward_backward(
+    net: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, d: Dist
+) -> tuple[float, dict[str, Any]]:
+    """Gradients of ``loss + aux_loss`` over this rank's ``grad_accum`` micro-batches (DDP
+    syncs on the last); returns the LM loss averaged over all ranks and the model's stats."""
+    if len(x_all) % cfg.grad_accum:
+        raise ConfigError(f"each process's {len(x_all)} sequences do not split into "
+                          f"grad_accum={cfg.grad_accum} micro-batches; change train.grad_accum")
+    micro = list(zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum)))
+    loss_sum = torch.zeros((), device=d.device)
+    stats: dict[str, Any] = {}
+    for i, (x, y) in enumerate(micro):
+        x, y = x.to(d.device), y.to(d.device)
+        sync = d.world == 1 or i == len(micro) - 1
+        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(d, cfg.bf16):
+            out = net(x, y)
+            aux = getattr(out, "aux_loss", None)
+            total = out.loss if aux is None else out.loss + aux
+            (total / len(micro)).backward()
+        loss_sum += out.loss.detach().float()
+        stats = _stats(out)
+    return distributed.all_sum([loss_sum.item() / len(micro)], d)[0] / d.world, stats
+
+
 def _schedule_step(step: int, elapsed: float, run: dict[str, Any], cfg: TrainConfig, budget_s: float) -> int:
     """The step the schedule is at. Under a time budget, after the warmup (counted in steps),
     whichever is further along, steps or the time left, so the learning rate has decayed
@@ -196,24 +220,7 @@ def train(
     for step in range(start, steps):
         lr = lr_at(_schedule_step(step, elapsed, run, sched, budget_s), sched)
         set_lr(optimizer, lr)
-        x_all, y_all = train_data.batch(step)
-        if len(x_all) % cfg.grad_accum:
-            raise ConfigError(f"each process's {len(x_all)} sequences do not split into "
-                              f"grad_accum={cfg.grad_accum} micro-batches; change train.grad_accum")
-        micro = list(zip(x_all.chunk(cfg.grad_accum), y_all.chunk(cfg.grad_accum)))
-        loss_sum = torch.zeros((), device=d.device)
-        stats: dict[str, Any] = {}
-        for i, (x, y) in enumerate(micro):
-            x, y = x.to(d.device), y.to(d.device)
-            sync = d.world == 1 or i == len(micro) - 1
-            with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(d, cfg.bf16):
-                out = net(x, y)
-                aux = getattr(out, "aux_loss", None)
-                total = out.loss if aux is None else out.loss + aux
-                (total / len(micro)).backward()
-            loss_sum += out.loss.detach().float()
-            stats = _stats(out)
-        loss = distributed.all_sum([loss_sum.item() / len(micro)], d)[0] / d.world
+        loss, stats = _forward_backward(net, *train_data.batch(step), cfg, d)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)

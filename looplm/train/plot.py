@@ -1,7 +1,7 @@
 """The training curve of a run as a PNG, from its ``metrics.jsonl``.
 
 ``python -m looplm.train.plot RUN_DIR [OUT.png]``: training loss and validation bits per
-byte against tokens seen (and wall time on a second axis label).
+byte against wall-clock minutes.
 """
 
 from __future__ import annotations
@@ -32,16 +32,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, title: str | No
     train = [r for r in rows if "loss" in r and not r.get("skipped")]
     val = [r for r in rows if "val_bpb" in r]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    # train loss (nats/token) → bits/byte for bytes-per-token 1 is loss/ln2; plot both in bits
+    # train loss (nats/token) in bits/byte, with the bytes per token of the validation split
     scale = val[-1]["val_bpb"] / val[-1]["val_loss"] if val else 1 / math.log(2)
-    ax.plot([r["tokens"] / 1e6 for r in train], [r["loss"] * scale for r in train], label="train", alpha=0.7)
+    minutes = [r["elapsed_s"] / 60 for r in train]
+    ax.plot(minutes, [r["loss"] * scale for r in train], label="train", alpha=0.7)
     if val:
-        ax.plot([r["tokens"] / 1e6 for r in val], [r["val_bpb"] for r in val], "o-", label="validation")
+        ax.plot([r["elapsed_s"] / 60 for r in val], [r["val_bpb"] for r in val], "o-", label="validation")
         ax.axhline(2.0, color="grey", lw=0.8, ls="--")
         last = val[-1]
-        ax.annotate(f"{last['val_bpb']:.2f} bits/byte after {last['elapsed_s'] / 60:.1f} min",
-                    (last["tokens"] / 1e6, last["val_bpb"]), textcoords="offset points", xytext=(-150, 25))
-    ax.set_xlabel("training tokens (millions)")
+        ax.annotate(f"{last['val_bpb']:.2f} bits/byte, {last['tokens'] / 1e6:.1f}M tokens",
+                    (last["elapsed_s"] / 60, last["val_bpb"]), textcoords="offset points", xytext=(-150, 25))
+    ax.set_xlabel("minutes")
     ax.set_ylabel("bits per byte")
     ax.set_title(title or Path(run_dir).name)
     ax.grid(alpha=0.3)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from looplm.data import BatchSampler, eval_batches
-from looplm.errors import CheckpointError, ConfigError
+from looplm.errors import CheckpointError, ConfigError, DataError
 from looplm.train import loop
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
 from looplm.train.loop import DivergedError, evaluate, train
@@ -167,3 +167,14 @@ def test_time_budget_stops_with_a_checkpoint_and_a_decayed_lr(tmp_path: Path, mo
     assert 5 < row["step"] < 10**6 and row["elapsed_s"] >= 0.04 * 60
     assert [s for s, _ in list_checkpoints(tmp_path)] == [row["step"]]
     assert row["lr"] < 0.15 * cfg.lr  # the schedule followed the clock to its end
+
+
+def test_plot_reads_the_metrics_of_a_run(tmp_path: Path) -> None:
+    from looplm.train.plot import plot_run
+
+    train(tiny_config(str(tmp_path), 10), TinyLM(), BatchSampler(tokens(), 8, 16), tokens(2000, seed=1),
+          token_bytes=torch.ones(64, dtype=torch.long), progress=False)
+    png = plot_run(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(DataError, match="metrics.jsonl"):
+        plot_run(tmp_path / "nowhere")
