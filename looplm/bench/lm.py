@@ -47,9 +47,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--flops", type=float, default=1.5e12, help="training FLOPs budget per model")
+    parser.add_argument("--flops", type=float, default=4e11, help="training FLOPs budget per model")
     parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)

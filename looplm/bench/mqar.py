@@ -108,8 +108,9 @@ def run_one(kind: str, width: int, seq_len: int, n_pairs: int, s: dict[str, Any]
             "seconds": res.seconds}
 
 
-def plot(results: dict[str, Any], path: Path) -> Path:
-    """Accuracy against width, one panel per (sequence length, pairs), one line per mixer."""
+def plot(results: dict[str, Any], path: Path, vocab: int | None = None) -> Path:
+    """Accuracy against width, one panel per (sequence length, pairs), one line per mixer; a dotted
+    line at chance (a uniform guess among the ``vocab / 2`` values)."""
     rows = list(results.values())
     tasks = sorted({(r["seq_len"], r["n_pairs"]) for r in rows})
     fig, axes = subplots(len(tasks), 1, size=(4.5, 3.6))
@@ -119,6 +120,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                          if r["mixer"] == kind and (r["seq_len"], r["n_pairs"]) == (t, p))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=kind)
+        if vocab:
+            ax.axhline(2 / vocab, ls=":", color="gray", label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"MQAR seq {t}, {p} pairs")
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 jobs.append((f"{kind}-d{w}-T{t}-p{p}", lambda k=kind, w=w, t=t, p=p: run_one(k, w, t, p, s)))
     results = sweep.run(jobs)
     sweep.save(table=table(results))
-    plot(results, out / "mqar.png")
+    plot(results, out / "mqar.png", s["vocab"])
     if not args.quick:
         print(table(results))
     print(f"wrote {sweep.path} and {out / 'mqar.png'}")
