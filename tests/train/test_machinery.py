@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from looplm.data import BatchSampler, eval_batches
 from looplm.errors import CheckpointError, ConfigError, DataError
 from looplm.train import loop
-from looplm.train.config import TrainConfig, apply_overrides, load_sections
+from looplm.train.config import CONFIG_DIR, TrainConfig, apply_overrides, load_sections
 from looplm.train.loop import DivergedError, evaluate, train
 from looplm.train.optim import build_optimizer, lr_at, param_groups
 from looplm.train.run_checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -178,3 +178,15 @@ def test_plot_reads_the_metrics_of_a_run(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(DataError, match="metrics.jsonl"):
         plot_run(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_builds(name: str) -> None:
+    from looplm.model import LoopConfig, LoopLM
+
+    sections = load_sections(name)
+    TrainConfig.from_dict(sections["train"])
+    model = LoopLM(LoopConfig.from_dict({**sections["model"], "vocab_size": 4096}))
+    if name not in ("tiny", "moe"):  # baselines: the parameters of small (moe: its active ones)
+        small = LoopLM(LoopConfig.from_dict({**load_sections("small")["model"], "vocab_size": 4096}))
+        assert abs(model.num_params() - small.num_params()) < 0.1 * small.num_params()
