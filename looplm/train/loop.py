@@ -249,7 +249,8 @@ def train(
             row = {"step": done, "loss": last_loss, "lr": lr, "tokens": run["tokens"], "tokens_per_s": tps,
                    "grad_norm": float(grad_norm), "elapsed_s": now - t0, **stats}
             metrics.write(row)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            left = {"budget_left": f"{(budget_s - elapsed) / 60:.1f}min"} if budget_s else {}
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", **left, refresh=False)
             window_t, window_steps = now, 0
         bar.update(1)
         if done % cfg.eval_interval == 0 or last:
