@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -233,12 +234,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    result = {"machine": machine_info(), "quick": args.quick, "speed": speed(args)}
+    result: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "speed": speed(args)}
     print(f"speed: {result['speed']['rows']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         result["quality"] = quality(args, Path(tmp))
     md = report(result)
-    result["markdown"] = md
+    result["table"] = md  # what `looplm bench report` puts into docs/results.md
+    if sys.argv[1:3] == ["bench", "quant"]:
+        result["command"] = " ".join(["looplm", *sys.argv[1:]])
     write_json(out, "quant", result)
     (out / "quant.md").write_text(md)
     plot(result, out / "quant.png")
