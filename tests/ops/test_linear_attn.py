@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from looplm.ops import linear_attn
 from looplm.ops.linear_attn import (
     decay_chunk,
     decay_parallel,
@@ -72,8 +73,9 @@ def grads(form, q, k, v, g, s0, **kw):
 
 
 @pytest.mark.parametrize("gate", ["none", "scalar", "dim"])
-@pytest.mark.parametrize("T,chunk", [(37, 8), (33, 16), (20, 5)])
-def test_gradients_agree(gate, T, chunk):
+@pytest.mark.parametrize("T,chunk,segment", [(37, 8, 1024), (33, 16, 1024), (20, 5, 1024), (37, 4, 8)])
+def test_gradients_agree(gate, T, chunk, segment, monkeypatch):
+    monkeypatch.setattr(linear_attn, "SEGMENT", segment)  # segment < T: the chunk form runs in pieces
     q, k, v, g, s0 = make(2, T, 2, 5, 3, gate, seed=T)
     want = grads(decay_recurrent, q, k, v, g, s0)
     for form, kw in ((decay_parallel, {}), (decay_chunk, {"chunk_size": chunk})):
