@@ -10,5 +10,5 @@ OUT=runs/small-$(date +%Y%m%d-%H%M%S)
 looplm train --config small --out "$OUT" "$@"
 python -m looplm.train.plot "$OUT" "$OUT/curve.png"
 echo "--- sample (looplm generate $OUT/latest) ---"
-looplm generate "$OUT/latest" --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
+looplm generate "$OUT/latest" --prompt "def " --max-new-tokens 120 --temperature 0.8 --top-k 50 --seed 0
 echo
