@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from looplm.checkpoint import load_model
 from looplm.cli import main
@@ -97,3 +99,13 @@ def test_unreadable_checkpoint(run_dir: Path, tmp_path: Path, capsys: pytest.Cap
     for cmd in ("info", "eval"):
         _fails([cmd, str(broken)], capsys, "model.safetensors")
         _fails([cmd, str(tmp_path / "nowhere")], capsys, "nowhere")
+
+
+def test_resume_of_the_real_model_is_bit_identical(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    shutil.rmtree(copy / "ckpt-000004")  # as if killed after the step-2 checkpoint
+    assert main(["train", *TINY, "--out", str(copy), "--resume"]) == 0
+    a = load_file(str(run_dir / "ckpt-000004" / "model.safetensors"))
+    b = load_file(str(copy / "ckpt-000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
