@@ -6,8 +6,9 @@ table, and its PNGs (copied to ``docs/figures/<bench>-<file>.png``). A block alr
 is replaced in place, a new one is appended under its own heading; text outside the markers (the
 hand-written reading of a result, other people's sections) is never touched.
 
-Tables: the ``table`` (markdown) a bench stored in its JSON; else ``looplm.bench.<name>.render(data)``
-if that module provides it; else a generic key/value table of the JSON's scalar leaves.
+Tables: the ``table`` (markdown) a bench stored in its JSON; else the markdown file of the same name
+next to it (``quant.md`` beside ``quant.json``); else ``looplm.bench.<name>.render(data)`` if that
+module provides it; else a generic key/value table of the JSON's scalar leaves.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, data)]
 
 
-def render_table(name: str, data: dict[str, Any]) -> str:
+def render_table(name: str, data: dict[str, Any], markdown: Path | None = None) -> str:
     """The markdown table of one result file (see the module docstring for the order of choices)."""
     if isinstance(data.get("table"), str):
         return data["table"]
+    if markdown is not None and markdown.is_file():
+        return markdown.read_text().strip()
     try:
         render = getattr(importlib.import_module(f"looplm.bench.{name}"), "render", None)
     except ImportError:
@@ -81,7 +84,7 @@ def block(name: str, directory: Path, figures: Path, doc_dir: Path) -> str:
             parts.append(f"Command: `{data['command']}`")
         if data.get("settings"):
             parts.append("Settings: `" + json.dumps(data["settings"], separators=(", ", ": ")) + "`")
-        parts.append(render_table(name, data))
+        parts.append(render_table(name, data, path.with_suffix(".md")))
     for png in sorted(directory.glob("*.png")):
         target = figures / f"{name}-{png.name}"
         figures.mkdir(parents=True, exist_ok=True)

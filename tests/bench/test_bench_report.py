@@ -21,6 +21,8 @@ def test_report_renders_tables_figures_and_keeps_other_text(tmp_path):
     table = "| x |\n|---|\n| 1 |"
     write(results, "mqar", {"settings": {"a": 1}, "table": table, "command": "looplm bench mqar"})
     write(results, "ops", {"checks": {"speed": {"ratio": 2.5}}, "rows": [1, 2]}, png=False)
+    write(results, "quant", {"rows": []}, png=False)
+    (results / "quant" / "quant.md").write_text("| from the quant bench |\n|---|\n")
     doc.parent.mkdir()
     doc.write_text("# results\n\nIntro by someone else.\n")
     assert main(["bench", "report", "--results", str(results), "--doc", str(doc)]) == 0
@@ -30,6 +32,7 @@ def test_report_renders_tables_figures_and_keeps_other_text(tmp_path):
     assert "![mqar mqar](figures/mqar-mqar.png)" in text
     assert (doc.parent / "figures" / "mqar-mqar.png").exists()
     assert "| checks.speed.ratio | 2.5 |" in text  # generic rendering of another bench
+    assert "| from the quant bench |" in text  # a bench's own markdown next to its JSON
     assert text.index("<!-- looplm-bench:mqar -->") < text.index("<!-- looplm-bench:ops -->")
 
     # a reading written under the block survives a regeneration; the block is replaced, not duplicated
