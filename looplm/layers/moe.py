@@ -4,10 +4,15 @@ Switch Transformer (Fedus et al. 2021) balance loss, ST-MoE (Zoph et al. 2022) r
 a shared expert (DeepSeek-MoE, Dai et al. 2024) and zero-computation experts
 (MoE++, Jin et al. 2024: zero -> 0, copy -> x, constant -> a1 x + a2 v).
 
-Dispatch is dropless: the (token, expert) slots are sorted by expert and each SwiGLU expert
-runs one matmul pair on its contiguous group. torch 2.13's ``torch._grouped_mm`` runs on the
-CPU but was slower than this loop over experts (0.90 s vs 0.65 s forward, 8192 slots,
-d=256, hidden=512, E=8) and has no CPU backward, so the loop stays.
+Dispatch is dropless: the (token, expert) slots are sorted by expert, gathered once
+(``index_select``) and cut into per-expert blocks with ``torch.split`` (one ``.tolist()`` sync);
+each SwiGLU expert runs one fused gate|up matmul and one down matmul on its block, the gate
+weight scales the hidden activations, and ``index_add`` sums the slots back per token.
+``split`` matters: slicing ``xs[a:b]`` per expert would make autograd build E full-size zero
+gradients. Measured fwd+bwd (N=4096 tokens, d=256, hidden=192, E=8, k=2, 1 thread, loaded
+machine): 1.09x a dense SwiGLU of the same active width, was 1.34x with slicing.
+torch 2.13's ``torch._grouped_mm`` runs on the CPU but was slower than this loop over experts
+(0.90 s vs 0.65 s forward, 8192 slots, d=256, hidden=512, E=8) and has no CPU backward.
 """
 
 from __future__ import annotations
@@ -60,19 +65,20 @@ class MoE(nn.Module):
             self.const_w = nn.Parameter(torch.zeros(constant_experts, d_model, 2))
         self.shared = SwiGLU(d_model, shared_hidden) if shared_hidden else None
 
-    def _expert(self, e: int, x: torch.Tensor, w_in, w_out) -> torch.Tensor | None:
-        """Output of expert ``e`` on its tokens ``x [n, d]``; None for a zero expert."""
+    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor, w_in, w_out) -> torch.Tensor | None:
+        """Gate-weighted output ``w [n] * E_e(x)`` of expert ``e`` on its tokens ``x [n, d]``;
+        None for a zero expert."""
         if e < self.n_experts:
             gate, up = (x @ w_in[e]).chunk(2, dim=-1)
-            return (F.silu(gate) * up) @ w_out[e]
+            return (F.silu(gate) * up * w[:, None]) @ w_out[e]
         e -= self.n_experts
         zero, copy, _ = self.kinds
         if e < zero:
             return None
         if e < zero + copy:
-            return x
+            return x * w[:, None]
         c = e - zero - copy
-        a = (x @ self.const_w[c]).softmax(-1)
+        a = (x @ self.const_w[c]).softmax(-1) * w[:, None]
         return a[:, :1] * x + a[:, 1:] * self.const_v[c]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -87,24 +93,23 @@ class MoE(nn.Module):
         flat = expert.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=E)
+        sizes = counts.tolist()
         token = order // k  # token of each slot, slots grouped by expert
-        xs, slot_w = x[token], weight.flatten()[order].to(x.dtype)
+        xs, slot_w = x.index_select(0, token), weight.flatten()[order].to(x.dtype)
         # unbind once: indexing the stacked parameter per expert would make E full-size grads
         w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        ends = counts.cumsum(0).tolist()
         outs = []
-        for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
-            if end > start and (y_e := self._expert(e, xs[start:end], w_in, w_out)) is not None:
+        for e, (x_e, w_e) in enumerate(zip(xs.split(sizes), slot_w.split(sizes))):
+            if sizes[e] and (y_e := self._expert(e, x_e, w_e, w_in, w_out)) is not None:
                 outs.append(y_e)
         n_zero = self.kinds[0]
-        if n_zero:  # zero experts' slots are one contiguous run after the SwiGLU experts'
-            z0, z1 = ends[self.n_experts - 1], ends[self.n_experts + n_zero - 1]
-            token, slot_w = torch.cat((token[:z0], token[z1:])), torch.cat((slot_w[:z0], slot_w[z1:]))
-        y = x.new_zeros(N, shape[-1])
+        if n_zero and outs:  # zero experts' slots are one contiguous run after the SwiGLU experts'
+            z0 = sum(sizes[:self.n_experts])
+            z1 = z0 + sum(sizes[self.n_experts:self.n_experts + n_zero])
+            token = torch.cat((token[:z0], token[z1:]))
+        y = x.new_zeros(N, shape[-1]) if self.shared is None else self.shared(x)[0]
         if outs:
-            y = y.index_add(0, token, torch.cat(outs) * slot_w[:, None])
-        if self.shared is not None:
-            y = y + self.shared(x)[0]
+            y = y.index_add(0, token, torch.cat(outs))
         if N == 0:  # e.g. no token left at this recursion
             zero = z.sum()
             return y.reshape(shape), {"balance_loss": zero, "z_loss": zero, "load": p.new_zeros(E)}
