@@ -16,9 +16,11 @@ Forms (``docs/architecture.md``, "Ops"): :func:`decay_step` (one token, decoding
 a second reference) and :func:`decay_chunk` (chunkwise-parallel, training and prefill). All take
 ``initial_state`` and return ``(o [B,T,H,dv], final_state [B,H,dk,dv])``.
 
-A token with ``k = 0`` and ``g = 0`` leaves the state exactly unchanged (padding, skipped tokens).
+``g`` must be finite, ≤ 0 and of ``q``'s dtype; cumulative sums of it are taken in at least float32.
 Decay exponents are only ever taken of non-positive numbers, so strong decays underflow to 0
-instead of overflowing (see :func:`decay_chunk`).
+instead of overflowing (see :func:`decay_chunk`). A token with ``k = 0`` and ``g = 0`` leaves the
+state unchanged (bit-exact in the step form, up to rounding in the others): padding and tokens a
+recursion router skipped need no mask.
 """
 
 from __future__ import annotations
