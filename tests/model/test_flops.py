@@ -80,3 +80,20 @@ def test_moe_counts_only_the_experts_tokens_were_sent_to():
     expected += 2 * (D * 7) * B * T + 2 * expert * real  # router over 7 experts, experts actually run
     expected += 2 * D * V * B * T
     assert out.stats["flops"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_mor_kv_sharing_counts_attention_over_the_first_recursions_keys():
+    model = tiny(n_prelude=1, n_core=1, n_coda=1, n_recursions=3, sharing="middle_cycle",
+                 router="token_choice", kv_sharing=True)
+    out = model(ids())
+    depth = out.depth
+    assert (depth < 3).any() and (depth > 1).any()  # the routing leaves some tokens out
+    everyone = torch.ones(B, T, dtype=torch.bool)
+    expected = core_cost(everyone, 3)  # prelude, coda, and recursion 0 where every token runs
+    pos = torch.arange(T, dtype=torch.float64)
+    for r in (1, 2):
+        active = depth > r  # queries at r read the keys of all tokens at or before them (recursion 0's)
+        expected += 2 * attn_layer_params(D, 64) * float(active.sum())
+        expected += 4 * D * float(((pos + 1) * active).sum())
+    expected += 2 * D * V * B * T + 2 * D * 3 * B * T
+    assert out.stats["flops"] == pytest.approx(expected, rel=1e-6)
