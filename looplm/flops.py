@@ -31,33 +31,50 @@ def _attn_width(mixer: nn.Module) -> int:
     return mixer.n_heads * mixer.head_dim
 
 
-def attention_pairs(n_new: torch.Tensor, n_cached: torch.Tensor | None = None) -> float:
-    """(query, key) pairs of causal attention: ``n_new [B]`` queries per row after ``n_cached [B]`` keys."""
+Number = int | float | torch.Tensor
+
+
+def attention_pairs(n_new: torch.Tensor, n_cached: torch.Tensor | None = None) -> torch.Tensor:
+    """(query, key) pairs of causal attention: ``n_new [B]`` queries per row after ``n_cached [B]``
+    keys; a 0-dim tensor (no device sync)."""
     pairs = n_new * (n_new + 1) // 2
     if n_cached is not None:
         pairs = pairs + n_new * n_cached
-    return float(pairs.sum())
+    return pairs.sum()
 
 
-def ffn_flops(blk: nn.Module, tokens: torch.Tensor, aux: dict) -> float:
-    """Forward FLOPs of a block's FFN over ``tokens`` rows; an MoE counts the experts it ran."""
+def ffn_flops(blk: nn.Module, tokens: Number, aux: dict) -> Number:
+    """Forward FLOPs of a block's FFN over ``tokens`` rows (an int or a 0-dim tensor); an MoE
+    counts the experts it ran (then a 0-dim tensor)."""
     if "load" not in aux:
-        return 2.0 * float(tokens) * blk.ffn_matmul
+        return 2 * tokens * blk.ffn_matmul
     c = blk.ffn_cost
-    real = float(aux["load"][: c["n_experts"]].sum())  # share of assignments to real experts
-    return 2.0 * float(tokens) * (c["dense"] + c["top_k"] * real * c["expert"])
+    real = aux["load"][: c["n_experts"]].sum()  # share of assignments to real experts
+    return 2 * tokens * (c["dense"] + c["top_k"] * c["expert"] * real)
 
 
 class Tally:
-    """Accumulates one forward's FLOPs, weighted auxiliary losses and routing statistics."""
+    """Accumulates one forward's FLOPs, weighted auxiliary losses and routing statistics.
+
+    Counts are python numbers when shapes give them and 0-dim tensors otherwise; ``stats``
+    reads all the tensors with one ``.tolist()`` (a single device sync per forward).
+    """
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.flops = 0.0
+        self.flop_terms: list[torch.Tensor] = []
         self.losses: dict[str, torch.Tensor] = {}
         self.weighted: list[torch.Tensor] = []
-        self.reach: list[torch.Tensor] = []
+        self.reach: list[Number] = []
         self.loads: list[torch.Tensor] = []
+
+    def add(self, flops: Number) -> None:
+        """Add forward FLOPs (a number or a 0-dim tensor)."""
+        if isinstance(flops, torch.Tensor):
+            self.flop_terms.append(flops)
+        else:
+            self.flops += flops
 
     def add_loss(self, name: str, value: torch.Tensor, weight: float) -> None:
         self.losses[name] = self.losses.get(name, 0) + value.detach()
@@ -67,8 +84,11 @@ class Tally:
               state: Any, shared_kv: Any) -> None:
         """Count a block's mixer before it runs (the state is the one it reads)."""
         B, T = h.shape[:2]
+        if mask is None and not blk.is_attention:
+            self.flops += 2.0 * B * T * blk.mixer_matmul
+            return
         n = mask.sum(1) if mask is not None else torch.full((B,), T, device=h.device)
-        self.flops += 2.0 * float(n.sum()) * blk.mixer_matmul
+        self.add(2.0 * n.sum() * blk.mixer_matmul)
         if not blk.is_attention:
             return
         if shared_kv is not None:
@@ -76,14 +96,14 @@ class Tally:
             seen = seen & shared_kv.key_mask[:, None, :]
             if mask is not None:
                 seen = seen & mask[:, :, None]
-            pairs = float(seen.sum())
+            pairs = seen.sum()
         else:
             pairs = attention_pairs(n, None if state is None else state.key_mask.sum(1))
-        self.flops += 4.0 * _attn_width(blk.mixer) * pairs
+        self.add(4.0 * _attn_width(blk.mixer) * pairs)
 
     def ffn(self, blk: nn.Module, aux: dict) -> None:
         """Count a block's FFN after it ran and collect an MoE's losses and load."""
-        self.flops += ffn_flops(blk, aux["tokens"], aux)
+        self.add(ffn_flops(blk, aux["tokens"], aux))
         if "load" in aux:
             c = self.config
             self.add_loss("balance_loss", aux["balance_loss"], c.balance_loss_weight)
@@ -94,16 +114,34 @@ class Tally:
         """Weighted sum of the auxiliary losses (a zero scalar on ``like``'s device if none)."""
         return sum(self.weighted, like.new_zeros(()))
 
-    def stats(self, n_valid: torch.Tensor) -> dict[str, Any]:
-        n = max(float(n_valid), 1.0)
+    def stats(self, n_valid: Number) -> dict[str, Any]:
+        """Floats for logging: flops, flops_per_token, reach, expert_load and the losses."""
+        names = list(self.losses)
+        values = [n_valid, *self.reach, *self.losses.values()]
+        tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+        loads = torch.stack(self.loads).float().mean(0) if self.loads else None
+        flops = self.flops
+        if tensors or self.flop_terms or loads is not None:  # the one sync of this forward
+            parts = [v.detach().double().reshape(1) for _, v in tensors]
+            if self.flop_terms:
+                parts.append(torch.stack([t.double() for t in self.flop_terms]).sum().reshape(1))
+            if loads is not None:
+                parts.append(loads.double())
+            read = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
+            for j, (i, _) in enumerate(tensors):
+                values[i] = read[j]
+            if self.flop_terms:
+                flops += read[len(tensors)]
+            loads = read[len(tensors) + bool(self.flop_terms):] if loads is not None else None
+        n = max(float(values[0]), 1.0)
         out: dict[str, Any] = {
-            "flops": self.flops,
-            "flops_per_token": 3.0 * self.flops / n,
-            "reach": [float(r) / n for r in self.reach],
+            "flops": float(flops),
+            "flops_per_token": 3.0 * flops / n,
+            "reach": [float(r) / n for r in values[1:1 + len(self.reach)]],
         }
-        if self.loads:
-            out["expert_load"] = torch.stack(self.loads).float().mean(0).tolist()
-        out.update({k: float(v) for k, v in self.losses.items()})
+        if loads is not None:
+            out["expert_load"] = loads
+        out.update({k: float(v) for k, v in zip(names, values[1 + len(self.reach):])})
         return out
 
 

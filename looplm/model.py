@@ -265,26 +265,32 @@ class LoopLM(nn.Module):
         if state is None and use_cache:
             state = self.init_state(B)
         new = None if state is None else ModelState(state.positions, dict(state.layers))
-        valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        start = state.positions if state is not None else torch.zeros_like(valid[:, 0], dtype=torch.long)
-        positions = start[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+        dev = input_ids.device
+        start = state.positions if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
+        if mask is None:  # every token valid: counts come from shapes, no device sync
+            positions = start[:, None] + torch.arange(T, device=dev) if T > 1 else start[:, None]
+            n_valid: int | torch.Tensor = B * T
+        else:
+            positions = start[:, None] + (mask.long().cumsum(1) - 1).clamp(min=0)
+            n_valid = mask.sum()
         tally = Tally(c)
-        h = self.drop(self.embed(input_ids))
+        h = self.embed(input_ids)
+        if self.drop.p:
+            h = self.drop(h)
         for i, blk in enumerate(self.prelude):
             h, _ = self._run(blk, f"prelude.{i}", h, new, positions, mask, tally)
-        h, depth = self._recur(h, valid, positions, new, depth, tally)
+        h, depth = self._recur(h, mask, positions, new, depth, tally)
         for i, blk in enumerate(self.coda):
             h, _ = self._run(blk, f"coda.{i}", h, new, positions, mask, tally)
         h = self.norm(h)
         logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
-        n_valid = valid.sum()
-        tally.flops += 2.0 * c.d_model * c.vocab_size * float(n_valid)
+        tally.add(2.0 * c.d_model * c.vocab_size * n_valid)
         loss = None
         if targets is not None:
             t = targets if mask is None else targets.masked_fill(~mask, -100)
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), t.reshape(-1), ignore_index=-100)
         if new is not None:
-            new.positions = start + valid.sum(1)
+            new.positions = start + (T if mask is None else mask.sum(1))
         return LoopOutput(logits, loss, tally.aux_loss(h), tally.stats(n_valid), depth, new)
 
     def _check(self, input_ids, targets, mask, depth, state) -> tuple[int, int]:
@@ -314,22 +320,30 @@ class LoopLM(nn.Module):
             state.layers[key] = s
         return h, s
 
-    def _recur(self, h, valid, positions, state, depth, tally):
+    def _recur(self, h, mask, positions, state, depth, tally):
         """The recursive core; returns (h, depth ``[B,T]`` recursions each token ran)."""
         c = self.config
+        B, T = h.shape[:2]
+        if mask is None and self.router is None and depth is None:  # every token, every recursion
+            kv: dict[int, Any] = {}
+            for r in range(c.n_recursions):
+                tally.reach.append(B * T)
+                h = self._recursion(r, h, None, None, positions, state, kv, tally)
+            return h, torch.full((B, T), c.n_recursions, dtype=torch.long, device=h.device)
+        valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=h.device)
         gate = None
         active = valid
         if isinstance(self.router, TokenChoiceRouter):
             depth, gate, loss = self.router(h, valid, depth)
             tally.add_loss("router_loss", loss, c.router_loss_weight)
-            tally.flops += 2.0 * c.d_model * c.n_recursions * float(valid.sum())
+            tally.add(2.0 * c.d_model * c.n_recursions * valid.sum())
         ran = torch.zeros_like(valid, dtype=torch.long)
         shared: dict[int, Any] = {}
         for r in range(c.n_recursions):
             if isinstance(self.router, ExpertChoiceRouter):
                 active, gate, loss = self.router(r, h, active, valid, depth)
                 tally.add_loss("router_loss", loss, c.router_loss_weight)
-                tally.flops += 2.0 * c.d_model * float(valid.sum())
+                tally.add(2.0 * c.d_model * valid.sum())
             elif depth is not None:
                 active = active & (depth > r)
             ran = ran + active.long()
@@ -342,14 +356,15 @@ class LoopLM(nn.Module):
 
     def _recursion(self, r, h, active, gate, positions, state, shared, tally):
         """One pass of the core over the ``active [B,T]`` tokens, gathered (left-aligned, in
-        order, true positions) into a ``[B, T', d]`` tensor so skipped tokens cost nothing."""
-        if bool(active.all()):
+        order, true positions) into a ``[B, T', d]`` tensor so skipped tokens cost nothing;
+        ``active=None``: every token."""
+        if active is None or bool(active.all()):
             index, kept, x0, pos = None, active, h, positions
         else:
             index, kept = gather_index(active)
             x0 = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
             pos = positions.gather(1, index)
-        m = None if bool(kept.all()) else kept
+        m = None if active is None or bool(kept.all()) else kept
         x = x0
         for j, blk in enumerate(self.core):
             keep_kv = self.config.kv_sharing and blk.is_attention and r == 0

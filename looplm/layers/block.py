@@ -82,21 +82,24 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, Any, dict]:
         """x ``[B,T,d]``, mask ``[B,T]`` bool (False rows come out unchanged) -> (y, state, aux).
 
-        ``aux`` is the FFN's aux dict plus ``tokens`` (rows run, a 0-dim tensor).
+        ``aux`` is the FFN's aux dict plus ``tokens`` (rows run: an int, a 0-dim tensor with a mask).
         """
         u = self.mixer_norm(x)
         if shared_kv is not None:
             y = attend_shared(self.mixer, u, shared_kv, positions, mask)
         else:
             y, state = self.mixer(u, state, positions=positions, mask=mask)
-        h = x + self.drop(y)
+        h = x + self._drop(y)
         u = self.ffn_norm(h)
         if mask is None:
             f, aux = self.ffn(u.reshape(-1, u.shape[-1]))
-            h = h + self.drop(f).view_as(h)
-            tokens = torch.tensor(h.shape[0] * h.shape[1])
+            h = h + self._drop(f).view_as(h)
+            tokens: int | torch.Tensor = h.shape[0] * h.shape[1]
         else:
             f, aux = self.ffn(u[mask])
-            h = h + torch.zeros_like(h).index_put((mask,), self.drop(f))
+            h = h + torch.zeros_like(h).index_put((mask,), self._drop(f))
             tokens = mask.sum()
         return h, state, {**aux, "tokens": tokens}
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) if self.drop.p and self.training else x
