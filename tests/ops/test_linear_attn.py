@@ -16,8 +16,6 @@ from looplm.ops.linear_attn import (
     retention_log_decay,
 )
 
-FORMS = (decay_parallel, decay_chunk)
-
 
 def make(B, T, H, dk, dv, gate, *, seed=0, dtype=torch.float32, strength=1.0):
     gen = torch.Generator().manual_seed(seed)
@@ -40,16 +38,17 @@ def assert_rel_close(got, want, tol=1e-4):
     B=st.integers(1, 2), T=st.integers(1, 40), H=st.integers(1, 3), dk=st.integers(1, 6),
     dv=st.integers(1, 6), gate=st.sampled_from(["none", "scalar", "dim"]),
     chunk=st.sampled_from([1, 3, 4, 8, 16, 64]), with_state=st.booleans(), seed=st.integers(0, 99),
+    scale=st.sampled_from([None, 0.3]),
 )
-def test_forms_agree_with_recurrent(B, T, H, dk, dv, gate, chunk, with_state, seed):
+def test_forms_agree_with_recurrent(B, T, H, dk, dv, gate, chunk, with_state, seed, scale):
     q, k, v, g, s0 = make(B, T, H, dk, dv, gate, seed=seed)
     s0 = s0 if with_state else None
-    o_ref, s_ref = decay_recurrent(q, k, v, g, initial_state=s0)
+    o_ref, s_ref = decay_recurrent(q, k, v, g, initial_state=s0, scale=scale)
     assert o_ref.shape == (B, T, H, dv) and s_ref.shape == (B, H, dk, dv)
-    o, s = decay_parallel(q, k, v, g, initial_state=s0)
+    o, s = decay_parallel(q, k, v, g, initial_state=s0, scale=scale)
     assert_rel_close(o, o_ref)
     assert_rel_close(s, s_ref)
-    o, s = decay_chunk(q, k, v, g, initial_state=s0, chunk_size=chunk)
+    o, s = decay_chunk(q, k, v, g, initial_state=s0, chunk_size=chunk, scale=scale)
     assert_rel_close(o, o_ref)
     assert_rel_close(s, s_ref)
 
