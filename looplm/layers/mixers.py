@@ -172,8 +172,9 @@ class _FixedStateMixer(nn.Module):
         ssm = p.new_zeros(batch_size, self.n_heads, self.head_dim, self.value_dim)
         return RecurrentState(conv, ssm)
 
-    def _features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return q, k
+    def _features(self, qk: torch.Tensor) -> torch.Tensor:
+        """Feature map of queries and keys together, ``qk [B, T, 2H, dk]`` (one call for both)."""
+        return qk
 
     def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict:
         return {}
@@ -209,8 +210,8 @@ class _FixedStateMixer(nn.Module):
             xp = torch.cat((conv_state, qkv), 1)
             idx = mask.sum(1, keepdim=True) + torch.arange(n_keep, device=x.device)
             new_conv = xp.gather(1, idx[..., None].expand(-1, -1, xp.shape[-1]))
-        q, k, v = F.silu(c).split(self.split, dim=-1)
-        q, k = self._features(q.view(B, T, H, dk), k.view(B, T, H, dk))
+        qk, v = F.silu(c).split((2 * H * dk, H * dv), dim=-1)
+        q, k = self._features(qk.view(B, T, 2 * H, dk)).split(H, dim=2)
         v = v.view(B, T, H, dv)
         m = None if mask is None else mask.to(x.dtype)
         if m is not None:
@@ -218,8 +219,10 @@ class _FixedStateMixer(nn.Module):
         # The recurrence runs in the parameters' dtype: under bf16 autocast the projections come
         # out bf16, but decays and the state stay float32 (accumulating a state in bf16 drifts).
         op_dtype = self.o_proj.weight.dtype
-        q, k, v = q.to(op_dtype), k.to(op_dtype), v.to(op_dtype)
-        gates = {n: t.to(op_dtype) for n, t in self._gates(x, m).items()}
+        gates = self._gates(x, m)
+        if q.dtype != op_dtype or any(t.dtype != op_dtype for t in gates.values()):
+            q, k, v = q.to(op_dtype), k.to(op_dtype), v.to(op_dtype)
+            gates = {n: t.to(op_dtype) for n, t in gates.items()}
         o, ssm = self._mix(q, k, v, gates, None if state is None else state.ssm, step)
         o = self.norm(o).reshape(B, T, H * dv) * F.silu(self.g_proj(x))
         y = self.o_proj(o)
@@ -252,10 +255,8 @@ class LinearAttention(_DecayMixer):
             raise ConfigError(f"feature_map must be 'elu1' or 'identity', got {feature_map!r}")
         self.feature_map = feature_map
 
-    def _features(self, q, k):
-        if self.feature_map == "elu1":
-            return F.elu(q) + 1, F.elu(k) + 1
-        return q, k
+    def _features(self, qk):
+        return F.elu(qk) + 1 if self.feature_map == "elu1" else qk
 
 
 class Retention(_DecayMixer):
@@ -309,8 +310,8 @@ class DeltaNet(_FixedStateMixer):
         super().__init__(d_model, n_heads, **kw)
         self.beta_proj = nn.Linear(d_model, n_heads, bias=True)
 
-    def _features(self, q, k):
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    def _features(self, qk):
+        return F.normalize(qk, dim=-1)
 
     def _gates(self, x, m):
         beta = torch.sigmoid(self.beta_proj(x))
