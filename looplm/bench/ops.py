@@ -24,6 +24,7 @@ the forward. The fraction reported is that rate over the machine's own float32 m
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
                 tps[mode].setdefault(m, {})[t] = rate
                 records.append(dict(mixer=m, T=t, mode=mode, seconds=s, tokens_per_s=rate,
                                     gflops=gflops, peak_fraction=gflops / peak))
-        print(f"  T={t}: done", flush=True)
+        rates = ", ".join(f"{m} {tps['fwd'][m][t]:,.0f}/{tps['fwd+bwd'][m][t]:,.0f}" for m in mixers)
+        print(f"  T={t} tokens/s fwd/fwd+bwd: {rates}", flush=True)
 
     for m in mixers:
         row: list[Any] = [m]
@@ -364,7 +366,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {pass_fail(tg['ok']):4s} {tg['name']}: {value} ({tg['threshold']})")
 
     out = Path(args.out)
-    result = dict(config=cfg, machine=info, matmul_gflops=peak, records=records, table=table,
+    argv = sys.argv[sys.argv.index("bench"):] if "bench" in sys.argv else ["bench", "ops"]
+    result = dict(command=" ".join(["looplm", *argv]), config=cfg, machine=info, matmul_gflops=peak,
+                  records=records, table=table,
                   crossover=cross, peer_max_rel_error=peer_err, step_seconds_per_token=step, targets=targets)
     path = write_json(out, "ops.json", result)
     _plot(cfg, tps, out / "ops.png")
