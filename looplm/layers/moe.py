@@ -4,13 +4,15 @@ Switch Transformer (Fedus et al. 2021) balance loss, ST-MoE (Zoph et al. 2022) r
 a shared expert (DeepSeek-MoE, Dai et al. 2024) and zero-computation experts
 (MoE++, Jin et al. 2024: zero -> 0, copy -> x, constant -> a1 x + a2 v).
 
-Dispatch is dropless: the (token, expert) slots are sorted by expert, gathered once
-(``index_select``) and cut into per-expert blocks with ``torch.split`` (one ``.tolist()`` sync);
-each SwiGLU expert runs one fused gate|up matmul and one down matmul on its block, the gate
-weight scales the hidden activations, and ``index_add`` sums the slots back per token.
-``split`` matters: slicing ``xs[a:b]`` per expert would make autograd build E full-size zero
-gradients. Measured fwd+bwd (N=4096 tokens, d=256, hidden=192, E=8, k=2, 1 thread, loaded
-machine): 1.09x a dense SwiGLU of the same active width, was 1.34x with slicing.
+Dispatch is dropless: the (token, expert) slots are sorted by expert, gathered once and cut
+into per-expert blocks with ``torch.split`` (one ``.tolist()`` sync); each SwiGLU expert runs
+one fused gate|up matmul and one down matmul on its block, the gate weight scales the hidden
+activations, and a gather by the inverse permutation sums each token's k slots back. Dispatch
+and combine are hand-written as one small autograd Function so their backward is also a gather
+(autograd's index_select backward is a scatter-add). ``split`` matters: slicing ``xs[a:b]`` per
+expert made autograd build E full-size zero gradients. fwd+bwd, N=4096, d=256, hidden=192,
+E=8, k=2 on a loaded 2-core machine: 1.14x a dense SwiGLU of the same active width on 1 thread
+(was 1.34-1.46x); on 2 threads 1.7x (was 2.3-2.9x), the elementwise ops suffering most there.
 torch 2.13's ``torch._grouped_mm`` runs on the CPU but was slower than this loop over experts
 (0.90 s vs 0.65 s forward, 8192 slots, d=256, hidden=512, E=8) and has no CPU backward.
 """
@@ -25,6 +27,34 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.layers.ffn import SwiGLU
+
+
+def _gather_sum(x: torch.Tensor, idx: torch.Tensor, group: int) -> torch.Tensor:
+    """Rows ``x[idx]`` summed in consecutive groups of ``group``: ``[len(idx) / group, d]``."""
+    y = x.index_select(0, idx)
+    return y if group == 1 else y.view(-1, group, x.shape[-1]).sum(1)
+
+
+class _Regroup(torch.autograd.Function):
+    """``_gather_sum(x, fwd, a)`` whose backward is ``_gather_sum(g, bwd, b)``: a gather, not
+    the scatter-add autograd gives ``index_select``.
+
+    With ``token`` (slot -> token, slots sorted by expert) and ``inv`` (token-major slot ->
+    sorted position), the dispatch ``x[token]`` and the combine ``ys[inv]`` summed over each
+    token's k slots are each other's transpose, so both directions are gathers (the scatter-add
+    was the slowest op of the layer on 2 threads).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fwd: torch.Tensor, a: int, bwd: torch.Tensor, b: int) -> torch.Tensor:
+        ctx.save_for_backward(bwd)
+        ctx.group = b
+        return _gather_sum(x, fwd, a)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (bwd,) = ctx.saved_tensors
+        return _gather_sum(g.contiguous(), bwd, ctx.group), None, None, None, None
 
 
 class MoE(nn.Module):
@@ -95,21 +125,19 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=E)
         sizes = counts.tolist()
         token = order // k  # token of each slot, slots grouped by expert
-        xs, slot_w = x.index_select(0, token), weight.flatten()[order].to(x.dtype)
+        inv = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
+        xs = _Regroup.apply(x, token, 1, inv, k)
+        slot_w = weight.flatten()[order].to(x.dtype)
         # unbind once: indexing the stacked parameter per expert would make E full-size grads
         w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
         outs = []
         for e, (x_e, w_e) in enumerate(zip(xs.split(sizes), slot_w.split(sizes))):
-            if sizes[e] and (y_e := self._expert(e, x_e, w_e, w_in, w_out)) is not None:
-                outs.append(y_e)
-        n_zero = self.kinds[0]
-        if n_zero and outs:  # zero experts' slots are one contiguous run after the SwiGLU experts'
-            z0 = sum(sizes[:self.n_experts])
-            z1 = z0 + sum(sizes[self.n_experts:self.n_experts + n_zero])
-            token = torch.cat((token[:z0], token[z1:]))
-        y = x.new_zeros(N, shape[-1]) if self.shared is None else self.shared(x)[0]
-        if outs:
-            y = y.index_add(0, token, torch.cat(outs))
+            if sizes[e]:
+                y_e = self._expert(e, x_e, w_e, w_in, w_out)
+                outs.append(x_e.new_zeros(x_e.shape) if y_e is None else y_e)
+        y = _Regroup.apply(torch.cat(outs), inv, k, token, 1) if N else x.new_zeros(N, shape[-1])
+        if self.shared is not None:
+            y = y + self.shared(x)[0]
         if N == 0:  # e.g. no token left at this recursion
             zero = z.sum()
             return y.reshape(shape), {"balance_loss": zero, "z_loss": zero, "load": p.new_zeros(E)}
