@@ -27,7 +27,9 @@ from looplm.errors import DataError
 
 TITLES = {
     "mqar": "Multi-query associative recall (MQAR)",
+    "mqar_long": "MQAR, longer training (1500 steps)",
     "lm": "Compute-matched language modelling",
+    "lm_3x": "Compute-matched language modelling, 3× the budget",
     "decode": "Decoding cost against context length",
 }
 HEADER = ("# looplm results\n\nTables and figures produced by `looplm bench ...`; "
