@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key-value pairs per sequence, one per --seq-lens (default seq_len // 16)")
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--mixers", nargs="+", default=DEFAULT_MIXERS, choices=KINDS)
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per configuration")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per configuration")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--train-examples", type=int, default=20000, help="training set (then epochs)")
