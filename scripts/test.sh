@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check looplm tests
-python -m pytest tests "$@"
+python -m pytest -n 2 tests "$@"
