@@ -52,7 +52,11 @@ def _add_lazy(sub: argparse._SubParsersAction, name: str, module: str, help_: st
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """Build the parser; only the subcommand named in ``argv`` has its module imported."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="looplm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="looplm",
+        description="Train, evaluate, run, quantise and benchmark efficient language models "
+        "(recursive depth, fixed-state mixers, sparse experts, low precision).",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv else None
     for name, (module, help_) in COMMANDS.items():
