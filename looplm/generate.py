@@ -210,16 +210,20 @@ def decoding_mode(model: torch.nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
+                top_p: float | None = None, seed: int | None = None,
+                state_format: str | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``[B]`` long, ``max_new_tokens`` times.
 
     Stop iterating early to stop decoding (the model is in ``decoding_mode`` until the
     iterator is exhausted or closed). Rows the caller considers finished keep being decoded
-    (their tokens can be ignored); the batch is padded on the left.
+    (their tokens can be ignored); the batch is padded on the left. ``state_format`` (``int8``
+    | ``fp8_e4m3``) holds the decoding state in that format between steps
+    (:mod:`looplm.quant.state`: fixed-size mixer states and KV caches, a scale per row).
     """
     rows = _as_rows(input_ids)
     check_sampling(temperature, top_k, top_p)
     check_prompts(model, rows, max_new_tokens)
+    store, load = _state_codec(state_format)
     if max_new_tokens == 0:
         return
     device = _device(model)
@@ -233,22 +237,35 @@ def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Seque
         for step in range(max_new_tokens):
             token = sample_next(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator)
+            stored = store(out.state)
             yield token
             if step + 1 < max_new_tokens:
-                out = model(token[:, None], state=out.state, use_cache=True)
+                out = model(token[:, None], state=load(stored), use_cache=True)
+
+
+def _state_codec(state_format: str | None) -> tuple[Any, Any]:
+    """(store, load) functions for the decoding state between steps: identity for float."""
+    if state_format is None:
+        return (lambda state: state), (lambda state: state)
+    from looplm.quant.state import STATE_FORMATS, compress_state, decompress_state
+
+    if state_format not in STATE_FORMATS:
+        raise ValueError(f"state_format must be None or one of {', '.join(STATE_FORMATS)}, "
+                         f"got {state_format!r}")
+    return (lambda state: compress_state(state, state_format)), decompress_state
 
 
 def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
                  max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
-                 eos_id: int | None = None) -> list[list[int]]:
+                 eos_id: int | None = None, state_format: str | None = None) -> list[list[int]]:
     """New token ids for each prompt row (at most ``max_new_tokens``; a row ends after
     ``eos_id``, which is kept)."""
     rows = _as_rows(input_ids)
     new: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
     for token in iter_tokens(model, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, seed=seed):
+                             top_k=top_k, top_p=top_p, seed=seed, state_format=state_format):
         for i, t in enumerate(token.tolist()):
             if not done[i]:
                 new[i].append(t)
@@ -261,7 +278,8 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequ
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[str], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: Sequence[str] | None = None,
-             stream: bool = False) -> str | list[str] | Iterator[str] | Iterator[list[str]]:
+             stream: bool = False,
+             state_format: str | None = None) -> str | list[str] | Iterator[str] | Iterator[list[str]]:
     """Generate text after each prompt.
 
     Returns the new text (``str`` for a ``str`` prompt, else one string per prompt), ending
@@ -282,7 +300,8 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
     check_sampling(temperature, top_k, top_p)
     check_prompts(model, rows, max_new_tokens)  # fail now, not at the first next()
     pieces = _stream(model, tokenizer, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seed, stop=list(stop or ()))
+                     top_k=top_k, top_p=top_p, seed=seed, stop=list(stop or ()),
+                     state_format=state_format)
     if stream:
         return (p[0] for p in pieces if p[0]) if single else pieces
     out = ["".join(col) for col in zip(*pieces)]  # _stream yields at least one step

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    parser.add_argument("--state-format", choices=("int8", "fp8_e4m3"), default=None,
+                        help="hold the decoding state (fixed-size states, KV caches) in this format "
+                        "between steps (default: the model's float dtype)")
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="stop before this text (repeat the flag for several)")
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pieces = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stop=args.stop, stream=True)
+                          stop=args.stop, stream=True, state_format=args.state_format)
     except (ValueError, TypeError) as err:  # bad flag values or prompt: one line, no traceback
         raise LoopLMError(str(err)) from None
     for piece in pieces:
