@@ -24,7 +24,7 @@ from looplm.layers.norms import RMSNorm
 from looplm.routers import ExpertChoiceRouter, TokenChoiceRouter, gather_index
 from looplm.state import ModelState
 
-MIXERS = ("attention", "linear", "retention", "gla", "deltanet", "gated_deltanet")
+MIXERS = ("attention", "linear", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet")
 CHOICES = {
     "mixer": MIXERS,
     "sharing": ("cycle", "middle_cycle"),

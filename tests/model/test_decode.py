@@ -8,7 +8,7 @@ import torch
 from looplm.layers.mixers import RecurrentState
 from tests.model.util import model, tokens
 
-MIXERS = ["attention", "linear", "retention", "gla", "deltanet", "gated_deltanet"]
+MIXERS = ["attention", "linear", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet"]
 ROUTERS = [  # (router, selection, replay the full forward's depth while decoding)
     ("none", "topk", False),
     ("expert_choice", "topk", True),
