@@ -31,12 +31,18 @@ class QATLinear(nn.Linear):
 
 
 class QATEmbedding(nn.Embedding):
-    """``nn.Embedding`` looking rows up in its table fake-quantised in ``qat_format``."""
+    """``nn.Embedding`` whose ``weight`` reads as its table fake-quantised in ``qat_format``, for
+    the lookup and for a head tied to it (``F.linear(h, embed.weight)``), as after
+    ``quantize_model``. ``parameters()`` / ``state_dict()`` still hold the float table."""
 
     qat_format: Format
 
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        return ste(value, self.qat_format) if name == "weight" else value
+
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, ste(self.weight, self.qat_format), self.padding_idx)
+        return F.embedding(ids, self.weight, self.padding_idx)
 
 
 def apply_qat(model: nn.Module, format: str, *, group_size: int | None = None, zero_point: bool = True,
@@ -44,7 +50,7 @@ def apply_qat(model: nn.Module, format: str, *, group_size: int | None = None, z
     """Make the modules ``quantize_model`` would quantise fake-quantise in ``format``, in place
     (the same parameter objects: call before or after building the optimizer). Returns
     ``model``; ``model.qat_format`` records the format. A head tied to a fake-quantised
-    embedding reads the float table (only the lookup is fake-quantised)."""
+    embedding reads the fake-quantised table too (it is quantised with it)."""
     fmt = make_format(format, group_size, zero_point)
     for name in select_modules(model, fmt, keep_embeddings=keep_embeddings, keep_head=keep_head):
         m = model.get_submodule(name)
