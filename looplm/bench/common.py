@@ -18,6 +18,17 @@ from typing import Any
 import torch
 
 
+def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Training loss on ``x [B, T]`` with next tokens ``y [B, T]`` for a LoopLM (LM + auxiliary
+    losses) or a transformers causal LM (which shifts ``labels`` itself, so it gets ``x``)."""
+    from looplm.model import LoopLM
+
+    if isinstance(model, LoopLM):
+        out = model(x, y)
+        return out.loss + out.aux_loss
+    return model(input_ids=x, labels=x, use_cache=False).loss
+
+
 def time_once(fn: Callable[[], Any]) -> float:
     """Wall seconds of one call of ``fn``."""
     start = time.perf_counter()

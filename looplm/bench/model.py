@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from looplm.bench.common import machine_info, markdown_table, pass_fail, time_interleaved, write_json
+from looplm.bench.common import (
+    causal_lm_loss,
+    machine_info,
+    markdown_table,
+    pass_fail,
+    time_interleaved,
+    write_json,
+)
 from looplm.model import LoopConfig, LoopLM
 
 VOCAB = 259  # the byte tokenizer's vocabulary
@@ -131,12 +138,7 @@ def train_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], Non
     model.train()
 
     def step() -> None:
-        if isinstance(model, LoopLM):
-            out = model(x, y)
-            loss = out.loss + out.aux_loss
-        else:  # transformers shifts the labels itself
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
+        causal_lm_loss(model, x, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from looplm.bench.common import machine_info, time_interleaved, write_json
+from looplm.bench.common import causal_lm_loss, machine_info, time_interleaved, write_json
 from looplm.model import LoopConfig, LoopLM
 from looplm.train.config import TrainConfig, load_sections
 from looplm.train.optim import build_optimizer
@@ -47,12 +47,7 @@ def trainer_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Ca
     model.train()
 
     def step() -> None:
-        if isinstance(model, LoopLM):
-            out = model(x, y)
-            loss = out.loss + out.aux_loss
-        else:  # transformers shifts the labels itself
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
+        causal_lm_loss(model, x, y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
