@@ -18,15 +18,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waits on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(name: str, **kw) -> LoopLM:
     torch.manual_seed(0)
     return LoopLM(LoopConfig(**{**BASE, **CONFIGS[name], **kw}))

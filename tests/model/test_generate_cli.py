@@ -8,7 +8,6 @@ from looplm.cli import main
 from looplm.data.tokenizer import ByteTokenizer
 from looplm.generate import generate
 from looplm.model import LoopConfig, LoopLM
-from tests.model.test_generate import one_thread  # noqa: F401  (autouse fixture)
 
 TOK = ByteTokenizer()
 

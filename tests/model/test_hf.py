@@ -9,7 +9,6 @@ from looplm.errors import ConfigError
 from looplm.generate import generate_ids
 from looplm.hf import LoopLMCache, LoopLMForCausalLM, LoopLMHFConfig
 from looplm.model import LoopConfig, LoopLM
-from tests.model.test_generate import one_thread  # noqa: F401  (autouse fixture)
 
 BASE = dict(vocab_size=259, d_model=32, n_heads=2, n_core=2, tie_embeddings=False, init_std=0.2)
 CONFIGS = {

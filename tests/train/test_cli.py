@@ -20,7 +20,6 @@ TINY = ["--config", "tiny", "--no-progress", "--set", "max_files=30", "steps=4",
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOPLM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
