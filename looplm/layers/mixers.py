@@ -201,16 +201,16 @@ class _FixedStateMixer(nn.Module):
         qkv = self.qkv(x)
         conv_state = state.conv if state is not None else None
         if step:
-            c, new_conv = causal_conv1d_step(qkv[:, 0], self.conv_weight, None, conv_state)
+            c, new_conv = causal_conv1d_step(qkv[:, 0], self.conv_weight, None, conv_state, silu=True)
             c = c[:, None]
         else:
-            c, new_conv = causal_conv1d(qkv, self.conv_weight, None, conv_state)
+            c, new_conv = causal_conv1d(qkv, self.conv_weight, None, conv_state, silu=True)
         if mask is not None and state is not None:  # the last K-1 *active* inputs
             n_keep = new_conv.shape[1]
             xp = torch.cat((conv_state, qkv), 1)
             idx = mask.sum(1, keepdim=True) + torch.arange(n_keep, device=x.device)
             new_conv = xp.gather(1, idx[..., None].expand(-1, -1, xp.shape[-1]))
-        qk, v = F.silu(c).split((2 * H * dk, H * dv), dim=-1)
+        qk, v = c.split((2 * H * dk, H * dv), dim=-1)
         q, k = self._features(qk.view(B, T, 2 * H, dk)).split(H, dim=2)
         v = v.view(B, T, H, dv)
         m = None if mask is None else mask.to(x.dtype)

@@ -36,6 +36,31 @@ def test_forms_agree(B, T, D, K, split, bias):
     torch.testing.assert_close(s, state)
 
 
+@pytest.mark.parametrize("T,K", [(7, 4), (2, 4), (5, 1), (1, 3)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_hand_written_backward_matches_autograd_of_the_explicit_sum(T, K, with_state):
+    g = torch.Generator().manual_seed(T * 10 + K)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in ((2, T, 3), (3, K), (3,)))
+    state = torch.randn(2, K - 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    s = state if with_state else None
+    inputs = (x, w, b, state) if with_state else (x, w, b)
+
+    def conv(*a):
+        return causal_conv1d(a[0], a[1], a[2], a[3] if with_state else None, silu=True)[0]
+
+    assert torch.autograd.gradcheck(conv, inputs)
+    # the explicit form over the state and x, then SiLU
+    xp = torch.cat((state if with_state else x.new_zeros(2, K - 1, 3), x), 1)
+    ref = torch.nn.functional.silu(sum(xp[:, j:j + T] * w[:, j] for j in range(K)) + b)
+    torch.testing.assert_close(causal_conv1d(x, w, b, s, silu=True)[0], ref)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(ref, inputs, gy)
+    got = torch.autograd.grad(causal_conv1d(x, w, b, s, silu=True)[0], inputs, gy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
 def test_gradients_reach_weight_and_input():
     x = torch.randn(2, 7, 3, requires_grad=True)
     w = torch.randn(3, 4, requires_grad=True)
