@@ -15,7 +15,8 @@ output against a fixed random cotangent, w.r.t. every input); contenders alterna
 repeat, medians are reported.
 
 FLOPs are counted from what each op runs (:func:`forward_flops`): torch's FlopCounterMode over
-one forward (matmuls), plus the triangular solves it does not see and, for SDPA, the causal half
+one forward (matmuls), plus the triangular solve it does not see (the transformers peer; ours
+inverts ``A`` with matmuls) and, for SDPA, the causal half
 of ``2 T^2 (dk+dv)`` per head. Elementwise work is not counted. Forward+backward is counted as 3x
 the forward. The fraction reported is that rate over the machine's own float32 matmul throughput
 (a large square matmul timed in the same run).
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop
 
 from looplm.bench.common import (
     machine_info,
@@ -128,20 +129,30 @@ RUNNERS: dict[str, Callable[[Inputs], Any]] = {
 }
 
 
+def _baddbmm_inplace_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None,
+                           **kwargs: Any) -> int:
+    """``x.baddbmm_(a, b)`` counts as ``a @ b`` (torch's counter has no formula for the in-place op)."""
+    return bmm_flop(a_shape, b_shape)
+
+
+_INPLACE_FLOPS = {torch.ops.aten.baddbmm_: _baddbmm_inplace_flops}
+
+
 def forward_flops(mixer: str, x: Inputs) -> float:
-    """Forward FLOPs of ``mixer`` on ``x``: the matmuls torch's FlopCounterMode sees in one forward,
-    plus what it cannot see: the triangular solves of the delta rule (``n^2 w`` for an ``n x n``
-    system with ``w`` right-hand sides) and SDPA (``2 T^2 (dk+dv)`` per head, halved: causal)."""
+    """Forward FLOPs of ``mixer`` on ``x``: the matmuls torch's FlopCounterMode sees in one forward
+    (in-place ``baddbmm_`` included), plus what it cannot see: the transformers peer's triangular
+    solve (``n^2 w`` for an ``n x n`` system with ``w`` right-hand sides; ours inverts with
+    matmuls, which are counted) and SDPA (``2 T^2 (dk+dv)`` per head, halved: causal)."""
     b, t, h, dk = x.q.shape
     dv = x.v.shape[-1]
     if mixer == "attention":
         return float(b * h * t * t * (dk + dv))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_INPLACE_FLOPS) as counter:
         RUNNERS[mixer](x)
     flops = counter.get_total_flops()
-    if mixer in ("deltanet", "gated_deltanet", PEER):
-        c = min(CHUNK if mixer == PEER else DELTA_CHUNK, t)
-        flops += b * h * -(-t // c) * c * c * (dk + dv)  # both solve [U | W] against the chunk's A
+    if mixer == PEER:
+        c = min(CHUNK, t)
+        flops += b * h * -(-t // c) * c * c * (dk + dv)  # its triangular solve of the chunk's A
     return float(flops)
 
 
@@ -223,6 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixers", default=",".join(MIXERS), help=f"subset of {','.join(MIXERS)}")
     parser.add_argument("--step-positions", default="256,16384", help="two prefill lengths for the step form")
     parser.add_argument("--out", default="bench_results/ops", help="results directory (JSON, PNG)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny sizes)")
 
 
@@ -296,6 +308,16 @@ def _plot(cfg: dict[str, Any], tps: dict[str, dict[str, dict[int, float]]], path
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, print the tables and targets, write ``ops.json`` and ``ops.png``."""
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     cfg["quick"] = bool(args.quick)
     b, h, dk, dv, lens, mixers = (cfg[x] for x in ("batch", "heads", "dk", "dv", "lens", "mixers"))

@@ -10,10 +10,8 @@ with ``a_t = exp(g_t)``; ``g = None`` gives DeltaNet (Schlag et al. 2021; Yang e
 L2-normalised by the caller. ``beta = k = g = 0`` is an exact identity update (padding,
 skipped tokens).
 
-The chunk form uses the WY/UT representation (Yang et al. 2024) with the gate decays kept in
-log space inside a chunk. Hand-written because no installed library offers it on the CPU;
-transformers' Qwen3-Next fallback is slower and not linear in T under autograd (its per-chunk
-in-place writes make the backward copy the whole output every chunk).
+The chunk form (WY/UT representation, Yang et al. 2024; gate decays kept in log space inside a
+chunk) lives in :mod:`looplm.ops.delta_chunkwise`, with its hand-written backward.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from looplm.ops.checks import check_chunk_size, check_like, check_qkv
+from looplm.ops.delta_chunkwise import DeltaChunkFn
 
 __all__ = ["delta_step", "delta_recurrent", "delta_parallel", "delta_chunk"]
 
@@ -98,85 +97,6 @@ def delta_recurrent(
     return o, state
 
 
-def _chunk_terms(q, k, v, beta, g):
-    """Intra-chunk WY/UT terms, vectorised over all chunks and heads ``[N*B*H, C, *]``.
-
-    Inputs ``q, k [.., C, dk]`` (q already scaled), ``v [.., C, dv]``, ``beta, g [.., C]`` (g may
-    be None). With ``b`` the in-chunk cumulative log-decay and ``D_ts = exp(b_t - b_s)`` for
-    ``s <= t`` (built in log space, so strong decays only underflow), a chunk starting from state
-    ``S`` writes ``delta = U - W S`` where ``A = I + tril(Diag(beta) (K K^T ⊙ D), -1)`` and
-    ``[U | W] = A^{-1} [Diag(beta) V | Diag(beta e^b) K]`` (one batched triangular solve). Returns
-    ``P = Q K^T ⊙ D``, ``Q' = Q ⊙ e^b``, ``U``, ``W``, ``K' = K ⊙ e^{b_C - b}`` and ``d = e^{b_C}
-    [.., 1, 1]`` (None when ungated): the chunk's output is ``Q' S + P delta`` and its end state
-    ``d S + K'^T delta``.
-    """
-    c, dk, dv = q.shape[-2], q.shape[-1], v.shape[-1]
-    kt = k.transpose(-1, -2)
-    p, kk = torch.bmm(q, kt), torch.bmm(k, kt)  # 3-D bmm: ~2x faster than 5-D matmul here
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    beta = beta[..., None]
-    if g is None:
-        p = p.masked_fill(~causal, 0.0)
-        rhs_k, k_end, q_dec, decay = k * beta, k, q, None
-    else:
-        b = g.cumsum(-1)  # [.., C]
-        d = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-        p, kk = p * d, kk * d
-        eb = b.exp()[..., None]
-        rhs_k, q_dec = k * (beta * eb), q * eb
-        k_end = k * (b[..., -1:] - b).exp()[..., None]
-        decay = eb[..., -1:, :]
-    # only the strict lower triangle of kk * beta is read (unitriangular solve), also by its backward
-    uw = torch.linalg.solve_triangular(kk * beta, torch.cat((v * beta, rhs_k), dim=-1), upper=False,
-                                       unitriangular=True)
-    u, w = uw.split((dv, dk), dim=-1)
-    return p, q_dec, u, w, k_end, decay
-
-
-class _StateScan(torch.autograd.Function):
-    """The loop over chunks: ``delta_i = U_i - W_i S_i``, ``S_{i+1} = d_i S_i + E_i delta_i``.
-
-    Inputs ``U [N, G, C, dv]``, ``W [N, G, C, dk]``, ``E [N, G, dk, C]`` (``K'^T``), ``d [N, G, 1,
-    1]`` or None, ``S_0 [G, dk, dv]``; outputs the states entering each chunk ``[N, G, dk, dv]``,
-    ``delta [N, G, C, dv]`` and the final state. Hand-written backward: the reverse loop keeps
-    two ``baddbmm`` per chunk and the weight gradients are batched over all chunks afterwards;
-    autograd of the loop was measured ~1.5x slower (about 5 ops per chunk more).
-    """
-
-    @staticmethod
-    def forward(ctx, u, w, e, decay, s0):
-        n = u.shape[0]
-        states = u.new_empty(n + 1, *s0.shape)
-        delta = torch.empty_like(u)
-        states[0] = s0
-        for i in range(n):
-            torch.baddbmm(u[i], w[i], states[i], alpha=-1, out=delta[i])
-            prev = states[i] if decay is None else states[i] * decay[i]
-            torch.baddbmm(prev, e[i], delta[i], out=states[i + 1])
-        ctx.save_for_backward(w, e, decay, states, delta)
-        return states[:n], delta, states[n].clone()
-
-    @staticmethod
-    def backward(ctx, g_states, g_delta, g_final):
-        w, e, decay, states, delta = ctx.saved_tensors
-        n = w.shape[0]
-        g_states = torch.zeros_like(states[:n]) if g_states is None else g_states
-        g_delta = torch.zeros_like(delta) if g_delta is None else g_delta
-        g_s = torch.zeros_like(states[n]) if g_final is None else g_final
-        g_next = torch.empty_like(states[1:])  # grad of the state leaving chunk i
-        g_dtot = torch.empty_like(delta)  # total grad of delta_i
-        for i in reversed(range(n)):
-            g_next[i] = g_s
-            torch.baddbmm(g_delta[i], e[i].transpose(-1, -2), g_s, out=g_dtot[i])
-            carry = g_s if decay is None else g_s * decay[i]
-            g_s = torch.baddbmm(carry + g_states[i], w[i].transpose(-1, -2), g_dtot[i], alpha=-1)
-        s_in = states[:n]
-        g_w = -(g_dtot @ s_in.transpose(-1, -2))
-        g_e = g_next @ delta.transpose(-1, -2)
-        g_decay = None if decay is None else (g_next * s_in).sum((-2, -1), keepdim=True)
-        return g_dtot, g_w, g_e, g_decay, g_s
-
-
 def _chunk_layout(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
     """``[B, N*C, H, *]`` -> chunk-major ``[N*B*H, C, *]``, contiguous."""
     x = x.reshape(x.shape[0], n, c, *x.shape[2:]).movedim(1, 0)  # [N, B, C, H, *]
@@ -197,11 +117,10 @@ def delta_chunk(
     """Chunkwise-parallel delta rule (training, prefill): O(T C d) work, a loop over T/C chunks.
 
     ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``beta, g [B, T, H]``, ``initial_state [B, H, dk,
-    dv]`` -> ``(o [B, T, H, dv], final_state [B, H, dk, dv])``. The intra-chunk terms (see
-    :func:`_chunk_terms`) are batched over all chunks; the loop (:class:`_StateScan`) only carries
-    the state, two ``baddbmm`` per chunk; the outputs ``O_i = Q'_i S_i + P_i delta_i`` are then
-    formed for all chunks at once. The tail is padded with identity tokens (``k = v = beta = g =
-    0``). Computes in float32 at least.
+    dv]`` -> ``(o [B, T, H, dv], final_state [B, H, dk, dv])``. The kernel
+    (:class:`~looplm.ops.delta_chunkwise.DeltaChunkFn`) batches all intra-chunk work over all
+    chunks and loops over chunks with one ``baddbmm`` each way. The tail is padded with identity
+    tokens (``k = v = beta = g = 0``). Computes in float32 at least.
     """
     _check_args(q, k, v, beta, g, initial_state, "initial_state", step=False)
     check_chunk_size(chunk_size)
@@ -217,24 +136,20 @@ def delta_chunk(
     c = min(chunk_size, t)
     n = -(-t // c)
     pad = n * c - t
-    q, k, v, beta = (x.to(cdt) for x in (q * scale, k, v, beta))
+    q, k, v, beta = (x.to(cdt) for x in (q, k, v, beta))
     g = None if g is None else g.to(cdt)
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
         beta = F.pad(beta, (0, 0, 0, pad))
         g = None if g is None else F.pad(g, (0, 0, 0, pad))
-    p, q_dec, u, w, k_end, decay = _chunk_terms(
-        *(_chunk_layout(x, n, c) for x in (q, k, v, beta)), None if g is None else _chunk_layout(g, n, c)
-    )
-    groups = bsz * h  # the scan sees [N, B*H, ...]
-    states, delta, state = _StateScan.apply(
-        u.reshape(n, groups, c, dv),
-        w.reshape(n, groups, c, dk),
-        k_end.reshape(n, groups, c, dk).transpose(-1, -2),
-        None if decay is None else decay.reshape(n, groups, 1, 1),
+    groups = bsz * h
+    o, state = DeltaChunkFn.apply(
+        *(_chunk_layout(x, n, c) for x in (q, k, v, beta)),
+        None if g is None else _chunk_layout(g, n, c),
         state.reshape(groups, dk, dv),
+        n,
+        scale,
     )
-    o = torch.baddbmm(torch.bmm(p, delta.view(-1, c, dv)), q_dec, states.view(-1, dk, dv))
     o = o.view(n, bsz, h, c, dv).permute(1, 0, 3, 2, 4).reshape(bsz, n * c, h, dv)[:, :t]
     return o.to(out_dtype), state.view(bsz, h, dk, dv).to(out_dtype)
 
