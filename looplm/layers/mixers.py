@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.errors import ConfigError
-from looplm.layers.norms import HeadRMSNorm
+from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
 from looplm.ops.delta_rule import delta_chunk, delta_step
@@ -224,8 +224,8 @@ class _FixedStateMixer(nn.Module):
             q, k, v = q.to(op_dtype), k.to(op_dtype), v.to(op_dtype)
             gates = {n: t.to(op_dtype) for n, t in gates.items()}
         o, ssm = self._mix(q, k, v, gates, None if state is None else state.ssm, step)
-        o = self.norm(o).reshape(B, T, H * dv) * F.silu(self.g_proj(x))
-        y = self.o_proj(o)
+        o = self.norm(o, gate=self.g_proj(x).view(B, T, H, dv))
+        y = self.o_proj(o.reshape(B, T, H * dv))
         if m is not None:
             y = y * m[..., None]
         if perm is not None:
@@ -311,7 +311,7 @@ class DeltaNet(_FixedStateMixer):
         self.beta_proj = nn.Linear(d_model, n_heads, bias=True)
 
     def _features(self, qk):
-        return F.normalize(qk, dim=-1)
+        return l2_normalize(qk)
 
     def _gates(self, x, m):
         beta = torch.sigmoid(self.beta_proj(x))

@@ -1,0 +1,46 @@
+"""Hand-written norm backwards equal autograd of the composite forms (float64, gradcheck)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from looplm.layers.norms import HeadRMSNorm, RMSNorm, l2_normalize, rms_norm
+
+
+def _inputs(*shapes):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_rms_norm_matches_composite_and_gradcheck(gated):
+    x, w, z = _inputs((2, 3, 5), (5,), (2, 3, 5))
+    gate = z if gated else None
+    ref = F.rms_norm(x, (5,), w, 1e-6) * (F.silu(z) if gated else 1)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6, gate), ref)
+    inputs = (x, w, z) if gated else (x, w)
+    gy = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(rms_norm(x, w, 1e-6, gate), inputs, gy),
+                         torch.autograd.grad(ref, inputs, gy)):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda *a: rms_norm(a[0], a[1], 1e-6, a[2] if gated else None), inputs)
+
+
+def test_l2_normalize_matches_f_normalize_and_gradcheck():
+    (x,) = _inputs((3, 4, 2, 6))
+    torch.testing.assert_close(l2_normalize(x), F.normalize(x, dim=-1))
+    gy = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(l2_normalize(x), x, gy)[0],
+                               torch.autograd.grad(F.normalize(x, dim=-1), x, gy)[0])
+    assert torch.autograd.gradcheck(l2_normalize, (x,))
+    assert l2_normalize(torch.zeros(2, 3)).abs().sum() == 0
+
+
+def test_modules_keep_nn_rmsnorm_parameters_and_dtype():
+    norm, head = RMSNorm(8), HeadRMSNorm(4)
+    assert list(norm.state_dict()) == ["weight"] and norm.eps == 1e-6
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (8,), norm.weight, 1e-6))
+    xh = x.view(2, 3, 2, 4)
+    torch.testing.assert_close(head(xh), F.rms_norm(xh, (4,), head.weight, 1e-6))
+    assert norm.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
