@@ -155,41 +155,44 @@ class DeltaChunkFn(torch.autograd.Function):
                 gs[i].addcmul_(gs[i + 1], gamma[i])
             gs[i].baddbmm_(wt[i], ddv[i], alpha=-1)
         g_next = gs[1:].view(ng, dk, dv)
-        # [U | W] = A^{-1} R with dU = dDelta, dW = -dDelta S^T:  dR = [A^{-T} dDelta | -A^{-T} dDelta S^T]
-        d_r_u = torch.bmm(ainv.mT, d_delta)
-        d_r_w = torch.bmm(d_r_u, s_in.mT).neg_()
+        # [U | W] = A^{-1} R with dU = dDelta, dW = -dDelta S^T, so dR = [Z | -Z S^T] with
+        # Z = A^{-T} dDelta, and dA = -dR [U | W]^T = -Z delta^T. Z and dO are stacked so that their
+        # products with delta^T and S^T are one matmul each.
+        z = q.new_empty(ng, 2 * c, dv)
+        torch.bmm(ainv.mT, d_delta, out=z[:, :c])
+        z[:, c:] = d_o
+        z_delta, z_s = torch.bmm(z, delta.mT), torch.bmm(z, s_in.mT)  # [NG, 2C, C], [NG, 2C, dk]
+        d_r_u, neg_d_r_w, d_qdec = z[:, :c], z_s[:, :c], z_s[:, c:]
         causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-        d_m = torch.bmm(d_r_u, delta.mT).neg_().tril_(-1)  # dA = -dR [U | W]^T = -A^{-T} dDelta delta^T
-        d_p = torch.bmm(d_o, delta.mT).masked_fill_(~causal, 0.0)
-        d_qdec = torch.bmm(d_o, s_in.mT)
+        neg_d_m = z_delta[:, :c].tril_(-1)
+        d_p = z_delta[:, c:].masked_fill_(~causal, 0.0)
         d_kdec = torch.bmm(delta, g_next.mT)
         bet = beta.unsqueeze(-1)
-        d_kk = d_m * bet
-        d_v = d_r_u * bet
-        r_w = _rowdot(d_r_w, k)  # [NG, C]
-        d_beta = _rowdot(d_m, kkd) + _rowdot(d_r_u, v)
+        # the row sums first; then the stacked buffers become the gradients in place
+        r_w = -_rowdot(neg_d_r_w, k)  # [NG, C]
+        d_beta = _rowdot(d_r_u, v) - _rowdot(neg_d_m, kkd)
+        d_kk = neg_d_m.mul_(-bet)
+        d_v = d_r_u.mul_(bet)
         if gated:
             eb_s = eb * scale
             d_beta += r_w * eb[..., 0]
-            d_k = d_r_w * (bet * eb)
-            z = d_p * p
-            z.addcmul_(d_kk, kkd)  # d/d(b_t - b_s) of the two decayed products
+            zz = d_p * p
+            zz.addcmul_(d_kk, kkd)  # d/d(b_t - b_s) of the two decayed products
             z_end = _rowdot(d_kdec, k_dec)
-            db = z.sum(-1) - z.sum(-2) + r_w * (beta * eb[..., 0]) + _rowdot(d_qdec, q) * eb_s[..., 0] - z_end
+            db = zz.sum(-1) - zz.sum(-2) - z_end
+            db += r_w * (beta * eb[..., 0]) + _rowdot(d_qdec, q) * eb_s[..., 0]
             d_gamma = _rowdot(g_next.flatten(1), s_in.flatten(1))
             db[:, -1] += z_end.sum(-1) + d_gamma * eb[:, -1, 0]
             d_g = db.flip(-1).cumsum(-1).flip(-1)
             d_p.mul_(d)
             d_kk.mul_(d)
-            d_q = torch.baddbmm(d_qdec * eb_s, d_p, k, alpha=scale)
-            d_k.addcmul_(d_kdec, k_end)
+            d_q = d_qdec.mul_(eb_s).baddbmm_(d_p, k, alpha=scale)
+            d_k = neg_d_r_w.mul_(-bet * eb).addcmul_(d_kdec, k_end)
         else:
             d_g = None
             d_beta += r_w
-            d_k = d_r_w * bet
-            d_q = torch.baddbmm(d_qdec, d_p, k, beta=scale, alpha=scale)
-            d_k += d_kdec
+            d_q = d_qdec.baddbmm_(d_p, k, beta=scale, alpha=scale)
+            d_k = neg_d_r_w.mul_(-bet).add_(d_kdec)
         d_k.baddbmm_(d_p.mT, q, alpha=scale)
-        d_k.baddbmm_(d_kk, k)
-        d_k.baddbmm_(d_kk.mT, k)
+        d_k.baddbmm_(d_kk + d_kk.mT, k)
         return d_q, d_k, d_v, d_beta, d_g, gs[0].clone(), None, None
