@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import looplm.ops.conv as conv_module
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
 
 
@@ -38,7 +39,11 @@ def test_forms_agree(B, T, D, K, split, bias):
 
 @pytest.mark.parametrize("T,K", [(7, 4), (2, 4), (5, 1), (1, 3)])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_hand_written_backward_matches_autograd_of_the_explicit_sum(T, K, with_state):
+@pytest.mark.parametrize("one_row_blocks", [False, True])
+def test_hand_written_backward_matches_autograd_of_the_explicit_sum(T, K, with_state, one_row_blocks,
+                                                                     monkeypatch):
+    if one_row_blocks:  # the block loop as it runs on large inputs
+        monkeypatch.setattr(conv_module, "_row_blocks", lambda x: [slice(i, i + 1) for i in range(len(x))])
     g = torch.Generator().manual_seed(T * 10 + K)
     x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
                for s in ((2, T, 3), (3, K), (3,)))
