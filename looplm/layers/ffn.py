@@ -1,10 +1,65 @@
-"""Dense feed-forward: SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")."""
+"""Dense feed-forward: SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer").
+
+The activation ``silu(gate) * up`` (optionally times a per-row weight, as MoE experts use it) has
+a hand-written backward that writes the gate and up gradients into one ``[n, 2H]`` tensor (the
+fused gate|up matmul's backward needs no concatenation) and runs block by block over rows so
+each block stays in cache; it saves only its input and recomputes ``silu(gate)``. fwd+bwd of
+``[4096, 2 x 1024]``, 1 thread: 51.2 ms autograd of the formula, 27.3 ms this.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _blocks(n: int, width: int, budget: int = 1 << 18) -> list[slice]:
+    """Row slices of about ``budget`` elements of width ``width``."""
+    rows = max(1, budget // max(1, width))
+    return [slice(i, i + rows) for i in range(0, n, rows)]
+
+
+class _SwiGLUAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight):
+        hd = h.shape[-1] // 2
+        y = h.new_empty(*h.shape[:-1], hd)
+        h2, y2 = h.view(-1, 2 * hd), y.view(-1, hd)
+        w1 = None if weight is None else weight.reshape(-1, 1)
+        for r in _blocks(h2.shape[0], 2 * hd):
+            gate, up = h2[r].chunk(2, dim=-1)
+            out = torch.ops.aten.silu.out(gate, out=y2[r]).mul_(up)
+            if w1 is not None:
+                out.mul_(w1[r])
+        ctx.save_for_backward(h, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        h, weight = ctx.saved_tensors
+        hd = h.shape[-1] // 2
+        g_h = torch.empty_like(h)
+        h2, gh2, gy2 = h.view(-1, 2 * hd), g_h.view(-1, 2 * hd), gy.reshape(-1, hd)
+        w1 = None if weight is None else weight.reshape(-1, 1)
+        g_w = torch.empty_like(w1) if w1 is not None and ctx.needs_input_grad[1] else None
+        for r in _blocks(h2.shape[0], 2 * hd):
+            gate, up = h2[r].chunk(2, dim=-1)
+            act, g = F.silu(gate), gy2[r]
+            if w1 is not None:
+                if g_w is not None:
+                    g_w[r] = torch.linalg.vecdot(g, act * up).unsqueeze(-1)
+                g = g * w1[r]
+            torch.mul(g, act, out=gh2[r, hd:])
+            torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=gh2[r, :hd])
+        return g_h, None if g_w is None else g_w.view(weight.shape)
+
+
+def swiglu(h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up (* weight[..., None])`` of ``h [..., 2H]`` = gate | up -> ``[..., H]``."""
+    if weight is not None and weight.dtype != h.dtype:
+        weight = weight.to(h.dtype)
+    return _SwiGLUAct.apply(h.contiguous(), weight)
 
 
 class SwiGLU(nn.Module):
@@ -20,5 +75,4 @@ class SwiGLU(nn.Module):
         self.w_out = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        gate, up = self.w_in(x).chunk(2, dim=-1)
-        return self.w_out(F.silu(gate) * up), {}
+        return self.w_out(swiglu(self.w_in(x))), {}

@@ -22,11 +22,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from looplm.errors import ConfigError
-from looplm.layers.ffn import SwiGLU
+from looplm.layers.ffn import SwiGLU, swiglu
 
 
 def _gather_sum(x: torch.Tensor, idx: torch.Tensor, group: int) -> torch.Tensor:
@@ -99,8 +98,7 @@ class MoE(nn.Module):
         """Gate-weighted output ``w [n] * E_e(x)`` of expert ``e`` on its tokens ``x [n, d]``;
         None for a zero expert."""
         if e < self.n_experts:
-            gate, up = (x @ w_in[e]).chunk(2, dim=-1)
-            return (F.silu(gate) * up * w[:, None]) @ w_out[e]
+            return swiglu(x @ w_in[e], w) @ w_out[e]
         e -= self.n_experts
         zero, copy, _ = self.kinds
         if e < zero:

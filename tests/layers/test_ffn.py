@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import looplm.layers.ffn as ffn_module
 from looplm.errors import ConfigError
-from looplm.layers.ffn import SwiGLU
+from looplm.layers.ffn import SwiGLU, swiglu
 from looplm.layers.moe import MoE
 
 D, HID = 8, 12
@@ -24,6 +25,27 @@ def test_swiglu_matches_formula():
     y, aux = ffn(x)
     close(y, (F.silu(x @ wg.T) * (x @ wu.T)) @ ffn.w_out.weight.T)
     assert aux == {}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("one_row_blocks", [False, True])
+def test_swiglu_activation_backward_matches_autograd(weighted, one_row_blocks, monkeypatch):
+    if one_row_blocks:  # the block loop as it runs on large inputs
+        monkeypatch.setattr(ffn_module, "_blocks", lambda n, width: [slice(i, i + 1) for i in range(n)])
+    h = torch.randn(3, 4, 2 * 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    inputs = (h, w) if weighted else (h,)
+
+    def ref(h, w=None):
+        g, u = h.chunk(2, -1)
+        return F.silu(g) * u * (1 if w is None else w[..., None])
+
+    close(swiglu(*inputs), ref(*inputs))
+    gy = torch.randn(3, 4, 5, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(swiglu(*inputs), inputs, gy),
+                         torch.autograd.grad(ref(*inputs), inputs, gy)):
+        close(got, want)
+    assert torch.autograd.gradcheck(swiglu, inputs)
 
 
 def test_one_expert_top1_equals_dense_swiglu():
