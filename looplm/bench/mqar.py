@@ -5,9 +5,15 @@ accuracy of its argmax prediction at the answer positions of held-out MQAR data 
 ``hybrid`` is gated DeltaNet with the second layer attention. Heads are 64 wide (``d // 64``
 heads), so a fixed-state mixer's state grows with the width, as in Zoology.
 
-The vocabulary is kept modest (default 128, Zoology uses 8192) because LoopLM computes logits at
-every position and the output head would dominate the cost of these 2-layer models; with 128 the
-keys and values still come from disjoint halves of 64 tokens each (up to 32 pairs fit).
+Set for a small CPU machine while keeping Zoology's task:
+- vocabulary ``2·T`` per task by default (Zoology needs ``vocab > T``; it uses 8192, but a large
+  output head would dominate these tiny models, and logits are computed at every position);
+- no MLP, as Zoology's MQAR models: ``d_ffn = 1`` (LoopConfig has no FFN-free block, a rank-one
+  SwiGLU is the nearest), which makes a step ~2.5× cheaper;
+- a fresh batch per step (seeded by the step), learning rate per mixer (attention 1e-3: at 3e-3
+  it stays on the ``1/pairs`` plateau; fixed-state mixers 3e-3), and an early stop once the
+  accuracy on a validation set (a third seed) reaches ``--target``;
+- configurations run in ``--workers`` processes of one thread each, largest first.
 
 Writes ``mqar.json`` (settings + one result per configuration, resumable) and ``mqar.png``.
 """
@@ -15,6 +21,10 @@ Writes ``mqar.json`` (settings + one result per configuration, resumable) and ``
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -26,49 +36,66 @@ from looplm.model import MIXERS, LoopConfig, LoopLM
 
 KINDS = (*MIXERS, "hybrid")
 DEFAULT_MIXERS = ["attention", "linear", "gla", "deltanet", "gated_deltanet"]
+LR = {"attention": 1e-3}  # every other kind: DEFAULT_LR
+DEFAULT_LR = 3e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab", type=int, default=128, help="vocabulary size (even)")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[64])
-    parser.add_argument("--pairs", type=int, nargs="+", default=None,
-                        help="key-value pairs per sequence, one per --seq-lens (default seq_len // 16)")
-    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size, even (default 2 × seq len)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[64, 64])
+    parser.add_argument("--pairs", type=int, nargs="+", default=[4, 16],
+                        help="key-value pairs per sequence, one per --seq-lens")
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--mixers", nargs="+", default=DEFAULT_MIXERS, choices=KINDS)
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per configuration")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--train-examples", type=int, default=20000, help="training set (then epochs)")
-    parser.add_argument("--test-examples", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=1000, help="most optimizer steps per configuration")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate (default per mixer: {LR}, others {DEFAULT_LR})")
+    parser.add_argument("--d-ffn", type=int, default=1,
+                        help="MLP width (1: none, as Zoology; 0: LoopLM's default)")
+    parser.add_argument("--target", type=float, default=0.99, help="stop once validation accuracy reaches it")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation checks")
+    parser.add_argument("--val-examples", type=int, default=256)
+    parser.add_argument("--test-examples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--workers", type=int, default=2, help="processes, one configuration each")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default 1 with several workers, else torch's)")
     parser.add_argument("--out", default="bench_results/mqar")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sweep's settings (the resume key) from the flags; ``--quick`` shrinks everything."""
+    keys = ("vocab", "seq_lens", "pairs", "widths", "mixers", "steps", "batch_size", "lr", "d_ffn", "target",
+            "eval_every", "val_examples", "test_examples", "seed")
+    s = {k: getattr(args, k) for k in keys}
     if args.quick:
-        s = dict(vocab=32, seq_lens=[32], pairs=[4], widths=[32], mixers=["attention", "gated_deltanet"],
-                 steps=3, batch_size=4, lr=args.lr, train_examples=16, test_examples=8, seed=args.seed)
-    else:
-        s = dict(vocab=args.vocab, seq_lens=args.seq_lens, pairs=args.pairs, widths=args.widths,
-                 mixers=args.mixers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                 train_examples=args.train_examples, test_examples=args.test_examples, seed=args.seed)
-    if s["pairs"] is None:
-        s["pairs"] = [max(1, t // 16) for t in s["seq_lens"]]
+        s.update(vocab=32, seq_lens=[32], pairs=[4], widths=[32], mixers=["attention", "gated_deltanet"],
+                 steps=3, batch_size=4, eval_every=2, val_examples=8, test_examples=8)
     if len(s["pairs"]) != len(s["seq_lens"]):
         raise ValueError(f"--pairs needs one value per --seq-lens ({len(s['seq_lens'])}), got {s['pairs']}")
     for t, p in zip(s["seq_lens"], s["pairs"]):
-        check_mqar_args(s["vocab"], t, p)
+        check_mqar_args(vocab_for(s, t), t, p)
     return s
 
 
-def model_config(kind: str, width: int, vocab: int, seq_len: int) -> LoopConfig:
-    """A 2-layer LoopLM of ``kind`` (a mixer or ``hybrid``), heads 64 wide."""
+def vocab_for(s: dict[str, Any], seq_len: int) -> int:
+    """The vocabulary of a task: ``--vocab``, else ``2 · seq_len``."""
+    return s["vocab"] or 2 * seq_len
+
+
+def lr_for(s: dict[str, Any], kind: str) -> float:
+    """``--lr`` if given, else the per-mixer rule (:data:`LR`, :data:`DEFAULT_LR`)."""
+    return s["lr"] or LR.get(kind, DEFAULT_LR)
+
+
+def model_config(kind: str, width: int, vocab: int, seq_len: int, d_ffn: int | None = None) -> LoopConfig:
+    """A 2-layer LoopLM of ``kind`` (a mixer or ``hybrid``), heads 64 wide; ``d_ffn`` None or 0:
+    LoopLM's default MLP."""
     mixer, every = ("gated_deltanet", 2) if kind == "hybrid" else (kind, 0)
     return LoopConfig(vocab_size=vocab, d_model=width, n_heads=max(1, width // 64), n_core=2, mixer=mixer,
-                      attn_every=every, max_seq_len=seq_len, chunk_size=min(64, seq_len))
+                      attn_every=every, max_seq_len=seq_len, chunk_size=min(64, seq_len), d_ffn=d_ffn or None)
 
 
 @torch.no_grad()
@@ -86,26 +113,79 @@ def accuracy(model: LoopLM, inputs: torch.Tensor, targets: torch.Tensor, batch_s
     return right / max(total, 1)
 
 
+class _Saturated(Exception):
+    """Raised by the validation hook to end training early."""
+
+
 def run_one(kind: str, width: int, seq_len: int, n_pairs: int, s: dict[str, Any]) -> dict[str, Any]:
-    """Train one configuration from scratch and evaluate it on held-out data."""
+    """Train one configuration from scratch (until ``steps`` or the validation target) and evaluate it
+    on held-out data. Data seeds: test ``2·seed+1``, validation ``2·seed+2``, the batch of step i
+    ``(seed + 1) · 2^32 + i``."""
     torch.manual_seed(s["seed"])
-    data = dict(vocab_size=s["vocab"], seq_len=seq_len, n_pairs=n_pairs)
-    train = make_mqar(s["train_examples"], seed=s["seed"] * 2 + 1, **data)
-    test = make_mqar(s["test_examples"], seed=s["seed"] * 2 + 2, **data)
-    model = LoopLM(model_config(kind, width, s["vocab"], seq_len))
-    n, b = s["train_examples"], s["batch_size"]
+    vocab = vocab_for(s, seq_len)
+    data = dict(vocab_size=vocab, seq_len=seq_len, n_pairs=n_pairs)
+    test = make_mqar(s["test_examples"], seed=s["seed"] * 2 + 1, **data)
+    val = make_mqar(s["val_examples"], seed=s["seed"] * 2 + 2, **data)
+    model = LoopLM(model_config(kind, width, vocab, seq_len, s["d_ffn"]))
+    b, steps = s["batch_size"], s["steps"]
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.arange(step * b, (step + 1) * b) % n
-        return train.inputs[idx], train.targets[idx]
+        d = make_mqar(b, seed=(s["seed"] + 1) * 2**32 + step, **data)
+        return d.inputs, d.targets
 
-    res = train_model(model, batch, steps=s["steps"], lr=s["lr"])
+    curve: list[list[float]] = []
+
+    def check(flops: float, tokens: int) -> None:
+        curve.append([tokens // (b * seq_len), round(accuracy(model, val.inputs, val.targets), 4)])
+        if curve[-1][1] >= s["target"]:
+            raise _Saturated
+
+    start = time.perf_counter()
+    every = max(1, min(s["eval_every"], steps))
+    try:
+        ran = train_model(model, batch, steps=steps, lr=lr_for(s, kind), hook=check,
+                          hook_at=[i / steps for i in range(every, steps + 1, every)]).steps
+    except _Saturated:
+        ran = int(curve[-1][0])
+    seconds = time.perf_counter() - start
     with torch.no_grad():
         state = model(test.inputs[:1], use_cache=True).state  # after one full sequence
-    return {"mixer": kind, "width": width, "seq_len": seq_len, "n_pairs": n_pairs,
-            "accuracy": accuracy(model, test.inputs, test.targets), "train_loss": res.train_loss,
-            "state_bytes": state.nbytes(), "params": model.num_params(), "steps": res.steps,
-            "seconds": res.seconds}
+    return {"mixer": kind, "width": width, "seq_len": seq_len, "n_pairs": n_pairs, "vocab": vocab,
+            "accuracy": accuracy(model, test.inputs, test.targets), "lr": lr_for(s, kind),
+            "steps": ran, "val_curve": curve,
+            "state_bytes": state.nbytes(), "params": model.num_params(), "seconds": round(seconds, 1)}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(sweep: Sweep, jobs: list[tuple[str, tuple]], workers: int,
+             threads: int | None) -> dict[str, Any]:
+    """Run ``run_one(*args)`` for each ``(key, args)`` not finished yet, in ``workers`` processes
+    (``threads`` torch threads each), storing each result as it arrives."""
+    todo = [(k, a) for k, a in jobs if k not in sweep.results]
+    if len(todo) < len(jobs) and not sweep.quiet:
+        print(f"mqar: {len(jobs) - len(todo)} of {len(jobs)} configurations already done")
+    if workers <= 1:
+        if threads:
+            torch.set_num_threads(threads)
+        return sweep.run([(k, lambda a=a: run_one(*a)) for k, a in todo])
+    start = time.perf_counter()
+    # fork starts a worker in milliseconds; torch's thread pools are set after it (initializer)
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads or 1,)) as pool:
+        futures = {pool.submit(run_one, *a): k for k, a in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            key = futures[fut]
+            sweep.results[key] = r = fut.result()
+            sweep.save()
+            if not sweep.quiet:
+                mins = (time.perf_counter() - start) / 60
+                print(f"[{i}/{len(todo)}] {key}: acc {r['accuracy']:.3f} after {r['steps']} steps, "
+                      f"{r['seconds']:.0f} s ({mins:.1f} min elapsed)", flush=True)
+    return sweep.results
 
 
 def plot(results: dict[str, Any], path: Path, vocab: int | None = None) -> Path:
@@ -120,8 +200,9 @@ def plot(results: dict[str, Any], path: Path, vocab: int | None = None) -> Path:
                          if r["mixer"] == kind and (r["seq_len"], r["n_pairs"]) == (t, p))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=kind)
-        if vocab:
-            ax.axhline(2 / vocab, ls=":", color="gray", label="chance")
+        v = vocab or next(r.get("vocab") for r in rows if r["seq_len"] == t)
+        if v:
+            ax.axhline(2 / v, ls=":", color="gray", label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"MQAR seq {t}, {p} pairs")
@@ -132,35 +213,35 @@ def plot(results: dict[str, Any], path: Path, vocab: int | None = None) -> Path:
 
 
 def table(results: dict[str, Any]) -> str:
-    """Markdown: one row per (mixer, width), one accuracy column per task."""
+    """Markdown: one row per (mixer, width), per task the accuracy and the steps it trained."""
     rows = list(results.values())
     tasks = sorted({(r["seq_len"], r["n_pairs"]) for r in rows})
     acc = {(r["mixer"], r["width"], r["seq_len"], r["n_pairs"]): r for r in rows}
-    keys = list(dict.fromkeys((r["mixer"], r["width"]) for r in rows))
+    keys = sorted(dict.fromkeys((r["mixer"], r["width"]) for r in rows),
+                  key=lambda k: (KINDS.index(k[0]) if k[0] in KINDS else len(KINDS), k[1]))
     body = []
     for kind, w in keys:
         cells = [acc.get((kind, w, t, p)) for t, p in tasks]
         state = next((c["state_bytes"] for c in cells if c), 0)
-        body.append([kind, w, f"{state / 1024:.0f}"] + [f"{c['accuracy']:.3f}" if c else "" for c in cells])
-    header = ["mixer", "width", "state KiB (first task)"] + [f"acc T={t} pairs={p}" for t, p in tasks]
+        body.append([kind, w, f"{state / 1024:.0f}"]
+                    + [f"{c['accuracy']:.3f} ({c['steps']})" if c else "" for c in cells])
+    header = ["mixer", "width", "state KiB (first task)"] + [f"acc (steps) T={t} pairs={p}" for t, p in tasks]
     return markdown_table(header, body)
 
 
 def run(args: argparse.Namespace) -> int:
     s = settings(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     sweep = Sweep(out, "mqar", s, swept=("seq_lens", "pairs", "widths", "mixers"), quiet=args.quick)
-    jobs = []
-    for t, p in zip(s["seq_lens"], s["pairs"]):
-        for w in s["widths"]:
-            for kind in s["mixers"]:
-                jobs.append((f"{kind}-d{w}-T{t}-p{p}", lambda k=kind, w=w, t=t, p=p: run_one(k, w, t, p, s)))
-    results = sweep.run(jobs)
+    jobs = [(f"{kind}-d{w}-T{t}-p{p}", (kind, w, t, p, s))
+            for t, p in zip(s["seq_lens"], s["pairs"]) for w in s["widths"] for kind in s["mixers"]]
+    jobs.sort(key=lambda j: -j[1][1] ** 2 * j[1][2])  # the largest first: balances the workers
+    start = time.perf_counter()
+    results = run_jobs(sweep, jobs, args.workers, args.threads)
     sweep.save(table=table(results))
     plot(results, out / "mqar.png", s["vocab"])
     if not args.quick:
         print(table(results))
+        print(f"{(time.perf_counter() - start) / 60:.1f} min")
     print(f"wrote {sweep.path} and {out / 'mqar.png'}")
     return 0

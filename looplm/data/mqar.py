@@ -3,11 +3,14 @@
 Arora et al. 2023, "Zoology: Measuring and Improving Recall in Efficient Language Models".
 Each sequence of length ``T`` starts with ``n_pairs`` key-value pairs ``k1 v1 k2 v2 ...``
 (keys from the lower half of the vocabulary, values from the upper half, keys distinct
-within a sequence). The rest of the sequence is random filler tokens among which every
+and values distinct within a sequence). The rest of the sequence is random filler tokens among which every
 key appears once more, followed by its value, at a gap from the context drawn from a
 power law (``p(gap = i) ∝ i^(alpha-1)``, so short gaps are common and long ones rare).
 The model reads the sequence left to right and must predict, at each queried key, the
 value paired with it earlier: targets are ``-100`` everywhere except those positions.
+
+Zoology leaves the token after a query as filler; here the value follows its query key again
+(not supervised: the answer is predicted at the key), so every position's label is the next token.
 
 Written here (not imported from Zoology) because it must be seeded, vectorised and free of
 the network; the sampling follows the paper's description.
@@ -61,10 +64,11 @@ def make_mqar(
 ) -> MQARBatch:
     """Build ``n_examples`` MQAR sequences; the same arguments always give the same data.
 
-    Keys are drawn from ``[0, vocab_size/2)``, values from ``[vocab_size/2, vocab_size)``,
-    filler tokens from the whole vocabulary. Query slots are pairs of positions after the
-    context; slot ``j`` (0-based) is chosen with weight ``(j+1)^(alpha-1)`` without
-    replacement (Gumbel top-k), keys are assigned to the chosen slots in random order.
+    Keys are drawn from ``[0, vocab_size/2)``, values from ``[vocab_size/2, vocab_size)`` (both
+    without repeats in a row, as Zoology), filler tokens from the whole vocabulary. Query slots
+    are pairs of positions after the context; slot ``j`` (0-based) is chosen with weight
+    ``(j+1)^(alpha-1)`` without replacement (Gumbel top-k), keys are assigned to the chosen slots
+    in random order.
     """
     check_mqar_args(vocab_size, seq_len, n_pairs)
     if n_examples < 1:
@@ -73,9 +77,9 @@ def make_mqar(
     half = vocab_size // 2
     n, ctx = n_examples, 2 * n_pairs
 
-    # distinct keys per row: the first n_pairs of a random permutation of the key half
+    # distinct keys (and values) per row: the first n_pairs of a random permutation of each half
     keys = torch.rand(n, half, generator=gen).argsort(dim=1)[:, :n_pairs]
-    values = half + torch.randint(0, half, (n, n_pairs), generator=gen)
+    values = half + torch.rand(n, half, generator=gen).argsort(dim=1)[:, :n_pairs]
 
     inputs = torch.randint(0, vocab_size, (n, seq_len), generator=gen)
     inputs[:, 0:ctx:2] = keys

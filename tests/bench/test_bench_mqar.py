@@ -1,5 +1,6 @@
 """`looplm bench mqar --quick` end to end; the sweep resumes without redoing finished configurations."""
 
+import argparse
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from looplm.cli import main
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mqar")
-    assert main(["bench", "mqar", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    assert main(["bench", "mqar", "--quick", "--workers", "1", "--threads", "1", "--out", str(out)]) == 0
     return out
 
 
@@ -22,6 +23,7 @@ def test_writes_json_and_png(quick):
     assert set(data["results"]) == {"attention-d32-T32-p4", "gated_deltanet-d32-T32-p4"}
     for r in data["results"].values():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 3 and r["state_bytes"] > 0
+        assert r["lr"] == mqar.lr_for(data["settings"], r["mixer"]) and r["vocab"] == 32
     assert "| attention | 32 |" in data["table"]
     assert (quick / "mqar.png").stat().st_size > 1000
 
@@ -33,7 +35,7 @@ def test_rerun_skips_finished_configurations(quick, monkeypatch):
         raise AssertionError("a finished configuration was run again")
 
     monkeypatch.setattr(mqar, "run_one", fail)
-    assert main(["bench", "mqar", "--quick", "--threads", "1", "--out", str(quick)]) == 0
+    assert main(["bench", "mqar", "--quick", "--workers", "1", "--threads", "1", "--out", str(quick)]) == 0
     assert json.loads((quick / "mqar.json").read_text())["results"] == before
 
 
@@ -73,12 +75,45 @@ def test_accuracy_counts_only_answer_positions():
     assert mqar.accuracy(model, batch.inputs, torch.where(targets != -100, (pred + 1) % 16, targets)) == 0.0
 
 
+def parse(*argv: str):
+    parser = argparse.ArgumentParser()
+    mqar.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_two_workers_give_the_results_of_one(quick, tmp_path):
+    """The process pool runs the same seeded jobs: identical results, each stored once."""
+    assert main(["bench", "mqar", "--quick", "--workers", "2", "--out", str(tmp_path)]) == 0
+    one = json.loads((quick / "mqar.json").read_text())["results"]
+    two = json.loads((tmp_path / "mqar.json").read_text())["results"]
+    strip = lambda res: {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in res.items()}  # noqa: E731
+    assert strip(two) == strip(one)
+
+
+def test_training_stops_once_validation_reaches_the_target():
+    s = mqar.settings(parse("--quick"))
+    s.update(steps=6, eval_every=2)
+    full = mqar.run_one("linear", 32, 32, 4, s)
+    assert full["steps"] == 6 and [c[0] for c in full["val_curve"]] == [2, 4, 6]
+    s["target"] = 0.0  # reached at the first check
+    early = mqar.run_one("linear", 32, 32, 4, s)
+    assert early["steps"] == 2 and len(early["val_curve"]) == 1
+
+
+def test_learning_rate_per_mixer_unless_given():
+    s = mqar.settings(parse())
+    assert mqar.lr_for(s, "attention") < mqar.lr_for(s, "deltanet") == mqar.DEFAULT_LR
+    assert mqar.lr_for(mqar.settings(parse("--lr", "0.01")), "attention") == 0.01
+
+
+def test_default_vocabulary_is_twice_the_sequence_length():
+    s = mqar.settings(parse())
+    assert [mqar.vocab_for(s, t) for t in s["seq_lens"]] == [2 * t for t in s["seq_lens"]]
+    assert mqar.vocab_for(mqar.settings(parse("--vocab", "1024")), 64) == 1024
+
+
 def test_bad_settings_name_the_flag():
-    args = mqar.argparse.Namespace(quick=False, vocab=16, seq_lens=[16], pairs=[9], widths=[32],
-                                   mixers=["linear"], steps=1, batch_size=1, lr=1e-3, train_examples=1,
-                                   test_examples=1, seed=0)
     with pytest.raises(ValueError, match="n_pairs"):
-        mqar.settings(args)
-    args.pairs = [1, 2]
+        mqar.settings(parse("--vocab", "16", "--seq-lens", "16", "--pairs", "9"))
     with pytest.raises(ValueError, match="--pairs"):
-        mqar.settings(args)
+        mqar.settings(parse("--seq-lens", "64", "--pairs", "1", "2"))

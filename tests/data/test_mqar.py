@@ -21,7 +21,7 @@ def test_answers_are_the_values_paired_earlier(n_pairs: int, extra: int, half: i
     for x, y in zip(b.inputs.tolist(), b.targets.tolist()):
         keys, values = x[0 : 2 * n_pairs : 2], x[1 : 2 * n_pairs : 2]
         assert all(k < half for k in keys) and all(v >= half for v in values)
-        assert len(set(keys)) == n_pairs
+        assert len(set(keys)) == len(set(values)) == n_pairs
         pairs = dict(zip(keys, values))
         answered = [t for t, lab in enumerate(y) if lab != IGNORE_INDEX]
         # the mask covers exactly one answer per key, all after the context
