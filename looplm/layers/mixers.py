@@ -115,9 +115,9 @@ class Attention(nn.Module):
             positions = start + torch.arange(T, device=x.device)
         cos, sin = rope_cos_sin(positions, D, self.rope_base, x.dtype)
         positions = positions.expand(B, T)
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
-        q, k = apply_rope(qkv[:, :, :H + Hkv], cos, sin).split((H, Hkv), dim=2)
-        v = qkv[:, :, H + Hkv:]
+        # split, not slices: the backward of two slices zero-fills the whole qkv gradient twice
+        qk, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split((H + Hkv, Hkv), dim=2)
+        q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=2)
         new_state, kpos, key_mask = None, positions, mask
         if state is not None:
             key_mask = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)

@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import looplm.ops.attention as attention_module
 from looplm.ops.attention import apply_rope, attention, rope, rope_cos_sin
 
 
@@ -69,3 +71,18 @@ def test_rope_relative_and_norm_preserving():
     cos, sin = rope_cos_sin(torch.arange(5), 16)
     torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(rope(x, torch.zeros(2, 5, dtype=torch.long)), x)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("block", [1, 1 << 19])
+def test_apply_rope_matches_formula_and_its_gradient(per_row, block, monkeypatch):
+    monkeypatch.setattr(attention_module, "_BLOCK", block)  # 1: one batch row per block
+    x = torch.randn(3, 5, 2, 8, dtype=torch.float64, requires_grad=True)
+    pos = torch.randint(0, 50, (3, 5)) if per_row else torch.arange(5)
+    cos, sin = rope_cos_sin(pos, 8, dtype=torch.float64)
+    x1, x2 = x.chunk(2, dim=-1)
+    want = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), want)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(apply_rope(x, cos, sin), x, gy)[0],
+                               torch.autograd.grad(want, x, gy)[0])
