@@ -145,6 +145,23 @@ def train_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], Non
     return step
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm")  # the dense projections, experts and head
+
+
+def matmul_share(step: Callable[[], None]) -> dict[str, float]:
+    """One profiled call of ``step``: self CPU seconds of dense matmuls (``MATMUL_OPS``) and of
+    everything, and their ratio. The profiler slows small ops more than big ones, so the share
+    of matmuls in an unprofiled step is if anything larger."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
+    return {"matmul_s": mm, "total_s": total, "share": mm / total}
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -160,12 +177,17 @@ def bench_train(s: Size, tokens: torch.Tensor) -> dict[str, Any]:
     models = {"looplm_gdn_moe": LoopLM(gdn_moe(s)), "qwen3_next": _hf(qwen3_next(s)),
               "looplm_vanilla": LoopLM(dense(s)), "llama": _hf(llama(s))}
     params = {name: n_params(m) for name, m in models.items()}
-    secs = time_interleaved({name: train_step(m, tokens) for name, m in models.items()}, s.repeats)
+    steps = {name: train_step(m, tokens) for name, m in models.items()}
+    secs = time_interleaved(steps, s.repeats)
     n = tokens.shape[0] * (tokens.shape[1] - 1)
     tps = {name: n / t for name, t in secs.items()}
-    return {"params": params, "tokens_per_s": tps,
+    share = {name: matmul_share(step) for name, step in steps.items()}
+    # the ratio gdn_moe would reach if everything but its dense matmuls took no time
+    bound = secs["qwen3_next"] / (secs["looplm_gdn_moe"] * share["looplm_gdn_moe"]["share"])
+    return {"params": params, "tokens_per_s": tps, "step_s": secs, "matmul_profile": share,
             "train_gdn_moe_speedup": tps["looplm_gdn_moe"] / tps["qwen3_next"],
-            "train_vanilla_speedup": tps["looplm_vanilla"] / tps["llama"]}
+            "train_vanilla_speedup": tps["looplm_vanilla"] / tps["llama"],
+            "gdn_moe_matmul_bound": bound}
 
 
 class _Decoder:
@@ -335,4 +357,12 @@ def render(data: dict[str, Any]) -> str:
             rows = [[name, value, params.get(name, params.get(name.rsplit("_", 1)[0]))]
                     for name, value in data[part][key].items()]
             out.append(markdown_table(["model", title, "params"], rows))
+    train = data.get("train", {})
+    if "matmul_profile" in train:
+        rows = [[name, p["matmul_s"], p["total_s"], p["share"]]
+                for name, p in train["matmul_profile"].items()]
+        out.append(markdown_table(["model (one profiled train step)", "dense matmul s", "total s",
+                                   "matmul share"], rows))
+        out.append(f"gdn_moe vs Qwen3-Next if only its dense matmuls took time: "
+                   f"{train['gdn_moe_matmul_bound']:.2f}x")
     return "\n\n".join(out)

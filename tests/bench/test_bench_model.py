@@ -32,6 +32,12 @@ def test_compared_models_have_the_same_size(report):
         assert abs(p[a] / p[b] - 1) < 0.1, (a, b, p)
 
 
+def test_matmul_profile_bounds_the_gdn_moe_ratio(report):
+    train = report[0]["train"]
+    assert all(0 < p["share"] <= 1 for p in train["matmul_profile"].values())
+    assert train["gdn_moe_matmul_bound"] >= train["train_gdn_moe_speedup"]
+
+
 def test_mor_routes_fewer_tokens_and_counts_fewer_flops(report):
     mor = report[0]["mor"]
     assert mor["reach"][0] == pytest.approx(1.0) and mor["reach"][-1] < 0.5
