@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from looplm.ops import delta_chunkwise
 from looplm.ops.delta_rule import delta_chunk, delta_parallel, delta_recurrent, delta_step
 
 
@@ -63,24 +64,38 @@ def test_scale_argument():
     assert_close(o1, o2)
 
 
+def grads_and_outputs(fn, inputs, gated, **kw):
+    """Outputs of ``fn`` and the gradients of a fixed weighted loss w.r.t. every input."""
+    xs = [x.clone().requires_grad_() for x in inputs]
+    q_, k_, v_, beta_, *rest = xs
+    g_ = rest[0] if gated else None
+    o, s = fn(q_, k_, v_, beta_, g_, initial_state=rest[-1], **kw)
+    w = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
+    ((o * w).sum() + s.square().sum()).backward()
+    return [o.detach(), s.detach()] + [x.grad for x in xs]
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_gradients_agree(gated):
     q, k, v, beta, g, s0 = make(2, 23, 2, 8, 6, gated=gated, dtype=torch.float64, seed=1)
     inputs = [x for x in (q, k, v, beta, g, s0) if x is not None]
-
-    def grads(fn, **kw):
-        xs = [x.clone().requires_grad_() for x in inputs]
-        q_, k_, v_, beta_, *rest = xs
-        g_ = rest[0] if gated else None
-        o, s = fn(q_, k_, v_, beta_, g_, initial_state=rest[-1], **kw)
-        w = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
-        ((o * w).sum() + s.square().sum()).backward()
-        return [x.grad for x in xs]
-
-    want = grads(delta_recurrent)
-    for got in (grads(delta_chunk, chunk_size=5), grads(delta_parallel)):
+    want = grads_and_outputs(delta_recurrent, inputs, gated)
+    for got in (grads_and_outputs(delta_chunk, inputs, gated, chunk_size=5),
+                grads_and_outputs(delta_parallel, inputs, gated)):
         for a, b in zip(got, want):
             assert_close(a, b, rel=1e-9)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_kernel_blocks_change_nothing(gated, monkeypatch):
+    """The kernel runs its per-chunk parts in blocks of chunk-groups; uneven blocks (7 chunks x 4
+    groups in blocks of 3) give the reference's outputs and gradients."""
+    monkeypatch.setattr(delta_chunkwise, "BLOCK", 3)
+    q, k, v, beta, g, s0 = make(2, 27, 2, 8, 6, gated=gated, dtype=torch.float64, seed=3)
+    inputs = [x for x in (q, k, v, beta, g, s0) if x is not None]
+    want = grads_and_outputs(delta_recurrent, inputs, gated)
+    for a, b in zip(grads_and_outputs(delta_chunk, inputs, gated, chunk_size=4), want):
+        assert_close(a, b, rel=1e-9)
 
 
 def test_gradcheck_chunk():
