@@ -86,3 +86,17 @@ def test_apply_rope_matches_formula_and_its_gradient(per_row, block, monkeypatch
     gy = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad(apply_rope(x, cos, sin), x, gy)[0],
                                torch.autograd.grad(want, x, gy)[0])
+
+
+@pytest.mark.parametrize("T", [5, 11])
+def test_causal_query_chunks_match_one_call_with_gradients(T, monkeypatch):
+    monkeypatch.setattr(attention_module, "CAUSAL_CHUNK", 4)  # T=11: chunks 4, 4, 3
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(2, T, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, T, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = attention(q, k, v)
+    want = reference(q, k, v, torch.ones(T, T, dtype=torch.bool).tril().expand(2, T, T))
+    torch.testing.assert_close(out, want)
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), gy), torch.autograd.grad(want, (q, k, v), gy)):
+        torch.testing.assert_close(got, exp)
