@@ -85,7 +85,9 @@ def _causal_by_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       gqa: bool) -> torch.Tensor:
     """Causal SDPA of ``q, k, v [B, H, T, D]`` by query chunks: chunk ``[i, e)`` reads keys ``< e``
     only, so most blocks above the diagonal are never computed. fwd+bwd at B=8, H=6, D=64,
-    1 thread: T=512 159 -> 130 ms, T=256 40.7 -> 37.5 ms against one causal SDPA call."""
+    1 thread: T=512 159 -> 130 ms, T=256 40.7 -> 37.5 ms against one causal SDPA call; at
+    T=1024 and 2048 it was 10-40% slower (the key/value slices' gradients), so ``attention``
+    uses it for 2 to 4 chunks only."""
     T = q.shape[2]
     outs = []
     for i in range(0, T, CAUSAL_CHUNK):
@@ -124,7 +126,7 @@ def attention(
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = H != Hkv
     if key_mask is None and q_pos is None and k_pos is None and (T == S or not causal):
-        if causal and T > CAUSAL_CHUNK:
+        if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK:
             return _causal_by_chunks(qt, kt, vt, scale, gqa).transpose(1, 2)
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and T > 1, scale=scale,
                                              enable_gqa=gqa)

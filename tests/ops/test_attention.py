@@ -88,9 +88,9 @@ def test_apply_rope_matches_formula_and_its_gradient(per_row, block, monkeypatch
                                torch.autograd.grad(want, x, gy)[0])
 
 
-@pytest.mark.parametrize("T", [5, 11])
+@pytest.mark.parametrize("T", [5, 11, 17])
 def test_causal_query_chunks_match_one_call_with_gradients(T, monkeypatch):
-    monkeypatch.setattr(attention_module, "CAUSAL_CHUNK", 4)  # T=11: chunks 4, 4, 3
+    monkeypatch.setattr(attention_module, "CAUSAL_CHUNK", 4)  # T=11: chunks 4, 4, 3; T=17: one call
     g = torch.Generator().manual_seed(T)
     q = torch.randn(2, T, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, T, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
