@@ -15,6 +15,9 @@ Set for a small CPU machine while keeping Zoology's task:
   accuracy on a validation set (a third seed) reaches ``--target``;
 - configurations run in ``--workers`` processes of one thread each, largest first.
 
+The default (sequence 64, 4 pairs, widths 64-256, five mixers) is what fits about half an hour of
+two cores; longer sequences need many more steps than that (see docs/results.md, MQAR sections).
+
 Writes ``mqar.json`` (settings + one result per configuration, resumable) and ``mqar.png``.
 """
 
@@ -42,8 +45,8 @@ DEFAULT_LR = 3e-3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size, even (default 2 × seq len)")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[64, 64])
-    parser.add_argument("--pairs", type=int, nargs="+", default=[4, 16],
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[64])
+    parser.add_argument("--pairs", type=int, nargs="+", default=[4],
                         help="key-value pairs per sequence, one per --seq-lens")
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--mixers", nargs="+", default=DEFAULT_MIXERS, choices=KINDS)
