@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.ops.blocks import row_blocks
 
-def _blocks(n: int, width: int, budget: int = 1 << 18) -> list[slice]:
-    """Row slices of about ``budget`` elements of width ``width``."""
-    rows = max(1, budget // max(1, width))
-    return [slice(i, i + rows) for i in range(0, n, rows)]
+_BLOCK = 1 << 18  # elements per block of rows
+
+
+def _blocks(n: int, width: int) -> list[slice]:
+    return row_blocks(n, width, _BLOCK)
 
 
 class _SwiGLUAct(torch.autograd.Function):

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.ops.blocks import row_blocks
+
 _BLOCK = 1 << 17  # elements per block of rows: each block's passes stay in cache
 
 
 def _blocks(x: torch.Tensor) -> list[slice]:
     """Row slices of a 2-D ``x [rows, D]``, about ``_BLOCK`` elements each."""
-    rows = max(1, _BLOCK // max(1, x.shape[1]))
-    return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
+    return row_blocks(x.shape[0], x.shape[1], _BLOCK)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from looplm.ops.blocks import row_blocks
+
 
 def rope_cos_sin(
     positions: torch.Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
@@ -59,9 +61,7 @@ class _Rope(torch.autograd.Function):
 def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     per_row = cos.shape[0] > 1
-    rows = max(1, _BLOCK // max(1, x[0].numel()))
-    for i in range(0, x.shape[0], rows):
-        r = slice(i, i + rows)
+    for r in row_blocks(x.shape[0], x[0].numel(), _BLOCK):
         _rotate(x[r], cos[r] if per_row else cos, sin[r] if per_row else sin, out[r], sign)
     return out
 

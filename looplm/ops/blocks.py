@@ -1,0 +1,19 @@
+"""Row blocks for chains of elementwise passes over large tensors (the hand-written backwards of
+the conv, RoPE, norms and SwiGLU): on one thread, a block's passes stay in the core's cache
+(2-3x faster than whole-tensor passes of ``[8, 512, 768]`` here). With several threads each pass
+is one fork/join of the thread pool, and many small passes lost: 2 threads on the shared 2-core
+machine, bench-train sizes, LoopLM / Llama 0.97 with blocks vs 1.09 with one block per pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_blocks(n_rows: int, row_size: int, budget: int) -> list[slice]:
+    """Slices of ``n_rows`` rows of ``row_size`` elements, about ``budget`` elements each on one
+    torch thread; one slice of all rows when torch runs several threads."""
+    if torch.get_num_threads() > 1:
+        return [slice(0, n_rows)]
+    rows = max(1, budget // max(1, row_size))
+    return [slice(i, i + rows) for i in range(0, n_rows, rows)]
