@@ -14,8 +14,9 @@ Transformers with the Delta Rule over Sequence Length"), gated as in Yang, Kautz
     O = (Q ⊙ e^b) S_i + (Q K^T ⊙ D) delta
 
 Only the state is carried by the loop (two small ``baddbmm`` per chunk each way); everything else
-is independent per chunk and runs batched over blocks of ``BLOCK`` chunk-groups, so that its
-temporaries stay in cache (measured ~10-15% faster than one batch over all chunks). (Folding a chunk into a ``[dk, dk]`` transition ``gamma I - K'^T W``
+is independent per chunk and runs batched over blocks of chunk-groups (:func:`row_blocks`: on one
+thread, blocks whose temporaries stay in cache, measured ~10-15% faster at T=2048; one block
+with several threads). (Folding a chunk into a ``[dk, dk]`` transition ``gamma I - K'^T W``
 halves the loop's ops but costs ``d^3`` matmuls per chunk: measured slower at ``C = 32, d = 64``.)
 """
 
@@ -24,9 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from looplm.ops.blocks import row_blocks
+
 __all__ = ["unit_lower_inverse", "DeltaChunkFn"]
 
-BLOCK = 32  # chunk-groups per block in the per-chunk parts (their temporaries stay in cache)
+BLOCK_ELEMENTS = 32 * 32 * 64  # per-chunk parts run in blocks of about this many [C, d] elements
 
 
 def unit_lower_inverse(m: torch.Tensor) -> torch.Tensor:
@@ -176,8 +179,9 @@ class DeltaChunkFn(torch.autograd.Function):
         else:
             b = d = eb = k_end = None
             q_dec, k_dec = q, k
-        for a in range(0, ng, BLOCK):  # the intra-chunk terms, block by block (in cache)
-            _chunk_terms(slice(a, a + BLOCK), scale, q, k, v, beta, b, p, kk, ainv, w, delta, d, eb, k_end,
+        blocks = row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)
+        for sl in blocks:  # the intra-chunk terms, block by block (in cache)
+            _chunk_terms(sl, scale, q, k, v, beta, b, p, kk, ainv, w, delta, d, eb, k_end,
                          q_dec, k_dec)
         states = q.new_empty(n + 1, gsz, dk, dv)
         states[0] = s0
@@ -192,8 +196,7 @@ class DeltaChunkFn(torch.autograd.Function):
             states[i + 1].baddbmm_(ev[i], dlv[i])
         s_in = states[:n].view(ng, dk, dv)
         o = q.new_empty(ng, c, dv)
-        for a in range(0, ng, BLOCK):
-            sl = slice(a, a + BLOCK)
+        for sl in blocks:
             torch.baddbmm(torch.bmm(p[sl], delta[sl]), q_dec[sl], s_in[sl], alpha=1.0 if gated else scale,
                           out=o[sl])
         ctx.n, ctx.scale = n, scale
@@ -229,8 +232,8 @@ class DeltaChunkFn(torch.autograd.Function):
         g_next = gs[1:].view(ng, dk, dv)
         # the rest is independent per chunk and group: run it in blocks that stay in cache
         tensors = (d_o, d_delta, g_next, s_in, q, k, v, beta, eb, k_end, d, p, kkd, ainv, q_dec, k_dec, delta)
-        grads = [_input_grads(scale, *(None if x is None else x[a:a + BLOCK] for x in tensors))
-                 for a in range(0, ng, BLOCK)]
+        grads = [_input_grads(scale, *(None if x is None else x[sl] for x in tensors))
+                 for sl in row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)]
         d_q, d_k, d_v, d_beta, d_g = (
             None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
             for parts in zip(*grads)
