@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.ops.blocks import row_blocks
+from looplm.ops.blocks import row_blocks, tracked
 
 _BLOCK = 1 << 18  # elements per block of rows
 
@@ -61,6 +61,10 @@ def swiglu(h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up (* weight[..., None])`` of ``h [..., 2H]`` = gate | up -> ``[..., H]``."""
     if weight is not None and weight.dtype != h.dtype:
         weight = weight.to(h.dtype)
+    if not tracked(h, weight):
+        gate, up = h.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+        return y if weight is None else y * weight[..., None]
     return _SwiGLUAct.apply(h.contiguous(), weight)
 
 

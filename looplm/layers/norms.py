@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.ops.blocks import row_blocks
+from looplm.ops.blocks import row_blocks, tracked
 
 _BLOCK = 1 << 17  # elements per block of rows: each block's passes stay in cache
 
@@ -75,6 +75,9 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              gate: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of ``x [..., D]`` with ``weight [D]``, times ``silu(gate)`` (``gate`` shaped as x)."""
+    if not tracked(x, weight, gate):
+        y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return y if gate is None else y * F.silu(gate)
     return _RMSNorm.apply(x, weight, gate, eps)
 
 
@@ -102,6 +105,8 @@ class _L2Normalize(torch.autograd.Function):
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``x / max(|x|, eps)`` over the last dim (as ``F.normalize(x, dim=-1)``)."""
+    if not tracked(x):
+        return F.normalize(x, dim=-1, eps=eps)
     return _L2Normalize.apply(x, eps)
 
 

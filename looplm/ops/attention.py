@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from looplm.ops.blocks import row_blocks
+from looplm.ops.blocks import row_blocks, tracked
 
 
 def rope_cos_sin(
@@ -69,6 +69,8 @@ def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: in
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, T, H, D]`` by tables ``cos, sin [B|1, T, 1, D/2]`` from :func:`rope_cos_sin`:
     ``(x1 cos - x2 sin, x2 cos + x1 sin)`` for the halves ``x1, x2``."""
+    if not tracked(x, cos, sin):
+        return _rotate_rows(x, cos, sin, 1)
     return _Rope.apply(x, cos, sin)
 
 

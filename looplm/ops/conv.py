@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from looplm.ops.blocks import row_blocks
+from looplm.ops.blocks import row_blocks, tracked
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None, step: bool) -> None:
@@ -58,17 +58,24 @@ def _shifted_sum(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None,
+          silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, wt, pre)``: the output, ``weight`` as ``[K, D]`` and the pre-activation."""
+    wt = weight.t().contiguous()
+    dtype = torch.promote_types(x.dtype, wt.dtype)
+    pre = torch.empty(x.shape, dtype=dtype, device=x.device)
+    y = torch.empty_like(pre) if silu else pre
+    for r in _row_blocks(x):
+        _shifted_sum(x[r], wt, bias, None if state is None else state[r], pre[r])
+        if silu:
+            torch.ops.aten.silu.out(pre[r], out=y[r])
+    return y, wt, pre
+
+
 class _CausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state, silu: bool):
-        wt = weight.t().contiguous()
-        dtype = torch.promote_types(x.dtype, wt.dtype)
-        pre = torch.empty(x.shape, dtype=dtype, device=x.device)
-        y = torch.empty_like(pre) if silu else pre
-        for r in _row_blocks(x):
-            _shifted_sum(x[r], wt, bias, None if state is None else state[r], pre[r])
-            if silu:
-                torch.ops.aten.silu.out(pre[r], out=y[r])
+        y, wt, pre = _conv(x, weight, bias, state, silu)
         ctx.save_for_backward(x, wt, state, pre)
         ctx.silu, ctx.has_bias = silu, bias is not None
         return y
@@ -120,7 +127,10 @@ def causal_conv1d(
     _check(x, weight, state, step=False)
     B, T, D = x.shape
     K = weight.shape[1]
-    y = _CausalConv.apply(x, weight, bias, state, silu)
+    if tracked(x, weight, bias, state):
+        y = _CausalConv.apply(x, weight, bias, state, silu)
+    else:
+        y = _conv(x, weight, bias, state, silu)[0]
     dtype = x.dtype if state is None else torch.promote_types(x.dtype, state.dtype)
     if T >= K - 1:
         new_state = x[:, T - K + 1:].to(dtype, copy=True)

@@ -2,7 +2,7 @@
 
 import torch
 
-from looplm.ops.blocks import row_blocks
+from looplm.ops.blocks import row_blocks, tracked
 
 
 def test_blocks_cover_the_rows_in_order(monkeypatch):
@@ -17,3 +17,24 @@ def test_blocks_cover_the_rows_in_order(monkeypatch):
 def test_one_block_with_several_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert row_blocks(10, 3, budget=7) == [slice(0, 10)]
+
+
+def test_tracked_and_the_plain_paths_agree_with_the_autograd_nodes():
+    from looplm.layers.ffn import swiglu
+    from looplm.layers.norms import l2_normalize, rms_norm
+    from looplm.ops.attention import apply_rope, rope_cos_sin
+    from looplm.ops.conv import causal_conv1d
+
+    x = torch.randn(2, 6, 3, 8, requires_grad=True)
+    w, z, sw = torch.randn(8, requires_grad=True), torch.randn(2, 6, 3, 8), torch.rand(2, 6, 3)
+    cos, sin = rope_cos_sin(torch.arange(6), 8)
+    cw = torch.randn(24, 4, requires_grad=True)
+    calls = [lambda: rms_norm(x, w, 1e-6, z), lambda: l2_normalize(x), lambda: swiglu(x, sw),
+             lambda: apply_rope(x, cos, sin), lambda: causal_conv1d(x.flatten(2), cw, silu=True)[0]]
+    assert tracked(x) and not tracked(z, None)
+    for call in calls:
+        node = call()
+        assert node.grad_fn is not None
+        with torch.no_grad():
+            assert not tracked(x)
+            torch.testing.assert_close(call(), node.detach())
