@@ -112,6 +112,11 @@ def test_default_vocabulary_is_twice_the_sequence_length():
     assert mqar.vocab_for(mqar.settings(parse("--vocab", "1024")), 64) == 1024
 
 
+def test_attention_has_one_head_fixed_state_heads_are_64_wide():
+    assert mqar.model_config("attention", 256, 128, 64).n_heads == 1
+    assert mqar.model_config("deltanet", 256, 128, 64).n_heads == 4
+
+
 def test_bad_settings_name_the_flag():
     with pytest.raises(ValueError, match="n_pairs"):
         mqar.settings(parse("--vocab", "16", "--seq-lens", "16", "--pairs", "9"))
