@@ -78,7 +78,7 @@ class LoopConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     conv_size: int = 4
-    chunk_size: int = 64
+    chunk_size: int | None = None  # None: each op's fastest (64 decay family, 32 delta rule)
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -117,6 +117,8 @@ class LoopConfig:
                     "chunk_size", "conv_size", "n_experts", "top_k")
         for name in positive:
             value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("n_prelude", "n_coda", "attn_every", "zero_experts"):

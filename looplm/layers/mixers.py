@@ -147,7 +147,7 @@ class _FixedStateMixer(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None,
-                 value_dim: int | None = None, conv_size: int = 4, chunk_size: int = 64,
+                 value_dim: int | None = None, conv_size: int = 4, chunk_size: int | None = None,
                  norm_eps: float = 1e-6) -> None:
         super().__init__()
         if conv_size < 1:
@@ -155,7 +155,7 @@ class _FixedStateMixer(nn.Module):
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = head_dim or _head_dim(d_model, n_heads)
         self.value_dim = value_dim or self.head_dim
-        self.chunk_size = chunk_size
+        self.chunk_kw = {} if chunk_size is None else {"chunk_size": chunk_size}  # {}: the op's default
         H, dk, dv = n_heads, self.head_dim, self.value_dim
         self.split = (H * dk, H * dk, H * dv)
         self.qkv = nn.Linear(d_model, sum(self.split), bias=False)
@@ -241,7 +241,7 @@ class _DecayMixer(_FixedStateMixer):
         if step:
             o, s = decay_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], state=state)
             return o[:, None], s
-        return decay_chunk(q, k, v, g, initial_state=state, chunk_size=self.chunk_size)
+        return decay_chunk(q, k, v, g, initial_state=state, **self.chunk_kw)
 
 
 class LinearAttention(_DecayMixer):
@@ -323,7 +323,7 @@ class DeltaNet(_FixedStateMixer):
             o, s = delta_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
                               state=state)
             return o[:, None], s
-        return delta_chunk(q, k, v, beta, g, initial_state=state, chunk_size=self.chunk_size)
+        return delta_chunk(q, k, v, beta, g, initial_state=state, **self.chunk_kw)
 
 
 class GatedDeltaNet(DeltaNet):

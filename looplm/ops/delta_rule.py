@@ -112,15 +112,16 @@ def delta_chunk(
     *,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel delta rule (training, prefill): O(T C d) work, a loop over T/C chunks.
 
     ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``beta, g [B, T, H]``, ``initial_state [B, H, dk,
     dv]`` -> ``(o [B, T, H, dv], final_state [B, H, dk, dv])``. The kernel
-    (:class:`~looplm.ops.delta_chunkwise.DeltaChunkFn`) batches all intra-chunk work over all
-    chunks and loops over chunks with one ``baddbmm`` each way. The tail is padded with identity
-    tokens (``k = v = beta = g = 0``). Computes in float32 at least.
+    (:class:`~looplm.ops.delta_chunkwise.DeltaChunkFn`) batches all intra-chunk work and loops
+    over chunks with two small ``baddbmm`` each way. The tail is padded with identity tokens
+    (``k = v = beta = g = 0``). Computes in float32 at least. ``chunk_size=32`` is the fastest
+    here (32 / 64 / 128 measured at B=1 T=2048 and B=8 T=512).
     """
     _check_args(q, k, v, beta, g, initial_state, "initial_state", step=False)
     check_chunk_size(chunk_size)
