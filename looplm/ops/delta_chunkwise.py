@@ -68,32 +68,35 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _chunk_terms(sl, scale, q, k, v, beta, b, p, kk, ainv, w, u, d, eb, k_end, q_dec, k_dec) -> None:
-    """Fill rows ``sl`` of the intra-chunk terms: ``p = scale Q K^T ⊙ D``, ``kk = K K^T ⊙ D``,
-    ``ainv = A^{-1}``, ``u = A^{-1} Diag(beta) V`` (delta before the loop subtracts ``W S``),
-    ``w = A^{-1} Diag(beta e^b) K``, and when gated (``b`` the in-chunk cumulative log-decay) ``d``,
-    ``q_dec = scale Q ⊙ e^b``, ``k_dec = K ⊙ e^{b_C - b}``."""
+def _pair_terms(scale, q, k, beta, b):
+    """The ``[C, C]`` terms of all chunks at once: ``p = scale Q K^T ⊙ D``, ``kk = K K^T ⊙ D``,
+    ``ainv = A^{-1}`` and ``d = D`` (None when ungated; ``b`` the in-chunk cumulative log-decay)."""
     c = q.shape[1]
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    qb, kb, vb, bet = q[sl], k[sl], v[sl], beta[sl].unsqueeze(-1)
-    pb, kkb = p[sl], kk[sl]
-    torch.bmm(qb, kb.mT, out=pb)
-    torch.bmm(kb, kb.mT, out=kkb)
+    p, kk = torch.bmm(q, k.mT), torch.bmm(k, k.mT)
     if b is None:
-        pb.masked_fill_(~causal, 0.0).mul_(scale)
-        rhs_k = kb * bet
+        d = None
+        p.masked_fill_(~causal, 0.0).mul_(scale)
     else:
-        bb, db, ebb = b[sl], d[sl], eb[sl]
-        torch.sub(bb[:, :, None], bb[:, None, :], out=db)
-        db.masked_fill_(~causal, float("-inf")).exp_()
-        pb.mul_(db).mul_(scale)
-        kkb.mul_(db)
-        torch.mul(qb, ebb * scale, out=q_dec[sl])
+        d = (b[:, :, None] - b[:, None, :]).masked_fill_(~causal, float("-inf")).exp_()
+        p.mul_(d).mul_(scale)
+        kk.mul_(d)
+    return p, kk, unit_lower_inverse(kk * beta.unsqueeze(-1)), d
+
+
+def _chunk_terms(sl, scale, k, v, beta, ainv, u, w, q, eb, k_end, q_dec, k_dec) -> None:
+    """Fill rows ``sl`` of ``u = A^{-1} Diag(beta) V`` (delta before the loop subtracts ``W S``),
+    ``w = A^{-1} Diag(beta e^b) K`` and, when gated, ``q_dec = scale Q ⊙ e^b``, ``k_dec = K ⊙
+    e^{b_C - b}``."""
+    kb, bet, ab = k[sl], beta[sl].unsqueeze(-1), ainv[sl]
+    torch.bmm(ab, v[sl] * bet, out=u[sl])
+    if eb is None:
+        torch.bmm(ab, kb * bet, out=w[sl])
+    else:
+        ebb = eb[sl]
+        torch.bmm(ab, kb * (bet * ebb), out=w[sl])
+        torch.mul(q[sl], ebb * scale, out=q_dec[sl])
         torch.mul(kb, k_end[sl], out=k_dec[sl])
-        rhs_k = kb * (bet * ebb)
-    ainv[sl] = unit_lower_inverse(kkb * bet)
-    torch.bmm(ainv[sl], vb * bet, out=u[sl])
-    torch.bmm(ainv[sl], rhs_k, out=w[sl])
 
 
 def _input_grads(scale, d_o, d_delta, g_next, s_in, q, k, v, beta, eb, k_end, d, p, kkd, ainv, q_dec, k_dec,
@@ -169,20 +172,18 @@ class DeltaChunkFn(torch.autograd.Function):
         ng, c, dk = q.shape
         dv, gsz = v.shape[-1], ng // n
         gated = g is not None
-        new = q.new_empty
-        p, kk, ainv, w, delta = new(ng, c, c), new(ng, c, c), new(ng, c, c), new(ng, c, dk), new(ng, c, dv)
+        b = None if g is None else g.cumsum(-1)
+        p, kk, ainv, d = _pair_terms(scale, q, k, beta, b)
+        w, delta = q.new_empty(ng, c, dk), q.new_empty(ng, c, dv)
         if gated:
-            b = g.cumsum(-1)
-            d, eb, k_end = new(ng, c, c), b.exp().unsqueeze(-1), new(ng, c, 1)
-            q_dec, k_dec = new(ng, c, dk), new(ng, c, dk)
-            torch.exp(b[:, -1:] - b, out=k_end[..., 0])
+            eb, k_end = b.exp().unsqueeze(-1), (b[:, -1:] - b).exp_().unsqueeze(-1)
+            q_dec, k_dec = torch.empty_like(q), torch.empty_like(k)
         else:
-            b = d = eb = k_end = None
+            eb = k_end = None
             q_dec, k_dec = q, k
         blocks = row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)
-        for sl in blocks:  # the intra-chunk terms, block by block (in cache)
-            _chunk_terms(sl, scale, q, k, v, beta, b, p, kk, ainv, w, delta, d, eb, k_end,
-                         q_dec, k_dec)
+        for sl in blocks:  # the [C, d] terms, block by block (in cache)
+            _chunk_terms(sl, scale, k, v, beta, ainv, delta, w, q, eb, k_end, q_dec, k_dec)
         states = q.new_empty(n + 1, gsz, dk, dv)
         states[0] = s0
         gamma = None if eb is None else eb[:, -1:].view(n, gsz, 1, 1)
