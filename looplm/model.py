@@ -30,7 +30,7 @@ CHOICES = {
     "sharing": ("cycle", "middle_cycle"),
     "router": ("none", "expert_choice", "token_choice"),
     "selection": ("topk", "threshold"),
-    "ffn": ("dense", "moe"),
+    "ffn": ("dense", "moe", "none"),
 }
 
 
@@ -46,7 +46,8 @@ class LoopConfig:
     attention, the others ``mixer``. ``sharing="middle_cycle"`` (MoR) needs at least one unique
     layer before and after the cycled core. ``d_ffn=None`` is ``8/3·d_model`` rounded up to 32.
     ``zero_experts = n`` adds n MoE++ zero-computation experts, kinds in turn zero, copy, constant;
-    ``shared_expert`` adds a SwiGLU of width ``d_ffn`` that every token runs.
+    ``shared_expert`` adds a SwiGLU of width ``d_ffn`` that every token runs. ``ffn="none"``: blocks
+    have no FFN at all (mixer-only models, as Zoology's MQAR models).
     """
 
     vocab_size: int = 256

@@ -8,8 +8,9 @@ accuracy of its argmax prediction at the answer positions of held-out MQAR data 
 Set for a small CPU machine while keeping Zoology's task:
 - vocabulary ``2·T`` per task by default (Zoology needs ``vocab > T``; it uses 8192, but a large
   output head would dominate these tiny models, and logits are computed at every position);
-- no MLP, as Zoology's MQAR models: ``d_ffn = 1`` (LoopConfig has no FFN-free block, a rank-one
-  SwiGLU is the nearest), which makes a step ~2.5× cheaper;
+- almost no MLP, as Zoology's MQAR models: ``d_ffn = 1`` by default (a rank-one SwiGLU, what the
+  recorded results used; ``--d-ffn 0`` drops the FFN entirely, ``ffn="none"``), which makes a step
+  ~2.5× cheaper;
 - a fresh batch per step (seeded by the step), learning rate per mixer (attention 1e-3: at 3e-3
   it stays on the ``1/pairs`` plateau; fixed-state mixers 3e-3), and an early stop once the
   accuracy on a validation set (a third seed) reaches ``--target``;
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help=f"learning rate (default per mixer: {LR}, others {DEFAULT_LR})")
     parser.add_argument("--d-ffn", type=int, default=1,
-                        help="MLP width (1: none, as Zoology; 0: LoopLM's default)")
+                        help="MLP width (0: no MLP, as Zoology; 1: rank-one SwiGLU, the default)")
     parser.add_argument("--target", type=float, default=0.99, help="stop once validation accuracy reaches it")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation checks")
     parser.add_argument("--val-examples", type=int, default=256)
@@ -94,13 +95,15 @@ def lr_for(s: dict[str, Any], kind: str) -> float:
 
 
 def model_config(kind: str, width: int, vocab: int, seq_len: int, d_ffn: int | None = None) -> LoopConfig:
-    """A 2-layer LoopLM of ``kind`` (a mixer or ``hybrid``); ``d_ffn`` None or 0: LoopLM's default MLP.
+    """A 2-layer LoopLM of ``kind`` (a mixer or ``hybrid``); ``d_ffn`` None: LoopLM's default MLP,
+    0: no MLP (``ffn="none"``), else a SwiGLU that wide.
     Fixed-state heads are 64 wide (the state grows with the width); attention has one head, as
     Zoology's baseline (its cache does not depend on the heads; see docs/results.md for why)."""
     mixer, every = ("gated_deltanet", 2) if kind == "hybrid" else (kind, 0)
     heads = 1 if kind == "attention" else max(1, width // 64)
     return LoopConfig(vocab_size=vocab, d_model=width, n_heads=heads, n_core=2, mixer=mixer,
-                      attn_every=every, max_seq_len=seq_len, chunk_size=min(64, seq_len), d_ffn=d_ffn or None)
+                      attn_every=every, max_seq_len=seq_len, chunk_size=min(64, seq_len),
+                      ffn="none" if d_ffn == 0 else "dense", d_ffn=d_ffn or None)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The pre-norm residual block: ``h + mixer(norm(h))``, then ``h + ffn(norm(h))``.
+"""The pre-norm residual block: ``h + mixer(norm(h))``, then ``h + ffn(norm(h))`` (no FFN when
+``ffn="none"``).
 
 The FFN runs only on the rows ``mask`` keeps (a gathered ``[N, d]`` matrix), so absent tokens
 cost nothing there. ``shared_kv`` (MoR recursive KV sharing, Bae et al. 2025) makes an attention
@@ -53,8 +54,11 @@ class Block(nn.Module):
         self.mixer_name = mixer
         self.mixer_norm = RMSNorm(d)
         self.mixer = build_mixer(mixer, d, c.n_heads, **opts)
-        self.ffn_norm = RMSNorm(d)
-        if c.ffn == "moe":
+        self.ffn_norm: RMSNorm | None = RMSNorm(d)
+        self.ffn: nn.Module | None
+        if c.ffn == "none":  # a mixer-only block
+            self.ffn_norm = self.ffn = None
+        elif c.ffn == "moe":
             z = c.zero_experts  # MoE++ kinds in turn: zero, copy, constant
             shared = c.ffn_dim if c.shared_expert else 0
             self.ffn = MoE(d, c.ffn_dim, c.n_experts, c.top_k, shared_hidden=shared,
@@ -63,7 +67,7 @@ class Block(nn.Module):
             self.ffn = SwiGLU(d, c.ffn_dim)
         self.drop = nn.Dropout(c.dropout)
         self.mixer_matmul = matmul_params(self.mixer)
-        self.ffn_matmul = matmul_params(self.ffn)
+        self.ffn_matmul = 0 if self.ffn is None else matmul_params(self.ffn)
         self.ffn_cost = None  # MoE: weights every token runs, per expert, experts per token
         if c.ffn == "moe":
             w_in, w_out = self.ffn.w_in, self.ffn.w_out
@@ -90,6 +94,8 @@ class Block(nn.Module):
         else:
             y, state = self.mixer(u, state, positions=positions, mask=mask)
         h = x + self._drop(y)
+        if self.ffn is None:
+            return h, state, {"tokens": h.shape[0] * h.shape[1] if mask is None else mask.sum()}
         u = self.ffn_norm(h)
         if mask is None:
             f, aux = self.ffn(u.reshape(-1, u.shape[-1]))

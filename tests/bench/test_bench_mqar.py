@@ -122,3 +122,9 @@ def test_bad_settings_name_the_flag():
         mqar.settings(parse("--vocab", "16", "--seq-lens", "16", "--pairs", "9"))
     with pytest.raises(ValueError, match="--pairs"):
         mqar.settings(parse("--seq-lens", "64", "--pairs", "1", "2"))
+
+
+def test_d_ffn_zero_builds_mixer_only_models():
+    assert mqar.model_config("gla", 64, 32, 16, d_ffn=0).ffn == "none"
+    cfg = mqar.model_config("gla", 64, 32, 16, d_ffn=1)
+    assert (cfg.ffn, cfg.d_ffn) == ("dense", 1)

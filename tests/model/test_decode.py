@@ -34,7 +34,7 @@ def decode(m, x, depth=None, state=None):
     return torch.cat(logits, 1), sizes
 
 
-@pytest.mark.parametrize("ffn", ["dense", "moe"])
+@pytest.mark.parametrize("ffn", ["dense", "moe", "none"])
 @pytest.mark.parametrize("router,selection,replay", ROUTERS)
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_decode_equals_forward(mixer, router, selection, replay, ffn):

@@ -205,3 +205,16 @@ def test_moe_flops_count_only_experts_that_ran():
     assert share < 1
     saved = (1 - share) * 2 * zero.core[0].ffn_cost["expert"] * 2 * 4  # top_k · 2 FLOPs · 4 layers
     assert stats["flops_per_token"] == pytest.approx(zero.flops_per_token(12) - 3 * saved, rel=1e-4)
+
+
+def test_ffn_none_is_a_mixer_only_model():
+    """``ffn="none"``: no FFN weights, and the FLOPs of the dense model minus its FFNs' matmuls."""
+    dense, bare = model(mixer="gated_deltanet"), model(mixer="gated_deltanet", ffn="none")
+    blocks = [*dense.prelude, *dense.core, *dense.coda]
+    assert all(b.ffn is None and b.ffn_norm is None for b in [*bare.prelude, *bare.core, *bare.coda])
+    ffn_params = sum(p.numel() for b in blocks for p in (*b.ffn.parameters(), *b.ffn_norm.parameters()))
+    n_params = [sum(p.numel() for p in m.parameters()) for m in (dense, bare)]
+    assert n_params[1] == n_params[0] - ffn_params
+    x = tokens()
+    ffn_flops = 2 * x.numel() * sum(b.ffn_matmul for b in blocks)
+    assert bare(x).stats["flops"] == pytest.approx(dense(x).stats["flops"] - ffn_flops, rel=1e-9)
