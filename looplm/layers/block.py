@@ -94,17 +94,16 @@ class Block(nn.Module):
         else:
             y, state = self.mixer(u, state, positions=positions, mask=mask)
         h = x + self._drop(y)
+        tokens: int | torch.Tensor = h.shape[0] * h.shape[1] if mask is None else mask.sum()
         if self.ffn is None:
-            return h, state, {"tokens": h.shape[0] * h.shape[1] if mask is None else mask.sum()}
+            return h, state, {"tokens": tokens}
         u = self.ffn_norm(h)
         if mask is None:
             f, aux = self.ffn(u.reshape(-1, u.shape[-1]))
             h = h + self._drop(f).view_as(h)
-            tokens: int | torch.Tensor = h.shape[0] * h.shape[1]
         else:
             f, aux = self.ffn(u[mask])
             h = h + torch.zeros_like(h).index_put((mask,), self._drop(f))
-            tokens = mask.sum()
         return h, state, {**aux, "tokens": tokens}
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:

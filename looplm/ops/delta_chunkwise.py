@@ -37,7 +37,9 @@ def unit_lower_inverse(m: torch.Tensor) -> torch.Tensor:
 
     Block recursion (``[[A11, 0], [A21, A22]]^{-1}`` has off-diagonal block ``-A22^{-1} A21 A11^{-1}``)
     over block sizes 1, 2, 4, ..., each level batched over all blocks: about ``2 log2 C`` batched
-    matmuls, several times faster here than ``torch.linalg.solve_triangular`` on many small systems.
+    matmuls. For the 256 systems of 32 x 32 at T=2048 (one thread) it takes 1.1 ms against 1.3 ms for
+    ``torch.linalg.solve_triangular`` against the identity; the explicit inverse is what lets the
+    forward form ``[U | W]`` and the backward form ``A^{-T} dDelta`` as plain batched matmuls.
     ``C`` is padded with identity rows to a power of two.
     """
     c = m.shape[-1]
@@ -211,13 +213,13 @@ class DeltaChunkFn(torch.autograd.Function):
         ng, c, dk = q.shape
         dv, gsz = v.shape[-1], ng // n
         gated = d is not None
-        d_o = torch.zeros_like(delta) if d_o is None else d_o.contiguous()
+        d_o = d_o.contiguous()  # autograd materialises unused outputs' grads as zeros
         s_in = states[:n].view(ng, dk, dv)
         # grads reaching delta_i and S_i through this chunk's outputs; the loop adds what flows back
         # through the state: S_{i+1} = gamma_i S_i + K'_i^T delta_i, delta_i = U_i - W_i S_i
         d_delta = torch.bmm(p.mT, d_o)
         gs = q.new_empty(n + 1, gsz, dk, dv)
-        gs[n] = 0.0 if d_final is None else d_final
+        gs[n] = d_final
         torch.bmm(q_dec.mT, d_o, out=gs[:n].view(ng, dk, dv))
         if not gated:
             gs[:n].mul_(scale)
