@@ -44,6 +44,7 @@ from looplm.bench.common import (
     time_interleaved,
     write_json,
 )
+from looplm.ops.delta_kernel import pytorch_form
 from looplm.ops.delta_rule import delta_chunk, delta_step
 
 FIXED_STATE = ("linear", "retention", "scalar_gated", "gla", "deltanet", "gated_deltanet")
@@ -140,14 +141,16 @@ _INPLACE_FLOPS = {torch.ops.aten.baddbmm_: _baddbmm_inplace_flops}
 
 def forward_flops(mixer: str, x: Inputs) -> float:
     """Forward FLOPs of ``mixer`` on ``x``: the matmuls torch's FlopCounterMode sees in one forward
-    (in-place ``baddbmm_`` included), plus what it cannot see: the transformers peer's triangular
+    (in-place ``baddbmm_`` included; for the delta rule those of its PyTorch form, which the C++ kernel
+    runs too), plus what it cannot see: the transformers peer's triangular
     solve (``n^2 w`` for an ``n x n`` system with ``w`` right-hand sides; ours inverts with
     matmuls, which are counted) and SDPA (``2 T^2 (dk+dv)`` per head, halved: causal)."""
     b, t, h, dk = x.q.shape
     dv = x.v.shape[-1]
     if mixer == "attention":
         return float(b * h * t * t * (dk + dv))
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_INPLACE_FLOPS) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_INPLACE_FLOPS)
+    with torch.no_grad(), pytorch_form(), counter:
         RUNNERS[mixer](x)
     flops = counter.get_total_flops()
     if mixer == PEER:

@@ -18,6 +18,9 @@ is independent per chunk and runs batched over blocks of chunk-groups (:func:`ro
 thread, blocks whose temporaries stay in cache, measured ~10-15% faster at T=2048; one block
 with several threads). (Folding a chunk into a ``[dk, dk]`` transition ``gamma I - K'^T W``
 halves the loop's ops but costs ``d^3`` matmuls per chunk: measured slower at ``C = 32, d = 64``.)
+
+This PyTorch form is the reference and runs on every device. On the CPU the same computation runs
+in a C++ kernel (:mod:`looplm.ops.delta_kernel`), each thread on its own groups.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from looplm.ops.blocks import row_blocks
+from looplm.ops.delta_kernel import kernel_backward, kernel_forward, scan_backward, scan_forward, use_kernel
 
 __all__ = ["unit_lower_inverse", "DeltaChunkFn"]
 
@@ -150,27 +154,44 @@ def _input_grads(scale, d_o, d_delta, g_next, s_in, q, k, v, beta, eb, k_end, d,
 
 
 class DeltaChunkFn(torch.autograd.Function):
-    """``(q, k, v, beta, g, s0, n, scale) -> (o, final_state)`` in chunk-major layout.
+    """``(q, k, v, beta, g, s0, n, scale) -> (o, final_state)`` in group-major layout.
 
-    ``q, k [N*G, C, dk]``, ``v [N*G, C, dv]``, ``beta, g [N*G, C]`` (``g`` None: ungated), ``s0
-    [G, dk, dv]``, ``n = N`` chunks of ``G = B*H`` groups, ``scale`` multiplies ``q``. Returns
-    ``o [N*G, C, dv]`` and ``S_N [G, dk, dv]``, with gradients for all tensor inputs. The backward
+    ``q, k [G*N, C, dk]``, ``v [G*N, C, dv]``, ``beta, g [G*N, C]`` (``g`` None: ungated), ``s0
+    [G, dk, dv]``: ``G = B*H`` groups of ``N`` chunks each, ``scale`` multiplies ``q``. Returns
+    ``o [G*N, C, dv]`` and ``S_N [G, dk, dv]``, with gradients for all tensor inputs. The backward
     uses that ``U`` and ``W`` reach the loss only through ``delta = U - W S``, so the gradient of
     ``A`` is ``-A^{-T} dDelta delta^T`` (no ``[U | W]`` kept, no concatenation).
+
+    On the CPU with the C++ kernel (:mod:`looplm.ops.delta_kernel`) each thread runs this whole
+    computation for its own range of groups; otherwise the PyTorch code below runs it.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, n, scale):  # type: ignore[override]
         with torch.autocast(q.device.type, enabled=False):  # inputs arrive in float32 or float64
-            return DeltaChunkFn._forward(ctx, q, k, v, beta, g, s0, n, scale)
+            if use_kernel(q):
+                out = kernel_forward(q, k, v, beta, g, s0, n, scale, _block_rows(q, v))
+                o, final, saved = out[0], out[1], out[2:]
+            else:
+                o, final, saved = DeltaChunkFn._forward(q, k, v, beta, g, s0, n, scale)
+        ctx.n, ctx.scale, ctx.gated = n, scale, g is not None
+        ctx.save_for_backward(*saved)
+        return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):  # type: ignore[override]
+        d_o = d_o.contiguous()  # autograd materialises unused outputs' grads as zeros
+        saved = ctx.saved_tensors
         with torch.autocast(d_o.device.type, enabled=False):
-            return DeltaChunkFn._backward(ctx, d_o, d_final)
+            if use_kernel(d_o):
+                grads = kernel_backward(d_o, d_final.contiguous(), saved, ctx.n, ctx.scale, ctx.gated,
+                                        _block_rows(saved[0], d_o))
+            else:
+                grads = DeltaChunkFn._backward(d_o, d_final, saved, ctx.n, ctx.scale, ctx.gated)
+        return (*grads, None, None)
 
     @staticmethod
-    def _forward(ctx, q, k, v, beta, g, s0, n, scale):
+    def _forward(q, k, v, beta, g, s0, n, scale):
         ng, c, dk = q.shape
         dv, gsz = v.shape[-1], ng // n
         gated = g is not None
@@ -186,59 +207,52 @@ class DeltaChunkFn(torch.autograd.Function):
         blocks = row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)
         for sl in blocks:  # the [C, d] terms, block by block (in cache)
             _chunk_terms(sl, scale, k, v, beta, ainv, delta, w, q, eb, k_end, q_dec, k_dec)
-        states = q.new_empty(n + 1, gsz, dk, dv)
-        states[0] = s0
-        gamma = None if eb is None else eb[:, -1:].view(n, gsz, 1, 1)
-        dlv, wv, ev = delta.view(n, gsz, c, dv), w.view(n, gsz, c, dk), k_dec.view(n, gsz, c, dk).mT
-        for i in range(n):
-            dlv[i].baddbmm_(wv[i], states[i], alpha=-1)
-            if gamma is None:
-                states[i + 1].copy_(states[i])
-            else:
-                torch.mul(states[i], gamma[i], out=states[i + 1])
-            states[i + 1].baddbmm_(ev[i], dlv[i])
-        s_in = states[:n].view(ng, dk, dv)
+        states, final = q.new_empty(gsz, n, dk, dv), q.new_empty(gsz, dk, dv)
+        gamma = None if eb is None else eb.view(gsz, n, c)[:, :, -1]
+        scan_forward(delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma, s0,
+                     states, final)
+        s_in = states.view(ng, dk, dv)
         o = q.new_empty(ng, c, dv)
         for sl in blocks:
             torch.baddbmm(torch.bmm(p[sl], delta[sl]), q_dec[sl], s_in[sl], alpha=1.0 if gated else scale,
                           out=o[sl])
-        ctx.n, ctx.scale = n, scale
-        ctx.save_for_backward(q, k, v, beta, eb, k_end, d, p, kk, ainv, w, q_dec, k_dec, states, delta)
-        return o, states[n].clone()
+        saved = (q, k, v, beta, p, kk, ainv, w, q_dec, k_dec, states, delta)
+        if gated:
+            saved += (eb, k_end, d)
+        return o, final, saved
 
     @staticmethod
-    def _backward(ctx, d_o, d_final):
-        q, k, v, beta, eb, k_end, d, p, kkd, ainv, w, q_dec, k_dec, states, delta = ctx.saved_tensors
-        n, scale = ctx.n, ctx.scale
+    def _backward(d_o, d_final, saved, n, scale, gated):
+        q, k, v, beta, p, kkd, ainv, w, q_dec, k_dec, states, delta = saved[:12]
+        eb, k_end, d = saved[12:] if gated else (None, None, None)
         ng, c, dk = q.shape
         dv, gsz = v.shape[-1], ng // n
-        gated = d is not None
-        d_o = d_o.contiguous()  # autograd materialises unused outputs' grads as zeros
-        s_in = states[:n].view(ng, dk, dv)
+        s_in = states.view(ng, dk, dv)
         # grads reaching delta_i and S_i through this chunk's outputs; the loop adds what flows back
         # through the state: S_{i+1} = gamma_i S_i + K'_i^T delta_i, delta_i = U_i - W_i S_i
         d_delta = torch.bmm(p.mT, d_o)
-        gs = q.new_empty(n + 1, gsz, dk, dv)
-        gs[n] = d_final
-        torch.bmm(q_dec.mT, d_o, out=gs[:n].view(ng, dk, dv))
+        from_out = torch.bmm(q_dec.mT, d_o).view(gsz, n, dk, dv)  # d o_i / d S_i
         if not gated:
-            gs[:n].mul_(scale)
-        ddv, wt, kv = d_delta.view(n, gsz, c, dv), w.view(n, gsz, c, dk).mT, k_dec.view(n, gsz, c, dk)
-        gamma = None if eb is None else eb[:, -1:].view(n, gsz, 1, 1)
-        for i in reversed(range(n)):
-            ddv[i].baddbmm_(kv[i], gs[i + 1])
-            if gamma is None:
-                gs[i] += gs[i + 1]
-            else:
-                gs[i].addcmul_(gs[i + 1], gamma[i])
-            gs[i].baddbmm_(wt[i], ddv[i], alpha=-1)
-        g_next = gs[1:].view(ng, dk, dv)
+            from_out.mul_(scale)
+        g_next = torch.empty_like(from_out)  # dS_{i+1} for chunk i
+        g_next[:, : n - 1] = from_out[:, 1:]
+        g_next[:, n - 1] = d_final
+        d_s0 = from_out[:, 0].clone()
+        gamma = None if eb is None else eb.view(gsz, n, c)[:, :, -1]
+        scan_backward(d_delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma,
+                      g_next, d_s0)
         # the rest is independent per chunk and group: run it in blocks that stay in cache
-        tensors = (d_o, d_delta, g_next, s_in, q, k, v, beta, eb, k_end, d, p, kkd, ainv, q_dec, k_dec, delta)
+        tensors = (d_o, d_delta, g_next.view(ng, dk, dv), s_in, q, k, v, beta, eb, k_end, d, p, kkd, ainv,
+                   q_dec, k_dec, delta)
         grads = [_input_grads(scale, *(None if x is None else x[sl] for x in tensors))
                  for sl in row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)]
         d_q, d_k, d_v, d_beta, d_g = (
             None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
             for parts in zip(*grads)
         )
-        return d_q, d_k, d_v, d_beta, d_g, gs[0].clone(), None, None
+        return d_q, d_k, d_v, d_beta, d_g, d_s0
+
+
+def _block_rows(q: torch.Tensor, v: torch.Tensor) -> int:
+    """Rows (chunk-groups) per cache-sized block of the C++ kernel."""
+    return max(1, BLOCK_ELEMENTS // (q.shape[1] * max(q.shape[-1], v.shape[-1])))

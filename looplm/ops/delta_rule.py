@@ -98,9 +98,9 @@ def delta_recurrent(
 
 
 def _chunk_layout(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
-    """``[B, N*C, H, *]`` -> chunk-major ``[N*B*H, C, *]``, contiguous."""
-    x = x.reshape(x.shape[0], n, c, *x.shape[2:]).movedim(1, 0)  # [N, B, C, H, *]
-    return x.transpose(2, 3).reshape(-1, c, *x.shape[4:])
+    """``[B, N*C, H, *]`` -> group-major ``[B*H*N, C, *]``, contiguous."""
+    x = x.reshape(x.shape[0], n, c, *x.shape[2:]).movedim(3, 1)  # [B, H, N, C, *]
+    return x.reshape(-1, c, *x.shape[4:]).contiguous()
 
 
 def delta_chunk(
@@ -151,7 +151,7 @@ def delta_chunk(
         n,
         scale,
     )
-    o = o.view(n, bsz, h, c, dv).permute(1, 0, 3, 2, 4).reshape(bsz, n * c, h, dv)[:, :t]
+    o = o.view(bsz, h, n, c, dv).permute(0, 2, 3, 1, 4).reshape(bsz, n * c, h, dv)[:, :t]
     return o.to(out_dtype), state.view(bsz, h, dk, dv).to(out_dtype)
 
 
