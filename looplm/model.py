@@ -254,7 +254,7 @@ class LoopLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
         state: ModelState | None = None, mask: torch.Tensor | None = None, use_cache: bool = False,
-        depth: torch.Tensor | None = None,
+        depth: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
     ) -> LoopOutput:
         """input_ids ``[B,T]`` long -> LoopOutput.
 
@@ -262,8 +262,15 @@ class LoopLM(nn.Module):
         state: a ModelState from an earlier call (continue after it) — it is not modified, the
         new one is returned; ``use_cache`` starts a state when none is given; depth ``[B,T]``
         replays a routing (recursions per token, e.g. ``LoopOutput.depth`` of a full forward).
+        logits_at ``[B,T]`` bool: run the output head only at these positions (e.g. where a sparse
+        loss is supervised); logits are then ``[N, V]`` for its N True positions in row-major
+        order (``logits[i]`` belongs to ``logits_at.nonzero()[i]``), the loss is over those
+        positions only (the same value as the full loss when every supervised target is among
+        them), and the head's FLOPs are counted for N positions.
         """
         B, T = self._check(input_ids, targets, mask, depth, state)
+        if logits_at is not None and (logits_at.dtype != torch.bool or tuple(logits_at.shape) != (B, T)):
+            raise ValueError(f"logits_at must be a bool tensor of shape {(B, T)}")
         c = self.config
         if state is None and use_cache:
             state = self.init_state(B)
@@ -286,12 +293,15 @@ class LoopLM(nn.Module):
         for i, blk in enumerate(self.coda):
             h, _ = self._run(blk, f"coda.{i}", h, new, positions, mask, tally)
         h = self.norm(h)
+        if logits_at is not None:
+            h = h[logits_at]  # [N, d]
         logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
-        tally.add(2.0 * c.d_model * c.vocab_size * n_valid)
+        tally.add(2.0 * c.d_model * c.vocab_size * (n_valid if logits_at is None else h.shape[0]))
         loss = None
         if targets is not None:
             t = targets if mask is None else targets.masked_fill(~mask, -100)
-            loss = F.cross_entropy(logits.float().reshape(B * T, -1), t.reshape(-1), ignore_index=-100)
+            t = t.reshape(-1) if logits_at is None else t[logits_at]
+            loss = F.cross_entropy(logits.float().reshape(t.numel(), -1), t, ignore_index=-100)
         if new is not None:
             new.positions = start + (T if mask is None else mask.sum(1))
         return LoopOutput(logits, loss, tally.aux_loss(h), tally.stats(n_valid), depth, new)

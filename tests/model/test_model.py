@@ -51,6 +51,30 @@ def test_loss_is_cross_entropy_ignoring_minus_100_and_padding():
     torch.testing.assert_close(out.loss, ref)
 
 
+@pytest.mark.parametrize("untied", [False, True])
+def test_logits_at_answer_positions_give_the_full_loss_and_gradients(untied):
+    """A sparse loss (MQAR's answers) with the head run only where it is supervised: the same loss,
+    logits and gradients as the full head, and the head's FLOPs counted for those positions only."""
+    m = model(tie_embeddings=not untied).train()
+    x = tokens()
+    y = torch.full_like(x, -100)
+    y[0, 3], y[1, 7], y[1, 10] = 5, 9, 11
+    at = y != -100
+    full = m(x, y)
+    full_grads = torch.autograd.grad(full.loss, list(m.parameters()))
+    part = m(x, y, logits_at=at)
+    part_grads = torch.autograd.grad(part.loss, list(m.parameters()))
+    assert part.logits.shape == (3, VOCAB)
+    torch.testing.assert_close(part.logits, full.logits[at])
+    torch.testing.assert_close(part.loss, full.loss)
+    for a, b in zip(part_grads, full_grads):
+        torch.testing.assert_close(a, b)
+    head = 2.0 * m.config.d_model * VOCAB
+    assert full.stats["flops"] - part.stats["flops"] == pytest.approx(head * (x.numel() - 3))
+    with pytest.raises(ValueError, match="logits_at"):
+        m(x, y, logits_at=at.long())
+
+
 @pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
 def test_router_gets_gradients_and_aux_loss(router):
     m = model(router=router, n_recursions=3).train()
