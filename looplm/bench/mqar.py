@@ -7,7 +7,9 @@ accuracy of its argmax prediction at the answer positions of held-out MQAR data 
 
 Set for a small CPU machine while keeping Zoology's task:
 - vocabulary ``2·T`` per task by default (Zoology needs ``vocab > T``; it uses 8192, but a large
-  output head would dominate these tiny models, and logits are computed at every position);
+  embedding would dominate these tiny models);
+- the output head runs only at the answer positions (the loss is only there; ``LoopLM.forward``'s
+  ``logits_at``), in training and evaluation: ~30% of a step at width 64 and T=256;
 - almost no MLP, as Zoology's MQAR models: ``d_ffn = 1`` by default (a rank-one SwiGLU, what the
   recorded results used; ``--d-ffn 0`` drops the FFN entirely, ``ffn="none"``), which makes a step
   ~2.5× cheaper;
@@ -16,8 +18,11 @@ Set for a small CPU machine while keeping Zoology's task:
   accuracy on a validation set (a third seed) reaches ``--target``;
 - configurations run in ``--workers`` processes of one thread each, largest first.
 
-The default (sequence 64, 4 pairs, widths 64-256, five mixers) is what fits about half an hour of
-two cores; longer sequences need many more steps than that (see docs/results.md, MQAR sections).
+The default sweep (:data:`DEFAULT_TASKS`) is sized for about half an hour of two cores: widths 64
+and 256 on sequences of 64 with 4 pairs, and the longer tasks (128 with 16 pairs, 256 with 32) at
+width 64 with as many tokens per step (fewer sequences). ``--seq-lens`` (with ``--pairs``,
+``--widths``, ``--steps``, ``--batch-size``) runs any other grid; ``--steps`` and ``--batch-size``
+take one value or one per task.
 
 Writes ``mqar.json`` (settings + one result per configuration, resumable) and ``mqar.png``.
 """
@@ -29,6 +34,7 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +50,49 @@ LR = {"attention": 1e-3}  # every other kind: DEFAULT_LR
 DEFAULT_LR = 3e-3
 
 
+@dataclass(frozen=True)
+class Task:
+    """One MQAR task of the default sweep and how it is trained: the widths it runs, the sequences
+    per step and the most steps."""
+
+    seq_len: int
+    pairs: int
+    widths: tuple[int, ...]
+    batch_size: int
+    steps: int
+
+
+# The default sweep, sized for about half an hour of two cores (docs/results.md, MQAR): widths 64
+# and 256 (4x the state) on the short task, the longer tasks with more pairs at width 64. Every task
+# has 4096 tokens per step (fewer, longer sequences), so a step costs about the same; at T=128,
+# 32 sequences of 1000 steps learned more than 64 of 500 or 16 of 2000.
+DEFAULT_TASKS = (
+    Task(64, 4, (64, 256), 64, 1000),
+    Task(128, 16, (64,), 32, 1500),
+    Task(256, 32, (64,), 16, 800),
+)
+WIDTHS = [64, 128, 256]  # every task's widths when --seq-lens is given
+BATCH_SIZE, STEPS = 64, 1000  # likewise
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    tasks = ", ".join(f"T={t.seq_len} {t.pairs} pairs widths {'/'.join(map(str, t.widths))} "
+                      f"batch {t.batch_size} steps {t.steps}" for t in DEFAULT_TASKS)
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size, even (default 2 × seq len)")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[64])
-    parser.add_argument("--pairs", type=int, nargs="+", default=[4],
-                        help="key-value pairs per sequence, one per --seq-lens")
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                        help=f"sequence length of each task (default: the tasks {tasks})")
+    parser.add_argument("--pairs", type=int, nargs="+", default=None,
+                        help="key-value pairs per sequence, one per --seq-lens (default 4)")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help=f"widths of every task (default: the default tasks' own; with --seq-lens "
+                             f"{WIDTHS})")
     parser.add_argument("--mixers", nargs="+", default=DEFAULT_MIXERS, choices=KINDS)
-    parser.add_argument("--steps", type=int, default=1000, help="most optimizer steps per configuration")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help=f"most optimizer steps per configuration: one value, or one per task "
+                             f"(default: the default tasks' own; with --seq-lens {STEPS})")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=None,
+                        help=f"sequences per step: one value, or one per task (default: the default tasks' "
+                             f"own; with --seq-lens {BATCH_SIZE})")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"learning rate (default per mixer: {LR}, others {DEFAULT_LR})")
     parser.add_argument("--d-ffn", type=int, default=1,
@@ -69,19 +109,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
 
 
+def _one_or_per_task(flag: str, values: list[int], n: int) -> int | list[int]:
+    """A flag's values as stored in the settings: one int for every task, else one per task."""
+    if len(values) not in (1, n):
+        raise ValueError(f"{flag} needs one value or one per --seq-lens ({n}), got {values}")
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The sweep's settings (the resume key) from the flags; ``--quick`` shrinks everything."""
-    keys = ("vocab", "seq_lens", "pairs", "widths", "mixers", "steps", "batch_size", "lr", "d_ffn", "target",
-            "eval_every", "val_examples", "test_examples", "seed")
-    s = {k: getattr(args, k) for k in keys}
+    """The sweep's settings (the resume key) from the flags; ``--quick`` shrinks everything.
+
+    ``widths`` is a list of ints (every task) or one list per task; ``steps`` and ``batch_size``
+    an int (every task) or one per task (read them with :func:`task_widths`, :func:`task_value`)."""
+    keys = ("vocab", "mixers", "lr", "d_ffn", "target", "eval_every", "val_examples", "test_examples", "seed")
+    s: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    default = args.seq_lens is None and not args.quick  # the default tasks (--pairs may change their pairs)
+    seq_lens = [t.seq_len for t in DEFAULT_TASKS] if default else (args.seq_lens or [32])
+    pairs = args.pairs or ([t.pairs for t in DEFAULT_TASKS] if default else [4])
+    if len(pairs) != len(seq_lens):
+        raise ValueError(f"--pairs needs one value per --seq-lens {seq_lens}, got {pairs}")
+    n = len(seq_lens)
+
+    def pick(flag: str, given: list[int] | None, own: str, fallback: int) -> int | list[int]:
+        values = given or ([getattr(t, own) for t in DEFAULT_TASKS] if default else [fallback])
+        return _one_or_per_task(flag, values, n)
+
+    steps = pick("--steps", args.steps, "steps", STEPS)
+    batch = pick("--batch-size", args.batch_size, "batch_size", BATCH_SIZE)
+    widths = args.widths or ([list(t.widths) for t in DEFAULT_TASKS] if default else WIDTHS)
+    if widths and isinstance(widths[0], list) and all(w == widths[0] for w in widths):
+        widths = widths[0]
+    s.update(seq_lens=seq_lens, pairs=pairs, widths=widths, steps=steps, batch_size=batch)
     if args.quick:
         s.update(vocab=32, seq_lens=[32], pairs=[4], widths=[32], mixers=["attention", "gated_deltanet"],
                  steps=3, batch_size=4, eval_every=2, val_examples=8, test_examples=8)
-    if len(s["pairs"]) != len(s["seq_lens"]):
-        raise ValueError(f"--pairs needs one value per --seq-lens ({len(s['seq_lens'])}), got {s['pairs']}")
     for t, p in zip(s["seq_lens"], s["pairs"]):
         check_mqar_args(vocab_for(s, t), t, p)
     return s
+
+
+def task_widths(s: dict[str, Any], task: int) -> list[int]:
+    """The widths task number ``task`` (index into ``seq_lens``) runs."""
+    w = s["widths"]
+    return list(w[task]) if w and isinstance(w[0], list) else list(w)
+
+
+def task_value(s: dict[str, Any], key: str, task: int) -> int:
+    """``steps`` or ``batch_size`` of task number ``task``."""
+    v = s[key]
+    return v[task] if isinstance(v, list) else v
 
 
 def vocab_for(s: dict[str, Any], seq_len: int) -> int:
@@ -113,9 +189,9 @@ def accuracy(model: LoopLM, inputs: torch.Tensor, targets: torch.Tensor, batch_s
     right = total = 0
     for i in range(0, len(inputs), batch_size):
         y = targets[i:i + batch_size]
-        pred = model(inputs[i:i + batch_size]).logits.argmax(-1)
         m = y != IGNORE_INDEX
-        right += int((pred[m] == y[m]).sum())
+        pred = model(inputs[i:i + batch_size], logits_at=m).logits.argmax(-1)  # the head at the answers only
+        right += int((pred == y[m]).sum())
         total += int(m.sum())
     model.train()
     return right / max(total, 1)
@@ -125,17 +201,18 @@ class _Saturated(Exception):
     """Raised by the validation hook to end training early."""
 
 
-def run_one(kind: str, width: int, seq_len: int, n_pairs: int, s: dict[str, Any]) -> dict[str, Any]:
+def run_one(kind: str, width: int, seq_len: int, n_pairs: int, s: dict[str, Any], *,
+            batch_size: int | None = None, steps: int | None = None) -> dict[str, Any]:
     """Train one configuration from scratch (until ``steps`` or the validation target) and evaluate it
-    on held-out data. Data seeds: test ``2·seed+1``, validation ``2·seed+2``, the batch of step i
-    ``(seed + 1) · 2^32 + i``."""
+    on held-out data. ``batch_size`` and ``steps`` default to the settings' (ints for every task).
+    Data seeds: test ``2·seed+1``, validation ``2·seed+2``, the batch of step i ``(seed + 1) · 2^32 + i``."""
     torch.manual_seed(s["seed"])
     vocab = vocab_for(s, seq_len)
     data = dict(vocab_size=vocab, seq_len=seq_len, n_pairs=n_pairs)
     test = make_mqar(s["test_examples"], seed=s["seed"] * 2 + 1, **data)
     val = make_mqar(s["val_examples"], seed=s["seed"] * 2 + 2, **data)
     model = LoopLM(model_config(kind, width, vocab, seq_len, s["d_ffn"]))
-    b, steps = s["batch_size"], s["steps"]
+    b, steps = batch_size or s["batch_size"], steps or s["steps"]
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = make_mqar(b, seed=(s["seed"] + 1) * 2**32 + step, **data)
@@ -151,7 +228,7 @@ def run_one(kind: str, width: int, seq_len: int, n_pairs: int, s: dict[str, Any]
     start = time.perf_counter()
     every = max(1, min(s["eval_every"], steps))
     try:
-        ran = train_model(model, batch, steps=steps, lr=lr_for(s, kind), hook=check,
+        ran = train_model(model, batch, steps=steps, lr=lr_for(s, kind), hook=check, sparse_loss=True,
                           hook_at=[i / steps for i in range(every, steps + 1, every)]).steps
     except _Saturated:
         ran = int(curve[-1][0])
@@ -160,7 +237,7 @@ def run_one(kind: str, width: int, seq_len: int, n_pairs: int, s: dict[str, Any]
         state = model(test.inputs[:1], use_cache=True).state  # after one full sequence
     return {"mixer": kind, "width": width, "seq_len": seq_len, "n_pairs": n_pairs, "vocab": vocab,
             "accuracy": accuracy(model, test.inputs, test.targets), "lr": lr_for(s, kind),
-            "steps": ran, "val_curve": curve,
+            "batch_size": b, "steps": ran, "val_curve": curve,
             "state_bytes": state.nbytes(), "params": model.num_params(), "seconds": round(seconds, 1)}
 
 
@@ -168,23 +245,23 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(sweep: Sweep, jobs: list[tuple[str, tuple]], workers: int,
+def run_jobs(sweep: Sweep, jobs: list[tuple[str, tuple, dict[str, int]]], workers: int,
              threads: int | None) -> dict[str, Any]:
-    """Run ``run_one(*args)`` for each ``(key, args)`` not finished yet, in ``workers`` processes
-    (``threads`` torch threads each), storing each result as it arrives."""
-    todo = [(k, a) for k, a in jobs if k not in sweep.results]
+    """Run ``run_one(*args, **kwargs)`` for each ``(key, args, kwargs)`` not finished yet, in
+    ``workers`` processes (``threads`` torch threads each), storing each result as it arrives."""
+    todo = [(k, a, kw) for k, a, kw in jobs if k not in sweep.results]
     if len(todo) < len(jobs) and not sweep.quiet:
         print(f"mqar: {len(jobs) - len(todo)} of {len(jobs)} configurations already done")
     if workers <= 1:
         if threads:
             torch.set_num_threads(threads)
-        return sweep.run([(k, lambda a=a: run_one(*a)) for k, a in todo])
+        return sweep.run([(k, lambda a=a, kw=kw: run_one(*a, **kw)) for k, a, kw in todo])
     start = time.perf_counter()
     # fork starts a worker in milliseconds; torch's thread pools are set after it (initializer)
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(threads or 1,)) as pool:
-        futures = {pool.submit(run_one, *a): k for k, a in todo}
+        futures = {pool.submit(run_one, *a, **kw): k for k, a, kw in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             key = futures[fut]
             sweep.results[key] = r = fut.result()
@@ -241,9 +318,12 @@ def run(args: argparse.Namespace) -> int:
     s = settings(args)
     out = Path(args.out)
     sweep = Sweep(out, "mqar", s, swept=("seq_lens", "pairs", "widths", "mixers"), quiet=args.quick)
-    jobs = [(f"{kind}-d{w}-T{t}-p{p}", (kind, w, t, p, s))
-            for t, p in zip(s["seq_lens"], s["pairs"]) for w in s["widths"] for kind in s["mixers"]]
-    jobs.sort(key=lambda j: -j[1][1] ** 2 * j[1][2])  # the largest first: balances the workers
+    jobs = [(f"{kind}-d{w}-T{t}-p{p}", (kind, w, t, p, s),
+             {"batch_size": task_value(s, "batch_size", i), "steps": task_value(s, "steps", i)})
+            for i, (t, p) in enumerate(zip(s["seq_lens"], s["pairs"])) for w in task_widths(s, i)
+            for kind in s["mixers"]]
+    # the largest first (cost ~ steps · sequences · T · width²): balances the workers
+    jobs.sort(key=lambda j: -j[2]["steps"] * j[2]["batch_size"] * j[1][2] * j[1][1] ** 2)
     start = time.perf_counter()
     results = run_jobs(sweep, jobs, args.workers, args.threads)
     sweep.save(table=table(results))

@@ -56,6 +56,7 @@ def train_model(
     model: nn.Module, batch: Callable[[int], Batch], *, budget: float | None = None, steps: int | None = None,
     lr: float = 3e-3, weight_decay: float = 0.1, clip: float = 1.0,
     hook: Callable[[float, int], None] | None = None, hook_at: Sequence[float] = (),
+    sparse_loss: bool = False,
 ) -> TrainResult:
     """Train ``model`` (a LoopLM) on ``batch(step) -> (x [B,T], y [B,T])`` until the training FLOPs it
     counted (3 × forward, routing included) reach ``budget`` or ``steps`` optimizer steps ran, whichever
@@ -63,7 +64,9 @@ def train_model(
 
     AdamW (β = 0.9, 0.95) on ``loss + aux_loss``, gradient clipping, warmup + cosine over the fraction
     of the budget (or steps) spent. ``hook(flops, tokens)`` is called once the spent fraction passes
-    each of ``hook_at`` (e.g. to evaluate along the way; its time is not counted).
+    each of ``hook_at`` (e.g. to evaluate along the way; its time is not counted). ``sparse_loss``:
+    the output head runs only where ``y`` is supervised (``!= -100``; ``LoopLM.forward(logits_at=)``),
+    the same loss for less work when few positions are (MQAR's answers); the FLOPs count that head.
     """
     if budget is None and steps is None:
         raise ValueError("give a FLOPs budget or a number of steps")
@@ -82,7 +85,7 @@ def train_model(
         for g in opt.param_groups:
             g["lr"] = lr_at(progress(), lr)
         x, y = batch(step)
-        out = model(x, y)
+        out = model(x, y, logits_at=y != -100) if sparse_loss else model(x, y)
         loss = out.loss + out.aux_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training diverged at step {step} (loss {float(loss)}); lower --lr")

@@ -128,3 +128,54 @@ def test_d_ffn_zero_builds_mixer_only_models():
     assert mqar.model_config("gla", 64, 32, 16, d_ffn=0).ffn == "none"
     cfg = mqar.model_config("gla", 64, 32, 16, d_ffn=1)
     assert (cfg.ffn, cfg.d_ffn) == ("dense", 1)
+
+
+def test_default_sweep_is_the_short_task_at_every_width_and_longer_tasks_at_fewer():
+    s = mqar.settings(parse())
+    tasks = [(t.seq_len, t.pairs) for t in mqar.DEFAULT_TASKS]
+    assert list(zip(s["seq_lens"], s["pairs"])) == tasks
+    assert max(s["seq_lens"]) == 256 and max(s["pairs"]) == 32
+    assert [mqar.task_widths(s, i) for i in range(len(tasks))] == [list(t.widths) for t in mqar.DEFAULT_TASKS]
+    assert [mqar.task_value(s, "batch_size", i) for i in range(len(tasks))] == [
+        t.batch_size for t in mqar.DEFAULT_TASKS]
+    assert mqar.task_widths(s, 0) == [64, 256] and min(s["widths"][1]) == 64
+    # --widths and one --batch-size apply to every default task
+    s = mqar.settings(parse("--widths", "64", "--batch-size", "8"))
+    assert s["widths"] == [64] and s["batch_size"] == 8 and mqar.task_value(s, "batch_size", 2) == 8
+
+
+def test_given_sequence_lengths_keep_the_single_values_of_before():
+    s = mqar.settings(parse("--seq-lens", "128", "--pairs", "8", "--widths", "64", "--steps", "1500"))
+    got = (s["seq_lens"], s["pairs"], s["widths"], s["steps"], s["batch_size"])
+    assert got == ([128], [8], [64], 1500, 64)
+    s = mqar.settings(parse("--seq-lens", "64", "128", "--pairs", "4", "8", "--steps", "100", "200"))
+    assert s["widths"] == mqar.WIDTHS and [mqar.task_value(s, "steps", i) for i in (0, 1)] == [100, 200]
+    with pytest.raises(ValueError, match="--steps"):
+        mqar.settings(parse("--seq-lens", "64", "--pairs", "4", "--steps", "100", "200"))
+    with pytest.raises(ValueError, match="--batch-size"):
+        mqar.settings(parse("--seq-lens", "64", "128", "--pairs", "4", "8", "--batch-size", "1", "2", "3"))
+
+
+def test_per_task_batch_and_steps_reach_the_runs(tmp_path):
+    argv = ["bench", "mqar", "--seq-lens", "16", "24", "--pairs", "2", "3", "--widths", "16",
+            "--mixers", "linear", "--batch-size", "4", "2", "--steps", "2", "3", "--target", "1.01",
+            "--eval-every", "1", "--val-examples", "4", "--test-examples", "4", "--workers", "1",
+            "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "mqar.json").read_text())["results"]
+    assert {k: (r["batch_size"], r["steps"]) for k, r in res.items()} == {
+        "linear-d16-T16-p2": (4, 2), "linear-d16-T24-p3": (2, 3)}
+
+
+def test_sparse_loss_trains_like_the_full_head():
+    """Logits only at the answers (``sparse_loss``) give the same training as logits everywhere."""
+    data = mqar.make_mqar(8, vocab_size=32, seq_len=32, n_pairs=4, seed=0)
+    params = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = mqar.LoopLM(mqar.model_config("gated_deltanet", 32, 32, 32))
+        res = mqar.train_model(model, lambda step: (data.inputs, data.targets), steps=3, sparse_loss=sparse)
+        params.append((res.train_loss, [p.detach().clone() for p in model.parameters()]))
+    assert params[1][0] == pytest.approx(params[0][0], rel=1e-5)
+    for a, b in zip(params[0][1], params[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
