@@ -274,26 +274,38 @@ def run_jobs(sweep: Sweep, jobs: list[tuple[str, tuple, dict[str, int]]], worker
 
 
 def plot(results: dict[str, Any], path: Path, vocab: int | None = None) -> Path:
-    """Accuracy against width, one panel per (sequence length, pairs), one line per mixer; a dotted
-    line at chance (a uniform guess among the ``vocab / 2`` values)."""
+    """One panel per (sequence length, pairs): accuracy against width, one line per mixer, or bars
+    per mixer when the task ran one width; a dotted line at chance (a uniform guess among the
+    ``vocab / 2`` values)."""
     rows = list(results.values())
     tasks = sorted({(r["seq_len"], r["n_pairs"]) for r in rows})
+    kinds = list(dict.fromkeys(r["mixer"] for r in rows))
+    color = {k: f"C{i}" for i, k in enumerate(kinds)}
     fig, axes = subplots(len(tasks), 1, size=(4.5, 3.6))
     for ax, (t, p) in zip(axes[0], tasks):
-        for kind in dict.fromkeys(r["mixer"] for r in rows):
-            pts = sorted((r["width"], r["accuracy"]) for r in rows
-                         if r["mixer"] == kind and (r["seq_len"], r["n_pairs"]) == (t, p))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=kind)
+        mine = [r for r in rows if (r["seq_len"], r["n_pairs"]) == (t, p)]
+        widths = sorted({r["width"] for r in mine})
+        if len(widths) == 1:
+            bars = [(k, r["accuracy"]) for k in kinds for r in mine if r["mixer"] == k]
+            ax.bar(range(len(bars)), [a for _, a in bars], color=[color[k] for k, _ in bars])
+            ax.set_xticks(range(len(bars)), [k for k, _ in bars], rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel(f"mixer (width {widths[0]})")
+        else:
+            for kind in kinds:
+                pts = sorted((r["width"], r["accuracy"]) for r in mine if r["mixer"] == kind)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=kind, color=color[kind])
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(widths, [str(w) for w in widths])
+            ax.set_xlabel("model width")
         v = vocab or next(r.get("vocab") for r in rows if r["seq_len"] == t)
         if v:
             ax.axhline(2 / v, ls=":", color="gray", label="chance")
-        ax.set_xscale("log", base=2)
+        if len(widths) > 1:
+            ax.legend(fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"MQAR seq {t}, {p} pairs")
-        ax.set_xlabel("model width")
         ax.set_ylabel("test accuracy")
-    axes[0][0].legend(fontsize=8)
     return save_figure(fig, path)
 
 

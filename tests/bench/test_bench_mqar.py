@@ -179,3 +179,11 @@ def test_sparse_loss_trains_like_the_full_head():
     assert params[1][0] == pytest.approx(params[0][0], rel=1e-5)
     for a, b in zip(params[0][1], params[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_plot_has_lines_over_widths_and_bars_for_a_task_of_one_width(tmp_path):
+    res = {f"{k}-d{w}-T{t}-p{p}": {"mixer": k, "width": w, "seq_len": t, "n_pairs": p, "vocab": 2 * t,
+                                     "accuracy": 0.5, "steps": 10, "state_bytes": 1024}
+           for t, p, widths in ((16, 2, (16, 32)), (32, 4, (16,))) for w in widths for k in ("linear", "gla")}
+    assert mqar.plot(res, tmp_path / "m.png").stat().st_size > 1000
+    assert "| gla | 32 | 1 | 0.500 (10) |  |" in mqar.table(res)
