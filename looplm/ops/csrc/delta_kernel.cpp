@@ -4,10 +4,24 @@
 // [G*N, C, d] (group g owns rows g*N .. g*N+N-1), states [G, N, dk, dv].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <limits>
 #include <vector>
+
+// Fortran BLAS, exported by libtorch_cpu (MKL): the loop over chunks calls it directly, since the
+// per-call overhead of an ATen matmul on one [32, 64] x [64, 64] product is about its cost.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
 
 namespace {
 
@@ -51,12 +65,29 @@ Tensor unit_lower_inverse(const Tensor& m) {
   return c2 == c ? inv : inv.slice(1, 0, c).slice(2, 0, c);
 }
 
+void blas_gemm(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a, int lda,
+               const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void blas_gemm(const char* ta, const char* tb, int m, int n, int k, double alpha, const double* a, int lda,
+               const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C [M, N] = alpha op(A) op(B) + beta C for contiguous row-major matrices; op(X) = X^T
+// when tX (A is then stored [K, M], B [N, K]). Column-major BLAS computes C^T = op(B)^T op(A)^T.
+template <typename T>
+void gemm_rm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, const T* b, T beta, T* c) {
+  blas_gemm(tb ? "T" : "N", ta ? "T" : "N", n, m, k, alpha, b, tb ? k : n, a, ta ? m : k, beta, c, n);
+}
+
 struct Saved {  // full-size tensors, rows of all groups; eb, k_end, d undefined when ungated
   Tensor q, k, v, beta, p, kk, ainv, w, q_dec, k_dec, states, delta, eb, k_end, d;
 };
 
 // Rows [r0, r1) of the per-chunk terms: p, kk (decayed), ainv, d, and u (in delta), w, q_dec, k_dec.
 void chunk_terms(const Saved& s, const Tensor& b, double scale, int64_t r0, int64_t r1) {
+  RECORD_FUNCTION("k_chunk_terms", std::vector<c10::IValue>());
   const bool gated = b.defined();
   const int64_t c = s.q.size(1);
   auto rows = [&](const Tensor& x) { return x.slice(0, r0, r1); };
@@ -86,24 +117,27 @@ void chunk_terms(const Saved& s, const Tensor& b, double scale, int64_t r0, int6
   }
 }
 
-// The forward loop over the chunks of groups [g0, g1) (batched over those groups).
-void scan_forward(const Saved& s, const Tensor& gamma, const Tensor& s0, const Tensor& final, int64_t n,
-                  int64_t g0, int64_t g1) {
-  const int64_t c = s.q.size(1), dk = s.q.size(2), dv = s.v.size(2), len = g1 - g0;
-  auto grp = [&](const Tensor& x, int64_t d) { return x.slice(0, g0 * n, g1 * n).view({len, n, c, d}); };
-  Tensor delta = grp(s.delta, dv), w = grp(s.w, dk), kdec = grp(s.k_dec, dk);
-  Tensor states = s.states.slice(0, g0, g1), fin = final.slice(0, g0, g1);
-  Tensor gam = gamma.defined() ? gamma.slice(0, g0, g1) : Tensor();
-  states.select(1, 0).copy_(s0.slice(0, g0, g1));
-  for (int64_t i = 0; i < n; ++i) {
-    Tensor st = states.select(1, i), nxt = i + 1 < n ? states.select(1, i + 1) : fin, d = delta.select(1, i);
-    d.baddbmm_(w.select(1, i), st, 1.0, -1.0);
-    if (gam.defined()) {
-      mul_into(nxt, st, gam.select(1, i).view({len, 1, 1}));
-    } else {
-      nxt.copy_(st);
+// The forward loop over the chunks of groups [g0, g1), one group at a time:
+// delta_i -= W_i S_i, S_{i+1} = gamma_i S_i + K'_i^T delta_i (S_N goes to final).
+template <typename T>
+void scan_forward(const Saved& s, const Tensor& s0, const Tensor& final, int64_t n, int64_t g0, int64_t g1) {
+  RECORD_FUNCTION("k_scan_fwd", std::vector<c10::IValue>());
+  const int c = s.q.size(1), dk = s.q.size(2), dv = s.v.size(2), sz = dk * dv;
+  T* delta = s.delta.data_ptr<T>();
+  const T *w = s.w.data_ptr<T>(), *kdec = s.k_dec.data_ptr<T>();
+  const T* eb = s.eb.defined() ? s.eb.data_ptr<T>() : nullptr;
+  T *states = s.states.data_ptr<T>(), *fin = final.data_ptr<T>();
+  const T* init = s0.data_ptr<T>();
+  for (int64_t g = g0; g < g1; ++g) {
+    std::copy(init + g * sz, init + (g + 1) * sz, states + g * n * sz);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = g * n + i;
+      T *d = delta + row * c * dv, *st = states + row * sz, *nxt = i + 1 < n ? st + sz : fin + g * sz;
+      gemm_rm<T>(false, false, c, dv, dk, T(-1), w + row * c * dk, st, T(1), d);
+      const T gamma = eb ? eb[row * c + c - 1] : T(1);
+      for (int j = 0; j < sz; ++j) nxt[j] = gamma * st[j];
+      gemm_rm<T>(true, false, dk, dv, c, T(1), kdec + row * c * dk, d, T(1), nxt);
     }
-    nxt.baddbmm_(mT(kdec.select(1, i)), d);
   }
 }
 
@@ -112,6 +146,7 @@ std::vector<Tensor> delta_chunk_forward(const Tensor& q, const Tensor& k, const 
                                         int64_t block_rows) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
               "delta_chunk_forward: contiguous [G*N, C, d] inputs expected");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t ng = q.size(0), c = q.size(1), dk = q.size(2), dv = v.size(2), groups = ng / n;
   const bool gated = g.has_value();
   Saved s;
@@ -120,25 +155,29 @@ std::vector<Tensor> delta_chunk_forward(const Tensor& q, const Tensor& k, const 
   s.ainv = at::empty({ng, c, c}, q.options());
   s.w = at::empty({ng, c, dk}, q.options()), s.delta = at::empty({ng, c, dv}, q.options());
   s.states = at::empty({groups, n, dk, dv}, q.options());
-  Tensor b, gamma, final = at::empty({groups, dk, dv}, q.options());
+  Tensor b, final = at::empty({groups, dk, dv}, q.options());
   if (gated) {
     b = g->cumsum(-1);
     s.eb = b.exp().unsqueeze(-1);
     s.k_end = (b.slice(1, c - 1, c) - b).exp_().unsqueeze(-1);
     s.d = at::empty({ng, c, c}, q.options());
     s.q_dec = at::empty_like(q), s.k_dec = at::empty_like(k);
-    gamma = s.eb.view({groups, n, c}).select(2, c - 1);
   } else {
     s.q_dec = q, s.k_dec = k;
   }
-  Tensor o = at::empty({ng, c, dv}, q.options()), s_in = s.states.view({ng, dk, dv});
+  Tensor o = at::empty({ng, c, dv}, q.options()), s_in = s.states.view({ng, dk, dv}), s0c = s0.contiguous();
   const int64_t threads = at::get_num_threads();
+  const at::ThreadLocalState caller;  // grad mode, profiler etc. are per thread: hand them to the workers
   at::parallel_for(0, groups, (groups + threads - 1) / threads, [&](int64_t g0, int64_t g1) {
+    at::ThreadLocalStateGuard tls(caller);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain tensors in, no graph to record
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
       chunk_terms(s, b, scale, r, std::min(r + block_rows, g1 * n));
     }
-    scan_forward(s, gamma, s0, final, n, g0, g1);
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "delta_scan_forward",
+                               [&] { scan_forward<scalar_t>(s, s0c, final, n, g0, g1); });
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
+      RECORD_FUNCTION("k_output", std::vector<c10::IValue>());
       const int64_t r1 = std::min(r + block_rows, g1 * n);
       Tensor orow = o.slice(0, r, r1);
       bmm_into(orow, s.p.slice(0, r, r1), s.delta.slice(0, r, r1));
@@ -159,6 +198,7 @@ struct Grads {  // full-size outputs
 // Gradients of q, k, v, beta, g for rows [r0, r1), given the loop's results (see _input_grads).
 void input_grads(const Saved& s, double scale, const Tensor& d_o_all, const Tensor& d_delta_all,
                  const Tensor& g_next_all, const Grads& out, int64_t r0, int64_t r1) {
+  RECORD_FUNCTION("k_input_grads", std::vector<c10::IValue>());
   auto rows = [&](const Tensor& x) { return x.slice(0, r0, r1); };
   const bool gated = s.d.defined();
   Tensor d_o = rows(d_o_all), d_delta = rows(d_delta_all), g_next = rows(g_next_all);
@@ -210,63 +250,64 @@ void input_grads(const Saved& s, double scale, const Tensor& d_o_all, const Tens
   rows(out.d_beta).copy_(d_beta);
 }
 
-// The backward loop over the chunks of groups [g0, g1): d_delta and g_next (dS_{i+1} of chunk i)
-// hold the outputs' parts and receive what flows back through the state; d_s0 receives dS_0.
-void scan_backward(const Saved& s, const Tensor& gamma, const Tensor& d_delta_all, const Tensor& g_next_all,
-                   const Tensor& d_s0_all, int64_t n, int64_t g0, int64_t g1) {
-  const int64_t c = s.q.size(1), dk = s.q.size(2), dv = s.v.size(2), len = g1 - g0;
-  auto grp = [&](const Tensor& x, int64_t d) { return x.slice(0, g0 * n, g1 * n).view({len, n, c, d}); };
-  Tensor d_delta = grp(d_delta_all, dv), w = grp(s.w, dk), kdec = grp(s.k_dec, dk);
-  Tensor g_next = g_next_all.slice(0, g0, g1), d_s0 = d_s0_all.slice(0, g0, g1);
-  Tensor gam = gamma.defined() ? gamma.slice(0, g0, g1) : Tensor();
-  for (int64_t i = n - 1; i >= 0; --i) {
-    Tensor gn = g_next.select(1, i), tgt = i > 0 ? g_next.select(1, i - 1) : d_s0, dd = d_delta.select(1, i);
-    dd.baddbmm_(kdec.select(1, i), gn);
-    if (gam.defined()) {
-      tgt.addcmul_(gn, gam.select(1, i).view({len, 1, 1}));
-    } else {
-      tgt.add_(gn);
+// The backward loop over the chunks of groups [g0, g1), one group at a time. d_delta holds the
+// outputs' part; g_next[i] (dS_{i+1} of chunk i) and d_s0 are written here:
+// d_delta_i += K'_i dS_{i+1},  dS_i = s Q'_i^T dO_i + gamma_i dS_{i+1} - W_i^T d_delta_i,
+// with dS_N = d_final and s = scale when ungated (q_dec is then q), else 1.
+template <typename T>
+void scan_backward(const Saved& s, const Tensor& d_o_all, const Tensor& d_final, const Tensor& d_delta_all,
+                   const Tensor& g_next_all, const Tensor& d_s0_all, double scale, int64_t n, int64_t g0, int64_t g1) {
+  RECORD_FUNCTION("k_scan_bwd", std::vector<c10::IValue>());
+  const int c = s.q.size(1), dk = s.q.size(2), dv = s.v.size(2), sz = dk * dv;
+  const T *w = s.w.data_ptr<T>(), *kdec = s.k_dec.data_ptr<T>(), *qdec = s.q_dec.data_ptr<T>();
+  const T *d_o = d_o_all.data_ptr<T>(), *dfin = d_final.data_ptr<T>();
+  const T* eb = s.eb.defined() ? s.eb.data_ptr<T>() : nullptr;
+  const T so = eb ? T(1) : T(scale);
+  T *d_delta = d_delta_all.data_ptr<T>(), *g_next = g_next_all.data_ptr<T>(), *d_s0 = d_s0_all.data_ptr<T>();
+  for (int64_t g = g0; g < g1; ++g) {
+    std::copy(dfin + g * sz, dfin + (g + 1) * sz, g_next + (g * n + n - 1) * sz);
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const int64_t row = g * n + i;
+      const T* gn = g_next + row * sz;
+      T *dd = d_delta + row * c * dv, *tgt = i > 0 ? g_next + (row - 1) * sz : d_s0 + g * sz;
+      gemm_rm<T>(false, false, c, dv, dk, T(1), kdec + row * c * dk, gn, T(1), dd);
+      gemm_rm<T>(true, false, dk, dv, c, so, qdec + row * c * dk, d_o + row * c * dv, T(0), tgt);
+      const T gamma = eb ? eb[row * c + c - 1] : T(1);
+      for (int j = 0; j < sz; ++j) tgt[j] += gamma * gn[j];
+      gemm_rm<T>(true, false, dk, dv, c, T(-1), w + row * c * dk, dd, T(1), tgt);
     }
-    tgt.baddbmm_(mT(w.select(1, i)), dd, 1.0, -1.0);
   }
 }
 
 std::vector<Tensor> delta_chunk_backward(const Tensor& d_o, const Tensor& d_final, at::TensorList saved, int64_t n,
                                          double scale, bool gated, int64_t block_rows) {
   TORCH_CHECK(saved.size() == (gated ? 15u : 12u), "delta_chunk_backward: wrong number of saved tensors");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   Saved s;
   s.q = saved[0], s.k = saved[1], s.v = saved[2], s.beta = saved[3], s.p = saved[4], s.kk = saved[5];
   s.ainv = saved[6], s.w = saved[7], s.q_dec = saved[8], s.k_dec = saved[9], s.states = saved[10];
   s.delta = saved[11];
-  Tensor gamma;
   const int64_t ng = s.q.size(0), c = s.q.size(1), dk = s.q.size(2), dv = s.v.size(2), groups = ng / n;
   if (gated) {
     s.eb = saved[12], s.k_end = saved[13], s.d = saved[14];
-    gamma = s.eb.view({groups, n, c}).select(2, c - 1);
   }
   Grads out{at::empty_like(s.q), at::empty_like(s.k), at::empty_like(s.v), at::empty_like(s.beta),
             gated ? at::empty_like(s.beta) : at::empty({0}, s.beta.options())};
   Tensor d_delta = at::empty({ng, c, dv}, d_o.options());
   Tensor g_next = at::empty({groups, n, dk, dv}, d_o.options()), d_s0 = at::empty({groups, dk, dv}, d_o.options());
   const int64_t threads = at::get_num_threads();
+  const at::ThreadLocalState caller;  // grad mode, profiler etc. are per thread: hand them to the workers
   at::parallel_for(0, groups, (groups + threads - 1) / threads, [&](int64_t g0, int64_t g1) {
+    at::ThreadLocalStateGuard tls(caller);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain tensors in, no graph to record
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
+      RECORD_FUNCTION("k_bwd_prep", std::vector<c10::IValue>());
       const int64_t r1 = std::min(r + block_rows, g1 * n);
       bmm_into(d_delta.slice(0, r, r1), mT(s.p.slice(0, r, r1)), d_o.slice(0, r, r1));
     }
-    for (int64_t gi = g0; gi < g1; ++gi) {  // d o_i / d S_i lands in dS_i's slot: g_next[i-1] or d_s0
-      Tensor qd = s.q_dec.slice(0, gi * n, gi * n + n), dog = d_o.slice(0, gi * n, gi * n + n);
-      if (n > 1) {
-        bmm_into(g_next[gi].slice(0, 0, n - 1), mT(qd.slice(0, 1, n)), dog.slice(0, 1, n));
-      }
-      mm_into(d_s0[gi], mT(qd[0]), dog[0]);
-      if (!gated) {
-        g_next[gi].slice(0, 0, n - 1).mul_(scale);
-        d_s0[gi].mul_(scale);
-      }
-      g_next[gi][n - 1].copy_(d_final[gi]);
-    }
-    scan_backward(s, gamma, d_delta, g_next, d_s0, n, g0, g1);
+    AT_DISPATCH_FLOATING_TYPES(d_o.scalar_type(), "delta_scan_backward", [&] {
+      scan_backward<scalar_t>(s, d_o, d_final, d_delta, g_next, d_s0, scale, n, g0, g1);
+    });
     Tensor g_rows = g_next.view({ng, dk, dv});
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
       input_grads(s, scale, d_o, d_delta, g_rows, out, r, std::min(r + block_rows, g1 * n));
