@@ -1,7 +1,9 @@
 // The delta rule's chunk form (forward and backward), each thread on its own range of groups.
-// The math and the names follow looplm/ops/delta_chunkwise.py line by line (its PyTorch form is
-// the reference); looplm/ops/delta_kernel.py says why this exists. Layout: group-major rows
-// [G*N, C, d] (group g owns rows g*N .. g*N+N-1), states [G, N, dk, dv].
+// The math and the names follow looplm/ops/delta_chunkwise.py (its PyTorch form is the reference
+// and the tests compare the two); the loop over chunks runs one group at a time on BLAS, and the
+// backward loop also forms the outputs' part of dS. looplm/ops/delta_kernel.py says why this
+// exists. Layout: group-major rows [G*N, C, d] (group g owns rows g*N .. g*N+N-1), states
+// [G, N, dk, dv] (S_0 .. S_{N-1}; S_N is the final state).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -33,7 +35,6 @@ Tensor mT(const Tensor& x) { return x.transpose(-1, -2); }
 
 // at::*_out take the output by non-const reference; these take views (temporaries) of it.
 void bmm_into(Tensor out, const Tensor& a, const Tensor& b) { at::bmm_out(out, a, b); }
-void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
 void mul_into(Tensor out, const Tensor& a, const Tensor& b) { at::mul_out(out, a, b); }
 
 Tensor causal_mask(int64_t c, const Tensor& like) {
@@ -87,7 +88,7 @@ struct Saved {  // full-size tensors, rows of all groups; eb, k_end, d undefined
 
 // Rows [r0, r1) of the per-chunk terms: p, kk (decayed), ainv, d, and u (in delta), w, q_dec, k_dec.
 void chunk_terms(const Saved& s, const Tensor& b, double scale, int64_t r0, int64_t r1) {
-  RECORD_FUNCTION("k_chunk_terms", std::vector<c10::IValue>());
+  RECORD_FUNCTION("delta_kernel::chunk_terms", std::vector<c10::IValue>());
   const bool gated = b.defined();
   const int64_t c = s.q.size(1);
   auto rows = [&](const Tensor& x) { return x.slice(0, r0, r1); };
@@ -121,7 +122,7 @@ void chunk_terms(const Saved& s, const Tensor& b, double scale, int64_t r0, int6
 // delta_i -= W_i S_i, S_{i+1} = gamma_i S_i + K'_i^T delta_i (S_N goes to final).
 template <typename T>
 void scan_forward(const Saved& s, const Tensor& s0, const Tensor& final, int64_t n, int64_t g0, int64_t g1) {
-  RECORD_FUNCTION("k_scan_fwd", std::vector<c10::IValue>());
+  RECORD_FUNCTION("delta_kernel::scan_fwd", std::vector<c10::IValue>());
   const int c = s.q.size(1), dk = s.q.size(2), dv = s.v.size(2), sz = dk * dv;
   T* delta = s.delta.data_ptr<T>();
   const T *w = s.w.data_ptr<T>(), *kdec = s.k_dec.data_ptr<T>();
@@ -177,7 +178,7 @@ std::vector<Tensor> delta_chunk_forward(const Tensor& q, const Tensor& k, const 
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "delta_scan_forward",
                                [&] { scan_forward<scalar_t>(s, s0c, final, n, g0, g1); });
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
-      RECORD_FUNCTION("k_output", std::vector<c10::IValue>());
+      RECORD_FUNCTION("delta_kernel::output", std::vector<c10::IValue>());
       const int64_t r1 = std::min(r + block_rows, g1 * n);
       Tensor orow = o.slice(0, r, r1);
       bmm_into(orow, s.p.slice(0, r, r1), s.delta.slice(0, r, r1));
@@ -198,7 +199,7 @@ struct Grads {  // full-size outputs
 // Gradients of q, k, v, beta, g for rows [r0, r1), given the loop's results (see _input_grads).
 void input_grads(const Saved& s, double scale, const Tensor& d_o_all, const Tensor& d_delta_all,
                  const Tensor& g_next_all, const Grads& out, int64_t r0, int64_t r1) {
-  RECORD_FUNCTION("k_input_grads", std::vector<c10::IValue>());
+  RECORD_FUNCTION("delta_kernel::input_grads", std::vector<c10::IValue>());
   auto rows = [&](const Tensor& x) { return x.slice(0, r0, r1); };
   const bool gated = s.d.defined();
   Tensor d_o = rows(d_o_all), d_delta = rows(d_delta_all), g_next = rows(g_next_all);
@@ -257,7 +258,7 @@ void input_grads(const Saved& s, double scale, const Tensor& d_o_all, const Tens
 template <typename T>
 void scan_backward(const Saved& s, const Tensor& d_o_all, const Tensor& d_final, const Tensor& d_delta_all,
                    const Tensor& g_next_all, const Tensor& d_s0_all, double scale, int64_t n, int64_t g0, int64_t g1) {
-  RECORD_FUNCTION("k_scan_bwd", std::vector<c10::IValue>());
+  RECORD_FUNCTION("delta_kernel::scan_bwd", std::vector<c10::IValue>());
   const int c = s.q.size(1), dk = s.q.size(2), dv = s.v.size(2), sz = dk * dv;
   const T *w = s.w.data_ptr<T>(), *kdec = s.k_dec.data_ptr<T>(), *qdec = s.q_dec.data_ptr<T>();
   const T *d_o = d_o_all.data_ptr<T>(), *dfin = d_final.data_ptr<T>();
@@ -301,7 +302,7 @@ std::vector<Tensor> delta_chunk_backward(const Tensor& d_o, const Tensor& d_fina
     at::ThreadLocalStateGuard tls(caller);
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain tensors in, no graph to record
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
-      RECORD_FUNCTION("k_bwd_prep", std::vector<c10::IValue>());
+      RECORD_FUNCTION("delta_kernel::d_delta_from_outputs", std::vector<c10::IValue>());
       const int64_t r1 = std::min(r + block_rows, g1 * n);
       bmm_into(d_delta.slice(0, r, r1), mT(s.p.slice(0, r, r1)), d_o.slice(0, r, r1));
     }
