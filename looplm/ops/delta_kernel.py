@@ -14,8 +14,9 @@ of it (per-chunk terms, loop, outputs, gradients) for its own range of groups (`
 over ``B*H``, compiled with OpenMP: without ``-fopenmp`` that header-only loop runs serially), in
 cache-sized blocks of rows; the loop over chunks calls BLAS ``gemm`` directly (an ATen matmul's
 overhead is about the cost of one ``[32, 64] x [64, 64]`` product). It is built on first use by
-torch's C++ extension loader (seconds; cached in ``~/.cache/torch_extensions``). Without a C++ compiler, on other
-devices, or with ``LOOPLM_NO_CPP_EXT=1``, the PyTorch form runs; tests check that both agree.
+torch's C++ extension loader (seconds; cached in ``~/.cache/torch_extensions``). Without a C++
+compiler, on other devices, or with ``LOOPLM_NO_CPP_EXT=1``, the PyTorch form runs; tests check
+that both agree.
 """
 
 from __future__ import annotations
