@@ -20,7 +20,9 @@ from torch import nn
 from looplm.errors import ConfigError
 from looplm.flops import Tally, flops_per_token
 from looplm.layers.block import Block
+from looplm.layers.linear import Linear
 from looplm.layers.norms import RMSNorm
+from looplm.ops.linear import linear
 from looplm.routers import ExpertChoiceRouter, TokenChoiceRouter, gather_index
 from looplm.state import ModelState
 
@@ -214,7 +216,7 @@ class LoopLM(nn.Module):
         elif c.router == "token_choice":
             self.router = TokenChoiceRouter(c.d_model, c.n_recursions)
         self.norm = RMSNorm(c.d_model)
-        self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head = None if c.tie_embeddings else Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init_weights)
         if isinstance(self.router, ExpertChoiceRouter):
             nn.init.normal_(self.router.weight, std=c.init_std)
@@ -295,7 +297,7 @@ class LoopLM(nn.Module):
         h = self.norm(h)
         if logits_at is not None:
             h = h[logits_at]  # [N, d]
-        logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+        logits = linear(h, self.embed.weight) if self.head is None else self.head(h)
         tally.add(2.0 * c.d_model * c.vocab_size * (n_valid if logits_at is None else h.shape[0]))
         loss = None
         if targets is not None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.layers.linear import Linear
+
 
 def gather_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-align the kept tokens of each row, keeping their order.
@@ -77,7 +79,7 @@ class TokenChoiceRouter(nn.Module):
 
     def __init__(self, d_model: int, n_recursions: int):
         super().__init__()
-        self.proj = nn.Linear(d_model, n_recursions, bias=False)
+        self.proj = Linear(d_model, n_recursions, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(

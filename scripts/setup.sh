@@ -11,5 +11,5 @@ python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 python -c "import looplm, torch; print('looplm', looplm.__version__, 'torch', torch.__version__)"
-# build the C++ delta-rule kernel now (seconds, cached) rather than at the first training step
-python -c "from looplm.ops.delta_kernel import kernel_available as k; print('C++ delta-rule kernel:', k())"
+# build the C++ kernels now (seconds, cached) rather than at the first training step
+python -c "from looplm.ops.cpp_ext import available; print('C++ kernels:', available())"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.layers.linear import Linear
 from looplm.ops.blocks import row_blocks, tracked
 
 _BLOCK = 1 << 18  # elements per block of rows
@@ -77,8 +78,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.w_out = nn.Linear(hidden, d_model, bias=False)
+        self.w_in = Linear(d_model, 2 * hidden, bias=False)
+        self.w_out = Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return self.w_out(swiglu(self.w_in(x))), {}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.errors import ConfigError
+from looplm.layers.linear import Linear
 from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
@@ -93,8 +94,8 @@ class Attention(nn.Module):
             raise ConfigError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         self.rope_base = rope_base
         D, Hkv = self.head_dim, self.n_kv_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * Hkv) * D, bias=False)
-        self.o_proj = nn.Linear(n_heads * D, d_model, bias=False)
+        self.qkv = Linear(d_model, (n_heads + 2 * Hkv) * D, bias=False)
+        self.o_proj = Linear(n_heads * D, d_model, bias=False)
 
     def init_state(self, batch_size: int) -> KVState:
         """An empty cache for ``batch_size`` rows."""
@@ -158,12 +159,12 @@ class _FixedStateMixer(nn.Module):
         self.chunk_kw = {} if chunk_size is None else {"chunk_size": chunk_size}  # {}: the op's default
         H, dk, dv = n_heads, self.head_dim, self.value_dim
         self.split = (H * dk, H * dk, H * dv)
-        self.qkv = nn.Linear(d_model, sum(self.split), bias=False)
+        self.qkv = Linear(d_model, sum(self.split), bias=False)
         self.conv_weight = nn.Parameter(torch.empty(sum(self.split), conv_size))
         nn.init.kaiming_uniform_(self.conv_weight, a=math.sqrt(5))
-        self.g_proj = nn.Linear(d_model, H * dv, bias=False)
+        self.g_proj = Linear(d_model, H * dv, bias=False)
         self.norm = HeadRMSNorm(dv, eps=norm_eps)
-        self.o_proj = nn.Linear(H * dv, d_model, bias=False)
+        self.o_proj = Linear(H * dv, d_model, bias=False)
 
     def init_state(self, batch_size: int) -> RecurrentState:
         """A zero state for ``batch_size`` rows."""
@@ -280,8 +281,8 @@ class GLA(_DecayMixer):
                  **kw) -> None:
         super().__init__(d_model, n_heads, **kw)
         self.gate_tau = gate_tau
-        self.gk = nn.Sequential(nn.Linear(d_model, gate_rank, bias=False),
-                                nn.Linear(gate_rank, n_heads * self.head_dim, bias=True))
+        self.gk = nn.Sequential(Linear(d_model, gate_rank, bias=False),
+                                Linear(gate_rank, n_heads * self.head_dim, bias=True))
 
     def _gates(self, x, m):
         g = F.logsigmoid(self.gk(x)).view(*x.shape[:2], self.n_heads, self.head_dim) / self.gate_tau
@@ -295,7 +296,7 @@ class SimpleGLA(_DecayMixer):
     def __init__(self, d_model: int, n_heads: int, *, gate_tau: float = 16.0, **kw) -> None:
         super().__init__(d_model, n_heads, **kw)
         self.gate_tau = gate_tau
-        self.gk = nn.Linear(d_model, n_heads, bias=True)
+        self.gk = Linear(d_model, n_heads, bias=True)
 
     def _gates(self, x, m):
         g = F.logsigmoid(self.gk(x)) / self.gate_tau
@@ -308,7 +309,7 @@ class DeltaNet(_FixedStateMixer):
 
     def __init__(self, d_model: int, n_heads: int, **kw) -> None:
         super().__init__(d_model, n_heads, **kw)
-        self.beta_proj = nn.Linear(d_model, n_heads, bias=True)
+        self.beta_proj = Linear(d_model, n_heads, bias=True)
 
     def _features(self, qk):
         return l2_normalize(qk)
@@ -332,7 +333,7 @@ class GatedDeltaNet(DeltaNet):
 
     def __init__(self, d_model: int, n_heads: int, **kw) -> None:
         super().__init__(d_model, n_heads, **kw)
-        self.a_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.a_proj = Linear(d_model, n_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
         dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt

@@ -26,6 +26,7 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.layers.ffn import SwiGLU, swiglu
+from looplm.layers.linear import Linear
 
 
 def _gather_sum(x: torch.Tensor, idx: torch.Tensor, group: int) -> torch.Tensor:
@@ -85,7 +86,7 @@ class MoE(nn.Module):
                               f"zero-computation ones), got {top_k!r}")
         self.top_k, self.renormalize = top_k, renormalize
         self.kinds = (zero_experts, copy_experts, constant_experts)
-        self.router = nn.Linear(d_model, self.n_total, bias=False)
+        self.router = Linear(d_model, self.n_total, bias=False)
         bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden)
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden).uniform_(-bound_in, bound_in))
         self.w_out = nn.Parameter(torch.empty(n_experts, hidden, d_model).uniform_(-bound_out, bound_out))

@@ -11,50 +11,30 @@ small for one matmul to use several threads, and every op of the chunk form is o
 the thread pool: on this 2-core machine two threads ran the PyTorch form only ~1.3x faster than
 one. The kernel is the same computation written with the same ATen ops, but each thread runs all
 of it (per-chunk terms, loop, outputs, gradients) for its own range of groups (``at::parallel_for``
-over ``B*H``, compiled with OpenMP: without ``-fopenmp`` that header-only loop runs serially), in
-cache-sized blocks of rows; the loop over chunks calls BLAS ``gemm`` directly (an ATen matmul's
-overhead is about the cost of one ``[32, 64] x [64, 64]`` product). It is built on first use by
-torch's C++ extension loader (seconds; cached in ``~/.cache/torch_extensions``). Without a C++
-compiler, on other devices, or with ``LOOPLM_NO_CPP_EXT=1``, the PyTorch form runs; tests check
-that both agree.
+over ``B*H``), in cache-sized blocks of rows; the loop over chunks calls BLAS ``gemm`` directly
+(an ATen matmul's overhead is about the cost of one ``[32, 64] x [64, 64]`` product). It is built
+with the other C++ kernels (:mod:`looplm.ops.cpp_ext`). Without them, on other devices, or inside
+:func:`pytorch_form`, the PyTorch form runs; tests check that both agree.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
+
+from looplm.ops import cpp_ext
 
 __all__ = ["kernel_available", "use_kernel", "pytorch_form", "kernel_forward", "kernel_backward",
            "scan_forward", "scan_backward"]
 
-_SOURCE = Path(__file__).parent / "csrc" / "delta_kernel.cpp"
-_NAME = "looplm_delta_kernel"
-_loaded: dict[str, bool] = {}
 _forced_off: list[bool] = []  # non-empty inside pytorch_form()
 
 
 def kernel_available() -> bool:
-    """Build (cached on disk) and load the C++ kernel once per process; False if that fails or is disabled."""
-    if "ok" not in _loaded:
-        _loaded["ok"] = False
-        if os.environ.get("LOOPLM_NO_CPP_EXT", "") not in ("", "0"):
-            return False
-        try:
-            from torch.utils.cpp_extension import load
-
-            load(name=_NAME, sources=[str(_SOURCE)], is_python_module=False,
-                 extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-            _loaded["ok"] = True
-        except Exception as err:  # no compiler or ninja, read-only cache: fall back, say so once
-            first_line = (str(err).splitlines() or [""])[0][:200]
-            warnings.warn(f"looplm: the C++ delta-rule kernel is unavailable ({type(err).__name__}: "
-                          f"{first_line}); using the slower PyTorch form", RuntimeWarning, stacklevel=2)
-    return _loaded["ok"]
+    """Whether the C++ kernels are built and loaded (:func:`looplm.ops.cpp_ext.available`)."""
+    return cpp_ext.available()
 
 
 def use_kernel(x: torch.Tensor) -> bool:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from looplm.ops import delta_chunkwise, delta_kernel
+from looplm.ops import cpp_ext, delta_chunkwise, delta_kernel
 from looplm.ops.delta_rule import delta_chunk
 
 from .test_delta_rule import assert_close, make
@@ -62,7 +62,7 @@ def test_kernel_equals_pytorch_form_over_shapes(shape, gated, chunk):
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("LOOPLM_NO_CPP_EXT", "1")
-    monkeypatch.setattr(delta_kernel, "_loaded", {})
+    monkeypatch.setattr(cpp_ext, "_loaded", {})
     assert not delta_kernel.kernel_available()
     assert not delta_kernel.use_kernel(torch.zeros(1))
 
@@ -73,10 +73,9 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++\n")
     monkeypatch.delenv("LOOPLM_NO_CPP_EXT", raising=False)
-    monkeypatch.setattr(delta_kernel, "_SOURCE", bad)
-    monkeypatch.setattr(delta_kernel, "_NAME", "looplm_test_broken_kernel")
-    monkeypatch.setattr(delta_kernel, "_loaded", {})
-    with pytest.warns(RuntimeWarning, match="C\\+\\+ delta-rule kernel is unavailable"):
+    monkeypatch.setattr(cpp_ext, "SOURCES", [bad])
+    monkeypatch.setattr(cpp_ext, "_loaded", {})
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ kernels are unavailable"):
         assert not delta_kernel.kernel_available()
     q, k, v, beta, g, _ = make(1, 9, 1, 4, 4, gated=True)
     o, _ = delta_chunk(q, k, v, beta, g, chunk_size=4)

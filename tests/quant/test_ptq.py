@@ -9,6 +9,7 @@ from torch import nn
 from looplm.checkpoint import load_model, save_model
 from looplm.errors import CheckpointError
 from looplm.generate import generate_ids
+from looplm.layers.linear import Linear
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.formats import FORMATS, make_format
 from looplm.quant.linear import QuantEmbedding, QuantLinear
@@ -24,7 +25,7 @@ def tiny(**kw) -> LoopLM:
 def test_quantize_model_replaces_linears_keeps_embeddings_and_small_projections():
     model = quantize_model(tiny(tie_embeddings=False), "int4", group_size=32)
     kinds = {n: type(m) for n, m in model.named_modules()}
-    assert kinds["embed"] is nn.Embedding and kinds["head"] is nn.Linear
+    assert kinds["embed"] is nn.Embedding and kinds["head"] is Linear  # the head stays in float
     quantised = model.quantization["modules"]
     assert quantised and all(kinds[n] is QuantLinear for n in quantised)
     left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head"

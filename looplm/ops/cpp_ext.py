@@ -1,0 +1,51 @@
+"""looplm's C++ CPU kernels (``csrc/``): built on first use with torch's extension loader, cached.
+
+Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large factor on the table:
+
+- ``delta_kernel.cpp``: the delta rule's chunk form, each thread on its own groups
+  (:mod:`looplm.ops.delta_kernel`);
+- ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`).
+
+The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
+per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
+(ATen's header-only ``at::parallel_for`` is serial without it) and links torch's own ``libgomp``.
+Where it cannot be built, or with ``LOOPLM_NO_CPP_EXT=1``, :func:`available` is False and every
+caller runs its PyTorch form instead (one warning says why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+__all__ = ["available"]
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("delta_kernel.cpp", "linear_small.cpp")]
+_loaded: dict[str, bool] = {}
+
+
+def _name(sources: list[Path]) -> str:
+    """Extension name with a hash of the sources: checkouts with other sources do not rebuild ours."""
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]
+    return f"looplm_kernels_{digest}"
+
+
+def available() -> bool:
+    """Build (cached on disk) and load the kernels once per process; False if that fails or is disabled."""
+    if "ok" not in _loaded:
+        _loaded["ok"] = False
+        if os.environ.get("LOOPLM_NO_CPP_EXT", "") not in ("", "0"):
+            return False
+        try:
+            from torch.utils.cpp_extension import load
+
+            load(name=_name(SOURCES), sources=[str(p) for p in SOURCES], is_python_module=False,
+                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            _loaded["ok"] = True
+        except Exception as err:  # no compiler or ninja, read-only cache: fall back, say so once
+            first_line = (str(err).splitlines() or [""])[0][:200]
+            warnings.warn(f"looplm: the C++ kernels are unavailable ({type(err).__name__}: {first_line}); "
+                          "using the slower PyTorch forms", RuntimeWarning, stacklevel=2)
+    return _loaded["ok"]

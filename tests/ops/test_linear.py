@@ -1,0 +1,66 @@
+"""``looplm.ops.linear``: the small-row C++ kernel equals ``F.linear``; every other case is ``F.linear``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from looplm.layers.linear import Linear
+from looplm.ops import cpp_ext
+from looplm.ops.linear import MAX_ROWS, linear
+
+needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
+
+
+@needs_kernel
+@given(rows=st.integers(1, MAX_ROWS), k=st.sampled_from([1, 15, 16, 37, 384]), n=st.sampled_from([1, 3, 130]),
+       bias=st.booleans(), threads=st.sampled_from([1, 2]))
+def test_small_rows_equal_f_linear(rows, k, n, bias, threads):
+    gen = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = linear(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * (want.abs().max() + 1)
+
+
+@needs_kernel
+def test_leading_dims_and_non_contiguous_input():
+    x = torch.randn(2, 6, 3).transpose(1, 2)[:, :1]  # [2, 1, 6], not contiguous
+    w = torch.randn(5, 6)
+    with torch.no_grad():
+        got = linear(x, w)
+    assert got.shape == (2, 1, 5)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_other_cases_are_f_linear_exactly():
+    w, b = torch.randn(7, 9), torch.randn(7)
+    many = torch.randn(MAX_ROWS + 1, 9)
+    assert torch.equal(linear(many, w, b), F.linear(many, w, b))  # too many rows
+    x64, w64 = torch.randn(2, 9, dtype=torch.float64), w.double()
+    assert torch.equal(linear(x64, w64), F.linear(x64, w64))  # not float32
+    x = torch.randn(2, 9, requires_grad=True)  # recorded for autograd: F.linear and its gradient
+    y = linear(x, w, b)
+    assert torch.equal(y, F.linear(x, w, b))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, 9))
+
+
+def test_linear_module_is_an_nn_linear():
+    m = Linear(4, 3)
+    assert isinstance(m, nn.Linear)
+    assert set(m.state_dict()) == set(nn.Linear(4, 3).state_dict())
+    x = torch.randn(2, 4, requires_grad=True)
+    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
