@@ -19,10 +19,15 @@ def tracked(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def rows_per_block(row_size: int, budget: int) -> int:
+    """Rows of ``row_size`` elements in a block of about ``budget`` elements (at least one)."""
+    return max(1, budget // max(1, row_size))
+
+
 def row_blocks(n_rows: int, row_size: int, budget: int) -> list[slice]:
     """Slices of ``n_rows`` rows of ``row_size`` elements, about ``budget`` elements each on one
     torch thread; one slice of all rows when torch runs several threads."""
     if torch.get_num_threads() > 1:
         return [slice(0, n_rows)]
-    rows = max(1, budget // max(1, row_size))
+    rows = rows_per_block(row_size, budget)
     return [slice(i, i + rows) for i in range(0, n_rows, rows)]

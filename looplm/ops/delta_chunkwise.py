@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from looplm.ops.blocks import row_blocks
-from looplm.ops.delta_kernel import kernel_backward, kernel_forward, scan_backward, scan_forward, use_kernel
+from looplm.ops.blocks import row_blocks, rows_per_block
+from looplm.ops.delta_kernel import kernel_backward, kernel_forward, use_kernel
 
 __all__ = ["unit_lower_inverse", "DeltaChunkFn"]
 
@@ -153,6 +153,38 @@ def _input_grads(scale, d_o, d_delta, g_next, s_in, q, k, v, beta, eb, k_end, d,
     return d_q, d_k, d_v, d_beta, d_g
 
 
+def _scan_forward(delta: torch.Tensor, w: torch.Tensor, kdec: torch.Tensor, gamma: torch.Tensor | None,
+                  s0: torch.Tensor, states: torch.Tensor, final: torch.Tensor) -> None:
+    """The forward loop over chunks, in place. ``delta [G, N, C, dv]`` holds ``U`` and becomes ``U - W S``;
+    ``states [G, N, dk, dv]`` receives ``S_0..S_{N-1}`` and ``final [G, dk, dv]`` ``S_N``; ``w, kdec
+    [G, N, C, dk]``, ``gamma [G, N]`` or None, ``s0 [G, dk, dv]``."""
+    n = delta.shape[1]
+    states[:, 0] = s0
+    for i in range(n):
+        s, nxt = states[:, i], states[:, i + 1] if i + 1 < n else final
+        delta[:, i].baddbmm_(w[:, i], s, alpha=-1)
+        if gamma is None:
+            nxt.copy_(s)
+        else:
+            torch.mul(s, gamma[:, i, None, None], out=nxt)
+        nxt.baddbmm_(kdec[:, i].mT, delta[:, i])
+
+
+def _scan_backward(d_delta: torch.Tensor, w: torch.Tensor, kdec: torch.Tensor, gamma: torch.Tensor | None,
+                   g_next: torch.Tensor, d_s0: torch.Tensor) -> None:
+    """The backward loop over chunks, in place. ``d_delta [G, N, C, dv]`` and ``g_next [G, N, dk, dv]``
+    (``dS_{i+1}`` of chunk ``i``), ``d_s0 [G, dk, dv]`` hold the outputs' parts and receive what flows
+    back through the state: ``dDelta_i += K'_i dS_{i+1}``, ``dS_i += gamma_i dS_{i+1} - W_i^T dDelta_i``."""
+    for i in reversed(range(d_delta.shape[1])):
+        gn, tgt = g_next[:, i], g_next[:, i - 1] if i > 0 else d_s0
+        d_delta[:, i].baddbmm_(kdec[:, i], gn)
+        if gamma is None:
+            tgt += gn
+        else:
+            tgt.addcmul_(gn, gamma[:, i, None, None])
+        tgt.baddbmm_(w[:, i].mT, d_delta[:, i], alpha=-1)
+
+
 class DeltaChunkFn(torch.autograd.Function):
     """``(q, k, v, beta, g, s0, n, scale) -> (o, final_state)`` in group-major layout.
 
@@ -209,7 +241,7 @@ class DeltaChunkFn(torch.autograd.Function):
             _chunk_terms(sl, scale, k, v, beta, ainv, delta, w, q, eb, k_end, q_dec, k_dec)
         states, final = q.new_empty(gsz, n, dk, dv), q.new_empty(gsz, dk, dv)
         gamma = None if eb is None else eb.view(gsz, n, c)[:, :, -1]
-        scan_forward(delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma, s0,
+        _scan_forward(delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma, s0,
                      states, final)
         s_in = states.view(ng, dk, dv)
         o = q.new_empty(ng, c, dv)
@@ -239,7 +271,7 @@ class DeltaChunkFn(torch.autograd.Function):
         g_next[:, n - 1] = d_final
         d_s0 = from_out[:, 0].clone()
         gamma = None if eb is None else eb.view(gsz, n, c)[:, :, -1]
-        scan_backward(d_delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma,
+        _scan_backward(d_delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma,
                       g_next, d_s0)
         # the rest is independent per chunk and group: run it in blocks that stay in cache
         tensors = (d_o, d_delta, g_next.view(ng, dk, dv), s_in, q, k, v, beta, eb, k_end, d, p, kkd, ainv,
@@ -255,4 +287,4 @@ class DeltaChunkFn(torch.autograd.Function):
 
 def _block_rows(q: torch.Tensor, v: torch.Tensor) -> int:
     """Rows (chunk-groups) per cache-sized block of the C++ kernel."""
-    return max(1, BLOCK_ELEMENTS // (q.shape[1] * max(q.shape[-1], v.shape[-1])))
+    return rows_per_block(q.shape[1] * max(q.shape[-1], v.shape[-1]), BLOCK_ELEMENTS)

@@ -12,7 +12,7 @@ from looplm.ops.delta_rule import delta_chunk
 
 from .test_delta_rule import assert_close, make
 
-needs_kernel = pytest.mark.skipif(not delta_kernel.kernel_available(), reason="no C++ kernel built here")
+needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
 
 
 def outputs_and_grads(inputs, gated, use_kernel, **kw):
@@ -63,7 +63,7 @@ def test_kernel_equals_pytorch_form_over_shapes(shape, gated, chunk):
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("LOOPLM_NO_CPP_EXT", "1")
     monkeypatch.setattr(cpp_ext, "_loaded", {})
-    assert not delta_kernel.kernel_available()
+    assert not cpp_ext.available()
     assert not delta_kernel.use_kernel(torch.zeros(1))
 
 
@@ -76,7 +76,7 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_ext, "SOURCES", [bad])
     monkeypatch.setattr(cpp_ext, "_loaded", {})
     with pytest.warns(RuntimeWarning, match="C\\+\\+ kernels are unavailable"):
-        assert not delta_kernel.kernel_available()
+        assert not cpp_ext.available()
     q, k, v, beta, g, _ = make(1, 9, 1, 4, 4, gated=True)
     o, _ = delta_chunk(q, k, v, beta, g, chunk_size=4)
     assert torch.isfinite(o).all()

@@ -82,6 +82,20 @@ void gemm_rm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, const T
   blas_gemm(tb ? "T" : "N", ta ? "T" : "N", n, m, k, alpha, b, tb ? k : n, a, ta ? m : k, beta, c, n);
 }
 
+// f(g0, g1) on one contiguous range of [0, groups) per thread. Each worker gets the caller's
+// thread-local state (grad mode, profiler, ...) and dispatches below autograd: plain tensors in,
+// no graph to record.
+template <typename F>
+void for_group_ranges(int64_t groups, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, groups, (groups + threads - 1) / threads, [&](int64_t g0, int64_t g1) {
+    at::ThreadLocalStateGuard tls(caller);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    f(g0, g1);
+  });
+}
+
 struct Saved {  // full-size tensors, rows of all groups; eb, k_end, d undefined when ungated
   Tensor q, k, v, beta, p, kk, ainv, w, q_dec, k_dec, states, delta, eb, k_end, d;
 };
@@ -167,11 +181,7 @@ std::vector<Tensor> delta_chunk_forward(const Tensor& q, const Tensor& k, const 
     s.q_dec = q, s.k_dec = k;
   }
   Tensor o = at::empty({ng, c, dv}, q.options()), s_in = s.states.view({ng, dk, dv}), s0c = s0.contiguous();
-  const int64_t threads = at::get_num_threads();
-  const at::ThreadLocalState caller;  // grad mode, profiler etc. are per thread: hand them to the workers
-  at::parallel_for(0, groups, (groups + threads - 1) / threads, [&](int64_t g0, int64_t g1) {
-    at::ThreadLocalStateGuard tls(caller);
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain tensors in, no graph to record
+  for_group_ranges(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
       chunk_terms(s, b, scale, r, std::min(r + block_rows, g1 * n));
     }
@@ -296,11 +306,7 @@ std::vector<Tensor> delta_chunk_backward(const Tensor& d_o, const Tensor& d_fina
             gated ? at::empty_like(s.beta) : at::empty({0}, s.beta.options())};
   Tensor d_delta = at::empty({ng, c, dv}, d_o.options());
   Tensor g_next = at::empty({groups, n, dk, dv}, d_o.options()), d_s0 = at::empty({groups, dk, dv}, d_o.options());
-  const int64_t threads = at::get_num_threads();
-  const at::ThreadLocalState caller;  // grad mode, profiler etc. are per thread: hand them to the workers
-  at::parallel_for(0, groups, (groups + threads - 1) / threads, [&](int64_t g0, int64_t g1) {
-    at::ThreadLocalStateGuard tls(caller);
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain tensors in, no graph to record
+  for_group_ranges(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
       RECORD_FUNCTION("delta_kernel::d_delta_from_outputs", std::vector<c10::IValue>());
       const int64_t r1 = std::min(r + block_rows, g1 * n);
