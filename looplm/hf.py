@@ -31,6 +31,9 @@ from looplm.generate import decoding_mode
 from looplm.model import LoopConfig, LoopLM
 from looplm.state import ModelState
 
+# transformers renamed ``past_key_values`` to ``cache`` (inputs and outputs) in 5.2x; both are taken.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
 # LoopConfig's ``top_k`` (experts per token) would clash with the sampling parameter of the same
 # name that transformers refuses in a model config; it is stored as ``moe_top_k`` here.
 _RENAMED = {"top_k": "moe_top_k"}
@@ -141,11 +144,14 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: LoopLMCache | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, cache: LoopLMCache | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
         """input_ids ``[B, T]``; attention_mask ``[B, S]`` (S ≥ T, its last T columns describe
-        input_ids; 0 = padding); labels ``[B, T]`` unshifted, as in transformers (−100 ignored)."""
+        input_ids; 0 = padding); labels ``[B, T]`` unshifted, as in transformers (−100 ignored);
+        ``cache`` (transformers >= 5.2x) or ``past_key_values`` (before): a LoopLMCache."""
         T = input_ids.shape[1]
-        state = past_key_values.state if isinstance(past_key_values, LoopLMCache) else None
+        given = cache if cache is not None else past_key_values
+        state = given.state if isinstance(given, LoopLMCache) else None
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, -T:].bool()
@@ -155,8 +161,8 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
         out = self.model(input_ids, targets, state=state, mask=mask,
                          use_cache=bool(use_cache) or state is not None)
-        cache = LoopLMCache(out.state) if out.state is not None else None
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache)
+        new = LoopLMCache(out.state) if out.state is not None else None
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE_FIELD: new})
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` in ``looplm.generate.decoding_mode`` (eval, causal

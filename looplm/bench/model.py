@@ -20,6 +20,7 @@ Writes ``model.json`` and ``model.png`` to ``--out``. ``--quick`` shrinks everyt
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,8 +205,11 @@ class _Decoder:
                 from transformers import DynamicCache
 
                 self.state = DynamicCache(config=model.config)
+                # the cache argument is ``cache`` from transformers 5.2x on, ``past_key_values`` before
+                params = inspect.signature(model.forward).parameters
+                self.cache_arg = "cache" if "cache" in params else "past_key_values"
                 for part in prompt.split(chunk, dim=1):
-                    out = model(input_ids=part, past_key_values=self.state, use_cache=True)
+                    out = model(input_ids=part, use_cache=True, **{self.cache_arg: self.state})
         self.token = out.logits[:, -1].argmax(-1, keepdim=True)
 
     def __call__(self) -> None:
@@ -214,7 +218,7 @@ class _Decoder:
                 out = self.model(self.token, state=self.state, use_cache=True)
                 self.state = out.state
             else:
-                out = self.model(input_ids=self.token, past_key_values=self.state, use_cache=True)
+                out = self.model(input_ids=self.token, use_cache=True, **{self.cache_arg: self.state})
             self.token = out.logits[:, -1].argmax(-1, keepdim=True)
 
 
