@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from looplm.flops import matmul_params
+from looplm.layers.block_step import block_step
 from looplm.layers.ffn import SwiGLU
 from looplm.layers.mixers import Attention, KVState, build_mixer
 from looplm.layers.moe import MoE
@@ -88,6 +89,10 @@ class Block(nn.Module):
 
         ``aux`` is the FFN's aux dict plus ``tokens`` (rows run: an int, a 0-dim tensor with a mask).
         """
+        fused = block_step(self, x, state, mask, shared_kv)
+        if fused is not None:  # a (gated) DeltaNet block's decoding step in one C++ call
+            h, state = fused
+            return h, state, {"tokens": h.shape[0]}
         u = self.mixer_norm(x)
         if shared_kv is not None:
             y = attend_shared(self.mixer, u, shared_kv, positions, mask)

@@ -4,7 +4,10 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 
 - ``delta_kernel.cpp``: the delta rule's chunk form, each thread on its own groups
   (:mod:`looplm.ops.delta_kernel`);
-- ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`).
+- ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
+- ``block_step.cpp``: a whole (gated) DeltaNet block's decoding step in one call
+  (:mod:`looplm.layers.block_step`);
+- ``vec.h``: the dot product the last two share.
 
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
 per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
@@ -22,13 +25,15 @@ from pathlib import Path
 
 __all__ = ["available"]
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("delta_kernel.cpp", "linear_small.cpp")]
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp")]
+HEADERS = [_CSRC / "vec.h"]
 _loaded: dict[str, bool] = {}
 
 
 def _name(sources: list[Path]) -> str:
     """Extension name with a hash of the sources: checkouts with other sources do not rebuild ours."""
-    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, *HEADERS])).hexdigest()[:10]
     return f"looplm_kernels_{digest}"
 
 

@@ -4,21 +4,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec.h"
+
 namespace {
 
-// sum_i a[i] b[i] in 16 independent lanes, so the compiler vectorises it without reassociating.
-inline float dot(const float* a, const float* b, int64_t k) {
-  constexpr int L = 16;
-  float acc[L] = {0};
-  int64_t i = 0;
-  for (; i + L <= k; i += L) {
-    for (int l = 0; l < L; ++l) acc[l] += a[i + l] * b[i + l];
-  }
-  float s = 0;
-  for (int l = 0; l < L; ++l) s += acc[l];
-  for (; i < k; ++i) s += a[i] * b[i];
-  return s;
-}
+using looplm::dot;
 
 // x [M, K], w [N, K], b [N] or None, all float32 and contiguous -> [M, N]; rows of w over threads.
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {

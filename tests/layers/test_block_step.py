@@ -1,0 +1,138 @@
+"""``looplm.layers.block_step``: the C++ decoding step of a (gated) DeltaNet block equals the
+Python block, runs only where it applies, and rejects bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from looplm.layers.block import Block
+from looplm.layers.block_step import block_step, python_block_step
+from looplm.model import LoopConfig, LoopLM
+from looplm.ops import cpp_ext
+
+needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
+
+
+def _block(mixer="gated_deltanet", ffn="dense", d=32, heads=2, conv=4, d_ffn=None, seed=0) -> Block:
+    torch.manual_seed(seed)
+    c = LoopConfig(vocab_size=64, d_model=d, n_heads=heads, n_core=1, mixer=mixer, ffn=ffn,
+                   conv_size=conv, d_ffn=d_ffn)
+    blk = Block(c, mixer).eval()
+    with torch.no_grad():  # non-trivial norms, gates and biases
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return blk
+
+
+def _state(blk: Block, batch: int, seed: int = 1):
+    """A non-zero state, as after a prefill."""
+    gen = torch.Generator().manual_seed(seed)
+    s = blk.mixer.init_state(batch)
+    s.conv.copy_(torch.randn(s.conv.shape, generator=gen))
+    s.ssm.copy_(0.3 * torch.randn(s.ssm.shape, generator=gen))
+    return s
+
+
+def _python(blk, x, s):
+    with python_block_step():
+        return blk(x, s)
+
+
+@needs_kernel
+@given(mixer=st.sampled_from(["gated_deltanet", "deltanet"]), ffn=st.sampled_from(["dense", "none"]),
+       heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 16, 24]), conv=st.integers(1, 4),
+       batch=st.integers(1, 4), d_ffn=st.sampled_from([32, 96]), threads=st.sampled_from([1, 2]))
+def test_kernel_equals_python_block(mixer, ffn, heads, head_dim, conv, batch, d_ffn, threads):
+    blk = _block(mixer, ffn, d=heads * head_dim, heads=heads, conv=conv, d_ffn=d_ffn)
+    s = _state(blk, batch)
+    x = torch.randn(batch, 1, heads * head_dim)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            fused = block_step(blk, x, s, None, None)
+            want_h, want_s, aux = _python(blk, x, s)
+    finally:
+        torch.set_num_threads(before)
+    assert fused is not None
+    h, new = fused
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.conv, want_s.conv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.ssm, want_s.ssm, rtol=1e-5, atol=1e-5)
+    assert h.shape == x.shape and new.ssm.shape == s.ssm.shape
+
+
+@needs_kernel
+def test_state_is_not_modified_and_block_uses_the_kernel():
+    blk = _block()
+    s = _state(blk, 2)
+    conv, ssm = s.conv.clone(), s.ssm.clone()
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        h, new, aux = blk(x, s)
+        again = block_step(blk, x, s, None, None)
+    assert torch.equal(s.conv, conv) and torch.equal(s.ssm, ssm)
+    assert torch.equal(h, again[0])  # Block.forward took the kernel's path
+    assert aux == {"tokens": 2}
+
+
+@needs_kernel
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "deltanet"])
+def test_model_decoding_equals_full_forward_and_python_steps(mixer):
+    torch.manual_seed(0)
+    m = LoopLM(LoopConfig(vocab_size=64, d_model=32, n_heads=2, n_core=2, mixer=mixer)).eval()
+    ids = torch.randint(0, 64, (3, 10))
+    with torch.no_grad():
+        full = m(ids).logits
+        s_fused = s_py = m(ids[:, :4], use_cache=True).state
+        for t in range(4, 10):
+            out = m(ids[:, t:t + 1], state=s_fused)
+            with python_block_step():
+                ref = m(ids[:, t:t + 1], state=s_py)
+            s_fused, s_py = out.state, ref.state
+            torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert out.stats["flops_per_token"] == ref.stats["flops_per_token"]
+
+
+@needs_kernel
+def test_falls_back_where_it_does_not_apply():
+    blk = _block()
+    s = _state(blk, 2)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        assert block_step(blk, x, s, torch.ones(2, 1, dtype=torch.bool), None) is None  # a mask
+        assert block_step(blk, torch.randn(2, 3, 32), s, None, None) is None  # a prefill
+        assert block_step(blk, x, None, None, None) is None  # training path, no state
+        assert block_step(blk, x.double(), s, None, None) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert block_step(blk, x, s, None, None) is None
+        with python_block_step():
+            assert block_step(blk, x, s, None, None) is None
+    assert block_step(blk, x, s, None, None) is None  # autograd records: the Python block
+    with torch.no_grad():
+        attn = _block("attention")
+        assert block_step(attn, x, attn.mixer.init_state(2), None, None) is None
+        moe = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
+                               n_experts=2, top_k=1), "gated_deltanet").eval()
+        assert block_step(moe, x, _state(moe, 2), None, None) is None
+        quantised = _block()
+        quantised.mixer.qkv = nn.Linear(32, quantised.mixer.qkv.out_features, bias=False)  # not ours
+        assert block_step(quantised, x, _state(quantised, 2), None, None) is None
+
+
+@needs_kernel
+def test_bad_shapes_are_rejected_by_the_kernel():
+    blk = _block()
+    s = _state(blk, 2)
+    mixer = blk.mixer
+    with pytest.raises(RuntimeError, match="block_step: conv_state"):
+        torch.ops.looplm.block_step(
+            torch.randn(2, 32), s.conv[:1].contiguous(), s.ssm, blk.mixer_norm.weight, mixer.qkv.weight,
+            mixer.conv_weight, mixer.g_proj.weight, mixer.beta_proj.weight, mixer.beta_proj.bias,
+            mixer.a_proj.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.o_proj.weight,
+            None, None, None, 1e-6, 1e-6, 1e-6)
