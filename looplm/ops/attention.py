@@ -83,21 +83,62 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> tor
 CAUSAL_CHUNK = 128  # query chunk of causal self-attention without positions or masks
 
 
-def _causal_by_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                      gqa: bool) -> torch.Tensor:
-    """Causal SDPA of ``q, k, v [B, H, T, D]`` by query chunks: chunk ``[i, e)`` reads keys ``< e``
-    only, so most blocks above the diagonal are never computed. fwd+bwd at B=8, H=6, D=64,
-    1 thread: T=512 159 -> 130 ms, T=256 40.7 -> 37.5 ms against one causal SDPA call; at
-    T=1024 and 2048 it was 10-40% slower (the key/value slices' gradients), so ``attention``
-    uses it for 2 to 4 chunks only."""
-    T = q.shape[2]
-    outs = []
-    for i in range(0, T, CAUSAL_CHUNK):
-        e = min(i + CAUSAL_CHUNK, T)
-        mask = torch.ones(e - i, e, dtype=torch.bool, device=q.device).tril(i)
-        outs.append(F.scaled_dot_product_attention(q[:, :, i:e], k[:, :, :e], v[:, :, :e], attn_mask=mask,
-                                                   scale=scale, enable_gqa=gqa))
-    return torch.cat(outs, dim=2)
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _chunks(T: int) -> list[tuple[int, int]]:
+    return [(i, min(i + CAUSAL_CHUNK, T)) for i in range(0, T, CAUSAL_CHUNK)]
+
+
+def _chunk_mask(i: int, e: int, like: torch.Tensor) -> torch.Tensor | None:
+    """Additive causal mask of queries ``[i, e)`` over keys ``[0, e)``; None for the first chunk
+    (square: the kernel's own causal flag)."""
+    if i == 0:
+        return None
+    allowed = torch.ones(e - i, e, dtype=torch.bool, device=like.device).tril(i)
+    return torch.zeros(e - i, e, dtype=like.dtype, device=like.device).masked_fill_(~allowed, float("-inf"))
+
+
+class _CausalByChunks(torch.autograd.Function):
+    """Causal attention of ``q, k, v [B, H, T, D]`` (CPU) by query chunks: chunk ``[i, e)`` reads
+    keys ``< e`` only, so most blocks above the diagonal are never computed. It calls SDPA's CPU
+    flash kernels (forward and backward) per chunk: autograd of sliced SDPA calls zero-filled a
+    full-size gradient of k and v for every chunk and added them up; here the last chunk's
+    gradients (which cover every key) are the buffers the others add into. fwd+bwd at B=8, H=6,
+    D=64, T=512, 2 threads: 39 ms this, 45 ms one causal SDPA call, 50 ms sliced SDPA calls (T=1024,
+    8 chunks: 142 vs 130 ms, so ``attention`` uses it for 2 to 4 chunks only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        outs, lses, masks = [], [], []
+        for i, e in _chunks(q.shape[2]):
+            mask = _chunk_mask(i, e, q)
+            o, lse = _flash(q[:, :, i:e], k[:, :, :e], v[:, :, :e], 0.0, i == 0, attn_mask=mask, scale=scale)
+            outs.append(o)
+            lses.append(lse)
+            masks.append(mask)
+        ctx.save_for_backward(q, k, v, *outs, *lses)
+        ctx.masks, ctx.scale = masks, scale
+        return torch.cat(outs, dim=2)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, *saved = ctx.saved_tensors
+        n = len(ctx.masks)
+        outs, lses = saved[:n], saved[n:]
+        dq: list[torch.Tensor] = []
+        dk = dv = None
+        for c, (i, e) in reversed(list(enumerate(_chunks(q.shape[2])))):
+            gq, gk, gv = _flash_backward(g[:, :, i:e], q[:, :, i:e], k[:, :, :e], v[:, :, :e], outs[c], lses[c],
+                                         0.0, i == 0, attn_mask=ctx.masks[c], scale=ctx.scale)
+            dq.insert(0, gq)
+            if dk is None:  # the last chunk: every key
+                dk, dv = gk, gv
+            else:
+                dk[:, :, :e] += gk
+                dv[:, :, :e] += gv
+        return torch.cat(dq, dim=2), dk, dv, None
 
 
 def attention(
@@ -128,8 +169,8 @@ def attention(
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = H != Hkv
     if key_mask is None and q_pos is None and k_pos is None and (T == S or not causal):
-        if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK:
-            return _causal_by_chunks(qt, kt, vt, scale, gqa).transpose(1, 2)
+        if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK and not gqa and q.device.type == "cpu":
+            return _CausalByChunks.apply(qt, kt, vt, scale).transpose(1, 2)
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and T > 1, scale=scale,
                                              enable_gqa=gqa)
         return out.transpose(1, 2)

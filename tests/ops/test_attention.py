@@ -88,15 +88,27 @@ def test_apply_rope_matches_formula_and_its_gradient(per_row, block, monkeypatch
                                torch.autograd.grad(want, x, gy)[0])
 
 
-@pytest.mark.parametrize("T", [5, 11, 17])
-def test_causal_query_chunks_match_one_call_with_gradients(T, monkeypatch):
+@pytest.mark.parametrize("kv_heads", [6, 2])  # 6: the chunked flash kernels; 2 (grouped): one SDPA call
+@pytest.mark.parametrize("T", [5, 11, 16, 17])
+def test_causal_query_chunks_match_one_call_with_gradients(T, kv_heads, monkeypatch):
     monkeypatch.setattr(attention_module, "CAUSAL_CHUNK", 4)  # T=11: chunks 4, 4, 3; T=17: one call
     g = torch.Generator().manual_seed(T)
     q = torch.randn(2, T, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(2, T, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(2, T, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
     out = attention(q, k, v)
     want = reference(q, k, v, torch.ones(T, T, dtype=torch.bool).tril().expand(2, T, T))
     torch.testing.assert_close(out, want)
     gy = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for got, exp in zip(torch.autograd.grad(out, (q, k, v), gy), torch.autograd.grad(want, (q, k, v), gy)):
         torch.testing.assert_close(got, exp)
+
+
+def test_causal_query_chunks_in_bfloat16(monkeypatch):
+    monkeypatch.setattr(attention_module, "CAUSAL_CHUNK", 4)
+    q, k, v = (torch.randn(1, 11, 2, 8, requires_grad=True) for _ in range(3))
+    out = attention(*(t.bfloat16() for t in (q, k, v)))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attention(q, k, v), rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
