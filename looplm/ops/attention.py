@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from looplm.ops import cpp_ext
 from looplm.ops.blocks import row_blocks, tracked
 
 
@@ -44,7 +45,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
 class _Rope(torch.autograd.Function):
     """The rotation written into one output, block by block over batch rows (in cache); its
     backward is the rotation by the opposite angle. fwd+bwd of ``[8, 512, 12, 64]``, 1 thread:
-    27.8 ms as autograd of the chunk/cat formula, 12.9 ms this."""
+    27.8 ms as autograd of the chunk/cat formula, 12.9 ms this. float32 on the CPU runs the
+    rotation in ``csrc/norm_rope.cpp`` (one pass per row, rows over threads) where it is built."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -59,6 +61,9 @@ class _Rope(torch.autograd.Function):
 
 
 def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
+    if (x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(-1) == 1
+            and cos.is_contiguous() and sin.is_contiguous() and x.numel() and cpp_ext.available()):
+        return torch.ops.looplm.rope_rotate(x, cos, sin, sign)  # csrc/norm_rope.cpp: one pass, threads
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     per_row = cos.shape[0] > 1
     for r in row_blocks(x.shape[0], x[0].numel(), _BLOCK):
@@ -130,8 +135,8 @@ class _CausalByChunks(torch.autograd.Function):
         dq: list[torch.Tensor] = []
         dk = dv = None
         for c, (i, e) in reversed(list(enumerate(_chunks(q.shape[2])))):
-            gq, gk, gv = _flash_backward(g[:, :, i:e], q[:, :, i:e], k[:, :, :e], v[:, :, :e], outs[c], lses[c],
-                                         0.0, i == 0, attn_mask=ctx.masks[c], scale=ctx.scale)
+            gq, gk, gv = _flash_backward(g[:, :, i:e], q[:, :, i:e], k[:, :, :e], v[:, :, :e], outs[c],
+                                         lses[c], 0.0, i == 0, attn_mask=ctx.masks[c], scale=ctx.scale)
             dq.insert(0, gq)
             if dk is None:  # the last chunk: every key
                 dk, dv = gk, gv

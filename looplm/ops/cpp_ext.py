@@ -7,7 +7,9 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
 - ``block_step.cpp``: a whole (gated) DeltaNet block's decoding step in one call
   (:mod:`looplm.layers.block_step`);
-- ``vec.h``: the dot product the last two share.
+- ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
+  (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
+- ``vec.h``: the dot product they share.
 
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
 per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
@@ -26,7 +28,8 @@ from pathlib import Path
 __all__ = ["available"]
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp")]
+SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
+                                     "norm_rope.cpp")]
 HEADERS = [_CSRC / "vec.h"]
 _loaded: dict[str, bool] = {}
 

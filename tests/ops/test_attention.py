@@ -112,3 +112,24 @@ def test_causal_query_chunks_in_bfloat16(monkeypatch):
     torch.testing.assert_close(out.float(), attention(q, k, v), rtol=0.05, atol=0.05)
     out.float().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.skipif(not attention_module.cpp_ext.available(), reason="no C++ kernel built here")
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rope_kernel_float32_matches_float64_with_gradients(per_row):
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(3, 7, 5, 8, generator=g, requires_grad=True)
+    x = qkv[:, :, :3]  # a strided view, as the mixer's q|k
+    pos = torch.randint(0, 50, (3, 7), generator=g) if per_row else torch.arange(7)
+    cos, sin = rope_cos_sin(pos, 8)
+    out = apply_rope(x, cos, sin)
+    c64, s64 = rope_cos_sin(pos, 8, dtype=torch.float64)
+    x64 = x.detach().double().requires_grad_()
+    x1, x2 = x64.chunk(2, dim=-1)
+    want = torch.cat((x1 * c64 - x2 * s64, x2 * c64 + x1 * s64), dim=-1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    gy = torch.randn(out.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(out, x, gy)[0].double(),
+                               torch.autograd.grad(want, x64, gy.double())[0], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # the untracked path runs the same rotation
+        torch.testing.assert_close(apply_rope(x, cos, sin), out)
