@@ -7,8 +7,8 @@ CPU kernel in torch 2.13; ``F.normalize``) runs about twice as many passes over 
 stay in cache, recomputing ``x * r`` and ``silu(z)`` instead of saving them (then, same run:
 gated head RMSNorm ``[8, 512, 4, 64]`` 12.8 -> 6.6 ms, L2 8.5 -> 4.7 ms, RMSNorm 5.2 -> 3.9 ms).
 ``rms_norm(..., gate=z)`` fuses the output gate of GLA / gated DeltaNet, ``rmsnorm(x) * silu(z)``.
-Ungated float32 RMSNorm on the CPU runs ``csrc/norm_rope.cpp`` instead (:class:`_RMSNormKernel`),
-where the C++ kernels are built (:mod:`looplm.ops.cpp_ext`).
+Float32 RMSNorm on the CPU (gated or not) runs ``csrc/norm_rope.cpp`` instead
+(:class:`_RMSNormKernel`), where the C++ kernels are built (:mod:`looplm.ops.cpp_ext`).
 """
 
 from __future__ import annotations
@@ -76,27 +76,31 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _RMSNormKernel(torch.autograd.Function):
-    """``x * r * w`` by ``csrc/norm_rope.cpp``: one pass per row each way, rows over threads
-    (fwd+bwd of ``[4096, 384]``, 2 threads: 4.9 ms :class:`_RMSNorm`, 1.4 ms this)."""
+    """``x * r * w (* silu(z))`` by ``csrc/norm_rope.cpp``: one pass per row each way, rows over
+    threads (fwd+bwd of ``[4096, 384]``, 2 threads: 4.9 ms :class:`_RMSNorm`, 1.4 ms this)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, weight, gate, eps: float):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y, r = torch.ops.looplm.rms_norm_forward(x2, weight, eps)
-        ctx.save_for_backward(x2, r, weight)
+        z2 = None if gate is None else gate.reshape(x2.shape).contiguous()
+        y, r = torch.ops.looplm.rms_norm_forward(x2, weight, z2, eps)
+        ctx.save_for_backward(x2, r, weight, z2)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, gy):
-        x2, r, weight = ctx.saved_tensors
-        g_x, g_w = torch.ops.looplm.rms_norm_backward(gy.reshape(x2.shape).contiguous(), x2, r, weight,
-                                                      ctx.needs_input_grad[1])
-        return g_x.view(gy.shape), g_w if ctx.needs_input_grad[1] else None, None
+        x2, r, weight, z2 = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[1]
+        g_x, g_w, g_z = torch.ops.looplm.rms_norm_backward(gy.reshape(x2.shape).contiguous(), x2, r, weight,
+                                                           z2, need_w)
+        return (g_x.view(gy.shape), g_w if need_w else None,
+                g_z.view(gy.shape) if z2 is not None and ctx.needs_input_grad[2] else None, None)
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> bool:
-    return (gate is None and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.is_contiguous() and x.numel() > 0
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.is_contiguous() and x.numel() > 0
+            and (gate is None or (gate.dtype == torch.float32 and gate.shape == x.shape))
             and cpp_ext.available())
 
 
@@ -107,7 +111,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         y = F.rms_norm(x, (x.shape[-1],), weight, eps)
         return y if gate is None else y * F.silu(gate)
     if _kernel_applies(x, weight, gate):
-        return _RMSNormKernel.apply(x, weight, eps)
+        return _RMSNormKernel.apply(x, weight, gate, eps)
     return _RMSNorm.apply(x, weight, gate, eps)
 
 

@@ -9,7 +9,8 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
   (:mod:`looplm.layers.block_step`);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
-- ``vec.h``: the dot product they share.
+- ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
+- ``vec.h``: the dot product they share; ``simd.h``: ATen's vector type at this CPU's width.
 
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
 per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
@@ -29,8 +30,8 @@ __all__ = ["available"]
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
-                                     "norm_rope.cpp")]
-HEADERS = [_CSRC / "vec.h"]
+                                     "norm_rope.cpp", "swiglu.cpp")]
+HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h"]
 _loaded: dict[str, bool] = {}
 
 

@@ -57,23 +57,27 @@ def test_modules_keep_nn_rmsnorm_parameters_and_dtype():
 
 @pytest.mark.skipif(not norms_module.cpp_ext.available(), reason="no C++ kernel built here")
 @given(rows=st.integers(1, 70), dim=st.sampled_from([1, 7, 16, 33, 384]), threads=st.sampled_from([1, 2]),
-       need_w=st.booleans())
-def test_rms_norm_kernel_float32_matches_float64_composite(rows, dim, threads, need_w):
+       need_w=st.booleans(), gated=st.booleans())
+def test_rms_norm_kernel_float32_matches_float64_composite(rows, dim, threads, need_w, gated):
     g = torch.Generator().manual_seed(rows * 31 + dim)
     x = torch.randn(rows, dim, generator=g, requires_grad=True)
     w = (1 + 0.3 * torch.randn(dim, generator=g)).requires_grad_(need_w)
+    z = (2 * torch.randn(rows, dim, generator=g)).requires_grad_() if gated else None
     gy = torch.randn(rows, dim, generator=g)
+    inputs = [t for t in (x, w if need_w else None, z) if t is not None]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = rms_norm(x, w, 1e-6)
+        y = rms_norm(x, w, 1e-6, z)
         assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_RMSNormKernelBackward"
-        grads = torch.autograd.grad(y, (x, w) if need_w else (x,), gy)
+        grads = torch.autograd.grad(y, inputs, gy)
     finally:
         torch.set_num_threads(before)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = F.rms_norm(x64, (dim,), w64, 1e-6)
-    want = torch.autograd.grad(ref, (x64, w64) if need_w else (x64,), gy.double())
+    z64 = z.detach().double().requires_grad_() if gated else None
+    ref = F.rms_norm(x64, (dim,), w64, 1e-6) * (F.silu(z64) if gated else 1)
+    want = torch.autograd.grad(ref, [t for t in (x64, w64 if need_w else None, z64) if t is not None],
+                               gy.double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     for got, exp in zip(grads, want):
         torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-4 * (1 + exp.abs().max().item()))

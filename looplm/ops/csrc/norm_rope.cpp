@@ -1,12 +1,15 @@
-// RMSNorm (forward, backward) and the RoPE rotation over rows of float32 tensors, one pass over
-// each row with the rows split over threads. See looplm/layers/norms.py and
+// RMSNorm (forward, backward; optionally times silu(gate)) and the RoPE rotation over rows of
+// float32 tensors, one pass over each row with the rows split over threads. See looplm/layers/norms.py and
 // looplm/ops/attention.py for why these exist; their PyTorch forms are the reference and the
 // tests compare the two.
+#include "simd.h"  // first: it selects ATen's vector instruction set
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "vec.h"
@@ -18,56 +21,91 @@ using looplm::dot;
 
 constexpr int64_t kGrain = 16;  // rows per task at least
 
+// out[j] = sigmoid(z[j]) for j < d
+void sigmoid_row(const float* z, int64_t d, float* out) {
+  const int64_t V = looplm::Vec::size();
+  int64_t j = 0;
+  for (; j + V <= d; j += V) looplm::sigmoid(looplm::Vec::loadu(z + j)).store(out + j);
+  for (; j < d; ++j) out[j] = 1.0f / (1.0f + std::exp(-z[j]));
+}
+
 void check_rows(const Tensor& t, const char* name, int64_t d) {
   TORCH_CHECK(t.dim() == 2 && t.size(1) == d && t.scalar_type() == at::kFloat && t.is_contiguous() &&
                   t.device().is_cpu(),
               "rms_norm: ", name, " must be a contiguous float32 CPU tensor [N, ", d, "]");
 }
 
-// x [N, D], w [D] -> (y = x * r * w [N, D], r = rsqrt(mean(x^2) + eps) [N, 1])
-std::vector<Tensor> rms_norm_forward(const Tensor& x, const Tensor& w, double eps) {
+// x [N, D], w [D], gate z [N, D] or None -> (y = x * r * w (* silu(z)) [N, D],
+// r = rsqrt(mean(x^2) + eps) [N, 1])
+std::vector<Tensor> rms_norm_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& gate,
+                                     double eps) {
   const int64_t d = w.numel();
   check_rows(x, "x", d);
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 1, "rms_norm: w [D] float32");
+  if (gate.has_value()) check_rows(*gate, "gate", d);
   const int64_t n = x.size(0);
   Tensor y = at::empty_like(x), r = at::empty({n, 1}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float* zp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
   float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>();
   const float e = static_cast<float>(eps), inv_d = 1.0f / static_cast<float>(d);
   at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
+    std::vector<float> sig(zp ? d : 0);
     for (int64_t i = a; i < b; ++i) {
       const float* xi = xp + i * d;
       float* yi = yp + i * d;
       const float ri = 1.0f / std::sqrt(dot(xi, xi, d) * inv_d + e);
       rp[i] = ri;
       for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] * ri * wp[j];
+      if (zp) {
+        const float* zi = zp + i * d;
+        sigmoid_row(zi, d, sig.data());
+        for (int64_t j = 0; j < d; ++j) yi[j] *= zi[j] * sig[j];
+      }
     }
   });
   return {y, r};
 }
 
-// gy, x [N, D], r [N, 1], w [D] -> (gx [N, D], gw [D] (empty unless need_w)):
-// n = x r, gn = gy w, gx = r (gn - n mean(gn n)), gw = sum_rows gy n.
+// gy, x [N, D], r [N, 1], w [D], gate z [N, D] or None -> (gx [N, D], gw [D] (empty unless
+// need_w), gz [N, D] (empty without a gate)): n = x r, g = gy silu(z), gz = gy n w silu'(z),
+// gn = g w, gx = r (gn - n mean(gn n)), gw = sum_rows g n.
 std::vector<Tensor> rms_norm_backward(const Tensor& gy, const Tensor& x, const Tensor& r, const Tensor& w,
-                                      bool need_w) {
+                                      const std::optional<Tensor>& gate, bool need_w) {
   const int64_t d = w.numel();
   check_rows(gy, "gy", d);
   check_rows(x, "x", d);
   check_rows(r, "r", 1);
+  if (gate.has_value()) check_rows(*gate, "gate", d);
   const int64_t n = x.size(0);
-  TORCH_CHECK(gy.size(0) == n && r.size(0) == n, "rms_norm: gy, x, r must have the same rows");
+  TORCH_CHECK(gy.size(0) == n && r.size(0) == n && (!gate.has_value() || gate->size(0) == n),
+              "rms_norm: gy, x, r, gate must have the same rows");
   Tensor gx = at::empty_like(x);
+  Tensor gz = gate.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
   const float *gp = gy.data_ptr<float>(), *xp = x.data_ptr<float>(), *rp = r.data_ptr<float>(),
               *wp = w.data_ptr<float>();
-  float* gxp = gx.data_ptr<float>();
+  const float* zp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
+  float *gxp = gx.data_ptr<float>(), *gzp = zp ? gz.data_ptr<float>() : nullptr;
   const int threads = at::get_num_threads();
   std::vector<float> partial(need_w ? static_cast<size_t>(threads) * d : 0, 0.0f);
   const float inv_d = 1.0f / static_cast<float>(d);
   at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
     float* acc = need_w ? partial.data() + static_cast<size_t>(at::get_thread_num()) * d : nullptr;
+    std::vector<float> sig(zp ? d : 0), gated(zp ? d : 0);
     for (int64_t i = a; i < b; ++i) {
       const float *gi = gp + i * d, *xi = xp + i * d;
       const float ri = rp[i];
+      if (zp) {  // g = gy silu(z); gz = gy (n w) silu'(z), silu' = s (1 + z (1 - s))
+        const float* zi = zp + i * d;
+        float* gzi = gzp + i * d;
+        sigmoid_row(zi, d, sig.data());
+        for (int64_t j = 0; j < d; ++j) {
+          const float sj = sig[j];
+          gzi[j] = gi[j] * xi[j] * ri * wp[j] * sj * (1.0f + zi[j] * (1.0f - sj));
+          gated[j] = gi[j] * zi[j] * sj;
+        }
+        gi = gated.data();
+      }
       float m = 0;
       for (int64_t j = 0; j < d; ++j) m += gi[j] * wp[j] * xi[j];
       m *= ri * inv_d;  // mean(gn n) = r mean(gn x)
@@ -84,7 +122,7 @@ std::vector<Tensor> rms_norm_backward(const Tensor& gy, const Tensor& x, const T
     for (int t = 0; t < threads; ++t)
       for (int64_t j = 0; j < d; ++j) gwp[j] += partial[static_cast<size_t>(t) * d + j];
   }
-  return {gx, gw};
+  return {gx, gw, gz};
 }
 
 // x [B, T, H, D] (last dim contiguous, any other strides), cos, sin [B or 1, T, 1, D/2]
@@ -128,8 +166,8 @@ Tensor rope_rotate(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(looplm, m) {
-  m.def("rms_norm_forward(Tensor x, Tensor w, float eps) -> Tensor[]");
-  m.def("rms_norm_backward(Tensor gy, Tensor x, Tensor r, Tensor w, bool need_w) -> Tensor[]");
+  m.def("rms_norm_forward(Tensor x, Tensor w, Tensor? gate, float eps) -> Tensor[]");
+  m.def("rms_norm_backward(Tensor gy, Tensor x, Tensor r, Tensor w, Tensor? gate, bool need_w) -> Tensor[]");
   m.def("rope_rotate(Tensor x, Tensor cos, Tensor sin, int sign) -> Tensor");
 }
 
