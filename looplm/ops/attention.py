@@ -174,7 +174,9 @@ def attention(
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = H != Hkv
     if key_mask is None and q_pos is None and k_pos is None and (T == S or not causal):
-        if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK and not gqa and q.device.type == "cpu":
+        if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK and q.device.type == "cpu":
+            if gqa:  # the flash kernels take equal heads: repeat each key/value head for its group
+                kt, vt = kt.repeat_interleave(H // Hkv, dim=1), vt.repeat_interleave(H // Hkv, dim=1)
             return _CausalByChunks.apply(qt, kt, vt, scale).transpose(1, 2)
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and T > 1, scale=scale,
                                              enable_gqa=gqa)

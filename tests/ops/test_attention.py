@@ -88,7 +88,7 @@ def test_apply_rope_matches_formula_and_its_gradient(per_row, block, monkeypatch
                                torch.autograd.grad(want, x, gy)[0])
 
 
-@pytest.mark.parametrize("kv_heads", [6, 2])  # 6: the chunked flash kernels; 2 (grouped): one SDPA call
+@pytest.mark.parametrize("kv_heads", [6, 2])  # 2: grouped heads, repeated for the flash kernels
 @pytest.mark.parametrize("T", [5, 11, 16, 17])
 def test_causal_query_chunks_match_one_call_with_gradients(T, kv_heads, monkeypatch):
     monkeypatch.setattr(attention_module, "CAUSAL_CHUNK", 4)  # T=11: chunks 4, 4, 3; T=17: one call
