@@ -223,3 +223,21 @@ def test_swiglu_kernel_float32_matches_float64_formula(rows, hidden, weighted, t
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5 * (1 + exp.abs().max().item()))
     with torch.no_grad():  # the untracked path runs the same kernel
         torch.testing.assert_close(swiglu(h, w), y)
+
+
+@pytest.mark.skipif(not ffn_module.cpp_ext.available(), reason="no C++ kernel built here")
+def test_swiglu_kernel_gives_the_same_bits_on_any_thread_count():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 2 * 40, generator=g, requires_grad=True)
+    w = torch.rand(300, generator=g, requires_grad=True)
+    gy = torch.randn(300, 40, generator=g)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = swiglu(h, w)
+            results.append([y, *torch.autograd.grad(y, (h, w), gy)])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -81,3 +81,24 @@ def test_rms_norm_kernel_float32_matches_float64_composite(rows, dim, threads, n
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     for got, exp in zip(grads, want):
         torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-4 * (1 + exp.abs().max().item()))
+
+
+@pytest.mark.skipif(not norms_module.cpp_ext.available(), reason="no C++ kernel built here")
+@pytest.mark.parametrize("gated", [False, True])
+def test_rms_norm_kernel_gives_the_same_bits_on_any_thread_count(gated):
+    """A run resumed on another thread count must reproduce an uninterrupted one bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 48, generator=g, requires_grad=True)
+    w = torch.randn(48, generator=g, requires_grad=True)
+    z = torch.randn(1000, 48, generator=g, requires_grad=True) if gated else None
+    gy = torch.randn(1000, 48, generator=g)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = rms_norm(x, w, 1e-6, z)
+            results.append([y, *torch.autograd.grad(y, [t for t in (x, w, z) if t is not None], gy)])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

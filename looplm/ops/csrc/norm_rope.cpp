@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -86,41 +87,46 @@ std::vector<Tensor> rms_norm_backward(const Tensor& gy, const Tensor& x, const T
               *wp = w.data_ptr<float>();
   const float* zp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
   float *gxp = gx.data_ptr<float>(), *gzp = zp ? gz.data_ptr<float>() : nullptr;
-  const int threads = at::get_num_threads();
-  std::vector<float> partial(need_w ? static_cast<size_t>(threads) * d : 0, 0.0f);
+  // gw in fixed blocks of rows, summed in order: the same bits for any number of threads (a
+  // resumed run on another thread count must reproduce an uninterrupted one)
+  constexpr int64_t kRowsPerSum = 64;
+  const int64_t blocks = (n + kRowsPerSum - 1) / kRowsPerSum;
+  std::vector<float> partial(need_w ? static_cast<size_t>(blocks) * d : 0, 0.0f);
   const float inv_d = 1.0f / static_cast<float>(d);
-  at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
-    float* acc = need_w ? partial.data() + static_cast<size_t>(at::get_thread_num()) * d : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> sig(zp ? d : 0), gated(zp ? d : 0);
-    for (int64_t i = a; i < b; ++i) {
-      const float *gi = gp + i * d, *xi = xp + i * d;
-      const float ri = rp[i];
-      if (zp) {  // g = gy silu(z); gz = gy (n w) silu'(z), silu' = s (1 + z (1 - s))
-        const float* zi = zp + i * d;
-        float* gzi = gzp + i * d;
-        sigmoid_row(zi, d, sig.data());
-        for (int64_t j = 0; j < d; ++j) {
-          const float sj = sig[j];
-          gzi[j] = gi[j] * xi[j] * ri * wp[j] * sj * (1.0f + zi[j] * (1.0f - sj));
-          gated[j] = gi[j] * zi[j] * sj;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      float* acc = need_w ? partial.data() + static_cast<size_t>(blk) * d : nullptr;
+      for (int64_t i = blk * kRowsPerSum; i < std::min(n, (blk + 1) * kRowsPerSum); ++i) {
+        const float *gi = gp + i * d, *xi = xp + i * d;
+        const float ri = rp[i];
+        if (zp) {  // g = gy silu(z); gz = gy (n w) silu'(z), silu' = s (1 + z (1 - s))
+          const float* zi = zp + i * d;
+          float* gzi = gzp + i * d;
+          sigmoid_row(zi, d, sig.data());
+          for (int64_t j = 0; j < d; ++j) {
+            const float sj = sig[j];
+            gzi[j] = gi[j] * xi[j] * ri * wp[j] * sj * (1.0f + zi[j] * (1.0f - sj));
+            gated[j] = gi[j] * zi[j] * sj;
+          }
+          gi = gated.data();
         }
-        gi = gated.data();
-      }
-      float m = 0;
-      for (int64_t j = 0; j < d; ++j) m += gi[j] * wp[j] * xi[j];
-      m *= ri * inv_d;  // mean(gn n) = r mean(gn x)
-      float* gxi = gxp + i * d;
-      for (int64_t j = 0; j < d; ++j) gxi[j] = ri * (gi[j] * wp[j] - xi[j] * ri * m);
-      if (acc) {
-        for (int64_t j = 0; j < d; ++j) acc[j] += gi[j] * xi[j] * ri;
+        float m = 0;
+        for (int64_t j = 0; j < d; ++j) m += gi[j] * wp[j] * xi[j];
+        m *= ri * inv_d;  // mean(gn n) = r mean(gn x)
+        float* gxi = gxp + i * d;
+        for (int64_t j = 0; j < d; ++j) gxi[j] = ri * (gi[j] * wp[j] - xi[j] * ri * m);
+        if (acc) {
+          for (int64_t j = 0; j < d; ++j) acc[j] += gi[j] * xi[j] * ri;
+        }
       }
     }
   });
   Tensor gw = at::zeros({need_w ? d : 0}, x.options());
   if (need_w) {
     float* gwp = gw.data_ptr<float>();
-    for (int t = 0; t < threads; ++t)
-      for (int64_t j = 0; j < d; ++j) gwp[j] += partial[static_cast<size_t>(t) * d + j];
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t j = 0; j < d; ++j) gwp[j] += partial[static_cast<size_t>(blk) * d + j];
   }
   return {gx, gw, gz};
 }
