@@ -1,13 +1,14 @@
-"""A whole block's decoding step in one C++ call, for (gated) DeltaNet blocks.
+"""A whole block's decoding step in one C++ call, for blocks with a fixed-state mixer.
 
 Why: a decoding step of a fixed-state block is ~40 small PyTorch ops (norms, five projections,
 short conv, L2 norms, gates, the delta-rule update, gated head norm, residuals, SwiGLU) on one
 row; in eager mode their dispatch overhead cost more than the arithmetic (bench model's
 6-layer, width-384 gated DeltaNet model: ~3.6 ms per token in a tight loop, of which ~1.3 ms in
 the projections). ``csrc/block_step.cpp`` computes the same block (:class:`looplm.layers.block.Block`
-with a :class:`~looplm.layers.mixers.DeltaNet` or :class:`~looplm.layers.mixers.GatedDeltaNet`
-mixer and a dense :class:`~looplm.layers.ffn.SwiGLU` FFN or none) for the B rows of one token:
-each weight row is read once for all rows, rows of every projection split over threads.
+with a DeltaNet or gated DeltaNet mixer (``delta_block_step``) or a linear-attention, retention,
+simple-GLA or GLA mixer (``decay_block_step``), and a dense :class:`~looplm.layers.ffn.SwiGLU` FFN
+or none) for the B rows of one token: each weight row is read once for all rows, rows of every
+projection split over threads.
 
 :func:`block_step` returns None wherever the Python block must run instead: not a decoding step
 (T > 1, no state, a mask, shared keys/values), autograd recording, autocast, dropout in training,
@@ -26,7 +27,16 @@ import torch
 
 from looplm.layers.ffn import SwiGLU
 from looplm.layers.linear import Linear
-from looplm.layers.mixers import DeltaNet, GatedDeltaNet, RecurrentState
+from looplm.layers.mixers import (
+    GLA,
+    DeltaNet,
+    GatedDeltaNet,
+    LinearAttention,
+    RecurrentState,
+    Retention,
+    SimpleGLA,
+    _FixedStateMixer,
+)
 from looplm.layers.norms import HeadRMSNorm, RMSNorm
 from looplm.ops import cpp_ext
 
@@ -51,17 +61,43 @@ def _plain_linear(m: Any, bias: bool) -> bool:
             and (not bias or m.bias.dtype == torch.float32))
 
 
+def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
+    """The op and the mixer-specific arguments of ``mixer``'s step, or None if the kernel does not
+    compute this mixer (see ``csrc/block_step.cpp`` for their meaning)."""
+    kind = type(mixer)
+    if kind in (DeltaNet, GatedDeltaNet):
+        if not _plain_linear(mixer.beta_proj, True):
+            return None
+        gated = kind is GatedDeltaNet
+        if gated and not _plain_linear(mixer.a_proj, False):
+            return None
+        return "delta_block_step", [mixer.beta_proj.weight, mixer.beta_proj.bias,
+                                    mixer.a_proj.weight if gated else None, mixer.A_log if gated else None,
+                                    mixer.dt_bias if gated else None]
+    none = [None, None, None, None, None, 1.0]  # log_gamma, gk_w, gk_b, gk2_w, gk2_b, tau
+    if kind is LinearAttention:
+        return "decay_block_step", [1 if mixer.feature_map == "elu1" else 0, *none]
+    if kind is Retention:
+        return "decay_block_step", [0, mixer.log_gamma.float().contiguous(), *none[1:]]
+    if kind is SimpleGLA and _plain_linear(mixer.gk, True):
+        gk = mixer.gk
+        return "decay_block_step", [0, None, gk.weight, gk.bias, None, None, float(mixer.gate_tau)]
+    if (kind is GLA and len(mixer.gk) == 2 and _plain_linear(mixer.gk[0], False)
+            and _plain_linear(mixer.gk[1], True)):
+        low, full = mixer.gk
+        return "decay_block_step", [0, None, low.weight, None, full.weight, full.bias, float(mixer.gate_tau)]
+    return None
+
+
 def eligible(blk: Any) -> bool:
     """Whether ``blk`` (a Block) is built of the parts the kernel computes."""
     mixer, ffn = blk.mixer, blk.ffn
     if not all(p.is_contiguous() for p in blk.parameters()):
         return False
-    if type(mixer) not in (DeltaNet, GatedDeltaNet) or type(blk.mixer_norm) is not RMSNorm:
+    if not isinstance(mixer, _FixedStateMixer) or type(blk.mixer_norm) is not RMSNorm:
         return False
     if not (all(_plain_linear(m, False) for m in (mixer.qkv, mixer.g_proj, mixer.o_proj))
-            and _plain_linear(mixer.beta_proj, True) and type(mixer.norm) is HeadRMSNorm):
-        return False
-    if isinstance(mixer, GatedDeltaNet) and not _plain_linear(mixer.a_proj, False):
+            and type(mixer.norm) is HeadRMSNorm and _mixer_args(mixer) is not None):
         return False
     if ffn is not None and not (type(ffn) is SwiGLU and type(blk.ffn_norm) is RMSNorm
                                 and _plain_linear(ffn.w_in, False) and _plain_linear(ffn.w_out, False)):
@@ -84,15 +120,13 @@ def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
     if not cpp_ext.available():
         return None
     mixer, ffn = blk.mixer, blk.ffn
-    gated = isinstance(mixer, GatedDeltaNet)
-    h, conv, ssm = torch.ops.looplm.block_step(
+    op, specific = _mixer_args(mixer)
+    h, conv, ssm = getattr(torch.ops.looplm, op)(
         x[:, 0].contiguous(), state.conv.contiguous(), state.ssm.contiguous(), blk.mixer_norm.weight,
-        mixer.qkv.weight, mixer.conv_weight, mixer.g_proj.weight, mixer.beta_proj.weight,
-        mixer.beta_proj.bias, mixer.a_proj.weight if gated else None, mixer.A_log if gated else None,
-        mixer.dt_bias if gated else None, mixer.norm.weight, mixer.o_proj.weight,
+        mixer.qkv.weight, mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight, mixer.o_proj.weight,
         None if ffn is None else blk.ffn_norm.weight, None if ffn is None else ffn.w_in.weight,
         None if ffn is None else ffn.w_out.weight, _eps(blk.mixer_norm), _eps(mixer.norm),
-        _eps(blk.ffn_norm) if ffn is not None else 0.0)
+        _eps(blk.ffn_norm) if ffn is not None else 0.0, *specific)
     return h[:, None], RecurrentState(conv, ssm)
 
 

@@ -1,5 +1,5 @@
-"""``looplm.layers.block_step``: the C++ decoding step of a (gated) DeltaNet block equals the
-Python block, runs only where it applies, and rejects bad inputs."""
+"""``looplm.layers.block_step``: the C++ decoding step of a fixed-state block equals the Python
+block for every fixed-state mixer, runs only where it applies, and rejects bad inputs."""
 
 from __future__ import annotations
 
@@ -42,8 +42,25 @@ def _python(blk, x, s):
         return blk(x, s)
 
 
+FIXED = ["gated_deltanet", "deltanet", "linear", "retention", "simple_gla", "gla"]
+
+
 @needs_kernel
-@given(mixer=st.sampled_from(["gated_deltanet", "deltanet"]), ffn=st.sampled_from(["dense", "none"]),
+@pytest.mark.parametrize("mixer", FIXED)
+def test_every_fixed_state_mixer_takes_the_kernel(mixer):
+    blk = _block(mixer)
+    s = _state(blk, 2)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        fused = block_step(blk, x, s, None, None)
+        want_h, want_s, _ = _python(blk, x, s)
+    assert fused is not None
+    torch.testing.assert_close(fused[0], want_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1].ssm, want_s.ssm, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@given(mixer=st.sampled_from(FIXED), ffn=st.sampled_from(["dense", "none"]),
        heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 16, 24]), conv=st.integers(1, 4),
        batch=st.integers(1, 4), d_ffn=st.sampled_from([32, 96]), threads=st.sampled_from([1, 2]))
 def test_kernel_equals_python_block(mixer, ffn, heads, head_dim, conv, batch, d_ffn, threads):
@@ -81,7 +98,7 @@ def test_state_is_not_modified_and_block_uses_the_kernel():
 
 
 @needs_kernel
-@pytest.mark.parametrize("mixer", ["gated_deltanet", "deltanet"])
+@pytest.mark.parametrize("mixer", FIXED)
 def test_model_decoding_equals_full_forward_and_python_steps(mixer):
     torch.manual_seed(0)
     m = LoopLM(LoopConfig(vocab_size=64, d_model=32, n_heads=2, n_core=2, mixer=mixer)).eval()
@@ -130,9 +147,13 @@ def test_bad_shapes_are_rejected_by_the_kernel():
     blk = _block()
     s = _state(blk, 2)
     mixer = blk.mixer
+    common = [mixer.qkv.weight, mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight,
+              mixer.o_proj.weight, None, None, None, 1e-6, 1e-6, 1e-6]
     with pytest.raises(RuntimeError, match="block_step: conv_state"):
-        torch.ops.looplm.block_step(
-            torch.randn(2, 32), s.conv[:1].contiguous(), s.ssm, blk.mixer_norm.weight, mixer.qkv.weight,
-            mixer.conv_weight, mixer.g_proj.weight, mixer.beta_proj.weight, mixer.beta_proj.bias,
-            mixer.a_proj.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.o_proj.weight,
-            None, None, None, 1e-6, 1e-6, 1e-6)
+        torch.ops.looplm.delta_block_step(
+            torch.randn(2, 32), s.conv[:1].contiguous(), s.ssm, blk.mixer_norm.weight, *common,
+            mixer.beta_proj.weight, mixer.beta_proj.bias, mixer.a_proj.weight, mixer.A_log, mixer.dt_bias)
+    with pytest.raises(RuntimeError, match="block_step: log_gamma"):
+        torch.ops.looplm.decay_block_step(
+            torch.randn(2, 32), s.conv, s.ssm, blk.mixer_norm.weight, *common, 0, torch.zeros(5), None, None,
+            None, None, 1.0)
