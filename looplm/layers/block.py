@@ -90,7 +90,7 @@ class Block(nn.Module):
         ``aux`` is the FFN's aux dict plus ``tokens`` (rows run: an int, a 0-dim tensor with a mask).
         """
         fused = block_step(self, x, state, mask, shared_kv)
-        if fused is not None:  # a (gated) DeltaNet block's decoding step in one C++ call
+        if fused is not None:  # a fixed-state block's decoding step in one C++ call
             h, state = fused
             return h, state, {"tokens": h.shape[0]}
         u = self.mixer_norm(x)

@@ -5,7 +5,7 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``delta_kernel.cpp``: the delta rule's chunk form, each thread on its own groups
   (:mod:`looplm.ops.delta_kernel`);
 - ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
-- ``block_step.cpp``: a whole (gated) DeltaNet block's decoding step in one call
+- ``block_step.cpp``: a whole fixed-state block's decoding step in one call
   (:mod:`looplm.layers.block_step`);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
