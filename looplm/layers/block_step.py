@@ -8,11 +8,13 @@ the projections). ``csrc/block_step.cpp`` computes the same block (:class:`loopl
 with a DeltaNet or gated DeltaNet mixer (``delta_block_step``) or a linear-attention, retention,
 simple-GLA or GLA mixer (``decay_block_step``), and a dense :class:`~looplm.layers.ffn.SwiGLU` FFN
 or none) for the B rows of one token: each weight row is read once for all rows, rows of every
-projection split over threads.
+projection split over threads. A :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts and an
+optional shared expert, no zero-computation experts) runs in a second call, ``csrc/moe_step.cpp``,
+which also returns the MoE's aux (load, balance and z losses) as the Python layer does.
 
 :func:`block_step` returns None wherever the Python block must run instead: not a decoding step
 (T > 1, no state, a mask, shared keys/values), autograd recording, autocast, dropout in training,
-another device or dtype, other mixers or FFNs, quantised or biased projections, or no C++ kernels
+another device or dtype, attention, MoE++ experts, quantised or biased projections, or no C++ kernels
 (:mod:`looplm.ops.cpp_ext`). Inside :func:`python_block_step` it is off (tests compare both).
 Sums run in another order than PyTorch's: differences ~1e-6 relative.
 """
@@ -37,6 +39,7 @@ from looplm.layers.mixers import (
     SimpleGLA,
     _FixedStateMixer,
 )
+from looplm.layers.moe import MoE
 from looplm.layers.norms import HeadRMSNorm, RMSNorm
 from looplm.ops import cpp_ext
 
@@ -99,16 +102,26 @@ def eligible(blk: Any) -> bool:
     if not (all(_plain_linear(m, False) for m in (mixer.qkv, mixer.g_proj, mixer.o_proj))
             and type(mixer.norm) is HeadRMSNorm and _mixer_args(mixer) is not None):
         return False
-    if ffn is not None and not (type(ffn) is SwiGLU and type(blk.ffn_norm) is RMSNorm
-                                and _plain_linear(ffn.w_in, False) and _plain_linear(ffn.w_out, False)):
+    if ffn is not None and not (type(blk.ffn_norm) is RMSNorm and (_plain_swiglu(ffn) or _plain_moe(ffn))):
         return False
     return True
 
 
+def _plain_swiglu(ffn: Any) -> bool:
+    return type(ffn) is SwiGLU and _plain_linear(ffn.w_in, False) and _plain_linear(ffn.w_out, False)
+
+
+def _plain_moe(ffn: Any) -> bool:
+    """An MoE of SwiGLU experts (and a plain shared expert, if any), no zero-computation experts."""
+    return (type(ffn) is MoE and not any(ffn.kinds) and _plain_linear(ffn.router, False)
+            and ffn.w_in.dtype == ffn.w_out.dtype == torch.float32
+            and (ffn.shared is None or _plain_swiglu(ffn.shared)))
+
+
 def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
-               shared_kv: Any) -> tuple[torch.Tensor, RecurrentState] | None:
+               shared_kv: Any) -> tuple[torch.Tensor, RecurrentState, dict] | None:
     """``x [B, 1, d]`` after one decoding step of ``blk`` from ``state`` -> ``(h [B, 1, d], new
-    state)``, or None where the Python block must run (see the module docstring)."""
+    state, the FFN's aux)``, or None where the Python block must run (see the module docstring)."""
     if (_forced_off or mask is not None or shared_kv is not None or not isinstance(state, RecurrentState)
             or x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu" or x.dtype != torch.float32
             or state.ssm.shape[0] != x.shape[0] or state.ssm.dtype != torch.float32
@@ -120,14 +133,23 @@ def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
     if not cpp_ext.available():
         return None
     mixer, ffn = blk.mixer, blk.ffn
+    dense = ffn if isinstance(ffn, SwiGLU) else None  # an MoE runs in its own call below
     op, specific = _mixer_args(mixer)
     h, conv, ssm = getattr(torch.ops.looplm, op)(
         x[:, 0].contiguous(), state.conv.contiguous(), state.ssm.contiguous(), blk.mixer_norm.weight,
         mixer.qkv.weight, mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight, mixer.o_proj.weight,
-        None if ffn is None else blk.ffn_norm.weight, None if ffn is None else ffn.w_in.weight,
-        None if ffn is None else ffn.w_out.weight, _eps(blk.mixer_norm), _eps(mixer.norm),
-        _eps(blk.ffn_norm) if ffn is not None else 0.0, *specific)
-    return h[:, None], RecurrentState(conv, ssm)
+        None if dense is None else blk.ffn_norm.weight, None if dense is None else dense.w_in.weight,
+        None if dense is None else dense.w_out.weight, _eps(blk.mixer_norm), _eps(mixer.norm),
+        _eps(blk.ffn_norm) if dense is not None else 0.0, *specific)
+    aux: dict = {}
+    if isinstance(ffn, MoE):
+        shared = ffn.shared
+        h, load, balance, z_loss = torch.ops.looplm.moe_step(
+            h, blk.ffn_norm.weight, _eps(blk.ffn_norm), ffn.router.weight, ffn.w_in, ffn.w_out,
+            None if shared is None else shared.w_in.weight, None if shared is None else shared.w_out.weight,
+            ffn.top_k, ffn.renormalize)
+        aux = {"balance_loss": balance, "z_loss": z_loss, "load": load}
+    return h[:, None], RecurrentState(conv, ssm), aux
 
 
 def _eps(norm: RMSNorm) -> float:

@@ -5,12 +5,13 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``delta_kernel.cpp``: the delta rule's chunk form, each thread on its own groups
   (:mod:`looplm.ops.delta_kernel`);
 - ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
-- ``block_step.cpp``: a whole fixed-state block's decoding step in one call
-  (:mod:`looplm.layers.block_step`);
+- ``block_step.cpp``: a whole fixed-state block's decoding step in one call, ``moe_step.cpp`` its
+  mixture-of-experts FFN (:mod:`looplm.layers.block_step`);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
 - ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
-- ``vec.h``: the dot product they share; ``simd.h``: ATen's vector type at this CPU's width.
+- ``vec.h``: the dot product they share; ``simd.h``: ATen's vector type at this CPU's width;
+  ``checks.h``: the decoding kernels' argument checks.
 
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
 per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
@@ -30,8 +31,8 @@ __all__ = ["available"]
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
-                                     "norm_rope.cpp", "swiglu.cpp")]
-HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h"]
+                                     "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp")]
+HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "checks.h"]
 _loaded: dict[str, bool] = {}
 
 

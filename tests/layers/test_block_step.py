@@ -42,6 +42,17 @@ def _python(blk, x, s):
         return blk(x, s)
 
 
+def _both(blk, x, s, threads):
+    """(the kernel's step, the Python block's step) of ``blk`` on ``threads`` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            return block_step(blk, x, s, None, None), _python(blk, x, s)
+    finally:
+        torch.set_num_threads(before)
+
+
 FIXED = ["gated_deltanet", "deltanet", "linear", "retention", "simple_gla", "gla"]
 
 
@@ -67,16 +78,9 @@ def test_kernel_equals_python_block(mixer, ffn, heads, head_dim, conv, batch, d_
     blk = _block(mixer, ffn, d=heads * head_dim, heads=heads, conv=conv, d_ffn=d_ffn)
     s = _state(blk, batch)
     x = torch.randn(batch, 1, heads * head_dim)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            fused = block_step(blk, x, s, None, None)
-            want_h, want_s, aux = _python(blk, x, s)
-    finally:
-        torch.set_num_threads(before)
+    fused, (want_h, want_s, _) = _both(blk, x, s, threads)
     assert fused is not None
-    h, new = fused
+    h, new, _ = fused
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new.conv, want_s.conv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new.ssm, want_s.ssm, rtol=1e-5, atol=1e-5)
@@ -97,11 +101,16 @@ def test_state_is_not_modified_and_block_uses_the_kernel():
     assert aux == {"tokens": 2}
 
 
+MODELS = {name: {"mixer": name} for name in FIXED}
+MODELS["gated_deltanet_moe"] = {"mixer": "gated_deltanet", "ffn": "moe", "n_experts": 4, "top_k": 2,
+                                "shared_expert": True}
+
+
 @needs_kernel
-@pytest.mark.parametrize("mixer", FIXED)
-def test_model_decoding_equals_full_forward_and_python_steps(mixer):
+@pytest.mark.parametrize("name", MODELS)
+def test_model_decoding_equals_full_forward_and_python_steps(name):
     torch.manual_seed(0)
-    m = LoopLM(LoopConfig(vocab_size=64, d_model=32, n_heads=2, n_core=2, mixer=mixer)).eval()
+    m = LoopLM(LoopConfig(vocab_size=64, d_model=32, n_heads=2, n_core=2, **MODELS[name])).eval()
     ids = torch.randint(0, 64, (3, 10))
     with torch.no_grad():
         full = m(ids).logits
@@ -113,7 +122,10 @@ def test_model_decoding_equals_full_forward_and_python_steps(mixer):
             s_fused, s_py = out.state, ref.state
             torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-    assert out.stats["flops_per_token"] == ref.stats["flops_per_token"]
+            torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+            assert out.stats.keys() == ref.stats.keys()
+            for key, value in ref.stats.items():  # FLOPs, reach, and an MoE's load and losses
+                assert out.stats[key] == pytest.approx(value, rel=1e-5), key
 
 
 @needs_kernel
@@ -134,12 +146,43 @@ def test_falls_back_where_it_does_not_apply():
     with torch.no_grad():
         attn = _block("attention")
         assert block_step(attn, x, attn.mixer.init_state(2), None, None) is None
-        moe = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
-                               n_experts=2, top_k=1), "gated_deltanet").eval()
-        assert block_step(moe, x, _state(moe, 2), None, None) is None
+        moe_pp = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
+                                  n_experts=2, top_k=1, zero_experts=3), "gated_deltanet").eval()
+        assert block_step(moe_pp, x, _state(moe_pp, 2), None, None) is None  # MoE++ experts
         quantised = _block()
         quantised.mixer.qkv = nn.Linear(32, quantised.mixer.qkv.out_features, bias=False)  # not ours
         assert block_step(quantised, x, _state(quantised, 2), None, None) is None
+
+
+def _moe_block(mixer, experts, top_k, shared, seed=0) -> Block:
+    torch.manual_seed(seed)
+    c = LoopConfig(vocab_size=64, d_model=32, n_heads=2, n_core=1, mixer=mixer, ffn="moe", d_ffn=24,
+                   n_experts=experts, top_k=top_k, shared_expert=shared)
+    blk = Block(c, mixer).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return blk
+
+
+@needs_kernel
+@given(mixer=st.sampled_from(["gated_deltanet", "gla"]), experts=st.integers(1, 6), top_k=st.integers(1, 3),
+       shared=st.booleans(), renormalize=st.booleans(), batch=st.integers(1, 3),
+       threads=st.sampled_from([1, 2]))
+def test_moe_kernel_equals_python_moe_with_its_aux(mixer, experts, top_k, shared, renormalize, batch,
+                                                   threads):
+    top_k = min(top_k, experts)
+    blk = _moe_block(mixer, experts, top_k, shared, seed=experts * 10 + top_k)
+    blk.ffn.renormalize = renormalize
+    s = _state(blk, batch)
+    x = torch.randn(batch, 1, 32)
+    fused, (want_h, want_s, want_aux) = _both(blk, x, s, threads)
+    assert fused is not None
+    h, new, aux = fused
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.ssm, want_s.ssm, rtol=1e-5, atol=1e-5)
+    for key in ("load", "balance_loss", "z_loss"):
+        torch.testing.assert_close(aux[key], want_aux[key].float(), rtol=1e-5, atol=1e-6)
 
 
 @needs_kernel
@@ -157,3 +200,7 @@ def test_bad_shapes_are_rejected_by_the_kernel():
         torch.ops.looplm.decay_block_step(
             torch.randn(2, 32), s.conv, s.ssm, blk.mixer_norm.weight, *common, 0, torch.zeros(5), None, None,
             None, None, 1.0)
+    moe = _moe_block("gated_deltanet", 4, 2, False).ffn
+    with pytest.raises(RuntimeError, match="moe_step: top_k"):
+        torch.ops.looplm.moe_step(torch.randn(2, 32), torch.ones(32), 1e-6, moe.router.weight, moe.w_in,
+                                  moe.w_out, None, None, 5, False)

@@ -12,8 +12,10 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
+#include "checks.h"
 #include "vec.h"
 
 namespace {
@@ -21,7 +23,7 @@ namespace {
 using at::Tensor;
 using looplm::dot;
 
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+using looplm::silu;
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // as F.softplus
 inline float logsigmoid(float x) { return std::min(x, 0.0f) - std::log1p(std::exp(-std::fabs(x))); }
@@ -61,13 +63,10 @@ void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t d
   }
 }
 
-const float* ptr(const Tensor& t) { return t.data_ptr<float>(); }
+const float* ptr(const Tensor& t) { return looplm::fptr(t); }
 
 void check(const Tensor& t, const char* name, std::vector<int64_t> shape) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
-              "block_step: ", name, " must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(t.sizes().vec() == shape, "block_step: ", name, " has shape ", t.sizes(), ", expected ",
-              at::IntArrayRef(shape));
+  looplm::check_float(t, "block_step", name, std::move(shape));
 }
 
 // The parts every fixed-state block shares: h [B, d]; conv_state [B, K-1, C]; ssm [B, H, dk, dv];
