@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.errors import ConfigError
+from looplm.layers import kv_cache
 from looplm.layers.linear import Linear
 from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
@@ -45,7 +46,8 @@ class _NBytes:
 class KVState(_NBytes):
     """Attention cache: ``k, v [B, S, Hkv, D]``, ``key_mask [B, S]`` (False = slot unused in that
     row), ``pos [B, S]`` key positions, ``seen [B]`` tokens seen so far (for default positions).
-    Grows only by tokens that are active in at least one row."""
+    Grows only by tokens that are active in at least one row; appended to by
+    :func:`looplm.layers.kv_cache.append` (views of a buffer with room to grow)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -125,13 +127,15 @@ class Attention(nn.Module):
             if mask is not None and not bool(mask.any(0).all()):  # cache no token masked in every row
                 keep = mask.any(0)
                 k, v, key_mask, kpos = k[:, keep], v[:, keep], key_mask[:, keep], positions[:, keep]
-            k, v = torch.cat((state.k, k), 1), torch.cat((state.v, v), 1)
-            key_mask, kpos = torch.cat((state.key_mask, key_mask), 1), torch.cat((state.pos, kpos), 1)
-            new_state = KVState(k, v, key_mask, kpos, state.seen + T)
+            new_state = kv_cache.append(state, k, v, key_mask, kpos, state.seen + T)
+            k, v, key_mask, kpos = new_state.k, new_state.v, new_state.key_mask, new_state.pos
         # causal by index == causal by position when positions increase and nothing was cached
         if mask is None and (state is None or state.k.shape[1] == 0) and (
                 default_pos or T == 1 or bool((positions[:, 1:] > positions[:, :-1]).all())):
             o = attention(q, k, v)
+        elif (T == 1 and mask is None and bool(key_mask.all())
+              and bool((kpos <= positions).all())):  # a decoding step that sees every cached key
+            o = attention(q, k, v, causal=False)
         else:
             o = attention(q, k, v, q_pos=positions, k_pos=kpos, key_mask=key_mask)
         if mask is not None:

@@ -107,11 +107,15 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              gate: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of ``x [..., D]`` with ``weight [D]``, times ``silu(gate)`` (``gate`` shaped as x)."""
+    if _kernel_applies(x, weight, gate):
+        if not tracked(x, weight, gate):  # e.g. decoding: the forward alone, no autograd node
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            z2 = None if gate is None else gate.reshape(x2.shape).contiguous()
+            return torch.ops.looplm.rms_norm_forward(x2, weight, z2, eps)[0].view(x.shape)
+        return _RMSNormKernel.apply(x, weight, gate, eps)
     if not tracked(x, weight, gate):
         y = F.rms_norm(x, (x.shape[-1],), weight, eps)
         return y if gate is None else y * F.silu(gate)
-    if _kernel_applies(x, weight, gate):
-        return _RMSNormKernel.apply(x, weight, gate, eps)
     return _RMSNorm.apply(x, weight, gate, eps)
 
 
