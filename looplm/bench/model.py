@@ -9,7 +9,8 @@ repeat; medians of repeats), printed as ratios with PASS/FAIL against issue 3's 
     vs ``LlamaForCausalLM`` of the same size (target ≥ 1×).
 (b) greedy decoding latency per token after a long and a short prompt: the fixed-state
     (gated DeltaNet) LoopLM vs Llama with its KV cache (target: ≥ 4× lower at the long prompt,
-    and within 10% of its own latency at the short one).
+    and within 10% of its own latency at the short one); the vanilla configuration with its KV
+    cache is timed beside them (its ratios to Llama are reported, no target).
 (c) expert-choice Mixture-of-Recursions (3 recursions, ~1/3 of the tokens at each deeper one)
     vs the same model with every token taking all 3: FLOPs and training-step time ratios.
 
@@ -224,21 +225,25 @@ class _Decoder:
 
 def bench_decode(s: Size) -> dict[str, Any]:
     torch.manual_seed(0)
-    fixed, ref = LoopLM(fixed_state(s)), _hf(llama(s))
+    fixed, ref, vanilla = LoopLM(fixed_state(s)), _hf(llama(s)), LoopLM(dense(s))
     prompt = torch.randint(0, 256, (1, s.long_prompt))
+    contenders = (("looplm_fixed_state", fixed), ("llama", ref), ("looplm_vanilla", vanilla))
     decoders = {f"{name}_{n}": _Decoder(model, prompt[:, -n:])
-                for n in (s.short_prompt, s.long_prompt)
-                for name, model in (("looplm_fixed_state", fixed), ("llama", ref))}
+                for n in (s.short_prompt, s.long_prompt) for name, model in contenders}
     # repeats of single steps, the contenders in turn; the first rounds are warm-up
     secs = time_interleaved(decoders, max(s.decode_steps, 3), warmup=2)
     ms = {name: 1000 * t for name, t in secs.items()}
     long, short = s.long_prompt, s.short_prompt
-    return {"params": {"looplm_fixed_state": n_params(fixed), "llama": n_params(ref)},
+    return {"params": {"looplm_fixed_state": n_params(fixed), "llama": n_params(ref),
+                       "looplm_vanilla": n_params(vanilla)},
             "ms_per_token": ms,
             "state_bytes": {"looplm_fixed_state_long": decoders[f"looplm_fixed_state_{long}"].state.nbytes()},
             "decode_speedup_long": ms[f"llama_{long}"] / ms[f"looplm_fixed_state_{long}"],
             "decode_speedup_short": ms[f"llama_{short}"] / ms[f"looplm_fixed_state_{short}"],
-            "decode_long_over_short": ms[f"looplm_fixed_state_{long}"] / ms[f"looplm_fixed_state_{short}"]}
+            "decode_long_over_short": ms[f"looplm_fixed_state_{long}"] / ms[f"looplm_fixed_state_{short}"],
+            # no target: the vanilla (attention) configuration against Llama, both with KV caches
+            "vanilla_decode_speedup_long": ms[f"llama_{long}"] / ms[f"looplm_vanilla_{long}"],
+            "vanilla_decode_speedup_short": ms[f"llama_{short}"] / ms[f"looplm_vanilla_{short}"]}
 
 
 def bench_mor(s: Size, tokens: torch.Tensor, capacity: list[float]) -> dict[str, Any]:
@@ -361,6 +366,11 @@ def render(data: dict[str, Any]) -> str:
             rows = [[name, value, params.get(name, params.get(name.rsplit("_", 1)[0]))]
                     for name, value in data[part][key].items()]
             out.append(markdown_table(["model", title, "params"], rows))
+    decode = data.get("decode", {})
+    if "vanilla_decode_speedup_long" in decode:
+        out.append(f"Vanilla (attention) configuration vs Llama, decoding latency ratio (no target): "
+                   f"{decode['vanilla_decode_speedup_long']:.2f}x after the long prompt, "
+                   f"{decode['vanilla_decode_speedup_short']:.2f}x after the short one")
     train = data.get("train", {})
     if "matmul_profile" in train:
         rows = [[name, p["matmul_s"], p["total_s"], p["share"]]
