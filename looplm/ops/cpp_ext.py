@@ -11,7 +11,7 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
 - ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
 - ``vec.h``: the dot product they share; ``simd.h``: ATen's vector type at this CPU's width;
-  ``checks.h``: the decoding kernels' argument checks.
+  ``decode.h``: what the decoding kernels share (checks, few-row products, norms, SwiGLU FFN).
 
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
 per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
@@ -32,7 +32,7 @@ __all__ = ["available"]
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
                                      "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp")]
-HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "checks.h"]
+HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold
 # [2048, 384] matrix-vector product of linear_small.cpp took 115 instead of 137 us here
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]

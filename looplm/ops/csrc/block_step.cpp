@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "checks.h"
+#include "decode.h"
 #include "vec.h"
 
 namespace {
@@ -23,45 +23,14 @@ namespace {
 using at::Tensor;
 using looplm::dot;
 
+using looplm::add_swiglu_ffn;
+using looplm::matvecs;
+using looplm::Part;
+using looplm::rms_norm;
 using looplm::silu;
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // as F.softplus
 inline float logsigmoid(float x) { return std::min(x, 0.0f) - std::log1p(std::exp(-std::fabs(x))); }
-
-// One weight matrix [n, k] of a group of products that share their input x [B, k]: its
-// outputs go to columns off .. off+n-1 of out [B, width].
-struct Part {
-  const float* w;
-  int64_t n;
-  int64_t off;
-};
-
-// out[b, part.off + j] = x[b] . part.w[j] for every part, all output rows over threads.
-void matvecs(const float* x, int64_t rows, int64_t k, const std::vector<Part>& parts, float* out,
-             int64_t width) {
-  int64_t total = 0;
-  for (const Part& p : parts) total += p.n;
-  at::parallel_for(0, total, 64, [&](int64_t r0, int64_t r1) {
-    int64_t base = 0;
-    for (const Part& p : parts) {
-      const int64_t a = std::max(r0, base), e = std::min(r1, base + p.n);
-      for (int64_t j = a; j < e; ++j) {
-        const float* wj = p.w + (j - base) * k;
-        for (int64_t b = 0; b < rows; ++b) out[b * width + p.off + j - base] = dot(x + b * k, wj, k);
-      }
-      base += p.n;
-    }
-  });
-}
-
-// y[b] = x[b] * rsqrt(mean(x[b]^2) + eps) * w, rows of width d (as F.rms_norm).
-void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t d, float* y) {
-  for (int64_t b = 0; b < rows; ++b) {
-    const float* xb = x + b * d;
-    const float r = 1.0f / std::sqrt(dot(xb, xb, d) / static_cast<float>(d) + eps);
-    for (int64_t i = 0; i < d; ++i) y[b * d + i] = xb[i] * r * w[i];
-  }
-}
 
 const float* ptr(const Tensor& t) { return looplm::fptr(t); }
 
@@ -152,19 +121,7 @@ struct Common {
     matvecs(op, B, H * dv, {{ptr(o_w), d, 0}}, hp, d);
     const float* h0 = ptr(h);
     for (int64_t e = 0; e < B * d; ++e) hp[e] += h0[e];
-    if (ffn_in_w.has_value()) {  // h + W_out (silu(gate) * up) of rmsnorm(h)
-      Tensor u = at::empty({B, d}, opt), z = at::empty({B, 2 * F}, opt), act = at::empty({B, F}, opt),
-             f = at::empty({B, d}, opt);
-      rms_norm(hp, ptr(*ffn_norm_w), static_cast<float>(ffn_eps), B, d, u.data_ptr<float>());
-      matvecs(ptr(u), B, d, {{ptr(*ffn_in_w), 2 * F, 0}}, z.data_ptr<float>(), 2 * F);
-      const float* zp = ptr(z);
-      float* ap = act.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < F; ++i) ap[b * F + i] = silu(zp[b * 2 * F + i]) * zp[b * 2 * F + F + i];
-      matvecs(ap, B, F, {{ptr(*ffn_out_w), d, 0}}, f.data_ptr<float>(), d);
-      const float* fp = ptr(f);
-      for (int64_t e = 0; e < B * d; ++e) hp[e] += fp[e];
-    }
+    if (ffn_in_w.has_value()) add_swiglu_ffn(out, *ffn_norm_w, ffn_eps, *ffn_in_w, *ffn_out_w);
     return out;
   }
 };

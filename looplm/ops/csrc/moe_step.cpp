@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "checks.h"
+#include "decode.h"
 #include "vec.h"
 
 namespace {
