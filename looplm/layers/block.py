@@ -89,8 +89,8 @@ class Block(nn.Module):
 
         ``aux`` is the FFN's aux dict plus ``tokens`` (rows run: an int, a 0-dim tensor with a mask).
         """
-        fused = block_step(self, x, state, mask, shared_kv)
-        if fused is not None:  # a fixed-state block's decoding step in C++
+        fused = block_step(self, x, state, mask, shared_kv, positions)
+        if fused is not None:  # the block's decoding step in C++
             h, state, aux = fused
             return h, state, {**aux, "tokens": h.shape[0]}
         u = self.mixer_norm(x)

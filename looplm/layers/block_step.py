@@ -1,20 +1,26 @@
-"""A whole block's decoding step in one C++ call, for blocks with a fixed-state mixer.
+"""A whole block's decoding step in C++: one call for a fixed-state block, two for attention.
 
-Why: a decoding step of a fixed-state block is ~40 small PyTorch ops (norms, five projections,
-short conv, L2 norms, gates, the delta-rule update, gated head norm, residuals, SwiGLU) on one
-row; in eager mode their dispatch overhead cost more than the arithmetic (bench model's
-6-layer, width-384 gated DeltaNet model: ~3.6 ms per token in a tight loop, of which ~1.3 ms in
-the projections). ``csrc/block_step.cpp`` computes the same block (:class:`looplm.layers.block.Block`
-with a DeltaNet or gated DeltaNet mixer (``delta_block_step``) or a linear-attention, retention,
-simple-GLA or GLA mixer (``decay_block_step``), and a dense :class:`~looplm.layers.ffn.SwiGLU` FFN
-or none) for the B rows of one token: each weight row is read once for all rows, rows of every
-projection split over threads. A :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts and an
-optional shared expert, no zero-computation experts) runs in a second call, ``csrc/moe_step.cpp``,
-which also returns the MoE's aux (load, balance and z losses) as the Python layer does.
+Why: a decoding step of a block is ~35-40 small PyTorch ops (norms, projections, conv or RoPE,
+gates and state update or the cache, head norm, residuals, SwiGLU) on one row; in eager mode their
+dispatch overhead cost more than the arithmetic (bench model's 6-layer, width-384 gated DeltaNet
+model: ~3.6 ms per token in a tight loop, of which ~1.3 ms in the projections). The kernels
+compute the same :class:`looplm.layers.block.Block` for the B rows of one token (each weight row
+read once for all rows, rows of every projection split over threads):
+
+- ``csrc/block_step.cpp``: a DeltaNet or gated DeltaNet mixer (``delta_block_step``) or a
+  linear-attention, retention, simple-GLA or GLA mixer (``decay_block_step``);
+- ``csrc/attn_step.cpp``: softmax attention with RoPE and grouped heads, around the cache append
+  of :mod:`looplm.layers.kv_cache` (``attn_step_in``: norm, projections, RoPE; ``attn_step_out``:
+  attention over the whole cache read front to back, output projection); only when every cached
+  key is visible (no masked slot, no later position), else the Python block's masks run;
+- with a dense :class:`~looplm.layers.ffn.SwiGLU` FFN or none inside those calls, or a
+  :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts, optional shared expert, no
+  zero-computation experts) in ``csrc/moe_step.cpp``, which also returns the MoE's aux (load,
+  balance and z losses) as the Python layer does.
 
 :func:`block_step` returns None wherever the Python block must run instead: not a decoding step
 (T > 1, no state, a mask, shared keys/values), autograd recording, autocast, dropout in training,
-another device or dtype, attention, MoE++ experts, quantised or biased projections, or no C++ kernels
+another device or dtype, MoE++ experts, quantised or biased projections, or no C++ kernels
 (:mod:`looplm.ops.cpp_ext`). Inside :func:`python_block_step` it is off (tests compare both).
 Sums run in another order than PyTorch's: differences ~1e-6 relative.
 """
@@ -27,12 +33,15 @@ from typing import Any
 
 import torch
 
+from looplm.layers import kv_cache
 from looplm.layers.ffn import SwiGLU
 from looplm.layers.linear import Linear
 from looplm.layers.mixers import (
     GLA,
+    Attention,
     DeltaNet,
     GatedDeltaNet,
+    KVState,
     LinearAttention,
     RecurrentState,
     Retention,
@@ -93,14 +102,16 @@ def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
 
 
 def eligible(blk: Any) -> bool:
-    """Whether ``blk`` (a Block) is built of the parts the kernel computes."""
+    """Whether ``blk`` (a Block) is built of the parts the kernels compute."""
     mixer, ffn = blk.mixer, blk.ffn
-    if not all(p.is_contiguous() for p in blk.parameters()):
+    if not all(p.is_contiguous() for p in blk.parameters()) or type(blk.mixer_norm) is not RMSNorm:
         return False
-    if not isinstance(mixer, _FixedStateMixer) or type(blk.mixer_norm) is not RMSNorm:
-        return False
-    if not (all(_plain_linear(m, False) for m in (mixer.qkv, mixer.g_proj, mixer.o_proj))
-            and type(mixer.norm) is HeadRMSNorm and _mixer_args(mixer) is not None):
+    if type(mixer) is Attention:
+        if not (_plain_linear(mixer.qkv, False) and _plain_linear(mixer.o_proj, False)):
+            return False
+    elif not (isinstance(mixer, _FixedStateMixer)
+              and all(_plain_linear(m, False) for m in (mixer.qkv, mixer.g_proj, mixer.o_proj))
+              and type(mixer.norm) is HeadRMSNorm and _mixer_args(mixer) is not None):
         return False
     if ffn is not None and not (type(blk.ffn_norm) is RMSNorm and (_plain_swiglu(ffn) or _plain_moe(ffn))):
         return False
@@ -118,30 +129,78 @@ def _plain_moe(ffn: Any) -> bool:
             and (ffn.shared is None or _plain_swiglu(ffn.shared)))
 
 
-def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
-               shared_kv: Any) -> tuple[torch.Tensor, RecurrentState, dict] | None:
-    """``x [B, 1, d]`` after one decoding step of ``blk`` from ``state`` -> ``(h [B, 1, d], new
-    state, the FFN's aux)``, or None where the Python block must run (see the module docstring)."""
-    if (_forced_off or mask is not None or shared_kv is not None or not isinstance(state, RecurrentState)
-            or x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu" or x.dtype != torch.float32
-            or state.ssm.shape[0] != x.shape[0] or state.ssm.dtype != torch.float32
-            or state.conv.dtype != torch.float32 or (blk.training and blk.drop.p)
+def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None, shared_kv: Any,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, dict] | None:
+    """``x [B, 1, d]`` after one decoding step of ``blk`` from ``state`` (``positions [B, 1]``: the
+    token's position, for attention; default ``state.seen``) -> ``(h [B, 1, d], new state, the
+    FFN's aux)``, or None where the Python block must run (see the module docstring)."""
+    if (_forced_off or mask is not None or shared_kv is not None or x.dim() != 3 or x.shape[1] != 1
+            or x.device.type != "cpu" or x.dtype != torch.float32 or (blk.training and blk.drop.p)
             or torch.is_autocast_enabled("cpu") or not eligible(blk)):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in blk.parameters())):
         return None
-    if not cpp_ext.available():
+    if isinstance(state, RecurrentState) and type(blk.mixer) is not Attention:
+        if (state.ssm.shape[0] != x.shape[0] or state.ssm.dtype != torch.float32
+                or state.conv.dtype != torch.float32 or not cpp_ext.available()):
+            return None
+        h, state = _fixed_state_step(blk, x[:, 0].contiguous(), state)
+    elif isinstance(state, KVState) and type(blk.mixer) is Attention:
+        pos = (state.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
+        if (state.k.shape[0] != x.shape[0] or state.k.dtype != torch.float32 or state.v.dtype != torch.float32
+                or not bool(state.key_mask.all()) or not bool((state.pos <= pos[:, None]).all())
+                or not cpp_ext.available()):
+            return None  # masked slots or later positions in the cache: the Python block's masks
+        h, state = _attention_step(blk, x[:, 0].contiguous(), state, pos)
+    else:
         return None
-    mixer, ffn = blk.mixer, blk.ffn
-    dense = ffn if isinstance(ffn, SwiGLU) else None  # an MoE runs in its own call below
+    return _ffn_step(blk, h, state)
+
+
+def _dense_ffn(blk: Any) -> list[Any]:
+    """The dense FFN's arguments of the block kernels (``None``s when there is none or an MoE)."""
+    if not isinstance(blk.ffn, SwiGLU):
+        return [None, None, None]
+    return [blk.ffn_norm.weight, blk.ffn.w_in.weight, blk.ffn.w_out.weight]
+
+
+def _fixed_state_step(blk: Any, x: torch.Tensor,
+                      state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+    mixer = blk.mixer
     op, specific = _mixer_args(mixer)
+    ffn = _dense_ffn(blk)
     h, conv, ssm = getattr(torch.ops.looplm, op)(
-        x[:, 0].contiguous(), state.conv.contiguous(), state.ssm.contiguous(), blk.mixer_norm.weight,
-        mixer.qkv.weight, mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight, mixer.o_proj.weight,
-        None if dense is None else blk.ffn_norm.weight, None if dense is None else dense.w_in.weight,
-        None if dense is None else dense.w_out.weight, _eps(blk.mixer_norm), _eps(mixer.norm),
-        _eps(blk.ffn_norm) if dense is not None else 0.0, *specific)
-    aux: dict = {}
+        x, state.conv.contiguous(), state.ssm.contiguous(), blk.mixer_norm.weight, mixer.qkv.weight,
+        mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight, mixer.o_proj.weight, *ffn,
+        _eps(blk.mixer_norm), _eps(mixer.norm), _eps(blk.ffn_norm) if ffn[0] is not None else 0.0, *specific)
+    return h, RecurrentState(conv, ssm)
+
+
+def _attention_step(blk: Any, x: torch.Tensor, state: KVState,
+                    pos: torch.Tensor) -> tuple[torch.Tensor, KVState]:
+    """Attention block step: projections and RoPE in C++, the cache append in Python
+    (:mod:`looplm.layers.kv_cache`), attention over the cache and the rest in C++."""
+    mixer = blk.mixer
+    H, Hkv, D = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
+    inv_freq = getattr(mixer, "_inv_freq", None)
+    if inv_freq is None or inv_freq.device != x.device:  # as rope_cos_sin computes them
+        inv_freq = mixer._inv_freq = mixer.rope_base ** (
+            -torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm), mixer.qkv.weight,
+                                        inv_freq, pos, H, Hkv)
+    B = x.shape[0]
+    k, v = qkv[:, None, H:H + Hkv], qkv[:, None, H + Hkv:]
+    ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+    new = kv_cache.append(state, k, v, ones, pos[:, None], state.seen + 1)
+    ffn = _dense_ffn(blk)
+    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, mixer.o_proj.weight, *ffn,
+                                       _eps(blk.ffn_norm) if ffn[0] is not None else 0.0)
+    return h, new
+
+
+def _ffn_step(blk: Any, h: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any, dict]:
+    """An MoE FFN's step (``csrc/moe_step.cpp``) after the block kernel; a dense one ran inside it."""
+    ffn, aux = blk.ffn, {}
     if isinstance(ffn, MoE):
         shared = ffn.shared
         h, load, balance, z_loss = torch.ops.looplm.moe_step(
@@ -149,7 +208,7 @@ def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
             None if shared is None else shared.w_in.weight, None if shared is None else shared.w_out.weight,
             ffn.top_k, ffn.renormalize)
         aux = {"balance_loss": balance, "z_loss": z_loss, "load": load}
-    return h[:, None], RecurrentState(conv, ssm), aux
+    return h[:, None], state, aux
 
 
 def _eps(norm: RMSNorm) -> float:

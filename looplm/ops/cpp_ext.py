@@ -6,7 +6,7 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
   (:mod:`looplm.ops.delta_kernel`);
 - ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
 - ``block_step.cpp``: a whole fixed-state block's decoding step in one call, ``moe_step.cpp`` its
-  mixture-of-experts FFN (:mod:`looplm.layers.block_step`);
+  mixture-of-experts FFN, ``attn_step.cpp`` an attention block's (:mod:`looplm.layers.block_step`);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
 - ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
@@ -31,7 +31,7 @@ __all__ = ["available"]
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
-                                     "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp")]
+                                     "attn_step.cpp", "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp")]
 HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold
 # [2048, 384] matrix-vector product of linear_small.cpp took 115 instead of 137 us here

@@ -101,7 +101,9 @@ def test_state_is_not_modified_and_block_uses_the_kernel():
     assert aux == {"tokens": 2}
 
 
-MODELS = {name: {"mixer": name} for name in FIXED}
+MODELS = {name: {"mixer": name} for name in [*FIXED, "attention"]}
+MODELS["attention_gqa_tied"] = {"mixer": "attention", "n_kv_heads": 1, "tie_embeddings": True}
+MODELS["hybrid"] = {"mixer": "gla", "attn_every": 2}
 MODELS["gated_deltanet_moe"] = {"mixer": "gated_deltanet", "ffn": "moe", "n_experts": 4, "top_k": 2,
                                 "shared_expert": True}
 
@@ -145,7 +147,10 @@ def test_falls_back_where_it_does_not_apply():
     assert block_step(blk, x, s, None, None) is None  # autograd records: the Python block
     with torch.no_grad():
         attn = _block("attention")
-        assert block_step(attn, x, attn.mixer.init_state(2), None, None) is None
+        assert block_step(attn, x, s, None, None) is None  # a state of the wrong kind
+        left_padded = attn(torch.randn(2, 3, 32), attn.mixer.init_state(2),
+                           mask=torch.tensor([[False, True, True], [True, True, True]]))[1]
+        assert block_step(attn, x, left_padded, None, None) is None  # a masked slot in the cache
         moe_pp = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
                                   n_experts=2, top_k=1, zero_experts=3), "gated_deltanet").eval()
         assert block_step(moe_pp, x, _state(moe_pp, 2), None, None) is None  # MoE++ experts
@@ -183,6 +188,38 @@ def test_moe_kernel_equals_python_moe_with_its_aux(mixer, experts, top_k, shared
     torch.testing.assert_close(new.ssm, want_s.ssm, rtol=1e-5, atol=1e-5)
     for key in ("load", "balance_loss", "z_loss"):
         torch.testing.assert_close(aux[key], want_aux[key].float(), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@given(kv_heads=st.sampled_from([1, 2, 4]), cached=st.integers(0, 40), batch=st.integers(1, 3),
+       ffn=st.sampled_from(["dense", "none", "moe"]), threads=st.sampled_from([1, 2]))
+def test_attention_kernel_equals_python_block(kv_heads, cached, batch, ffn, threads):
+    torch.manual_seed(cached)
+    c = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, n_core=1, ffn=ffn, n_experts=3,
+                   top_k=2, d_ffn=24)
+    blk = Block(c, "attention").eval()
+    with torch.no_grad():
+        s = blk.mixer.init_state(batch)
+        if cached:  # a cache from a prefill, then one decoding step at the next position
+            prompt_pos = torch.arange(cached).expand(batch, cached)
+            s = blk(torch.randn(batch, cached, 32), s, positions=prompt_pos)[1]
+    x = torch.randn(batch, 1, 32)
+    pos = torch.full((batch, 1), cached)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            fused = block_step(blk, x, s, None, None, pos)
+            with python_block_step():
+                want_h, want_s, want_aux = blk(x, s, positions=pos)
+    finally:
+        torch.set_num_threads(before)
+    assert fused is not None
+    h, new, aux = fused
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v", "key_mask", "pos", "seen"):
+        torch.testing.assert_close(getattr(new, name), getattr(want_s, name), rtol=1e-5, atol=1e-5)
+    assert aux.keys() == {k for k in want_aux if k != "tokens"}
 
 
 @needs_kernel
