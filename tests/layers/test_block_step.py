@@ -191,9 +191,20 @@ def test_moe_kernel_equals_python_moe_with_its_aux(mixer, experts, top_k, shared
 
 
 @needs_kernel
+@pytest.mark.parametrize("cached", [255, 256, 600])  # the attention pass works in blocks of 256 keys
+def test_attention_kernel_over_several_blocks_of_keys(cached):
+    _check_attention_step(2, cached, 2, "dense", 2)
+
+
+@needs_kernel
 @given(kv_heads=st.sampled_from([1, 2, 4]), cached=st.integers(0, 40), batch=st.integers(1, 3),
        ffn=st.sampled_from(["dense", "none", "moe"]), threads=st.sampled_from([1, 2]))
 def test_attention_kernel_equals_python_block(kv_heads, cached, batch, ffn, threads):
+    _check_attention_step(kv_heads, cached, batch, ffn, threads)
+
+
+def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, threads: int) -> None:
+    """An attention block's kernel step after a prefill of ``cached`` tokens == the Python block's."""
     torch.manual_seed(cached)
     c = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, n_core=1, ffn=ffn, n_experts=3,
                    top_k=2, d_ffn=24)
