@@ -148,6 +148,7 @@ def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
     elif isinstance(state, KVState) and type(blk.mixer) is Attention:
         pos = (state.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
         if (state.k.shape[0] != x.shape[0] or state.k.dtype != torch.float32 or state.v.dtype != torch.float32
+                or pos.dtype != torch.long
                 or not bool(state.key_mask.all()) or not bool((state.pos <= pos[:, None]).all())
                 or not cpp_ext.available()):
             return None  # masked slots or later positions in the cache: the Python block's masks
