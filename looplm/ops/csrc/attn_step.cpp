@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "decode.h"
-#include "vec.h"
 
 // Fortran BLAS (MKL), exported by libtorch_cpu; called from within the threads of parallel_for
 extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
@@ -26,7 +25,6 @@ extern "C" void sgemv_(const char* trans, const int* m, const int* n, const floa
 namespace {
 
 using at::Tensor;
-using looplm::dot;
 
 const float* ptr(const Tensor& t) { return looplm::fptr(t); }
 

@@ -14,13 +14,10 @@
 #include <vector>
 
 #include "decode.h"
-#include "vec.h"
 
 namespace {
 
 using at::Tensor;
-using looplm::dot;
-
 using looplm::silu;
 
 const float* ptr(const Tensor& t) { return looplm::fptr(t); }
@@ -43,9 +40,7 @@ void matvec_kn(const float* x, const float* w, int64_t k, int64_t n, float* y) {
 
 // y [n] = W [n, k] x [k] (nn.Linear's layout), output rows over threads.
 void matvec_nk(const float* x, const float* w, int64_t k, int64_t n, float* y) {
-  at::parallel_for(0, n, 64, [&](int64_t a, int64_t b) {
-    for (int64_t j = a; j < b; ++j) y[j] = dot(x, w + j * k, k);
-  });
+  looplm::matvecs(x, 1, k, {{w, n, 0}}, y, n);
 }
 
 // h [B, d]; norm_w [d]; router_w [E, d]; w_in [E, d, 2H] (gate | up); w_out [E, H, d]; shared_in
@@ -81,9 +76,7 @@ std::vector<Tensor> moe_step(const Tensor& h, const Tensor& norm_w, double eps, 
   float* lp = load.data_ptr<float>();
   double zsum = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const float* hb = hp + b * d;
-    const float r = 1.0f / std::sqrt(dot(hb, hb, d) / static_cast<float>(d) + static_cast<float>(eps));
-    for (int64_t i = 0; i < d; ++i) u[i] = hb[i] * r * nw[i];
+    looplm::rms_norm(hp + b * d, nw, static_cast<float>(eps), 1, d, u.data());
     matvec_nk(u.data(), ptr(router_w), d, E, z.data());
     const float zmax = *std::max_element(z.begin(), z.end());
     float total = 0;
