@@ -51,6 +51,7 @@ from looplm.layers.mixers import (
 from looplm.layers.moe import MoE
 from looplm.layers.norms import HeadRMSNorm, RMSNorm
 from looplm.ops import cpp_ext
+from looplm.ops.attention import rope_inv_freq
 
 __all__ = ["block_step", "python_block_step"]
 
@@ -158,22 +159,23 @@ def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
     return _ffn_step(blk, h, state)
 
 
-def _dense_ffn(blk: Any) -> list[Any]:
-    """The dense FFN's arguments of the block kernels (``None``s when there is none or an MoE)."""
+def _dense_ffn(blk: Any) -> tuple[list[Any], float]:
+    """The dense FFN's weights and norm eps as the block kernels take them (``None``s and 0 when
+    there is none or an MoE, which runs in its own call)."""
     if not isinstance(blk.ffn, SwiGLU):
-        return [None, None, None]
-    return [blk.ffn_norm.weight, blk.ffn.w_in.weight, blk.ffn.w_out.weight]
+        return [None, None, None], 0.0
+    return [blk.ffn_norm.weight, blk.ffn.w_in.weight, blk.ffn.w_out.weight], _eps(blk.ffn_norm)
 
 
 def _fixed_state_step(blk: Any, x: torch.Tensor,
                       state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
     mixer = blk.mixer
     op, specific = _mixer_args(mixer)
-    ffn = _dense_ffn(blk)
+    ffn, ffn_eps = _dense_ffn(blk)
     h, conv, ssm = getattr(torch.ops.looplm, op)(
         x, state.conv.contiguous(), state.ssm.contiguous(), blk.mixer_norm.weight, mixer.qkv.weight,
         mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight, mixer.o_proj.weight, *ffn,
-        _eps(blk.mixer_norm), _eps(mixer.norm), _eps(blk.ffn_norm) if ffn[0] is not None else 0.0, *specific)
+        _eps(blk.mixer_norm), _eps(mixer.norm), ffn_eps, *specific)
     return h, RecurrentState(conv, ssm)
 
 
@@ -184,18 +186,17 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState,
     mixer = blk.mixer
     H, Hkv, D = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
     inv_freq = getattr(mixer, "_inv_freq", None)
-    if inv_freq is None or inv_freq.device != x.device:  # as rope_cos_sin computes them
-        inv_freq = mixer._inv_freq = mixer.rope_base ** (
-            -torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
+        inv_freq = mixer._inv_freq = rope_inv_freq(D, mixer.rope_base, x.device)
     qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm), mixer.qkv.weight,
                                         inv_freq, pos, H, Hkv)
     B = x.shape[0]
     k, v = qkv[:, None, H:H + Hkv], qkv[:, None, H + Hkv:]
     ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
     new = kv_cache.append(state, k, v, ones, pos[:, None], state.seen + 1)
-    ffn = _dense_ffn(blk)
+    ffn, ffn_eps = _dense_ffn(blk)
     h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, mixer.o_proj.weight, *ffn,
-                                       _eps(blk.ffn_norm) if ffn[0] is not None else 0.0)
+                                       ffn_eps)
     return h, new
 
 

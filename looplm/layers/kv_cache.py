@@ -55,8 +55,7 @@ def append(state: Any, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
     old = [state.k, state.v, state.key_mask, state.pos]
     new = [k, v, key_mask, pos]
     if tracked(*old, *new):  # autograd records: the copy it can differentiate
-        out = KVState(*(torch.cat((a, b), 1) for a, b in zip(old, new)), seen)
-        return out
+        return KVState(*(torch.cat((a, b), 1) for a, b in zip(old, new)), seen)
     S, T = state.k.shape[1], k.shape[1]
     buf = getattr(state, "_buffer", None)
     if buf is None or not buf.owns(old) or S + T > buf.capacity:

@@ -81,11 +81,9 @@ class _RMSNormKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gate, eps: float):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        z2 = None if gate is None else gate.reshape(x2.shape).contiguous()
-        y, r = torch.ops.looplm.rms_norm_forward(x2, weight, z2, eps)
+        y, x2, r, z2 = _kernel_forward(x, weight, gate, eps)
         ctx.save_for_backward(x2, r, weight, z2)
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
@@ -95,6 +93,15 @@ class _RMSNormKernel(torch.autograd.Function):
                                                            z2, need_w)
         return (g_x.view(gy.shape), g_w if need_w else None,
                 g_z.view(gy.shape) if z2 is not None and ctx.needs_input_grad[2] else None, None)
+
+
+def _kernel_forward(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, ...]:
+    """The kernel's forward: ``(y shaped as x, x [N, D], r [N, 1], gate [N, D] | None)``."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    z2 = None if gate is None else gate.reshape(x2.shape).contiguous()
+    y, r = torch.ops.looplm.rms_norm_forward(x2, weight, z2, eps)
+    return y.view(x.shape), x2, r, z2
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> bool:
@@ -109,9 +116,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """RMSNorm of ``x [..., D]`` with ``weight [D]``, times ``silu(gate)`` (``gate`` shaped as x)."""
     if _kernel_applies(x, weight, gate):
         if not tracked(x, weight, gate):  # e.g. decoding: the forward alone, no autograd node
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            z2 = None if gate is None else gate.reshape(x2.shape).contiguous()
-            return torch.ops.looplm.rms_norm_forward(x2, weight, z2, eps)[0].view(x.shape)
+            return _kernel_forward(x, weight, gate, eps)[0]
         return _RMSNormKernel.apply(x, weight, gate, eps)
     if not tracked(x, weight, gate):
         y = F.rms_norm(x, (x.shape[-1],), weight, eps)

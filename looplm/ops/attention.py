@@ -15,6 +15,11 @@ from looplm.ops import cpp_ext
 from looplm.ops.blocks import row_blocks, tracked
 
 
+def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE's frequencies ``base^(-2i/dim)``, ``[dim/2]`` float32: the angle of position p is ``p * f``."""
+    return base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+
+
 def rope_cos_sin(
     positions: torch.Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +31,7 @@ def rope_cos_sin(
         raise ValueError(f"dim must be even for RoPE, got {dim}")
     if positions.dim() == 1:
         positions = positions[None]
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    inv_freq = rope_inv_freq(dim, base, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, dim/2]
     return angles.cos()[:, :, None].to(dtype), angles.sin()[:, :, None].to(dtype)
 
