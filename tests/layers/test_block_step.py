@@ -13,6 +13,7 @@ from looplm.layers.block import Block
 from looplm.layers.block_step import block_step, python_block_step
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
+from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
 
@@ -37,20 +38,16 @@ def _state(blk: Block, batch: int, seed: int = 1):
     return s
 
 
-def _python(blk, x, s):
+def _python(blk, x, s, positions=None):
     with python_block_step():
-        return blk(x, s)
+        return blk(x, s, positions=positions)
 
 
-def _both(blk, x, s, threads):
+def _both(blk, x, s, threads, positions=None):
     """(the kernel's step, the Python block's step) of ``blk`` on ``threads`` torch threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with torch.no_grad():
-            return block_step(blk, x, s, None, None), _python(blk, x, s)
-    finally:
-        torch.set_num_threads(before)
+            return block_step(blk, x, s, None, None, positions), _python(blk, x, s, positions)
 
 
 FIXED = ["gated_deltanet", "deltanet", "linear", "retention", "simple_gla", "gla"]
@@ -216,15 +213,7 @@ def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, thre
             s = blk(torch.randn(batch, cached, 32), s, positions=prompt_pos)[1]
     x = torch.randn(batch, 1, 32)
     pos = torch.full((batch, 1), cached)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            fused = block_step(blk, x, s, None, None, pos)
-            with python_block_step():
-                want_h, want_s, want_aux = blk(x, s, positions=pos)
-    finally:
-        torch.set_num_threads(before)
+    fused, (want_h, want_s, want_aux) = _both(blk, x, s, threads, pos)
     assert fused is not None
     h, new, aux = fused
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)

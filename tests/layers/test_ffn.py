@@ -10,6 +10,7 @@ import looplm.layers.ffn as ffn_module
 from looplm.errors import ConfigError
 from looplm.layers.ffn import SwiGLU, swiglu
 from looplm.layers.moe import MoE
+from tests.threads import torch_threads
 
 D, HID = 8, 12
 
@@ -205,14 +206,10 @@ def test_swiglu_kernel_float32_matches_float64_formula(rows, hidden, weighted, t
     h = (2 * torch.randn(rows, 2 * hidden, generator=g)).requires_grad_()
     w = torch.rand(rows, generator=g).requires_grad_() if weighted else None
     gy = torch.randn(rows, hidden, generator=g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y = swiglu(h, w)
         assert type(y.grad_fn).__name__ == "_SwiGLUKernelBackward"
         grads = torch.autograd.grad(y, (h, w) if weighted else (h,), gy)
-    finally:
-        torch.set_num_threads(before)
     h64 = h.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_() if weighted else None
     gate, up = h64.chunk(2, dim=-1)
@@ -232,12 +229,8 @@ def test_swiglu_kernel_gives_the_same_bits_on_any_thread_count():
     w = torch.rand(300, generator=g, requires_grad=True)
     gy = torch.randn(300, 40, generator=g)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with torch_threads(threads):
             y = swiglu(h, w)
             results.append([y, *torch.autograd.grad(y, (h, w), gy)])
-    finally:
-        torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import looplm.layers.norms as norms_module
 from looplm.layers.norms import HeadRMSNorm, RMSNorm, l2_normalize, rms_norm
+from tests.threads import torch_threads
 
 
 def _inputs(*shapes):
@@ -65,14 +66,10 @@ def test_rms_norm_kernel_float32_matches_float64_composite(rows, dim, threads, n
     z = (2 * torch.randn(rows, dim, generator=g)).requires_grad_() if gated else None
     gy = torch.randn(rows, dim, generator=g)
     inputs = [t for t in (x, w if need_w else None, z) if t is not None]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y = rms_norm(x, w, 1e-6, z)
         assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_RMSNormKernelBackward"
         grads = torch.autograd.grad(y, inputs, gy)
-    finally:
-        torch.set_num_threads(before)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     z64 = z.detach().double().requires_grad_() if gated else None
     ref = F.rms_norm(x64, (dim,), w64, 1e-6) * (F.silu(z64) if gated else 1)
@@ -93,12 +90,8 @@ def test_rms_norm_kernel_gives_the_same_bits_on_any_thread_count(gated):
     z = torch.randn(1000, 48, generator=g, requires_grad=True) if gated else None
     gy = torch.randn(1000, 48, generator=g)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with torch_threads(threads):
             y = rms_norm(x, w, 1e-6, z)
             results.append([y, *torch.autograd.grad(y, [t for t in (x, w, z) if t is not None], gy)])
-    finally:
-        torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from looplm.ops import cpp_ext, delta_chunkwise, delta_kernel
 from looplm.ops.delta_rule import delta_chunk
+from tests.threads import torch_threads
 
 from .test_delta_rule import assert_close, make
 
@@ -34,13 +35,9 @@ def test_kernel_equals_pytorch_form_on_any_threads(threads, gated):
     """Groups split unevenly over threads (3 groups, 2 threads), blocks cut through groups, T not a
     multiple of the chunk: the kernel's outputs and all gradients equal the PyTorch form's."""
     inputs = make(1, 45, 3, 8, 6, gated=gated, dtype=torch.float64, seed=1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         want = outputs_and_grads(inputs, gated, use_kernel=False, chunk_size=4)
         got = outputs_and_grads(inputs, gated, use_kernel=True, chunk_size=4)
-    finally:
-        torch.set_num_threads(before)
     for a, b in zip(got, want, strict=True):
         assert_close(a, b, rel=1e-12)
 

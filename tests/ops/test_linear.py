@@ -12,6 +12,7 @@ from torch import nn
 from looplm.layers.linear import Linear
 from looplm.ops import cpp_ext
 from looplm.ops.linear import MAX_ROWS, linear
+from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
 
@@ -23,13 +24,9 @@ def test_small_rows_equal_f_linear(rows, k, n, bias, threads):
     gen = torch.Generator().manual_seed(rows * 1000 + k + n)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with torch.no_grad():
             got = linear(x, w, b)
-    finally:
-        torch.set_num_threads(before)
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert (got.double() - want).abs().max() <= 1e-5 * (want.abs().max() + 1)
