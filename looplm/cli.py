@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from looplm import __version__
 from looplm.errors import LoopLMError
 
 # name -> (module, one-line help)
@@ -57,6 +58,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Train, evaluate, run, quantise and benchmark efficient language models "
         "(recursive depth, fixed-state mixers, sparse experts, low precision).",
     )
+    parser.add_argument("--version", action="version", version=f"looplm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv else None
     for name, (module, help_) in COMMANDS.items():

@@ -1,6 +1,6 @@
 """``looplm bench train``: training throughput of the trainer's step, LoopLM vs transformers' Llama.
 
-The vanilla-Transformer configuration (``configs/transformer.yaml``'s model, widened to about
+The vanilla-Transformer configuration (``looplm/configs/transformer.yaml``'s model, widened to about
 10M parameters) and ``LlamaForCausalLM`` of the same width, depth, heads and FFN width are
 trained with the step ``looplm train`` runs (forward, backward, gradient clipping, AdamW with
 decay groups), on the same batch, alternating within every repeat; tokens/s are medians.

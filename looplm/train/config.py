@@ -2,7 +2,8 @@
 
 A config file has two sections, ``model:`` (fields of ``looplm.model.LoopConfig``) and
 ``train:`` (fields of ``TrainConfig``), and optionally ``base: NAME``: start from that config
-and change only the fields given. ``configs/NAME.yaml`` is found by its bare name.
+and change only the fields given. The built-in ``looplm/configs/NAME.yaml`` (package data) is
+found by its bare name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from looplm.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data: ships in the wheel
 SCHEDULES = ("cosine", "wsd")
 TOKENIZERS = ("byte", "bpe")
 
@@ -103,7 +104,7 @@ def check_keys(d: dict[str, Any], known: list[str], section: str) -> None:
 
 
 def resolve_config_path(name: str) -> Path:
-    """``tiny`` → ``configs/tiny.yaml``; a path is returned as is (it must exist)."""
+    """``tiny`` → ``looplm/configs/tiny.yaml``; a path is returned as is (it must exist)."""
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_DIR / f"{name}.yaml"
