@@ -1,7 +1,10 @@
-"""``looplm eval CHECKPOINT``: validation loss and bits per byte of a checkpoint on a corpus.
+"""``looplm eval CHECKPOINT [--data FILE]``: loss, perplexity and bits per byte of a checkpoint.
 
-The corpus is tokenized with the checkpoint's own tokenizer; its validation split is read
-in consecutive windows (``looplm.data.eval_batches``), the ones training evaluates on.
+Without ``--data``: the run's own validation split (the corpus it trained on, tokenized with
+the checkpoint's tokenizer), read in the consecutive windows training evaluates on
+(``looplm.data.eval_batches``). With ``--data``: the whole of that text (files, a directory,
+a glob, ``.jsonl``/``.parquet``; or its first ``--max-tokens`` tokens), in windows of the
+model's context, non-overlapping or strided (:mod:`looplm.perplexity`).
 """
 
 from __future__ import annotations
@@ -12,44 +15,100 @@ from pathlib import Path
 
 import torch
 
-from looplm.data import eval_batches, load_tokenizer
-from looplm.train.command import load_corpus
-from looplm.train.config import TrainConfig
-from looplm.train.distributed import Dist
-from looplm.train.loop import evaluate
+from looplm.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory (e.g. runs/small/latest)")
-    parser.add_argument("--data", default=None, help="corpus (default: the run's own, else stdlib)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the run's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per batch")
-    parser.add_argument("--iters", type=int, default=16, help="batches to evaluate")
+    parser.add_argument("--data", default=None,
+                        help="score the whole of this text: a file, directory or glob (default: the run's "
+                        "validation split)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="with --data: score only the first N tokens")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="with --data: start a window every S tokens, each scoring only its new tokens "
+                        "(default: the window, i.e. non-overlapping windows)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per window (default: --data: the model's max_seq_len; else the run's)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows per batch (default 16; --data: 1)")
+    parser.add_argument("--iters", type=int, default=16, help="without --data: batches to evaluate")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def read_tokens(spec: str, tokenizer, max_tokens: int | None = None) -> list[int]:
+    """Token ids of the text named by ``spec`` (documents in order, each encoded on its own),
+    at most ``max_tokens`` of them."""
+    from looplm.data.sources import resolve_source
+
+    ids: list[int] = []
+    pending = b""
+    for doc in resolve_source(spec).documents():
+        pending += doc.data
+        if not doc.last:
+            continue
+        ids.extend(tokenizer.encode(pending.decode("utf-8", errors="replace")))
+        pending = b""
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def _score_file(model, tokenizer, args: argparse.Namespace) -> dict:
+    from looplm.perplexity import score_tokens, scored_bytes
+
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise DataError(f"--max-tokens must be at least 2 (one context token and one scored), "
+                        f"got {args.max_tokens}")
+    ids = read_tokens(args.data, tokenizer, args.max_tokens)
+    window = args.seq_len or model.config.max_seq_len
+    score = score_tokens(model, torch.tensor(ids), window=window, stride=args.stride,
+                         batch_size=args.batch_size or 1)
+    score.bytes = scored_bytes(tokenizer, ids)
+    return {**score.as_dict(), "window": window, "stride": args.stride or window}
+
+
+def _score_validation(model, ckpt: Path, tokenizer, args: argparse.Namespace) -> dict:
+    from looplm.data import eval_batches
+    from looplm.train.command import load_corpus
+    from looplm.train.config import TrainConfig
+    from looplm.train.distributed import Dist
+    from looplm.train.loop import evaluate
+
+    saved = ckpt / "run.json"
+    train_cfg = json.loads(saved.read_text())["train"] if saved.is_file() else {}
+    kept = ("data", "tokenizer", "vocab_size", "max_files", "seq_len")
+    batch_size = args.batch_size or 16
+    cfg = TrainConfig.from_dict({
+        **{k: v for k, v in train_cfg.items() if k in kept},
+        **({"seq_len": args.seq_len} if args.seq_len else {}),
+        "batch_size": batch_size,
+    })
+    corpus = load_corpus(cfg, Dist(), tokenizer, progress=not args.json)
+    batches = eval_batches(corpus.val.tokens, batch_size, cfg.seq_len, max_batches=args.iters)
+    token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
+    with torch.inference_mode():
+        result = evaluate(model, batches, token_bytes)
+    return {"data": cfg.data, **result}
 
 
 def run(args: argparse.Namespace) -> int:
     from looplm.checkpoint import load_model
+    from looplm.data import load_tokenizer
 
+    if args.data is None and (args.max_tokens is not None or args.stride is not None):
+        raise DataError("--max-tokens and --stride apply to --data FILE; give the text to score")
     ckpt = Path(args.checkpoint)
     model = load_model(ckpt)
-    saved = ckpt / "run.json"
-    train_cfg = json.loads(saved.read_text())["train"] if saved.is_file() else {}
-    kept = ("data", "tokenizer", "vocab_size", "max_files", "seq_len")
-    cfg = TrainConfig.from_dict({
-        **{k: v for k, v in train_cfg.items() if k in kept},
-        **({"data": args.data} if args.data else {}),
-        **({"seq_len": args.seq_len} if args.seq_len else {}),
-        "batch_size": args.batch_size,
-    })
-    corpus = load_corpus(cfg, Dist(), load_tokenizer(ckpt), progress=not args.json)
-    windows = eval_batches(corpus.val.tokens, args.batch_size, cfg.seq_len, max_batches=args.iters)
-    token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
-    with torch.inference_mode():
-        result = evaluate(model, windows, token_bytes)
-    if args.json:
-        print(json.dumps({"checkpoint": str(ckpt), "data": cfg.data, **result}))
+    tokenizer = load_tokenizer(ckpt)
+    if args.data is not None:
+        result = {"data": args.data, **_score_file(model, tokenizer, args)}
+        line = (f"{ckpt} on {args.data}: {result['tokens']:,} tokens, loss {result['loss']:.4f} nats/token, "
+                f"perplexity {result['perplexity']:.3f}, {result['bits_per_byte']:.4f} bits/byte "
+                f"(window {result['window']}, stride {result['stride']})")
     else:
-        print(f"{ckpt} on {cfg.data} (validation split): loss {result['val_loss']:.4f} nats/token, "
-              f"{result.get('val_bpb', float('nan')):.4f} bits/byte")
+        result = _score_validation(model, ckpt, tokenizer, args)
+        line = (f"{ckpt} on {result['data']} (validation split): loss {result['val_loss']:.4f} nats/token, "
+                f"{result.get('val_bpb', float('nan')):.4f} bits/byte")
+    print(json.dumps({"checkpoint": str(ckpt), **result}) if args.json else line)
     return 0
