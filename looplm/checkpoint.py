@@ -2,20 +2,29 @@
 
 Nothing is unpickled. Tied weights are stored once (``safetensors.torch.save_model`` drops the
 alias and ``load_model`` restores it). Any mismatch raises CheckpointError naming the fix.
+
+Quantised checkpoints (``looplm.quant.ptq.quantize_model``'s output) have the same two files plus
+a ``quantization`` block in config.json (format, group_size, zero_point, modules);
+model.safetensors then holds each quantised module's packed parts and scales (``<module>.q``,
+``.scale``, ``.packed``, ``.offset``, ``.exponent``) and every other tensor as in a float
+checkpoint. ``save_model`` / ``load_model`` handle both.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from looplm.errors import CheckpointError, ConfigError
 from looplm.model import LoopConfig, LoopLM
+from looplm.quant.ptq import apply_structure
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -23,15 +32,14 @@ MODEL_TYPE = "looplm"
 # keys written by looplm or transformers next to the LoopConfig fields; ignored on load
 METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
                  "quantization")
+BLOCK = "quantization"  # config.json key of a quantised checkpoint
 
 
 def save_model(model: LoopLM, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``directory`` (created)."""
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    if getattr(model, "quantization", None) is not None:  # quantize_model's output (issue 6)
-        from looplm.quant.checkpoint import save_quantized
-
+    if getattr(model, BLOCK, None) is not None:  # quantize_model's output
         return save_quantized(model, directory)
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
@@ -66,8 +74,6 @@ def load_config(directory: str | Path) -> LoopConfig:
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LoopLM:
     """Rebuild the LoopLM saved in ``directory``; CheckpointError if it is missing or mismatched."""
-    from looplm.quant.checkpoint import load_quantized, read_block  # quantised checkpoints (issue 6)
-
     if read_block(directory) is not None:
         return load_quantized(directory, map_location)
     config = load_config(directory)
@@ -92,4 +98,64 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
             "Was config.json edited or copied from another checkpoint?"
         )
     st_load_model(model, str(file), strict=True, device=str(map_location))
+    return model.to(map_location)
+
+
+def read_block(directory: str | Path) -> dict[str, Any] | None:
+    """The ``quantization`` block of ``directory/config.json``, or None for a float checkpoint."""
+    file = Path(directory) / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # load_config reports these
+    block = data.get(BLOCK) if isinstance(data, dict) else None
+    if block is not None and not isinstance(block, dict):
+        raise CheckpointError(f"{str(file)!r}: '{BLOCK}' must be an object with format, group_size, modules")
+    return block
+
+
+def save_quantized(model: LoopLM, directory: str | Path) -> Path:
+    """Write a model quantised by ``quantize_model`` as config.json + model.safetensors."""
+    block = getattr(model, BLOCK, None)
+    if not isinstance(model, LoopLM) or block is None:
+        raise TypeError("save_quantized needs a LoopLM passed through quantize_model")
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": MODEL_TYPE, **model.config.to_dict(), BLOCK: block}
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", BLOCK: block["format"]})
+    return path
+
+
+def load_quantized(directory: str | Path, map_location: str | torch.device = "cpu",
+                   kernel: str = "auto") -> LoopLM:
+    """Rebuild a quantised LoopLM; CheckpointError when the block or the tensors do not fit."""
+    config = load_config(directory)
+    block = read_block(directory)
+    if block is None:
+        raise CheckpointError(f"{str(directory)!r} has no '{BLOCK}' block: it is a float checkpoint; "
+                              "load it with load_model")
+    model = LoopLM(config)
+    try:
+        apply_structure(model, block, kernel)
+    except (KeyError, ValueError, AttributeError, TypeError) as err:
+        raise CheckpointError(f"bad '{BLOCK}' block in {str(Path(directory) / CONFIG_FILE)!r} ({err}); "
+                              "re-run looplm quantize on the float checkpoint") from None
+    file = Path(directory) / WEIGHTS_FILE
+    try:
+        stored = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {str(file)!r}: {err}") from None
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in expected]
+    problems += [f"{k} is {tuple(s.shape)} {s.dtype}, the block wants {tuple(v.shape)} {v.dtype}"
+                 for k, v in expected.items() if (s := stored.get(k)) is not None
+                 and (s.shape != v.shape or s.dtype != v.dtype)]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"weights in {str(file)!r} do not match the '{BLOCK}' block of config.json "
+                              f"({block.get('format')}): {'; '.join(problems[:3])}{more}")
+    model.load_state_dict(stored, strict=True)
     return model.to(map_location)

@@ -22,11 +22,6 @@ import torch
 from torch import nn
 
 
-def matmul_params(module: nn.Module) -> int:
-    """Weights of ``module`` used as matmul / conv weights (parameters with ≥ 2 dims)."""
-    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
-
-
 def _attn_width(mixer: nn.Module) -> int:
     return mixer.n_heads * mixer.head_dim
 

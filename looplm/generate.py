@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
+from looplm.quant import state as qstate
+
 
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
@@ -247,12 +249,10 @@ def _state_codec(state_format: str | None) -> tuple[Any, Any]:
     """(store, load) functions for the decoding state between steps: identity for float."""
     if state_format is None:
         return (lambda state: state), (lambda state: state)
-    from looplm.quant.state import STATE_FORMATS, compress_state, decompress_state
-
-    if state_format not in STATE_FORMATS:
-        raise ValueError(f"state_format must be None or one of {', '.join(STATE_FORMATS)}, "
+    if state_format not in qstate.STATE_FORMATS:
+        raise ValueError(f"state_format must be None or one of {', '.join(qstate.STATE_FORMATS)}, "
                          f"got {state_format!r}")
-    return (lambda state: compress_state(state, state_format)), decompress_state
+    return (lambda state: qstate.compress_state(state, state_format)), qstate.decompress_state
 
 
 def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]], *,

@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from looplm.checkpoint import load_model
+from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import CheckpointError, LoopLMError
+from looplm.generate import generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from looplm.checkpoint import load_model
-    from looplm.data.tokenizer import load_tokenizer
-    from looplm.generate import generate
-
     directory = Path(args.checkpoint)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist: give the directory "

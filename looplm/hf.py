@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from looplm.generate import decoding_mode
 from looplm.model import LoopConfig, LoopLM
+from looplm.quant.ptq import apply_structure
 from looplm.state import ModelState
 
 # transformers renamed ``past_key_values`` to ``cache`` (inputs and outputs) in 5.2x; both are taken.
@@ -109,8 +110,6 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = LoopLM(config.to_loop_config())
         block = getattr(config, "quantization", None)
         if block:  # a quantised checkpoint (issue 6): swap in its QuantLinear modules before loading
-            from looplm.quant.ptq import apply_structure
-
             apply_structure(self.model, block)
         self.post_init()
 

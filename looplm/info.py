@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from looplm.checkpoint import load_model
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory (e.g. runs/small/latest)")
@@ -13,8 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from looplm.checkpoint import load_model
-
     ckpt = Path(args.checkpoint)
     model = load_model(ckpt)
     info = {

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from looplm.model import LoopLM
+
 
 def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Training loss on ``x [B, T]`` with next tokens ``y [B, T]`` for a LoopLM (LM + auxiliary
     losses) or a transformers causal LM (which shifts ``labels`` itself, so it gets ``x``)."""
-    from looplm.model import LoopLM
-
     if isinstance(model, LoopLM):
         out = model(x, y)
         return out.loss + out.aux_loss

@@ -20,6 +20,7 @@ Writes ``decode.json`` (resumable per model) and ``decode.png``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -70,8 +71,6 @@ def rss_mb() -> float | None:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):
         return None
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 

@@ -46,6 +46,7 @@ from looplm.bench.common import (
 )
 from looplm.ops.delta_kernel import pytorch_form
 from looplm.ops.delta_rule import delta_chunk, delta_step
+from looplm.ops.linear_attn import decay_chunk, decay_step
 
 FIXED_STATE = ("linear", "retention", "scalar_gated", "gla", "deltanet", "gated_deltanet")
 PEER = "hf_gated_deltanet"
@@ -86,8 +87,6 @@ class Inputs:
 
 
 def _decay(g_name: str | None) -> Callable[[Inputs], Any]:
-    from looplm.ops.linear_attn import decay_chunk  # imported on use: written alongside this bench
-
     def run(x: Inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         g = None if g_name is None else getattr(x, g_name)
         o, _ = decay_chunk(x.q, x.k, x.v, g, chunk_size=CHUNK)
@@ -185,8 +184,6 @@ def _peer_error(x: Inputs) -> float:
 def step_time(mixer: str, position: int, h: int, dk: int, dv: int, steps: int) -> Callable[[], Any]:
     """A closure decoding ``steps`` tokens with ``mixer``'s step form, starting from the state a
     chunked prefill of ``position`` tokens left (batch 1)."""
-    from looplm.ops.linear_attn import decay_chunk, decay_step
-
     x = Inputs.make(1, position + steps, h, dk, dv, seed=2)
     q, k, v, beta = (t.detach() for t in (x.q, x.k, x.v, x.beta))
     g = {"linear": None, "retention": x.g_const, "scalar_gated": x.g_head, "gla": x.g_dim,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +29,19 @@ import torch
 
 from looplm.bench.common import machine_info, markdown_table, time_interleaved, write_json
 from looplm.bench.runner import save_figure, subplots, train_model
+from looplm.checkpoint import load_model, save_model
+from looplm.data import BatchSampler, eval_batches, load_tokenizer
+from looplm.generate import generate_ids
 from looplm.model import LoopConfig, LoopLM
+from looplm.quant.formats import make_format
+from looplm.quant.ptq import quantize_model
+from looplm.quant.qat import apply_qat, remove_qat
+from looplm.quant.state import stepwise_loss
+from looplm.train import command as train_command
+from looplm.train.command import load_corpus
+from looplm.train.config import TrainConfig
+from looplm.train.distributed import Dist
+from looplm.train.loop import evaluate
 
 FORMAT_ROWS = [("int8", None), ("fp8_e4m3", None), ("fp8_e5m2", None), ("int4", 128), ("int4", 64),
                ("int4", 32), ("fp4_mx", None)]
@@ -62,27 +75,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def _checkpoint(args: argparse.Namespace, work: Path) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
-    from looplm.cli import main
-
     steps = 3 if args.quick else args.train_steps
     size = ["max_files=30", "d_model=64", "n_core=2", "batch_size=8"] if args.quick else \
         ["max_files=300", "d_model=256", "n_core=4", "batch_size=8"]
     sets = [f"steps={steps}", f"eval_interval={steps}", "sample_tokens=0", "lr=3e-3", "seq_len=128",
             "max_seq_len=256", *size]
-    if main(["train", "--config", "tiny", "--no-progress", "--set", *sets, "--out", str(work / "run")]):
+    parser = argparse.ArgumentParser()
+    train_command.add_arguments(parser)
+    flags = ["--config", "tiny", "--no-progress", "--set", *sets, "--out", str(work / "run")]
+    if train_command.run(parser.parse_args(flags)):
         raise RuntimeError("training the bench model failed")
     return work / "run" / "latest"
 
 
 def _data(ckpt: Path, seq_len: int, quick: bool):
     """Validation windows, token byte lengths and a train batch function of the checkpoint's corpus."""
-    import json
-
-    from looplm.data import BatchSampler, eval_batches, load_tokenizer
-    from looplm.train.command import load_corpus
-    from looplm.train.config import TrainConfig
-    from looplm.train.distributed import Dist
-
     saved = ckpt / "run.json"
     train_cfg = json.loads(saved.read_text())["train"] if saved.is_file() else {}
     kept = ("data", "tokenizer", "vocab_size", "max_files")
@@ -97,14 +104,6 @@ def _data(ckpt: Path, seq_len: int, quick: bool):
 
 
 def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from looplm.checkpoint import load_model, save_model
-    from looplm.generate import generate_ids
-    from looplm.quant.formats import make_format
-    from looplm.quant.ptq import quantize_model
-    from looplm.quant.qat import apply_qat, remove_qat
-    from looplm.quant.state import stepwise_loss
-    from looplm.train.loop import evaluate
-
     ckpt = _checkpoint(args, work)
     base = load_model(ckpt).eval()
     seq_len = min(128, base.config.max_seq_len)
@@ -164,9 +163,6 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
-    from looplm.generate import generate_ids
-    from looplm.quant.ptq import quantize_model
-
     d, layers = (64, 2) if args.quick else (args.speed_d_model, args.speed_layers)
     torch.manual_seed(0)
     base = LoopLM(LoopConfig(vocab_size=259, d_model=d, n_heads=max(1, d // 128), n_core=layers,

@@ -24,13 +24,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from looplm.data.sources import Document, Source, resolve_source
+from looplm.data.sources import Document, HFSource, Source, file_source
+from looplm.data.stdlib import stdlib_source
 from looplm.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 from looplm.data.tokens import TokenFile, TokenWriter, split_tail
 from looplm.errors import ConfigError, DataError
@@ -153,6 +154,23 @@ def _resolve_tokenizer(spec: str | Tokenizer) -> tuple[Tokenizer | int, str]:
     raise ConfigError(
         f"unknown tokenizer {spec!r}: use 'byte', 'bpe', 'bpe:<vocab size>' or a tokenizer directory"
     )
+
+
+def resolve_source(
+    spec: str | Sequence[str] | Source | None, text_field: str = "text", max_files: int | None = None
+) -> Source:
+    """A ``Source`` from a spec: ``None``/``"stdlib"`` (the default corpus), ``"hf:NAME[:CONFIG]"``,
+    or paths, directories and globs (a string or a list)."""
+    if isinstance(spec, Source):
+        return spec
+    if spec is None or spec == "stdlib":
+        return stdlib_source(max_files=max_files)
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        if not name:
+            raise DataError("hf: needs a dataset name, e.g. hf:roneneldan/TinyStories")
+        return HFSource(name, config or None, text_field)
+    return file_source(spec, text_field=text_field, max_files=max_files)
 
 
 def prepare_corpus(

@@ -283,22 +283,3 @@ def file_source(
         files = files[:max_files]
     label = Path(specs[0].rstrip("/*")).name or "files"
     return FileSource(files, label=label, text_field=text_field)
-
-
-def resolve_source(
-    spec: str | Sequence[str] | Source | None, text_field: str = "text", max_files: int | None = None
-) -> Source:
-    """A ``Source`` from a spec: ``None``/``"stdlib"`` (the default corpus), ``"hf:NAME[:CONFIG]"``,
-    or paths, directories and globs (a string or a list)."""
-    if isinstance(spec, Source):
-        return spec
-    if spec is None or spec == "stdlib":
-        from looplm.data.stdlib import stdlib_source
-
-        return stdlib_source(max_files=max_files)
-    if isinstance(spec, str) and spec.startswith("hf:"):
-        name, _, config = spec[3:].partition(":")
-        if not name:
-            raise DataError("hf: needs a dataset name, e.g. hf:roneneldan/TinyStories")
-        return HFSource(name, config or None, text_field)
-    return file_source(spec, text_field=text_field, max_files=max_files)

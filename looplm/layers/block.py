@@ -14,13 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from looplm.flops import matmul_params
 from looplm.layers.block_step import block_step
 from looplm.layers.ffn import SwiGLU
 from looplm.layers.mixers import Attention, KVState, build_mixer
 from looplm.layers.moe import MoE
 from looplm.layers.norms import RMSNorm
 from looplm.ops.attention import attention, rope
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Weights of ``module`` used as matmul / conv weights (parameters with ≥ 2 dims): a token
+    running the module costs 2 FLOPs per such weight (looplm/flops.py)."""
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
 
 
 def attend_shared(attn: Attention, x: torch.Tensor, kv: KVState, positions: torch.Tensor,

@@ -6,7 +6,7 @@ that was about half of a decoding step of bench model's 6-layer attention model 
 a buffer behind the cache instead, and grows the buffer by a quarter (at least 256 slots) when it
 is full, so each cached token is copied O(1) times on average.
 
-States stay immutable: a :class:`~looplm.layers.mixers.KVState`'s tensors are views of the first S
+States stay immutable: a :class:`~looplm.layers.mixer_states.KVState`'s tensors are views of the first S
 slots of its buffer, and new tokens go only into slots past every existing view. The buffer
 remembers how many slots its newest state owns; appending to an older state of the same buffer
 (two continuations of one prefix) copies it into a buffer of its own first. ``nbytes()`` of a
@@ -15,10 +15,9 @@ state counts its S cached tokens, not the reserve (at most a quarter of S plus 2
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from looplm.layers.mixer_states import KVState
 from looplm.ops.blocks import tracked
 
 __all__ = ["append"]
@@ -46,12 +45,10 @@ class _Buffer:
                    for p, b in zip(parts, self.parts))
 
 
-def append(state: Any, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor,
-           seen: torch.Tensor) -> Any:
+def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor,
+           seen: torch.Tensor) -> KVState:
     """``state`` (a KVState) with ``k, v [B, T, Hkv, D]``, ``key_mask, pos [B, T]`` appended and
     ``seen``; ``state`` itself is not modified."""
-    from looplm.layers.mixers import KVState
-
     old = [state.k, state.v, state.key_mask, state.pos]
     new = [k, v, key_mask, pos]
     if tracked(*old, *new):  # autograd records: the copy it can differentiate

@@ -19,7 +19,6 @@ Every mixer has one signature for training, prefill and decoding::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -28,40 +27,12 @@ from torch import nn
 from looplm.errors import ConfigError
 from looplm.layers import kv_cache
 from looplm.layers.linear import Linear
+from looplm.layers.mixer_states import KVState, RecurrentState
 from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
 from looplm.ops.delta_rule import delta_chunk, delta_step
 from looplm.ops.linear_attn import decay_chunk, decay_step
-
-
-class _NBytes:
-    def nbytes(self) -> int:
-        """Bytes held by the state's tensors."""
-        tensors = (getattr(self, f.name) for f in fields(self))
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-@dataclass
-class KVState(_NBytes):
-    """Attention cache: ``k, v [B, S, Hkv, D]``, ``key_mask [B, S]`` (False = slot unused in that
-    row), ``pos [B, S]`` key positions, ``seen [B]`` tokens seen so far (for default positions).
-    Grows only by tokens that are active in at least one row; appended to by
-    :func:`looplm.layers.kv_cache.append` (views of a buffer with room to grow)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    key_mask: torch.Tensor
-    pos: torch.Tensor
-    seen: torch.Tensor
-
-
-@dataclass
-class RecurrentState(_NBytes):
-    """Fixed-size state: ``conv [B, K-1, C]`` last conv inputs, ``ssm [B, H, dk, dv]``."""
-
-    conv: torch.Tensor
-    ssm: torch.Tensor
 
 
 def _check_inputs(x: torch.Tensor, d_model: int, mask: torch.Tensor | None,

@@ -11,8 +11,10 @@ import argparse
 import shutil
 from pathlib import Path
 
+from looplm.checkpoint import load_model, save_model
 from looplm.errors import CheckpointError, ConfigError
 from looplm.quant.formats import FORMATS, GROUP_SIZES
+from looplm.quant.ptq import quantize_model
 
 OWN_FILES = ("config.json", "model.safetensors")
 
@@ -31,9 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from looplm.checkpoint import load_model, save_model
-    from looplm.quant.ptq import quantize_model
-
     src, out = Path(args.checkpoint), Path(args.out)
     if out.resolve() == src.resolve():
         raise ConfigError("--out must differ from the source checkpoint (it would be overwritten)")

@@ -17,6 +17,9 @@ import torch
 
 from looplm.data import BatchSampler, Corpus, Tokenizer, prepare_corpus
 from looplm.errors import ConfigError
+from looplm.generate import generate
+from looplm.model import LoopConfig, LoopLM
+from looplm.quant.qat import apply_qat
 from looplm.train import distributed
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
 from looplm.train.distributed import Dist
@@ -42,8 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_keys() -> list[str]:
-    from looplm.model import LoopConfig
-
     return [f.name for f in dataclasses.fields(LoopConfig)]
 
 
@@ -55,16 +56,12 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     sections["train"].update({k: v for k, v in flags.items() if v is not None})
     sections = apply_overrides(sections, args.set, model_keys())
     train_cfg = TrainConfig.from_dict(sections["train"])
-    from looplm.model import LoopConfig
-
     LoopConfig.from_dict(sections["model"])  # fail on a bad model key before touching the data
     return sections["model"], train_cfg
 
 
 def build_model(model_cfg: dict[str, Any], vocab_size: int, seed: int) -> torch.nn.Module:
     """LoopLM with the tokenizer's vocabulary (padded to a multiple of 64), seeded."""
-    from looplm.model import LoopConfig, LoopLM
-
     if "vocab_size" in model_cfg and model_cfg["vocab_size"] < vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg['vocab_size']} is smaller than the tokenizer's "
                           f"{vocab_size}; remove it from the config (it is set from the tokenizer)")
@@ -92,8 +89,6 @@ def describe(corpus: Corpus) -> str:
 
 def sampler(corpus: Corpus, cfg: TrainConfig):
     """``sample(model) -> str``: a short seeded continuation of ``cfg.sample_prompt``."""
-    from looplm.generate import generate
-
     def sample(model: torch.nn.Module) -> str:
         text = generate(model, corpus.tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens,
                         temperature=0.8, top_k=50, seed=cfg.seed)
@@ -111,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(cfg, d, progress=not args.no_progress)
     model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
     if getattr(args, "qat", None):  # looplm.quant.qat (issue 6); checkpoints stay float
-        from looplm.quant.qat import apply_qat
-
         apply_qat(model, args.qat)
     if d.main:
         n = model.num_params()

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 
+from looplm.checkpoint import load_model
+from looplm.data import eval_batches, load_tokenizer
+from looplm.data.corpus import resolve_source
 from looplm.errors import DataError
+from looplm.perplexity import score_tokens, scored_bytes
+from looplm.train.command import load_corpus
+from looplm.train.config import TrainConfig
+from looplm.train.distributed import Dist
+from looplm.train.loop import evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_tokens(spec: str, tokenizer, max_tokens: int | None = None) -> list[int]:
     """Token ids of the text named by ``spec`` (documents in order, each encoded on its own),
     at most ``max_tokens`` of them."""
-    from looplm.data.sources import resolve_source
-
     ids: list[int] = []
     pending = b""
     for doc in resolve_source(spec).documents():
@@ -55,8 +61,6 @@ def read_tokens(spec: str, tokenizer, max_tokens: int | None = None) -> list[int
 
 
 def _score_file(model, tokenizer, args: argparse.Namespace) -> dict:
-    from looplm.perplexity import score_tokens, scored_bytes
-
     if args.max_tokens is not None and args.max_tokens < 2:
         raise DataError(f"--max-tokens must be at least 2 (one context token and one scored), "
                         f"got {args.max_tokens}")
@@ -69,12 +73,6 @@ def _score_file(model, tokenizer, args: argparse.Namespace) -> dict:
 
 
 def _score_validation(model, ckpt: Path, tokenizer, args: argparse.Namespace) -> dict:
-    from looplm.data import eval_batches
-    from looplm.train.command import load_corpus
-    from looplm.train.config import TrainConfig
-    from looplm.train.distributed import Dist
-    from looplm.train.loop import evaluate
-
     saved = ckpt / "run.json"
     train_cfg = json.loads(saved.read_text())["train"] if saved.is_file() else {}
     kept = ("data", "tokenizer", "vocab_size", "max_files", "seq_len")
@@ -93,9 +91,6 @@ def _score_validation(model, ckpt: Path, tokenizer, args: argparse.Namespace) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from looplm.checkpoint import load_model
-    from looplm.data import load_tokenizer
-
     if args.data is None and (args.max_tokens is not None or args.stride is not None):
         raise DataError("--max-tokens and --stride apply to --data FILE; give the text to score")
     ckpt = Path(args.checkpoint)

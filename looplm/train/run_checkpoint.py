@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from looplm.checkpoint import save_model as save_looplm
 from looplm.errors import CheckpointError
 
 CKPT_RE = re.compile(r"^ckpt-(\d{6,})$")
@@ -90,8 +91,6 @@ def load_optimizer_state(
 def save_weights(model: nn.Module, path: Path) -> None:
     """``looplm.checkpoint.save_model`` for a LoopLM; plain safetensors for any other module."""
     if hasattr(getattr(model, "config", None), "to_dict"):
-        from looplm.checkpoint import save_model as save_looplm
-
         save_looplm(model, path)
     else:
         save_model(model, str(path / "model.safetensors"))

@@ -7,7 +7,8 @@ import types
 import pytest
 
 from looplm.data import sources
-from looplm.data.sources import HFSource, resolve_source
+from looplm.data.corpus import resolve_source
+from looplm.data.sources import HFSource
 from looplm.data.stdlib import stdlib_files, stdlib_root
 from looplm.errors import DataError
 
