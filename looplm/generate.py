@@ -7,12 +7,14 @@ padding with ``mask`` False on the pads (the model's positions skip them).
 
 ``generate_ids`` works on token ids; ``generate`` adds the tokenizer, stop strings and
 streaming. Sampling: greedy (``temperature=0``), temperature, top-k, top-p (Holtzman et al.
-2020), all drawn from one seeded ``torch.Generator`` so a seed reproduces a run.
+2020), min-p (Nguyen et al. 2024) and CTRL's repetition penalty (Keskar et al. 2019), all drawn
+from one seeded ``torch.Generator`` so a seed reproduces a run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -30,7 +32,8 @@ class Tokenizer(Protocol):
 # ---------------------------------------------------------------- sampling
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None,
+                   repetition_penalty: float = 1.0) -> None:
     """Raise ValueError naming a sampling argument out of range."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
@@ -39,30 +42,68 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, (int, float))
+                              or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1] or None, got {min_p!r}")
+    if (isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float))
+            or not 0 < repetition_penalty < float("inf")):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1 = none), got {repetition_penalty!r}")
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019): ``logits [B, V]`` of the tokens marked in
+    ``seen [B, V]`` (bool: in the prompt or already generated) are divided by ``penalty`` where
+    positive and multiplied by it where negative, so ``penalty > 1`` makes repeats less likely."""
+    if penalty == 1:
+        return logits
+    logits = logits.float()
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def keep_mask(scores: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None,
+              min_p: float | None = None) -> torch.Tensor:
+    """Tokens that stay candidates, ``[B, V]`` bool, for ``scores [B, V]`` (logits after the
+    temperature), the filters applied in this order:
+
+    - ``top_k``: the k largest scores (ties at the k-th all stay);
+    - ``top_p`` (nucleus sampling, Holtzman et al. 2020): of those, the smallest set, in
+      descending probability, whose mass reaches ``top_p`` (a token stays when the mass ranked
+      above it is below ``top_p``);
+    - ``min_p`` (Nguyen et al. 2024): tokens whose probability is at least ``min_p`` times the
+      most likely token's.
+
+    The most likely token always stays.
+    """
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        keep &= scores >= kth
+    if top_p is not None and top_p < 1:
+        sorted_scores, order = scores.masked_fill(~keep, float("-inf")).sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        keep &= torch.zeros_like(keep).scatter(-1, order, before < top_p)
+    if min_p is not None and min_p > 0:
+        top = scores.max(dim=-1, keepdim=True).values
+        keep &= scores - top >= math.log(min_p)
+    return keep
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                top_p: float | None = None, min_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row from ``logits [B, V]``; returns ``[B]`` long.
 
-    ``temperature=0`` is greedy (argmax; top-k/top-p do not change it). Otherwise the logits
-    are divided by the temperature, cut to the ``top_k`` largest, then to the smallest set of
-    tokens whose probability reaches ``top_p`` (the most likely token always stays).
+    ``temperature=0`` is greedy (argmax; the filters do not change it). Otherwise the logits
+    are divided by the temperature, cut to the candidates of :func:`keep_mask`, and one token
+    is drawn from their renormalised probabilities.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-        drop_sorted = before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+    scores = scores.masked_fill(~keep_mask(scores, top_k=top_k, top_p=top_p, min_p=min_p), float("-inf"))
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -212,18 +253,20 @@ def decoding_mode(model: torch.nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, seed: int | None = None,
-                state_format: str | None = None) -> Iterator[torch.Tensor]:
+                top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+                seed: int | None = None, state_format: str | None = None
+                ) -> Generator[torch.Tensor, None, None]:
     """Yield the next token of every row, ``[B]`` long, ``max_new_tokens`` times.
 
     Stop iterating early to stop decoding (the model is in ``decoding_mode`` until the
     iterator is exhausted or closed). Rows the caller considers finished keep being decoded
-    (their tokens can be ignored); the batch is padded on the left. ``state_format`` (``int8``
-    | ``fp8_e4m3``) holds the decoding state in that format between steps
-    (:mod:`looplm.quant.state`: fixed-size mixer states and KV caches, a scale per row).
+    (their tokens can be ignored); the batch is padded on the left. ``repetition_penalty``
+    applies to each row's own prompt and generated tokens (never its padding).
+    ``state_format`` (``int8`` | ``fp8_e4m3``) holds the decoding state in that format between
+    steps (:mod:`looplm.quant.state`: fixed-size mixer states and KV caches, a scale per row).
     """
     rows = _as_rows(input_ids)
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     check_prompts(model, rows, max_new_tokens)
     store, load = _state_codec(state_format)
     if max_new_tokens == 0:
@@ -234,15 +277,31 @@ def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Seque
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     ids, mask = left_pad(rows, device)
+    seen = None
+    if repetition_penalty != 1:
+        seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
+        for i, row in enumerate(rows):  # each row's own tokens, not its padding
+            seen[i, torch.tensor(row, device=device)] = True
     with decoding_mode(model):
         out = model(ids, mask=None if bool(mask.all()) else mask, use_cache=True)
         for step in range(max_new_tokens):
-            token = sample_next(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+            logits = out.logits[:, -1]
+            if seen is not None:
+                logits = penalize_repeats(logits, seen, repetition_penalty)
+            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 generator=generator)
+            if seen is not None:
+                seen[torch.arange(len(rows), device=device), token] = True
             stored = store(out.state)
             yield token
             if step + 1 < max_new_tokens:
                 out = model(token[:, None], state=load(stored), use_cache=True)
+
+
+def _ids(ids: int | Sequence[int] | None) -> frozenset[int]:
+    if ids is None:
+        return frozenset()
+    return frozenset([int(ids)] if isinstance(ids, int) else map(int, ids))
 
 
 def _state_codec(state_format: str | None) -> tuple[Any, Any]:
@@ -256,20 +315,21 @@ def _state_codec(state_format: str | None) -> tuple[Any, Any]:
 
 
 def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
-                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None,
-                 eos_id: int | None = None, state_format: str | None = None) -> list[list[int]]:
+                 max_new_tokens: int, eos_id: int | Sequence[int] | None = None,
+                 **sampling: Any) -> list[list[int]]:
     """New token ids for each prompt row (at most ``max_new_tokens``; a row ends after
-    ``eos_id``, which is kept)."""
+    ``eos_id`` (one id or several), which is kept). ``sampling``: the keyword arguments of
+    :func:`iter_tokens` (temperature, top_k, top_p, min_p, repetition_penalty, seed,
+    state_format)."""
     rows = _as_rows(input_ids)
+    ends = _ids(eos_id)
     new: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
-    for token in iter_tokens(model, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, seed=seed, state_format=state_format):
+    for token in iter_tokens(model, rows, max_new_tokens=max_new_tokens, **sampling):
         for i, t in enumerate(token.tolist()):
             if not done[i]:
                 new[i].append(t)
-                done[i] = t == eos_id
+                done[i] = t in ends
         if all(done):
             break
     return new
@@ -277,8 +337,8 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequ
 
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[str], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, stop: Sequence[str] | None = None,
-             stream: bool = False,
+             top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+             seed: int | None = None, stop: Sequence[str] | None = None, stream: bool = False,
              state_format: str | None = None) -> str | list[str] | Iterator[str] | Iterator[list[str]]:
     """Generate text after each prompt.
 
@@ -286,42 +346,58 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
     before the first stop string, at the tokenizer's end-of-text token (``eos_id``, if it has
     one) or after ``max_new_tokens``. With ``stream=True`` returns an iterator instead: of text
     pieces (``str`` prompt) or of one piece per prompt at each step ("" when a row has none).
+    Prompts of different lengths decode as one batch (left-padded).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     if not texts:
         raise ValueError("prompts is empty: give at least one prompt")
-    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
-        raise TypeError(f"stop must be a list of strings, got {stop!r}")
     rows = [tokenizer.encode(t) for t in texts]
     for i, (text, row) in enumerate(zip(texts, rows)):
         if not text or not row:
             raise ValueError(f"prompt {i} is empty: give at least one character")
-    check_sampling(temperature, top_k, top_p)
-    check_prompts(model, rows, max_new_tokens)  # fail now, not at the first next()
-    pieces = _stream(model, tokenizer, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seed, stop=list(stop or ()),
-                     state_format=state_format)
+    pieces = stream_text(model, tokenizer, rows, max_new_tokens=max_new_tokens, stop=stop,
+                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repetition_penalty=repetition_penalty, seed=seed, state_format=state_format)
     if stream:
         return (p[0] for p in pieces if p[0]) if single else pieces
-    out = ["".join(col) for col in zip(*pieces)]  # _stream yields at least one step
+    out = ["".join(col) for col in zip(*pieces)]  # stream_text yields at least one step
     return out[0] if single else out
 
 
-def _stream(model: torch.nn.Module, tokenizer: Tokenizer, rows: list[list[int]], *, stop: list[str],
-            **sampling: Any) -> Iterator[list[str]]:
-    eos_id = getattr(tokenizer, "eos_id", None)
-    streams = [TextStream(tokenizer, stop) for _ in rows]
-    for token in iter_tokens(model, rows, **sampling):
+def stream_text(model: torch.nn.Module, tokenizer: Tokenizer, rows: list[list[int]], *, max_new_tokens: int,
+                stop: Sequence[str] | None = None, end_ids: int | Sequence[int] | None = None,
+                **sampling: Any) -> Iterator[list[str]]:
+    """Decode token-id prompts ``rows`` as one batch and yield, per step, one text piece per row
+    ("" when a row has none or has ended). A row ends before its first stop string or at a
+    token of ``end_ids`` (default: the tokenizer's ``eos_id``), which is not printed.
+    Arguments are checked before this returns (not at the first ``next()``); ``sampling``: the
+    keyword arguments of :func:`iter_tokens`."""
+    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
+        raise TypeError(f"stop must be a list of strings, got {stop!r}")
+    rows = _as_rows(rows)
+    check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k"), sampling.get("top_p"),
+                   sampling.get("min_p"), sampling.get("repetition_penalty", 1.0))
+    check_prompts(model, rows, max_new_tokens)
+    ends = _ids(getattr(tokenizer, "eos_id", None) if end_ids is None else end_ids)
+    tokens = iter_tokens(model, rows, max_new_tokens=max_new_tokens, **sampling)
+    return _pieces(tokenizer, tokens, len(rows), list(stop or ()), ends)
+
+
+def _pieces(tokenizer: Tokenizer, tokens: Generator[torch.Tensor, None, None], n_rows: int, stop: list[str],
+            ends: frozenset[int]) -> Iterator[list[str]]:
+    streams = [TextStream(tokenizer, stop) for _ in range(n_rows)]
+    for token in tokens:
         step = []
         for s, t in zip(streams, token.tolist()):
             if s.stopped:
                 step.append("")
-            elif t == eos_id:
+            elif t in ends:
                 step.append(s.finish())
             else:
                 step.append(s.push(t))
         yield step
         if all(s.stopped for s in streams):
+            tokens.close()
             return
     yield [s.finish() for s in streams]

@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--min-p", type=float, default=None,
+                        help="keep tokens at least this fraction as likely as the most likely one")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="divide the logits of tokens already present by this (1 = none; CTRL)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     parser.add_argument("--state-format", choices=("int8", "fp8_e4m3"), default=None,
                         help="hold the decoding state (fixed-size states, KV caches) in this format "
@@ -41,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"cannot read checkpoint {str(directory)!r}: {err}") from None
     try:
         pieces = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
                           stop=args.stop, stream=True, state_format=args.state_format)
     except (ValueError, TypeError) as err:  # bad flag values or prompt: one line, no traceback
         raise LoopLMError(str(err)) from None
