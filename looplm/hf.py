@@ -109,7 +109,7 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = LoopLM(config.to_loop_config())
         block = getattr(config, "quantization", None)
-        if block:  # a quantised checkpoint (issue 6): swap in its QuantLinear modules before loading
+        if block:  # a quantised checkpoint: swap in its QuantLinear modules before loading
             apply_structure(self.model, block)
         self.post_init()
 

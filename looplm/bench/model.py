@@ -1,7 +1,7 @@
 """``looplm bench model``: training and decoding speed of whole models against transformers.
 
 Three comparisons, each timed side by side in one run (the contenders alternate within every
-repeat; medians of repeats), printed as ratios with PASS/FAIL against issue 3's targets:
+repeat; medians of repeats), printed as ratios with PASS/FAIL against the project's targets:
 
 (a) training tokens/s (forward + backward + AdamW step): LoopLM with gated DeltaNet mixers and
     an MoE FFN vs transformers' Qwen3-Next with only linear-attention (gated DeltaNet) layers and

@@ -9,7 +9,7 @@ state stored in int8 / FP8 (stepwise loss, state bytes).
 
 Speed (``≥ 100M`` random weights, float32 decoding memory-bound): per-token decode time of
 float32 against int8 and int4 (g=64) through the default kernels and through dequantise-then-
-matmul. Issue 6's targets: int8 ≥ 1.5×, int4 ≥ 2× float32 tokens/s.
+matmul. Targets: int8 ≥ 1.5×, int4 ≥ 2× float32 tokens/s.
 
 Writes ``quant.json``, ``quant.md`` and ``quant.png`` (bits/byte delta against bits per weight;
 decode speed ratios) to ``--out``. ``--quick`` shrinks everything to seconds (for the test).

@@ -1,4 +1,4 @@
-"""Token mixers: softmax attention and the fixed-state family (MECHANISMS.md §1).
+"""Token mixers: softmax attention and the fixed-state family (docs/mechanisms.md §1).
 
 Every mixer has one signature for training, prefill and decoding::
 

@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts FFN with token-choice top-k routing (MECHANISMS.md §3).
+"""Sparse mixture-of-experts FFN with token-choice top-k routing (docs/mechanisms.md §3).
 
 Switch Transformer (Fedus et al. 2021) balance loss, ST-MoE (Zoph et al. 2022) router z-loss,
 a shared expert (DeepSeek-MoE, Dai et al. 2024) and zero-computation experts

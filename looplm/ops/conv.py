@@ -1,7 +1,7 @@
 """Short causal depthwise convolution (kernel ~4) with a decoding state.
 
 Used on q, k, v before fixed-state mixers (H3 / Based / GLA / gated DeltaNet recipe,
-MECHANISMS.md §1). ``y[t, d] = bias[d] + sum_j weight[d, j] * x[t - K + 1 + j, d]``; the state
+docs/mechanisms.md §1.1). ``y[t, d] = bias[d] + sum_j weight[d, j] * x[t - K + 1 + j, d]``; the state
 holds the last ``K - 1`` inputs so a prompt can be prefilled, then decoded token by token.
 ``silu=True`` applies SiLU to ``y`` (the mixers' activation) inside the same autograd node.
 

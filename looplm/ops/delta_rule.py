@@ -1,6 +1,6 @@
 """The delta rule: DeltaNet and gated DeltaNet, in step, recurrent, parallel and chunk forms.
 
-Update per head (row vectors, state ``S [dk, dv]``, MECHANISMS.md §1)::
+Update per head (row vectors, state ``S [dk, dv]``, docs/mechanisms.md §1.1)::
 
     S_t = a_t (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t,    o_t = scale * q_t S_t
 

@@ -1,6 +1,6 @@
 """Decay-family fixed-state token mixers: linear attention, retention, scalar-gated, GLA.
 
-One recurrence covers them all (MECHANISMS.md §1). Per head, with ``S ∈ [dk, dv]``::
+One recurrence covers them all (docs/mechanisms.md §1.1). Per head, with ``S ∈ [dk, dv]``::
 
     S_t = Diag(exp(g_t)) S_{t-1} + k_tᵀ v_t        o_t = (scale · q_t) S_t
 
@@ -253,7 +253,7 @@ def decay_chunk(
 
     Time is split into chunks of ``chunk_size``; all chunks' intra-chunk terms are computed at once
     (batched over ``[B,H,N,C,*]``) and the state is carried between chunks by a short loop over the
-    N chunks (MECHANISMS.md §1, chunkwise form). Cumulative log-decays ``b`` are kept per chunk, so
+    N chunks (docs/mechanisms.md §1.2). Cumulative log-decays ``b`` are kept per chunk, so
     only ``e^{b}``, ``e^{b_C - b}`` and the causal in-chunk decays ``e^{b_i - b_j}`` (all ≤ 1) are
     ever computed: strong decays underflow to 0, never overflow.
 

@@ -1,5 +1,5 @@
 """Low precision: weight formats (int8, int4, FP8, FP4-MX), quantised modules and checkpoints,
-quantisation-aware training and decoding-state quantisation (issue 6; MECHANISMS.md §4)."""
+quantisation-aware training and decoding-state quantisation (docs/mechanisms.md §4)."""
 
 from looplm.quant.formats import FORMATS, Format, dequantize, fake_quantize, make_format, quantize
 from looplm.quant.linear import QuantEmbedding, QuantLinear

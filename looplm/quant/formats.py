@@ -1,6 +1,6 @@
 """Low-precision weight formats: quantise a matrix ``W [out, in]`` to packed parts and back.
 
-Formats (MECHANISMS.md §4; error bounds are per element, for finite inputs):
+Formats (docs/mechanisms.md §4.1; error bounds are per element, for finite inputs):
 
 - ``int8``: symmetric per output row, ``s = max|W_row| / 127`` rounded *up* to a bfloat16 value
   (so the CPU packed kernel, which takes bf16 scales, sees the exact scale), ``q = round(W/s)``.

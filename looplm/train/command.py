@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.out)
     corpus = load_corpus(cfg, d, progress=not args.no_progress)
     model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
-    if getattr(args, "qat", None):  # looplm.quant.qat (issue 6); checkpoints stay float
+    if getattr(args, "qat", None):  # quantisation-aware training; checkpoints stay float
         apply_qat(model, args.qat)
     if d.main:
         n = model.num_params()

@@ -1,4 +1,4 @@
-"""FLOPs accounting against counts written out by hand from the architecture (issue 5).
+"""FLOPs accounting against counts written out by hand from the architecture.
 
 Dense: Kaplan's 6·N·tokens plus the attention term. MoR and MoE: only what tokens ran, counted
 here from the routing the forward reports (``depth``) or recomputed from the router weights.

@@ -1,4 +1,4 @@
-"""Generation with the decoding state held in int8 / FP8 between steps (issue 6, point 4)."""
+"""Generation with the decoding state held in int8 / FP8 between steps."""
 
 import pytest
 import torch
