@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("looplm.train.evaluate", "validation loss and bits per byte of a checkpoint"),
     "info": ("looplm.info", "parameters, FLOPs per token and config of a checkpoint"),
     "quantize": ("looplm.quant.command", "write a low-precision copy of a checkpoint"),
+    "serve": ("looplm.serve.command", "serve a checkpoint over OpenAI's HTTP API (continuous batching)"),
 }
 
 # bench name -> (module, one-line help)
@@ -33,6 +34,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "lm": ("looplm.bench.lm", "compute-matched language modelling"),
     "decode": ("looplm.bench.decode", "decoding latency and memory against context"),
     "quant": ("looplm.bench.quant", "size, speed and quality of quantised formats"),
+    "serve": ("looplm.bench.serve", "OpenAI-API load test of looplm serve (and llama.cpp's server)"),
     "report": ("looplm.bench.report", "write docs/results.md from saved results"),
 }
 

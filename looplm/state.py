@@ -34,3 +34,65 @@ class ModelState:
         """Bytes held by all tensors of the state."""
         total = self.positions.numel() * self.positions.element_size()
         return total + sum(s.nbytes() for s in self.layers.values())
+
+
+def _pad_front(t: torch.Tensor, length: int, value: float | bool = 0) -> torch.Tensor:
+    """``t [1, S, ...]`` with ``length - S`` slots of ``value`` put before its own."""
+    if t.shape[1] == length:
+        return t
+    pad = t.new_full((t.shape[0], length - t.shape[1], *t.shape[2:]), value)
+    return torch.cat((pad, t), 1)
+
+
+def _cat_layer(parts: list[Any]) -> Any:
+    """One mixer state of several rows from states of one or more rows each (same type)."""
+    from looplm.layers.mixers import KVState, RecurrentState
+
+    first = parts[0]
+    if isinstance(first, RecurrentState):
+        return RecurrentState(torch.cat([p.conv for p in parts]), torch.cat([p.ssm for p in parts]))
+    if isinstance(first, KVState):
+        S = max(p.k.shape[1] for p in parts)
+        return KVState(torch.cat([_pad_front(p.k, S) for p in parts]),
+                       torch.cat([_pad_front(p.v, S) for p in parts]),
+                       torch.cat([_pad_front(p.key_mask, S, False) for p in parts]),
+                       torch.cat([_pad_front(p.pos, S) for p in parts]),
+                       torch.cat([p.seen for p in parts]))
+    raise TypeError(f"cannot join decoding states of type {type(first).__name__}")
+
+
+def _select_layer(s: Any, rows: torch.Tensor) -> Any:
+    from looplm.layers.mixers import KVState, RecurrentState
+
+    if isinstance(s, RecurrentState):
+        return RecurrentState(s.conv[rows], s.ssm[rows])
+    if isinstance(s, KVState):
+        key_mask = s.key_mask[rows]
+        used = key_mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else key_mask.shape[1]  # slots unused by every kept row
+        return KVState(s.k[rows, start:], s.v[rows, start:], key_mask[:, start:], s.pos[rows, start:],
+                       s.seen[rows])
+    raise TypeError(f"cannot select rows of a decoding state of type {type(s).__name__}")
+
+
+def cat_states(states: list[ModelState]) -> ModelState:
+    """The rows of several states as one state (in order), for decoding them as one batch.
+
+    Fixed-size states are concatenated; attention caches of different lengths are padded at
+    the front with unused slots (``key_mask`` False), which the attention skips, so each row
+    decodes as it would alone. Every state must come from the same model.
+    """
+    if not states:
+        raise ValueError("cat_states needs at least one state")
+    if len(states) == 1:
+        return states[0]
+    keys = states[0].layers.keys()
+    return ModelState(torch.cat([s.positions for s in states]),
+                      {k: _cat_layer([s.layers[k] for s in states]) for k in keys})
+
+
+def select_rows(state: ModelState, rows: list[int]) -> ModelState:
+    """The state of ``rows`` (indices into the batch, in that order); attention cache slots
+    unused by every kept row at the front are dropped."""
+    index = torch.tensor(rows, dtype=torch.long, device=state.positions.device)
+    return ModelState(state.positions[index], {k: _select_layer(s, index) for k, s in state.layers.items()})

@@ -1,0 +1,81 @@
+"""``looplm serve CHECKPOINT_DIR``: serve a checkpoint over OpenAI's HTTP API (uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from looplm.errors import CheckpointError, LoopLMError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests waiting at most; more get 429 with Retry-After")
+    parser.add_argument("--max-tokens-in-flight", type=int, default=None,
+                        help="prompt + max_tokens summed over running requests at most (default: no limit)")
+    parser.add_argument("--prefill-chunk", type=int, default=128,
+                        help="prompt tokens read per scheduler iteration (between decoding steps)")
+    parser.add_argument("--default-max-tokens", type=int, default=256,
+                        help="max_tokens of a request that gives none")
+    parser.add_argument("--api-key", default=os.environ.get("LOOPLM_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $LOOPLM_API_KEY, none)")
+    parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: "
+                        "the checkpoint directory's name)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def load(directory: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of a checkpoint directory; CheckpointError naming what is wrong."""
+    from looplm.checkpoint import load_model
+    from looplm.data.tokenizer import load_tokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    try:
+        return load_model(directory), load_tokenizer(directory)
+    except LoopLMError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read checkpoint {str(directory)!r}: {err}") from None
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The FastAPI app for ``args`` (the model loaded, the engine not yet started)."""
+    try:
+        from looplm.serve.api import create_app
+        from looplm.serve.engine import Engine
+    except ModuleNotFoundError as err:
+        raise LoopLMError(f"`looplm serve` needs {err.name}: pip install 'looplm[serve]'") from None
+    model, tokenizer = load(args.checkpoint)
+    try:
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                        max_tokens_in_flight=args.max_tokens_in_flight, prefill_chunk=args.prefill_chunk)
+    except ValueError as err:
+        raise LoopLMError(str(err)) from None
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    return create_app(engine, model_id=name, api_key=args.api_key, default_max_tokens=args.default_max_tokens)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    app = build_app(args)
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as err:
+        raise LoopLMError(f"cannot listen on {args.host}:{args.port}: {err}") from None
+    host, port = sock.getsockname()[:2]
+    print(f"serving {args.checkpoint} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0

@@ -1,0 +1,323 @@
+"""The serving engine: one scheduler thread owns the model and decodes every request in one batch.
+
+Iteration-level scheduling (continuous batching, as in Orca, Yu et al. 2022): each iteration
+runs one decoding step (``T = 1``) for every running request together, then at most one chunk
+of one waiting request's prompt (chunked prefill, Agrawal et al. 2023, so that running streams
+keep flowing while a long prompt is read). A request whose prompt is read joins the batch at the
+next step; a finished or cancelled request leaves it at the next step.
+
+Each request owns its rows of the decoding state: a fixed-state layer's state row, an attention
+layer's cache. The batch state is the requests' rows joined with :func:`looplm.state.cat_states`
+(caches of different lengths padded at the front with unused, masked slots, so every row decodes
+exactly as it would alone) and split with :func:`looplm.state.select_rows` when some leave (slots
+no remaining row uses are dropped). The join and split copy the caches; steps in between append
+in place. Sampling draws from one ``torch.Generator`` per request, so a seeded request gives the
+same tokens whatever else is in the batch.
+
+The API layer talks to the engine through :meth:`Engine.submit` (from any thread; events come
+back through the request's ``emit`` callback, called on the engine thread) and
+:meth:`Engine.cancel`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from looplm.errors import LoopLMError
+from looplm.generate import TextStream, check_prompts, check_sampling, decoding_mode, sample_next
+from looplm.serve.metrics import ServeMetrics
+from looplm.state import ModelState, cat_states, select_rows
+
+
+class QueueFullError(LoopLMError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for: at most ``max_tokens`` new tokens, ``temperature`` (0 = greedy),
+    ``top_p``, ``stop`` strings (the text ends before the first), ``seed`` of its generator."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """What the engine reports to a request: new ``text`` (may be ""), and at the end
+    ``finish_reason`` (``stop`` | ``length`` | ``error``) with the token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's engine-side state (created by :meth:`Engine.submit`)."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    stream: TextStream
+    generator: torch.Generator | None
+    arrived: float = field(default_factory=time.perf_counter)
+    state: ModelState | None = None  # the request's own rows while its prompt is read
+    read: int = 0  # prompt tokens read so far
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    generated: int = 0
+    last_token: int = 0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def budget(self) -> int:
+        """Tokens it may hold in the state: prompt + new tokens."""
+        return len(self.prompt) + self.params.max_tokens
+
+
+class Engine:
+    """Serves ``model`` (a LoopLM) with ``tokenizer``: ``max_batch`` requests decode together,
+    at most ``max_queue`` wait (more: :class:`QueueFullError`), the running and prefilling
+    requests together hold at most ``max_tokens_in_flight`` prompt + new tokens (None: no limit),
+    prompts are read ``prefill_chunk`` tokens per iteration."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
+                 max_tokens_in_flight: int | None = None, prefill_chunk: int = 128,
+                 metrics: ServeMetrics | None = None) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_tokens_in_flight = max_tokens_in_flight
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics or ServeMetrics()
+        self.device = next(model.parameters()).device
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prefilling: list[Request] = []
+        self._rows: list[Request] = []  # the running batch, in state row order
+        self._state: ModelState | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # ------------------------------------------------------------ public, any thread
+
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="looplm-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the scheduler thread; requests still in flight end with an error event."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request that can never be served (empty prompt, bad ids,
+        bad sampling values, prompt + max_tokens beyond the model's context or the in-flight
+        limit)."""
+        check_sampling(params.temperature, None, params.top_p)
+        if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) \
+                or params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
+        check_prompts(self.model, [prompt], params.max_tokens)
+        limit = self.max_tokens_in_flight
+        if limit is not None and len(prompt) + params.max_tokens > limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds "
+                             f"the server's max_tokens_in_flight={limit}")
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Request:
+        """Queue a request; ``emit`` receives its events on the engine thread. Raises ValueError
+        (see :meth:`check`) or QueueFullError."""
+        self.check(prompt, params)
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        req = Request(next(self._ids), list(prompt), params, emit, TextStream(self.tokenizer, params.stop),
+                      generator)
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                self.metrics.rejected.inc()
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (the limit): retry later")
+            self._waiting.append(req)
+            self.metrics.queue.set(len(self._waiting))
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Drop ``req`` (a client went away): its rows are freed at the next step."""
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify()
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        with torch.no_grad(), decoding_mode(self.model):
+            while True:
+                with self._cond:
+                    while not self._stop and not (self._waiting or self._prefilling or self._rows):
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    self._admit()
+                try:
+                    self._iteration()
+                except Exception as err:  # a model failure ends the requests in flight, not the server
+                    for req in self._rows + self._prefilling:
+                        self._finish(req, "", "error", error=f"{type(err).__name__}: {err}")
+                    self._rows, self._prefilling, self._state = [], [], None
+                self._report()
+            for req in list(self._waiting) + self._prefilling + self._rows:
+                self._finish(req, "", "error", error="the server is shutting down")
+
+    def _admit(self) -> None:
+        """Move waiting requests into prefill while the batch and the token budget allow."""
+        for req in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(req)
+            self._drop(req)
+        in_flight = sum(r.budget for r in self._rows + self._prefilling)
+        while self._waiting and len(self._rows) + len(self._prefilling) < self.max_batch:
+            req = self._waiting[0]
+            if self.max_tokens_in_flight is not None and in_flight + req.budget > self.max_tokens_in_flight:
+                break
+            self._waiting.popleft()
+            in_flight += req.budget
+            self._prefilling.append(req)
+        self.metrics.queue.set(len(self._waiting))
+
+    def _iteration(self) -> None:
+        for req in [r for r in self._prefilling if r.cancelled]:
+            self._prefilling.remove(req)
+            self._drop(req)
+        if self._rows:
+            self._decode_step()
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+
+    def _decode_step(self) -> None:
+        """One token for every running request; finished and cancelled ones leave the batch."""
+        t0 = time.perf_counter()
+        tokens = torch.tensor([[r.last_token] for r in self._rows], dtype=torch.long, device=self.device)
+        out = self.model(tokens, state=self._state, use_cache=True)
+        nxt = self._sample(out.logits[:, -1], self._rows)
+        self.metrics.batch_size.observe(len(self._rows))
+        keep = [i for i, (req, tok) in enumerate(zip(self._rows, nxt)) if not self._accept(req, tok)]
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        state = out.state
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            state = select_rows(state, keep) if keep else None
+        self._state = state
+
+    def _prefill_chunk(self, req: Request) -> None:
+        """Read the next chunk of ``req``'s prompt into its own state; after the last chunk,
+        sample its first token and let it join the batch."""
+        if req.state is None:
+            req.state = self.model.init_state(1)
+        end = min(req.read + self.prefill_chunk, len(req.prompt))
+        ids = torch.tensor([req.prompt[req.read:end]], dtype=torch.long, device=self.device)
+        last = end == len(req.prompt)
+        at = torch.zeros_like(ids, dtype=torch.bool)
+        at[0, -1] = last  # the head runs only where a token is sampled
+        out = self.model(ids, state=req.state, use_cache=True, logits_at=at)
+        req.state, req.read = out.state, end
+        if not last:
+            return
+        self._prefilling.remove(req)
+        self.metrics.prompt_tokens.inc(len(req.prompt))
+        if self._accept(req, self._sample(out.logits, [req])[0]):
+            return
+        self._state = cat_states(([self._state] if self._state is not None else []) + [req.state])
+        req.state = None
+        self._rows.append(req)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        """One token per row of ``logits [B, V]``, each from its request's own generator."""
+        greedy = logits.argmax(-1).tolist()
+        for i, req in enumerate(reqs):
+            if req.params.temperature > 0:
+                greedy[i] = int(sample_next(logits[i:i + 1], temperature=req.params.temperature,
+                                            top_p=req.params.top_p, generator=req.generator)[0])
+        return greedy
+
+    def _accept(self, req: Request, token: int) -> bool:
+        """Take ``req``'s next token; report its text; True when the request is done (end of
+        text, a stop string, max_tokens, or cancelled)."""
+        if req.cancelled:
+            self._drop(req)
+            return True
+        now = time.perf_counter()
+        if req.first_token_at is None:
+            req.first_token_at = now
+            self.metrics.ttft.observe(now - req.arrived)
+        req.generated += 1
+        req.tokens.append(token)
+        req.last_token = token
+        self.metrics.generated_tokens.inc()
+        if token == self.eos_id:
+            self._finish(req, req.stream.finish(), "stop")
+            return True
+        text = req.stream.push(token)
+        if req.stream.stopped:
+            self._finish(req, text, "stop")
+            return True
+        if req.generated >= req.params.max_tokens:
+            self._finish(req, text + req.stream.finish(), "length")
+            return True
+        self._emit(req, Event(text))
+        return False
+
+    def _emit(self, req: Request, event: Event) -> None:
+        try:
+            req.emit(event)
+        except Exception:  # a broken listener ends only its own request
+            req.cancelled = True
+
+    def _finish(self, req: Request, text: str, reason: str, error: str | None = None) -> None:
+        req.done = True
+        self.metrics.requests.labels(outcome=reason).inc()
+        self.metrics.latency.observe(time.perf_counter() - req.arrived)
+        self._emit(req, Event(text, reason, len(req.prompt), req.generated, error))
+
+    def _drop(self, req: Request) -> None:
+        req.done = True
+        self.metrics.requests.labels(outcome="cancelled").inc()
+
+    def _report(self) -> None:
+        self.metrics.running.set(len(self._rows))
+        self.metrics.prefilling.set(len(self._prefilling))

@@ -1,0 +1,137 @@
+"""The engine without HTTP: batched decoding equals decoding alone, per-request seeded sampling,
+finish reasons, cancellation and the queue limit."""
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("prometheus_client")
+
+from looplm.generate import generate_ids  # noqa: E402
+from looplm.serve.engine import Engine, QueueFullError, SamplingParams  # noqa: E402
+from tests.serve.util import CONFIGS, run_requests, tiny_model, tokenizer  # noqa: E402
+
+PROMPTS = [list(range(1 + i, 1 + i + n)) for i, n in enumerate([3, 17, 40, 9, 26])]
+
+
+@pytest.fixture
+def engine_for():
+    engines = []
+
+    def make(model, eos=True, **kw):
+        eng = Engine(model, tokenizer(eos), **kw)
+        eng.start()
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        eng.stop()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batched_greedy_equals_alone(name, engine_for):
+    """Requests that join the batch at different steps (prompts read in chunks of 16, one chunk
+    per iteration) get the tokens each gets alone, and those of generate_ids."""
+    model = tiny_model(name)
+    eng = engine_for(model, max_batch=8, prefill_chunk=16)
+    sp = SamplingParams(max_tokens=10, temperature=0)
+    batched = run_requests(eng, [(p, sp) for p in PROMPTS])
+    alone = [run_requests(eng, [(p, sp)])[0] for p in PROMPTS]
+    assert batched == alone
+    assert alone == [generate_ids(model, [p], max_new_tokens=10)[0] for p in PROMPTS]
+    assert all(len(t) == 10 for t in batched)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine_for):
+    eng = engine_for(tiny_model("hybrid"), max_batch=8, prefill_chunk=8)
+    mine = (PROMPTS[1], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7))
+    alone = run_requests(eng, [mine])[0]
+    others = [(p, SamplingParams(max_tokens=6 + i, temperature=0.8, seed=i)) for i, p in enumerate(PROMPTS)]
+    together = run_requests(eng, others[:2] + [mine] + others[2:])[2]
+    assert together == alone
+    other_seed = run_requests(eng, [(mine[0], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9,
+                                                             seed=8))])[0]
+    assert other_seed != alone  # the seed matters (12 draws from ~259 tokens)
+
+
+def test_finish_reasons_and_text(engine_for):
+    model = tiny_model("attention")
+    eng = engine_for(model, max_batch=4)
+    events = []
+    done = threading.Event()
+
+    def emit(ev):
+        events.append(ev)
+        if ev.finish_reason:
+            done.set()
+
+    eng.submit(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0), emit)
+    assert done.wait(30)
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 5
+    assert events[-1].prompt_tokens == len(PROMPTS[0])
+    full = "".join(e.text for e in events)
+    assert full == tokenizer().decode(generate_ids(model, [PROMPTS[0]], max_new_tokens=5)[0])
+    # a stop string that the greedy text contains ends the text right before it
+    cut = full[2:4] if len(full) >= 4 else None
+    if cut and full.find(cut) == 2:
+        events.clear()
+        done.clear()
+        eng.submit(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, stop=[cut]), emit)
+        assert done.wait(30)
+        assert "".join(e.text for e in events) == full[:2] and events[-1].finish_reason == "stop"
+
+
+def test_bad_requests_raise():
+    model = tiny_model("attention")
+    eng = Engine(model, tokenizer())
+    for prompt, sp in [([], SamplingParams(max_tokens=4)),
+                       ([1, 2], SamplingParams(max_tokens=0)),
+                       ([1, 2], SamplingParams(max_tokens=4, temperature=-1)),
+                       ([1, 999], SamplingParams(max_tokens=4)),
+                       ([1] * 250, SamplingParams(max_tokens=10))]:  # beyond max_seq_len=256
+        with pytest.raises(ValueError):
+            eng.submit(prompt, sp, lambda ev: None)
+
+
+def test_cancel_frees_the_row_and_queue_limit(engine_for):
+    eng = engine_for(tiny_model("gated_deltanet"), eos=False, max_batch=1, max_queue=1)
+    first = threading.Event()
+    endless = eng.submit(PROMPTS[0], SamplingParams(max_tokens=10**6, temperature=0),
+                         lambda ev: first.set())
+    assert first.wait(30)
+    second = threading.Event()
+    waiting = eng.submit(PROMPTS[1], SamplingParams(max_tokens=3, temperature=0),
+                         lambda ev: ev.finish_reason and second.set())
+    with pytest.raises(QueueFullError):
+        eng.submit(PROMPTS[2], SamplingParams(max_tokens=3, temperature=0), lambda ev: None)
+    assert not second.wait(0.3)  # the endless request holds the only row
+    eng.cancel(endless)
+    assert second.wait(30) and len(waiting.tokens) == 3 and endless.done
+    out = run_requests(eng, [(PROMPTS[3], SamplingParams(max_tokens=3, temperature=0))])
+    assert len(out[0]) == 3 and eng.running == 0
+    assert eng.metrics.requests.labels(outcome="cancelled")._value.get() == 1
+
+
+def test_state_rows_join_and_split_decode_as_alone():
+    """cat_states pads caches of different lengths; select_rows drops the rows that left."""
+    from looplm.state import cat_states, select_rows
+
+    model = tiny_model("hybrid")
+    with torch.no_grad():
+        outs = [model(torch.tensor([p]), use_cache=True) for p in PROMPTS[:3]]
+        nxt = torch.tensor([[int(o.logits[0, -1].argmax())] for o in outs])
+        joined = model(nxt, state=cat_states([o.state for o in outs]), use_cache=True)
+        for i, o in enumerate(outs):
+            alone = model(nxt[i:i + 1], state=o.state, use_cache=True)
+            torch.testing.assert_close(joined.logits[i], alone.logits[0], atol=1e-4, rtol=1e-4)
+        kept = select_rows(joined.state, [2, 0])
+        step = model(nxt[[2, 0]], state=kept, use_cache=True)
+        for row, i in enumerate([2, 0]):
+            a1 = model(nxt[i:i + 1], state=outs[i].state, use_cache=True)
+            a2 = model(nxt[i:i + 1], state=a1.state, use_cache=True)
+            torch.testing.assert_close(step.logits[row], a2.logits[0], atol=1e-4, rtol=1e-4)
+        # the longest remaining row sets the cache length: slots only the dropped row used are gone
+        attn = [k for k, s in kept.layers.items() if hasattr(s, "key_mask")][0]
+        assert kept.layers[attn].k.shape[1] == max(len(PROMPTS[i]) for i in (2, 0)) + 1
