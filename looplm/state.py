@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from looplm.layers.mixers import KVState, RecurrentState
+
 
 @dataclass
 class ModelState:
@@ -46,8 +48,6 @@ def _pad_front(t: torch.Tensor, length: int, value: float | bool = 0) -> torch.T
 
 def _cat_layer(parts: list[Any]) -> Any:
     """One mixer state of several rows from states of one or more rows each (same type)."""
-    from looplm.layers.mixers import KVState, RecurrentState
-
     first = parts[0]
     if isinstance(first, RecurrentState):
         return RecurrentState(torch.cat([p.conv for p in parts]), torch.cat([p.ssm for p in parts]))
@@ -62,8 +62,6 @@ def _cat_layer(parts: list[Any]) -> Any:
 
 
 def _select_layer(s: Any, rows: torch.Tensor) -> Any:
-    from looplm.layers.mixers import KVState, RecurrentState
-
     if isinstance(s, RecurrentState):
         return RecurrentState(s.conv[rows], s.ssm[rows])
     if isinstance(s, KVState):

@@ -8,7 +8,19 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from looplm.checkpoint import load_model
+from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import CheckpointError, LoopLMError
+
+try:  # the looplm[serve] extra
+    from looplm.serve.api import create_app
+    from looplm.serve.engine import Engine
+except ModuleNotFoundError as err:  # say which package is missing when the command runs
+    _MISSING: str | None = err.name
+else:
+    _MISSING = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load(directory: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) of a checkpoint directory; CheckpointError naming what is wrong."""
-    from looplm.checkpoint import load_model
-    from looplm.data.tokenizer import load_tokenizer
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
@@ -49,11 +58,8 @@ def load(directory: str | Path) -> tuple[Any, Any]:
 
 def build_app(args: argparse.Namespace) -> Any:
     """The FastAPI app for ``args`` (the model loaded, the engine not yet started)."""
-    try:
-        from looplm.serve.api import create_app
-        from looplm.serve.engine import Engine
-    except ModuleNotFoundError as err:
-        raise LoopLMError(f"`looplm serve` needs {err.name}: pip install 'looplm[serve]'") from None
+    if _MISSING is not None:
+        raise LoopLMError(f"`looplm serve` needs {_MISSING}: pip install 'looplm[serve]'")
     model, tokenizer = load(args.checkpoint)
     try:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -65,7 +71,6 @@ def build_app(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     if args.threads:
