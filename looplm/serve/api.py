@@ -130,7 +130,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
             max_tokens = max(1, min(default_max_tokens, room))
         params = SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature),
                                 top_p=None if body.top_p >= 1 else float(body.top_p),
-                                stop=list(body.stop or []) + stops, seed=body.seed)
+                                stop=list(body.stop or []) + stops, seed=body.seed,
+                                ignore_eos=body.ignore_eos)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         try:

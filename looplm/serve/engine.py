@@ -44,13 +44,15 @@ class QueueFullError(LoopLMError):
 @dataclass
 class SamplingParams:
     """What one request asks for: at most ``max_tokens`` new tokens, ``temperature`` (0 = greedy),
-    ``top_p``, ``stop`` strings (the text ends before the first), ``seed`` of its generator."""
+    ``top_p``, ``stop`` strings (the text ends before the first), ``seed`` of its generator;
+    ``ignore_eos``: the end-of-text token does not end it (load tests)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float | None = None
     stop: Sequence[str] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -289,7 +291,7 @@ class Engine:
         req.tokens.append(token)
         req.last_token = token
         self.metrics.generated_tokens.inc()
-        if token == self.eos_id:
+        if token == self.eos_id and not req.params.ignore_eos:
             self._finish(req, req.stream.finish(), "stop")
             return True
         text = req.stream.push(token)

@@ -41,6 +41,7 @@ class _Sampling(BaseModel):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever comes (load tests)
 
     @field_validator("max_tokens")
     @classmethod

@@ -1,0 +1,31 @@
+"""``looplm bench serve --quick``: a server process loaded through the openai client."""
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+
+from looplm.checkpoint import save_model  # noqa: E402
+from looplm.cli import main  # noqa: E402
+from tests.serve.util import tiny_model, tokenizer  # noqa: E402
+
+
+@pytest.mark.slow
+def test_bench_serve_quick(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_model("gated_deltanet"), ckpt)
+    tokenizer().save(ckpt)
+    out = tmp_path / "out"
+    assert main(["bench", "serve", str(ckpt), "--quick", "--servers", "looplm,llama.cpp",
+                 "--concurrency", "1,3", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "serve.json").read_text())
+    rows = data["results"]
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("looplm", 1), ("looplm", 3)]
+    for r in rows:
+        assert r["errors"] == 0 and r["requests"] == r["concurrency"]
+        assert r["generated_tokens"] == 4 * r["requests"]  # ignore_eos: every request runs to max_tokens
+        assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] > 0
+    assert "llama.cpp" in data["skipped"]
+    assert "| looplm | 3 |" in capsys.readouterr().out
