@@ -26,54 +26,85 @@ through safetensors and are converted to the kernels' layouts at load time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from looplm.errors import ConfigError
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes by code 0..7
 MX_BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
+PartShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # part name -> (shape, dtype)
 
 
 @dataclass(frozen=True)
 class Format:
-    """A quantisation format. ``bits``: storage bits per weight, scales included (for a
-    group/block of ``group_size`` inputs; per-row scales count as ~0)."""
+    """A quantisation format: one subclass per format, registered by name (``make_format``).
 
-    name: str
+    A subclass states its ``name``, the ``parts`` it stores (tensor names, in the order the
+    kernels take them), ``bits`` (storage bits per weight, scales included; per-row scales count
+    as ~0), ``quantize`` / ``dequantize``, the shapes and dtypes of its parts (the checkpoint
+    layout: ``<module>.<part>`` in model.safetensors) and ``packed_op`` (whether torch's packed
+    CPU matmul takes it). ``group_size``: inputs per scale (None: one scale per output row).
+    """
+
+    name: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]]
     group_size: int | None = None
-    zero_point: bool = True
+    zero_point: bool = False
 
     @property
     def bits(self) -> float:
-        if self.name == "int8":
-            return 8.0
-        if self.name == "int4":
-            return 4.0 + 32.0 * (2 if self.zero_point else 1) / self.group_size
-        if self.name == "fp4_mx":
-            return 4.0 + 8.0 / MX_BLOCK
-        return 8.0
+        raise NotImplementedError
+
+    @classmethod
+    def make(cls, group_size: int | None, zero_point: bool) -> Format:
+        """The format with these options, validated (``make_format`` calls it)."""
+        if group_size is not None:
+            raise ConfigError(f"{cls.name} has one scale per output row; drop group_size={group_size}")
+        return cls()
+
+    def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        """``w [out, in]`` float -> the named parts to store."""
+        raise NotImplementedError
+
+    def dequantize(self, parts: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        """The parts back to a ``[out, in]`` matrix of ``dtype``."""
+        raise NotImplementedError
+
+    def part_shapes(self, out_features: int, in_features: int) -> PartShapes:
+        """Name -> (shape, dtype) of the stored parts of a ``[out, in]`` weight."""
+        raise NotImplementedError
+
+    def supports(self, out_features: int, in_features: int) -> bool:
+        """Whether a ``[out, in]`` weight can be stored (groups and nibble pairs must divide ``in``)."""
+        return self.group_size is None or in_features % self.group_size == 0
+
+    def packed_op(self, out_features: int) -> bool:
+        """Whether torch's packed weight-only CPU matmul runs this format (quant/linear.py)."""
+        return False
 
 
-FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_mx")
+FORMAT_CLASSES: dict[str, type[Format]] = {}
+
+
+def register(cls: type[Format]) -> type[Format]:
+    """Class decorator: make ``cls`` known to ``make_format`` under ``cls.name``."""
+    FORMAT_CLASSES[cls.name] = cls
+    return cls
 
 
 def make_format(name: str, group_size: int | None = None, zero_point: bool = True) -> Format:
-    """Validate a format name and its group size (int4: 32/64/128, default 64)."""
-    if name not in FORMATS:
-        raise ValueError(f"format={name!r} is not one of {', '.join(FORMATS)}")
-    if name == "int4":
-        group_size = 64 if group_size is None else group_size
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size={group_size} for int4 must be one of {GROUP_SIZES}")
-        return Format(name, group_size, zero_point)
-    if name == "fp4_mx":
-        if group_size not in (None, MX_BLOCK):
-            raise ValueError(f"fp4_mx uses MX blocks of {MX_BLOCK}; drop group_size={group_size}")
-        return Format(name, MX_BLOCK, False)
-    return Format(name, None, False)
+    """The registered format ``name`` with its options (int4: group 32/64/128, default 64;
+    ``zero_point`` applies to int4 only); ConfigError naming the known formats otherwise."""
+    cls = FORMAT_CLASSES.get(name)
+    if cls is None:
+        raise ConfigError(f"format={name!r} is not one of {', '.join(FORMAT_CLASSES)}")
+    return cls.make(group_size, zero_point)
 
 
 # ---------------------------------------------------------------- packing
@@ -203,6 +234,136 @@ def dequantize_fp4_mx(packed: Tensor, exponent: Tensor, dtype: torch.dtype = tor
     return (vals * torch.exp2(exponent.float() - 127)[..., None]).flatten(1).to(dtype)
 
 
+# ---------------------------------------------------------------- the formats
+
+
+@register
+@dataclass(frozen=True)
+class Int8(Format):
+    """Symmetric int8 per output row."""
+
+    name: ClassVar[str] = "int8"
+    parts: ClassVar[tuple[str, ...]] = ("q", "scale")
+
+    @property
+    def bits(self) -> float:
+        return 8.0
+
+    def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        return quantize_int8(w)
+
+    def dequantize(self, parts: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_int8(parts["q"], parts["scale"], dtype)
+
+    def part_shapes(self, out_features: int, in_features: int) -> PartShapes:
+        return {"q": ((out_features, in_features), torch.int8), "scale": ((out_features,), torch.float32)}
+
+    def packed_op(self, out_features: int) -> bool:
+        return True
+
+
+@register
+@dataclass(frozen=True)
+class Int4(Format):
+    """Group-wise int4 with an offset (``zero_point``) or symmetric, two codes per byte."""
+
+    name: ClassVar[str] = "int4"
+    parts: ClassVar[tuple[str, ...]] = ("packed", "scale", "offset")
+    group_size: int | None = 64
+    zero_point: bool = True
+
+    @classmethod
+    def make(cls, group_size: int | None, zero_point: bool) -> Format:
+        group_size = 64 if group_size is None else group_size
+        if group_size not in GROUP_SIZES:
+            raise ConfigError(f"group_size={group_size} for int4 must be one of {GROUP_SIZES}")
+        return cls(group_size, zero_point)
+
+    @property
+    def bits(self) -> float:
+        return 4.0 + 32.0 * (2 if self.zero_point else 1) / self.group_size
+
+    def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        return quantize_int4(w, self.group_size, self.zero_point)
+
+    def dequantize(self, parts: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_int4(parts["packed"], parts["scale"], parts["offset"], dtype)
+
+    def part_shapes(self, out_features: int, in_features: int) -> PartShapes:
+        g = (out_features, in_features // self.group_size)
+        return {"packed": ((out_features, in_features // 2), torch.uint8), "scale": (g, torch.float32),
+                "offset": (g, torch.float32)}
+
+    def packed_op(self, out_features: int) -> bool:
+        return out_features % 16 == 0  # torch's int4 CPU layout packs 16 output rows
+
+
+@dataclass(frozen=True)
+class _FP8(Format):
+    """FP8 codes with one float32 scale per output row."""
+
+    parts: ClassVar[tuple[str, ...]] = ("q", "scale")
+
+    @property
+    def bits(self) -> float:
+        return 8.0
+
+    def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        return quantize_fp8(w, self.name)
+
+    def dequantize(self, parts: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_fp8(parts["q"], parts["scale"], dtype)
+
+    def part_shapes(self, out_features: int, in_features: int) -> PartShapes:
+        return {"q": ((out_features, in_features), FP8_DTYPES[self.name]),
+                "scale": ((out_features,), torch.float32)}
+
+
+@register
+@dataclass(frozen=True)
+class FP8E4M3(_FP8):
+    name: ClassVar[str] = "fp8_e4m3"
+
+
+@register
+@dataclass(frozen=True)
+class FP8E5M2(_FP8):
+    name: ClassVar[str] = "fp8_e5m2"
+
+
+@register
+@dataclass(frozen=True)
+class FP4MX(Format):
+    """E2M1 codes in OCP MX blocks of 32 with a shared E8M0 exponent."""
+
+    name: ClassVar[str] = "fp4_mx"
+    parts: ClassVar[tuple[str, ...]] = ("packed", "exponent")
+    group_size: int | None = MX_BLOCK
+
+    @classmethod
+    def make(cls, group_size: int | None, zero_point: bool) -> Format:
+        if group_size not in (None, MX_BLOCK):
+            raise ConfigError(f"fp4_mx uses MX blocks of {MX_BLOCK}; drop group_size={group_size}")
+        return cls()
+
+    @property
+    def bits(self) -> float:
+        return 4.0 + 8.0 / MX_BLOCK
+
+    def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        return quantize_fp4_mx(w)
+
+    def dequantize(self, parts: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_fp4_mx(parts["packed"], parts["exponent"], dtype)
+
+    def part_shapes(self, out_features: int, in_features: int) -> PartShapes:
+        return {"packed": ((out_features, in_features // 2), torch.uint8),
+                "exponent": ((out_features, in_features // MX_BLOCK), torch.uint8)}
+
+
+FORMATS = tuple(FORMAT_CLASSES)  # the built-in formats, for CLI choices and test matrices
+
+
 # ---------------------------------------------------------------- by format
 
 
@@ -210,24 +371,12 @@ def quantize(w: Tensor, fmt: Format) -> dict[str, Tensor]:
     """Quantise ``w [out, in]`` in format ``fmt``; returns the named parts to store."""
     if w.dim() != 2:
         raise ValueError(f"expected a weight matrix [out, in], got shape {tuple(w.shape)}")
-    if fmt.name == "int8":
-        return quantize_int8(w)
-    if fmt.name == "int4":
-        return quantize_int4(w, fmt.group_size, fmt.zero_point)
-    if fmt.name == "fp4_mx":
-        return quantize_fp4_mx(w)
-    return quantize_fp8(w, fmt.name)
+    return fmt.quantize(w)
 
 
 def dequantize(parts: dict[str, Tensor], fmt: Format, dtype: torch.dtype = torch.float32) -> Tensor:
     """Inverse of ``quantize``: the parts back to a ``[out, in]`` matrix of ``dtype``."""
-    if fmt.name == "int8":
-        return dequantize_int8(parts["q"], parts["scale"], dtype)
-    if fmt.name == "int4":
-        return dequantize_int4(parts["packed"], parts["scale"], parts["offset"], dtype)
-    if fmt.name == "fp4_mx":
-        return dequantize_fp4_mx(parts["packed"], parts["exponent"], dtype)
-    return dequantize_fp8(parts["q"], parts["scale"], dtype)
+    return fmt.dequantize(parts, dtype)
 
 
 def fake_quantize(w: Tensor, fmt: Format) -> Tensor:

@@ -19,30 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from looplm.quant.formats import FP8_DTYPES, Format, dequantize, quantize, unpack_nibbles
+from looplm.quant.formats import Format, dequantize, quantize, unpack_nibbles
 
 KERNELS = ("auto", "packed", "dequant")
 
 
 def part_shapes(fmt: Format, out_features: int, in_features: int) -> dict[str, tuple[tuple, torch.dtype]]:
     """Name → (shape, dtype) of the stored parts of a ``[out, in]`` weight in ``fmt``."""
-    o, i = out_features, in_features
-    if fmt.name == "int8":
-        return {"q": ((o, i), torch.int8), "scale": ((o,), torch.float32)}
-    if fmt.name == "int4":
-        g = (o, i // fmt.group_size)
-        return {"packed": ((o, i // 2), torch.uint8), "scale": (g, torch.float32),
-                "offset": (g, torch.float32)}
-    if fmt.name == "fp4_mx":
-        return {"packed": ((o, i // 2), torch.uint8), "exponent": ((o, i // fmt.group_size), torch.uint8)}
-    return {"q": ((o, i), FP8_DTYPES[fmt.name]), "scale": ((o,), torch.float32)}
+    return fmt.part_shapes(out_features, in_features)
 
 
 def supports(fmt: Format, out_features: int, in_features: int) -> bool:
     """Whether a ``[out, in]`` weight can be stored in ``fmt`` (group/pair divisibility)."""
-    if fmt.group_size is not None:
-        return in_features % fmt.group_size == 0
-    return True
+    return fmt.supports(out_features, in_features)
 
 
 class _QuantWeight(nn.Module):
@@ -115,11 +104,7 @@ class QuantLinear(_QuantWeight):
 
     def packed_available(self, device: torch.device) -> bool:
         """Whether torch's packed CPU op exists for this format and shape."""
-        if device.type != "cpu":
-            return False
-        if self.fmt.name == "int8":
-            return True
-        return self.fmt.name == "int4" and self.out_features % 16 == 0
+        return device.type == "cpu" and self.fmt.packed_op(self.out_features)
 
     def _int4_layout(self) -> tuple[Tensor, Tensor]:
         """torch's int4 CPU layout: packed ``[out, in/2]`` and scale/zero ``bf16 [in/g, out, 2]``
