@@ -21,11 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _attn_width(mixer: nn.Module) -> int:
-    return mixer.n_heads * mixer.head_dim
-
-
 Number = int | float | torch.Tensor
 
 
@@ -94,7 +89,7 @@ class Tally:
             pairs = seen.sum()
         else:
             pairs = attention_pairs(n, None if state is None else state.key_mask.sum(1))
-        self.add(4.0 * _attn_width(blk.mixer) * pairs)
+        self.add(float(blk.spec.pair_flops(blk.mixer)) * pairs)
 
     def ffn(self, blk: nn.Module, aux: dict) -> None:
         """Count a block's FFN after it ran and collect an MoE's losses and load."""
@@ -164,7 +159,7 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None, *, training: b
     def layer(blk: nn.Module, frac: float, ctx_frac: float) -> float:
         f = 2.0 * blk.mixer_matmul + 2.0 * _ffn_token_params(blk)
         if blk.is_attention:
-            f += 4.0 * _attn_width(blk.mixer) * (ctx_frac * T + 1) / 2
+            f += float(blk.spec.pair_flops(blk.mixer)) * (ctx_frac * T + 1) / 2
         return frac * f
 
     total = sum(layer(b, 1.0, 1.0) for b in (*model.prelude, *model.coda))

@@ -21,12 +21,13 @@ from looplm.errors import ConfigError
 from looplm.flops import Tally, flops_per_token
 from looplm.layers.block import Block
 from looplm.layers.linear import Linear
+from looplm.layers.mixers import MIXERS as MIXER_REGISTRY
 from looplm.layers.norms import RMSNorm
 from looplm.ops.linear import linear
 from looplm.routers import ExpertChoiceRouter, TokenChoiceRouter, gather_index
 from looplm.state import ModelState
 
-MIXERS = ("attention", "linear", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet")
+MIXERS = tuple(MIXER_REGISTRY)  # layers/mixers.py registers them
 CHOICES = {
     "mixer": MIXERS,
     "sharing": ("cycle", "middle_cycle"),

@@ -16,7 +16,7 @@ from torch import nn
 
 from looplm.layers.block_step import block_step
 from looplm.layers.ffn import SwiGLU
-from looplm.layers.mixers import Attention, KVState, build_mixer
+from looplm.layers.mixers import Attention, KVState, build_mixer, mixer_spec
 from looplm.layers.moe import MoE
 from looplm.layers.norms import RMSNorm
 from looplm.ops.attention import attention, rope
@@ -52,14 +52,10 @@ class Block(nn.Module):
         super().__init__()
         c = config
         d = c.d_model
-        opts: dict[str, Any] = {}
-        if mixer == "attention":
-            opts = {"n_kv_heads": c.n_kv_heads, "rope_base": c.rope_base}
-        else:
-            opts = {"conv_size": c.conv_size, "chunk_size": c.chunk_size}
         self.mixer_name = mixer
+        self.spec = mixer_spec(mixer)
         self.mixer_norm = RMSNorm(d)
-        self.mixer = build_mixer(mixer, d, c.n_heads, **opts)
+        self.mixer = build_mixer(mixer, d, c.n_heads, **self.spec.options(c))
         self.ffn_norm: RMSNorm | None = RMSNorm(d)
         self.ffn: nn.Module | None
         if c.ffn == "none":  # a mixer-only block
@@ -84,7 +80,8 @@ class Block(nn.Module):
 
     @property
     def is_attention(self) -> bool:
-        return self.mixer_name == "attention"
+        """Whether the mixer keeps an attention cache (its state grows with the tokens seen)."""
+        return self.spec.kv_cache
 
     def forward(
         self, x: torch.Tensor, state: Any = None, *, positions: torch.Tensor | None = None,

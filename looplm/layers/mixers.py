@@ -19,6 +19,9 @@ Every mixer has one signature for training, prefill and decoding::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -320,15 +323,53 @@ class GatedDeltaNet(DeltaNet):
         return gates
 
 
-MIXERS: dict[str, type[nn.Module]] = {
-    "attention": Attention,
-    "linear": LinearAttention,
-    "retention": Retention,
-    "gla": GLA,
-    "simple_gla": SimpleGLA,
-    "deltanet": DeltaNet,
-    "gated_deltanet": GatedDeltaNet,
-}
+def _attention_options(config: Any) -> dict[str, Any]:
+    return {"n_kv_heads": config.n_kv_heads, "rope_base": config.rope_base}
+
+
+def _fixed_state_options(config: Any) -> dict[str, Any]:
+    return {"conv_size": config.conv_size, "chunk_size": config.chunk_size}
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """Everything the rest of the package needs to know about one mixer.
+
+    ``op``: the op family in ``looplm/ops`` it runs (``attention``, ``decay``: linear_attn.py,
+    ``delta``: delta_rule.py), whose forms the ops tests check against each other.
+    ``kv_cache``: its state grows with the tokens it has seen (an attention cache) rather than
+    being fixed-size. ``options(config)``: constructor options from a LoopConfig.
+    """
+
+    name: str
+    cls: type[nn.Module]
+    op: str
+    kv_cache: bool = False
+    options: Callable[[Any], dict[str, Any]] = _fixed_state_options
+
+    def pair_flops(self, mixer: nn.Module) -> int:
+        """Forward FLOPs per attended (query, key) pair (QKᵀ and AV, docs/mechanisms.md §5): 0 for a
+        fixed-state mixer, whose cost is its matmuls only."""
+        return 4 * mixer.n_heads * mixer.head_dim if self.kv_cache else 0
+
+
+# The registry: a new mixer is its class (and op) plus one line here.
+MIXERS: dict[str, MixerSpec] = {s.name: s for s in (
+    MixerSpec("attention", Attention, "attention", kv_cache=True, options=_attention_options),
+    MixerSpec("linear", LinearAttention, "decay"),
+    MixerSpec("retention", Retention, "decay"),
+    MixerSpec("gla", GLA, "decay"),
+    MixerSpec("simple_gla", SimpleGLA, "decay"),
+    MixerSpec("deltanet", DeltaNet, "delta"),
+    MixerSpec("gated_deltanet", GatedDeltaNet, "delta"),
+)}
+
+
+def mixer_spec(name: str) -> MixerSpec:
+    """The registered mixer ``name``; ConfigError listing the known ones otherwise."""
+    if name not in MIXERS:
+        raise ConfigError(f"unknown mixer {name!r}; choose one of {', '.join(MIXERS)}")
+    return MIXERS[name]
 
 
 def _head_dim(d_model: int, n_heads: int) -> int:
@@ -340,9 +381,8 @@ def _head_dim(d_model: int, n_heads: int) -> int:
 
 def build_mixer(name: str, d_model: int, n_heads: int, **opts) -> nn.Module:
     """The mixer called ``name`` (one of ``MIXERS``); ``opts`` go to its constructor."""
-    if name not in MIXERS:
-        raise ConfigError(f"unknown mixer {name!r}; choose one of {', '.join(MIXERS)}")
+    spec = mixer_spec(name)
     try:
-        return MIXERS[name](d_model, n_heads, **opts)
+        return spec.cls(d_model, n_heads, **opts)
     except TypeError as e:
         raise ConfigError(f"bad option for mixer {name!r}: {e}") from e

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from looplm.layers.mixers import MIXERS as REGISTRY
 from looplm.layers.mixers import RecurrentState
 from tests.model.util import model, tokens
 
-MIXERS = ["attention", "linear", "retention", "simple_gla", "gla", "deltanet", "gated_deltanet"]
+MIXERS = list(REGISTRY)
 ROUTERS = [  # (router, selection, replay the full forward's depth while decoding)
     ("none", "topk", False),
     ("expert_choice", "topk", True),
