@@ -283,9 +283,11 @@ def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Seque
         for i, row in enumerate(rows):  # each row's own tokens, not its padding
             seen[i, torch.tensor(row, device=device)] = True
     with decoding_mode(model):
-        out = model(ids, mask=None if bool(mask.all()) else mask, use_cache=True)
+        last = torch.zeros_like(mask)
+        last[:, -1] = True  # the head only where the next token is read (logits [B, V])
+        out = model(ids, mask=None if bool(mask.all()) else mask, use_cache=True, logits_at=last)
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1]
+            logits = out.logits if out.logits.dim() == 2 else out.logits[:, -1]
             if seen is not None:
                 logits = penalize_repeats(logits, seen, repetition_penalty)
             token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

@@ -245,7 +245,7 @@ class LoopLM(nn.Module):
         """An empty decoding state with every (layer, recursion) mixer state allocated, so that a
         fixed-state model's ``nbytes()`` is the same from the first token on."""
         c = self.config
-        state = ModelState.empty(batch_size, self.embed.weight.device)
+        state = ModelState.empty(batch_size, self.norm.weight.device)
         named = [(f"prelude.{i}", b) for i, b in enumerate(self.prelude)]
         named += [(f"coda.{i}", b) for i, b in enumerate(self.coda)]
         for r in range(c.n_recursions):
@@ -298,7 +298,12 @@ class LoopLM(nn.Module):
         h = self.norm(h)
         if logits_at is not None:
             h = h[logits_at]  # [N, d]
-        logits = linear(h, self.embed.weight) if self.head is None else self.head(h)
+        if self.head is not None:
+            logits = self.head(h)
+        elif hasattr(self.embed, "as_head"):  # a quantised tied table computes its own logits
+            logits = self.embed.as_head(h)
+        else:
+            logits = linear(h, self.embed.weight)
         tally.add(2.0 * c.d_model * c.vocab_size * (n_valid if logits_at is None else h.shape[0]))
         loss = None
         if targets is not None:

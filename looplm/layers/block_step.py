@@ -12,7 +12,9 @@ read once for all rows, rows of every projection split over threads):
 - ``csrc/attn_step.cpp``: softmax attention with RoPE and grouped heads, around the cache append
   of :mod:`looplm.layers.kv_cache` (``attn_step_in``: norm, projections, RoPE; ``attn_step_out``:
   attention over the whole cache read front to back, output projection); only when every cached
-  key is visible (no masked slot, no later position), else the Python block's masks run;
+  key is visible (no masked slot, no later position), else the Python block's masks run; its
+  projections and dense FFN may be int8 / int4 (a quantised module's ``kernel_parts()``, multiplied
+  by :mod:`looplm.ops.qlinear`'s kernel, ``csrc/qmatvec.h``), so quantised models decode in it too;
 - with a dense :class:`~looplm.layers.ffn.SwiGLU` FFN or none inside those calls, or a
   :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts, optional shared expert, no
   zero-computation experts) in ``csrc/moe_step.cpp``, which also returns the MoE's aux (load,
@@ -20,7 +22,8 @@ read once for all rows, rows of every projection split over threads):
 
 :func:`block_step` returns None wherever the Python block must run instead: not a decoding step
 (T > 1, no state, a mask, shared keys/values), autograd recording, autocast, dropout in training,
-another device or dtype, MoE++ experts, quantised or biased projections, or no C++ kernels
+another device or dtype, MoE++ experts, biased projections (quantised ones outside an attention
+block), or no C++ kernels
 (:mod:`looplm.ops.cpp_ext`). Inside :func:`python_block_step` it is off (tests compare both).
 Sums run in another order than PyTorch's: differences ~1e-6 relative.
 """
@@ -52,6 +55,7 @@ from looplm.layers.moe import MoE
 from looplm.layers.norms import HeadRMSNorm, RMSNorm
 from looplm.ops import cpp_ext
 from looplm.ops.attention import rope_inv_freq
+from looplm.ops.qlinear import parts_ok
 
 __all__ = ["block_step", "python_block_step"]
 
@@ -72,6 +76,17 @@ def _plain_linear(m: Any, bias: bool) -> bool:
     """An unquantised float32 ``Linear`` with a bias exactly when ``bias``."""
     return (type(m) is Linear and m.weight.dtype == torch.float32 and (m.bias is not None) == bias
             and (not bias or m.bias.dtype == torch.float32))
+
+
+def _step_weights(m: Any) -> list[torch.Tensor] | None:
+    """The weight of a bias-free projection as the attention step takes it: ``[weight]`` of a plain
+    float32 ``Linear``, a quantised module's ``kernel_parts()`` (int8, int4), else None."""
+    if _plain_linear(m, False):
+        return [m.weight]
+    parts = m.kernel_parts() if hasattr(m, "kernel_parts") and getattr(m, "kernel", None) == "auto" else None
+    if parts is None or m.bias is not None or not parts_ok(parts, m.in_features):
+        return None
+    return parts if all(p.device.type == "cpu" and p.is_contiguous() for p in parts) else None
 
 
 def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
@@ -108,8 +123,11 @@ def eligible(blk: Any) -> bool:
     if not all(p.is_contiguous() for p in blk.parameters()) or type(blk.mixer_norm) is not RMSNorm:
         return False
     if type(mixer) is Attention:
-        if not (_plain_linear(mixer.qkv, False) and _plain_linear(mixer.o_proj, False)):
+        if _step_weights(mixer.qkv) is None or _step_weights(mixer.o_proj) is None:
             return False
+        if type(ffn) is SwiGLU:  # dense FFN inside attn_step_out: its weights may be quantised too
+            return (type(blk.ffn_norm) is RMSNorm and _step_weights(ffn.w_in) is not None
+                    and _step_weights(ffn.w_out) is not None)
     elif not (isinstance(mixer, _FixedStateMixer)
               and all(_plain_linear(m, False) for m in (mixer.qkv, mixer.g_proj, mixer.o_proj))
               and type(mixer.norm) is HeadRMSNorm and _mixer_args(mixer) is not None):
@@ -188,15 +206,18 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState,
     inv_freq = getattr(mixer, "_inv_freq", None)
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
         inv_freq = mixer._inv_freq = rope_inv_freq(D, mixer.rope_base, x.device)
-    qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm), mixer.qkv.weight,
-                                        inv_freq, pos, H, Hkv)
+    qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm),
+                                        _step_weights(mixer.qkv), inv_freq, pos, H, Hkv)
     B = x.shape[0]
     k, v = qkv[:, None, H:H + Hkv], qkv[:, None, H + Hkv:]
     ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
     new = kv_cache.append(state, k, v, ones, pos[:, None], state.seen + 1)
-    ffn, ffn_eps = _dense_ffn(blk)
-    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, mixer.o_proj.weight, *ffn,
-                                       ffn_eps)
+    ffn, ffn_eps = [None, [], []], 0.0
+    if isinstance(blk.ffn, SwiGLU):
+        ffn = [blk.ffn_norm.weight, _step_weights(blk.ffn.w_in), _step_weights(blk.ffn.w_out)]
+        ffn_eps = _eps(blk.ffn_norm)
+    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, _step_weights(mixer.o_proj),
+                                       *ffn, ffn_eps)
     return h, new
 
 

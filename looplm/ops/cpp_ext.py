@@ -5,6 +5,8 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``delta_kernel.cpp``: the delta rule's chunk form, each thread on its own groups
   (:mod:`looplm.ops.delta_kernel`);
 - ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
+- ``qlinear.cpp`` (+ ``qmatvec.h``): the same with int8 / int4 weights, and quantised embedding rows
+  (:mod:`looplm.ops.qlinear`);
 - ``block_step.cpp``: a whole fixed-state block's decoding step in one call, ``moe_step.cpp`` its
   mixture-of-experts FFN, ``attn_step.cpp`` an attention block's (:mod:`looplm.layers.block_step`);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
@@ -31,8 +33,9 @@ __all__ = ["available"]
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
-                                     "attn_step.cpp", "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp")]
-HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h"]
+                                     "attn_step.cpp", "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp",
+                                     "qlinear.cpp")]
+HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatvec.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold
 # [2048, 384] matrix-vector product of linear_small.cpp took 115 instead of 137 us here
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]

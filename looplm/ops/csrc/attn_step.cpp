@@ -1,8 +1,9 @@
 // One decoding step (T = 1) of a pre-norm block with softmax attention, for B rows, in two calls
 // around the cache append (looplm/layers/kv_cache.py): attn_step_in (norm, q|k|v projection,
 // RoPE) and attn_step_out (attention over the whole cache, output projection, residual, dense
-// SwiGLU FFN or none). See looplm/layers/block_step.py for why this exists; the Python block is
-// the reference and the tests compare the two.
+// SwiGLU FFN or none). Weights are lists of parts in any of qmatvec.h's formats (float32, int8,
+// int4). See looplm/layers/block_step.py for why this exists; the Python block is the reference and
+// the tests compare the two.
 #include "simd.h"  // first: it selects ATen's vector instruction set
 
 #include <ATen/ATen.h>
@@ -32,23 +33,23 @@ void check(const Tensor& t, const char* name, std::vector<int64_t> shape) {
   looplm::check_float(t, "attn_step", name, std::move(shape));
 }
 
-// h [B, d], norm_w [d], qkv_w [(H + 2 Hkv) D, d], inv_freq [D/2] (RoPE frequencies, as
+// h [B, d], norm_w [d], qkv_w: parts of [(H + 2 Hkv) D, d], inv_freq [D/2] (RoPE frequencies, as
 // looplm.ops.attention.rope_cos_sin computes them), positions [B] long -> qkv [B, H + 2 Hkv, D]:
 // q and k rotated by their row's position ("rotate half" pairs (i, i + D/2)), v as projected.
-Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, const Tensor& qkv_w, const Tensor& inv_freq,
+Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, at::TensorList qkv_w, const Tensor& inv_freq,
                     const Tensor& positions, int64_t n_heads, int64_t n_kv_heads) {
   TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_step: h [B, d], inv_freq [D/2]");
   const int64_t B = h.size(0), d = h.size(1), half = inv_freq.size(0), D = 2 * half;
   const int64_t R = n_heads + 2 * n_kv_heads, rotated = n_heads + n_kv_heads;
   check(h, "h", {B, d});
   check(norm_w, "norm_w", {d});
-  check(qkv_w, "qkv_w", {R * D, d});
+  const looplm::QWeight W = looplm::qweight(qkv_w.vec(), R * D, d, "attn_step: qkv_w");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == B,
               "attn_step: positions must be a long tensor [B]");
   Tensor u = at::empty({B, d}, h.options()), qkv = at::empty({B, R, D}, h.options());
   looplm::rms_norm(ptr(h), ptr(norm_w), static_cast<float>(eps), B, d, u.data_ptr<float>());
   float* out = qkv.data_ptr<float>();
-  looplm::matvecs(ptr(u), B, d, {{ptr(qkv_w), R * D, 0}}, out, R * D);
+  looplm::qmatvecs(ptr(u), B, d, {W}, {0}, out, R * D);
   const Tensor pos = positions.contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
   const float* f = ptr(inv_freq);
@@ -73,13 +74,13 @@ Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, const Ten
 }
 
 // h [B, d] (the block's input), q [B, H, D], k, v [B, S, Hkv, D] (the cache after the append,
-// last dim contiguous: views of its buffer), o_w [d, H D]; ffn_norm_w [d], ffn_in_w [2F, d],
-// ffn_out_w [d, F] (all or none) -> h + o_proj(softmax(q k^T / sqrt(D)) v) (+ the FFN). Every
+// last dim contiguous: views of its buffer), o_w: parts of [d, H D]; ffn_norm_w [d], ffn_in_w:
+// parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists) -> h + o_proj(softmax(q k^T / sqrt(D)) v) (+ the FFN). Every
 // query sees every key (the caller checks the cache has no masked slot and no later position);
 // query head i reads key/value head i / (H / Hkv) (grouped heads).
-Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o_w,
-                     const std::optional<Tensor>& ffn_norm_w, const std::optional<Tensor>& ffn_in_w,
-                     const std::optional<Tensor>& ffn_out_w, double ffn_eps) {
+Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList o_w,
+                     const std::optional<Tensor>& ffn_norm_w, at::TensorList ffn_in_w, at::TensorList ffn_out_w,
+                     double ffn_eps) {
   TORCH_CHECK(h.dim() == 2 && q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
               "attn_step: h [B, d], q [B, H, D], k, v [B, S, Hkv, D]");
   const int64_t B = h.size(0), d = h.size(1), H = q.size(1), D = q.size(2), S = k.size(1), Hkv = k.size(2);
@@ -90,9 +91,9 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   }
   check(h, "h", {B, d});
   check(q, "q", {B, H, D});
-  check(o_w, "o_w", {d, H * D});
-  const bool ffn = ffn_in_w.has_value();
-  TORCH_CHECK(ffn_norm_w.has_value() == ffn && ffn_out_w.has_value() == ffn, "attn_step: all FFN weights or none");
+  const looplm::QWeight O = looplm::qweight(o_w.vec(), d, H * D, "attn_step: o_w");
+  const bool ffn = !ffn_in_w.empty();
+  TORCH_CHECK(ffn_norm_w.has_value() == ffn && ffn_out_w.empty() != ffn, "attn_step: all FFN weights or none");
   const auto opt = h.options();
   Tensor o = at::empty({B, H, D}, opt);
   const float *qp = ptr(q), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
@@ -151,10 +152,16 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
     for (int64_t i = 0; i < BH * D; ++i) op[i] += partial[c * BH * D + i];
   Tensor out = at::empty({B, d}, opt);
   float* hp = out.data_ptr<float>();
-  looplm::matvecs(op, B, H * D, {{ptr(o_w), d, 0}}, hp, d);
+  looplm::qmatvecs(op, B, H * D, {O}, {0}, hp, d);
   const float* h0 = ptr(h);
   for (int64_t i = 0; i < B * d; ++i) hp[i] += h0[i];
-  if (ffn) looplm::add_swiglu_ffn(out, *ffn_norm_w, ffn_eps, *ffn_in_w, *ffn_out_w);
+  if (ffn) {
+    check(*ffn_norm_w, "ffn_norm_w", {d});
+    TORCH_CHECK(ffn_out_w[0].dim() == 2, "attn_step: ffn_out_w must start with a matrix");
+    const int64_t F = ffn_out_w.size() == 3 ? 2 * ffn_out_w[0].size(1) : ffn_out_w[0].size(1);
+    looplm::add_swiglu_ffn(out, *ffn_norm_w, ffn_eps, looplm::qweight(ffn_in_w.vec(), 2 * F, d, "attn_step: ffn_in_w"),
+                           looplm::qweight(ffn_out_w.vec(), d, F, "attn_step: ffn_out_w"));
+  }
   return out;
 }
 
@@ -162,11 +169,11 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
 
 TORCH_LIBRARY_FRAGMENT(looplm, m) {
   m.def(
-      "attn_step_in(Tensor h, Tensor norm_w, float eps, Tensor qkv_w, Tensor inv_freq, Tensor positions, "
+      "attn_step_in(Tensor h, Tensor norm_w, float eps, Tensor[] qkv_w, Tensor inv_freq, Tensor positions, "
       "int n_heads, int n_kv_heads) -> Tensor");
   m.def(
-      "attn_step_out(Tensor h, Tensor q, Tensor k, Tensor v, Tensor o_w, Tensor? ffn_norm_w, Tensor? ffn_in_w, "
-      "Tensor? ffn_out_w, float ffn_eps) -> Tensor");
+      "attn_step_out(Tensor h, Tensor q, Tensor k, Tensor v, Tensor[] o_w, Tensor? ffn_norm_w, Tensor[] ffn_in_w, "
+      "Tensor[] ffn_out_w, float ffn_eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {

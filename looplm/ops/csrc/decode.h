@@ -1,5 +1,6 @@
 // Helpers shared by the decoding kernels (block_step.cpp, moe_step.cpp, attn_step.cpp): argument
-// checks, matrix-vector products of a few rows, RMSNorm of rows, the dense SwiGLU FFN.
+// checks, matrix-vector products of a few rows, RMSNorm of rows, the dense SwiGLU FFN (its weights
+// float32, int8 or int4: qmatvec.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "qmatvec.h"
 #include "vec.h"
 
 namespace looplm {
@@ -60,23 +62,31 @@ inline void rms_norm(const float* x, const float* w, float eps, int64_t rows, in
   }
 }
 
-// h [B, d] += W_out (silu(gate) * up) of rmsnorm(h) with W_in [2F, d] (gate | up), W_out [d, F].
-inline void add_swiglu_ffn(at::Tensor& h, const at::Tensor& norm_w, double eps, const at::Tensor& w_in,
-                           const at::Tensor& w_out) {
-  const int64_t B = h.size(0), d = h.size(1), F = w_out.size(1);
+// h [B, d] += W_out (silu(gate) * up) of rmsnorm(h) with W_in [2F, d] (gate | up), W_out [d, F]
+// in any of qmatvec.h's weight formats.
+inline void add_swiglu_ffn(at::Tensor& h, const at::Tensor& norm_w, double eps, const QWeight& w_in,
+                           const QWeight& w_out) {
+  const int64_t B = h.size(0), d = h.size(1), F = w_out.k;
   const auto opt = h.options();
   at::Tensor u = at::empty({B, d}, opt), z = at::empty({B, 2 * F}, opt), act = at::empty({B, F}, opt),
              f = at::empty({B, d}, opt);
   float* hp = h.data_ptr<float>();
   rms_norm(hp, fptr(norm_w), static_cast<float>(eps), B, d, u.data_ptr<float>());
-  matvecs(fptr(u), B, d, {{fptr(w_in), 2 * F, 0}}, z.data_ptr<float>(), 2 * F);
+  qmatvecs(fptr(u), B, d, {w_in}, {0}, z.data_ptr<float>(), 2 * F);
   const float* zp = fptr(z);
   float* ap = act.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < F; ++i) ap[b * F + i] = silu(zp[b * 2 * F + i]) * zp[b * 2 * F + F + i];
-  matvecs(ap, B, F, {{fptr(w_out), d, 0}}, f.data_ptr<float>(), d);
+  qmatvecs(ap, B, F, {w_out}, {0}, f.data_ptr<float>(), d);
   const float* fp = fptr(f);
   for (int64_t e = 0; e < B * d; ++e) hp[e] += fp[e];
+}
+
+// The same with float32 W_in [2F, d], W_out [d, F].
+inline void add_swiglu_ffn(at::Tensor& h, const at::Tensor& norm_w, double eps, const at::Tensor& w_in,
+                           const at::Tensor& w_out) {
+  const int64_t d = h.size(1), F = w_out.size(1);
+  add_swiglu_ffn(h, norm_w, eps, qweight({w_in}, 2 * F, d, "swiglu_ffn"), qweight({w_out}, d, F, "swiglu_ffn"));
 }
 
 }  // namespace looplm

@@ -1,0 +1,69 @@
+// y = x W^T for a few rows of x with float32, int8 or int4 weights (qmatvec.h), and the rows of
+// a quantised embedding table. See looplm/ops/qlinear.py for why this exists and its reference.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "qmatvec.h"
+
+namespace {
+
+using at::Tensor;
+
+// x [M, K] float32, w: weight parts of [N, K] -> [M, N].
+Tensor qlinear(const Tensor& x, at::TensorList w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "qlinear: x must be a contiguous float32 CPU tensor [M, K]");
+  TORCH_CHECK(!w.empty() && w[0].dim() == 2, "qlinear: weight parts must start with a matrix");
+  const int64_t m = x.size(0), k = x.size(1), n = w[0].size(0);
+  const looplm::QWeight W = looplm::qweight(w.vec(), n, k, "qlinear");
+  Tensor y = at::empty({m, n}, x.options());
+  looplm::qmatvecs(x.data_ptr<float>(), m, k, {W}, {0}, y.data_ptr<float>(), n);
+  return y;
+}
+
+// ids [M] long, w: parts of a table [V, D] (int8 or int4) -> its rows [M, D] in float32.
+Tensor qembedding(const Tensor& ids, at::TensorList w) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "qembedding: ids must be a long tensor [M]");
+  TORCH_CHECK(w.size() >= 2 && w[0].dim() == 2, "qembedding: parts [q, scale] or [packed, scale, offset]");
+  const int64_t m = ids.size(0), v = w[0].size(0);
+  const int64_t dim = w.size() == 2 ? w[0].size(1) : 2 * w[0].size(1);
+  const looplm::QWeight W = looplm::qweight(w.vec(), v, dim, "qembedding");
+  const Tensor idc = ids.contiguous();
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  Tensor out = at::empty({m, dim}, w[1].options());
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t i = ip[r];
+    TORCH_CHECK(i >= 0 && i < v, "qembedding: id ", i, " is out of range for ", v, " rows");
+    float* o = op + r * dim;
+    if (W.kind == looplm::QWeight::I8) {
+      const int8_t* q = W.q + i * dim;
+      for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<float>(q[c]) * W.scale[i];
+    } else {
+      const int64_t groups = dim / W.group;
+      const uint8_t* p = W.packed + i * (dim / 2);
+      const float *s = W.scale + i * groups, *f = W.offset + i * groups;
+      for (int64_t c = 0; c < dim; ++c) {
+        const int code = c % 2 ? p[c / 2] >> 4 : p[c / 2] & 15;
+        volatile float scaled = static_cast<float>(code) * s[c / W.group];  // rounded as PyTorch's
+        o[c] = f[c / W.group] + scaled;  // dequantise (no fused multiply-add): the same floats
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(looplm, m) {
+  m.def("qlinear(Tensor x, Tensor[] w) -> Tensor");
+  m.def("qembedding(Tensor ids, Tensor[] w) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(looplm, CPU, m) {
+  m.impl("qlinear", qlinear);
+  m.impl("qembedding", qembedding);
+}

@@ -1,0 +1,304 @@
+// Matrix-vector products of a few rows with float32, int8 or int4 weights: the decoding kernels'
+// weight formats (looplm/ops/qlinear.py explains why and holds the PyTorch reference).
+//
+// Weights [n, k], given as a list of tensors:
+//   float32  [w]                     w [n, k]
+//   int8     [q, scale]              q int8 [n, k], scale float32 [n]: W = scale * q
+//   int4     [packed, scale, offset] packed uint8 [n, k/2] (element 2j in byte j's low nibble,
+//                                    2j+1 in its high one), scale, offset float32 [n, k/g]:
+//                                    W = offset + scale * q for the g inputs of a group
+// Quantised weights multiply a row x quantised to int8 in blocks of 32 inputs (x ≈ d_b * xq,
+// d_b = max|x_b| / 127), with integer dot products per block (AVX-512 VNNI vpdpbusd where the
+// CPU has it, plain loops elsewhere), scaled in float:
+//   int8: y = scale * sum_b d_b (xq_b . q_b)
+//   int4: y = sum_b d_b s_G(b) (xq_b . q_b) + sum_G offset_G sum_{b in G} d_b sum(xq_b)
+// (llama.cpp's Q8_0 x Q8_0 and Q4_1 x Q8_1 dot products compute the same sums).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "vec.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define LOOPLM_VNNI 1
+#endif
+
+namespace looplm {
+
+constexpr int64_t kQBlock = 32;  // inputs per activation quantisation block
+
+// One weight matrix [n, k] in a kernel format (pointers into tensors the caller keeps alive).
+struct QWeight {
+  enum Kind { F32, I8, I4 } kind = F32;
+  int64_t n = 0, k = 0, group = 0;
+  const float* w = nullptr;         // F32
+  const int8_t* q = nullptr;        // I8
+  const uint8_t* packed = nullptr;  // I4
+  const float* scale = nullptr;     // I8 [n], I4 [n, k/group]
+  const float* offset = nullptr;    // I4 [n, k/group]
+  bool quantised() const { return kind != F32; }
+};
+
+inline void check_part(const at::Tensor& t, at::ScalarType dtype, std::vector<int64_t> shape, const char* op,
+                       const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(), op, ": ", what,
+              " must be a contiguous CPU tensor of ", dtype);
+  TORCH_CHECK(t.sizes().vec() == shape, op, ": ", what, " has shape ", t.sizes(), ", expected ",
+              at::IntArrayRef(shape));
+}
+
+// The weight [n, k] held by `parts` (see the top of this file); `op` names the kernel in errors.
+inline QWeight qweight(const std::vector<at::Tensor>& parts, int64_t n, int64_t k, const char* op) {
+  QWeight W;
+  W.n = n;
+  W.k = k;
+  if (parts.size() == 1) {
+    check_part(parts[0], at::kFloat, {n, k}, op, "float32 weight");
+    W.w = parts[0].data_ptr<float>();
+  } else if (parts.size() == 2) {
+    TORCH_CHECK(k % kQBlock == 0, op, ": int8 weights need in_features divisible by ", kQBlock);
+    check_part(parts[0], at::kChar, {n, k}, op, "int8 q");
+    check_part(parts[1], at::kFloat, {n}, op, "int8 scale");
+    W.kind = QWeight::I8;
+    W.q = parts[0].data_ptr<int8_t>();
+    W.scale = parts[1].data_ptr<float>();
+  } else {
+    TORCH_CHECK(parts.size() == 3 && parts[1].dim() == 2 && parts[1].size(1) > 0, op,
+                ": weight parts must be [w], [q, scale] or [packed, scale, offset]");
+    const int64_t groups = parts[1].size(1), g = k / groups;
+    TORCH_CHECK(g * groups == k && g % kQBlock == 0, op, ": int4 group size must be a multiple of ", kQBlock);
+    check_part(parts[0], at::kByte, {n, k / 2}, op, "int4 packed");
+    check_part(parts[1], at::kFloat, {n, groups}, op, "int4 scale");
+    check_part(parts[2], at::kFloat, {n, groups}, op, "int4 offset");
+    W.kind = QWeight::I4;
+    W.group = g;
+    W.packed = parts[0].data_ptr<uint8_t>();
+    W.scale = parts[1].data_ptr<float>();
+    W.offset = parts[2].data_ptr<float>();
+  }
+  return W;
+}
+
+// One row x [k] quantised in blocks of 32 for the integer dot products.
+struct QRow {
+  int64_t k = 0;
+  std::vector<int8_t> xq;     // [k] x_i ≈ d_b xq_i
+  std::vector<float> d;       // [k/32] block scales
+  std::vector<float> bsum;    // [k/32] d_b * sum(xq_b): the offset terms of int4
+  std::vector<float> lane_d;  // [k/8] d of the block of each group of 8 inputs (a VNNI lane)
+  std::vector<uint8_t> ax;    // [k] |xq| (int8 weights: vpdpbusd's unsigned side)
+  std::vector<uint32_t> neg;  // [k/32] bit i: xq_i < 0 (the sign moved onto the weight)
+  std::vector<int8_t> xeo;    // [k] per 64 inputs: the 32 even-indexed xq, then the 32 odd (int4)
+
+  void set(const float* x, int64_t k_) {
+    k = k_;
+    const int64_t nb = k / kQBlock;
+    xq.resize(k);
+    d.resize(nb);
+    bsum.resize(nb);
+    lane_d.resize(k / 8);
+    ax.resize(k);
+    neg.resize(nb);
+    xeo.resize(k);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + b * kQBlock;
+      float amax = 0;
+      for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
+      int32_t s = 0;
+      uint32_t bits = 0;
+      for (int64_t i = 0; i < kQBlock; ++i) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+        xq[b * kQBlock + i] = v;
+        ax[b * kQBlock + i] = static_cast<uint8_t>(v < 0 ? -v : v);
+        bits |= static_cast<uint32_t>(v < 0) << i;
+        s += v;
+      }
+      d[b] = db;
+      bsum[b] = db * static_cast<float>(s);
+      neg[b] = bits;
+      for (int64_t l = 0; l < kQBlock / 8; ++l) lane_d[b * (kQBlock / 8) + l] = db;
+    }
+    for (int64_t c = 0; c + 64 <= k; c += 64) {
+      for (int64_t i = 0; i < 32; ++i) {
+        xeo[c + i] = xq[c + 2 * i];
+        xeo[c + 32 + i] = xq[c + 2 * i + 1];
+      }
+    }
+  }
+};
+
+#ifdef LOOPLM_VNNI
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+#endif
+
+// y[i] = sum_b d_b (xq_b . q_b) for R consecutive int8 weight rows q (row stride k), before the
+// rows' scales.
+template <int R>
+inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
+  const int64_t k = x.k, nb = k / kQBlock;
+#ifdef LOOPLM_VNNI
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ax.data() + b * kQBlock));
+    const __mmask32 neg = static_cast<__mmask32>(x.neg[b]);
+    const __m256 db = _mm256_set1_ps(x.d[b]);
+    for (int i = 0; i < R; ++i) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * k + b * kQBlock));
+      const __m256i sw = _mm256_mask_sub_epi8(w, neg, _mm256_setzero_si256(), w);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, sw)), db, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i] = hsum(acc[i]);
+#else
+  for (int i = 0; i < R; ++i) {
+    float acc = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t s = 0;
+      for (int64_t e = 0; e < kQBlock; ++e) s += int32_t(x.xq[b * kQBlock + e]) * int32_t(q[i * k + b * kQBlock + e]);
+      acc += x.d[b] * static_cast<float>(s);
+    }
+    y[i] = acc;
+  }
+#endif
+}
+
+// Integer dot product of the int4 codes of inputs [32 b, 32 b + 32) with xq (scalar).
+inline int32_t dot_i4_block(const QRow& x, const uint8_t* packed, int64_t b) {
+  int32_t s = 0;
+  const uint8_t* p = packed + b * (kQBlock / 2);
+  const int8_t* xb = x.xq.data() + b * kQBlock;
+  for (int64_t j = 0; j < kQBlock / 2; ++j) s += int32_t(p[j] & 15) * xb[2 * j] + int32_t(p[j] >> 4) * xb[2 * j + 1];
+  return s;
+}
+
+// R consecutive int4 weight rows (packed row stride k/2, scale / offset row stride k/g) times x;
+// xs [k/g]: sum of x's block sums per group (the offset terms).
+template <int R>
+inline void dot_i4(const QRow& x, const uint8_t* packed, const float* scale, const float* offset, int64_t g,
+                   const float* xs, float* y) {
+  const int64_t k = x.k, per = g / kQBlock, groups = k / g, pk = k / 2;
+  float acc[R] = {0};
+  int64_t done = 0;  // inputs handled by the vector loop
+#ifdef LOOPLM_VNNI
+  {
+    __m256 facc[R];
+    for (int i = 0; i < R; ++i) facc[i] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(15);
+    const __m256i first_half = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (; done + 64 <= k; done += 64) {  // 64 inputs: 32 bytes, 8 lanes of 8 inputs
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + done));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + done + 32));
+      const __m256 dl = _mm256_loadu_ps(x.lane_d.data() + done / 8);
+      for (int i = 0; i < R; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + i * pk + done / 2));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        const __m256i s = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
+        const float* sc = scale + i * groups;
+        __m256 sl;
+        if (g == 32) {  // lanes 0-3: group done/32, lanes 4-7: the next one
+          sl = _mm256_permutevar8x32_ps(
+              _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sc + done / 32)))),
+              first_half);
+        } else {
+          sl = _mm256_set1_ps(sc[done / g]);
+        }
+        facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sl, dl), facc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) acc[i] = hsum(facc[i]);
+  }
+#endif
+  for (int i = 0; i < R; ++i) {
+    const float *sc = scale + i * groups, *of = offset + i * groups;
+    for (int64_t b = done / kQBlock; b < k / kQBlock; ++b)
+      acc[i] += sc[b / per] * x.d[b] * static_cast<float>(dot_i4_block(x, packed + i * pk, b));
+    float o = 0;
+    for (int64_t G = 0; G < groups; ++G) o += of[G] * xs[G];
+    y[i] = acc[i] + o;
+  }
+}
+
+// Rows [j0, j1) of W times x into o[j - j0] (xf: x in float32, xs: as dot_i4 takes it).
+inline void qrows(const QWeight& W, const QRow& x, const float* xf, const float* xs, int64_t j0, int64_t j1,
+                  float* o) {
+  const int64_t k = W.k;
+  constexpr int R = 4;
+  int64_t j = j0;
+  o -= j0;
+  if (W.kind == QWeight::F32) {
+    for (; j < j1; ++j) o[j] = dot(xf, W.w + j * k, k);
+  } else if (W.kind == QWeight::I8) {
+    for (; j + R <= j1; j += R) {
+      dot_i8<R>(x, W.q + j * k, o + j);
+      for (int i = 0; i < R; ++i) o[j + i] *= W.scale[j + i];
+    }
+    for (; j < j1; ++j) {
+      dot_i8<1>(x, W.q + j * k, o + j);
+      o[j] *= W.scale[j];
+    }
+  } else {
+    const int64_t groups = k / W.group;
+    for (; j + R <= j1; j += R)
+      dot_i4<R>(x, W.packed + j * (k / 2), W.scale + j * groups, W.offset + j * groups, W.group, xs, o + j);
+    for (; j < j1; ++j)
+      dot_i4<1>(x, W.packed + j * (k / 2), W.scale + j * groups, W.offset + j * groups, W.group, xs, o + j);
+  }
+}
+
+// out[r, off + j] = x[r] . W[j] for the rows r of x [rows, k] (float32) and every weight of `ws`
+// (each with its column offset `offs`), all weight rows over threads. Quantised weights use xq.
+inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<QWeight>& ws,
+                     const std::vector<int64_t>& offs, float* out, int64_t width) {
+  std::vector<QRow> xq;
+  const QRow none;
+  std::vector<std::vector<float>> xs(ws.size() * rows);  // per weight and row: block sums per group
+  bool any_q = false;
+  int64_t total = 0;
+  for (const QWeight& w : ws) {
+    any_q |= w.quantised();
+    total += w.n;
+  }
+  if (any_q) {
+    xq.resize(rows);
+    for (int64_t r = 0; r < rows; ++r) xq[r].set(x + r * k, k);
+    for (size_t p = 0; p < ws.size(); ++p) {
+      if (ws[p].kind != QWeight::I4) continue;
+      const int64_t per = ws[p].group / kQBlock;
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<float>& v = xs[p * rows + r];
+        v.assign(k / ws[p].group, 0.0f);
+        for (int64_t b = 0; b < k / kQBlock; ++b) v[b / per] += xq[r].bsum[b];
+      }
+    }
+  }
+  at::parallel_for(0, total, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(static_cast<size_t>(r1 - r0));
+    int64_t base = 0;
+    for (size_t p = 0; p < ws.size(); ++p) {
+      const QWeight& W = ws[p];
+      const int64_t a = std::max(r0, base) - base, e = std::min(r1, base + W.n) - base;
+      for (int64_t r = 0; r < rows && a < e; ++r) {
+        qrows(W, any_q ? xq[r] : none, x + r * k, W.kind == QWeight::I4 ? xs[p * rows + r].data() : nullptr,
+              a, e, buf.data());
+        for (int64_t j = a; j < e; ++j) out[r * width + offs[p] + j] = buf[j - a];
+      }
+      base += W.n;
+    }
+  });
+}
+
+}  // namespace looplm

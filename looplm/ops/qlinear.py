@@ -1,0 +1,98 @@
+"""``qlinear(x, parts)``: ``x Wᵀ`` for the few rows of a decoding step with int8 or int4 weights.
+
+Why hand-written: decoding one token reads every weight once, so its speed is bytes read per token;
+int8 / int4 weights read 4x / ~6x fewer bytes than float32, but torch's CPU ops for them either
+dequantise the whole matrix (a float copy per call) or take bfloat16 activations through kernels
+tuned for larger batches (slower than a float32 mat-vec on SmolLM2-sized matrices here). The kernel
+(``csrc/qmatvec.h``, ``csrc/qlinear.cpp``) streams the weight bytes once: each row of ``x`` is
+quantised to int8 in blocks of 32 inputs (``x ≈ d_b·xq``, ``d_b = max|x_b|/127``), and each weight
+row is an integer dot product per block (AVX-512 VNNI ``vpdpbusd``: 32 int4 or int8 products per
+instruction) scaled in float; weight rows are split over threads. The same sums as llama.cpp's
+Q8_0×Q8_0 and Q4_1×Q8_1 products (Gerganov et al., ggml); their error is that of an int8
+activation, ~0.3% of a block's largest value per input, random in sign.
+
+Weight parts (as :mod:`looplm.quant.formats` stores them, no repacking): ``[q int8 [N,K], scale
+[N]]`` (``W = scale·q``) or ``[packed uint8 [N,K/2], scale, offset [N,K/g]]`` (``W = offset +
+scale·q``, element 2j in byte j's low nibble); ``[w float32 [N,K]]`` also works (plain dot products).
+``K`` must be a multiple of 32 and ``g`` of 32. :func:`qlinear_reference` is the same arithmetic
+in PyTorch (float64 sums), the tests' reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from looplm.ops import cpp_ext
+from looplm.ops.blocks import tracked
+
+__all__ = ["MAX_ROWS", "BLOCK", "parts_ok", "kernel_applies", "qlinear", "qembedding", "quantize_rows",
+           "qlinear_reference"]
+
+MAX_ROWS = 8  # rows of x up to which the kernel runs (a decoding step of a small batch)
+BLOCK = 32  # inputs per activation quantisation block
+
+
+def parts_ok(parts: list[torch.Tensor], k: int) -> bool:
+    """Whether ``parts`` are weight parts of ``[N, k]`` in a layout the kernel takes."""
+    if len(parts) == 1:
+        return parts[0].dtype == torch.float32 and parts[0].shape[1] == k
+    if len(parts) == 2:
+        return parts[0].dtype == torch.int8 and parts[0].shape[1] == k and k % BLOCK == 0
+    if len(parts) == 3:
+        groups = parts[1].shape[1]
+        return (parts[0].dtype == torch.uint8 and parts[0].shape[1] * 2 == k and k % groups == 0
+                and (k // groups) % BLOCK == 0)
+    return False
+
+
+def kernel_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    """Whether :func:`qlinear` runs the C++ kernel for ``x [..., K]`` (CPU float32, at most
+    :data:`MAX_ROWS` rows, nothing recorded for autograd, shapes it takes, kernels built)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and not tracked(x) and parts_ok(parts, x.shape[-1])
+            and all(p.device.type == "cpu" and p.is_contiguous() for p in parts) and cpp_ext.available())
+
+
+def qlinear(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``x [..., K] @ Wᵀ`` -> ``[..., N]`` float32 by the C++ kernel (check :func:`kernel_applies`)."""
+    y = torch.ops.looplm.qlinear(x.reshape(-1, x.shape[-1]).contiguous(), parts)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def qembedding(ids: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows ``ids [...]`` of a quantised table (int8 or int4 parts) -> ``[..., D]`` float32 (C++;
+    needs :func:`looplm.ops.cpp_ext.available`)."""
+    rows = torch.ops.looplm.qembedding(ids.reshape(-1), parts)
+    return rows.view(*ids.shape, rows.shape[-1])
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> ``xq int8 [M, K]``, ``d float32 [M, K/32]``: per block of 32 inputs
+    ``d = max|x|/127``, ``xq = round(x · (1/d))`` (half to even; 0 where ``d = 0``)."""
+    xb = x.float().reshape(x.shape[0], -1, BLOCK)
+    d = xb.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    xq = torch.round(xb * inv[..., None]).to(torch.int8)
+    return xq.reshape(x.shape), d
+
+
+def qlinear_reference(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """What the kernel computes, in PyTorch: ``x [M, K]`` -> ``[M, N]`` float32 (sums in float64)."""
+    if len(parts) == 1:
+        return (x.double() @ parts[0].double().t()).float()
+    m, k = x.shape
+    xq, d = quantize_rows(x)
+    xqb = xq.double().reshape(m, k // BLOCK, BLOCK)
+    if len(parts) == 2:
+        q, scale = parts
+        qb = q.double().reshape(q.shape[0], k // BLOCK, BLOCK)
+        per_block = torch.einsum("mbi,nbi->mnb", xqb, qb)
+        return (scale.double() * (per_block * d.double()[:, None]).sum(-1)).float()
+    packed, scale, offset = parts
+    n, groups = scale.shape
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, k // BLOCK, BLOCK).double()
+    per_block = torch.einsum("mbi,nbi->mnb", xqb, codes) * d.double()[:, None]  # [M, N, K/32]
+    per = k // groups // BLOCK
+    s_block = scale.double().repeat_interleave(per, dim=1)  # [N, K/32]
+    bsum = (xqb.sum(-1) * d.double()).reshape(m, groups, per).sum(-1)  # [M, groups]
+    return ((per_block * s_block).sum(-1) + bsum @ offset.double().t()).float()

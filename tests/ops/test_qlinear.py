@@ -1,0 +1,114 @@
+"""``looplm.ops.qlinear``: the int8 / int4 few-row kernel equals its PyTorch reference (the same
+arithmetic), stays within the int8-activation error bound of the dequantised matmul, and the
+quantised embedding rows equal the dequantised table's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from looplm.ops import cpp_ext
+from looplm.ops.qlinear import (
+    BLOCK,
+    MAX_ROWS,
+    kernel_applies,
+    qembedding,
+    qlinear,
+    qlinear_reference,
+    quantize_rows,
+)
+from looplm.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from tests.threads import torch_threads
+
+needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
+
+
+def _parts(fmt: str, w: torch.Tensor, group: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(kernel parts, dequantised float weight) of ``w`` in ``fmt``."""
+    if fmt == "int8":
+        p = quantize_int8(w)
+        return [p["q"], p["scale"]], dequantize_int8(p["q"], p["scale"])
+    if fmt == "int4":
+        p = quantize_int4(w, group)
+        return [p["packed"], p["scale"], p["offset"]], dequantize_int4(p["packed"], p["scale"], p["offset"])
+    return [w], w
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4", "float32"]), rows=st.integers(1, MAX_ROWS), n=st.integers(1, 70),
+       blocks=st.sampled_from([1, 2, 3, 4, 6, 18]), group=st.sampled_from([32, 64, 128]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_kernel_equals_reference(fmt, rows, n, blocks, group, threads, seed):
+    k = BLOCK * blocks
+    if fmt == "int4" and k % group:
+        group = 32
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    if seed % 3 == 0:
+        x[:, :BLOCK] = 0  # an all-zero block (scale 0)
+    parts, _ = _parts(fmt, w, group)
+    assert kernel_applies(x, parts)
+    with torch_threads(threads), torch.no_grad():
+        got = qlinear(x, parts)
+    want = qlinear_reference(x, parts)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert (got - want).abs().max() <= 2e-5 * (want.abs().max() + 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_kernel_within_the_activation_rounding_bound(fmt, group):
+    """|kernel - x Ŵᵀ| ≤ Σ_i (d_b(i)/2)·|Ŵ_i| (each int8 activation is off by at most half a step)."""
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 576, generator=gen), torch.randn(300, 576, generator=gen)
+    parts, w_hat = _parts(fmt, w, group)
+    with torch.no_grad():
+        got = qlinear(x, parts).double()
+    exact = x.double() @ w_hat.double().t()
+    _, d = quantize_rows(x)
+    half_step = (d.double() / 2).repeat_interleave(BLOCK, dim=1)  # [3, 576]
+    bound = half_step @ w_hat.double().abs().t()
+    assert ((got - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()  # and small in practice
+
+
+@needs_kernel
+def test_leading_dimensions_and_when_it_applies():
+    w = torch.randn(40, 64)
+    p = quantize_int8(w)
+    parts = [p["q"], p["scale"]]
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        y = qlinear(x, parts)
+    assert y.shape == (2, 1, 40)
+    want = qlinear_reference(x.reshape(2, 64), parts)
+    torch.testing.assert_close(y.reshape(2, 40), want, rtol=1e-5, atol=1e-5)
+    assert not kernel_applies(torch.randn(MAX_ROWS + 1, 64), parts)  # a prefill: the caller's matmul
+    assert not kernel_applies(torch.randn(1, 64, dtype=torch.float64), parts)
+    assert not kernel_applies(torch.randn(1, 64, requires_grad=True), parts)
+    assert not kernel_applies(torch.randn(1, 48), [p["q"][:, :48].contiguous(), p["scale"]])  # 48 % 32
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_embedding_rows_equal_the_dequantised_table(fmt, group):
+    w = torch.randn(100, 128)
+    parts, w_hat = _parts(fmt, w, group)
+    ids = torch.tensor([[0, 99, 7], [7, 7, 1]])
+    assert torch.equal(qembedding(ids, parts), w_hat[ids])
+    with pytest.raises(RuntimeError, match="out of range"):
+        qembedding(torch.tensor([100]), parts)
+
+
+@needs_kernel
+def test_bad_parts_are_rejected():
+    x, z = torch.randn(1, 64), torch.zeros
+    with pytest.raises(RuntimeError, match="int8 scale"):
+        torch.ops.looplm.qlinear(x, [torch.zeros(4, 64, dtype=torch.int8), torch.zeros(5)])
+    with pytest.raises(RuntimeError, match="int4 packed"):
+        torch.ops.looplm.qlinear(x, [z(4, 31, dtype=torch.uint8), z(4, 2), z(4, 2)])
+    with pytest.raises(RuntimeError, match="group size"):
+        torch.ops.looplm.qlinear(x, [z(4, 32, dtype=torch.uint8), z(4, 4), z(4, 4)])
