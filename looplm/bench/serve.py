@@ -17,7 +17,13 @@ tokens over the level's wall time), time to first token p50/p99 (request sent to
 inter-token latency p50/p99 (gaps between streamed text chunks), errors. looplm servers are
 asked to ignore the end-of-text token (``ignore_eos``) so every request generates ``--max-tokens``;
 token counts come from each stream's ``usage`` (looplm) or its chunks (llama.cpp, one token
-each). Writes ``serve.json`` in ``--out``.
+each).
+
+Decoding-state memory of ``--state-streams`` requests of ``--state-tokens`` tokens each, for an
+attention, a gated DeltaNet and a hybrid (every 4th layer attention) model of the checkpoint's
+width and layer count: one layer of each kind is prefilled with ``--state-tokens`` tokens in one
+row and its state's ``nbytes()`` measured (rows and layers are independent, so the totals are
+sums of these). Writes ``serve.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
 from looplm.bench.common import machine_info, markdown_table, parse_int_list, write_json
+from looplm.checkpoint import load_config
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
+from looplm.model import LoopConfig, LoopLM
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", default="looplm,looplm-serial,llama.cpp",
                         help="which servers to load (those not available are skipped)")
     parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
+    parser.add_argument("--state-streams", type=int, default=64, help="streams of the state-memory table")
+    parser.add_argument("--state-tokens", type=int, default=4096, help="tokens per stream of that table")
     parser.add_argument("--out", default="bench_results/serve")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
 
@@ -190,6 +201,36 @@ async def _level(server: Server, c: int, n: int, seconds: float, texts: list[str
             "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99)}
 
 
+def _layer_state_bytes(config: LoopConfig, mixer: str, tokens: int) -> int:
+    """Bytes of one row's state of one ``mixer`` layer of ``config``'s width after ``tokens``."""
+    over = dict(vocab_size=256, n_prelude=0, n_core=1, n_coda=0, n_recursions=1, router="none",
+                sharing="cycle", capacity=None, kv_sharing=False, mixer=mixer, attn_every=0, ffn="none",
+                max_seq_len=max(config.max_seq_len, tokens + 1))
+    model = LoopLM(LoopConfig.from_dict({**config.to_dict(), **over})).eval()
+    state = model.init_state(1)
+    with torch.no_grad():
+        for start in range(0, tokens, 1024):
+            ids = torch.randint(0, 256, (1, min(1024, tokens - start)))
+            state = model(ids, state=state, use_cache=True).state
+    (layer,) = state.layers.values()
+    return layer.nbytes()
+
+
+def state_memory(config: LoopConfig, streams: int, tokens: int) -> list[dict[str, Any]]:
+    """Decoding-state bytes of ``streams`` requests of ``tokens`` tokens: attention, gated
+    DeltaNet and hybrid (every 4th layer attention) models of ``config``'s width and depth."""
+    layers = config.n_prelude + config.n_core + config.n_coda
+    attn = _layer_state_bytes(config, "attention", tokens)
+    gdn = _layer_state_bytes(config, "gated_deltanet", tokens)
+    rows = []
+    for name, n_attn in (("attention", layers), ("gated_deltanet", 0), ("hybrid", max(1, layers // 4))):
+        per_stream = n_attn * attn + (layers - n_attn) * gdn
+        rows.append({"model": name, "layers": layers, "attention_layers": n_attn, "streams": streams,
+                     "tokens": tokens, "bytes": streams * per_stream,
+                     "vs_attention": per_stream / (layers * attn)})
+    return rows
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -235,10 +276,17 @@ def run(args: argparse.Namespace) -> int:
         finally:
             server.close()
     _report(rows, skipped, levels)
+    streams, tokens = (4, 256) if args.quick else (args.state_streams, args.state_tokens)
+    memory = state_memory(load_config(args.checkpoint), streams, tokens)
+    print(markdown_table(["model", "layers", "attention layers", "streams x tokens", "state MiB",
+                          "vs attention"],
+                         [[m["model"], m["layers"], m["attention_layers"], f"{streams} x {tokens}",
+                           m["bytes"] / 2**20, m["vs_attention"]] for m in memory]))
     write_json(args.out, "serve", {"settings": {"levels": levels, "prompt_tokens": lengths,
                                                 "max_tokens": max_tokens, "level_seconds": seconds,
                                                 "checkpoint": args.checkpoint, "gguf": args.gguf},
-                                   "machine": machine_info(), "results": rows, "skipped": skipped})
+                                   "machine": machine_info(), "results": rows, "skipped": skipped,
+                                   "state_memory": memory})
     return 0
 
 

@@ -64,6 +64,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
     app = FastAPI(title="looplm", lifespan=lifespan)
     config = engine.model.config
     bounded = _has_attention(config)
+    # a pretrained model's tokenizer adds the bos token its model expects (prompt_ids)
+    encode = getattr(engine.tokenizer, "prompt_ids", engine.tokenizer.encode)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -112,14 +114,14 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
     async def completions(body: CompletionRequest) -> Response:
-        prompt = body.prompt if isinstance(body.prompt, list) else engine.tokenizer.encode(body.prompt)
+        prompt = body.prompt if isinstance(body.prompt, list) else encode(body.prompt)
         return await _generate("text", body, prompt, [])
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
     async def chat(body: ChatRequest) -> Response:
         text, stops = render_chat([{"role": m.role, "content": m.text()} for m in body.messages],
                                   engine.tokenizer)
-        return await _generate("chat", body, engine.tokenizer.encode(text), stops)
+        return await _generate("chat", body, encode(text), stops)
 
     async def _generate(kind: str, body: Any, prompt: list[int], stops: list[str]) -> Response:
         if not prompt:

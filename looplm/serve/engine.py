@@ -323,3 +323,4 @@ class Engine:
     def _report(self) -> None:
         self.metrics.running.set(len(self._rows))
         self.metrics.prefilling.set(len(self._prefilling))
+        self.metrics.state_bytes.set(0 if self._state is None else self._state.nbytes())

@@ -4,7 +4,8 @@ Written with ``prometheus_client`` (the reference client library); names follow 
 conventions: ``looplm_requests_total{outcome}`` (stop, length, error, cancelled),
 ``looplm_rejected_total`` (queue full), ``looplm_prompt_tokens_total``,
 ``looplm_generated_tokens_total``, gauges ``looplm_queue_length``, ``looplm_running_requests``,
-``looplm_prefilling_requests``, histograms ``looplm_batch_size`` (rows per decoding step),
+``looplm_prefilling_requests``, ``looplm_state_bytes`` (the decoding batch's state),
+histograms ``looplm_batch_size`` (rows per decoding step),
 ``looplm_step_seconds``, ``looplm_time_to_first_token_seconds``, ``looplm_request_seconds``.
 """
 
@@ -31,6 +32,7 @@ class ServeMetrics:
         self.running = Gauge("looplm_running_requests", "requests in the decoding batch", registry=r)
         self.prefilling = Gauge("looplm_prefilling_requests", "requests whose prompt is being read",
                                 registry=r)
+        self.state_bytes = Gauge("looplm_state_bytes", "bytes of the decoding batch's state", registry=r)
         self.batch_size = Histogram("looplm_batch_size", "rows per decoding step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.step_seconds = Histogram("looplm_step_seconds", "seconds per decoding step", registry=r,

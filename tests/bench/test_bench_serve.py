@@ -28,4 +28,7 @@ def test_bench_serve_quick(tmp_path, capsys):
         assert r["generated_tokens"] == 4 * r["requests"]  # ignore_eos: every request runs to max_tokens
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] > 0
     assert "llama.cpp" in data["skipped"]
+    memory = {m["model"]: m for m in data["state_memory"]}
+    assert memory["attention"]["vs_attention"] == 1
+    assert 0 < memory["gated_deltanet"]["bytes"] < memory["hybrid"]["bytes"] < memory["attention"]["bytes"]
     assert "| looplm | 3 |" in capsys.readouterr().out

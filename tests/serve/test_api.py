@@ -164,6 +164,9 @@ def test_disconnect_frees_the_slot_and_queue_limit():
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             wait_for(lambda: metric(url, "looplm_running_requests") == 1)
+            one_row = metric(url, "looplm_state_bytes")
+            assert one_row > 0  # a fixed-size state: the same every step
+            assert metric(url, "looplm_state_bytes") == one_row
             with httpx.Client(timeout=60) as other:
                 import threading
 
@@ -179,7 +182,7 @@ def test_disconnect_frees_the_slot_and_queue_limit():
                 t.join(60)
         assert got["r"].status_code == 200 and got["r"].json()["usage"]["completion_tokens"] == 3
         wait_for(lambda: metric(url, 'looplm_requests_total{outcome="cancelled"}') == 1)
-        assert metric(url, "looplm_running_requests") == 0
+        assert metric(url, "looplm_running_requests") == 0 and metric(url, "looplm_state_bytes") == 0
         assert metric(url, 'looplm_requests_total{outcome="length"}') == 1
         assert metric(url, "looplm_rejected_total") == 1
 
@@ -216,3 +219,27 @@ def test_burst_with_malformed_requests():
             elif i % 10:
                 assert json.loads(text)["usage"]["completion_tokens"] >= 1
         assert metric(url, 'looplm_requests_total{outcome="error"}') == 0
+
+
+def test_chat_uses_the_tokenizers_template():
+    """A tokenizer with a chat template renders the prompt (and its prompt_ids adds a bos)."""
+
+    class Templated(type(tokenizer())):
+        chat_template = "custom"
+        bos_id = 256
+
+        def apply_chat_template(self, messages):
+            return "".join(f"[{m['role']}] {m['content']}\n" for m in messages) + "[assistant] "
+
+        def prompt_ids(self, text):
+            return [self.bos_id, *self.encode(text)]
+
+    model = tiny_model("gated_deltanet")
+    app = create_app(Engine(model, Templated()), model_id="tiny")
+    with serve(app) as url:
+        r = client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "yo"}],
+                                                max_tokens=3, temperature=0)
+    prompt = [256, *b"[user] yo\n[assistant] "]
+    expect = generate_ids(model, [prompt], max_new_tokens=3, eos_id=257)[0]
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.choices[0].message.content == tokenizer().decode([i for i in expect if i != 257])
