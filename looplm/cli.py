@@ -40,13 +40,9 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def _add_lazy(sub: argparse._SubParsersAction, name: str, module: str, help_: str) -> None:
-    """Register a subcommand whose flags come from ``module.add_arguments``."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:  # not built yet: keep the rest of the CLI usable
-        if exc.name is not None and exc.name.startswith("looplm"):
-            return
-        raise
+    """Register a subcommand whose flags come from ``module.add_arguments``. A module that does
+    not import is a broken install: its error propagates (a traceback), never a missing command."""
+    mod = importlib.import_module(module)
     parser = sub.add_parser(name, help=help_, description=help_)
     mod.add_arguments(parser)
     parser.set_defaults(_run=mod.run)
@@ -85,12 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     run = getattr(args, "_run", None)
-    if run is None:
-        if args.command is None:
-            parser.print_help()
-            return 0
-        print(f"error: `looplm {' '.join(argv[:2])}` is not available in this build", file=sys.stderr)
-        return 2
+    if run is None:  # no command, or ``looplm bench`` without a benchmark
+        parser.print_help()
+        return 0
     try:
         return int(run(args) or 0)
     except LoopLMError as exc:

@@ -19,6 +19,7 @@ from looplm.data import BatchSampler, Corpus, Tokenizer, prepare_corpus
 from looplm.errors import ConfigError
 from looplm.generate import generate
 from looplm.model import LoopConfig, LoopLM
+from looplm.quant.formats import FORMATS
 from looplm.quant.qat import apply_qat
 from looplm.train import distributed
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override any config field: lr=1e-3, model.d_model=128, train.bf16=true")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--qat", choices=["int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp4_mx"],
+    parser.add_argument("--qat", choices=FORMATS,
                         help="quantisation-aware training: fake-quantise weights in this format")
 
 

@@ -139,7 +139,8 @@ def load_sections(name: str, _seen: tuple[str, ...] = ()) -> dict[str, dict[str,
 def apply_overrides(
     sections: dict[str, dict[str, Any]], overrides: list[str], model_keys: list[str]
 ) -> dict[str, dict[str, Any]]:
-    """Apply ``key=value`` strings; ``key`` is ``train.x``, ``model.x`` or a bare field name.
+    """Apply ``key=value`` strings; ``key`` is ``train.x``, ``model.x`` or a bare field name
+    (a name both sections have, such as ``vocab_size``, must be prefixed: ConfigError otherwise).
 
     Values are parsed as YAML scalars (``3e-4`` → float, ``true`` → bool).
     """
@@ -151,6 +152,9 @@ def apply_overrides(
             raise ConfigError(f"--set expects key=value, got {item!r}")
         section, dot, field = key.rpartition(".")
         if not dot:
+            if field in train_keys and field in model_keys:
+                raise ConfigError(f"--set {field}= is ambiguous: both the model and the train section have "
+                                  f"{field!r}; write model.{field}= or train.{field}=")
             section = "train" if field in train_keys else "model" if field in model_keys else ""
             if not section:
                 check_keys({field: None}, train_keys + model_keys, "config")

@@ -39,6 +39,14 @@ def test_overrides_parse_types_and_route_sections() -> None:
     assert TrainConfig.from_dict(out["train"]).lr == 3e-4
 
 
+def test_a_key_of_both_sections_must_be_prefixed() -> None:
+    sections = {"model": {}, "train": {}}
+    with pytest.raises(ConfigError, match="ambiguous.*model.vocab_size= or train.vocab_size="):
+        apply_overrides(sections, ["vocab_size=512"], ["vocab_size", "d_model"])
+    out = apply_overrides(sections, ["model.vocab_size=512", "train.vocab_size=300"], ["vocab_size"])
+    assert out == {"model": {"vocab_size": 512}, "train": {"vocab_size": 300}}
+
+
 @pytest.mark.parametrize("bad", [{"schedule": "linear"}, {"batch_size": 0}, {"lr": "fast"},
                                  {"batch_size": 6, "grad_accum": 4}, {"steps": True}])
 def test_bad_values_raise(bad: dict) -> None:
