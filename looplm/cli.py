@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "lm": ("looplm.bench.lm", "compute-matched language modelling"),
     "decode": ("looplm.bench.decode", "decoding latency and memory against context"),
     "quant": ("looplm.bench.quant", "size, speed and quality of quantised formats"),
+    "infer": ("looplm.bench.infer", "SmolLM2-sized CPU decoding and prefill against transformers"),
     "serve": ("looplm.bench.serve", "OpenAI-API load test of looplm serve (and llama.cpp's server)"),
     "report": ("looplm.bench.report", "write docs/results.md from saved results"),
 }
