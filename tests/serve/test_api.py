@@ -4,6 +4,7 @@ streaming, bad input, API keys, the queue limit, disconnects and a burst with ma
 import asyncio
 import json
 import time
+from functools import partial
 
 import pytest
 
@@ -17,6 +18,10 @@ from looplm.serve.engine import Engine  # noqa: E402
 from looplm.serve.metrics import parse_metrics  # noqa: E402
 from looplm.serve.template import render_chat  # noqa: E402
 from tests.serve.util import serve, tiny_model, tokenizer  # noqa: E402
+
+# generous timeouts: a loaded machine (or a first call that builds the C++ kernels) is slow
+post = partial(httpx.post, timeout=120)
+get = partial(httpx.get, timeout=120)
 
 
 def make_app(name="attention", eos=True, api_key=None, **kw):
@@ -32,7 +37,8 @@ def server():
 
 
 def client(url, **kw):
-    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=120,
+                         **kw)
 
 
 def greedy_text(model, prompt, n):
@@ -55,7 +61,7 @@ def test_completions_chat_and_models(server):
     expect = greedy_text(model, prompt, 6).split("<|im_end|>")[0]
     assert ch.choices[0].message.role == "assistant" and ch.choices[0].message.content == expect
     assert ch.usage.prompt_tokens == len(prompt.encode())
-    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert get(url + "/health").json()["status"] == "ok"
 
 
 def test_streaming_equals_the_whole_response(server):
@@ -72,8 +78,8 @@ def test_streaming_equals_the_whole_response(server):
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                      max_tokens=10, temperature=0)
     assert "".join(pieces) == chat.choices[0].message.content
-    with httpx.stream("POST", url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 3,
-                                                             "stream": True}) as r:
+    with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                          json={"model": "tiny", "prompt": "a", "max_tokens": 3, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
@@ -113,7 +119,7 @@ def test_bad_input_gets_an_openai_error(server, what, body, status):
     _, url = server
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) \
         else {"json": body}
-    r = httpx.post(url + "/v1/completions", **kw)
+    r = post(url + "/v1/completions", **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
@@ -124,11 +130,11 @@ def test_bad_chat_input(server):
     for body in ({"model": "tiny", "messages": []}, {"model": "tiny", "messages": [{"role": "user"}]},
                  {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
                  {"model": "tiny", "messages": "hello"}):
-        r = httpx.post(url + "/v1/chat/completions", json=body)
+        r = post(url + "/v1/chat/completions", json=body)
         assert r.status_code == 400 and "error" in r.json(), body
     with pytest.raises(openai.BadRequestError):
         client(url).completions.create(model="tiny", prompt="a", max_tokens=0)
-    assert httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}
+    assert post(url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}
                       ).status_code == 200  # still serving
 
 
@@ -137,14 +143,14 @@ def test_api_key():
     with serve(app) as url:
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").models.list()
-        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "a"})
+        r = post(url + "/v1/completions", json={"model": "tiny", "prompt": "a"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert client(url, api_key="s3cret").completions.create(model="tiny", prompt="a", max_tokens=2).usage
-        assert httpx.get(url + "/health").status_code == 200
+        assert get(url + "/health").status_code == 200
 
 
 def metric(url, name):
-    return parse_metrics(httpx.get(url + "/metrics").text).get(name, 0.0)
+    return parse_metrics(get(url + "/metrics").text).get(name, 0.0)
 
 
 def wait_for(cond, timeout=30):
@@ -160,7 +166,7 @@ def test_disconnect_frees_the_slot_and_queue_limit():
     _, app = make_app("gated_deltanet", eos=False, max_batch=1, max_queue=1)
     with serve(app) as url:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 10**6, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body) as r:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             wait_for(lambda: metric(url, "looplm_running_requests") == 1)
@@ -175,7 +181,7 @@ def test_disconnect_frees_the_slot_and_queue_limit():
                     url + "/v1/completions", json={"model": "tiny", "prompt": "y", "max_tokens": 3})))
                 t.start()
                 wait_for(lambda: metric(url, "looplm_queue_length") == 1)
-                full = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "z"})
+                full = post(url + "/v1/completions", json={"model": "tiny", "prompt": "z"})
                 assert full.status_code == 429 and full.headers["retry-after"] == "1"
                 assert full.json()["error"]["type"] == "rate_limit_error"
                 r.close()  # the client goes away mid-stream

@@ -27,9 +27,9 @@ def test_serve_command(tmp_path):
         r = httpx.post(url + "/v1/completions", json={"model": "ckpt", "prompt": "hi", "max_tokens": 4},
                        timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "ckpt"
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "ckpt"
+        assert httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"] == "ckpt"
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(30)
 
 
