@@ -266,13 +266,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise LoopLMError(f"unknown server {name!r} in --servers (looplm, looplm-serial, llama.cpp)")
         try:
-            asyncio.run(_level(server, 1, 1, seconds, texts[:1], 2))  # warm up: first-call costs
+            warm = asyncio.run(_level(server, 1, 1, seconds, texts[:1], 2))  # first-call costs
+            if warm["errors"]:
+                code = server.proc.poll()
+                skipped[name] = f"its first request failed: {warm['error_examples'][0]}" + (
+                    "" if code is None else f" (the process exited with status {code})")
+                continue
             for c in levels:
                 n = args.requests or (c if args.quick else max(8, 2 * c))
                 row = asyncio.run(_level(server, c, n, seconds, texts, max_tokens))
                 rows.append(row)
                 print(f"{name:14s} c={c:3d}: {row['requests']} requests, {row['tokens_per_s']:.1f} tok/s, "
                       f"{row['errors']} errors", flush=True)
+                if server.proc.poll() is not None:  # it crashed: the remaining levels would only fail
+                    skipped[name] = f"the server process exited with status {server.proc.returncode} at c={c}"
+                    break
         finally:
             server.close()
     _report(rows, skipped, levels)
