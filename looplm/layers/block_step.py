@@ -142,9 +142,11 @@ def _plain_swiglu(ffn: Any) -> bool:
 
 
 def _plain_moe(ffn: Any) -> bool:
-    """An MoE of SwiGLU experts (and a plain shared expert, if any), no zero-computation experts."""
+    """An MoE of float SwiGLU experts (and a plain shared expert, if any), no zero-computation
+    experts; quantised or fake-quantised experts run the Python layer (``MoE.forward``)."""
     return (type(ffn) is MoE and not any(ffn.kinds) and _plain_linear(ffn.router, False)
-            and ffn.w_in.dtype == ffn.w_out.dtype == torch.float32
+            and isinstance(ffn.w_in, torch.Tensor) and isinstance(ffn.w_out, torch.Tensor)
+            and ffn.expert_weight_fn is None and ffn.w_in.dtype == ffn.w_out.dtype == torch.float32
             and (ffn.shared is None or _plain_swiglu(ffn.shared)))
 
 

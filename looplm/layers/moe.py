@@ -15,11 +15,16 @@ E=8, k=2 on a loaded 2-core machine: 1.14x a dense SwiGLU of the same active wid
 (was 1.34-1.46x); on 2 threads 1.7x (was 2.3-2.9x), the elementwise ops suffering most there.
 torch 2.13's ``torch._grouped_mm`` runs on the CPU but was slower than this loop over experts
 (0.90 s vs 0.65 s forward, 8192 slots, d=256, hidden=512, E=8) and has no CPU backward.
+
+Low precision: ``w_in`` / ``w_out`` may be replaced by modules called as ``m(e, x [n, in]) ->
+[n, out]`` (``looplm.quant``'s quantised experts), and ``expert_weight_fn`` (QAT's fake
+quantisation) maps the stacked float weights before each forward: ``fn("w_in", W) -> W'``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -94,12 +99,26 @@ class MoE(nn.Module):
             self.const_v = nn.Parameter(torch.randn(constant_experts, d_model) * bound_in)
             self.const_w = nn.Parameter(torch.zeros(constant_experts, d_model, 2))
         self.shared = SwiGLU(d_model, shared_hidden) if shared_hidden else None
+        self.expert_weight_fn: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
-    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor, w_in, w_out) -> torch.Tensor | None:
+    def _projections(self) -> tuple[Callable, Callable]:
+        """``(proj_in, proj_out)``: ``proj(e, x [n, in]) -> x W_e [n, out]`` for the experts'
+        fused gate|up and down matrices, float or quantised."""
+        if not isinstance(self.w_in, torch.Tensor):  # quantised experts: modules m(e, x)
+            return self.w_in, self.w_out
+        w_in, w_out = self.w_in, self.w_out
+        if self.expert_weight_fn is not None:
+            w_in, w_out = self.expert_weight_fn("w_in", w_in), self.expert_weight_fn("w_out", w_out)
+        # unbind once: indexing the stacked parameter per expert would make E full-size grads
+        ins, outs = w_in.unbind(0), w_out.unbind(0)
+        return (lambda e, x: x @ ins[e]), (lambda e, x: x @ outs[e])
+
+    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor, proj_in: Callable,
+                proj_out: Callable) -> torch.Tensor | None:
         """Gate-weighted output ``w [n] * E_e(x)`` of expert ``e`` on its tokens ``x [n, d]``;
         None for a zero expert."""
         if e < self.n_experts:
-            return swiglu(x @ w_in[e], w) @ w_out[e]
+            return proj_out(e, swiglu(proj_in(e, x), w))
         e -= self.n_experts
         zero, copy, _ = self.kinds
         if e < zero:
@@ -127,12 +146,11 @@ class MoE(nn.Module):
         inv = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
         xs = _Regroup.apply(x, token, 1, inv, k)
         slot_w = weight.flatten()[order].to(x.dtype)
-        # unbind once: indexing the stacked parameter per expert would make E full-size grads
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        proj_in, proj_out = self._projections()
         outs = []
         for e, (x_e, w_e) in enumerate(zip(xs.split(sizes), slot_w.split(sizes))):
             if sizes[e]:
-                y_e = self._expert(e, x_e, w_e, w_in, w_out)
+                y_e = self._expert(e, x_e, w_e, proj_in, proj_out)
                 outs.append(x_e.new_zeros(x_e.shape) if y_e is None else y_e)
         y = _Regroup.apply(torch.cat(outs), inv, k, token, 1) if N else x.new_zeros(N, shape[-1])
         if self.shared is not None:

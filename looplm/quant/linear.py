@@ -183,3 +183,35 @@ class QuantEmbedding(_QuantWeight):
         flat = ids.reshape(-1)
         rows = {name: part[flat] for name, part in self.parts().items()}
         return dequantize(rows, self.fmt).reshape(*ids.shape, self.embedding_dim)
+
+
+class QuantExperts(nn.ModuleList):
+    """The stacked expert matrices of an MoE (``W [E, in, out]``, used as ``x W_e``) stored as
+    one ``QuantLinear`` (``[out, in]``, groups along ``in``) per expert; ``forward(e, x [n, in])
+    -> [n, out]`` runs expert ``e``'s quantised kernel. ``weight``: the dequantised stack
+    ``[E, in, out]`` float32, for code that reads it."""
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int, fmt: Format,
+                 kernel: str = "auto", device=None) -> None:
+        super().__init__(QuantLinear(in_features, out_features, fmt, False, kernel, device)
+                         for _ in range(n_experts))
+        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
+
+    @classmethod
+    def from_stacked(cls, w: Tensor, fmt: Format, kernel: str = "auto") -> QuantExperts:
+        """Quantise ``w [E, in, out]`` (an MoE's ``w_in`` / ``w_out``)."""
+        q = cls(w.shape[0], w.shape[1], w.shape[2], fmt, kernel, device=w.device)
+        for e, m in enumerate(q):
+            m.set_weight(w[e].detach().t())
+        return q
+
+    def forward(self, e: int, x: Tensor) -> Tensor:  # type: ignore[override]
+        return self[e](x)
+
+    @property
+    def weight(self) -> Tensor:
+        return torch.stack([m.dequantized(torch.float32).t() for m in self])
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.fmt.group_size}" if self.fmt.group_size else ""
+        return f"{len(self)} experts, {self.in_features}, {self.out_features}, format={self.fmt.name}{g}"

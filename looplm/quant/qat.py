@@ -12,13 +12,30 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from looplm.layers.moe import MoE
 from looplm.quant.formats import Format, fake_quantize, make_format
-from looplm.quant.ptq import select_modules
+from looplm.quant.ptq import expert_weights, select_modules
 
 
 def ste(w: Tensor, fmt: Format) -> Tensor:
     """``w`` fake-quantised in ``fmt`` in the forward, identity in the backward."""
     return w + (fake_quantize(w, fmt) - w).detach()
+
+
+class ExpertSTE:
+    """An MoE's ``expert_weight_fn``: its stacked matrices ``W [E, in, out]`` named in ``leaves``
+    fake-quantised in ``fmt`` as ``QuantExperts`` stores them (each expert's ``W_eᵀ [out, in]``,
+    groups along ``in``), straight-through."""
+
+    def __init__(self, fmt: Format, leaves: set[str]) -> None:
+        self.fmt, self.leaves = fmt, leaves
+
+    def __call__(self, leaf: str, w: Tensor) -> Tensor:
+        if leaf not in self.leaves:
+            return w
+        E, i, o = w.shape
+        wt = w.transpose(1, 2).reshape(E * o, i)
+        return ste(wt, self.fmt).reshape(E, o, i).transpose(1, 2)
 
 
 class QATLinear(nn.Linear):
@@ -47,12 +64,21 @@ class QATEmbedding(nn.Embedding):
 
 def apply_qat(model: nn.Module, format: str, *, group_size: int | None = None, zero_point: bool = True,
               keep_embeddings: bool = True, keep_head: bool = True) -> nn.Module:
-    """Make the modules ``quantize_model`` would quantise fake-quantise in ``format``, in place
+    """Make the weights ``quantize_model`` would quantise (MoE experts included, through
+    ``MoE.expert_weight_fn``) fake-quantise in ``format``, in place
     (the same parameter objects: call before or after building the optimizer). Returns
     ``model``; ``model.qat_format`` records the format. A head tied to a fake-quantised
     embedding reads the fake-quantised table too (it is quantised with it)."""
     fmt = make_format(format, group_size, zero_point)
+    experts = expert_weights(model)
     for name in select_modules(model, fmt, keep_embeddings=keep_embeddings, keep_head=keep_head):
+        if name in experts:
+            moe_name, _, leaf = name.rpartition(".")
+            moe = model.get_submodule(moe_name)
+            if not isinstance(moe.expert_weight_fn, ExpertSTE):
+                moe.expert_weight_fn = ExpertSTE(fmt, set())
+            moe.expert_weight_fn.leaves.add(leaf)
+            continue
         m = model.get_submodule(name)
         m.__class__ = QATLinear if isinstance(m, nn.Linear) else QATEmbedding
         m.qat_format = fmt
@@ -61,8 +87,11 @@ def apply_qat(model: nn.Module, format: str, *, group_size: int | None = None, z
 
 
 def remove_qat(model: nn.Module) -> nn.Module:
-    """Undo ``apply_qat`` (modules back to plain ``nn.Linear`` / ``nn.Embedding``)."""
+    """Undo ``apply_qat`` (modules back to plain ``nn.Linear`` / ``nn.Embedding``, MoE experts
+    unhooked)."""
     for m in model.modules():
+        if isinstance(m, MoE) and isinstance(m.expert_weight_fn, ExpertSTE):
+            m.expert_weight_fn = None
         if isinstance(m, (QATLinear, QATEmbedding)):
             m.__class__ = nn.Linear if isinstance(m, QATLinear) else nn.Embedding
             del m.qat_format
