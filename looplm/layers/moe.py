@@ -129,6 +129,18 @@ class MoE(nn.Module):
         a = (x @ self.const_w[c]).softmax(-1) * w[:, None]
         return a[:, :1] * x + a[:, 1:] * self.const_v[c]
 
+    def _idle_zero(self, sizes: list[int]) -> torch.Tensor | None:
+        """``0 · Σ`` the trainable parameters no token used in this forward (all experts of a kind
+        idle: no SwiGLU expert, no constant expert): every parameter then takes part in the
+        backward (a zero gradient), as DistributedDataParallel requires of each step."""
+        idle = []
+        if not any(sizes[:self.n_experts]):
+            idle += [w for w in (self.w_in, self.w_out) if isinstance(w, torch.Tensor)]
+        if self.kinds[2] and not any(sizes[self.n_total - self.kinds[2]:]):
+            idle += [self.const_v, self.const_w]
+        idle = [p for p in idle if p.requires_grad]
+        return torch.stack([p.sum() for p in idle]).sum() * 0.0 if idle else None
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -153,6 +165,9 @@ class MoE(nn.Module):
                 y_e = self._expert(e, x_e, w_e, proj_in, proj_out)
                 outs.append(x_e.new_zeros(x_e.shape) if y_e is None else y_e)
         y = _Regroup.apply(torch.cat(outs), inv, k, token, 1) if N else x.new_zeros(N, shape[-1])
+        idle = self._idle_zero(sizes) if torch.is_grad_enabled() else None
+        if idle is not None:
+            y = y + idle
         if self.shared is not None:
             y = y + self.shared(x)[0]
         if N == 0:  # e.g. no token left at this recursion
