@@ -66,9 +66,15 @@ def _select_layer(s: Any, rows: torch.Tensor) -> Any:
         return RecurrentState(s.conv[rows], s.ssm[rows])
     if isinstance(s, KVState):
         key_mask = s.key_mask[rows]
-        used = key_mask.any(0).nonzero()
-        start = int(used[0]) if len(used) else key_mask.shape[1]  # slots unused by every kept row
-        return KVState(s.k[rows, start:], s.v[rows, start:], key_mask[:, start:], s.pos[rows, start:],
+        if bool(key_mask.all()):
+            return KVState(s.k[rows], s.v[rows], key_mask, s.pos[rows], s.seen[rows])
+        # each row's used slots moved to the end in order (a stable sort puts unused ones first),
+        # then the columns no row uses dropped
+        order = key_mask.to(torch.uint8).sort(dim=1, stable=True).indices
+        keep = int(key_mask.sum(1).max())
+        index = order[:, order.shape[1] - keep:]
+        src = rows[:, None]
+        return KVState(s.k[src, index], s.v[src, index], key_mask.gather(1, index), s.pos[src, index],
                        s.seen[rows])
     raise TypeError(f"cannot select rows of a decoding state of type {type(s).__name__}")
 
@@ -90,7 +96,8 @@ def cat_states(states: list[ModelState]) -> ModelState:
 
 
 def select_rows(state: ModelState, rows: list[int]) -> ModelState:
-    """The state of ``rows`` (indices into the batch, in that order); attention cache slots
-    unused by every kept row at the front are dropped."""
+    """The state of ``rows`` (indices into the batch, in that order). Attention caches are
+    compacted: each row's used slots (``key_mask`` True) keep their order and move to the end, and
+    slots no kept row uses are dropped, so a row selected alone has no unused slot."""
     index = torch.tensor(rows, dtype=torch.long, device=state.positions.device)
     return ModelState(state.positions[index], {k: _select_layer(s, index) for k, s in state.layers.items()})

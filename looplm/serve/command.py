@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting at most; more get 429 with Retry-After")
     parser.add_argument("--max-tokens-in-flight", type=int, default=None,
                         help="prompt + max_tokens summed over running requests at most (default: no limit)")
-    parser.add_argument("--prefill-chunk", type=int, default=128,
-                        help="prompt tokens read per scheduler iteration (between decoding steps)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens read per scheduler iteration, between decoding steps (several "
+                        "prompts share them)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens of a request that gives none")
     parser.add_argument("--api-key", default=os.environ.get("LOOPLM_API_KEY"),

@@ -1,9 +1,10 @@
 """The serving engine: one scheduler thread owns the model and decodes every request in one batch.
 
 Iteration-level scheduling (continuous batching, as in Orca, Yu et al. 2022): each iteration
-runs one decoding step (``T = 1``) for every running request together, then at most one chunk
-of one waiting request's prompt (chunked prefill, Agrawal et al. 2023, so that running streams
-keep flowing while a long prompt is read). A request whose prompt is read joins the batch at the
+runs one decoding step (``T = 1``) for every running request together, then one forward over the
+next ``prefill_chunk`` tokens of the admitted requests' prompts (chunked prefill, Agrawal et al.
+2023, so that running streams keep flowing while a long prompt is read; short prompts share the
+chunk, left-padded with a mask). A request whose prompt is read joins the batch at the
 next step; a finished or cancelled request leaves it at the next step.
 
 Each request owns its rows of the decoding state: a fixed-state layer's state row, an attention
@@ -97,10 +98,10 @@ class Engine:
     """Serves ``model`` (a LoopLM) with ``tokenizer``: ``max_batch`` requests decode together,
     at most ``max_queue`` wait (more: :class:`QueueFullError`), the running and prefilling
     requests together hold at most ``max_tokens_in_flight`` prompt + new tokens (None: no limit),
-    prompts are read ``prefill_chunk`` tokens per iteration."""
+    ``prefill_chunk`` prompt tokens are read per iteration (one forward, several prompts)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
-                 max_tokens_in_flight: int | None = None, prefill_chunk: int = 128,
+                 max_tokens_in_flight: int | None = None, prefill_chunk: int = 256,
                  metrics: ServeMetrics | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
@@ -229,7 +230,7 @@ class Engine:
         if self._rows:
             self._decode_step()
         if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+            self._prefill()
 
     def _decode_step(self) -> None:
         """One token for every running request; finished and cancelled ones leave the batch."""
@@ -246,27 +247,47 @@ class Engine:
             state = select_rows(state, keep) if keep else None
         self._state = state
 
-    def _prefill_chunk(self, req: Request) -> None:
-        """Read the next chunk of ``req``'s prompt into its own state; after the last chunk,
-        sample its first token and let it join the batch."""
-        if req.state is None:
-            req.state = self.model.init_state(1)
-        end = min(req.read + self.prefill_chunk, len(req.prompt))
-        ids = torch.tensor([req.prompt[req.read:end]], dtype=torch.long, device=self.device)
-        last = end == len(req.prompt)
-        at = torch.zeros_like(ids, dtype=torch.bool)
-        at[0, -1] = last  # the head runs only where a token is sampled
-        out = self.model(ids, state=req.state, use_cache=True, logits_at=at)
-        req.state, req.read = out.state, end
-        if not last:
+    def _prefill(self) -> None:
+        """Read the next ``prefill_chunk`` prompt tokens of the admitted requests, oldest first
+        (several short prompts share one forward, left-padded with ``mask``); a request whose
+        prompt is now read samples its first token and joins the batch."""
+        group, budget = [], self.prefill_chunk
+        for req in self._prefilling:
+            n = min(len(req.prompt) - req.read, budget)
+            if n == 0:
+                break
+            group.append((req, n))
+            budget -= n
+        T = max(n for _, n in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        mask = torch.zeros(len(group), T, dtype=torch.bool)
+        for i, (req, n) in enumerate(group):
+            ids[i, T - n:] = torch.tensor(req.prompt[req.read:req.read + n])
+            mask[i, T - n:] = True
+            req.read += n
+        at = torch.zeros_like(mask)
+        at[:, -1] = torch.tensor([req.read == len(req.prompt) for req, _ in group])  # head only there
+        state = cat_states([req.state if req.state is not None else self.model.init_state(1)
+                            for req, _ in group])
+        out = self.model(ids.to(self.device), state=state, use_cache=True, logits_at=at.to(self.device),
+                         mask=None if bool(mask.all()) else mask.to(self.device))
+        for i, (req, _) in enumerate(group):  # each request keeps its own row, padding slots dropped
+            req.state = out.state if len(group) == 1 else select_rows(out.state, [i])
+        done = [req for req, _ in group if req.read == len(req.prompt)]
+        if not done:
             return
-        self._prefilling.remove(req)
-        self.metrics.prompt_tokens.inc(len(req.prompt))
-        if self._accept(req, self._sample(out.logits, [req])[0]):
-            return
-        self._state = cat_states(([self._state] if self._state is not None else []) + [req.state])
-        req.state = None
-        self._rows.append(req)
+        joining = []
+        for req, token in zip(done, self._sample(out.logits, done)):
+            self._prefilling.remove(req)
+            self.metrics.prompt_tokens.inc(len(req.prompt))
+            if not self._accept(req, token):
+                joining.append(req)
+        if joining:
+            self._state = cat_states(([self._state] if self._state is not None else [])
+                                     + [req.state for req in joining])
+            self._rows += joining
+        for req in done:
+            req.state = None
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """One token per row of ``logits [B, V]``, each from its request's own generator."""

@@ -135,3 +135,27 @@ def test_state_rows_join_and_split_decode_as_alone():
         # the longest remaining row sets the cache length: slots only the dropped row used are gone
         attn = [k for k, s in kept.layers.items() if hasattr(s, "key_mask")][0]
         assert kept.layers[attn].k.shape[1] == max(len(PROMPTS[i]) for i in (2, 0)) + 1
+
+
+def test_select_rows_compacts_padding_inside_a_cache():
+    """Two prompts read in two padded chunks leave unused slots inside the shorter one's cache;
+    selected alone, it has none and decodes as if it had been read alone."""
+    from looplm.generate import left_pad
+    from looplm.state import select_rows
+
+    model = tiny_model("attention")
+    a, b = PROMPTS[2], PROMPTS[0]  # 40 and 3 tokens
+    with torch.no_grad():
+        state = model.init_state(2)
+        for lo, hi in ((0, 20), (20, 40)):
+            ids, mask = left_pad([a[lo:hi], b[lo:hi] or [0]])
+            if not b[lo:hi]:
+                mask[1] = False
+            state = model(ids, state=state, mask=mask, use_cache=True).state
+        alone = model(torch.tensor([b]), use_cache=True)
+        kept = select_rows(state, [1])
+        for kv in kept.layers.values():
+            assert bool(kv.key_mask.all()) and kv.k.shape[1] == len(b)
+        nxt = torch.tensor([[5]])
+        torch.testing.assert_close(model(nxt, state=kept, use_cache=True).logits,
+                                   model(nxt, state=alone.state, use_cache=True).logits, atol=1e-5, rtol=1e-5)
