@@ -204,4 +204,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             return BPETokenizer(HFTokenizer.from_file(str(directory / BPE_NAME)))
         except Exception as e:  # tokenizers raises its own Exception type for bad files
             raise CheckpointError(f"unreadable BPE tokenizer {directory / BPE_NAME}: {e}") from None
-    raise CheckpointError(f"{path}: unknown tokenizer kind {kind!r} (expected 'byte' or 'bpe')")
+    if kind == "pretrained":  # a pretrained model's own tokenizer (looplm import)
+        from looplm.data.pretrained_tokenizer import PretrainedTokenizer
+
+        return PretrainedTokenizer.load(directory, config)
+    raise CheckpointError(f"{path}: unknown tokenizer kind {kind!r} (expected 'byte', 'bpe' or 'pretrained')")
