@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from looplm.errors import ConfigError
+from looplm.pretrained.convert import import_checkpoint
 from looplm.quant.formats import FORMATS, GROUP_SIZES
 
 
@@ -33,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from looplm.errors import ConfigError
-    from looplm.pretrained.convert import import_checkpoint
-
     options = None
     if args.quantize is not None:
         if args.group_size is not None and args.quantize != "int4":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from looplm.pretrained.pull import KNOWN
+from looplm.pretrained.pull import KNOWN, pull
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +13,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from looplm.pretrained.pull import pull
-
     print(pull(args.name, wheel_dir=args.wheel_dir))
     return 0

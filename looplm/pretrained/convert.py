@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from looplm.errors import ConversionError
+from looplm.checkpoint import save_model
+from looplm.data.tokenizer import PretrainedTokenizer
+from looplm.errors import ConfigError, ConversionError
+from looplm.model import LoopLM
+from looplm.pretrained.gguf_file import read_gguf
+from looplm.pretrained.hf_dir import read_hf_dir
+from looplm.pretrained.llama import loop_config, loop_state_dict
 from looplm.pretrained.source import Source
+from looplm.quant.ptq import quantize_model
 
 INFO_FILE = "pretrained.json"  # where the checkpoint came from
 
@@ -26,8 +33,6 @@ def read_source(src: str | Path) -> Source:
     """A GGUF file (by its magic bytes) or a Hugging Face directory."""
     path = Path(src)
     if path.is_dir():
-        from looplm.pretrained.hf_dir import read_hf_dir
-
         return read_hf_dir(path)
     if not path.is_file():
         raise ConversionError(
@@ -37,18 +42,11 @@ def read_source(src: str | Path) -> Source:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ConversionError(f"{str(path)!r} is not a GGUF file (no GGUF magic) nor a directory")
-    from looplm.pretrained.gguf_file import read_gguf
-
     return read_gguf(path)
 
 
 def build(source: Source):
     """``(LoopLM, PretrainedTokenizer)`` of ``source``; ConversionError if they do not fit."""
-    from looplm.data.pretrained_tokenizer import PretrainedTokenizer
-    from looplm.errors import ConfigError
-    from looplm.model import LoopLM
-    from looplm.pretrained.llama import loop_config, loop_state_dict
-
     config = loop_config(source.config, source.origin)
     state = loop_state_dict(config, source.tensors, source.origin)
     expected = {"embed.weight": (config.vocab_size, config.d_model)}
@@ -86,16 +84,12 @@ def import_checkpoint(
     """Write the looplm checkpoint of ``src`` to ``out`` (which must not exist or be empty);
     ``quantize``: a format of :mod:`looplm.quant.formats`, applied by ``quantize_model`` with
     ``quantize_options`` before writing. Returns ``out``."""
-    from looplm.checkpoint import save_model
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"{str(out)!r} already exists and is not empty; choose another --out")
     source = read_source(src)
     model, tokenizer = build(source)
     if quantize is not None:
-        from looplm.quant.ptq import quantize_model
-
         quantize_model(model, quantize, **(quantize_options or {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

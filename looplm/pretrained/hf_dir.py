@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from looplm.errors import ConversionError
 from looplm.pretrained.source import Source
@@ -74,8 +75,6 @@ def _tokenizer(directory: Path) -> tuple[str, dict[str, Any]]:
 
 def read_hf_dir(directory: str | Path) -> Source:
     """The model in the Hugging Face directory ``directory`` (float32 tensors)."""
-    from safetensors import SafetensorError, safe_open
-
     directory = Path(directory)
     if not directory.is_dir():
         raise ConversionError(f"{str(directory)!r} is not a directory")
