@@ -326,8 +326,8 @@ class GatedDeltaNet(DeltaNet):
 
 
 def _attention_options(config: Any) -> dict[str, Any]:
-    return {"n_kv_heads": config.n_kv_heads, "rope_base": config.rope_base, "rope_scaling": config.rope_scaling,
-            "head_dim": config.head_dim, "bias": config.qkv_bias}
+    return {"n_kv_heads": config.n_kv_heads, "rope_base": config.rope_base,
+            "rope_scaling": config.rope_scaling, "head_dim": config.head_dim, "bias": config.qkv_bias}
 
 
 def _fixed_state_options(config: Any) -> dict[str, Any]:

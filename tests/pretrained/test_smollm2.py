@@ -3,8 +3,6 @@ cache, imported by looplm against transformers' own GGUF loader."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -22,11 +20,16 @@ pytestmark = pytest.mark.slow
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
     "movable metal type, oil-based inks and a wooden press adapted from those used to make wine. Within "
-    "fifty years presses were running in more than two hundred cities across Europe, and",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n    for _ in "
-    "range(n):\n        a, b = b, a + b\n    return a\n\n\ndef is_prime(n):\n    if n < 2:\n        return False\n",
+    "fifty years presses were running in more than two hundred cities across Europe, and the price of a "
+    "book had fallen so far that a scholar could own dozens of volumes instead of a handful of copied "
+    "manuscripts. Printers soon",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n    for _ in '
+    "range(n):\n        a, b = b, a + b\n    return a\n\n\ndef is_prime(n):\n    if n < 2:\n"
+    "        return False\n",
     "<|im_start|>user\nExplain in two sentences why the sky is blue, and then name three colours that "
-    "appear in a sunset and the reason each one appears.<|im_end|>\n<|im_start|>assistant\n",
+    "appear in a sunset and the reason each one appears. Keep the answer short, plain and friendly, as if "
+    "you were talking to a curious ten-year-old who has just watched the sun go down over the sea "
+    "from a beach.<|im_end|>\n<|im_start|>assistant\n",
 ]
 
 
@@ -38,7 +41,8 @@ def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "ckpt"
     import_checkpoint(path, out)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
     return load_model(out).eval(), load_tokenizer(out), reference
 
 
@@ -52,8 +56,15 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
             diff = (reference(ids).logits - model(ids).logits).abs().max().item()
             assert diff <= 1e-3, diff
         ids = torch.tensor([rows[0]])
-        want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
-                                  min_new_tokens=64, eos_token_id=None, pad_token_id=2)[0, ids.shape[1]:]
+        want = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=64,
+            do_sample=False,
+            min_new_tokens=64,
+            eos_token_id=None,
+            pad_token_id=2,
+        )[0, ids.shape[1] :]
     assert generate_ids(model, [rows[0]], max_new_tokens=64)[0] == want.tolist()
 
 
