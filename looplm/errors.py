@@ -20,3 +20,8 @@ class CheckpointError(LoopLMError, ValueError):
 
 class DataError(LoopLMError, ValueError):
     """Input data that cannot be used (missing path, empty corpus, bad format)."""
+
+
+class ConversionError(LoopLMError, ValueError):
+    """A pretrained model that cannot be imported or exported (unsupported architecture or tensor
+    type, truncated file, missing tensors, mismatched tokenizer)."""

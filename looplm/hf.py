@@ -36,8 +36,9 @@ from looplm.state import ModelState
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 # LoopConfig's ``top_k`` (experts per token) would clash with the sampling parameter of the same
-# name that transformers refuses in a model config; it is stored as ``moe_top_k`` here.
-_RENAMED = {"top_k": "moe_top_k"}
+# name that transformers refuses in a model config; it is stored as ``moe_top_k`` here. Likewise
+# ``rope_scaling``, which transformers 5 rewrites into its own ``rope_parameters``.
+_RENAMED = {"top_k": "moe_top_k", "rope_scaling": "loop_rope_scaling"}
 
 
 class LoopLMHFConfig(PreTrainedConfig):

@@ -23,6 +23,7 @@ from looplm.layers.block import Block
 from looplm.layers.linear import Linear
 from looplm.layers.mixers import MIXERS as MIXER_REGISTRY
 from looplm.layers.norms import RMSNorm
+from looplm.ops.attention import check_rope_scaling
 from looplm.ops.linear import linear
 from looplm.routers import ExpertChoiceRouter, TokenChoiceRouter, gather_index
 from looplm.state import ModelState
@@ -80,6 +81,10 @@ class LoopConfig:
     z_loss_weight: float = 0.001
     max_seq_len: int = 2048
     rope_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
     tie_embeddings: bool = True
     conv_size: int = 4
     chunk_size: int | None = None  # None: each op's fastest (64 decay family, 32 delta rule)
@@ -129,8 +134,17 @@ class LoopConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim)")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 2
+                                          or self.head_dim % 2):
+            raise ConfigError(f"head_dim must be an even integer >= 2 or None, got {self.head_dim!r}")
+        if self.head_dim is not None and (self.mixer != "attention" or self.attn_every):
+            raise ConfigError("head_dim applies to attention-only models (mixer='attention', attn_every=0)")
+        check_rope_scaling(self.rope_scaling)
+        eps = self.norm_eps
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+            raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} must be positive and divide n_heads")
         if self.ffn == "moe" and self.top_k > self.n_experts + self.zero_experts:
@@ -149,7 +163,7 @@ class LoopConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        for name in ("kv_sharing", "tie_embeddings", "shared_expert"):
+        for name in ("kv_sharing", "tie_embeddings", "shared_expert", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 0 < self.threshold < 1:
@@ -216,7 +230,7 @@ class LoopLM(nn.Module):
             self.router = ExpertChoiceRouter(c.d_model, c.keep_fractions, c.selection, c.threshold)
         elif c.router == "token_choice":
             self.router = TokenChoiceRouter(c.d_model, c.n_recursions)
-        self.norm = RMSNorm(c.d_model)
+        self.norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = None if c.tie_embeddings else Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init_weights)
         if isinstance(self.router, ExpertChoiceRouter):

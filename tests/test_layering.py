@@ -26,7 +26,8 @@ TIERS: list[tuple[str, ...]] = [
     ("looplm.quant",),
     ("looplm.checkpoint", "looplm.generate", "looplm.perplexity"),
     ("looplm.hf", "looplm.pretrained", "looplm.train"),
-    ("looplm.bench", "looplm.serve", "looplm.info", "looplm.generate_command", "looplm.train.command",
+    ("looplm.bench", "looplm.serve", "looplm.info", "looplm.generate_command", "looplm.import_command",
+     "looplm.pull_command", "looplm.train.command",
      "looplm.train.evaluate", "looplm.quant.command"),
     ("looplm.cli", "looplm.__main__"),
 ]
@@ -34,7 +35,7 @@ TIERS: list[tuple[str, ...]] = [
 # Third-party modules that may be imported inside a function: optional or slow to import, and
 # needed only by the code path that uses them.
 LAZY_ALLOWED = {
-    "accelerate", "datasets", "fastapi", "gguf", "httpx", "llama_cpp", "matplotlib", "openai",
+    "accelerate", "datasets", "fastapi", "gguf", "httpx", "jinja2", "llama_cpp", "matplotlib", "openai",
     "pyarrow", "tokenizers", "torch.profiler", "torch.utils.cpp_extension", "torch.utils.tensorboard",
     "tqdm", "transformers", "uvicorn",
 }

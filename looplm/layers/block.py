@@ -38,7 +38,7 @@ def attend_shared(attn: Attention, x: torch.Tensor, kv: KVState, positions: torc
     B, T, _ = x.shape
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q = attn.qkv(x).view(B, T, H + 2 * Hkv, D)[:, :, :H]
-    q = rope(q, positions, attn.rope_base)
+    q = rope(q, positions, attn.rope_base, attn.rope_scaling)
     o = attention(q, kv.k, kv.v, q_pos=positions, k_pos=kv.pos, key_mask=kv.key_mask)
     if mask is not None:
         o = o * mask[:, :, None, None]
@@ -54,9 +54,9 @@ class Block(nn.Module):
         d = c.d_model
         self.mixer_name = mixer
         self.spec = mixer_spec(mixer)
-        self.mixer_norm = RMSNorm(d)
+        self.mixer_norm = RMSNorm(d, eps=c.norm_eps)
         self.mixer = build_mixer(mixer, d, c.n_heads, **self.spec.options(c))
-        self.ffn_norm: RMSNorm | None = RMSNorm(d)
+        self.ffn_norm: RMSNorm | None = RMSNorm(d, eps=c.norm_eps)
         self.ffn: nn.Module | None
         if c.ffn == "none":  # a mixer-only block
             self.ffn_norm = self.ffn = None

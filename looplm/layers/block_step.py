@@ -207,7 +207,7 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState,
     H, Hkv, D = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
     inv_freq = getattr(mixer, "_inv_freq", None)
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
-        inv_freq = mixer._inv_freq = rope_inv_freq(D, mixer.rope_base, x.device)
+        inv_freq = mixer._inv_freq = rope_inv_freq(D, mixer.rope_base, x.device, mixer.rope_scaling)
     qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm),
                                         _step_weights(mixer.qkv), inv_freq, pos, H, Hkv)
     B = x.shape[0]

@@ -58,19 +58,21 @@ def _check_inputs(x: torch.Tensor, d_model: int, mask: torch.Tensor | None,
 
 class Attention(nn.Module):
     """Causal softmax attention with RoPE, grouped KV heads and a KV cache (Vaswani 2017;
-    RoFormer; GQA, Ainslie 2023)."""
+    RoFormer; GQA, Ainslie 2023). ``bias``: biases on the q, k, v projections (Qwen2);
+    ``rope_scaling``: see :func:`looplm.ops.attention.rope_inv_freq`."""
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
-                 head_dim: int | None = None, rope_base: float = 10000.0) -> None:
+                 head_dim: int | None = None, rope_base: float = 10000.0,
+                 rope_scaling: dict | None = None, bias: bool = False) -> None:
         super().__init__()
         self.d_model, self.n_heads = d_model, n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = head_dim or _head_dim(d_model, n_heads)
         if n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        self.rope_base = rope_base
+        self.rope_base, self.rope_scaling = rope_base, rope_scaling
         D, Hkv = self.head_dim, self.n_kv_heads
-        self.qkv = Linear(d_model, (n_heads + 2 * Hkv) * D, bias=False)
+        self.qkv = Linear(d_model, (n_heads + 2 * Hkv) * D, bias=bias)
         self.o_proj = Linear(n_heads * D, d_model, bias=False)
 
     def init_state(self, batch_size: int) -> KVState:
@@ -90,7 +92,7 @@ class Attention(nn.Module):
         if default_pos:
             start = state.seen[:, None] if state is not None else 0
             positions = start + torch.arange(T, device=x.device)
-        cos, sin = rope_cos_sin(positions, D, self.rope_base, x.dtype)
+        cos, sin = rope_cos_sin(positions, D, self.rope_base, x.dtype, self.rope_scaling)
         positions = positions.expand(B, T)
         # split, not slices: the backward of two slices zero-fills the whole qkv gradient twice
         qk, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split((H + Hkv, Hkv), dim=2)
@@ -324,7 +326,8 @@ class GatedDeltaNet(DeltaNet):
 
 
 def _attention_options(config: Any) -> dict[str, Any]:
-    return {"n_kv_heads": config.n_kv_heads, "rope_base": config.rope_base}
+    return {"n_kv_heads": config.n_kv_heads, "rope_base": config.rope_base,
+            "rope_scaling": config.rope_scaling, "head_dim": config.head_dim, "bias": config.qkv_bias}
 
 
 def _fixed_state_options(config: Any) -> dict[str, Any]:

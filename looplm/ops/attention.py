@@ -8,20 +8,70 @@ their true positions. Attention: Vaswani et al. 2017; grouped KV heads: Ainslie 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from looplm.errors import ConfigError
 from looplm.ops import cpp_ext
 from looplm.ops.blocks import row_blocks, tracked
 
+ROPE_SCALINGS = ("linear", "llama3")
 
-def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
-    """RoPE's frequencies ``base^(-2i/dim)``, ``[dim/2]`` float32: the angle of position p is ``p * f``."""
-    return base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
+    """Raise ConfigError unless ``scaling`` is None or a RoPE scaling this module computes:
+    ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}`` (``type`` is
+    accepted for ``rope_type``, as in older Hugging Face configs)."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be a mapping or null, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})")
+    need = ["factor"] if kind == "linear" else ["factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings"]
+    for key in need:
+        value = scaling.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"rope_scaling {kind!r} needs a positive {key}, got {value!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError("rope_scaling 'llama3' needs high_freq_factor > low_freq_factor")
+
+
+def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | None = None,
+                  scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """RoPE's frequencies ``base^(-2i/dim)``, ``[dim/2]`` float32: the angle of position p is ``p * f``.
+
+    ``scaling`` (see :func:`check_rope_scaling`): ``linear`` divides every frequency by ``factor``
+    (position interpolation, Chen et al. 2023); ``llama3`` divides the low frequencies (wavelength
+    above ``original / low_freq_factor``) by ``factor``, keeps the high ones (wavelength below
+    ``original / high_freq_factor``) and blends linearly in between (Llama 3.1, Meta 2024).
+    """
+    inv = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv
+    check_rope_scaling(scaling)
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)  # 0: low band, 1: high band
+    return (1 - smooth) * inv / factor + smooth * inv
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+    positions: torch.Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32,
+    scaling: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation tables for integer ``positions [B, T]`` (or ``[T]``): ``cos, sin [B, T, 1, dim/2]``.
 
@@ -31,7 +81,7 @@ def rope_cos_sin(
         raise ValueError(f"dim must be even for RoPE, got {dim}")
     if positions.dim() == 1:
         positions = positions[None]
-    inv_freq = rope_inv_freq(dim, base, positions.device)
+    inv_freq = rope_inv_freq(dim, base, positions.device, scaling)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, dim/2]
     return angles.cos()[:, :, None].to(dtype), angles.sin()[:, :, None].to(dtype)
 
@@ -84,9 +134,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _Rope.apply(x, cos, sin)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0,
+         scaling: dict[str, Any] | None = None) -> torch.Tensor:
     """``apply_rope`` with tables built for ``positions [B, T]``; ``x [B, T, H, D]``."""
-    cos, sin = rope_cos_sin(positions, x.shape[-1], base, x.dtype)
+    cos, sin = rope_cos_sin(positions, x.shape[-1], base, x.dtype, scaling)
     return apply_rope(x, cos, sin)
 
 
