@@ -8,10 +8,15 @@ a ``quantization`` block in config.json (format, group_size, zero_point, modules
 model.safetensors then holds each quantised module's packed parts and scales (``<module>.q``,
 ``.scale``, ``.packed``, ``.offset``, ``.exponent``) and every other tensor as in a float
 checkpoint. ``save_model`` / ``load_model`` handle both.
+
+``checksums.json`` records the SHA-256 of each weight file when it is written; loading verifies
+it, so flipped bytes raise CheckpointError instead of loading silently (checkpoints written before
+it existed load unverified).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,11 +28,13 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from looplm.errors import CheckpointError, ConfigError
+from looplm.memory import LOAD_BYTES_PER_PARAM, check_fits
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import apply_structure
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"
 MODEL_TYPE = "looplm"
 # keys written by looplm or transformers next to the LoopConfig fields; ignored on load
 METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
@@ -35,17 +42,53 @@ METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_d
 BLOCK = "quantization"  # config.json key of a quantised checkpoint
 
 
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path, names: list[str]) -> None:
+    """Record the SHA-256 of ``directory/name`` for each name in ``directory/checksums.json``."""
+    sums = {name: sha256_file(directory / name) for name in names}
+    (directory / CHECKSUMS_FILE).write_text(json.dumps({"sha256": sums}, indent=1) + "\n")
+
+
+def verify_checksums(directory: Path) -> None:
+    """CheckpointError naming the first file whose bytes differ from ``checksums.json`` (none: no check)."""
+    record = directory / CHECKSUMS_FILE
+    if not record.is_file():
+        return
+    try:
+        sums = json.loads(record.read_text())["sha256"]
+        items = [(str(name), str(digest)) for name, digest in sums.items()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{str(record)!r} is corrupted (not a checksum record)") from None
+    for name, digest in items:
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{str(file)!r} is missing; the checkpoint is incomplete")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"{str(file)!r} is corrupted: its SHA-256 differs from the one recorded "
+                                  "when it was written; restore it from a copy")
+
+
 def save_model(model: LoopLM, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``directory`` (created)."""
+    """Write ``config.json``, ``model.safetensors`` and ``checksums.json`` of ``model`` into ``directory``."""
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
     if getattr(model, BLOCK, None) is not None:  # quantize_model's output
-        return save_quantized(model, directory)
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": MODEL_TYPE, **model.config.to_dict()}
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    st_save_model(model, str(path / WEIGHTS_FILE))
+        path = save_quantized(model, directory)
+    else:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": MODEL_TYPE, **model.config.to_dict()}
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        st_save_model(model, str(path / WEIGHTS_FILE))
+    write_checksums(path, [WEIGHTS_FILE])
     return path
 
 
@@ -73,10 +116,14 @@ def load_config(directory: str | Path) -> LoopConfig:
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LoopLM:
-    """Rebuild the LoopLM saved in ``directory``; CheckpointError if it is missing or mismatched."""
+    """Rebuild the LoopLM saved in ``directory``; CheckpointError if it is missing, corrupted or
+    mismatched, ConfigError if it would not fit in memory."""
+    if Path(directory).is_dir():
+        verify_checksums(Path(directory))
+    config = load_config(directory)
+    check_fits(config, LOAD_BYTES_PER_PARAM, f"the model in {str(directory)!r}")
     if read_block(directory) is not None:
         return load_quantized(directory, map_location)
-    config = load_config(directory)
     file = Path(directory) / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{str(file)!r} is missing; the checkpoint is incomplete")

@@ -38,6 +38,17 @@ CHOICES = {
 }
 
 
+def _has_type(value: Any, kind: str) -> bool:
+    """Whether a config value matches one alternative of a field's annotation (``int``, ``list[float]``)."""
+    if kind == "None":
+        return value is None
+    if kind == "list[float]":
+        return isinstance(value, list) and all(_has_type(v, "float") for v in value)
+    if isinstance(value, bool):
+        return kind == "bool"
+    return isinstance(value, {"int": int, "float": (int, float), "str": str, "bool": bool}[kind])
+
+
 @dataclass
 class LoopConfig:
     """Every knob of LoopLM; validated at construction (one ConfigError naming the field).
@@ -92,7 +103,7 @@ class LoopConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.capacity is not None:
+        if isinstance(self.capacity, (list, tuple)) and all(_has_type(c, "float") for c in self.capacity):
             self.capacity = [float(c) for c in self.capacity]
         self.validate()
 
@@ -118,6 +129,10 @@ class LoopConfig:
 
     def validate(self) -> None:
         """Raise one ConfigError naming the first invalid field and the fix."""
+        for f in fields(self):
+            value, kinds = getattr(self, f.name), f.type.replace(" ", "").split("|")
+            if not any(_has_type(value, kind) for kind in kinds):
+                raise ConfigError(f"model.{f.name} must be {f.type}, got {value!r}")
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:

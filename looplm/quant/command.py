@@ -16,7 +16,7 @@ from looplm.errors import CheckpointError, ConfigError
 from looplm.quant.formats import FORMATS, GROUP_SIZES
 from looplm.quant.ptq import quantize_model
 
-OWN_FILES = ("config.json", "model.safetensors")
+OWN_FILES = ("config.json", "model.safetensors", "checksums.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from looplm.train import distributed
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
 from looplm.train.distributed import Dist
 from looplm.train.loop import train
+from looplm.train.run_dir import check_run_dir, lock_run_dir
 
 RUN_FILE = "run.json"  # the full config of the run, written into every checkpoint
 
@@ -104,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
+    check_run_dir(run_dir)  # before the corpus is read: a bad --out fails at once
+    if d.main and run_dir.is_dir():  # a second run of an existing directory too (train() locks a new one)
+        lock_run_dir(run_dir)
     corpus = load_corpus(cfg, d, progress=not args.no_progress)
     model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
     if getattr(args, "qat", None):  # quantisation-aware training; checkpoints stay float
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
     row = train(cfg, model, train_data, corpus.val.tokens, d=d, resume=args.resume, token_bytes=token_bytes,
                 extras=extras, sample=sampler(corpus, cfg), progress=not args.no_progress)
-    if d.main:
+    if d.main and not row.get("finished"):
         bpb = f", val bits/byte {row['val_bpb']:.3f}" if "val_bpb" in row else ""
         print(f"done: step {row.get('step')}, val loss {row.get('val_loss', float('nan')):.4f}{bpb}; "
               f"checkpoint {run_dir / 'latest'}")

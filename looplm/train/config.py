@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,17 @@ class TrainConfig:
             )
         if not 0 <= self.decay_frac <= 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.decay_frac and train.min_lr_ratio must lie in [0, 1]")
+        for name in ("grad_clip", "weight_decay", "max_minutes", "max_tokens", "max_files", "warmup_steps",
+                     "threads", "sample_tokens"):
+            if not getattr(self, name) >= 0:  # also catches NaN
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 < self.lr < math.inf):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError(f"train.seed must lie in [0, 2**64), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

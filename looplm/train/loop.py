@@ -25,12 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from looplm.data.loader import BatchSampler, eval_batches
-from looplm.errors import ConfigError, LoopLMError
+from looplm.errors import CheckpointError, ConfigError, LoopLMError
 from looplm.train import distributed
 from looplm.train.config import TrainConfig
 from looplm.train.distributed import Dist
 from looplm.train.optim import build_optimizer, lr_at, set_lr
 from looplm.train.run_checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from looplm.train.run_dir import lock_run_dir, release
 
 
 class DivergedError(LoopLMError):
@@ -87,16 +88,20 @@ def evaluate(
 
 
 class MetricsLog:
-    """metrics.jsonl (rank 0 only), plus TensorBoard when the package is installed."""
+    """metrics.jsonl (rank 0 only), plus TensorBoard when the package is installed.
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+    On resume the lines a killed run wrote after its checkpoint are dropped, and so is a last
+    line it was killed in the middle of (said through ``log``); a broken line elsewhere is an error.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool,
+                 log: Callable[[str], None] = print):
         self.path, self.enabled, self.tb = path, enabled, None
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and path.exists():  # drop lines the killed run wrote after its checkpoint
-            lines = path.read_text().splitlines()
-            keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= resume_step]
+            keep = [ln for ln, row in self._rows(path, log) if row["step"] <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
         elif path.exists():
             path.unlink()
@@ -106,6 +111,27 @@ class MetricsLog:
             self.tb = SummaryWriter(str(path.parent / "tb"))
         except ImportError:
             pass
+
+    @staticmethod
+    def _rows(path: Path, log: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
+        """(line, row) of each complete line of ``path``; a partial last line is dropped."""
+        lines = path.read_text(errors="replace").split("\n")
+        rows = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("no step")
+            except ValueError:
+                if i == len(lines) - 1:  # no newline after it: the write was cut short
+                    log(f"{path}: dropped a partial last line (the run was killed while writing it)")
+                    continue
+                raise CheckpointError(f"{path}, line {i + 1}, is not a metrics row; "
+                                      "remove or fix that line, then --resume again") from None
+            rows.append((line, row))
+        return rows
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -189,6 +215,8 @@ def train(
     """
     d = d or Dist()
     run_dir = Path(cfg.out)
+    if d.main:
+        lock_run_dir(run_dir)
     steps = total_steps(cfg)
     sched = dataclasses.replace(cfg, steps=steps)
     model.to(d.device).train()
@@ -199,7 +227,15 @@ def train(
     if resume and existing:
         run = load_checkpoint(existing[-1][1], model, optimizer)
         start = resume_step = run.pop("step")
+        if not isinstance(run.get("data"), dict):
+            raise CheckpointError(f"cannot resume from {existing[-1][1]}: no data position in its state")
         train_data.load_state_dict(run["data"])  # checks the data and batch settings match
+        if start >= steps:
+            log(f"{run_dir} is already finished (step {start} of {steps}); "
+                "pass a larger --steps with --resume to train further")
+            if d.main:
+                release(run_dir)
+            return {"step": start, "finished": True}
         log(f"resuming {run_dir} from step {start}")
     elif existing:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume or choose another --out")
@@ -209,7 +245,7 @@ def train(
         clean_partial(run_dir)
     distributed.barrier(d)
     net = DistributedDataParallel(model) if d.world > 1 else model
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step, d.main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step, d.main, log)
     bar = tqdm(total=steps, initial=start, disable=not (progress and d.main), dynamic_ncols=True, unit="step")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t0 = time.perf_counter() - run.get("elapsed_s", 0.0)  # wall time of the run, across resumes
@@ -281,4 +317,6 @@ def train(
             break
     bar.close()
     metrics.close()
+    if d.main:
+        release(run_dir)
     return row

@@ -6,10 +6,11 @@ A run directory holds ``ckpt-NNNNNN/`` directories, each::
     tokenizer.json / run extras        written by the ``extras`` callback
     train_state/tensors.safetensors    optimizer moments and RNG states
     train_state/state.json             step, param groups, python/numpy RNG, run counters
+    checksums.json, train_state/checksums.json   SHA-256 of the weight files, verified on load
 
-Nothing is pickled. A checkpoint is written under a temporary name and renamed into place,
-so a crash leaves either the old set or the new one, never half a checkpoint. ``latest``
-and ``best`` are symlinks to checkpoint directories.
+Nothing is pickled. A checkpoint is written under a temporary name, flushed to disk (fsync)
+and renamed into place, so a crash or a full disk leaves either the old set or the new one,
+never half a checkpoint. ``latest`` and ``best`` are symlinks to checkpoint directories.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from looplm.checkpoint import save_model as save_looplm
+from looplm.checkpoint import verify_checksums, write_checksums
 from looplm.errors import CheckpointError
 
 CKPT_RE = re.compile(r"^ckpt-(\d{6,})$")
@@ -96,6 +98,23 @@ def save_weights(model: nn.Module, path: Path) -> None:
         save_model(model, str(path / "model.safetensors"))
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (files first), so a rename publishes whole data."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(directory) / name)
+        _fsync(Path(directory))
+
+
 def _replace_link(link: Path, target: str) -> None:
     tmp = link.with_name(f".{link.name}.tmp")
     if tmp.is_symlink() or tmp.exists():
@@ -130,15 +149,24 @@ def save_checkpoint(
     final = run_dir / f"ckpt-{step:06d}"
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train_state").mkdir(parents=True)
-    save_weights(model, tmp)
-    if extras is not None:
-        extras(tmp)
-    opt_tensors, opt_meta = optimizer_state(optimizer)
-    rng_tensors, rng_meta = rng_state()
-    save_file({**opt_tensors, **rng_tensors}, str(tmp / "train_state" / "tensors.safetensors"))
-    meta = {"step": step, "optimizer": opt_meta, "rng": rng_meta, "run": state}
-    (tmp / "train_state" / "state.json").write_text(json.dumps(meta))
+    try:
+        (tmp / "train_state").mkdir(parents=True)
+        save_weights(model, tmp)
+        if extras is not None:
+            extras(tmp)
+        opt_tensors, opt_meta = optimizer_state(optimizer)
+        rng_tensors, rng_meta = rng_state()
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / "train_state" / "tensors.safetensors"))
+        write_checksums(tmp / "train_state", ["tensors.safetensors"])
+        meta = {"step": step, "optimizer": opt_meta, "rng": rng_meta, "run": state}
+        (tmp / "train_state" / "state.json").write_text(json.dumps(meta))
+        _fsync_tree(tmp)
+    except (OSError, SafetensorError) as exc:  # a full disk, a file-size limit: keep what is there
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        kept = f"; {(run_dir / 'latest').resolve().name} is intact" if (run_dir / "latest").exists() else ""
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {str(run_dir)!r}: {reason}{kept}"
+                              ) from None
     old = run_dir / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
@@ -147,6 +175,7 @@ def save_checkpoint(
     _replace_link(run_dir / "latest", final.name)
     if is_best:
         _replace_link(run_dir / "best", final.name)
+    _fsync(run_dir)
     best = (run_dir / "best").resolve().name if (run_dir / "best").is_symlink() else None
     for _, path in list_checkpoints(run_dir)[:-keep_last]:
         if path.name != best:
@@ -165,6 +194,8 @@ def clean_partial(run_dir: Path) -> None:
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG states from ``ckpt``; return its run state with ``step``."""
     try:
+        verify_checksums(ckpt)
+        verify_checksums(ckpt / "train_state")
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise CheckpointError(
@@ -174,14 +205,16 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         tensors = load_file(str(ckpt / "train_state" / "tensors.safetensors"))
         meta = json.loads((ckpt / "train_state" / "state.json").read_text())
         load_optimizer_state(optimizer, tensors, meta["optimizer"])
+        set_rng_state(tensors, meta["rng"])
+        run = {**meta["run"], "step": int(meta["step"])}
     except RuntimeError as exc:  # shape mismatch
         raise CheckpointError(
             f"{ckpt} does not match the model ({str(exc).splitlines()[-1].strip()}); "
             "resume with the run's own config"
         ) from None
-    except (OSError, SafetensorError, json.JSONDecodeError, KeyError, ValueError) as exc:
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         if isinstance(exc, CheckpointError):
             raise
-        raise CheckpointError(f"cannot resume from {ckpt}: {str(exc).splitlines()[0]}") from None
-    set_rng_state(tensors, meta["rng"])
-    return {**meta["run"], "step": meta["step"]}
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"cannot resume from {ckpt}: its train_state is corrupted ({what})") from None
+    return run
