@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from looplm.errors import LoopLMError
 from looplm.quant import state as qstate
 
 
@@ -97,9 +98,13 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | 
 
     ``temperature=0`` is greedy (argmax; the filters do not change it). Otherwise the logits
     are divided by the temperature, cut to the candidates of :func:`keep_mask`, and one token
-    is drawn from their renormalised probabilities.
+    is drawn from their renormalised probabilities. Non-finite logits (broken weights) raise
+    LoopLMError.
     """
     check_sampling(temperature, top_k, top_p, min_p)
+    if not bool(torch.isfinite(logits).all()):
+        raise LoopLMError("the model produced NaN or infinite logits; its weights are broken "
+                          "(a diverged or corrupted checkpoint): check them with looplm eval")
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from looplm.bench.runner import Sweep, markdown_table, save_figure, subplots
+from looplm.errors import ConfigError
 from looplm.generate import decoding_mode
 from looplm.model import LoopConfig, LoopLM
 
@@ -58,10 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     s = dict(contexts=sorted(args.contexts), models=args.models, d_model=args.d_model, n_heads=args.n_heads,
              tokens=args.tokens, chunk=args.chunk, seed=args.seed, threads=torch.get_num_threads())
+    for flag in ("contexts", "tokens", "chunk", "d_model", "n_heads"):
+        if min(s[flag] if flag == "contexts" else [s[flag]]) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.quick:
         s.update(contexts=[16, 48], d_model=32, tokens=2, chunk=16)
-    if min(s["contexts"]) < 1 or s["tokens"] < 1 or s["chunk"] < 1:
-        raise ValueError("--contexts, --tokens and --chunk must be positive")
     return s
 
 

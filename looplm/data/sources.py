@@ -144,7 +144,8 @@ class FileSource(Source):
         if self.text_field not in row:
             keys = ", ".join(map(repr, list(row)[:10]))
             raise DataError(
-                f"{where}: no field {self.text_field!r} (fields: {keys}); set the text field (--text-field)"
+                f"{where}: no field {self.text_field!r} (fields: {keys}); "
+                "choose it with --set text_field=NAME"
             )
         text = row[self.text_field]
         if text is not None and not isinstance(text, str):
@@ -163,7 +164,7 @@ class FileSource(Source):
         if self.text_field not in names:
             raise DataError(
                 f"{f.path}: no column {self.text_field!r} (columns: {', '.join(names[:10])}); "
-                "set the text field (--text-field)"
+                "choose it with --set text_field=NAME"
             )
         kind = pf.schema_arrow.field(self.text_field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)):
@@ -224,7 +225,7 @@ class HFSource(Source):
                 if self.text_field not in row:
                     raise DataError(
                         f"{where}: no field {self.text_field!r} (fields: {', '.join(list(row)[:10])}); "
-                        "set the text field (--text-field)"
+                        "choose it with --set text_field=NAME"
                     )
                 text = row[self.text_field]
                 if text:

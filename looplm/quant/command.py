@@ -8,6 +8,7 @@ weights + scales) and the source's other files (tokenizer, run.json), so ``loopl
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -32,10 +33,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory to write")
 
 
+def check_out(out: Path) -> None:
+    """``--out`` must be new or an empty directory (never a file, a link, or another checkpoint)."""
+    if out.is_symlink():
+        raise ConfigError(f"--out {str(out)!r} is a symbolic link; give a new directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {str(out)!r} is not empty (it would be overwritten); give a new directory")
+    parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     src, out = Path(args.checkpoint), Path(args.out)
     if out.resolve() == src.resolve():
         raise ConfigError("--out must differ from the source checkpoint (it would be overwritten)")
+    check_out(out)
     model = load_model(src)
     if getattr(model, "quantization", None) is not None:
         raise CheckpointError(f"{str(src)!r} is already quantised ({model.quantization['format']}); "
@@ -46,10 +61,19 @@ def run(args: argparse.Namespace) -> int:
     keep = args.keep_embeddings
     quantize_model(model, args.format, group_size=group, zero_point=not args.no_zero_point,
                    keep_embeddings=keep, keep_head=keep)
-    save_model(model, out)
-    for f in src.iterdir():
-        if f.is_file() and f.name not in OWN_FILES:
-            shutil.copy2(f, out / f.name)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_model(model, tmp)
+        for f in src.iterdir():
+            if f.is_file() and f.name not in OWN_FILES:
+                shutil.copy2(f, tmp / f.name)
+        if out.is_dir():  # empty (check_out): replaced by the finished copy
+            out.rmdir()
+        os.rename(tmp, out)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     sizes = [(d / "model.safetensors").stat().st_size for d in (src, out)]
     print(f"{out}: {args.format}, {len(model.quantization['modules'])} modules quantised, "
           f"{sizes[1] / 1e6:.2f} MB ({100 * sizes[1] / sizes[0]:.1f}% of {sizes[0] / 1e6:.2f} MB)")

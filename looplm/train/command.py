@@ -18,6 +18,7 @@ import torch
 from looplm.data import BatchSampler, Corpus, Tokenizer, prepare_corpus
 from looplm.errors import ConfigError
 from looplm.generate import generate
+from looplm.memory import TRAIN_BYTES_PER_PARAM, check_fits
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.formats import FORMATS
 from looplm.quant.qat import apply_qat
@@ -58,7 +59,10 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     sections["train"].update({k: v for k, v in flags.items() if v is not None})
     sections = apply_overrides(sections, args.set, model_keys())
     train_cfg = TrainConfig.from_dict(sections["train"])
-    LoopConfig.from_dict(sections["model"])  # fail on a bad model key before touching the data
+    config = LoopConfig.from_dict(sections["model"])  # fail on a bad model key before touching the data
+    vocab = 64 * math.ceil((259 if train_cfg.tokenizer == "byte" else train_cfg.vocab_size) / 64)
+    check_fits(dataclasses.replace(config, vocab_size=max(vocab, config.vocab_size)), TRAIN_BYTES_PER_PARAM,
+               "training this model")
     return sections["model"], train_cfg
 
 
@@ -77,7 +81,7 @@ def load_corpus(
 ) -> Corpus:
     """The run's corpus from the cache (rank 0 builds it first; the others then read it)."""
     spec = tokenizer or ("byte" if cfg.tokenizer == "byte" else f"bpe:{cfg.vocab_size}")
-    kwargs = dict(max_files=cfg.max_files or None, progress=progress and d.main)
+    kwargs = dict(max_files=cfg.max_files or None, progress=progress and d.main, text_field=cfg.text_field)
     corpus = prepare_corpus(cfg.data, spec, **kwargs) if d.main else None
     distributed.barrier(d)
     return corpus or prepare_corpus(cfg.data, spec, **kwargs)

@@ -29,6 +29,7 @@ class TrainConfig:
     """Every setting of a training run except the model's architecture."""
 
     data: str = "stdlib"  # corpus: "stdlib", a file, directory, glob, .jsonl, .parquet, hf:NAME
+    text_field: str = "text"  # the text field of .jsonl rows, .parquet columns and hf: datasets
     tokenizer: str = "byte"  # byte | bpe
     vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
     max_files: int = 0  # use only the first N files of the corpus (0 = all; for quick tests)

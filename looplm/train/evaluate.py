@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from looplm.checkpoint import load_model
 from looplm.data import eval_batches, load_tokenizer
-from looplm.data.corpus import resolve_source
-from looplm.errors import DataError
+from looplm.data.corpus import cache_root, resolve_source
+from looplm.errors import CheckpointError, ConfigError, DataError
 from looplm.perplexity import score_tokens, scored_bytes
 from looplm.train.command import load_corpus
 from looplm.train.config import TrainConfig
@@ -73,9 +74,10 @@ def _score_file(model, tokenizer, args: argparse.Namespace) -> dict:
 
 
 def _score_validation(model, ckpt: Path, tokenizer, args: argparse.Namespace) -> dict:
-    saved = ckpt / "run.json"
-    train_cfg = json.loads(saved.read_text())["train"] if saved.is_file() else {}
-    kept = ("data", "tokenizer", "vocab_size", "max_files", "seq_len")
+    train_cfg = recorded_train_config(ckpt)
+    if isinstance(train_cfg.get("data"), str):
+        check_recorded_data(train_cfg["data"], ckpt)
+    kept = ("data", "tokenizer", "vocab_size", "max_files", "seq_len", "text_field")
     batch_size = args.batch_size or 16
     cfg = TrainConfig.from_dict({
         **{k: v for k, v in train_cfg.items() if k in kept},
@@ -90,7 +92,36 @@ def _score_validation(model, ckpt: Path, tokenizer, args: argparse.Namespace) ->
     return {"data": cfg.data, **result}
 
 
+def recorded_train_config(ckpt: Path) -> dict[str, Any]:
+    """The ``train`` section of the checkpoint's run.json ({} without one)."""
+    saved = ckpt / "run.json"
+    if not saved.is_file():
+        return {}
+    try:
+        train_cfg = json.loads(saved.read_text())["train"]
+        if not isinstance(train_cfg, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{str(saved)!r} is corrupted (not a run record); restore it") from None
+    return train_cfg
+
+
+def check_recorded_data(data: str, ckpt: Path) -> None:
+    """A data path read from run.json is followed only inside the run directory or the looplm cache."""
+    if data == "stdlib" or data.startswith("hf:"):
+        return
+    fixed = Path(data.split("*")[0].split("?")[0].split("[")[0] or ".").expanduser().resolve()
+    inside = (ckpt.resolve().parent, cache_root().resolve())
+    if not any(fixed == root or fixed.is_relative_to(root) for root in inside):
+        raise ConfigError(f"the run's data {data!r} (from {str(ckpt / 'run.json')!r}) lies outside the run "
+                          "and the looplm cache; pass --data to choose what to evaluate on")
+
+
 def run(args: argparse.Namespace) -> int:
+    for flag in ("iters", "batch_size", "seq_len", "max_tokens", "stride"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.data is None and (args.max_tokens is not None or args.stride is not None):
         raise DataError("--max-tokens and --stride apply to --data FILE; give the text to score")
     ckpt = Path(args.checkpoint)

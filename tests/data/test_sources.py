@@ -79,7 +79,7 @@ def test_jsonl(tmp_path):
     ("content", "message"),
     [
         ('{"text": "a"}\n{"text": oops}\n', r"bad.jsonl:2: invalid JSON"),
-        ('{"body": "a"}\n', r"bad.jsonl:1: no field 'text' \(fields: 'body'\).*--text-field"),
+        ('{"body": "a"}\n', r"bad.jsonl:1: no field 'text' \(fields: 'body'\).*--set text_field=NAME"),
         ('{"text": 3}\n', r"field 'text' is int"),
         ('["text"]\n', r"expected a JSON object"),
         ("\n\n", r"no rows with text"),
