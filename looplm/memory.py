@@ -24,13 +24,7 @@ def param_count(config: LoopConfig) -> int:
 
 
 def available_bytes() -> int | None:
-    """Memory the OS can give this process now (``MemAvailable``), or None where unknown."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
+    """Memory the OS can give this process now (Linux ``MemAvailable``), or None where unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

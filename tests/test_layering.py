@@ -22,7 +22,7 @@ TIERS: list[tuple[str, ...]] = [
     ("looplm", "looplm.errors"),
     ("looplm.ops", "looplm.data"),
     ("looplm.layers",),
-    ("looplm.routers", "looplm.state", "looplm.flops", "looplm.model"),
+    ("looplm.routers", "looplm.state", "looplm.flops", "looplm.model", "looplm.memory"),
     ("looplm.quant",),
     ("looplm.checkpoint", "looplm.generate", "looplm.perplexity"),
     ("looplm.hf", "looplm.pretrained", "looplm.train"),
