@@ -24,8 +24,10 @@ caller runs its PyTorch form instead (one warning says why).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -39,13 +41,54 @@ HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatv
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold
 # [2048, 384] matrix-vector product of linear_small.cpp took 115 instead of 137 us here
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+BUILD_LOCK = "looplm-build.lock"
 _loaded: dict[str, bool] = {}
 
 
-def _name(sources: list[Path]) -> str:
-    """Extension name with a hash of the sources: checkouts with other sources do not rebuild ours."""
-    digest = hashlib.sha1(b"".join(p.read_bytes() for p in [*sources, *HEADERS])).hexdigest()[:10]
-    return f"looplm_kernels_{digest}"
+def _name(sources: list[Path], cflags: list[str] = _CFLAGS, ldflags: list[str] = _LDFLAGS) -> str:
+    """Extension name with a hash of the sources' paths and bytes and the compiler flags: two
+    checkouts (or flag sets) on one machine each keep their own build instead of rebuilding each other's."""
+    digest = hashlib.sha1()
+    for p in [*sources, *HEADERS]:
+        digest.update(str(p.resolve()).encode() + b"\0" + p.read_bytes() + b"\0")
+    digest.update("\0".join([*cflags, "|", *ldflags]).encode())
+    return f"looplm_kernels_{digest.hexdigest()[:10]}"
+
+
+def build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
+          timeout_s: float | None = None) -> None:
+    """Compile (or find cached) and load ``sources`` as the shared library ``name``.
+
+    torch's loader guards a build with a lock *file* that a build killed mid-way leaves behind,
+    after which every later load waits on it forever. So each build here first takes
+    ``fcntl.flock`` on ``<build dir>/looplm-build.lock``, which the kernel releases when its
+    holder dies: whoever holds it knows no other build runs, and removes a leftover torch lock.
+    Waiting on a live builder ends after ``timeout_s`` (``$LOOPLM_BUILD_TIMEOUT``, default 600 s)
+    with TimeoutError naming the lock.
+    """
+    from torch.utils.cpp_extension import _get_build_directory, load  # torch's own cache layout
+
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("LOOPLM_BUILD_TIMEOUT") or 600)
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    fd = os.open(build_dir / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has held {build_dir / BUILD_LOCK} for over "
+                                       f"{timeout_s:.0f} s (raise LOOPLM_BUILD_TIMEOUT to wait)") from None
+                time.sleep(0.2)
+        (build_dir / "lock").unlink(missing_ok=True)  # torch's lock file: stale, as we hold the lock
+        load(name=name, sources=[str(p) for p in sources], build_directory=str(build_dir),
+             is_python_module=False, extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+    finally:
+        os.close(fd)
 
 
 def available() -> bool:
@@ -55,10 +98,7 @@ def available() -> bool:
         if os.environ.get("LOOPLM_NO_CPP_EXT", "") not in ("", "0"):
             return False
         try:
-            from torch.utils.cpp_extension import load
-
-            load(name=_name(SOURCES), sources=[str(p) for p in SOURCES], is_python_module=False,
-                 extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+            build(_name(SOURCES), SOURCES, _CFLAGS, _LDFLAGS)
             _loaded["ok"] = True
         except Exception as err:  # no compiler or ninja, read-only cache: fall back, say so once
             first_line = (str(err).splitlines() or [""])[0][:200]

@@ -64,8 +64,6 @@ def lock_run_dir(path: Path) -> None:
             raise ConfigError(f"another looplm process is using {str(path)!r} (it holds {LOCK_FILE}); "
                               "wait for it to finish or choose another --out") from None
         raise ConfigError(f"cannot lock {str(path / LOCK_FILE)!r}: {exc.strerror}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
 
 
