@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from looplm.bench.common import machine_info, markdown_table, time_interleaved, write_json
+from looplm.checkpoint import load_model
 from looplm.generate import generate_ids
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import quantize_model
@@ -123,8 +124,6 @@ def _kv_bytes(model: LoopLM, prompt_len: int, new: int) -> int:
 def run_bench(s: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     if s["checkpoint"]:
-        from looplm.checkpoint import load_model
-
         base = load_model(s["checkpoint"])
     else:
         base = LoopLM(LoopConfig(**(QUICK if s["quick"] else SMOLLM2)))
