@@ -46,7 +46,8 @@ def _has_type(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(_has_type(v, "float") for v in value)
     if isinstance(value, bool):
         return kind == "bool"
-    return isinstance(value, {"int": int, "float": (int, float), "str": str, "bool": bool}[kind])
+    base = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(kind.partition("[")[0])
+    return isinstance(value, dict) if kind.startswith("dict") else base is None or isinstance(value, base)
 
 
 @dataclass

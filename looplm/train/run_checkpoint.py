@@ -203,7 +203,11 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 f"unexpected {sorted(unexpected)[:3]}); resume with the run's own config"
             )
         tensors = load_file(str(ckpt / "train_state" / "tensors.safetensors"))
-        meta = json.loads((ckpt / "train_state" / "state.json").read_text())
+        try:
+            meta = json.loads((ckpt / "train_state" / "state.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{str(ckpt / 'train_state' / 'state.json')!r} is corrupted (not JSON); "
+                                  "resume from an earlier checkpoint or restore it") from None
         load_optimizer_state(optimizer, tensors, meta["optimizer"])
         set_rng_state(tensors, meta["rng"])
         run = {**meta["run"], "step": int(meta["step"])}

@@ -94,7 +94,11 @@ def test_killed_kernel_build_does_not_hang_the_next(tmp_path: Path) -> None:
     first.wait()
     assert baton.exists()
     second = _builder(src, ext_dir)
-    out, err = second.communicate(timeout=180)  # before the fix: waits on the stale lock forever
+    try:
+        out, err = second.communicate(timeout=180)  # before the fix: waits on the stale lock forever
+    finally:
+        second.kill()
+        second.wait()
     assert second.returncode == 0 and "built" in out, err[-2000:]
 
 

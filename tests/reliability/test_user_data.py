@@ -104,7 +104,8 @@ def test_corrupted_run_file_is_one_line(broken: str, run_copy: Path, cache: Path
         proc = looplm("eval", str(ckpt), "--iters", "1", cache=cache)
         one_line_error(proc, "run.json", "corrupted")
     else:
-        one_line_error(looplm(*_resume(run_copy, data_file, "steps=6"), cache=cache), "ckpt-000004")
+        needles = ["state.json", "corrupted"] if broken == "state.json" else ["checksums.json", "corrupted"]
+        one_line_error(looplm(*_resume(run_copy, data_file, "steps=6"), cache=cache), "ckpt-000004", *needles)
     assert snapshot(run_copy) == before
 
 
