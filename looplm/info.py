@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from looplm.checkpoint import load_model
+from looplm.errors import CheckpointError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,10 @@ def run(args: argparse.Namespace) -> int:
     }
     state_file = ckpt / "train_state" / "state.json"
     if state_file.is_file():
-        info["step"] = json.loads(state_file.read_text()).get("step")
+        try:
+            info["step"] = json.loads(state_file.read_text()).get("step")
+        except (UnicodeDecodeError, ValueError, AttributeError):
+            raise CheckpointError(f"{str(state_file)!r} is corrupted (not a JSON object)") from None
     if args.json:
         print(json.dumps(info))
         return 0

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from looplm.checkpoint import write_checksums
 from tests.reliability.conftest import TINY, looplm, looplm_bg, one_line_error, snapshot
 
 
@@ -106,6 +105,8 @@ def test_corrupted_run_file_is_one_line(broken: str, run_copy: Path, cache: Path
     else:
         needles = ["state.json", "corrupted"] if broken == "state.json" else ["checksums.json", "corrupted"]
         one_line_error(looplm(*_resume(run_copy, data_file, "steps=6"), cache=cache), "ckpt-000004", *needles)
+        if broken == "state.json":
+            one_line_error(looplm("info", str(ckpt), cache=cache), "state.json", "corrupted")
     assert snapshot(run_copy) == before
 
 
@@ -129,7 +130,7 @@ def test_flipped_weight_byte_is_refused(command: str, run_copy: Path, tmp_path: 
 
 def test_checkpoint_without_checksums_still_loads(run_copy: Path, cache: Path) -> None:
     ckpt = run_copy / "ckpt-000004"
-    (ckpt / "checksums.json").unlink()  # written before checksums existed
+    (ckpt / "checksums.json").unlink(missing_ok=True)  # as written before checksums existed
     proc = looplm("generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "4", cache=cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -141,6 +142,8 @@ def test_nan_weights_while_sampling_is_one_line(temperature: str, run_copy: Path
     name = next(k for k in tensors if k.endswith("weight") and tensors[k].dim() == 2)
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(ckpt / "model.safetensors"))
+    from looplm.checkpoint import write_checksums  # here: the module collects where it is missing
+
     write_checksums(ckpt, ["model.safetensors"])  # intact bytes, broken numbers
     proc = looplm("generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "4", "--temperature",
                   temperature, "--seed", "1", cache=cache)
