@@ -56,7 +56,7 @@ def rope_inv_freq(dim: int, base: float = 10000.0, device: torch.device | str | 
     """
     inv = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
+    if scaling is None or kind in (None, "default"):
         return inv
     check_rope_scaling(scaling)
     factor = float(scaling["factor"])
@@ -104,13 +104,13 @@ class _Rope(torch.autograd.Function):
     rotation in ``csrc/norm_rope.cpp`` (one pass per row, rows over threads) where it is built."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.dtype = x.dtype
         return _rotate_rows(x, cos, sin, 1)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         return _rotate_rows(gy, cos, sin, -1).to(ctx.dtype), None, None
 
@@ -131,7 +131,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``(x1 cos - x2 sin, x2 cos + x1 sin)`` for the halves ``x1, x2``."""
     if not tracked(x, cos, sin):
         return _rotate_rows(x, cos, sin, 1)
-    return _Rope.apply(x, cos, sin)
+    return _Rope.apply(x, cos, sin)  # type: ignore[no-untyped-call]
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0,
@@ -171,7 +171,8 @@ class _CausalByChunks(torch.autograd.Function):
     8 chunks: 142 vs 130 ms, so ``attention`` uses it for 2 to 4 chunks only)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float | None) -> torch.Tensor:
         outs, lses, masks = [], [], []
         for i, e in _chunks(q.shape[2]):
             mask = _chunk_mask(i, e, q)
@@ -184,17 +185,18 @@ class _CausalByChunks(torch.autograd.Function):
         return torch.cat(outs, dim=2)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         q, k, v, *saved = ctx.saved_tensors
         n = len(ctx.masks)
         outs, lses = saved[:n], saved[n:]
         dq: list[torch.Tensor] = []
-        dk = dv = None
+        dk: torch.Tensor | None = None
+        dv: torch.Tensor | None = None
         for c, (i, e) in reversed(list(enumerate(_chunks(q.shape[2])))):
             gq, gk, gv = _flash_backward(g[:, :, i:e], q[:, :, i:e], k[:, :, :e], v[:, :, :e], outs[c],
                                          lses[c], 0.0, i == 0, attn_mask=ctx.masks[c], scale=ctx.scale)
             dq.insert(0, gq)
-            if dk is None:  # the last chunk: every key
+            if dk is None or dv is None:  # the last chunk: every key
                 dk, dv = gk, gv
             else:
                 dk[:, :, :e] += gk
@@ -233,7 +235,7 @@ def attention(
         if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK and q.device.type == "cpu":
             if gqa:  # the flash kernels take equal heads: repeat each key/value head for its group
                 kt, vt = kt.repeat_interleave(H // Hkv, dim=1), vt.repeat_interleave(H // Hkv, dim=1)
-            return _CausalByChunks.apply(qt, kt, vt, scale).transpose(1, 2)
+            return _CausalByChunks.apply(qt, kt, vt, scale).transpose(1, 2)  # type: ignore[no-untyped-call]
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and T > 1, scale=scale,
                                              enable_gqa=gqa)
         return out.transpose(1, 2)

@@ -15,6 +15,8 @@ a padded copy, then SiLU, took 50.6 ms fwd+bwd against 14.9 ms for this (1 threa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -74,14 +76,15 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stat
 
 class _CausalConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, state, silu: bool):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                state: torch.Tensor | None, silu: bool) -> torch.Tensor:
         y, wt, pre = _conv(x, weight, bias, state, silu)
         ctx.save_for_backward(x, wt, state, pre)
         ctx.silu, ctx.has_bias = silu, bias is not None
         return y
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, wt, state, pre = ctx.saved_tensors
         K, T = wt.shape[0], x.shape[1]
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
@@ -128,7 +131,7 @@ def causal_conv1d(
     B, T, D = x.shape
     K = weight.shape[1]
     if tracked(x, weight, bias, state):
-        y = _CausalConv.apply(x, weight, bias, state, silu)
+        y = _CausalConv.apply(x, weight, bias, state, silu)  # type: ignore[no-untyped-call]
     else:
         y = _conv(x, weight, bias, state, silu)[0]
     dtype = x.dtype if state is None else torch.promote_types(x.dtype, state.dtype)

@@ -25,8 +25,11 @@ in a C++ kernel (:mod:`looplm.ops.delta_kernel`), each thread on its own groups.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from looplm.ops.blocks import row_blocks, rows_per_block
 from looplm.ops.delta_kernel import kernel_backward, kernel_forward, use_kernel
@@ -74,7 +77,8 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _pair_terms(scale, q, k, beta, b):
+def _pair_terms(scale: float, q: Tensor, k: Tensor, beta: Tensor,
+                b: Any) -> tuple[Tensor, Tensor, Tensor, Any]:
     """The ``[C, C]`` terms of all chunks at once: ``p = scale Q K^T ⊙ D``, ``kk = K K^T ⊙ D``,
     ``ainv = A^{-1}`` and ``d = D`` (None when ungated; ``b`` the in-chunk cumulative log-decay)."""
     c = q.shape[1]
@@ -90,7 +94,8 @@ def _pair_terms(scale, q, k, beta, b):
     return p, kk, unit_lower_inverse(kk * beta.unsqueeze(-1)), d
 
 
-def _chunk_terms(sl, scale, k, v, beta, ainv, u, w, q, eb, k_end, q_dec, k_dec) -> None:
+def _chunk_terms(sl: slice, scale: float, k: Tensor, v: Tensor, beta: Tensor, ainv: Tensor, u: Tensor,
+                 w: Tensor, q: Tensor, eb: Any, k_end: Any, q_dec: Tensor, k_dec: Tensor) -> None:
     """Fill rows ``sl`` of ``u = A^{-1} Diag(beta) V`` (delta before the loop subtracts ``W S``),
     ``w = A^{-1} Diag(beta e^b) K`` and, when gated, ``q_dec = scale Q ⊙ e^b``, ``k_dec = K ⊙
     e^{b_C - b}``."""
@@ -105,8 +110,9 @@ def _chunk_terms(sl, scale, k, v, beta, ainv, u, w, q, eb, k_end, q_dec, k_dec) 
         torch.mul(kb, k_end[sl], out=k_dec[sl])
 
 
-def _input_grads(scale, d_o, d_delta, g_next, s_in, q, k, v, beta, eb, k_end, d, p, kkd, ainv, q_dec, k_dec,
-                 delta):
+def _input_grads(scale: float, d_o: Tensor, d_delta: Tensor, g_next: Tensor, s_in: Tensor, q: Tensor,
+                 k: Tensor, v: Tensor, beta: Tensor, eb: Any, k_end: Any, d: Any, p: Tensor, kkd: Tensor,
+                 ainv: Tensor, q_dec: Tensor, k_dec: Tensor, delta: Tensor) -> tuple[Any, ...]:
     """Gradients of ``q, k, v, beta, g`` for a block of chunk-groups, given the loop's results."""
     ng, c, dv = d_o.shape
     gated = d is not None
@@ -199,11 +205,12 @@ class DeltaChunkFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, s0, n, scale):  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Any, s0: Any, n: int,
+                scale: float) -> tuple[Tensor, Tensor]:
         with torch.autocast(q.device.type, enabled=False):  # inputs arrive in float32 or float64
             if use_kernel(q):
                 out = kernel_forward(q, k, v, beta, g, s0, n, scale, _block_rows(q, v))
-                o, final, saved = out[0], out[1], out[2:]
+                o, final, saved = out[0], out[1], tuple(out[2:])
             else:
                 o, final, saved = DeltaChunkFn._forward(q, k, v, beta, g, s0, n, scale)
         ctx.n, ctx.scale, ctx.gated = n, scale, g is not None
@@ -211,7 +218,7 @@ class DeltaChunkFn(torch.autograd.Function):
         return o, final
 
     @staticmethod
-    def backward(ctx, d_o, d_final):  # type: ignore[override]
+    def backward(ctx: Any, d_o: Tensor, d_final: Tensor) -> tuple[Any, ...]:
         d_o = d_o.contiguous()  # autograd materialises unused outputs' grads as zeros
         saved = ctx.saved_tensors
         with torch.autocast(d_o.device.type, enabled=False):
@@ -223,11 +230,12 @@ class DeltaChunkFn(torch.autograd.Function):
         return (*grads, None, None)
 
     @staticmethod
-    def _forward(q, k, v, beta, g, s0, n, scale):
+    def _forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Any, s0: Any, n: int,
+                 scale: float) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         ng, c, dk = q.shape
         dv, gsz = v.shape[-1], ng // n
         gated = g is not None
-        b = None if g is None else g.cumsum(-1)
+        b: Any = None if g is None else g.cumsum(-1)
         p, kk, ainv, d = _pair_terms(scale, q, k, beta, b)
         w, delta = q.new_empty(ng, c, dk), q.new_empty(ng, c, dv)
         if gated:
@@ -248,13 +256,14 @@ class DeltaChunkFn(torch.autograd.Function):
         for sl in blocks:
             torch.baddbmm(torch.bmm(p[sl], delta[sl]), q_dec[sl], s_in[sl], alpha=1.0 if gated else scale,
                           out=o[sl])
-        saved = (q, k, v, beta, p, kk, ainv, w, q_dec, k_dec, states, delta)
+        saved: tuple[Tensor, ...] = (q, k, v, beta, p, kk, ainv, w, q_dec, k_dec, states, delta)
         if gated:
             saved += (eb, k_end, d)
         return o, final, saved
 
     @staticmethod
-    def _backward(d_o, d_final, saved, n, scale, gated):
+    def _backward(d_o: Tensor, d_final: Tensor, saved: tuple[Tensor, ...], n: int, scale: float,
+                  gated: bool) -> tuple[Any, ...]:
         q, k, v, beta, p, kkd, ainv, w, q_dec, k_dec, states, delta = saved[:12]
         eb, k_end, d = saved[12:] if gated else (None, None, None)
         ng, c, dk = q.shape
@@ -274,9 +283,9 @@ class DeltaChunkFn(torch.autograd.Function):
         _scan_backward(d_delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma,
                       g_next, d_s0)
         # the rest is independent per chunk and group: run it in blocks that stay in cache
-        tensors = (d_o, d_delta, g_next.view(ng, dk, dv), s_in, q, k, v, beta, eb, k_end, d, p, kkd, ainv,
-                   q_dec, k_dec, delta)
-        grads = [_input_grads(scale, *(None if x is None else x[sl] for x in tensors))
+        tensors: tuple[Any, ...] = (d_o, d_delta, g_next.view(ng, dk, dv), s_in, q, k, v, beta, eb, k_end, d,
+                                    p, kkd, ainv, q_dec, k_dec, delta)
+        grads = [_input_grads(scale, *(None if x is None else x[sl] for x in tensors))  # type: ignore[arg-type]
                  for sl in row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)]
         d_q, d_k, d_v, d_beta, d_g = (
             None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -33,7 +33,8 @@ def _check_scale(scale: float | None, dk: int) -> float:
     return float(scale)
 
 
-def _check_args(q, k, v, beta, g, state, state_name: str, step: bool) -> None:
+def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
+                state: torch.Tensor | None, state_name: str, step: bool) -> None:
     check_qkv(q, k, v, step=step)
     lead = tuple(q.shape[:-1])  # [B, T, H] or [B, H]
     check_like("beta", beta, lead, q)
@@ -144,7 +145,7 @@ def delta_chunk(
         beta = F.pad(beta, (0, 0, 0, pad))
         g = None if g is None else F.pad(g, (0, 0, 0, pad))
     groups = bsz * h
-    o, state = DeltaChunkFn.apply(
+    o, state = DeltaChunkFn.apply(  # type: ignore[no-untyped-call]
         *(_chunk_layout(x, n, c) for x in (q, k, v, beta)),
         None if g is None else _chunk_layout(g, n, c),
         state.reshape(groups, dk, dv),

@@ -48,7 +48,8 @@ def retention_log_decay(n_heads: int) -> torch.Tensor:
     return torch.log1p(-(2.0 ** (-5.0 - h))).float()
 
 
-def _check(q, k, v, g, state, *, step: bool) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+           state: torch.Tensor | None, *, step: bool) -> None:
     check_qkv(q, k, v, step=step)
     if g is not None:
         lead = q.shape[:-1]  # [B,H] or [B,T,H]
@@ -269,13 +270,15 @@ def decay_chunk(
     seg = max(SEGMENT // C, 1) * C
     if T <= seg:
         return _chunk_core(q * _scale(q, scale), k, v, g, initial_state, C)
-    outs, state = [], initial_state
+    outs: list[torch.Tensor] = []
+    state = initial_state
     pieces = (x.split(seg, dim=1) for x in (q * _scale(q, scale), k, v))
     gs = [None] * -(-T // seg) if g is None else g.split(seg, dim=1)
     for qs, ks, vs, g_s in zip(*pieces, gs):
-        o, state = _chunk_core(qs, ks, vs, g_s, state, C)
+        o, s = _chunk_core(qs, ks, vs, g_s, state, C)
         outs.append(o)
-    return torch.cat(outs, 1), state
+        state = s
+    return torch.cat(outs, 1), s
 
 
 def _chunk_core(
