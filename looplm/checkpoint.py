@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ MODEL_TYPE = "looplm"
 METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
                  "quantization")
 BLOCK = "quantization"  # config.json key of a quantised checkpoint
+# LoopConfig fields stored under another name by the transformers wrapper (looplm/hf.py):
+# ``top_k`` clashes with transformers' sampling parameter, ``rope_scaling`` is rewritten by it
+HF_RENAMED = {"top_k": "moe_top_k", "rope_scaling": "loop_rope_scaling"}
+HF_PREFIX = "model."  # the wrapper's weights are its ``model`` attribute's
 
 
 def sha256_file(path: Path) -> str:
@@ -110,9 +115,28 @@ def load_config(directory: str | Path) -> LoopConfig:
     if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise CheckpointError(f"{str(file)!r} is a {data['model_type']!r} model, not a looplm one")
     try:
-        return LoopConfig.from_dict({k: v for k, v in data.items() if k not in METADATA_KEYS})
+        return LoopConfig.from_dict(_loop_fields(data))
     except ConfigError as err:
         raise CheckpointError(f"invalid config in {str(file)!r}: {err}") from None
+
+
+def _loop_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The LoopConfig fields of a config.json: looplm's own (every other key an error, so typos are
+    caught), or one written by transformers (``transformers_version``; its own attributes such as
+    ``tie_word_embeddings`` are dropped, the renamed fields restored)."""
+    if "transformers_version" not in data:
+        return {k: v for k, v in data.items() if k not in METADATA_KEYS}
+    names = {f.name for f in fields(LoopConfig)}
+    out = {k: v for k, v in data.items() if k in names}
+    out.update({field: data[key] for field, key in HF_RENAMED.items() if key in data})
+    return out
+
+
+def _strip_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Weights saved by the transformers wrapper (every name under ``model.``) under LoopLM's names."""
+    if tensors and all(k.startswith(HF_PREFIX) for k in tensors):
+        return {k[len(HF_PREFIX):]: v for k, v in tensors.items()}
+    return tensors
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LoopLM:
@@ -130,7 +154,8 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     model = LoopLM(config)
     try:
         with safe_open(str(file), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            stored = _strip_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            prefixed = next(iter(f.keys()), "") not in stored
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {str(file)!r}: {err}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -144,7 +169,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
             f"weights in {str(file)!r} do not match its config.json: {'; '.join(problems[:3])}{more}. "
             "Was config.json edited or copied from another checkpoint?"
         )
-    st_load_model(model, str(file), strict=True, device=str(map_location))
+    if prefixed:  # save_pretrained's layout
+        model.load_state_dict(_strip_prefix(load_file(str(file), device=str(map_location))), strict=True)
+    else:
+        st_load_model(model, str(file), strict=True, device=str(map_location))
     return model.to(map_location)
 
 
@@ -191,7 +219,7 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
                               "re-run looplm quantize on the float checkpoint") from None
     file = Path(directory) / WEIGHTS_FILE
     try:
-        stored = load_file(str(file))
+        stored = _strip_prefix(load_file(str(file)))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {str(file)!r}: {err}") from None
     expected = model.state_dict()

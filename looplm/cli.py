@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("looplm.serve.command", "serve a checkpoint over OpenAI's HTTP API (continuous batching)"),
     "import": ("looplm.import_command", "a GGUF file or Hugging Face Llama directory as a looplm checkpoint"),
     "pull": ("looplm.pull_command", "download a known pretrained model into the cache (smollm2)"),
+    "export": ("looplm.export_command", "a vanilla checkpoint as a Hugging Face Llama directory"),
 }
 
 # bench name -> (module, one-line help)

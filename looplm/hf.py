@@ -13,7 +13,9 @@ each decoding step are one LoopLM forward that reads and returns the state, exac
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from looplm.checkpoint import HF_RENAMED
 from looplm.generate import decoding_mode
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import apply_structure
@@ -38,7 +41,16 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithP
 # LoopConfig's ``top_k`` (experts per token) would clash with the sampling parameter of the same
 # name that transformers refuses in a model config; it is stored as ``moe_top_k`` here. Likewise
 # ``rope_scaling``, which transformers 5 rewrites into its own ``rope_parameters``.
-_RENAMED = {"top_k": "moe_top_k", "rope_scaling": "loop_rope_scaling"}
+_RENAMED = HF_RENAMED
+
+# save_pretrained writes this module next to the weights and names it in config.json's auto_map, so
+# plain transformers (``trust_remote_code=True``) finds these classes in the installed looplm.
+AUTO_MODULE = "looplm_auto"
+AUTO_SOURCE = ('"""transformers\' remote-code entry: the classes of the installed looplm."""\n'
+               "from looplm.hf import LoopLMForCausalLM, LoopLMHFConfig\n\n"
+               '__all__ = ["LoopLMForCausalLM", "LoopLMHFConfig"]\n')
+AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.LoopLMHFConfig",
+            "AutoModelForCausalLM": f"{AUTO_MODULE}.LoopLMForCausalLM"}
 
 
 class LoopLMHFConfig(PreTrainedConfig):
@@ -163,6 +175,15 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
                          use_cache=bool(use_cache) or state is not None)
         new = LoopLMCache(out.state) if out.state is not None else None
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE_FIELD: new})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """transformers' save_pretrained, with ``auto_map`` in config.json and the module it names
+        (:data:`AUTO_MODULE`), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
+        works without importing looplm first."""
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        Path(save_directory, AUTO_MODULE + ".py").write_text(AUTO_SOURCE)
+        return result
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` in ``looplm.generate.decoding_mode`` (eval, causal

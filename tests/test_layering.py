@@ -27,7 +27,7 @@ TIERS: list[tuple[str, ...]] = [
     ("looplm.checkpoint", "looplm.generate", "looplm.perplexity"),
     ("looplm.hf", "looplm.pretrained", "looplm.train"),
     ("looplm.bench", "looplm.serve", "looplm.info", "looplm.generate_command", "looplm.import_command",
-     "looplm.pull_command", "looplm.train.command",
+     "looplm.pull_command", "looplm.export_command", "looplm.train.command",
      "looplm.train.evaluate", "looplm.quant.command"),
     ("looplm.cli", "looplm.__main__"),
 ]

@@ -81,9 +81,10 @@ def loop_config(config: dict[str, Any], origin: str = "") -> LoopConfig:
         raise ConversionError(f"{where}{err}") from None
 
 
-def _layer_names(i: int, bias: bool) -> dict[str, list[str]]:
-    """LoopLM name -> the Hugging Face names concatenated (in row order) into it, layer ``i``."""
-    hf, lp = f"model.layers.{i}.", f"core.{i}."
+def _layer_names(i: int, block: str, bias: bool) -> dict[str, list[str]]:
+    """LoopLM name -> the Hugging Face names concatenated (in row order) into it: Hugging Face layer
+    ``i`` is LoopLM block ``block`` (``core.3``)."""
+    hf, lp = f"model.layers.{i}.", f"{block}."
     att = hf + "self_attn."
     names = {
         lp + "mixer_norm.weight": [hf + "input_layernorm.weight"],
@@ -99,10 +100,13 @@ def _layer_names(i: int, bias: bool) -> dict[str, list[str]]:
 
 
 def name_map(config: LoopConfig) -> dict[str, list[str]]:
-    """Every LoopLM parameter of a vanilla ``config`` -> its Hugging Face source names."""
+    """Every LoopLM parameter of a vanilla ``config`` (one recursion: prelude, core and coda blocks
+    are Hugging Face layers in that order) -> its Hugging Face names."""
     names = {"embed.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
-    for i in range(config.n_core):
-        names.update(_layer_names(i, config.qkv_bias))
+    blocks = [f"prelude.{i}" for i in range(config.n_prelude)] + [f"core.{i}" for i in range(config.n_core)]
+    blocks += [f"coda.{i}" for i in range(config.n_coda)]
+    for i, block in enumerate(blocks):
+        names.update(_layer_names(i, block, config.qkv_bias))
     if not config.tie_embeddings:
         names["head.weight"] = ["lm_head.weight"]
     return names
