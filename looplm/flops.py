@@ -77,6 +77,11 @@ class Tally:
         if mask is None and not blk.is_attention:
             self.flops += 2.0 * B * T * blk.mixer_matmul
             return
+        if mask is None and shared_kv is None:  # from shapes, one op at most (a decoding step's case)
+            self.flops += 2.0 * B * T * blk.mixer_matmul
+            pairs = B * T * (T + 1) // 2 + (0 if state is None else T * state.key_mask.sum())
+            self.add(float(blk.spec.pair_flops(blk.mixer)) * pairs)
+            return
         n = mask.sum(1) if mask is not None else torch.full((B,), T, device=h.device)
         self.add(2.0 * n.sum() * blk.mixer_matmul)
         if not blk.is_attention:

@@ -89,6 +89,37 @@ def _step_weights(m: Any) -> list[torch.Tensor] | None:
     return parts if all(p.device.type == "cpu" and p.is_contiguous() for p in parts) else None
 
 
+def _raw_weights(m: Any) -> list[torch.Tensor]:
+    """The tensors ``_step_weights`` would return for ``m``, unchecked (the plan cache's key)."""
+    if hasattr(m, "kernel_parts"):
+        return (m.kernel_parts() or []) if m.kernel == "auto" else []
+    return [m.weight]
+
+
+def _attention_plan(blk: Any) -> tuple[Any, ...] | None:
+    """The attention kernels' weight arguments of ``blk`` (qkv parts, output parts, FFN norm and
+    parts), or None where they do not apply. Checked once and cached on the block while its
+    modules hold the same tensors: the checks cost more than a small model's step."""
+    mixer, ffn = blk.mixer, blk.ffn
+    dense = type(ffn) is SwiGLU
+    mods = [mixer.qkv, mixer.o_proj, *((ffn.w_in, ffn.w_out) if dense else ())]
+    norms = [blk.mixer_norm.weight, *((blk.ffn_norm.weight,) if dense else ())]
+    key = [type(ffn), *norms, *(t for m in mods for t in _raw_weights(m))]
+    cached = blk.__dict__.get("_attn_plan")
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    plan = None
+    weights = [_step_weights(m) for m in mods]
+    if (all(w is not None for w in weights) and type(blk.mixer_norm) is RMSNorm
+            and all(n.dtype == torch.float32 and n.is_contiguous() for n in norms)
+            and (ffn is None or dense or (type(blk.ffn_norm) is RMSNorm and _plain_moe(ffn)
+                                          and all(p.is_contiguous() for p in ffn.parameters())))):
+        ffn_args = [norms[1], weights[2], weights[3]] if dense else [None, [], []]
+        plan = (weights[0], weights[1], ffn_args, _eps(blk.ffn_norm) if dense else 0.0)
+    blk.__dict__["_attn_plan"] = (key, plan)  # not a submodule or buffer: kept out of state_dict
+    return plan
+
+
 def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
     """The op and the mixer-specific arguments of ``mixer``'s step, or None if the kernel does not
     compute this mixer (see ``csrc/block_step.cpp`` for their meaning)."""
@@ -120,15 +151,11 @@ def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
 def eligible(blk: Any) -> bool:
     """Whether ``blk`` (a Block) is built of the parts the kernels compute."""
     mixer, ffn = blk.mixer, blk.ffn
+    if type(mixer) is Attention:  # its FFN, dense inside attn_step_out, may be quantised too
+        return _attention_plan(blk) is not None
     if not all(p.is_contiguous() for p in blk.parameters()) or type(blk.mixer_norm) is not RMSNorm:
         return False
-    if type(mixer) is Attention:
-        if _step_weights(mixer.qkv) is None or _step_weights(mixer.o_proj) is None:
-            return False
-        if type(ffn) is SwiGLU:  # dense FFN inside attn_step_out: its weights may be quantised too
-            return (type(blk.ffn_norm) is RMSNorm and _step_weights(ffn.w_in) is not None
-                    and _step_weights(ffn.w_out) is not None)
-    elif not (isinstance(mixer, _FixedStateMixer)
+    if not (isinstance(mixer, _FixedStateMixer)
               and all(_plain_linear(m, False) for m in (mixer.qkv, mixer.g_proj, mixer.o_proj))
               and type(mixer.norm) is HeadRMSNorm and _mixer_args(mixer) is not None):
         return False
@@ -157,23 +184,27 @@ def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
     FFN's aux)``, or None where the Python block must run (see the module docstring)."""
     if (_forced_off or mask is not None or shared_kv is not None or x.dim() != 3 or x.shape[1] != 1
             or x.device.type != "cpu" or x.dtype != torch.float32 or (blk.training and blk.drop.p)
-            or torch.is_autocast_enabled("cpu") or not eligible(blk)):
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    attention = type(blk.mixer) is Attention
+    plan = _attention_plan(blk) if attention else None
+    if (plan is None) if attention else not eligible(blk):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in blk.parameters())):
         return None
-    if isinstance(state, RecurrentState) and type(blk.mixer) is not Attention:
+    if isinstance(state, RecurrentState) and not attention:
         if (state.ssm.shape[0] != x.shape[0] or state.ssm.dtype != torch.float32
                 or state.conv.dtype != torch.float32 or not cpp_ext.available()):
             return None
         h, state = _fixed_state_step(blk, x[:, 0].contiguous(), state)
-    elif isinstance(state, KVState) and type(blk.mixer) is Attention:
+    elif isinstance(state, KVState) and attention:
         pos = (state.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
         if (state.k.shape[0] != x.shape[0] or state.k.dtype != torch.float32 or state.v.dtype != torch.float32
                 or pos.dtype != torch.long
                 or not bool(state.key_mask.all()) or not bool((state.pos <= pos[:, None]).all())
                 or not cpp_ext.available()):
             return None  # masked slots or later positions in the cache: the Python block's masks
-        h, state = _attention_step(blk, x[:, 0].contiguous(), state, pos)
+        h, state = _attention_step(blk, x[:, 0].contiguous(), state, pos, plan)
     else:
         return None
     return _ffn_step(blk, h, state)
@@ -199,8 +230,8 @@ def _fixed_state_step(blk: Any, x: torch.Tensor,
     return h, RecurrentState(conv, ssm)
 
 
-def _attention_step(blk: Any, x: torch.Tensor, state: KVState,
-                    pos: torch.Tensor) -> tuple[torch.Tensor, KVState]:
+def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor,
+                    plan: tuple[Any, ...]) -> tuple[torch.Tensor, KVState]:
     """Attention block step: projections and RoPE in C++, the cache append in Python
     (:mod:`looplm.layers.kv_cache`), attention over the cache and the rest in C++."""
     mixer = blk.mixer
@@ -208,18 +239,14 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState,
     inv_freq = getattr(mixer, "_inv_freq", None)
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
         inv_freq = mixer._inv_freq = rope_inv_freq(D, mixer.rope_base, x.device, mixer.rope_scaling)
-    qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm),
-                                        _step_weights(mixer.qkv), inv_freq, pos, H, Hkv)
+    qkv_w, o_w, ffn, ffn_eps = plan
+    qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm), qkv_w, inv_freq, pos,
+                                        H, Hkv)
     B = x.shape[0]
     k, v = qkv[:, None, H:H + Hkv], qkv[:, None, H + Hkv:]
     ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
     new = kv_cache.append(state, k, v, ones, pos[:, None], state.seen + 1)
-    ffn, ffn_eps = [None, [], []], 0.0
-    if isinstance(blk.ffn, SwiGLU):
-        ffn = [blk.ffn_norm.weight, _step_weights(blk.ffn.w_in), _step_weights(blk.ffn.w_out)]
-        ffn_eps = _eps(blk.ffn_norm)
-    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, _step_weights(mixer.o_proj),
-                                       *ffn, ffn_eps)
+    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, o_w, *ffn, ffn_eps)
     return h, new
 
 

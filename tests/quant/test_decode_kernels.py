@@ -87,3 +87,21 @@ def test_quantised_tied_head_runs_only_at_the_last_prompt_position():
     new = generate_ids(m, [[1, 2, 3, 4, 5]], max_new_tokens=3)
     assert len(new[0]) == 3
     assert calls == [torch.Size([1, 64])] + [torch.Size([1, 1, 64])] * 2
+
+
+@needs_kernel
+def test_the_cached_kernel_plan_follows_module_swaps():
+    """The attention step caches its checked weight arguments on the block; quantising the block
+    afterwards (new modules, new tensors) must be seen at the next step."""
+    torch.manual_seed(3)
+    blk = Block(_config(n_core=1), "attention").eval()
+    s = blk.mixer.init_state(1)
+    x, pos = torch.randn(1, 1, 64), torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        float_h = block_step(blk, x, s, None, None, pos)[0]
+        quantize_model(blk, "int4", group_size=32)
+        quant_h = block_step(blk, x, s, None, None, pos)[0]
+        with python_block_step():
+            want = blk(x, s, positions=pos)[0]
+    torch.testing.assert_close(quant_h, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(quant_h, float_h, rtol=1e-5, atol=1e-5)
