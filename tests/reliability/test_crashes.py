@@ -40,8 +40,8 @@ def test_full_disk_keeps_the_previous_checkpoint(run_copy: Path, cache: Path, da
 
 def test_sigkill_inside_checkpoint_writes_leaves_a_loadable_latest(run_copy: Path, cache: Path,
                                                                    data_file: Path) -> None:
-    """Kill the run the moment a checkpoint's temporary directory appears, three times over."""
-    for steps in (8, 12, 16):
+    """Kill the run the moment a checkpoint's temporary directory appears, twice over."""
+    for steps in (8, 12):
         proc = looplm_bg(*_resume(run_copy, data_file, f"steps={steps}"), cache=cache)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -50,11 +50,11 @@ def test_sigkill_inside_checkpoint_writes_leaves_a_loadable_latest(run_copy: Pat
                 break
             time.sleep(0.001)
         proc.kill()
-        proc.wait()
+        print("killed inside a checkpoint write" if proc.wait() == -signal.SIGKILL else "finished first")
         load_model(run_copy / "latest")  # complete and verified by its checksums
-    proc = looplm(*_resume(run_copy, data_file, "steps=16"), cache=cache)
+    proc = looplm(*_resume(run_copy, data_file, "steps=14"), cache=cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert os.readlink(run_copy / "latest") == "ckpt-000016"
+    assert os.readlink(run_copy / "latest") == "ckpt-000014"
     assert not [p for p in run_copy.iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
 
