@@ -110,7 +110,10 @@ class Tally:
         return sum(self.weighted, like.new_zeros(()))
 
     def stats(self, n_valid: Number) -> dict[str, Any]:
-        """Floats for logging: flops, flops_per_token, reach, expert_load and the losses."""
+        """Floats for logging: flops, flops_per_token, reach, expert_load and the losses (none while
+        ``torch.compile`` / ``torch.export`` trace: reading them would end the graph)."""
+        if torch.compiler.is_compiling():
+            return {}
         names = list(self.losses)
         values = [n_valid, *self.reach, *self.losses.values()]
         tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]

@@ -227,6 +227,10 @@ class LoopOutput:
     state: ModelState | None = None
 
 
+# a pytree node, so torch.export can return it (stats are empty and state None while tracing)
+torch.export.register_dataclass(LoopOutput, serialized_type_name="looplm.LoopOutput")
+
+
 class LoopLM(nn.Module):
     """The LoopLM language model; see the module docstring and docs/architecture.md ("Model")."""
 

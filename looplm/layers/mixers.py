@@ -105,9 +105,11 @@ class Attention(nn.Module):
                 k, v, key_mask, kpos = k[:, keep], v[:, keep], key_mask[:, keep], positions[:, keep]
             new_state = kv_cache.append(state, k, v, key_mask, kpos, state.seen + T)
             k, v, key_mask, kpos = new_state.k, new_state.v, new_state.key_mask, new_state.pos
-        # causal by index == causal by position when positions increase and nothing was cached
+        # causal by index == causal by position when positions increase and nothing was cached (a
+        # compiled graph cannot branch on the values: it takes the general, position-masked path)
         if mask is None and (state is None or state.k.shape[1] == 0) and (
-                default_pos or T == 1 or bool((positions[:, 1:] > positions[:, :-1]).all())):
+                default_pos or T == 1 or (not torch.compiler.is_compiling()
+                                          and bool((positions[:, 1:] > positions[:, :-1]).all()))):
             o = attention(q, k, v)
         elif (T == 1 and mask is None and bool(key_mask.all())
               and bool((kpos <= positions).all())):  # a decoding step that sees every cached key

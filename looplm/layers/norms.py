@@ -118,7 +118,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         if not tracked(x, weight, gate):  # e.g. decoding: the forward alone, no autograd node
             return _kernel_forward(x, weight, gate, eps)[0]
         return _RMSNormKernel.apply(x, weight, gate, eps)
-    if not tracked(x, weight, gate):
+    if torch.compiler.is_compiling() or not tracked(x, weight, gate):  # compiled: autograd's backward
         y = F.rms_norm(x, (x.shape[-1],), weight, eps)
         return y if gate is None else y * F.silu(gate)
     return _RMSNorm.apply(x, weight, gate, eps)
@@ -148,7 +148,7 @@ class _L2Normalize(torch.autograd.Function):
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``x / max(|x|, eps)`` over the last dim (as ``F.normalize(x, dim=-1)``)."""
-    if not tracked(x):
+    if torch.compiler.is_compiling() or not tracked(x):
         return F.normalize(x, dim=-1, eps=eps)
     return _L2Normalize.apply(x, eps)
 

@@ -119,6 +119,9 @@ def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: in
     if (x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(-1) == 1
             and cos.is_contiguous() and sin.is_contiguous() and x.numel() and cpp_ext.available()):
         return torch.ops.looplm.rope_rotate(x, cos, sin, sign)  # csrc/norm_rope.cpp: one pass, threads
+    if torch.compiler.is_compiling():  # the same rotation without out= views, for the compiler to fuse
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin], dim=-1)
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     per_row = cos.shape[0] > 1
     for r in row_blocks(x.shape[0], x[0].numel(), _BLOCK):

@@ -26,8 +26,9 @@ def rows_per_block(row_size: int, budget: int) -> int:
 
 def row_blocks(n_rows: int, row_size: int, budget: int) -> list[slice]:
     """Slices of ``n_rows`` rows of ``row_size`` elements, about ``budget`` elements each on one
-    torch thread; one slice of all rows when torch runs several threads."""
-    if torch.get_num_threads() > 1:
+    torch thread; one slice of all rows when torch runs several threads or compiles (the compiler
+    fuses and schedules the loops itself)."""
+    if torch.compiler.is_compiling() or torch.get_num_threads() > 1:
         return [slice(0, n_rows)]
     rows = rows_per_block(row_size, budget)
     return [slice(i, i + rows) for i in range(0, n_rows, rows)]

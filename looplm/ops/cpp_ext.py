@@ -31,6 +31,8 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 __all__ = ["available"]
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -92,7 +94,11 @@ def build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
 
 
 def available() -> bool:
-    """Build (cached on disk) and load the kernels once per process; False if that fails or is disabled."""
+    """Build (cached on disk) and load the kernels once per process; False if that fails or is disabled,
+    and while ``torch.compile`` / ``torch.export`` trace (the kernels' users then run their PyTorch
+    forms, which the compiler can trace and fuse; the C++ ops have no fake-tensor registrations)."""
+    if torch.compiler.is_compiling():
+        return False
     if "ok" not in _loaded:
         _loaded["ok"] = False
         if os.environ.get("LOOPLM_NO_CPP_EXT", "") not in ("", "0"):

@@ -47,9 +47,13 @@ def unit_lower_inverse(m: torch.Tensor) -> torch.Tensor:
     matmuls. For the 256 systems of 32 x 32 at T=2048 (one thread) it takes 1.1 ms against 1.3 ms for
     ``torch.linalg.solve_triangular`` against the identity; the explicit inverse is what lets the
     forward form ``[U | W]`` and the backward form ``A^{-T} dDelta`` as plain batched matmuls.
-    ``C`` is padded with identity rows to a power of two.
+    ``C`` is padded with identity rows to a power of two. While ``torch.compile`` traces (the strided
+    views need storage offsets it cannot trace): ``torch.linalg.solve_triangular``.
     """
     c = m.shape[-1]
+    if torch.compiler.is_compiling():
+        eye = torch.eye(c, dtype=m.dtype, device=m.device).expand_as(m)
+        return torch.linalg.solve_triangular(torch.tril(m, -1), eye, upper=False, unitriangular=True)
     c2 = 1 << (c - 1).bit_length()
     lead = m.shape[:-2]
     mm = m.reshape(-1, c, c)
@@ -189,6 +193,38 @@ def _scan_backward(d_delta: torch.Tensor, w: torch.Tensor, kdec: torch.Tensor, g
         else:
             tgt.addcmul_(gn, gamma[:, i, None, None])
         tgt.baddbmm_(w[:, i].mT, d_delta[:, i], alpha=-1)
+
+
+def delta_chunk_traced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                       g: torch.Tensor | None, s0: torch.Tensor, n: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DeltaChunkFn``'s forward (same arguments and results) in out-of-place ops only, for
+    ``torch.compile`` / ``torch.export`` to trace and differentiate: the same ``[C, C]`` terms, then
+    the loop over chunks ``delta = U - W S``, ``S ← γ S + K_decᵀ delta``, ``o = P delta + Q_dec S``."""
+    ng, c, dk = q.shape
+    dv, gsz = v.shape[-1], ng // n
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    p, kk = q @ k.mT, k @ k.mT
+    bet = beta.unsqueeze(-1)
+    if g is None:
+        p = p.masked_fill(~causal, 0.0) * scale
+        q_dec, k_dec, w_in, gamma = q * scale, k, k * bet, None
+    else:
+        b = g.cumsum(-1)
+        d = (b[:, :, None] - b[:, None, :]).masked_fill(~causal, float("-inf")).exp()
+        p, kk = p * d * scale, kk * d
+        eb, k_end = b.exp().unsqueeze(-1), (b[:, -1:] - b).exp().unsqueeze(-1)
+        q_dec, k_dec, w_in = q * (eb * scale), k * k_end, k * (bet * eb)
+        gamma = eb.reshape(gsz, n, c)[:, :, -1]
+    ainv = unit_lower_inverse(kk * bet)
+    u, w = (ainv @ (v * bet)).reshape(gsz, n, c, dv), (ainv @ w_in).reshape(gsz, n, c, dk)
+    p, q_dec, k_dec = p.reshape(gsz, n, c, c), q_dec.reshape(gsz, n, c, dk), k_dec.reshape(gsz, n, c, dk)
+    state, outs = s0, []
+    for i in range(n):
+        delta = u[:, i] - w[:, i] @ state
+        outs.append(p[:, i] @ delta + q_dec[:, i] @ state)
+        state = (state if gamma is None else state * gamma[:, i, None, None]) + k_dec[:, i].mT @ delta
+    return torch.stack(outs, 1).reshape(ng, c, dv), state
 
 
 class DeltaChunkFn(torch.autograd.Function):

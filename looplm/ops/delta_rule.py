@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from looplm.ops.checks import check_chunk_size, check_like, check_qkv
-from looplm.ops.delta_chunkwise import DeltaChunkFn
+from looplm.ops.delta_chunkwise import DeltaChunkFn, delta_chunk_traced
 
 __all__ = ["delta_step", "delta_recurrent", "delta_parallel", "delta_chunk"]
 
@@ -145,7 +145,9 @@ def delta_chunk(
         beta = F.pad(beta, (0, 0, 0, pad))
         g = None if g is None else F.pad(g, (0, 0, 0, pad))
     groups = bsz * h
-    o, state = DeltaChunkFn.apply(  # type: ignore[no-untyped-call]
+    # compiled / exported: out-of-place ops the compiler differentiates (the Function writes in place)
+    chunk_fn = delta_chunk_traced if torch.compiler.is_compiling() else DeltaChunkFn.apply
+    o, state = chunk_fn(  # type: ignore[no-untyped-call]
         *(_chunk_layout(x, n, c) for x in (q, k, v, beta)),
         None if g is None else _chunk_layout(g, n, c),
         state.reshape(groups, dk, dv),
