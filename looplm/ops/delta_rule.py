@@ -145,15 +145,13 @@ def delta_chunk(
         beta = F.pad(beta, (0, 0, 0, pad))
         g = None if g is None else F.pad(g, (0, 0, 0, pad))
     groups = bsz * h
-    # compiled / exported: out-of-place ops the compiler differentiates (the Function writes in place)
-    chunk_fn = delta_chunk_traced if torch.compiler.is_compiling() else DeltaChunkFn.apply
-    o, state = chunk_fn(  # type: ignore[no-untyped-call]
-        *(_chunk_layout(x, n, c) for x in (q, k, v, beta)),
-        None if g is None else _chunk_layout(g, n, c),
-        state.reshape(groups, dk, dv),
-        n,
-        scale,
-    )
+    qc, kc, vc, bc = (_chunk_layout(x, n, c) for x in (q, k, v, beta))
+    gc = None if g is None else _chunk_layout(g, n, c)
+    s0 = state.reshape(groups, dk, dv)
+    if torch.compiler.is_compiling():  # out-of-place ops the compiler differentiates (the Function
+        o, state = delta_chunk_traced(qc, kc, vc, bc, gc, s0, n, scale)  # writes in place)
+    else:
+        o, state = DeltaChunkFn.apply(qc, kc, vc, bc, gc, s0, n, scale)  # type: ignore[no-untyped-call]
     o = o.view(bsz, h, n, c, dv).permute(0, 2, 3, 1, 4).reshape(bsz, n * c, h, dv)[:, :t]
     return o.to(out_dtype), state.view(bsz, h, dk, dv).to(out_dtype)
 
