@@ -283,30 +283,33 @@ def run(args: argparse.Namespace) -> int:
                     break
         finally:
             server.close()
-    _report(rows, skipped, levels)
+    load_table = _report(rows, skipped, levels)
     streams, tokens = (4, 256) if args.quick else (args.state_streams, args.state_tokens)
     memory = state_memory(load_config(args.checkpoint), streams, tokens)
-    print(markdown_table(["model", "layers", "attention layers", "streams x tokens", "state MiB",
-                          "vs attention"],
-                         [[m["model"], m["layers"], m["attention_layers"], f"{streams} x {tokens}",
-                           m["bytes"] / 2**20, m["vs_attention"]] for m in memory]))
+    memory_table = markdown_table(["model", "layers", "attention layers", "streams x tokens", "state MiB",
+                                   "vs attention"],
+                                  [[m["model"], m["layers"], m["attention_layers"], f"{streams} x {tokens}",
+                                    m["bytes"] / 2**20, m["vs_attention"]] for m in memory])
+    print(memory_table)
     write_json(args.out, "serve", {"settings": {"levels": levels, "prompt_tokens": lengths,
                                                 "max_tokens": max_tokens, "level_seconds": seconds,
                                                 "checkpoint": args.checkpoint, "gguf": args.gguf},
                                    "machine": machine_info(), "results": rows, "skipped": skipped,
-                                   "state_memory": memory})
+                                   "state_memory": memory,
+                                   "table": load_table + "\n\nDecoding-state memory:\n\n" + memory_table})
     return 0
 
 
-def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[int]) -> None:
+def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[int]) -> str:
     def ms(v: float | None) -> float | None:
         return None if v is None else 1000 * v
 
     table = [[r["server"], r["concurrency"], r["requests"], r["requests_per_s"], r["tokens_per_s"],
               ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["itl_p50"]), ms(r["itl_p99"]), r["errors"]]
              for r in rows]
-    print(markdown_table(["server", "conc.", "requests", "req/s", "gen tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                          "ITL p50 ms", "ITL p99 ms", "errors"], table))
+    text = markdown_table(["server", "conc.", "requests", "req/s", "gen tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                           "ITL p50 ms", "ITL p99 ms", "errors"], table)
+    print(text)
     by = {(r["server"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     lo, hi = min(levels), max(c for c in levels if c <= 16) if any(c <= 16 for c in levels) else None
     if hi and ("looplm", lo) in by and ("looplm", hi) in by and hi != lo:
@@ -316,3 +319,4 @@ def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[in
             print(f"concurrency {c}: looplm / llama.cpp tokens/s {by['looplm', c] / by['llama.cpp', c]:.2f}x")
     for name, why in skipped.items():
         print(f"{name}: skipped ({why})")
+    return text
