@@ -1,0 +1,72 @@
+"""``looplm chat CHECKPOINT_DIR``: a multi-turn conversation on stdin/stdout.
+
+Each line read from stdin is a user message; the reply streams to stdout as it decodes and
+ends with a newline. ``/reset`` starts the conversation over, ``/exit`` (or the end of stdin)
+quits. A prompt marker is printed only when stdin is a terminal, so piped use reads clean
+replies, one per line of input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from looplm.chat import Chat
+from looplm.checkpoint import load_model
+from looplm.data.tokenizer import load_tokenizer
+from looplm.errors import CheckpointError, LoopLMError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint with a chat template "
+                        "(e.g. one written by `looplm import`)")
+    parser.add_argument("--system", default=None, help="system message opening the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--min-p", type=float, default=None,
+                        help="keep tokens at least this fraction as likely as the most likely one")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="divide the logits of tokens already present by this (1 = none; CTRL)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = Path(args.checkpoint)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    model = load_model(directory)
+    tokenizer = load_tokenizer(directory)
+    try:
+        chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except (ValueError, TypeError) as err:
+        raise LoopLMError(str(err)) from None
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            chat.reset()
+            continue
+        if not text.strip():
+            continue
+        try:
+            for piece in chat.reply(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except (ValueError, TypeError) as err:  # a message too long for the context, bad sampling values
+            raise LoopLMError(str(err)) from None
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
