@@ -19,6 +19,7 @@ from looplm.errors import LoopLMError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("looplm.train.command", "train a model (default: the Python stdlib corpus)"),
     "generate": ("looplm.generate_command", "stream text from a checkpoint"),
+    "chat": ("looplm.chat_command", "a multi-turn conversation with a checkpoint's chat template"),
     "eval": ("looplm.train.evaluate", "validation loss and bits per byte of a checkpoint"),
     "info": ("looplm.info", "parameters, FLOPs per token and config of a checkpoint"),
     "quantize": ("looplm.quant.command", "write a low-precision copy of a checkpoint"),
@@ -39,6 +40,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "quant": ("looplm.bench.quant", "size, speed and quality of quantised formats"),
     "infer": ("looplm.bench.infer", "SmolLM2-sized CPU decoding and prefill against transformers"),
     "serve": ("looplm.bench.serve", "OpenAI-API load test of looplm serve (and llama.cpp's server)"),
+    "pretrained": ("looplm.bench.pretrained", "a pretrained GGUF model: transformers, llama.cpp and looplm"),
     "report": ("looplm.bench.report", "write docs/results.md from saved results"),
 }
 

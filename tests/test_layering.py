@@ -24,10 +24,10 @@ TIERS: list[tuple[str, ...]] = [
     ("looplm.layers",),
     ("looplm.routers", "looplm.state", "looplm.flops", "looplm.model", "looplm.memory"),
     ("looplm.quant",),
-    ("looplm.checkpoint", "looplm.generate", "looplm.perplexity"),
+    ("looplm.checkpoint", "looplm.generate", "looplm.perplexity", "looplm.chat"),
     ("looplm.hf", "looplm.pretrained", "looplm.train"),
     ("looplm.bench", "looplm.serve", "looplm.info", "looplm.generate_command", "looplm.import_command",
-     "looplm.pull_command", "looplm.export_command", "looplm.train.command",
+     "looplm.pull_command", "looplm.export_command", "looplm.chat_command", "looplm.train.command",
      "looplm.train.evaluate", "looplm.quant.command"),
     ("looplm.cli", "looplm.__main__"),
 ]
