@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
             for piece in chat.reply(text):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except (ValueError, TypeError) as err:  # a message too long for the context, bad sampling values
-            raise LoopLMError(str(err)) from None
+        except (ValueError, TypeError) as err:  # a message too long for the context: say so, go on
+            print(f"error: {err}", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
     return 0

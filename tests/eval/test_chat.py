@@ -108,6 +108,13 @@ def test_pipe_reset_and_exit(imported):
     assert lines[:4] == [first, second, first, ""]  # after /reset the first answer again; /exit stops
 
 
+def test_a_message_too_long_is_reported_and_the_chat_goes_on(imported):
+    done = _pipe(imported[1], "fox " * 600 + "\nHello there\n", "--max-new-tokens", "6")
+    assert done.returncode == 0 and "error:" in done.stderr and "context" in done.stderr
+    chat = _chat(imported[1], max_new_tokens=6)
+    assert done.stdout == "".join(chat.reply("Hello there")) + "\n"
+
+
 @pytest.mark.skipif(not cached_model_path("smollm2").is_file(),
                     reason="SmolLM2 is not in the cache (looplm pull smollm2)")
 def test_smollm2_knows_the_capital_of_france(tmp_path):
