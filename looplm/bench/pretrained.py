@@ -34,6 +34,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -338,8 +339,6 @@ def _gguf_int(reader: Any, key: str) -> int:
 
 def _gguf_file_type(reader: Any) -> str:
     """The name of the file's most common matrix type (e.g. ``Q4_1``)."""
-    from collections import Counter
-
     kinds = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
     return kinds.most_common(1)[0][0] if kinds else "?"
 
