@@ -18,8 +18,9 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
 per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
 (ATen's header-only ``at::parallel_for`` is serial without it) and links torch's own ``libgomp``.
-Where it cannot be built, or with ``LOOPLM_NO_CPP_EXT=1``, :func:`available` is False and every
-caller runs its PyTorch form instead (one warning says why).
+Where it cannot be built, or with ``LOOPLM_KERNELS=torch`` (``LOOPLM_NO_CPP_EXT=1`` is the same),
+:func:`available` is False and every caller runs its PyTorch form instead (one warning says why
+when the build fails). ``LOOPLM_KERNELS=cpp`` (the default) uses the kernels where they apply.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from looplm.errors import ConfigError
 
 __all__ = ["available"]
 
@@ -93,6 +96,20 @@ def build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
         os.close(fd)
 
 
+KERNEL_SETTINGS = ("cpp", "torch")
+
+
+def kernel_setting() -> str:
+    """``LOOPLM_KERNELS`` (``cpp``, the default, or ``torch``); ``LOOPLM_NO_CPP_EXT=1`` means ``torch``.
+    Any other value is a ConfigError naming the choices."""
+    value = os.environ.get("LOOPLM_KERNELS", "").strip().lower()
+    if value and value not in KERNEL_SETTINGS:
+        raise ConfigError(f"LOOPLM_KERNELS={value!r} is not one of {', '.join(KERNEL_SETTINGS)}")
+    if os.environ.get("LOOPLM_NO_CPP_EXT", "") not in ("", "0"):
+        return "torch"
+    return value or "cpp"
+
+
 def available() -> bool:
     """Build (cached on disk) and load the kernels once per process; False if that fails or is disabled,
     and while ``torch.compile`` / ``torch.export`` trace (the kernels' users then run their PyTorch
@@ -100,8 +117,9 @@ def available() -> bool:
     if torch.compiler.is_compiling():
         return False
     if "ok" not in _loaded:
+        setting = kernel_setting()  # a bad LOOPLM_KERNELS raises here, before anything is cached
         _loaded["ok"] = False
-        if os.environ.get("LOOPLM_NO_CPP_EXT", "") not in ("", "0"):
+        if setting == "torch":
             return False
         try:
             build(_name(SOURCES), SOURCES, _CFLAGS, _LDFLAGS)

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from looplm.errors import ConfigError
 from looplm.ops import cpp_ext, delta_chunkwise, delta_kernel
 from looplm.ops.delta_rule import delta_chunk
 from tests.threads import torch_threads
@@ -62,6 +63,28 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(cpp_ext, "_loaded", {})
     assert not cpp_ext.available()
     assert not delta_kernel.use_kernel(torch.zeros(1))
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "cpp"), ({"LOOPLM_KERNELS": "torch"}, "torch"), ({"LOOPLM_KERNELS": "cpp"}, "cpp"),
+    ({"LOOPLM_NO_CPP_EXT": "1"}, "torch"), ({"LOOPLM_KERNELS": "CPP", "LOOPLM_NO_CPP_EXT": "0"}, "cpp"),
+])
+def test_one_kernel_switch(env, want, monkeypatch):
+    for name in ("LOOPLM_KERNELS", "LOOPLM_NO_CPP_EXT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cpp_ext.kernel_setting() == want
+    if want == "torch":
+        monkeypatch.setattr(cpp_ext, "_loaded", {})
+        assert not cpp_ext.available()
+
+
+def test_unknown_kernel_setting_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("LOOPLM_KERNELS", "cuda")
+    monkeypatch.setattr(cpp_ext, "_loaded", {})
+    with pytest.raises(ConfigError, match="cpp, torch"):
+        cpp_ext.available()
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
