@@ -15,7 +15,8 @@ EXAMPLES = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", README, flags=re.S))
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_subcommand_has_an_example(command: str) -> None:
-    assert re.search(rf"^looplm {command}\b", EXAMPLES, flags=re.M), f"no `looplm {command} ...` example"
+    pattern = rf"(^|\| *)looplm {command}\b"  # a command line, or the end of a pipe
+    assert re.search(pattern, EXAMPLES, flags=re.M), f"no `looplm {command} ...` example"
 
 
 @pytest.mark.parametrize("bench", sorted(BENCHES))

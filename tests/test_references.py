@@ -25,8 +25,11 @@ def _rel(path: Path) -> str:
 
 
 def test_named_paths_exist() -> None:
+    # files a benchmark writes (its figures) exist once it has run: named by a looplm/bench module
+    outputs = {m for f in ROOT.glob("looplm/bench/*.py") for m in PATH.findall(f.read_text())
+               if m.startswith("docs/figures/")}
     missing = [f"{_rel(f)} names {m}" for f in TEXTS if f.is_file() for m in PATH.findall(f.read_text())
-               if "NAME" not in m and not (ROOT / m).exists()]
+               if "NAME" not in m and m not in outputs and not (ROOT / m).exists()]
     assert not missing, "\n".join(missing)
 
 
