@@ -108,6 +108,10 @@ def model_file(args: argparse.Namespace) -> Path:
     return path
 
 
+# int4 rows: groups of 32 inputs with a scale and an offset each, as the file's own Q4_1.
+INT4_GROUP = 32
+
+
 def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool) -> dict[str, Path]:
     """The float32 import of ``gguf`` and its int8/int4 copies under ``work`` (made once: the
     directory name carries the file's size and mtime)."""
@@ -119,10 +123,11 @@ def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool
     for fmt in ("int8", "int4"):
         if f"looplm-{fmt}" not in rows:
             continue
-        path = base / (fmt + ("-keephead" if keep_head else ""))
+        group = INT4_GROUP if fmt == "int4" else None
+        path = base / (fmt + (f"-g{group}" if group else "") + ("-keephead" if keep_head else ""))
         if not path.is_dir():
             model = load_model(ckpts["float32"])
-            quantize_model(model, fmt, keep_embeddings=keep_head, keep_head=keep_head)
+            quantize_model(model, fmt, group_size=group, keep_embeddings=keep_head, keep_head=keep_head)
             tmp = path.with_name(path.name + ".tmp")
             save_model(model, tmp)
             load_tokenizer(ckpts["float32"]).save(tmp)
