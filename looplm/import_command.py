@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --quantize: quantise the embedding table and the head too",
     )
+    parser.add_argument(
+        "--embedding-format",
+        choices=FORMATS,
+        default=None,
+        metavar="FORMAT",
+        help="with --quantize: the embedding table and head in this format (e.g. int8 beside int4)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize is not None:
         if args.group_size is not None and args.quantize != "int4":
             raise ConfigError(f"--group-size applies to int4 only, not {args.quantize}")
-        keep = not args.quantize_embeddings
-        options = {"group_size": args.group_size, "keep_embeddings": keep, "keep_head": keep}
-    elif args.group_size is not None or args.quantize_embeddings:
-        raise ConfigError("--group-size and --quantize-embeddings need --quantize FORMAT")
+        keep = not (args.quantize_embeddings or args.embedding_format)
+        options = {"group_size": args.group_size, "keep_embeddings": keep, "keep_head": keep,
+                   "embedding_format": args.embedding_format}
+    elif args.group_size is not None or args.quantize_embeddings or args.embedding_format:
+        raise ConfigError("--group-size, --quantize-embeddings and --embedding-format need --quantize FORMAT")
     start = time.perf_counter()
     out = import_checkpoint(args.source, args.out, quantize=args.quantize, quantize_options=options)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -5,7 +5,8 @@ Rows: transformers float32 on the dequantised weights (``from_pretrained(dir, gg
 llama.cpp through ``llama-cpp-python`` on the original file (the optional ``looplm[bench]`` extra;
 the row says "not installed" without it); looplm float32, bfloat16, int8 and int4 (``looplm
 import`` of the file, then ``quantize_model`` of every linear and, unless ``--keep-head``, the tied
-embedding/head). Each row runs in its own subprocess so its peak RSS is its own.
+embedding/head; int4 in groups of 32 with the table in int8, as the file's Q4_1 + Q8_0). Each row
+runs in its own subprocess so its peak RSS is its own.
 
 Figures per row, all on the same token ids (the looplm import's tokenizer):
 - decode tokens/s after a 32- and a 1024-token prompt (greedy, 128 new tokens; the first new
@@ -108,7 +109,8 @@ def model_file(args: argparse.Namespace) -> Path:
     return path
 
 
-# int4 rows: groups of 32 inputs with a scale and an offset each, as the file's own Q4_1.
+# int4 rows: groups of 32 inputs with a scale and an offset each, as the file's own Q4_1, and the tied
+# embedding/head in int8, as the file keeps it in Q8_0.
 INT4_GROUP = 32
 
 
@@ -124,10 +126,11 @@ def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool
         if f"looplm-{fmt}" not in rows:
             continue
         group = INT4_GROUP if fmt == "int4" else None
-        path = base / (fmt + (f"-g{group}" if group else "") + ("-keephead" if keep_head else ""))
+        path = base / (fmt + (f"-g{group}-head8" if group else "") + ("-keephead" if keep_head else ""))
         if not path.is_dir():
             model = load_model(ckpts["float32"])
-            quantize_model(model, fmt, group_size=group, keep_embeddings=keep_head, keep_head=keep_head)
+            quantize_model(model, fmt, group_size=group, keep_embeddings=keep_head, keep_head=keep_head,
+                           embedding_format="int8" if group else None)
             tmp = path.with_name(path.name + ".tmp")
             save_model(model, tmp)
             load_tokenizer(ckpts["float32"]).save(tmp)

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the embedding (and a tied head) in float (default)")
     parser.add_argument("--quantize-embeddings", dest="keep_embeddings", action="store_false",
                         help="quantise the embedding table too (and the head)")
+    parser.add_argument("--embedding-format", choices=FORMATS, default=None,
+                        help="the embedding table and the head in this format (implies "
+                             "--quantize-embeddings), e.g. int8 beside an int4 body")
     parser.add_argument("--out", required=True, help="directory to write")
 
 
@@ -58,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     group = args.group_size if args.format == "int4" else None
     if args.group_size is not None and group is None:
         raise ConfigError(f"--group-size applies to int4 only, not {args.format}")
-    keep = args.keep_embeddings
+    keep = args.keep_embeddings and args.embedding_format is None
     quantize_model(model, args.format, group_size=group, zero_point=not args.no_zero_point,
-                   keep_embeddings=keep, keep_head=keep)
+                   keep_embeddings=keep, keep_head=keep, embedding_format=args.embedding_format)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_model(model, tmp)

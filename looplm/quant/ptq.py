@@ -13,6 +13,9 @@ from looplm.layers.moe import MoE
 from looplm.quant.formats import Format, make_format
 from looplm.quant.linear import QuantEmbedding, QuantExperts, QuantLinear, supports
 
+# the embedding table and the untied head: what ``embedding_format`` applies to
+END_MODULES = ("embed", "head")
+
 # projections smaller than this (routers, per-head gates) stay in float: tiny and sensitive
 MIN_FEATURES = 16
 
@@ -60,57 +63,83 @@ def select_modules(model: nn.Module, fmt: Format, *, keep_embeddings: bool = Tru
 
 
 def quantize_model(model: nn.Module, format: str, *, group_size: int | None = None, zero_point: bool = True,
-                   keep_embeddings: bool = True, keep_head: bool = True, kernel: str = "auto") -> nn.Module:
+                   keep_embeddings: bool = True, keep_head: bool = True, kernel: str = "auto",
+                   embedding_format: str | None = None) -> nn.Module:
     """Quantise ``model``'s weights in place (and return it) in ``format`` (formats.FORMATS).
 
+    ``embedding_format`` (e.g. ``"int8"`` beside an int4 body, as llama.cpp's Q4 files keep a Q8_0
+    tied embedding) stores the embeddings and the head in that format (its default group) instead.
     Sets ``model.quantization``: the description ``apply_structure`` needs to rebuild the
-    quantised modules (format, group_size, zero_point, modules); checkpoints store it in
-    config.json.
+    quantised modules (format, group_size, zero_point, modules, and per-module ``overrides``);
+    checkpoints store it in config.json.
     """
     fmt = make_format(format, group_size, zero_point)
+    ends = make_format(embedding_format) if embedding_format else None
     names = select_modules(model, fmt, keep_embeddings=keep_embeddings, keep_head=keep_head)
+    if ends is not None:  # the ends' own format decides whether they fit
+        names = [n for n in names if n not in END_MODULES]
+        names += [n for n in select_modules(model, ends, keep_embeddings=keep_embeddings, keep_head=keep_head)
+                  if n in END_MODULES]
     experts = expert_weights(model)
     for name in names:
+        f = ends if ends is not None and name in END_MODULES else fmt
         if name in experts:
-            _set(model, name, QuantExperts.from_stacked(experts[name], fmt, kernel))
+            _set(model, name, QuantExperts.from_stacked(experts[name], f, kernel))
             continue
         m = model.get_submodule(name)
         if isinstance(m, nn.Linear):
-            _set(model, name, QuantLinear.from_linear(m, fmt, kernel))
+            _set(model, name, QuantLinear.from_linear(m, f, kernel))
         else:
-            _set(model, name, QuantEmbedding.from_embedding(m, fmt))
-    model.quantization = describe(fmt, names)
+            _set(model, name, QuantEmbedding.from_embedding(m, f))
+    overrides = {n: ends for n in names if ends is not None and n in END_MODULES}
+    model.quantization = describe(fmt, names, overrides)
     return model
 
 
-def describe(fmt: Format, modules: list[str]) -> dict[str, Any]:
-    """The ``quantization`` block of config.json."""
-    return {"format": fmt.name, "group_size": fmt.group_size, "zero_point": fmt.zero_point,
-            "modules": list(modules)}
+def _format_fields(fmt: Format) -> dict[str, Any]:
+    return {"format": fmt.name, "group_size": fmt.group_size, "zero_point": fmt.zero_point}
+
+
+def describe(fmt: Format, modules: list[str], overrides: dict[str, Format] | None = None) -> dict[str, Any]:
+    """The ``quantization`` block of config.json; ``overrides`` (module → its own format) only
+    when some module differs from ``fmt``."""
+    block = {**_format_fields(fmt), "modules": list(modules)}
+    if overrides:
+        block["overrides"] = {n: _format_fields(f) for n, f in overrides.items()}
+    return block
+
+
+def _block_format(fields: dict[str, Any]) -> Format:
+    return make_format(fields["format"], fields.get("group_size"), bool(fields.get("zero_point", True)))
 
 
 def apply_structure(model: nn.Module, block: dict[str, Any], kernel: str = "auto") -> nn.Module:
     """Swap in empty quantised modules as described by ``block`` (weights to be loaded next).
     Raises ValueError/KeyError on a block that does not fit the model."""
-    fmt = make_format(block["format"], block.get("group_size"), bool(block.get("zero_point", True)))
+    fmt = _block_format(block)
     modules = block["modules"]
     if not isinstance(modules, list) or not all(isinstance(n, str) for n in modules):
         raise ValueError("'modules' must be a list of module names")
+    raw = block.get("overrides") or {}
+    if not isinstance(raw, dict) or not set(raw) <= set(modules):
+        raise ValueError("'overrides' must map quantised module names to their formats")
+    overrides = {n: _block_format(f) for n, f in raw.items()}
     experts = expert_weights(model)
     for name in modules:
+        f = overrides.get(name, fmt)
         if name in experts:
             w = experts[name]
-            _set(model, name, QuantExperts(w.shape[0], w.shape[1], w.shape[2], fmt, kernel, device=w.device))
+            _set(model, name, QuantExperts(w.shape[0], w.shape[1], w.shape[2], f, kernel, device=w.device))
             continue
         m = model.get_submodule(name)  # AttributeError on an unknown name
         dev = m.weight.device
         if isinstance(m, nn.Linear):
-            q = QuantLinear(m.in_features, m.out_features, fmt, m.bias is not None, kernel, device=dev)
+            q = QuantLinear(m.in_features, m.out_features, f, m.bias is not None, kernel, device=dev)
         elif isinstance(m, nn.Embedding):
-            q = QuantEmbedding(m.num_embeddings, m.embedding_dim, fmt, device=dev)
+            q = QuantEmbedding(m.num_embeddings, m.embedding_dim, f, device=dev)
         else:
             raise ValueError(f"module {name!r} is a {type(m).__name__}, not a Linear, Embedding or "
                              "MoE expert matrix")
         _set(model, name, q)
-    model.quantization = describe(fmt, modules)
+    model.quantization = describe(fmt, modules, overrides)
     return model

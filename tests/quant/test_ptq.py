@@ -116,3 +116,33 @@ def test_quantised_checkpoint_loads_through_transformers_auto_model(tmp_path):
     assert isinstance(hf.model.core[0].ffn.w_in, QuantLinear)
     assert torch.equal(hf(ids).logits, model(ids).logits)
     assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
+def test_embedding_format_keeps_the_tied_table_in_its_own_format_through_a_checkpoint(tmp_path):
+    ids = torch.randint(0, 64, (2, 6))
+    model = quantize_model(tiny(), "int4", group_size=32, keep_embeddings=False, keep_head=False,
+                           embedding_format="int8")
+    assert isinstance(model.embed, QuantEmbedding) and model.embed.fmt.name == "int8"
+    body = [m for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert body and all(m.fmt.name == "int4" and m.fmt.group_size == 32 for m in body)
+    overrides = model.quantization["overrides"]
+    assert list(overrides) == ["embed"] and overrides["embed"]["format"] == "int8"
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.embed.fmt.name == "int8" and loaded.quantization == model.quantization
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # the int8 table is closer to the float one than an int4 table
+    ref = tiny().embed.weight
+    all4 = quantize_model(tiny(), "int4", group_size=32, keep_embeddings=False, keep_head=False)
+    err = {k: (m.embed(torch.arange(64)) - ref).norm() for k, m in (("int8", model), ("int4", all4))}
+    assert err["int8"] < err["int4"] / 4
+
+
+def test_overrides_naming_an_unquantised_module_are_refused(tmp_path):
+    model = quantize_model(tiny(), "int8", keep_embeddings=False, keep_head=False, embedding_format="int8")
+    save_model(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization"]["overrides"] = {"not_a_module": {"format": "int8"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path)
