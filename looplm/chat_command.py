@@ -16,6 +16,7 @@ from looplm.chat import Chat
 from looplm.checkpoint import load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import CheckpointError, LoopLMError
+from looplm.generate_command import add_sampling_arguments, sampling_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,14 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(e.g. one written by `looplm import`)")
     parser.add_argument("--system", default=None, help="system message opening the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    parser.add_argument("--min-p", type=float, default=None,
-                        help="keep tokens at least this fraction as likely as the most likely one")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="divide the logits of tokens already present by this (1 = none; CTRL)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    add_sampling_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(directory)
     try:
         chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+                    **sampling_options(args))
     except (ValueError, TypeError) as err:
         raise LoopLMError(str(err)) from None
     interactive = sys.stdin.isatty()
