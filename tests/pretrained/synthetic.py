@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from looplm.generate import generate_ids
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a test.<|im_end|>\n' }}{% endif %}"
@@ -200,3 +202,24 @@ def add_tensor(writer, name: str, data: np.ndarray, kind: str) -> None:
         writer.add_tensor(name, data.astype(np.float16))
     else:
         writer.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
+
+
+def assert_parity(reference, model, rows: list[list[int]]) -> None:
+    """Logits within 1e-3 on each prompt and 64 greedy tokens identical."""
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row])
+            ref, got = reference(ids).logits[0], model(ids).logits[0]
+            assert (ref - got).abs().max().item() <= 1e-3
+        ids = torch.tensor([rows[0]])
+        ref_new = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=64,
+            do_sample=False,
+            min_new_tokens=64,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    got_new = generate_ids(model, [rows[0]], max_new_tokens=64)[0]
+    assert ref_new[0, ids.shape[1] :].tolist() == got_new

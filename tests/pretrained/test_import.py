@@ -13,7 +13,6 @@ transformers = pytest.importorskip("transformers")
 
 from looplm.checkpoint import load_model  # noqa: E402
 from looplm.data.tokenizer import load_tokenizer  # noqa: E402
-from looplm.generate import generate_ids  # noqa: E402
 from looplm.pretrained.convert import import_checkpoint  # noqa: E402
 from looplm.quant.ptq import quantize_model  # noqa: E402
 from tests.pretrained import synthetic as S  # noqa: E402
@@ -25,27 +24,6 @@ def _prompt_ids(tokenizer) -> list[list[int]]:
     rows = [tokenizer.encode(p) for p in PROMPTS]
     assert all(len(r) >= 64 for r in rows)
     return rows
-
-
-def _assert_parity(reference, model, rows: list[list[int]]) -> None:
-    """Logits within 1e-3 on each prompt and 64 greedy tokens identical."""
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row])
-            ref, got = reference(ids).logits[0], model(ids).logits[0]
-            assert (ref - got).abs().max().item() <= 1e-3
-        ids = torch.tensor([rows[0]])
-        ref_new = reference.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=64,
-            do_sample=False,
-            min_new_tokens=64,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    got_new = generate_ids(model, [rows[0]], max_new_tokens=64)[0]
-    assert ref_new[0, ids.shape[1] :].tolist() == got_new
 
 
 @pytest.mark.parametrize(
@@ -81,7 +59,7 @@ def test_hf_directory_imports_with_transformers_logits_and_greedy_tokens(tmp_pat
     hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")  # the file as written
     rows = _prompt_ids(tokenizer)
     assert rows == [hf_tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-    _assert_parity(reference, model, rows)
+    S.assert_parity(reference, model, rows)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +90,7 @@ def test_gguf_imports_with_transformers_logits_and_greedy_tokens(tmp_path: Path,
     assert rows == [tok.encode(p).ids for p in PROMPTS]  # the GGUF's tokenizer is the original one
     assert tokenizer.decode(rows[0]) == PROMPTS[0]
     assert tokenizer.eos_id == 2 and tokenizer.bos_id == 0 and tokenizer.chat_template == S.CHAT_TEMPLATE
-    _assert_parity(reference, model, rows)
+    S.assert_parity(reference, model, rows)
     if not types:  # float32 tensors: the weights are the original model's, bit for bit
         with torch.no_grad():
             ids = torch.tensor(rows[:1])

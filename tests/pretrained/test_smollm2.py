@@ -14,6 +14,7 @@ from looplm.data.tokenizer import load_tokenizer  # noqa: E402
 from looplm.generate import generate_ids  # noqa: E402
 from looplm.pretrained.convert import import_checkpoint  # noqa: E402
 from looplm.pretrained.pull import cached_model_path  # noqa: E402
+from tests.pretrained import synthetic as S  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -50,22 +51,7 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
     model, tokenizer, reference = smollm2
     rows = [tokenizer.encode(p) for p in PROMPTS]
     assert all(len(r) >= 64 for r in rows)
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row])
-            diff = (reference(ids).logits - model(ids).logits).abs().max().item()
-            assert diff <= 1e-3, diff
-        ids = torch.tensor([rows[0]])
-        want = reference.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=64,
-            do_sample=False,
-            min_new_tokens=64,
-            eos_token_id=None,
-            pad_token_id=2,
-        )[0, ids.shape[1] :]
-    assert generate_ids(model, [rows[0]], max_new_tokens=64)[0] == want.tolist()
+    S.assert_parity(reference, model, rows)
 
 
 def test_chat_answer_names_paris(smollm2):
