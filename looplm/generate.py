@@ -62,6 +62,14 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, scaled, logits)
 
 
+def penalize_counts(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+                    ) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: ``logits [B, V]`` minus ``frequency`` times
+    each token's count in ``counts [B, V]`` (how often it was generated so far) and minus
+    ``presence`` where that count is above zero; positive values make repeats less likely."""
+    return logits.float() - frequency * counts - presence * (counts > 0)
+
+
 def keep_mask(scores: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None,
               min_p: float | None = None) -> torch.Tensor:
     """Tokens that stay candidates, ``[B, V]`` bool, for ``scores [B, V]`` (logits after the

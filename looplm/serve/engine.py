@@ -33,7 +33,14 @@ from typing import Any
 import torch
 
 from looplm.errors import LoopLMError
-from looplm.generate import TextStream, check_prompts, check_sampling, decoding_mode, sample_next
+from looplm.generate import (
+    TextStream,
+    check_prompts,
+    check_sampling,
+    decoding_mode,
+    penalize_counts,
+    sample_next,
+)
 from looplm.serve.metrics import ServeMetrics
 from looplm.state import ModelState, cat_states, select_rows
 
@@ -45,27 +52,45 @@ class QueueFullError(LoopLMError):
 @dataclass
 class SamplingParams:
     """What one request asks for: at most ``max_tokens`` new tokens, ``temperature`` (0 = greedy),
-    ``top_p``, ``stop`` strings (the text ends before the first), ``seed`` of its generator;
-    ``ignore_eos``: the end-of-text token does not end it (load tests)."""
+    ``top_p``, ``min_p``, OpenAI's ``presence_penalty`` and ``frequency_penalty`` (on the tokens
+    generated so far), ``stop`` strings (the text ends before the first), ``seed`` of its
+    generator; ``logprobs``: report each token's log-probability and that many top alternatives
+    (None: none); ``ignore_eos``: the end-of-text token does not end it (load tests)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float | None = None
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    logprobs: int | None = None
     ignore_eos: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (before temperature, penalties and
+    filters) and the ``top`` most likely tokens' ``(id, logprob)``, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class Event:
     """What the engine reports to a request: new ``text`` (may be ""), and at the end
-    ``finish_reason`` (``stop`` | ``length`` | ``error``) with the token counts."""
+    ``finish_reason`` (``stop`` | ``length`` | ``error``) with the token counts; ``logprobs``: the
+    tokens accepted since the last event (when the request asked for them)."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -85,6 +110,7 @@ class Request:
     generated: int = 0
     last_token: int = 0
     first_token_at: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet reported
     cancelled: bool = False
     done: bool = False
 
@@ -145,7 +171,13 @@ class Engine:
         """Raise ValueError for a request that can never be served (empty prompt, bad ids,
         bad sampling values, prompt + max_tokens beyond the model's context or the in-flight
         limit)."""
-        check_sampling(params.temperature, None, params.top_p)
+        check_sampling(params.temperature, None, params.top_p, params.min_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(params, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if params.logprobs is not None and not 0 <= params.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20] or None, got {params.logprobs!r}")
         if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) \
                 or params.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
@@ -290,13 +322,25 @@ class Engine:
             req.state = None
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """One token per row of ``logits [B, V]``, each from its request's own generator."""
-        greedy = logits.argmax(-1).tolist()
+        """One token per row of ``logits [B, V]``, each from its request's own generator after
+        its penalties; the token's log-probability kept for requests that asked for it."""
+        chosen = logits.argmax(-1).tolist()
         for i, req in enumerate(reqs):
-            if req.params.temperature > 0:
-                greedy[i] = int(sample_next(logits[i:i + 1], temperature=req.params.temperature,
-                                            top_p=req.params.top_p, generator=req.generator)[0])
-        return greedy
+            p = req.params
+            if p.temperature > 0 or p.presence_penalty or p.frequency_penalty:
+                row = logits[i:i + 1]
+                if (p.presence_penalty or p.frequency_penalty) and req.tokens:
+                    counts = torch.bincount(torch.tensor(req.tokens), minlength=row.shape[-1])
+                    row = penalize_counts(row, counts.to(row.device)[None], p.presence_penalty,
+                                          p.frequency_penalty)
+                chosen[i] = int(sample_next(row, temperature=p.temperature, top_p=p.top_p, min_p=p.min_p,
+                                            generator=req.generator)[0])
+            if p.logprobs is not None:
+                lp = logits[i].float().log_softmax(-1)
+                top = lp.topk(p.logprobs) if p.logprobs else None
+                req.logprobs.append(TokenLogprob(chosen[i], float(lp[chosen[i]]), [] if top is None else
+                                                 list(zip(top.indices.tolist(), top.values.tolist()))))
+        return chosen
 
     def _accept(self, req: Request, token: int) -> bool:
         """Take ``req``'s next token; report its text; True when the request is done (end of
@@ -313,6 +357,7 @@ class Engine:
         req.last_token = token
         self.metrics.generated_tokens.inc()
         if token == self.eos_id and not req.params.ignore_eos:
+            req.logprobs = req.logprobs[:-1]  # the end-of-text token is not part of the text
             self._finish(req, req.stream.finish(), "stop")
             return True
         text = req.stream.push(token)
@@ -326,6 +371,7 @@ class Engine:
         return False
 
     def _emit(self, req: Request, event: Event) -> None:
+        event.logprobs, req.logprobs = req.logprobs, []
         try:
             req.emit(event)
         except Exception:  # a broken listener ends only its own request

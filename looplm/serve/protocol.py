@@ -1,8 +1,9 @@
 """OpenAI API request bodies (pydantic) and the response / error JSON the server writes.
 
 Field types are strict (``"10"`` is not an integer), as OpenAI's API is; fields OpenAI defines
-that change nothing here (``user``, zero penalties...) are accepted and ignored. A value out of
-range raises ValueError, which the API turns into a 400 ``invalid_request_error``.
+that change nothing here (``user``, ``logit_bias``...) are accepted and ignored. A value out of
+range raises ValueError, which the API turns into a 400 ``invalid_request_error``. Besides
+OpenAI's fields: ``min_p`` and ``ignore_eos`` (as vLLM has them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_validator,
 )
 
 Number = StrictInt | StrictFloat
@@ -36,6 +38,9 @@ class _Sampling(BaseModel):
     max_tokens: StrictInt | None = None
     temperature: Number = 1.0
     top_p: Number = 1.0
+    min_p: Number | None = Field(None, ge=0, le=1)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     n: StrictInt = 1
@@ -84,6 +89,11 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``: ``prompt`` is a string, a list of one string, or token ids."""
 
     prompt: StrictStr | list[StrictStr] | list[StrictInt]
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # alternatives reported per token
+
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per token to report (None: no logprobs)."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -116,6 +126,18 @@ class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[Message] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per token to report (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -133,19 +155,40 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def logprobs_body(kind: str, tokens: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0
+                  ) -> dict[str, Any]:
+    """The ``logprobs`` of a choice for ``tokens`` ``(text, logprob, [(alternative, logprob)])``:
+    chat's ``{"content": [...]}`` or the completions' parallel lists (``text_offset`` counted
+    from ``offset`` characters into the choice's text)."""
+    if kind == "chat":
+        def entry(text: str, lp: float) -> dict[str, Any]:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                            for t, lp, top in tokens]}
+    offsets = []
+    for t, _, _ in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [dict(top) for _, _, top in tokens], "text_offset": offsets}
+
+
 def completion_body(kind: str, rid: str, model: str, text: str, finish: str | None,
-                    use: dict[str, int] | None, *, chunk: bool, first: bool = False) -> dict[str, Any]:
+                    use: dict[str, int] | None, *, chunk: bool, first: bool = False,
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A response (``chunk=False``) or a streamed chunk of ``kind`` ``chat`` | ``text``."""
     if kind == "chat":
         if chunk:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs,
+                                      "finish_reason": finish}
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish}
         obj = "chat.completion.chunk" if chunk else "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     body: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
                             "choices": [choice]}

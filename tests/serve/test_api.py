@@ -85,6 +85,34 @@ def test_streaming_equals_the_whole_response(server):
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
+def test_logprobs_and_penalties(server):
+    """Logprobs through the openai client: one entry per generated token, the greedy token first
+    among its alternatives, streamed pieces equal to the whole; penalties change greedy text."""
+    model, url = server
+    c = client(url)
+    r = c.completions.create(model="tiny", prompt="def f(x):", max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens
+    # greedy: no alternative is more likely (byte tokens may share the text "\ufffd" as keys)
+    assert all(1 <= len(top) <= 2 and max(top.values()) <= v + 1e-5 for top, v in
+               zip(lp.top_logprobs, lp.token_logprobs))
+    assert "".join(lp.tokens) == r.choices[0].text
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(
+        model="tiny", prompt="def f(x):", max_tokens=8, temperature=0, logprobs=2, stream=True) if ch.choices]
+    assert [v for s in streamed if s for v in s.token_logprobs] == pytest.approx(lp.token_logprobs)
+    messages = [{"role": "user", "content": "hello"}]
+    ch = c.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                   logprobs=True, top_logprobs=3)
+    content = ch.choices[0].logprobs.content
+    assert len(content) == ch.usage.completion_tokens or ch.choices[0].finish_reason == "stop"
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob
+               for e in content)
+    plain = c.completions.create(model="tiny", prompt="aaaa", max_tokens=16, temperature=0)
+    penal = c.completions.create(model="tiny", prompt="aaaa", max_tokens=16, temperature=0,
+                                 frequency_penalty=2.0, presence_penalty=2.0)
+    assert plain.choices[0].logprobs is None and penal.choices[0].text != plain.choices[0].text
+
+
 def test_seeded_sampling_is_reproducible(server):
     _, url = server
     c = client(url)
@@ -111,6 +139,10 @@ BAD = [
     ("beyond the context", {"model": "tiny", "prompt": "a" * 200, "max_tokens": 100}, 400),
     ("seed a string", {"model": "tiny", "prompt": "a", "seed": "x"}, 400),
     ("stop a number", {"model": "tiny", "prompt": "a", "stop": 3}, 400),
+    ("presence_penalty 3", {"model": "tiny", "prompt": "a", "presence_penalty": 3}, 400),
+    ("frequency_penalty a string", {"model": "tiny", "prompt": "a", "frequency_penalty": "lots"}, 400),
+    ("min_p above 1", {"model": "tiny", "prompt": "a", "min_p": 1.5}, 400),
+    ("logprobs 6", {"model": "tiny", "prompt": "a", "logprobs": 6}, 400),
 ]
 
 
@@ -129,7 +161,10 @@ def test_bad_chat_input(server):
     _, url = server
     for body in ({"model": "tiny", "messages": []}, {"model": "tiny", "messages": [{"role": "user"}]},
                  {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
-                 {"model": "tiny", "messages": "hello"}):
+                 {"model": "tiny", "messages": "hello"},
+                 {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+                 {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                  "top_logprobs": 21}):
         r = post(url + "/v1/chat/completions", json=body)
         assert r.status_code == 400 and "error" in r.json(), body
     with pytest.raises(openai.BadRequestError):
@@ -191,6 +226,20 @@ def test_disconnect_frees_the_slot_and_queue_limit():
         assert metric(url, "looplm_running_requests") == 0 and metric(url, "looplm_state_bytes") == 0
         assert metric(url, 'looplm_requests_total{outcome="length"}') == 1
         assert metric(url, "looplm_rejected_total") == 1
+
+
+def test_disconnect_while_waiting_for_a_whole_response():
+    """A non-streaming client that goes away before its answer frees its row; the next request
+    is served."""
+    _, app = make_app("gated_deltanet", eos=False, max_batch=1)
+    with serve(app) as url:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 10**6}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+        wait_for(lambda: metric(url, 'looplm_requests_total{outcome="cancelled"}') == 1)
+        assert metric(url, "looplm_running_requests") == 0 and metric(url, "looplm_state_bytes") == 0
+        r = post(url + "/v1/completions", json={"model": "tiny", "prompt": "y", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_burst_with_malformed_requests():

@@ -1,8 +1,15 @@
-"""``looplm serve`` as a process: it prints its address, serves a checkpoint, binds loopback."""
+"""``looplm serve`` as a process: it prints its address, serves a checkpoint, binds loopback.
 
+Bounded but patient: a loaded machine can take minutes to import torch and FastAPI, so each
+wait has a deadline of ``PATIENCE`` seconds, and the child uses PyTorch's kernels (no C++ build
+on first use; the kernels are tested elsewhere)."""
+
+import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -12,28 +19,43 @@ httpx = pytest.importorskip("httpx")
 from looplm.checkpoint import save_model  # noqa: E402
 from tests.serve.util import tiny_model, tokenizer  # noqa: E402
 
+PATIENCE = 600
+ENV = {**os.environ, "LOOPLM_KERNELS": "torch", "OMP_NUM_THREADS": "1"}
+
+
+def first_line(proc: subprocess.Popen) -> str:
+    """The process's first stdout line, or "" if none comes within PATIENCE seconds."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=PATIENCE)
+    except queue.Empty:
+        return ""
+
 
 def test_serve_command(tmp_path):
     ckpt = tmp_path / "ckpt"
     save_model(tiny_model("gated_deltanet"), ckpt)
     tokenizer().save(ckpt)
-    proc = subprocess.Popen([sys.executable, "-m", "looplm.cli", "serve", str(ckpt), "--port", "0",
-                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "looplm.cli", "serve", str(ckpt), "--port", "0",
+                                 "--threads", "1"], stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV)
     try:
-        line = proc.stdout.readline()
+        line = first_line(proc)
         m = re.search(r"http://(127\.0\.0\.1):(\d+)", line)
-        assert m, line + proc.stderr.read()
+        assert m, f"no address printed: {line!r}\n{err.read_text()}"
         url = f"http://127.0.0.1:{m.group(2)}"
         r = httpx.post(url + "/v1/completions", json={"model": "ckpt", "prompt": "hi", "max_tokens": 4},
-                       timeout=60)
+                       timeout=PATIENCE)
         assert r.status_code == 200 and r.json()["model"] == "ckpt"
-        assert httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"] == "ckpt"
+        assert httpx.get(url + "/v1/models", timeout=PATIENCE).json()["data"][0]["id"] == "ckpt"
     finally:
         proc.kill()
-        proc.wait(30)
+        proc.wait(60)
 
 
 def test_serve_command_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "looplm.cli", "serve", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=PATIENCE, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: checkpoint directory")

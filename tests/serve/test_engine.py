@@ -56,6 +56,49 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine_for):
     assert other_seed != alone  # the seed matters (12 draws from ~259 tokens)
 
 
+def reference_penalized(model, prompt, n, presence, frequency):
+    """Greedy decoding with OpenAI's penalties, one full forward per token (no state)."""
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        counts = torch.bincount(torch.tensor(ids[len(prompt):], dtype=torch.long), minlength=logits.numel())
+        ids.append(int((logits - frequency * counts - presence * (counts > 0)).argmax()))
+    return ids[len(prompt):]
+
+
+def test_penalties_min_p_and_logprobs(engine_for):
+    """Penalised greedy decoding equals a full-forward reference (and changes the output);
+    min_p=1 keeps only the most likely token, so sampling with it is greedy; logprobs are the
+    model's log-softmax at each generated position, their alternatives sorted and led by the
+    greedy token."""
+    model = tiny_model("attention")
+    eng = engine_for(model, eos=False, max_batch=8, prefill_chunk=16)
+    pen = [SamplingParams(max_tokens=12, temperature=0, presence_penalty=0.5, frequency_penalty=1.5),
+           SamplingParams(max_tokens=12, temperature=0, presence_penalty=2.0)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+    got = run_requests(eng, [(PROMPTS[0], pen[0]), (PROMPTS[1], pen[1]), (PROMPTS[2], greedy),
+                             (PROMPTS[3], SamplingParams(max_tokens=12, temperature=1.3, min_p=1.0, seed=1))])
+    assert got[0] == reference_penalized(model, PROMPTS[0], 12, 0.5, 1.5)
+    assert got[1] == reference_penalized(model, PROMPTS[1], 12, 2.0, 0.0)
+    plain = [generate_ids(model, [p], max_new_tokens=12)[0] for p in PROMPTS[:4]]
+    assert got[0] != plain[0] or got[1] != plain[1]
+    assert got[2] == plain[2] and got[3] == plain[3]
+
+    reports = []
+    req = eng.submit(PROMPTS[2], greedy, lambda ev: reports.append(ev))
+    while not req.done:
+        threading.Event().wait(0.01)
+    entries = [e for ev in reports for e in ev.logprobs]
+    with torch.no_grad():
+        lp = model(torch.tensor([PROMPTS[2] + req.tokens])).logits[0].log_softmax(-1)
+    assert [e.token for e in entries] == req.tokens
+    for k, e in enumerate(entries):
+        row = lp[len(PROMPTS[2]) - 1 + k]
+        assert e.logprob == pytest.approx(float(row[e.token]), abs=1e-4)
+        assert [t for t, _ in e.top] == row.topk(3).indices.tolist() and e.top[0] == (e.token, e.logprob)
+
+
 def test_finish_reasons_and_text(engine_for):
     model = tiny_model("attention")
     eng = engine_for(model, max_batch=4)
