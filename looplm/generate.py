@@ -276,7 +276,8 @@ def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Seque
     (their tokens can be ignored); the batch is padded on the left. ``repetition_penalty``
     applies to each row's own prompt and generated tokens (never its padding).
     ``state_format`` (``int8`` | ``fp8_e4m3``) holds the decoding state in that format between
-    steps (:mod:`looplm.quant.state`: fixed-size mixer states and KV caches, a scale per row).
+    steps (:mod:`looplm.quant.state`: fixed-size mixer states and KV caches, a scale per row; the
+    caches stay quantised throughout, the prompt's included).
     """
     rows = _as_rows(input_ids)
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -298,7 +299,9 @@ def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Seque
     with decoding_mode(model):
         last = torch.zeros_like(mask)
         last[:, -1] = True  # the head only where the next token is read (logits [B, V])
-        out = model(ids, mask=None if bool(mask.all()) else mask, use_cache=True, logits_at=last)
+        # a quantised state from the first token on: the prompt's cache is never held in float
+        first = None if state_format is None else load(store(model.init_state(len(rows))))
+        out = model(ids, state=first, mask=None if bool(mask.all()) else mask, use_cache=True, logits_at=last)
         for step in range(max_new_tokens):
             logits = out.logits if out.logits.dim() == 2 else out.logits[:, -1]
             if seen is not None:

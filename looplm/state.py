@@ -7,7 +7,7 @@ grow with generated tokens; attention layers cache only the tokens active at the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -46,18 +46,21 @@ def _pad_front(t: torch.Tensor, length: int, value: float | bool = 0) -> torch.T
     return torch.cat((pad, t), 1)
 
 
+def _slot_fields(s: KVState) -> list[str]:
+    """The per-slot fields ``[B, S, ...]`` of an attention cache (all but ``seen [B]``)."""
+    return [f.name for f in fields(s) if f.name != "seen"]
+
+
 def _cat_layer(parts: list[Any]) -> Any:
     """One mixer state of several rows from states of one or more rows each (same type)."""
     first = parts[0]
     if isinstance(first, RecurrentState):
         return RecurrentState(torch.cat([p.conv for p in parts]), torch.cat([p.ssm for p in parts]))
-    if isinstance(first, KVState):
+    if isinstance(first, KVState):  # float or quantised: every field but seen is per slot
         S = max(p.k.shape[1] for p in parts)
-        return KVState(torch.cat([_pad_front(p.k, S) for p in parts]),
-                       torch.cat([_pad_front(p.v, S) for p in parts]),
-                       torch.cat([_pad_front(p.key_mask, S, False) for p in parts]),
-                       torch.cat([_pad_front(p.pos, S) for p in parts]),
-                       torch.cat([p.seen for p in parts]))
+        slots = {n: torch.cat([_pad_front(getattr(p, n), S, False if n == "key_mask" else 0) for p in parts])
+                 for n in _slot_fields(first)}
+        return type(first)(seen=torch.cat([p.seen for p in parts]), **slots)
     raise TypeError(f"cannot join decoding states of type {type(first).__name__}")
 
 
@@ -67,15 +70,14 @@ def _select_layer(s: Any, rows: torch.Tensor) -> Any:
     if isinstance(s, KVState):
         key_mask = s.key_mask[rows]
         if bool(key_mask.all()):
-            return KVState(s.k[rows], s.v[rows], key_mask, s.pos[rows], s.seen[rows])
+            return type(s)(seen=s.seen[rows], **{n: getattr(s, n)[rows] for n in _slot_fields(s)})
         # each row's used slots moved to the end in order (a stable sort puts unused ones first),
         # then the columns no row uses dropped
         order = key_mask.to(torch.uint8).sort(dim=1, stable=True).indices
         keep = int(key_mask.sum(1).max())
         index = order[:, order.shape[1] - keep:]
         src = rows[:, None]
-        return KVState(s.k[src, index], s.v[src, index], key_mask.gather(1, index), s.pos[src, index],
-                       s.seen[rows])
+        return type(s)(seen=s.seen[rows], **{n: getattr(s, n)[src, index] for n in _slot_fields(s)})
     raise TypeError(f"cannot select rows of a decoding state of type {type(s).__name__}")
 
 

@@ -11,6 +11,14 @@ process read from ``/proc/self/statm`` after the prefill (Linux only, else absen
 weights, the interpreter and memory the allocator keeps, so it moves only when the state outgrows
 what is already held; the state bytes are the clean curve.
 
+``--state-format float int8``: each model also decodes with its state held in int8 (or FP8):
+attention caches quantised from the first token and read in chunks (:mod:`looplm.quant.state`).
+Then per point also ``store_ms`` (the median time of holding the state compressed after a step,
+which must not grow with the context) and ``peak_bytes``: the state's bytes plus the largest
+resident-set growth during the timed steps (``VmHWM`` reset through ``/proc/self/clear_refs``
+after freed memory is handed back with ``malloc_trim``; Linux/glibc only, else the state's bytes
+alone). The summary prints each format's peak and step time over float's at the same context.
+
 Models (4 layers, width ``--d-model``): ``attention``; ``gated_deltanet`` (fixed state);
 ``hybrid`` (gated DeltaNet with the 4th layer attention, 3:1); ``mor`` (attention, middle-cycle,
 one shared layer applied twice, expert-choice router in its causal threshold mode for decoding).
@@ -20,6 +28,7 @@ Writes ``decode.json`` (resumable per model) and ``decode.png``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import time
@@ -32,6 +41,7 @@ from looplm.bench.runner import Sweep, markdown_table, save_figure, subplots
 from looplm.errors import ConfigError
 from looplm.generate import decoding_mode
 from looplm.model import LoopConfig, LoopLM
+from looplm.quant.state import STATE_FORMATS, compress_state, decompress_state
 
 VOCAB = 259  # the byte tokenizer's vocabulary
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=16, help="decoded (timed) tokens per context length")
     parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk length")
+    parser.add_argument("--state-format", nargs="+", default=["float"], choices=["float", *STATE_FORMATS],
+                        help="decode with the state held in these formats (float: as computed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench_results/decode")
@@ -58,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     s = dict(contexts=sorted(args.contexts), models=args.models, d_model=args.d_model, n_heads=args.n_heads,
-             tokens=args.tokens, chunk=args.chunk, seed=args.seed, threads=torch.get_num_threads())
+             tokens=args.tokens, chunk=args.chunk, seed=args.seed, threads=torch.get_num_threads(),
+             state_formats=list(dict.fromkeys(args.state_format)))
     for flag in ("contexts", "tokens", "chunk", "d_model", "n_heads"):
         if min(s[flag] if flag == "contexts" else [s[flag]]) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -76,44 +89,98 @@ def rss_mb() -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (VmRSS, VmHWM), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int | None:
+    """Hand freed memory back (glibc), reset the peak RSS; the RSS now in KiB, None where unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return None
+    return _status_kib("VmRSS")
+
+
 @torch.no_grad()
-def run_one(name: str, s: dict[str, Any]) -> dict[str, Any]:
-    """Prefill ``name`` to each context length and time ``tokens`` decoding steps there."""
+def run_one(name: str, s: dict[str, Any], fmt: str = "float") -> dict[str, Any]:
+    """Prefill ``name`` to each context length and time ``tokens`` decoding steps there, the state
+    held in ``fmt`` (float: as computed; else quantised between steps, caches from the start)."""
     torch.manual_seed(s["seed"])
     cfg = LoopConfig(vocab_size=VOCAB, d_model=s["d_model"], n_heads=s["n_heads"],
                      max_seq_len=max(s["contexts"]) + s["tokens"] + 1, **VARIANTS[name])
     model = LoopLM(cfg)
     gen = torch.Generator().manual_seed(s["seed"])
     prompt = torch.randint(0, VOCAB, (1, max(s["contexts"])), generator=gen)
+    if fmt == "float":
+        store, load = (lambda st: st), (lambda st: st)
+    else:
+        store, load = (lambda st: compress_state(st, fmt)), decompress_state
     points = []
     with decoding_mode(model):
-        state, done, out = model.init_state(1), 0, None
+        state, done, out = store(model.init_state(1)), 0, None
         for ctx in s["contexts"]:
             start = time.perf_counter()
             for i in range(done, ctx, s["chunk"]):
-                out = model(prompt[:, i:min(i + s["chunk"], ctx)], state=state)
-                state = out.state
+                out = model(prompt[:, i:min(i + s["chunk"], ctx)], state=load(state))
+                state = store(out.state)
             prefill_s = time.perf_counter() - start
             done = ctx
-            token, step_state, times = out.logits[:, -1].argmax(-1, keepdim=True), state, []
+            token, step_state, times, stores = out.logits[:, -1].argmax(-1, keepdim=True), state, [], []
+            base = _reset_peak_rss()
             for _ in range(s["tokens"]):
                 t0 = time.perf_counter()
-                o = model(token, state=step_state)
+                o = model(token, state=load(step_state))
+                t1 = time.perf_counter()
+                step_state = store(o.state)
+                stores.append(time.perf_counter() - t1)
                 times.append(time.perf_counter() - t0)
-                token, step_state = o.logits[:, -1].argmax(-1, keepdim=True), o.state
+                token = o.logits[:, -1].argmax(-1, keepdim=True)
+            peak = _status_kib("VmHWM")
+            growth = 0 if base is None or peak is None else max(0, peak - base) * 1024
             points.append({"context": ctx, "ms_per_token": 1e3 * statistics.median(times),
-                           "state_bytes": state.nbytes(), "rss_mb": rss_mb(), "prefill_s": prefill_s,
+                           "store_ms": 1e3 * statistics.median(stores), "state_bytes": state.nbytes(),
+                           "peak_bytes": state.nbytes() + growth, "rss_mb": rss_mb(), "prefill_s": prefill_s,
                            "reach": out.stats.get("reach")})
-    return {"model": name, "params": model.num_params(), "points": points}
+    return {"model": name, "format": fmt, "params": model.num_params(), "points": points}
+
+
+def _key(model: str, fmt: str) -> str:
+    """A result's key: the model's name, with ``@fmt`` for a quantised state."""
+    return model if fmt == "float" else f"{model}@{fmt}"
+
+
+def format_ratios(results: dict[str, Any]) -> list[str]:
+    """Lines: each quantised format's peak memory and step time over float's, per model and context."""
+    lines = []
+    for key, r in results.items():
+        ref = results.get(_key(r["model"], "float"))
+        if r.get("format", "float") == "float" or ref is None:
+            continue
+        for p, f in zip(r["points"], ref["points"]):
+            peak = p["peak_bytes"] / f["state_bytes"]
+            lines.append(f"{key} @{p['context']}: peak memory {peak:.2f}x the float "
+                         f"state ({p['state_bytes'] / f['state_bytes']:.2f}x stored), step "
+                         f"{p['ms_per_token'] / f['ms_per_token']:.2f}x float's, holding it "
+                         f"{p['store_ms']:.3f} ms")
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
     """Latency per token and state memory against context length (log-log), one line per model."""
     fig, axes = subplots(2, 1, size=(4.8, 3.8))
-    for r in results.values():
+    for key, r in results.items():
         ctx = [p["context"] for p in r["points"]]
-        axes[0][0].plot(ctx, [p["ms_per_token"] for p in r["points"]], marker="o", label=r["model"])
-        axes[0][1].plot(ctx, [p["state_bytes"] / 2**20 for p in r["points"]], marker="o", label=r["model"])
+        axes[0][0].plot(ctx, [p["ms_per_token"] for p in r["points"]], marker="o", label=key)
+        axes[0][1].plot(ctx, [p["state_bytes"] / 2**20 for p in r["points"]], marker="o", label=key)
     for ax, ylabel in zip(axes[0], ("ms per decoded token (median)", "decoding state (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -131,8 +198,8 @@ def table(results: dict[str, Any]) -> str:
         for p in r["points"]:
             rss = "" if p["rss_mb"] is None else f"{p['rss_mb']:.0f}"
             mib = p["state_bytes"] / 2**20
-            rows.append([r["model"], p["context"], f"{p['ms_per_token']:.2f}", f"{mib:.2f}", rss,
-                         f"{p['prefill_s']:.2f}"])
+            rows.append([f"{r['model']} ({r.get('format', 'float')})", p["context"],
+                         f"{p['ms_per_token']:.2f}", f"{mib:.2f}", rss, f"{p['prefill_s']:.2f}"])
     header = ["model", "context", "ms/token", "state MiB", "process RSS MiB", "prefill s (this increment)"]
     return markdown_table(header, rows)
 
@@ -142,11 +209,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     s = settings(args)
     out = Path(args.out)
-    sweep = Sweep(out, "decode", s, swept=("models",), quiet=args.quick)
-    results = sweep.run((name, lambda n=name: run_one(n, s)) for name in s["models"])
+    sweep = Sweep(out, "decode", s, swept=("models", "state_formats"), quiet=args.quick)
+    results = sweep.run((_key(name, fmt), lambda n=name, f=fmt: run_one(n, s, f))
+                        for name in s["models"] for fmt in s["state_formats"])
     sweep.save(table=table(results))
     plot(results, out / "decode.png")
     if not args.quick:
         print(table(results))
+    for line in format_ratios(results):
+        print(line)
     print(f"wrote {sweep.path} and {out / 'decode.png'}")
     return 0

@@ -16,10 +16,10 @@ from torch import nn
 
 from looplm.layers.block_step import block_step
 from looplm.layers.ffn import SwiGLU
-from looplm.layers.mixers import Attention, KVState, build_mixer, mixer_spec
+from looplm.layers.mixers import Attention, KVState, build_mixer, mixer_spec, read_cache
 from looplm.layers.moe import MoE
 from looplm.layers.norms import RMSNorm
-from looplm.ops.attention import attention, rope
+from looplm.ops.attention import rope
 
 
 def matmul_params(module: nn.Module) -> int:
@@ -39,7 +39,7 @@ def attend_shared(attn: Attention, x: torch.Tensor, kv: KVState, positions: torc
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q = attn.qkv(x).view(B, T, H + 2 * Hkv, D)[:, :, :H]
     q = rope(q, positions, attn.rope_base, attn.rope_scaling)
-    o = attention(q, kv.k, kv.v, q_pos=positions, k_pos=kv.pos, key_mask=kv.key_mask)
+    o = read_cache(q, kv, positions)
     if mask is not None:
         o = o * mask[:, :, None, None]
     return attn.o_proj(o.reshape(B, T, H * D))

@@ -15,6 +15,8 @@ state counts its S cached tokens, not the reserve (at most a quarter of S plus 2
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from looplm.layers.mixer_states import KVState
@@ -26,7 +28,8 @@ _MIN_RESERVE = 256
 
 
 class _Buffer:
-    """Storage for ``k, v [B, C, Hkv, D]``, ``key_mask, pos [B, C]``; ``length`` slots are in use."""
+    """Storage for a cache's per-slot tensors (``k, v [B, C, Hkv, D]``, ``key_mask, pos [B, C]``, and
+    a quantised cache's scales); ``length`` slots are in use."""
 
     def __init__(self, parts: list[torch.Tensor], capacity: int) -> None:
         self.parts = [p.new_empty(p.shape[0], capacity, *p.shape[2:]) for p in parts]
@@ -46,13 +49,18 @@ class _Buffer:
 
 
 def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor,
-           seen: torch.Tensor) -> KVState:
+           seen: torch.Tensor, **more: torch.Tensor) -> KVState:
     """``state`` (a KVState) with ``k, v [B, T, Hkv, D]``, ``key_mask, pos [B, T]`` appended and
-    ``seen``; ``state`` itself is not modified."""
-    old = [state.k, state.v, state.key_mask, state.pos]
-    new = [k, v, key_mask, pos]
+    ``seen``; ``more``: the slots of a subclass's own per-slot fields (a QuantKVState's
+    ``k_scale, v_scale [B, T, Hkv, 1]``). ``state`` itself is not modified."""
+    names = [f.name for f in fields(state) if f.name != "seen"]
+    given = dict(k=k, v=v, key_mask=key_mask, pos=pos, **more)
+    if set(given) != set(names):
+        raise ValueError(f"append to a {type(state).__name__} needs {names}, got {sorted(given)}")
+    old = [getattr(state, n) for n in names]
+    new = [given[n] for n in names]
     if tracked(*old, *new):  # autograd records: the copy it can differentiate
-        return KVState(*(torch.cat((a, b), 1) for a, b in zip(old, new)), seen)
+        return type(state)(seen=seen, **{n: torch.cat((a, b), 1) for n, a, b in zip(names, old, new)})
     S, T = state.k.shape[1], k.shape[1]
     buf = getattr(state, "_buffer", None)
     if buf is None or not buf.owns(old) or S + T > buf.capacity:
@@ -60,6 +68,6 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
     for dst, src in zip(buf.parts, new):
         dst[:, S:S + T] = src
     buf.length = S + T
-    out = KVState(*(b[:, :S + T] for b in buf.parts), seen)
+    out = type(state)(seen=seen, **{n: b[:, :S + T] for n, b in zip(names, buf.parts)})
     out._buffer = buf
     return out

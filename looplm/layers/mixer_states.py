@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["KVState", "RecurrentState"]
+__all__ = ["KVState", "QuantKVState", "RecurrentState"]
 
 
 class _NBytes:
@@ -32,6 +32,17 @@ class KVState(_NBytes):
     key_mask: torch.Tensor
     pos: torch.Tensor
     seen: torch.Tensor
+
+
+@dataclass
+class QuantKVState(KVState):
+    """Attention cache held quantised (:mod:`looplm.ops.kv_quant`): ``k, v [B, S, Hkv, D]`` are
+    int8 or FP8 codes of one row per token and head, ``k_scale, v_scale [B, S, Hkv, 1]`` float32
+    their scales. The attention mixer appends quantised rows and reads the codes chunk by
+    chunk, so the cache is never expanded to float."""
+
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """Low-precision storage of the decoding state: fixed-size mixer states and attention KV caches.
 
-Every floating tensor of a layer state (``ssm [B,H,dk,dv]``, ``conv [B,K-1,C]``, ``k, v
-[B,S,Hkv,D]``) is stored per row of its last dimension (one head's value vector, one cached
-key) as int8 with ``s = max|row|/127`` (``|x - x̂| ≤ s/2``) or as FP8 E4M3 with ``s = max|row|
-/448`` (relative error ≤ 2^-4), plus a float32 scale per row: ~1 + 4/D bytes per element instead
-of 4. Between decoding steps the state is held compressed (``compress_state``) and expanded
-for the next forward (``decompress_state``); a cached KV row re-quantises to the same codes, so
-only the recurrent state accumulates rounding (``stepwise_loss`` measures the effect).
+Rows are quantised by :mod:`looplm.ops.kv_quant` (one scale per row of the last dimension: one
+head's value vector, one cached key; int8 with ``s = max|row|/127`` or FP8 E4M3, ~1 + 4/D bytes
+per element instead of 4).
+
+- Attention caches become :class:`~looplm.layers.mixer_states.QuantKVState` once and stay so:
+  the attention mixer appends each new token's quantised rows and reads the codes chunk by
+  chunk, so a step never re-quantises or expands the context already stored (its cost and
+  memory do not grow with it beyond reading the codes).
+- Fixed-size recurrent states (``ssm [B,H,dk,dv]``, ``conv [B,K-1,C]``) change entirely every
+  step: they are held as :class:`QTensor` between steps (``compress_state``) and expanded for the
+  next forward (``decompress_state``); a cost per step independent of the context. Only they
+  accumulate rounding (``stepwise_loss`` measures the effect).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from looplm.quant.formats import FP8_MAX, cast_fp8
+from looplm.layers.mixer_states import KVState, QuantKVState
+from looplm.ops import kv_quant
 from looplm.state import ModelState
 
 STATE_FORMATS = ("int8", "fp8_e4m3")
@@ -41,18 +47,12 @@ def quantize_rows(x: Tensor, fmt: str = "int8") -> QTensor:
     """Quantise ``x [..., D]`` per row of its last dimension in ``fmt`` (int8 | fp8_e4m3)."""
     if fmt not in STATE_FORMATS:
         raise ValueError(f"state format {fmt!r} is not one of {', '.join(STATE_FORMATS)}")
-    top = 127.0 if fmt == "int8" else FP8_MAX[fmt]
-    xf = x.float()
-    scale = (xf.abs().amax(-1, keepdim=True) / top).clamp(min=torch.finfo(torch.float32).tiny)
-    if fmt == "int8":
-        q = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
-    else:
-        q = cast_fp8(xf / scale, fmt)
+    q, scale = kv_quant.quantize_rows(x, kv_quant.code_dtype(fmt))
     return QTensor(q, scale, x.dtype)
 
 
 def dequantize_rows(t: QTensor) -> Tensor:
-    return (t.q.float() * t.scale).to(t.dtype)
+    return kv_quant.dequantize_rows(t.q, t.scale, t.dtype)
 
 
 @dataclass
@@ -79,15 +79,31 @@ def _map_floats(layer_state: Any, fn) -> Any:
     return dataclasses.replace(layer_state, **changes)
 
 
+def quantize_cache(kv: KVState, fmt: str = "int8") -> QuantKVState:
+    """``kv`` as a quantised cache (a QuantKVState in ``fmt`` is returned as it is)."""
+    if isinstance(kv, QuantKVState):
+        if kv.k.dtype != kv_quant.code_dtype(fmt):
+            raise ValueError(f"the cache is held as {kv.k.dtype}, not in state format {fmt!r}")
+        return kv
+    dtype = kv_quant.code_dtype(fmt)
+    (k, k_scale), (v, v_scale) = kv_quant.quantize_rows(kv.k, dtype), kv_quant.quantize_rows(kv.v, dtype)
+    return QuantKVState(k, v, kv.key_mask, kv.pos, kv.seen, k_scale, v_scale)
+
+
 def compress_state(state: ModelState, fmt: str = "int8") -> QuantizedState:
-    """Store every floating tensor (≥ 2-D) of ``state``'s layer states in ``fmt``."""
-    layers = {k: _map_floats(s, lambda t: quantize_rows(t, fmt)) for k, s in state.layers.items()}
+    """``state`` held in ``fmt``: attention caches as QuantKVState (already quantised ones as they
+    are: O(1)), every floating tensor (≥ 2-D) of the other layer states as a QTensor."""
+    if fmt not in STATE_FORMATS:
+        raise ValueError(f"state format {fmt!r} is not one of {', '.join(STATE_FORMATS)}")
+    layers = {k: quantize_cache(s, fmt) if isinstance(s, KVState)
+              else _map_floats(s, lambda t: quantize_rows(t, fmt)) for k, s in state.layers.items()}
     return QuantizedState(state.positions, layers, fmt)
 
 
 def decompress_state(qstate: QuantizedState) -> ModelState:
-    """The float ModelState for the next forward."""
-    layers = {k: _map_floats(s, dequantize_rows) for k, s in qstate.layers.items()}
+    """The ModelState for the next forward: recurrent states expanded, caches left quantised."""
+    layers = {k: s if isinstance(s, KVState) else _map_floats(s, dequantize_rows)
+              for k, s in qstate.layers.items()}
     return ModelState(qstate.positions, layers)
 
 

@@ -37,3 +37,14 @@ def test_state_memory_grows_only_for_attention(quick):
 def test_rss_is_measured_on_linux():
     value = rss_mb()
     assert value is None or value > 1
+
+
+def test_int8_state_row_prints_ratios_against_float(tmp_path, capsys):
+    args = ["bench", "decode", "--quick", "--threads", "1", "--out", str(tmp_path), "--models", "attention",
+            "--state-format", "float", "int8"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "decode.json").read_text())["results"]
+    for f, q in zip(res["attention"]["points"], res["attention@int8"]["points"]):
+        assert q["state_bytes"] < 0.4 * f["state_bytes"] and q["peak_bytes"] >= q["state_bytes"]
+        assert q["store_ms"] >= 0
+    assert "attention@int8 @48: peak memory" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def test_state_is_held_compressed_between_steps(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(qs, "compress_state", spy)
     list(iter_tokens(model, [[1, 2, 3]], max_new_tokens=4, state_format="int8"))
-    assert len(stored) == 4
+    assert len(stored) == 5  # the empty state the prompt starts from, then one per token
     float_bytes = model(torch.tensor([[1, 2, 3]]), use_cache=True).state.nbytes()
     assert all(q.nbytes() < 0.4 * float_bytes for q in stored)
 
