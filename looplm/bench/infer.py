@@ -109,7 +109,8 @@ def llama_twin(model: LoopLM) -> torch.nn.Module:
     return hf
 
 
-def _hf_generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> None:
+def hf_generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> None:
+    """transformers' greedy ``generate`` of exactly ``n`` new tokens for every row of ``prompt``."""
     with torch.inference_mode():
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                        min_new_tokens=n, do_sample=False)
@@ -140,7 +141,7 @@ def run_bench(s: dict[str, Any]) -> dict[str, Any]:
                 if name.startswith("looplm"):
                     fns[name + key] = lambda m=m, p=prompt, c=count: generate_ids(m, p, max_new_tokens=c)
                 else:
-                    fns[name + key] = lambda m=m, p=prompt, c=count: _hf_generate(m, p, c)
+                    fns[name + key] = lambda m=m, p=prompt, c=count: hf_generate(m, p, c)
         secs = time_interleaved(fns, repeats=s["repeats"], warmup=1)
         for name, m in models.items():
             t1, tn = secs[name + "/1"], secs[name + "/n"]

@@ -23,13 +23,26 @@ Decoding-state memory of ``--state-streams`` requests of ``--state-tokens`` toke
 attention, a gated DeltaNet and a hybrid (every 4th layer attention) model of the checkpoint's
 width and layer count: one layer of each kind is prefilled with ``--state-tokens`` tokens in one
 row and its state's ``nbytes()`` measured (rows and layers are independent, so the totals are
-sums of these). Writes ``serve.json`` in ``--out``.
+sums of these).
+
+The engine without HTTP (``--engine-rows``, in this process, first): the serving engine's
+aggregate greedy decode tokens/s (tokens of its decoding steps over their seconds, read from its
+metrics) with that many requests of ``--engine-prompt`` tokens decoding ``--engine-tokens``
+tokens together, on the checkpoint's weights in float32 and int4 (groups of 32, embedding and
+head too), beside transformers' batched ``generate`` of the same rows on the same weights
+(decode time = the time of N + 1 new tokens minus that of 1), where the checkpoint is a plain
+Llama-shaped model. Ratios printed: engine / transformers at each row count, int4 / float32.
+
+Each level stops starting requests after ``--level-seconds`` and stops waiting for those in
+flight after twice that (they are reported as ``cut``, apart from errors), so a run's length is
+bounded. Writes ``serve.json`` in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import inspect
 import os
 import re
@@ -37,6 +50,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,11 +58,14 @@ from typing import Any
 import httpx
 import torch
 
-from looplm.bench.common import machine_info, markdown_table, parse_int_list, write_json
-from looplm.checkpoint import load_config
+from looplm.bench.common import machine_info, markdown_table, parse_int_list, time_interleaved, write_json
+from looplm.bench.infer import hf_generate, llama_twin, looplm_models
+from looplm.checkpoint import load_config, load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
 from looplm.model import LoopConfig, LoopLM
+from looplm.serve.engine import Engine, Event, SamplingParams
+from looplm.serve.metrics import parse_metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", default=None, help="the same model as GGUF, for llama-cpp-python's server")
     parser.add_argument("--concurrency", default="1,4,16,64", help="concurrent streams per level")
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default 2c, >= 8)")
-    parser.add_argument("--level-seconds", type=float, default=60.0,
+    parser.add_argument("--level-seconds", type=float, default=30.0,
                         help="stop starting requests of a level after this long")
     parser.add_argument("--prompt-tokens", default="32,128,256", help="prompt lengths, used in turn")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
@@ -65,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
     parser.add_argument("--state-streams", type=int, default=64, help="streams of the state-memory table")
     parser.add_argument("--state-tokens", type=int, default=4096, help="tokens per stream of that table")
+    parser.add_argument("--engine-rows", default="16,64", help="rows of the engine table ('' : none)")
+    parser.add_argument("--engine-prompt", type=int, default=64, help="prompt tokens of the engine table")
+    parser.add_argument("--engine-tokens", type=int, default=32, help="new tokens of the engine table")
     parser.add_argument("--out", default="bench_results/serve")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
 
@@ -165,7 +185,8 @@ async def _one(client: Any, server: Server, prompt: str, max_tokens: int) -> dic
             else:
                 gaps.append(now - last)
             last, chunks = now, chunks + 1
-    return {"ttft": None if first is None else first - t0, "gaps": gaps, "tokens": used or chunks}
+    return {"ttft": None if first is None else first - t0, "gaps": gaps, "tokens": used or chunks,
+            "prompt": prompt}
 
 
 async def _level(server: Server, c: int, n: int, seconds: float, texts: list[str], max_tokens: int
@@ -188,13 +209,21 @@ async def _level(server: Server, c: int, n: int, seconds: float, texts: list[str
             except Exception as err:  # counted and reported, the load goes on
                 errors.append(f"{type(err).__name__}: {err}")
 
-    await asyncio.gather(*(worker() for _ in range(c)))
+    tasks = [asyncio.ensure_future(worker()) for _ in range(c)]
+    _, late = await asyncio.wait(tasks, timeout=2 * seconds)
+    for task in late:  # requests still in flight at twice the level's time: not waited for
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
     wall = time.perf_counter() - start
     await client.close()
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    longest = max(texts, key=len)
+    ttft_long = [r["ttft"] for r in results if r["ttft"] is not None and r["prompt"] == longest]
     gaps = [g for r in results for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in results)
     return {"server": server.name, "concurrency": c, "requests": len(results), "errors": len(errors),
+            "cut": len(late), "ttft_longest_p50": _pct(ttft_long, 50),
+            "ttft_longest_p99": _pct(ttft_long, 99),
             "error_examples": errors[:3], "seconds": wall, "requests_per_s": len(results) / wall,
             "tokens_per_s": tokens / wall, "generated_tokens": tokens,
             "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
@@ -231,6 +260,77 @@ def state_memory(config: LoopConfig, streams: int, tokens: int) -> list[dict[str
     return rows
 
 
+def engine_decode(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    """Aggregate greedy decode tokens/s of the serving engine when ``prompts`` are served together
+    (read in one prefill iteration, then every decoding step has all rows): the tokens of its
+    decoding steps over their seconds, from its metrics."""
+    eng = Engine(model, tokenizer, max_batch=len(prompts), max_queue=len(prompts),
+                 prefill_chunk=sum(len(p) for p in prompts))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    done = threading.Semaphore(0)
+
+    def emit(ev: Event) -> None:
+        if ev.finish_reason is not None:
+            done.release()
+
+    eng.start()
+    try:
+        for p in prompts:
+            eng.submit(p, params, emit)
+        for _ in prompts:
+            done.acquire()
+    finally:
+        eng.stop()
+    m = parse_metrics(eng.metrics.render().decode())
+    return m["looplm_batch_size_sum"] / m["looplm_step_seconds_sum"]
+
+
+def engine_table(checkpoint: str, rows: list[int], prompt_len: int, new_tokens: int) -> list[dict[str, Any]]:
+    """The engine's decode tokens/s at each row count, float32 and int4, and transformers'
+    batched ``generate`` on the same weights (skipped with the reason when it cannot hold them)."""
+    base = load_model(checkpoint).float().eval()
+    tokenizer = load_tokenizer(checkpoint)
+    models: dict[str, Any] = looplm_models(base, ["float32", "int4"], group_size=32)
+    c = base.config
+    if not (c.mixer == "attention" and c.n_recursions == 1 and c.n_prelude == c.n_coda == 0
+            and c.ffn == "dense" and c.tie_embeddings and not c.qkv_bias and c.rope_scaling is None):
+        print("engine: no transformers row (the checkpoint is not a plain tied Llama-shaped model)")
+    elif importlib.util.find_spec("transformers") is None:
+        print("engine: no transformers row (transformers is not installed)")
+    else:
+        models["transformers_float32"] = llama_twin(base)
+    vocab = base.config.vocab_size
+    out = []
+    for n in rows:
+        ids = torch.randint(0, vocab, (n, prompt_len), generator=torch.Generator().manual_seed(n))
+        for name, m in models.items():
+            if name.startswith("looplm"):
+                engine_decode(m, tokenizer, ids[:, :4].tolist(), 2)  # warm-up (threads, allocator)
+                tok_s = engine_decode(m, tokenizer, ids.tolist(), new_tokens)
+            else:
+                secs = time_interleaved({"1": lambda m=m, p=ids: hf_generate(m, p, 1),
+                                         "n": lambda m=m, p=ids: hf_generate(m, p, new_tokens + 1)},
+                                        repeats=2)
+                tok_s = n * new_tokens / (secs["n"] - secs["1"])
+            out.append({"model": name, "rows": n, "decode_tok_s": tok_s})
+            print(f"engine {name:22s} rows={n:3d}: {tok_s:.1f} decode tok/s", flush=True)
+    return out
+
+
+def _engine_report(rows: list[dict[str, Any]]) -> str:
+    by = {(r["model"], r["rows"]): r["decode_tok_s"] for r in rows}
+    table = []
+    for r in rows:
+        ref = by.get(("transformers_float32", r["rows"]))
+        f32 = by.get(("looplm_float32", r["rows"]))
+        tok_s = r["decode_tok_s"]
+        table.append([r["model"], r["rows"], tok_s, None if ref is None else tok_s / ref,
+                      None if f32 is None else tok_s / f32])
+    text = markdown_table(["model", "rows", "decode tok/s", "x transformers", "x looplm float32"], table)
+    print(text)
+    return text
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -247,6 +347,11 @@ def run(args: argparse.Namespace) -> int:
         levels, lengths, max_tokens, seconds = levels[:2] if len(levels) > 1 else levels, lengths[:2], 4, 20.0
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     texts = prompts(args.checkpoint, lengths)
+    began = time.perf_counter()
+    engine_rows = parse_int_list(args.engine_rows, "--engine-rows") if args.engine_rows.strip() else []
+    e_prompt, e_tokens = (8, 4) if args.quick else (args.engine_prompt, args.engine_tokens)
+    engine = engine_table(args.checkpoint, engine_rows, e_prompt, e_tokens) if engine_rows else []
+    engine_text = _engine_report(engine) if engine else ""
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     for name in wanted:
@@ -291,12 +396,17 @@ def run(args: argparse.Namespace) -> int:
                                   [[m["model"], m["layers"], m["attention_layers"], f"{streams} x {tokens}",
                                     m["bytes"] / 2**20, m["vs_attention"]] for m in memory])
     print(memory_table)
+    elapsed = time.perf_counter() - began
+    print(f"bench serve took {elapsed:.0f} s")
     write_json(args.out, "serve", {"settings": {"levels": levels, "prompt_tokens": lengths,
                                                 "max_tokens": max_tokens, "level_seconds": seconds,
-                                                "checkpoint": args.checkpoint, "gguf": args.gguf},
+                                                "checkpoint": args.checkpoint, "gguf": args.gguf,
+                                                "engine_rows": engine_rows, "engine_prompt": e_prompt,
+                                                "engine_tokens": e_tokens},
                                    "machine": machine_info(), "results": rows, "skipped": skipped,
-                                   "state_memory": memory,
-                                   "table": load_table + "\n\nDecoding-state memory:\n\n" + memory_table})
+                                   "state_memory": memory, "engine": engine, "seconds": elapsed,
+                                   "table": load_table + "\n\nDecoding-state memory:\n\n" + memory_table
+                                   + ("\n\nEngine decode:\n\n" + engine_text if engine_text else "")})
     return 0
 
 
@@ -305,10 +415,12 @@ def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[in
         return None if v is None else 1000 * v
 
     table = [[r["server"], r["concurrency"], r["requests"], r["requests_per_s"], r["tokens_per_s"],
-              ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["itl_p50"]), ms(r["itl_p99"]), r["errors"]]
+              ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["ttft_longest_p99"]), ms(r["itl_p50"]),
+              ms(r["itl_p99"]), r["errors"], r["cut"]]
              for r in rows]
     text = markdown_table(["server", "conc.", "requests", "req/s", "gen tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                           "ITL p50 ms", "ITL p99 ms", "errors"], table)
+                           "TTFT p99 ms (longest prompts)", "ITL p50 ms", "ITL p99 ms", "errors", "cut"],
+                          table)
     print(text)
     by = {(r["server"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     lo, hi = min(levels), max(c for c in levels if c <= 16) if any(c <= 16 for c in levels) else None

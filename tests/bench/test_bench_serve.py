@@ -19,16 +19,21 @@ def test_bench_serve_quick(tmp_path, capsys):
     tokenizer().save(ckpt)
     out = tmp_path / "out"
     assert main(["bench", "serve", str(ckpt), "--quick", "--servers", "looplm,llama.cpp",
-                 "--concurrency", "1,3", "--threads", "1", "--out", str(out)]) == 0
+                 "--concurrency", "1,3", "--threads", "1", "--engine-rows", "3", "--out", str(out)]) == 0
     data = json.loads((out / "serve.json").read_text())
     rows = data["results"]
     assert [(r["server"], r["concurrency"]) for r in rows] == [("looplm", 1), ("looplm", 3)]
     for r in rows:
-        assert r["errors"] == 0 and r["requests"] == r["concurrency"]
+        assert r["errors"] == 0 and r["cut"] == 0 and r["requests"] == r["concurrency"]
         assert r["generated_tokens"] == 4 * r["requests"]  # ignore_eos: every request runs to max_tokens
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] > 0
+    assert 0 < rows[1]["ttft_longest_p99"] <= rows[1]["ttft_p99"]  # 3 requests: each prompt length once
     assert "llama.cpp" in data["skipped"]
     memory = {m["model"]: m for m in data["state_memory"]}
     assert memory["attention"]["vs_attention"] == 1
     assert 0 < memory["gated_deltanet"]["bytes"] < memory["hybrid"]["bytes"] < memory["attention"]["bytes"]
-    assert "| looplm | 3 |" in capsys.readouterr().out
+    # the engine table: float32 and int4 on a gated DeltaNet (no transformers twin for it)
+    assert [(e["model"], e["rows"]) for e in data["engine"]] == [("looplm_float32", 3), ("looplm_int4", 3)]
+    assert all(e["decode_tok_s"] > 0 for e in data["engine"])
+    printed = capsys.readouterr().out
+    assert "| looplm | 3 |" in printed and "| looplm_int4 | 3 |" in printed
