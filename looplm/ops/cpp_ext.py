@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from looplm.errors import ConfigError
+from looplm.ops import kernel_tracing
 
 __all__ = ["available"]
 
@@ -111,11 +112,12 @@ def kernel_setting() -> str:
 
 
 def available() -> bool:
-    """Build (cached on disk) and load the kernels once per process; False if that fails or is disabled,
-    and while ``torch.compile`` / ``torch.export`` trace (the kernels' users then run their PyTorch
-    forms, which the compiler can trace and fuse; the C++ ops have no fake-tensor registrations)."""
+    """Build (cached on disk) and load the kernels once per process; False if that fails or is disabled.
+    While ``torch.compile`` traces: False (the kernels' users run their PyTorch forms, which the
+    compiler fuses and differentiates). While ``torch.export`` traces: whether they were loaded
+    before (the ops with fake implementations, :mod:`looplm.ops.kernel_tracing`, go into the graph)."""
     if torch.compiler.is_compiling():
-        return False
+        return torch.compiler.is_exporting() and _loaded.get("ok", False)
     if "ok" not in _loaded:
         setting = kernel_setting()  # a bad LOOPLM_KERNELS raises here, before anything is cached
         _loaded["ok"] = False
@@ -123,6 +125,7 @@ def available() -> bool:
             return False
         try:
             build(_name(SOURCES), SOURCES, _CFLAGS, _LDFLAGS)
+            kernel_tracing.register()
             _loaded["ok"] = True
         except Exception as err:  # no compiler or ninja, read-only cache: fall back, say so once
             first_line = (str(err).splitlines() or [""])[0][:200]

@@ -245,7 +245,7 @@ class DeltaChunkFn(torch.autograd.Function):
                 scale: float) -> tuple[Tensor, Tensor]:
         with torch.autocast(q.device.type, enabled=False):  # inputs arrive in float32 or float64
             if use_kernel(q):
-                out = kernel_forward(q, k, v, beta, g, s0, n, scale, _block_rows(q, v))
+                out = kernel_forward(q, k, v, beta, g, s0, n, scale, block_rows(q, v))
                 o, final, saved = out[0], out[1], tuple(out[2:])
             else:
                 o, final, saved = DeltaChunkFn._forward(q, k, v, beta, g, s0, n, scale)
@@ -260,7 +260,7 @@ class DeltaChunkFn(torch.autograd.Function):
         with torch.autocast(d_o.device.type, enabled=False):
             if use_kernel(d_o):
                 grads = kernel_backward(d_o, d_final.contiguous(), saved, ctx.n, ctx.scale, ctx.gated,
-                                        _block_rows(saved[0], d_o))
+                                        block_rows(saved[0], d_o))
             else:
                 grads = DeltaChunkFn._backward(d_o, d_final, saved, ctx.n, ctx.scale, ctx.gated)
         return (*grads, None, None)
@@ -330,6 +330,6 @@ class DeltaChunkFn(torch.autograd.Function):
         return d_q, d_k, d_v, d_beta, d_g, d_s0
 
 
-def _block_rows(q: torch.Tensor, v: torch.Tensor) -> int:
+def block_rows(q: torch.Tensor, v: torch.Tensor) -> int:
     """Rows (chunk-groups) per cache-sized block of the C++ kernel."""
     return rows_per_block(q.shape[1] * max(q.shape[-1], v.shape[-1]), BLOCK_ELEMENTS)

@@ -19,8 +19,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from looplm.ops import kernel_tracing
+from looplm.ops.blocks import tracked
 from looplm.ops.checks import check_chunk_size, check_like, check_qkv
-from looplm.ops.delta_chunkwise import DeltaChunkFn, delta_chunk_traced
+from looplm.ops.delta_chunkwise import DeltaChunkFn, block_rows, delta_chunk_traced
+from looplm.ops.delta_kernel import use_kernel
 
 __all__ = ["delta_step", "delta_recurrent", "delta_parallel", "delta_chunk"]
 
@@ -148,7 +151,10 @@ def delta_chunk(
     qc, kc, vc, bc = (_chunk_layout(x, n, c) for x in (q, k, v, beta))
     gc = None if g is None else _chunk_layout(g, n, c)
     s0 = state.reshape(groups, dk, dv)
-    if torch.compiler.is_compiling():  # out-of-place ops the compiler differentiates (the Function
+    if torch.compiler.is_exporting() and use_kernel(qc) and not tracked(qc, kc, vc, bc, gc, s0):
+        rows = block_rows(qc, vc)  # the C++ kernel as one op in the exported graph
+        o, state = kernel_tracing.delta_chunk(qc, kc, vc, bc, gc, s0.contiguous(), n, scale, rows)
+    elif torch.compiler.is_compiling():  # out-of-place ops the compiler differentiates (the Function
         o, state = delta_chunk_traced(qc, kc, vc, bc, gc, s0, n, scale)  # writes in place)
     else:
         o, state = DeltaChunkFn.apply(qc, kc, vc, bc, gc, s0, n, scale)  # type: ignore[no-untyped-call]

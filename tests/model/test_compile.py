@@ -1,15 +1,17 @@
 """torch.compile (fullgraph: no graph break) and torch.export of the vanilla, gated-DeltaNet and
 hybrid configurations: the traced model's logits equal the eager ones.
 
-While tracing, the C++ kernels and the hand-written in-place autograd Functions give way to their
-PyTorch forms (``cpp_ext.available()`` is False, ``delta_chunk_traced``), which the compiler can
-trace and differentiate; eager runs keep the kernels, so the comparison is kernels vs PyTorch forms.
+While torch.compile traces, the C++ kernels and the hand-written in-place autograd Functions give
+way to their PyTorch forms (``cpp_ext.available()`` is False, ``delta_chunk_traced``), which the
+compiler can trace and differentiate; eager runs keep the kernels, so the comparison is kernels vs
+PyTorch forms. torch.export keeps the kernels (their fake implementations, ops/kernel_tracing.py).
 """
 
 import pytest
 import torch
 
 from looplm.model import LoopConfig, LoopLM
+from looplm.ops import cpp_ext
 
 CONFIGS = {"vanilla": {}, "gated_deltanet": {"mixer": "gated_deltanet"},
            "hybrid": {"mixer": "gated_deltanet", "attn_every": 2}}
@@ -40,9 +42,20 @@ def test_fullgraph_compile_has_no_graph_break_and_matches_eager(name):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
-def test_export_of_the_vanilla_configuration_matches_eager():
-    model = _model("vanilla").eval()
+NORM_FFN = {"looplm.rms_norm_forward", "looplm.swiglu_forward"}
+KERNELS = {"vanilla": NORM_FFN | {"looplm.rope_rotate"},
+           "gated_deltanet": NORM_FFN | {"looplm_traced.delta_chunk"}}
+KERNELS["hybrid"] = KERNELS["vanilla"] | KERNELS["gated_deltanet"]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_export_keeps_the_kernels_and_matches_eager(name):
+    model = _model(name).eval()
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
+        eager = model(ids).logits
         program = torch.export.export(model, (ids,))
-        torch.testing.assert_close(program.module()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(program.module()(ids).logits, eager, atol=1e-5, rtol=1e-5)
+    ops = {str(n.target).rsplit(".", 1)[0] for n in program.graph.nodes if n.op == "call_function"}
+    if cpp_ext.available():
+        assert KERNELS[name] <= ops, sorted(ops)

@@ -1,0 +1,59 @@
+"""The C++ kernels' fake implementations agree with the kernels (``torch.library.opcheck``: schema,
+fake tensor shapes and dtypes, ``make_fx`` tracing), so ``torch.export`` can put them in a graph."""
+
+import pytest
+import torch
+
+from looplm.ops import cpp_ext, kernel_tracing
+from looplm.ops.delta_chunkwise import DeltaChunkFn, block_rows
+from looplm.quant.formats import quantize_int8
+
+pytestmark = pytest.mark.skipif(not cpp_ext.available(), reason="the C++ kernels are not built here")
+
+
+def _samples() -> dict[str, list[tuple]]:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, w, h, gate = r(3, 64), r(5, 64), r(4, 16), r(3, 64)
+    q8, s8 = quantize_int8(w).values()
+    cos, sin = r(1, 3, 1, 4), r(1, 3, 1, 4)
+    y, rr = torch.ops.looplm.rms_norm_forward(x, r(64), gate, 1e-6)
+    return {
+        "linear_small": [(x, w, None), (x, w, r(5))],
+        "qlinear": [(x, [q8, s8])],
+        "qembedding": [(torch.tensor([0, 4, 2]), [q8, s8])],
+        "rope_rotate": [(r(1, 3, 2, 8), cos, sin, 1)],
+        "rms_norm_forward": [(x, r(64), None, 1e-6), (x, r(64), gate, 1e-6)],
+        "rms_norm_backward": [(r(3, 64), x, rr, r(64), gate, True), (r(3, 64), x, rr, r(64), None, False)],
+        "swiglu_forward": [(h, None), (h, r(4))],
+        "swiglu_backward": [(r(4, 8), h, r(4), True), (r(4, 8), h, None, False)],
+    }
+
+
+CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+
+
+@pytest.mark.parametrize("name", list(kernel_tracing.FAKE_OPS))
+def test_fake_implementation_matches_the_kernel(name):
+    op = getattr(torch.ops.looplm, name).default
+    for args in _samples()[name]:
+        torch.library.opcheck(op, args, test_utils=CHECKS)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_chunk_op_equals_the_autograd_function(gated):
+    g = torch.Generator().manual_seed(0)
+    G, N, C, dk, dv = 2, 3, 8, 4, 5
+    q, k = torch.randn(G * N, C, dk, generator=g), torch.randn(G * N, C, dk, generator=g) / 3
+    v, beta = torch.randn(G * N, C, dv, generator=g), torch.rand(G * N, C, generator=g)
+    gg = -torch.rand(G * N, C, generator=g) if gated else None
+    s0 = torch.randn(G, dk, dv, generator=g)
+    args = (q, k, v, beta, gg, s0, N, 0.5, block_rows(q, v))
+    o, final = kernel_tracing.delta_chunk(*args)
+    want_o, want_final = DeltaChunkFn.apply(q, k, v, beta, gg, s0, N, 0.5)
+    torch.testing.assert_close(o, want_o)
+    torch.testing.assert_close(final, want_final)
+    torch.library.opcheck(kernel_tracing.delta_chunk, args, test_utils=("test_schema", "test_faketensor"))
