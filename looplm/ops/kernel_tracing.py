@@ -75,10 +75,11 @@ def _swiglu_backward(gy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | N
     return [h.new_empty(h.shape), h.new_empty(h.shape[0] if need_w else 0)]
 
 
-FAKE_OPS: dict[str, Callable[..., Any]] = {"linear_small": _linear_small, "qlinear": _qlinear, "qembedding": _qembedding,
-            "rope_rotate": _rope_rotate, "rms_norm_forward": _rms_norm_forward,
-            "rms_norm_backward": _rms_norm_backward, "swiglu_forward": _swiglu_forward,
-            "swiglu_backward": _swiglu_backward}
+FAKE_OPS: dict[str, Callable[..., Any]] = {
+    "linear_small": _linear_small, "qlinear": _qlinear, "qembedding": _qembedding,
+    "rope_rotate": _rope_rotate, "rms_norm_forward": _rms_norm_forward,
+    "rms_norm_backward": _rms_norm_backward,
+    "swiglu_forward": _swiglu_forward, "swiglu_backward": _swiglu_backward}
 _registered: list[str] = []
 
 

@@ -92,6 +92,8 @@ def test_matches_per_token_reference(N, E, kinds, k, renorm, seed):
             elif e >= E + zero:
                 ref[n] += w[n, j] * x[n]
     close(y, ref)
+    # the form torch.compile traces (every expert on every token, gate 0 where unchosen): the same
+    close(moe.every_expert(x, w, idx, *moe._projections()), ref)
     close(aux["load"], torch.bincount(idx.flatten(), minlength=moe.n_total) / (N * k))
     close(aux["balance_loss"], moe.n_total * (aux["load"] * p.mean(0)).sum())
 
