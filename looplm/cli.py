@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "ops": ("looplm.bench.ops", "token-mixer ops: tokens/s against sequence length"),
     "model": ("looplm.bench.model", "training and decoding speed against transformers"),
     "train": ("looplm.bench.train", "training throughput against transformers' Llama"),
+    "compile": ("looplm.bench.compile", "training tokens/s compiled (fullgraph) against eager"),
     "mqar": ("looplm.bench.mqar", "multi-query associative recall (Zoology)"),
     "lm": ("looplm.bench.lm", "compute-matched language modelling"),
     "decode": ("looplm.bench.decode", "decoding latency and memory against context"),

@@ -22,8 +22,9 @@ from looplm.model import LoopLM
 
 def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Training loss on ``x [B, T]`` with next tokens ``y [B, T]`` for a LoopLM (LM + auxiliary
-    losses) or a transformers causal LM (which shifts ``labels`` itself, so it gets ``x``)."""
-    if isinstance(model, LoopLM):
+    losses; compiled or not) or a transformers causal LM (which shifts ``labels`` itself, so it
+    gets ``x``)."""
+    if isinstance(getattr(model, "_orig_mod", model), LoopLM):
         out = model(x, y)
         return out.loss + out.aux_loss
     return model(input_ids=x, labels=x, use_cache=False).loss
