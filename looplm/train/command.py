@@ -26,7 +26,7 @@ from looplm.train import distributed
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
 from looplm.train.distributed import Dist
 from looplm.train.loop import train
-from looplm.train.run_dir import check_run_dir, lock_run_dir
+from looplm.train.run_dir import check_run_dir, lock_on_rank0
 
 RUN_FILE = "run.json"  # the full config of the run, written into every checkpoint
 
@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
     check_run_dir(run_dir)  # before the corpus is read: a bad --out fails at once
-    if d.main and run_dir.is_dir():  # a second run of an existing directory too (train() locks a new one)
-        lock_run_dir(run_dir)
+    if distributed.broadcast_float(float(run_dir.is_dir()), d):  # rank 0's view; train() locks a new one
+        lock_on_rank0(run_dir, d)  # a second run of an existing directory too
     corpus = load_corpus(cfg, d, progress=not args.no_progress)
     model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
     if getattr(args, "qat", None):  # quantisation-aware training; checkpoints stay float

@@ -31,7 +31,7 @@ from looplm.train.config import TrainConfig
 from looplm.train.distributed import Dist
 from looplm.train.optim import build_optimizer, lr_at, set_lr
 from looplm.train.run_checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
-from looplm.train.run_dir import lock_run_dir, release
+from looplm.train.run_dir import lock_on_rank0, release
 
 
 class DivergedError(LoopLMError):
@@ -215,8 +215,7 @@ def train(
     """
     d = d or Dist()
     run_dir = Path(cfg.out)
-    if d.main:
-        lock_run_dir(run_dir)
+    lock_on_rank0(run_dir, d)
     steps = total_steps(cfg)
     sched = dataclasses.replace(cfg, steps=steps)
     model.to(d.device).train()

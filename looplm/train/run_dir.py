@@ -6,7 +6,9 @@ trainer would otherwise replace files whose names a run uses (``metrics.jsonl``.
 
 The lock is ``fcntl.flock`` on :data:`LOCK_FILE`: the kernel drops it when the process ends, even
 under ``kill -9``, so a crashed run never leaves a stale lock, and a second process on the same
-directory fails at once instead of interleaving metrics and checkpoints.
+directory fails at once instead of interleaving metrics and checkpoints. Under ``torchrun`` rank 0
+takes the lock and tells every rank whether it could (:func:`lock_on_rank0`): without that, the
+other ranks would wait in their next collective until the process group's timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 from pathlib import Path
 
 from looplm.errors import ConfigError
+from looplm.train import distributed
+from looplm.train.distributed import Dist
 
 LOCK_FILE = "looplm.lock"
 _RUN_MARKERS = re.compile(r"^(ckpt-\d{6,}|latest|best)$")
@@ -65,6 +69,21 @@ def lock_run_dir(path: Path) -> None:
                               "wait for it to finish or choose another --out") from None
         raise ConfigError(f"cannot lock {str(path / LOCK_FILE)!r}: {exc.strerror}") from None
     _held[key] = fd
+
+
+def lock_on_rank0(path: Path, d: Dist) -> None:
+    """Rank 0 takes ``path``'s lock (:func:`lock_run_dir`) and broadcasts whether it could; a rank
+    0 that could not raises its own ConfigError, every other rank one naming rank 0's failure. Every
+    rank must call it (a collective)."""
+    err = None
+    if d.main:
+        try:
+            lock_run_dir(path)
+        except ConfigError as exc:
+            err = exc
+    if distributed.broadcast_float(0.0 if err else 1.0, d) != 1.0:
+        raise err or ConfigError(f"rank 0 could not lock the run directory {str(path)!r} (its error says "
+                                 f"why); rank {d.rank} stops too")
 
 
 def release(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Nothing the user had is lost or mixed: foreign --out directories, concurrent runs, quantize
+"""Nothing the user had is lost or mixed: foreign --out directories, concurrent runs (and the ranks
+of one DDP job when rank 0 cannot lock), a read-only mount, quantize
 --out, corrupted run files, flipped weight bytes, NaN weights, a finished run, recorded data."""
 
 from __future__ import annotations
@@ -7,6 +8,9 @@ import fcntl
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.reliability.conftest import TINY, looplm, looplm_bg, one_line_error, snapshot
+from tests.reliability.conftest import TINY, env, looplm, looplm_bg, one_line_error, snapshot
 
 
 def _resume(run: Path, data: Path, *extra: str) -> list[str]:
@@ -168,3 +172,60 @@ def test_eval_does_not_follow_recorded_data_outside_the_run(trained: Path, cache
     proc = looplm("eval", str(trained / "latest"), "--data", str(data_file), "--max-tokens", "200",
                   "--seq-len", "64", cache=cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_rank_stops_when_rank0_cannot_lock(run_copy: Path, cache: Path, data_file: Path) -> None:
+    """Two real processes of one torchrun-style job (gloo): rank 0 fails to lock a run directory
+    another process holds; rank 1 must exit with its own line, not wait for gloo's timeout."""
+    fd = os.open(run_copy / "looplm.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # this test process is the run that holds the directory
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = snapshot(run_copy)
+    try:
+        procs = [subprocess.Popen([sys.executable, "-m", "looplm.cli", *_resume(run_copy, data_file)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env(cache, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                 for r in (0, 1)]
+        done = []
+        for p in procs:
+            out, err = p.communicate(timeout=120)  # before the fix: rank 1 waited 30 min in gloo
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        os.close(fd)
+    one_line_error(done[0], "another looplm process", str(run_copy))
+    one_line_error(done[1], "rank 0 could not lock", str(run_copy))
+    assert snapshot(run_copy) == before
+
+
+_READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+
+
+def _read_only_mount_works(directory: Path) -> bool:
+    """Whether ``unshare`` (a private mount namespace, as root or a mapped user) can bind-mount
+    ``directory`` read-only here."""
+    try:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", _READ_ONLY, "sh", str(directory), "sh", "-c",
+                                f"! touch {str(directory / 'probe')!r}"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 and not (directory / "probe").exists()
+
+
+def test_run_directory_on_a_read_only_mount_is_one_line(run_copy: Path, tmp_path: Path, cache: Path,
+                                                        data_file: Path) -> None:
+    """A real read-only file system (a bind mount in a private mount namespace; as root, a chmod'ed
+    directory would still be writable): resuming a run there and a new run under it both fail with
+    one line naming the directory, and nothing there changes."""
+    if not _read_only_mount_works(run_copy):
+        pytest.skip("no private read-only bind mount here (unshare -rm needs user namespaces or root)")
+    before = snapshot(run_copy)
+    for out, word in [(run_copy, "not writable"), (run_copy / "new", "cannot be created")]:
+        args = ["train", *TINY, "--data", str(data_file), "--out", str(out), "--resume"]
+        command = ["unshare", "-rm", "sh", "-c", _READ_ONLY, "sh", str(run_copy),
+                   sys.executable, "-m", "looplm.cli"]
+        proc = subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, env=env(cache))
+        one_line_error(proc, str(out), word)
+    assert snapshot(run_copy) == before
