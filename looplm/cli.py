@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("looplm.import_command", "a GGUF file or Hugging Face Llama directory as a looplm checkpoint"),
     "pull": ("looplm.pull_command", "download a known pretrained model into the cache (smollm2)"),
     "export": ("looplm.export_command", "a vanilla checkpoint as a Hugging Face Llama directory"),
+    "linearize": ("looplm.linearize_command", "attention layers as gated recurrences (Liger)"),
+    "recursify": ("looplm.recursify_command", "fold a checkpoint's layers into one shared recursive block"),
 }
 
 # bench name -> (module, one-line help)

@@ -21,6 +21,7 @@ from looplm.errors import ConfigError
 from looplm.flops import Tally, flops_per_token
 from looplm.layers.block import Block
 from looplm.layers.linear import Linear
+from looplm.layers.lora import LoRALinear, add_lora
 from looplm.layers.mixers import MIXERS as MIXER_REGISTRY
 from looplm.layers.norms import RMSNorm
 from looplm.ops.attention import check_rope_scaling
@@ -63,7 +64,10 @@ class LoopConfig:
     layer before and after the cycled core. ``d_ffn=None`` is ``8/3·d_model`` rounded up to 32.
     ``zero_experts = n`` adds n MoE++ zero-computation experts, kinds in turn zero, copy, constant;
     ``shared_expert`` adds a SwiGLU of width ``d_ffn`` that every token runs. ``ffn="none"``: blocks
-    have no FFN at all (mixer-only models, as Zoology's MQAR models).
+    have no FFN at all (mixer-only models, as Zoology's MQAR models). ``lora_rank = r > 0`` wraps
+    every block's linear layers in LoRA adapters (layers/lora.py); the core's layers get one
+    adapter per recursion (Relaxed Recursive Transformers). ``window``: the sliding window of
+    the linearised ``liger_*`` mixers (0: none).
     """
 
     vocab_size: int = 256
@@ -99,9 +103,11 @@ class LoopConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     conv_size: int = 4
+    window: int = 0  # linearised mixers (liger_*): sliding-window softmax attention inside the layer
     chunk_size: int | None = None  # None: each op's fastest (64 decay family, 32 delta rule)
     dropout: float = 0.0
     init_std: float = 0.02
+    lora_rank: int = 0  # LoRA adapters on every block's projections; the core's one per recursion
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity, (list, tuple)) and all(_has_type(c, "float") for c in self.capacity):
@@ -146,7 +152,7 @@ class LoopConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("n_prelude", "n_coda", "attn_every", "zero_experts"):
+        for name in ("n_prelude", "n_coda", "attn_every", "zero_experts", "window", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -155,8 +161,10 @@ class LoopConfig:
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 2
                                           or self.head_dim % 2):
             raise ConfigError(f"head_dim must be an even integer >= 2 or None, got {self.head_dim!r}")
-        if self.head_dim is not None and (self.mixer != "attention" or self.attn_every):
-            raise ConfigError("head_dim applies to attention-only models (mixer='attention', attn_every=0)")
+        if self.head_dim is not None and not (self.mixer.startswith("liger_") or (
+                self.mixer == "attention" and not self.attn_every)):
+            raise ConfigError("head_dim applies to attention-only or linearised models (mixer='attention' "
+                              "with attn_every=0, or a liger_* mixer)")
         check_rope_scaling(self.rope_scaling)
         eps = self.norm_eps
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
@@ -255,6 +263,11 @@ class LoopLM(nn.Module):
         self.apply(self._init_weights)
         if isinstance(self.router, ExpertChoiceRouter):
             nn.init.normal_(self.router.weight, std=c.init_std)
+        self.relaxed: list[LoRALinear] = []  # the core's adapters, switched per recursion
+        if c.lora_rank:
+            for blk in (*self.prelude, *self.coda):
+                add_lora(blk, c.lora_rank)
+            self.relaxed = [m for blk in self.core for m in add_lora(blk, c.lora_rank, c.n_recursions)]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -420,6 +433,8 @@ class LoopLM(nn.Module):
             x0 = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
             pos = positions.gather(1, index)
         m = None if active is None or bool(kept.all()) else kept
+        for lora in self.relaxed:
+            lora.index = r
         x = x0
         for j, blk in enumerate(self.core):
             keep_kv = self.config.kv_sharing and blk.is_attention and r == 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from looplm.layers.mixers import KVState, RecurrentState
+from looplm.layers.mixer_states import KVState, LinearizedState, RecurrentState
 
 
 @dataclass
@@ -56,6 +56,9 @@ def _cat_layer(parts: list[Any]) -> Any:
     first = parts[0]
     if isinstance(first, RecurrentState):
         return RecurrentState(torch.cat([p.conv for p in parts]), torch.cat([p.ssm for p in parts]))
+    if isinstance(first, LinearizedState):
+        window = None if first.window is None else _cat_layer([p.window for p in parts])
+        return LinearizedState(torch.cat([p.ssm for p in parts]), window)
     if isinstance(first, KVState):  # float or quantised: every field but seen is per slot
         S = max(p.k.shape[1] for p in parts)
         slots = {n: torch.cat([_pad_front(getattr(p, n), S, False if n == "key_mask" else 0) for p in parts])
@@ -67,6 +70,8 @@ def _cat_layer(parts: list[Any]) -> Any:
 def _select_layer(s: Any, rows: torch.Tensor) -> Any:
     if isinstance(s, RecurrentState):
         return RecurrentState(s.conv[rows], s.ssm[rows])
+    if isinstance(s, LinearizedState):
+        return LinearizedState(s.ssm[rows], None if s.window is None else _select_layer(s.window, rows))
     if isinstance(s, KVState):
         key_mask = s.key_mask[rows]
         if bool(key_mask.all()):

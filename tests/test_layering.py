@@ -25,10 +25,10 @@ TIERS: list[tuple[str, ...]] = [
     ("looplm.routers", "looplm.state", "looplm.flops", "looplm.model", "looplm.memory"),
     ("looplm.quant",),
     ("looplm.checkpoint", "looplm.generate", "looplm.perplexity", "looplm.chat"),
-    ("looplm.hf", "looplm.pretrained", "looplm.train"),
+    ("looplm.hf", "looplm.pretrained", "looplm.train", "looplm.convert"),
     ("looplm.bench", "looplm.serve", "looplm.info", "looplm.generate_command", "looplm.import_command",
      "looplm.pull_command", "looplm.export_command", "looplm.chat_command", "looplm.train.command",
-     "looplm.train.evaluate", "looplm.quant.command"),
+     "looplm.train.evaluate", "looplm.quant.command", "looplm.linearize_command", "looplm.recursify_command"),
     ("looplm.cli", "looplm.__main__"),
 ]
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from looplm.data.finetune import finetune_source
 from looplm.data.sources import Document, HFSource, Source, file_source
 from looplm.data.stdlib import stdlib_source
 from looplm.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
@@ -159,12 +160,15 @@ def _resolve_tokenizer(spec: str | Tokenizer) -> tuple[Tokenizer | int, str]:
 def resolve_source(
     spec: str | Sequence[str] | Source | None, text_field: str = "text", max_files: int | None = None
 ) -> Source:
-    """A ``Source`` from a spec: ``None``/``"stdlib"`` (the default corpus), ``"hf:NAME[:CONFIG]"``,
+    """A ``Source`` from a spec: ``None``/``"stdlib"`` (the default corpus), ``"finetune"`` (stdlib +
+    English text, without the held-out texts: data/finetune.py), ``"hf:NAME[:CONFIG]"``,
     or paths, directories and globs (a string or a list)."""
     if isinstance(spec, Source):
         return spec
     if spec is None or spec == "stdlib":
         return stdlib_source(max_files=max_files)
+    if spec == "finetune":
+        return finetune_source(max_files=max_files)
     if isinstance(spec, str) and spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name:

@@ -1,4 +1,5 @@
-"""The decoding states of the token mixers: an attention cache and a fixed-size recurrent state.
+"""The decoding states of the token mixers: an attention cache, a fixed-size recurrent state, and
+the linearised attention's recurrent state with its sliding window of keys.
 
 Dataclasses of tensors with ``nbytes()``; a mixer returns a new one per call and never modifies
 the one it was given (layers/mixers.py).
@@ -10,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["KVState", "QuantKVState", "RecurrentState"]
+__all__ = ["KVState", "LinearizedState", "QuantKVState", "RecurrentState", "check_inputs"]
 
 
 class _NBytes:
@@ -33,6 +34,13 @@ class KVState(_NBytes):
     pos: torch.Tensor
     seen: torch.Tensor
 
+    @classmethod
+    def empty(cls, batch_size: int, n_kv_heads: int, head_dim: int, like: torch.Tensor) -> KVState:
+        """An empty cache for ``batch_size`` rows, in ``like``'s dtype and device."""
+        kv = like.new_zeros(batch_size, 0, n_kv_heads, head_dim)
+        idx = torch.zeros(batch_size, 0, dtype=torch.long, device=like.device)
+        return cls(kv, kv, idx.bool(), idx, torch.zeros(batch_size, dtype=torch.long, device=like.device))
+
 
 @dataclass
 class QuantKVState(KVState):
@@ -51,3 +59,36 @@ class RecurrentState(_NBytes):
 
     conv: torch.Tensor
     ssm: torch.Tensor
+
+
+@dataclass
+class LinearizedState:
+    """A linearised attention layer's state (layers/liger.py): ``ssm [B, H, D, D]`` and, with a
+    sliding window, the cache of the keys still inside it (``window``, None without one)."""
+
+    ssm: torch.Tensor
+    window: KVState | None
+
+    def nbytes(self) -> int:
+        """Bytes held by the recurrent state and the window's keys and values."""
+        extra = 0 if self.window is None else self.window.nbytes()
+        return self.ssm.numel() * self.ssm.element_size() + extra
+
+
+def check_inputs(x: torch.Tensor, d_model: int, mask: torch.Tensor | None,
+                 positions: torch.Tensor | None, state: object, state_type: type) -> None:
+    """ValueError/TypeError naming the argument of a mixer's forward that does not fit ``x [B, T, d]``."""
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape [B, T, {d_model}], got {tuple(x.shape)}")
+    if state is not None:
+        if not isinstance(state, state_type):
+            raise TypeError(f"state must be a {state_type.__name__} (from this mixer's init_state), "
+                            f"got {type(state).__name__}")
+        rows = state.seen.shape[0] if isinstance(state, KVState) else state.ssm.shape[0]  # type: ignore[attr-defined]
+        if rows != x.shape[0]:
+            raise ValueError(f"state holds {rows} rows but x has batch size {x.shape[0]}")
+    for name, t in (("mask", mask), ("positions", positions)):
+        if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{name} must have shape [B, T] = {tuple(x.shape[:2])}, got {tuple(t.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")

@@ -29,32 +29,15 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.layers import kv_cache
+from looplm.layers.liger import LigerGatedDeltaNet, LigerGLA, liger_options
 from looplm.layers.linear import Linear
-from looplm.layers.mixer_states import KVState, QuantKVState, RecurrentState
+from looplm.layers.mixer_states import KVState, QuantKVState, RecurrentState, check_inputs
 from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
 from looplm.ops.delta_rule import delta_chunk, delta_step
 from looplm.ops.kv_quant import quantize_rows, quantized_attention
 from looplm.ops.linear_attn import decay_chunk, decay_step
-
-
-def _check_inputs(x: torch.Tensor, d_model: int, mask: torch.Tensor | None,
-                  positions: torch.Tensor | None, state, state_type: type) -> None:
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"x must have shape [B, T, {d_model}], got {tuple(x.shape)}")
-    if state is not None:
-        if not isinstance(state, state_type):
-            raise TypeError(f"state must be a {state_type.__name__} (from this mixer's init_state), "
-                            f"got {type(state).__name__}")
-        rows = state.seen.shape[0] if isinstance(state, KVState) else state.ssm.shape[0]
-        if rows != x.shape[0]:
-            raise ValueError(f"state holds {rows} rows but x has batch size {x.shape[0]}")
-    for name, t in (("mask", mask), ("positions", positions)):
-        if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"{name} must have shape [B, T] = {tuple(x.shape[:2])}, got {tuple(t.shape)}")
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
 
 
 class Attention(nn.Module):
@@ -78,15 +61,12 @@ class Attention(nn.Module):
 
     def init_state(self, batch_size: int) -> KVState:
         """An empty cache for ``batch_size`` rows."""
-        p = self.o_proj.weight
-        kv = p.new_zeros(batch_size, 0, self.n_kv_heads, self.head_dim)
-        idx = torch.zeros(batch_size, 0, dtype=torch.long, device=p.device)
-        return KVState(kv, kv, idx.bool(), idx, torch.zeros(batch_size, dtype=torch.long, device=p.device))
+        return KVState.empty(batch_size, self.n_kv_heads, self.head_dim, self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, state: KVState | None = None, *,
                 positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVState | None]:
-        _check_inputs(x, self.d_model, mask, positions, state, KVState)
+        check_inputs(x, self.d_model, mask, positions, state, KVState)
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         default_pos = positions is None
@@ -188,7 +168,7 @@ class _FixedStateMixer(nn.Module):
     def forward(self, x: torch.Tensor, state: RecurrentState | None = None, *,
                 positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RecurrentState | None]:
-        _check_inputs(x, self.d_model, mask, positions, state, RecurrentState)
+        check_inputs(x, self.d_model, mask, positions, state, RecurrentState)
         B, T, _ = x.shape
         H, dk, dv = self.n_heads, self.head_dim, self.value_dim
         perm = None
@@ -385,6 +365,8 @@ MIXERS: dict[str, MixerSpec] = {s.name: s for s in (
     MixerSpec("simple_gla", SimpleGLA, "decay"),
     MixerSpec("deltanet", DeltaNet, "delta"),
     MixerSpec("gated_deltanet", GatedDeltaNet, "delta"),
+    MixerSpec("liger_gla", LigerGLA, "decay", options=liger_options),
+    MixerSpec("liger_gated_deltanet", LigerGatedDeltaNet, "delta", options=liger_options),
 )}
 
 

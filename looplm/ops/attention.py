@@ -217,13 +217,15 @@ def attention(
     k_pos: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Softmax attention: ``q [B, T, H, D]``, ``k, v [B, S, Hkv, D|Dv]`` -> ``[B, T, H, Dv]``.
 
     ``H`` must be a multiple of ``Hkv`` (grouped KV heads). Causality is by position: query t
     sees key s iff ``k_pos[b, s] <= q_pos[b, t]``. Without positions the queries are the last
     T of the S keys (a cache prepended). ``key_mask [B, S]`` bool, False = never attended.
-    A query that sees no key at all returns zeros.
+    A query that sees no key at all returns zeros. ``window = W > 0`` (sliding-window attention,
+    causal only): query t sees key s only if also ``k_pos[b, s] > q_pos[b, t] - W``.
     """
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -234,7 +236,9 @@ def attention(
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = H != Hkv
-    if key_mask is None and q_pos is None and k_pos is None and (T == S or not causal):
+    if window and not causal:
+        raise ValueError("a sliding window needs causal attention")
+    if not window and key_mask is None and q_pos is None and k_pos is None and (T == S or not causal):
         if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK and q.device.type == "cpu":
             if gqa:  # the flash kernels take equal heads: repeat each key/value head for its group
                 kt, vt = kt.repeat_interleave(H // Hkv, dim=1), vt.repeat_interleave(H // Hkv, dim=1)
@@ -249,6 +253,8 @@ def attention(
         if k_pos is None:
             k_pos = torch.arange(S, device=q.device).expand(B, S)
         allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+        if window:
+            allowed = allowed & (k_pos[:, None, :] > q_pos[:, :, None] - window)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
     seen = allowed.any(-1, keepdim=True)  # [B, T, 1]

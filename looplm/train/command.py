@@ -2,6 +2,9 @@
 
 Runs the same under ``torchrun --nproc_per_node=N`` (DDP; each rank its own share of every
 batch). ``--set key=value`` overrides any field of the ``model:`` or ``train:`` section.
+``--init DIR`` fine-tunes a checkpoint instead (its model and tokenizer; ``--set`` model fields
+change it, e.g. ``router=expert_choice``), ``--lora RANK`` trains LoRA adapters only and
+``--distill TEACHER`` adds a KL loss against a teacher checkpoint's logits (train/finetune.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 
 import torch
 
+from looplm.checkpoint import load_model
 from looplm.data import BatchSampler, Corpus, Tokenizer, prepare_corpus
+from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import ConfigError
 from looplm.generate import generate
 from looplm.memory import TRAIN_BYTES_PER_PARAM, check_fits
@@ -25,6 +30,7 @@ from looplm.quant.qat import apply_qat
 from looplm.train import distributed
 from looplm.train.config import TrainConfig, apply_overrides, load_sections
 from looplm.train.distributed import Dist
+from looplm.train.finetune import distillation, init_model
 from looplm.train.loop import train
 from looplm.train.run_dir import check_run_dir, lock_on_rank0
 
@@ -45,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--qat", choices=FORMATS,
                         help="quantisation-aware training: fake-quantise weights in this format")
+    parser.add_argument("--init", metavar="DIR", help="fine-tune this checkpoint (its model and tokenizer)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="with --init: train LoRA adapters of this rank only, everything else frozen")
+    parser.add_argument("--distill", metavar="TEACHER", help="add a KL loss against this checkpoint's logits")
+    parser.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation loss")
 
 
 def model_keys() -> list[str]:
@@ -112,15 +123,31 @@ def run(args: argparse.Namespace) -> int:
     check_run_dir(run_dir)  # before the corpus is read: a bad --out fails at once
     if distributed.broadcast_float(float(run_dir.is_dir()), d):  # rank 0's view; train() locks a new one
         lock_on_rank0(run_dir, d)  # a second run of an existing directory too
-    corpus = load_corpus(cfg, d, progress=not args.no_progress)
-    model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
+    init = getattr(args, "init", None)
+    if (getattr(args, "lora", 0) or getattr(args, "distill", None)) and not init:
+        raise ConfigError("--lora and --distill fine-tune a checkpoint: give it with --init DIR")
+    tokenizer = load_tokenizer(init) if init else None
+    corpus = load_corpus(cfg, d, tokenizer, progress=not args.no_progress)
+    if init:
+        overrides = apply_overrides({"model": {}, "train": {}}, args.set, model_keys())["model"]
+        torch.manual_seed(cfg.seed)
+        model = init_model(init, overrides, args.lora)
+    else:
+        model = build_model(model_cfg, corpus.tokenizer.vocab_size, cfg.seed)
+    extra_loss = None
+    if getattr(args, "distill", None):
+        extra_loss = distillation(load_model(args.distill).to(d.device), args.distill_weight)
     if getattr(args, "qat", None):  # quantisation-aware training; checkpoints stay float
         apply_qat(model, args.qat)
     if d.main:
         n = model.num_params()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if trainable < n:
+            print(f"fine-tuning {trainable / 1e6:.3f}M of {n / 1e6:.2f}M parameters (LoRA)")
         print(f"model: {n / 1e6:.2f}M parameters ({model.num_params(unique=False) / 1e6:.2f}M with reuse), "
               f"corpus: {describe(corpus)}, {d.world} process(es) on {d.device}")
-    run_info = {"model": model.config.to_dict(), "train": cfg.to_dict(), "qat": getattr(args, "qat", None)}
+    run_info = {"model": model.config.to_dict(), "train": cfg.to_dict(), "qat": getattr(args, "qat", None),
+                "init": init, "lora": getattr(args, "lora", 0), "distill": getattr(args, "distill", None)}
 
     def extras(directory: Path) -> None:
         corpus.tokenizer.save(directory)
@@ -130,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
                               world_size=d.world)
     token_bytes = torch.from_numpy(corpus.tokenizer.token_nbytes())
     row = train(cfg, model, train_data, corpus.val.tokens, d=d, resume=args.resume, token_bytes=token_bytes,
-                extras=extras, sample=sampler(corpus, cfg), progress=not args.no_progress)
+                extras=extras, sample=sampler(corpus, cfg), progress=not args.no_progress,
+                extra_loss=extra_loss)
     if d.main and not row.get("finished"):
         bpb = f", val bits/byte {row['val_bpb']:.3f}" if "val_bpb" in row else ""
         print(f"done: step {row.get('step')}, val loss {row.get('val_loss', float('nan')):.4f}{bpb}; "

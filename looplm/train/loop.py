@@ -156,10 +156,12 @@ def total_steps(cfg: TrainConfig) -> int:
 
 
 def _forward_backward(
-    net: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, d: Dist
+    net: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, d: Dist,
+    extra_loss: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """Gradients of ``loss + aux_loss`` over this rank's ``grad_accum`` micro-batches (DDP
-    syncs on the last); returns the LM loss averaged over all ranks and the model's stats."""
+    """Gradients of ``loss + aux_loss`` (+ ``extra_loss(x, out)``, e.g. distillation) over this
+    rank's ``grad_accum`` micro-batches (DDP syncs on the last); returns the LM loss averaged over
+    all ranks and the model's stats."""
     if len(x_all) % cfg.grad_accum:
         raise ConfigError(f"each process's {len(x_all)} sequences do not split into "
                           f"grad_accum={cfg.grad_accum} micro-batches; change train.grad_accum")
@@ -173,6 +175,8 @@ def _forward_backward(
             out = net(x, y)
             aux = getattr(out, "aux_loss", None)
             total = out.loss if aux is None else out.loss + aux
+            if extra_loss is not None:
+                total = total + extra_loss(x, out)
             (total / len(micro)).backward()
         loss_sum += out.loss.detach().float()
         stats = _stats(out)
@@ -204,6 +208,7 @@ def train(
     sample: Callable[[nn.Module], str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    extra_loss: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (already seeded and built) under ``cfg``; return the last metrics row.
 
@@ -212,6 +217,8 @@ def train(
 
     ``extras(dir)`` writes run files into each checkpoint (tokenizer); ``sample(model)``
     returns text printed at each evaluation (run under a forked RNG, so it changes nothing).
+    ``extra_loss(x, out)``: a term added to each micro-batch's loss (train/finetune.py's
+    distillation); the logged loss stays the LM loss.
     """
     d = d or Dist()
     run_dir = Path(cfg.out)
@@ -255,7 +262,7 @@ def train(
     for step in range(start, steps):
         lr = lr_at(_schedule_step(step, elapsed, run, sched, budget_s), sched)
         set_lr(optimizer, lr)
-        loss, stats = _forward_backward(net, *train_data.batch(step), cfg, d)
+        loss, stats = _forward_backward(net, *train_data.batch(step), cfg, d, extra_loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)

@@ -38,6 +38,10 @@ def test_gqa_matches_reference_with_cache_and_mask(B, T, extra, hkv, rep, seed):
     out = attention(q, k, v, q_pos=q_pos, k_pos=k_pos, key_mask=key_mask)
     allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & key_mask[:, None, :]
     torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    window = 1 + seed % 4  # sliding window: only the last `window` positions
+    out = attention(q, k, v, q_pos=q_pos, k_pos=k_pos, key_mask=key_mask, window=window)
+    allowed = allowed & (k_pos[:, None, :] > q_pos[:, :, None] - window)
+    torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
 
 
 def test_non_causal_and_gradients():
