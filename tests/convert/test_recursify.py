@@ -74,7 +74,8 @@ def test_recursify_command_writes_a_loadable_checkpoint_and_reports_bad_input(tm
     src = tmp_path / "src"
     save_model(model(n_prelude=1, n_core=2, n_coda=1), src)
     ByteTokenizer().save(src)
-    assert main(["recursify", str(src), "--recursions", "2", "--lora", "2", "--out", str(tmp_path / "r")]) == 0
+    out = str(tmp_path / "r")
+    assert main(["recursify", str(src), "--recursions", "2", "--lora", "2", "--out", out]) == 0
     loaded = load_model(tmp_path / "r")
     assert (loaded.config.n_core, loaded.config.n_recursions, loaded.config.lora_rank) == (2, 2, 2)
     assert load_tokenizer(tmp_path / "r").kind == "byte"
