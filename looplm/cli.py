@@ -44,6 +44,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "infer": ("looplm.bench.infer", "SmolLM2-sized CPU decoding and prefill against transformers"),
     "serve": ("looplm.bench.serve", "OpenAI-API load test of looplm serve (and llama.cpp's server)"),
     "pretrained": ("looplm.bench.pretrained", "a pretrained GGUF model: transformers, llama.cpp and looplm"),
+    "convert": ("looplm.bench.convert", "a pretrained model linearised and recursified, against itself"),
     "report": ("looplm.bench.report", "write docs/results.md from saved results"),
 }
 

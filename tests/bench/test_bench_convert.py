@@ -1,0 +1,34 @@
+"""bench convert's measuring parts: the synthetic decoding state has the size of a real one at that
+context (growing for attention, fixed for a linearised model), and truncation keeps the first
+layers exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from looplm.bench.convert import decode_figures, synthetic_state, truncate
+from looplm.convert.linearize import linearize
+from tests.model.util import model, tokens
+
+
+def test_synthetic_state_is_the_size_of_decoding_that_context():
+    src = model(n_heads=4, n_kv_heads=2)
+    x = tokens(batch=1, length=20)
+    real = src(x, use_cache=True).state
+    assert synthetic_state(src, 20).nbytes() == real.nbytes()
+    lin = linearize(src, "gla", window=8)
+    real = lin(x, use_cache=True).state
+    assert synthetic_state(lin, 20).nbytes() == real.nbytes() == synthetic_state(lin, 500).nbytes()
+    fig = decode_figures(lin, 500, 2)
+    assert fig["decode_tok_s"] > 0 and fig["state_bytes"] == real.nbytes()
+
+
+def test_truncation_is_the_first_layers():
+    src = model(n_prelude=1, n_core=4, n_coda=1)
+    cut = truncate(src, 2).eval()
+    x = tokens()
+    h = src.embed(x)
+    for blk in (src.prelude[0], src.core[0]):
+        h, _, _ = blk(h)
+    ref = torch.nn.functional.linear(src.norm(h), src.embed.weight)
+    torch.testing.assert_close(cut(x).logits, ref, atol=1e-5, rtol=1e-5)
