@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seq-len", type=int, default=256, help="fine-tune sequence length")
     parser.add_argument("--batch-size", type=int, default=8, help="fine-tune sequences per step")
-    parser.add_argument("--max-files", type=int, default=0, help="fine-tune on the first N corpus files (0: all)")
+    parser.add_argument("--max-files", type=int, default=0, help="fine-tune on N corpus files (0: all)")
 
 
 def synthetic_state(model: LoopLM, context: int) -> ModelState:
