@@ -49,6 +49,7 @@ from looplm.layers.mixer_states import KVState, LinearizedState
 from looplm.model import LoopLM
 from looplm.perplexity import score_tokens
 from looplm.state import ModelState
+from looplm.train.finetune import merge_adapters
 
 ROWS = ("original", "hybrid", "linear", "truncated", "recursive", "mor")
 
@@ -183,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
             results[row] = json.loads(path.read_text())
             continue
         model = load_model(prepare(row, src, out / "work", args)).eval()
+        if model.config.n_recursions == 1:
+            model = merge_adapters(model)  # LoRA folded into the weights: decoded as a plain model
         fig = {**quality(model, ids, min(args.eval_tokens, 1024)),
                **decode_figures(model, args.context, args.decode_tokens),
                "flops_per_token": model.flops_per_token(min(args.eval_tokens, 1024), training=False),

@@ -6,6 +6,10 @@ field that adds parameters, such as a router, starts them fresh; one that change
 stored weight is an error), and with ``lora_rank`` LoRA adapters on every block's projections
 (layers/lora.py), which are then the only trainable parameters (Hu et al. 2021).
 
+``merge_adapters``: a fine-tuned model without adapters, ``W + B A`` folded into each weight
+(possible when every layer has one adapter, i.e. no recursion), so it decodes at the plain
+model's speed.
+
 ``distillation``: the KL divergence from a teacher's next-token distribution to the student's,
 ``T^2 · KL(softmax(z_t / T) || softmax(z_s / T))`` per token (Hinton et al. 2015), added to the
 LM loss with a weight; the teacher runs under ``no_grad`` in eval mode.
@@ -22,10 +26,10 @@ import torch.nn.functional as F
 
 from looplm.checkpoint import load_model
 from looplm.errors import ConfigError
-from looplm.layers.lora import lora_parameters
+from looplm.layers.lora import LoRALinear, lora_parameters
 from looplm.model import LoopConfig, LoopLM
 
-__all__ = ["distillation", "init_model"]
+__all__ = ["distillation", "init_model", "merge_adapters"]
 
 NEW_PARAMETERS = ("router.", "lora_")  # parameters an override may add to a loaded model
 
@@ -74,3 +78,23 @@ def distillation(teacher: torch.nn.Module, weight: float = 1.0,
         return weight * temperature ** 2 * kl
 
     return extra
+
+
+@torch.no_grad()
+def merge_adapters(model: LoopLM) -> LoopLM:
+    """``model`` with its LoRA adapters folded into the weights (``lora_rank = 0``); a model with
+    per-recursion adapters cannot be merged (ConfigError)."""
+    c = model.config
+    if not c.lora_rank:
+        return model
+    if c.n_recursions > 1:
+        raise ConfigError("per-recursion adapters of a recursive model cannot be merged into shared weights")
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            state[f"{name}.weight"] = m.weight + m.delta(0)
+    weight = model.embed.weight
+    merged = LoopLM(dataclasses.replace(c, lora_rank=0)).to(weight.device, weight.dtype)
+    merged.load_state_dict(state, strict=True)
+    return merged
+

@@ -20,7 +20,7 @@ from looplm.convert.recursify import recursify
 from looplm.data import ByteTokenizer
 from looplm.errors import ConfigError
 from looplm.layers.lora import lora_parameters
-from looplm.train.finetune import distillation, init_model
+from looplm.train.finetune import distillation, init_model, merge_adapters
 from tests.model.util import model, tokens
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +41,18 @@ def test_lora_adapters_are_the_only_trainable_parameters_and_start_as_the_origin
     torch.testing.assert_close(m(x).logits, src(x).logits, atol=0, rtol=0)
     m(x, x).loss.backward()
     assert all((p.grad is None) != p.requires_grad for p in m.parameters())
+
+
+def test_merged_adapters_compute_the_same_model(tmp_path):
+    m = init_model(str(checkpoint(tmp_path / "src", model(mixer="liger_gla", window=3))), {}, lora_rank=4)
+    for p in lora_parameters(m):
+        p.data.normal_(0, 0.1)
+    merged = merge_adapters(m.eval()).eval()
+    assert merged.config.lora_rank == 0 and not lora_parameters(merged)
+    x = tokens()
+    torch.testing.assert_close(merged(x).logits, m(x).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        merge_adapters(recursify(model(n_prelude=0, n_core=2, n_coda=0), 2, lora_rank=2))
 
 
 def test_a_router_is_added_to_a_recursified_model_and_shapes_cannot_change(tmp_path):
