@@ -5,14 +5,16 @@ gates and state update or the cache, head norm, residuals, SwiGLU) on one row; i
 dispatch overhead cost more than the arithmetic (bench model's 6-layer, width-384 gated DeltaNet
 model: ~3.6 ms per token in a tight loop, of which ~1.3 ms in the projections). The kernels
 compute the same :class:`looplm.layers.block.Block` for the B rows of one token (each weight row
-read once for all rows, rows of every projection split over threads):
+read once for all rows, rows of every projection split over threads; from 4 rows on, float32
+projections are BLAS matrix products, which a batch of rows needs to stay ahead of PyTorch's):
 
 - ``csrc/block_step.cpp``: a DeltaNet or gated DeltaNet mixer (``delta_block_step``) or a
   linear-attention, retention, simple-GLA or GLA mixer (``decay_block_step``);
 - ``csrc/attn_step.cpp``: softmax attention with RoPE and grouped heads, around the cache append
   of :mod:`looplm.layers.kv_cache` (``attn_step_in``: norm, projections, RoPE; ``attn_step_out``:
-  attention over the whole cache read front to back, output projection); only when every cached
-  key is visible (no masked slot, no later position), else the Python block's masks run; its
+  attention over each row's cache read front to back, output projection); only when each row's
+  visible keys are one run at the end of the cache (unused slots only in front, as a batch of
+  caches of different lengths has them; no later position), else the Python block's masks run; its
   projections and dense FFN may be int8 / int4 (a quantised module's ``kernel_parts()``, multiplied
   by :mod:`looplm.ops.qlinear`'s kernel, ``csrc/qmatvec.h``), so quantised models decode in it too;
 - with a dense :class:`~looplm.layers.ffn.SwiGLU` FFN or none inside those calls, or a
@@ -200,11 +202,13 @@ def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
     elif isinstance(state, KVState) and attention:
         pos = (state.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
         if (state.k.shape[0] != x.shape[0] or state.k.dtype != torch.float32 or state.v.dtype != torch.float32
-                or pos.dtype != torch.long
-                or not bool(state.key_mask.all()) or not bool((state.pos <= pos[:, None]).all())
+                or pos.dtype != torch.long or not bool((state.pos <= pos[:, None]).all())
                 or not cpp_ext.available()):
-            return None  # masked slots or later positions in the cache: the Python block's masks
-        h, state = _attention_step(blk, x[:, 0].contiguous(), state, pos, plan)
+            return None  # later positions in the cache: the Python block's masks
+        starts = _front_padding(state.key_mask)
+        if starts is False:
+            return None  # masked slots between seen ones: the Python block's masks
+        h, state = _attention_step(blk, x[:, 0].contiguous(), state, pos, plan, starts)
     else:
         return None
     return _ffn_step(blk, h, state)
@@ -230,8 +234,19 @@ def _fixed_state_step(blk: Any, x: torch.Tensor,
     return h, RecurrentState(conv, ssm)
 
 
+def _front_padding(key_mask: torch.Tensor) -> torch.Tensor | None | bool:
+    """Each row's first seen slot ``[B]`` when ``key_mask [B, S]`` is False only in a run at the
+    front of each row; None when every slot is seen; False otherwise."""
+    if bool(key_mask.all()):
+        return None
+    starts = (~key_mask).sum(1)
+    seen = torch.arange(key_mask.shape[1], device=key_mask.device) >= starts[:, None]
+    return starts if bool((seen == key_mask).all()) else False
+
+
 def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor,
-                    plan: tuple[Any, ...]) -> tuple[torch.Tensor, KVState]:
+                    plan: tuple[Any, ...], starts: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, KVState]:
     """Attention block step: projections and RoPE in C++, the cache append in Python
     (:mod:`looplm.layers.kv_cache`), attention over the cache and the rest in C++."""
     mixer = blk.mixer
@@ -246,7 +261,7 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor
     k, v = qkv[:, None, H:H + Hkv], qkv[:, None, H + Hkv:]
     ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
     new = kv_cache.append(state, k, v, ones, pos[:, None], state.seen + 1)
-    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, o_w, *ffn, ffn_eps)
+    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, o_w, *ffn, ffn_eps, starts)
     return h, new
 
 

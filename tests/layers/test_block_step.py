@@ -145,9 +145,9 @@ def test_falls_back_where_it_does_not_apply():
     with torch.no_grad():
         attn = _block("attention")
         assert block_step(attn, x, s, None, None) is None  # a state of the wrong kind
-        left_padded = attn(torch.randn(2, 3, 32), attn.mixer.init_state(2),
-                           mask=torch.tensor([[False, True, True], [True, True, True]]))[1]
-        assert block_step(attn, x, left_padded, None, None) is None  # a masked slot in the cache
+        holed = attn(torch.randn(2, 3, 32), attn.mixer.init_state(2),
+                     mask=torch.tensor([[True, False, True], [True, True, True]]))[1]
+        assert block_step(attn, x, holed, None, None) is None  # a masked slot between seen ones
         moe_pp = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
                                   n_experts=2, top_k=1, zero_experts=3), "gated_deltanet").eval()
         assert block_step(moe_pp, x, _state(moe_pp, 2), None, None) is None  # MoE++ experts
@@ -194,14 +194,15 @@ def test_attention_kernel_over_several_blocks_of_keys(cached):
 
 
 @needs_kernel
-@given(kv_heads=st.sampled_from([1, 2, 4]), cached=st.integers(0, 40), batch=st.integers(1, 3),
+@given(kv_heads=st.sampled_from([1, 2, 4]), cached=st.integers(0, 40), batch=st.integers(1, 6),
        ffn=st.sampled_from(["dense", "none", "moe"]), threads=st.sampled_from([1, 2]))
 def test_attention_kernel_equals_python_block(kv_heads, cached, batch, ffn, threads):
     _check_attention_step(kv_heads, cached, batch, ffn, threads)
 
 
 def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, threads: int) -> None:
-    """An attention block's kernel step after a prefill of ``cached`` tokens == the Python block's."""
+    """An attention block's kernel step after a prefill of ``cached`` tokens == the Python block's
+    (from 4 rows on its float32 projections are BLAS matrix products)."""
     torch.manual_seed(cached)
     c = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, n_core=1, ffn=ffn, n_experts=3,
                    top_k=2, d_ffn=24)
@@ -220,6 +221,28 @@ def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, thre
     for name in ("k", "v", "key_mask", "pos", "seen"):
         torch.testing.assert_close(getattr(new, name), getattr(want_s, name), rtol=1e-5, atol=1e-5)
     assert aux.keys() == {k for k in want_aux if k != "tokens"}
+
+
+@needs_kernel
+@given(pads=st.lists(st.integers(0, 300), min_size=1, max_size=6), kv_heads=st.sampled_from([1, 2]),
+       threads=st.sampled_from([1, 2]))
+def test_attention_kernel_skips_front_padding(pads, kv_heads, threads):
+    """Caches of different lengths joined into one batch (unused slots at the front, as
+    ``state.cat_states`` pads them; up to 300 slots, so across blocks of 256 keys): the kernel's
+    step equals the Python block's masked one."""
+    torch.manual_seed(len(pads))
+    c = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, n_core=1, d_ffn=24,
+                   max_seq_len=512)
+    blk = Block(c, "attention").eval()
+    T = max(pads) + 3
+    mask = torch.arange(T)[None] >= torch.tensor(pads)[:, None]
+    with torch.no_grad():
+        s = blk(torch.randn(len(pads), T, 32), blk.mixer.init_state(len(pads)), mask=mask)[1]
+    fused, (want_h, want_s, _) = _both(blk, torch.randn(len(pads), 1, 32), s, threads)
+    assert fused is not None
+    torch.testing.assert_close(fused[0], want_h, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v", "key_mask", "pos", "seen"):
+        torch.testing.assert_close(getattr(fused[1], name), getattr(want_s, name), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -75,12 +75,14 @@ Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, at::Tenso
 
 // h [B, d] (the block's input), q [B, H, D], k, v [B, S, Hkv, D] (the cache after the append,
 // last dim contiguous: views of its buffer), o_w: parts of [d, H D]; ffn_norm_w [d], ffn_in_w:
-// parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists) -> h + o_proj(softmax(q k^T / sqrt(D)) v) (+ the FFN). Every
-// query sees every key (the caller checks the cache has no masked slot and no later position);
-// query head i reads key/value head i / (H / Hkv) (grouped heads).
+// parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists); starts [B] long or None
+// (zeros) -> h + o_proj(softmax(q k^T / sqrt(D)) v) (+ the FFN). Row b's query sees its keys from
+// slot starts[b] on (the slots before it are unused: a batch of caches of different lengths padded
+// at the front); the caller checks that no seen slot is masked or holds a later position. Query
+// head i reads key/value head i / (H / Hkv) (grouped heads).
 Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList o_w,
                      const std::optional<Tensor>& ffn_norm_w, at::TensorList ffn_in_w, at::TensorList ffn_out_w,
-                     double ffn_eps) {
+                     double ffn_eps, const std::optional<Tensor>& starts) {
   TORCH_CHECK(h.dim() == 2 && q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
               "attn_step: h [B, d], q [B, H, D], k, v [B, S, Hkv, D]");
   const int64_t B = h.size(0), d = h.size(1), H = q.size(1), D = q.size(2), S = k.size(1), Hkv = k.size(2);
@@ -92,6 +94,16 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   check(h, "h", {B, d});
   check(q, "q", {B, H, D});
   const looplm::QWeight O = looplm::qweight(o_w.vec(), d, H * D, "attn_step: o_w");
+  std::vector<int64_t> first(B, 0);  // each row's first seen slot
+  if (starts.has_value()) {
+    TORCH_CHECK(starts->scalar_type() == at::kLong && starts->dim() == 1 && starts->size(0) == B,
+                "attn_step: starts must be a long tensor [B]");
+    const Tensor st = starts->contiguous();
+    for (int64_t b = 0; b < B; ++b) {
+      first[b] = st.data_ptr<int64_t>()[b];
+      TORCH_CHECK(first[b] >= 0 && first[b] < S, "attn_step: starts must be in [0, S)");
+    }
+  }
   const bool ffn = !ffn_in_w.empty();
   TORCH_CHECK(ffn_norm_w.has_value() == ffn && ffn_out_w.empty() != ffn, "attn_step: all FFN weights or none");
   const auto opt = h.options();
@@ -116,23 +128,26 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
       for (int64_t bh = 0; bh < BH; ++bh) {
-        const int64_t b = bh / H, hk = (bh % H) / group;
-        sgemv_(&tr, &Di, &nk, &scale, kp + b * ksb + t0 * kss + hk * D, &ks, qp + bh * D, &inc, &fzero,
-               score.data() + bh * S + t0, &inc);
+        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, first[b]);
+        const int n = nk - static_cast<int>(lo - t0);
+        if (n <= 0) continue;
+        sgemv_(&tr, &Di, &n, &scale, kp + b * ksb + lo * kss + hk * D, &ks, qp + bh * D, &inc, &fzero,
+               score.data() + bh * S + lo, &inc);
       }
     }
   });
   at::parallel_for(0, BH, 1, [&](int64_t a, int64_t e) {  // softmax of each row of scores
     for (int64_t bh = a; bh < e; ++bh) {
-      float* sc = score.data() + bh * S;
-      const float top = *std::max_element(sc, sc + S);
+      const int64_t n = S - first[bh / H];
+      float* sc = score.data() + bh * S + first[bh / H];
+      const float top = *std::max_element(sc, sc + n);
       int64_t t = 0;
-      for (; t + V <= S; t += V) (Vec::loadu(sc + t) - Vec(top)).exp().store(sc + t);
-      for (; t < S; ++t) sc[t] = std::exp(sc[t] - top);
+      for (; t + V <= n; t += V) (Vec::loadu(sc + t) - Vec(top)).exp().store(sc + t);
+      for (; t < n; ++t) sc[t] = std::exp(sc[t] - top);
       float total = 0;
-      for (t = 0; t < S; ++t) total += sc[t];
+      for (t = 0; t < n; ++t) total += sc[t];
       const float inv = 1.0f / total;
-      for (t = 0; t < S; ++t) sc[t] *= inv;
+      for (t = 0; t < n; ++t) sc[t] *= inv;
     }
   });
   at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
@@ -141,8 +156,10 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
       float* part = partial.data() + c * BH * D;
       for (int64_t bh = 0; bh < BH; ++bh) {
-        const int64_t b = bh / H, hk = (bh % H) / group;
-        sgemv_(&no, &Di, &nk, &fone, vp + b * vsb + t0 * vss + hk * D, &vs, score.data() + bh * S + t0, &inc,
+        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, first[b]);
+        const int n = nk - static_cast<int>(lo - t0);
+        if (n <= 0) continue;  // its part stays zero
+        sgemv_(&no, &Di, &n, &fone, vp + b * vsb + lo * vss + hk * D, &vs, score.data() + bh * S + lo, &inc,
                &fzero, part + bh * D, &inc);
       }
     }
@@ -173,7 +190,7 @@ TORCH_LIBRARY_FRAGMENT(looplm, m) {
       "int n_heads, int n_kv_heads) -> Tensor");
   m.def(
       "attn_step_out(Tensor h, Tensor q, Tensor k, Tensor v, Tensor[] o_w, Tensor? ffn_norm_w, Tensor[] ffn_in_w, "
-      "Tensor[] ffn_out_w, float ffn_eps) -> Tensor");
+      "Tensor[] ffn_out_w, float ffn_eps, Tensor? starts=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {

@@ -12,7 +12,8 @@
 // CPU has it, plain loops elsewhere), scaled in float:
 //   int8: y = scale * sum_b d_b (xq_b . q_b)
 //   int4: y = sum_b d_b s_G(b) (xq_b . q_b) + sum_G offset_G sum_{b in G} d_b sum(xq_b)
-// (llama.cpp's Q8_0 x Q8_0 and Q4_1 x Q8_1 dot products compute the same sums).
+// (llama.cpp's Q8_0 x Q8_0 and Q4_1 x Q8_1 dot products compute the same sums). Float32 weights
+// times kGemmRows rows or more go to BLAS instead (a batch of decoding rows: compute-bound there).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -259,6 +260,10 @@ inline void qrows(const QWeight& W, const QRow& x, const float* xf, const float*
   }
 }
 
+// From this many rows on, float32 weights are multiplied by BLAS (a matrix product reuses each
+// weight from registers across rows; the row-by-row dot products below re-read it per row).
+constexpr int64_t kGemmRows = 4;
+
 // out[r, off + j] = x[r] . W[j] for the rows r of x [rows, k] (float32) and every weight of `ws`
 // (each with its column offset `offs`), all weight rows over threads. Quantised weights use xq.
 inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<QWeight>& ws,
@@ -271,6 +276,15 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
   for (const QWeight& w : ws) {
     any_q |= w.quantised();
     total += w.n;
+  }
+  if (!any_q && rows >= kGemmRows) {  // float32 weights, several rows: BLAS matrix products
+    const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, k}, at::kFloat);
+    for (size_t p = 0; p < ws.size(); ++p) {
+      const at::Tensor wt = at::from_blob(const_cast<float*>(ws[p].w), {ws[p].n, k}, at::kFloat);
+      at::Tensor o = at::from_blob(out + offs[p], {rows, ws[p].n}, {width, 1}, at::kFloat);
+      at::mm_out(o, xt, wt.t());
+    }
+    return;
   }
   if (any_q) {
     xq.resize(rows);
