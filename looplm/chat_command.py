@@ -16,7 +16,12 @@ from looplm.chat import Chat
 from looplm.checkpoint import load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import CheckpointError, LoopLMError
-from looplm.generate_command import add_sampling_arguments, sampling_options
+from looplm.generate_command import (
+    add_draft_arguments,
+    add_sampling_arguments,
+    draft_decoder,
+    sampling_options,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system message opening the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
     add_sampling_arguments(parser)
+    add_draft_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
     model = load_model(directory)
     tokenizer = load_tokenizer(directory)
+    decoder, stats = draft_decoder(model, args)
+    options = sampling_options(args) if decoder is None else {**sampling_options(args), "decoder": decoder}
     try:
-        chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-                    **sampling_options(args))
+        chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, **options)
     except (ValueError, TypeError) as err:
         raise LoopLMError(str(err)) from None
     interactive = sys.stdin.isatty()
@@ -63,4 +70,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if decoder is not None:
+            print(stats.line(), file=sys.stderr)
     return 0

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("looplm.export_command", "a vanilla checkpoint as a Hugging Face Llama directory"),
     "linearize": ("looplm.linearize_command", "attention layers as gated recurrences (Liger)"),
     "recursify": ("looplm.recursify_command", "fold a checkpoint's layers into one shared recursive block"),
+    "train-draft": ("looplm.train_draft_command", "distil draft heads for self-speculative decoding"),
 }
 
 # bench name -> (module, one-line help)

@@ -14,7 +14,7 @@ from one seeded ``torch.Generator`` so a seed reproduces a run.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -22,6 +22,8 @@ import torch
 
 from looplm.errors import LoopLMError
 from looplm.quant import state as qstate
+
+Decoder = Callable[..., Generator[torch.Tensor, None, None]]  # iter_tokens or one with its arguments
 
 
 class Tokenizer(Protocol):
@@ -357,14 +359,16 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: Sequence[str] | None = None, stream: bool = False,
-             state_format: str | None = None) -> str | list[str] | Iterator[str] | Iterator[list[str]]:
+             state_format: str | None = None, decoder: Decoder | None = None
+             ) -> str | list[str] | Iterator[str] | Iterator[list[str]]:
     """Generate text after each prompt.
 
     Returns the new text (``str`` for a ``str`` prompt, else one string per prompt), ending
     before the first stop string, at the tokenizer's end-of-text token (``eos_id``, if it has
     one) or after ``max_new_tokens``. With ``stream=True`` returns an iterator instead: of text
     pieces (``str`` prompt) or of one piece per prompt at each step ("" when a row has none).
-    Prompts of different lengths decode as one batch (left-padded).
+    Prompts of different lengths decode as one batch (left-padded). ``decoder``: the token
+    iterator (default :func:`iter_tokens`; e.g. a partial of ``speculative.iter_speculative``).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -376,7 +380,8 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
             raise ValueError(f"prompt {i} is empty: give at least one character")
     pieces = stream_text(model, tokenizer, rows, max_new_tokens=max_new_tokens, stop=stop,
                          temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                         repetition_penalty=repetition_penalty, seed=seed, state_format=state_format)
+                         repetition_penalty=repetition_penalty, seed=seed, state_format=state_format,
+                         decoder=decoder)
     if stream:
         return (p[0] for p in pieces if p[0]) if single else pieces
     out = ["".join(col) for col in zip(*pieces)]  # stream_text yields at least one step
@@ -385,12 +390,12 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
 
 def stream_text(model: torch.nn.Module, tokenizer: Tokenizer, rows: list[list[int]], *, max_new_tokens: int,
                 stop: Sequence[str] | None = None, end_ids: int | Sequence[int] | None = None,
-                **sampling: Any) -> Iterator[list[str]]:
+                decoder: Decoder | None = None, **sampling: Any) -> Iterator[list[str]]:
     """Decode token-id prompts ``rows`` as one batch and yield, per step, one text piece per row
     ("" when a row has none or has ended). A row ends before its first stop string or at a
     token of ``end_ids`` (default: the tokenizer's ``eos_id``), which is not printed.
     Arguments are checked before this returns (not at the first ``next()``); ``sampling``: the
-    keyword arguments of :func:`iter_tokens`."""
+    keyword arguments of :func:`iter_tokens`, which ``decoder`` (default :func:`iter_tokens`) is."""
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
         raise TypeError(f"stop must be a list of strings, got {stop!r}")
     rows = _as_rows(rows)
@@ -398,7 +403,7 @@ def stream_text(model: torch.nn.Module, tokenizer: Tokenizer, rows: list[list[in
                    sampling.get("min_p"), sampling.get("repetition_penalty", 1.0))
     check_prompts(model, rows, max_new_tokens)
     ends = _ids(getattr(tokenizer, "eos_id", None) if end_ids is None else end_ids)
-    tokens = iter_tokens(model, rows, max_new_tokens=max_new_tokens, **sampling)
+    tokens = (decoder or iter_tokens)(model, rows, max_new_tokens=max_new_tokens, **sampling)
     return _pieces(tokenizer, tokens, len(rows), list(stop or ()), ends)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 from looplm.checkpoint import load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import CheckpointError, LoopLMError
-from looplm.generate import generate
+from looplm.generate import Decoder, generate
+from looplm.model import LoopLM
+from looplm.speculative import SpecStats, build_drafter, check_gamma, iter_speculative
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,11 +34,34 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
             "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
+def add_draft_arguments(parser: argparse.ArgumentParser) -> None:
+    """The self-speculative decoding flags `looplm generate` and `looplm chat` share."""
+    parser.add_argument("--draft", default=None, metavar="SPEC",
+                        help="self-speculative decoding with this draft: layers:K (first K layers), "
+                        "recursions:R (fewer recursions), ngram:N (prompt lookup), heads:PATH (heads of "
+                        "looplm train-draft); the output is unchanged, a stats line goes to stderr")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens verified per forward (default 4)")
+
+
+def draft_decoder(model: LoopLM, args: argparse.Namespace) -> tuple[Decoder | None, SpecStats]:
+    """The token iterator of ``--draft`` (None without it) and the stats it fills in."""
+    stats = SpecStats()
+    if args.draft is None:
+        return None, stats
+    try:
+        check_gamma(args.gamma)
+    except ValueError as err:
+        raise LoopLMError(f"--gamma: {err}") from None
+    drafter = build_drafter(model, args.draft)
+    return functools.partial(iter_speculative, drafter=drafter, gamma=args.gamma, stats=stats), stats
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="directory written by training")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     add_sampling_arguments(parser)
+    add_draft_arguments(parser)
     parser.add_argument("--state-format", choices=("int8", "fp8_e4m3"), default=None,
                         help="hold the decoding state (fixed-size states, KV caches) in this format "
                         "between steps (default: the model's float dtype)")
@@ -55,14 +81,17 @@ def run(args: argparse.Namespace) -> int:
         raise
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"cannot read checkpoint {str(directory)!r}: {err}") from None
+    decoder, stats = draft_decoder(model, args)
     try:
         pieces = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                          stop=args.stop, stream=True, state_format=args.state_format,
+                          stop=args.stop, stream=True, state_format=args.state_format, decoder=decoder,
                           **sampling_options(args))
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     except (ValueError, TypeError) as err:  # bad flag values or prompt: one line, no traceback
         raise LoopLMError(str(err)) from None
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
     sys.stdout.write("\n")
+    if decoder is not None:
+        print(stats.line(), file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from looplm.errors import ConfigError
 from looplm.flops import Tally, flops_per_token
@@ -67,7 +68,10 @@ class LoopConfig:
     have no FFN at all (mixer-only models, as Zoology's MQAR models). ``lora_rank = r > 0`` wraps
     every block's linear layers in LoRA adapters (layers/lora.py); the core's layers get one
     adapter per recursion (Relaxed Recursive Transformers). ``window``: the sliding window of
-    the linearised ``liger_*`` mixers (0: none).
+    the linearised ``liger_*`` mixers (0: none). ``grad_checkpoint``: in training, each block
+    application (every layer at every recursion) keeps only its input and recomputes its
+    activations in the backward (Chen et al. 2016), trading one more forward for memory; results
+    and gradients are unchanged.
     """
 
     vocab_size: int = 256
@@ -108,6 +112,7 @@ class LoopConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     lora_rank: int = 0  # LoRA adapters on every block's projections; the core's one per recursion
+    grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity, (list, tuple)) and all(_has_type(c, "float") for c in self.capacity):
@@ -187,7 +192,7 @@ class LoopConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        for name in ("kv_sharing", "tie_embeddings", "shared_expert", "qkv_bias"):
+        for name in ("kv_sharing", "tie_embeddings", "shared_expert", "qkv_bias", "grad_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 0 < self.threshold < 1:
@@ -382,7 +387,11 @@ class LoopLM(nn.Module):
         if s is None and (keep_kv or state is not None) and shared_kv is None:
             s = blk.mixer.init_state(h.shape[0])
         tally.block(blk, h, positions, mask, s, shared_kv)
-        h, s, aux = blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv)
+        if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+            h, s, aux = checkpoint(blk, h, s, positions=positions, mask=mask, shared_kv=shared_kv,
+                                   use_reentrant=False)
+        else:
+            h, s, aux = blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv)
         tally.ffn(blk, aux)
         if state is not None and shared_kv is None:
             state.layers[key] = s

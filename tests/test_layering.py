@@ -24,11 +24,13 @@ TIERS: list[tuple[str, ...]] = [
     ("looplm.layers",),
     ("looplm.routers", "looplm.state", "looplm.flops", "looplm.model", "looplm.memory"),
     ("looplm.quant",),
-    ("looplm.checkpoint", "looplm.generate", "looplm.perplexity", "looplm.chat"),
+    ("looplm.checkpoint", "looplm.generate", "looplm.perplexity", "looplm.chat", "looplm.draft_heads",
+     "looplm.speculative"),
     ("looplm.hf", "looplm.pretrained", "looplm.train", "looplm.convert"),
     ("looplm.bench", "looplm.serve", "looplm.info", "looplm.generate_command", "looplm.import_command",
      "looplm.pull_command", "looplm.export_command", "looplm.chat_command", "looplm.train.command",
-     "looplm.train.evaluate", "looplm.quant.command", "looplm.linearize_command", "looplm.recursify_command"),
+     "looplm.train.evaluate", "looplm.quant.command", "looplm.linearize_command", "looplm.recursify_command",
+     "looplm.train_draft_command"),
     ("looplm.cli", "looplm.__main__"),
 ]
 

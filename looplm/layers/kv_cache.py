@@ -22,7 +22,7 @@ import torch
 from looplm.layers.mixer_states import KVState
 from looplm.ops.blocks import tracked
 
-__all__ = ["append"]
+__all__ = ["append", "truncate"]
 
 _MIN_RESERVE = 256
 
@@ -70,4 +70,21 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
     buf.length = S + T
     out = type(state)(seen=seen, **{n: b[:, :S + T] for n, b in zip(names, buf.parts)})
     out._buffer = buf
+    return out
+
+
+def truncate(state: KVState, length: int) -> KVState:
+    """``state`` keeping only its first ``length`` cached slots (a rollback: speculative decoding
+    drops the keys of rejected draft tokens); ``seen`` goes back by the slots dropped. When
+    ``state`` is its buffer's newest, the buffer is shortened too, so the next append writes in
+    place instead of copying the cache. The caller must not use ``state`` afterwards."""
+    S = state.k.shape[1]
+    if not 0 <= length <= S:
+        raise ValueError(f"cannot truncate a cache of {S} slots to {length}")
+    parts = [state.k, state.v, state.key_mask, state.pos]
+    out = KVState(*(p[:, :length] for p in parts), state.seen - (S - length))
+    buf = getattr(state, "_buffer", None)
+    if buf is not None and buf.owns(parts):
+        buf.length = length
+        out._buffer = buf
     return out

@@ -1,0 +1,242 @@
+"""Trained draft heads for self-speculative decoding, and their distillation.
+
+- ``ExitHead`` (early exit, as in LayerSkip, Elhoushi et al. 2024, and Draft & Verify, Zhang et
+  al. 2023): the hidden state after the first K layers ``h [.., d]`` becomes
+  ``RMSNorm(h + W h)`` and goes through the model's own output head. ``W [d, d]`` starts at zero
+  and the norm at the final norm's weights, so an untrained exit head is the plain truncation.
+- ``MedusaHeads`` (Cai et al. 2024): H residual blocks ``x + SiLU(W_i x)`` on the model's final
+  normed hidden state ``x`` at position t; head i (1-based) predicts token ``t + 1 + i``
+  through the model's output head (the model itself predicts ``t + 1``).
+
+``distill_heads`` trains either from the model's own next-token distributions on a corpus
+(soft cross-entropy against the frozen model's softmax), and ``save_heads`` / ``load_heads``
+store them as one safetensors file whose metadata names the kind and size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from looplm.data.corpus import in_validation
+from looplm.data.stdlib import stdlib_files
+from looplm.errors import CheckpointError, ConfigError
+from looplm.layers.norms import RMSNorm
+from looplm.model import LoopLM
+from looplm.ops.linear import linear
+
+HEAD_KINDS = ("exit", "medusa")
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def lm_head(model: LoopLM, x: torch.Tensor) -> torch.Tensor:
+    """The model's output head on normed hidden states ``x [..., d]`` -> logits ``[..., V]``."""
+    if model.head is not None:
+        return model.head(x)
+    if hasattr(model.embed, "as_head"):  # a quantised tied table
+        return model.embed.as_head(x)
+    return linear(x, model.embed.weight)
+
+
+class ExitHead(nn.Module):
+    """``RMSNorm(h + W h)`` for the hidden state ``h [..., d]`` after the first ``layers`` layers;
+    stands in for the final norm of a truncated model (the output head stays the model's)."""
+
+    def __init__(self, d_model: int, layers: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.layers = layers
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.norm = RMSNorm(d_model, eps=eps)
+
+    @property
+    def weight(self) -> torch.Tensor:  # LoopLM.init_state reads the device of ``norm.weight``
+        return self.norm.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + self.proj(h))
+
+
+class MedusaHeads(nn.Module):
+    """``H`` heads: ``forward(x [N, d]) -> [N, H, d]``, head i's input to the output head."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(d_model, d_model, bias=False) for _ in range(heads))
+        for blk in self.blocks:
+            nn.init.zeros_(blk.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x + F.silu(blk(x)) for blk in self.blocks], dim=-2)
+
+
+def new_heads(model: LoopLM, kind: str, count: int) -> ExitHead | MedusaHeads:
+    """Fresh heads for ``model``: ``exit`` after ``count`` layers or ``medusa`` with ``count`` heads."""
+    c = model.config
+    if kind == "exit":
+        n_layers = c.n_prelude + c.n_core + c.n_coda
+        if c.n_recursions != 1:
+            raise ConfigError("an exit head needs a non-recursive model (n_recursions=1); "
+                              "use --draft recursions:R for a recursive one")
+        if not 1 <= count < n_layers:
+            raise ConfigError(f"exit:{count}: the layer must be in 1..{n_layers - 1} "
+                              f"(the model has {n_layers})")
+        head: ExitHead | MedusaHeads = ExitHead(c.d_model, count, c.norm_eps)
+        with torch.no_grad():
+            head.norm.weight.copy_(model.norm.weight.float())
+        return head
+    if kind == "medusa":
+        if count < 1:
+            raise ConfigError(f"medusa:{count}: give at least one head")
+        return MedusaHeads(c.d_model, count)
+    raise ConfigError(f"draft head kind {kind!r} is not one of {', '.join(HEAD_KINDS)}")
+
+
+def save_heads(heads: ExitHead | MedusaHeads, path: str | Path) -> None:
+    """One safetensors file; metadata ``kind``, ``count`` (exit layer or number of heads), ``d_model``."""
+    kind, count = ("exit", heads.layers) if isinstance(heads, ExitHead) else ("medusa", len(heads.blocks))
+    d_model = heads.norm.weight.shape[0] if isinstance(heads, ExitHead) else heads.blocks[0].in_features
+    tensors = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    save_file(tensors, str(path), metadata={"kind": kind, "count": str(count), "d_model": str(d_model)})
+
+
+def load_heads(path: str | Path, model: LoopLM) -> ExitHead | MedusaHeads:
+    """Heads written by :func:`save_heads` for ``model`` (CheckpointError naming the file when it
+    is missing, not a heads file, or made for another width)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"draft heads file {str(path)!r} does not exist "
+                              "(write one with looplm train-draft)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        kind, count, d_model = meta["kind"], int(meta["count"]), int(meta["d_model"])
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a draft heads file: {err}") from None
+    if d_model != model.config.d_model:
+        raise CheckpointError(f"{str(path)!r} holds heads for d_model={d_model}, the model has "
+                              f"{model.config.d_model}")
+    heads = new_heads(model, kind, count)
+    try:
+        heads.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise CheckpointError(f"{str(path)!r} does not match {kind} heads: {err}") from None
+    return heads.to(model.norm.weight.device).eval()
+
+
+def truncated_model(model: LoopLM, layers: int, final: nn.Module | None = None) -> LoopLM:
+    """A LoopLM running the first ``layers`` unique layers of a non-recursive ``model`` (prelude,
+    core, coda in order), sharing its modules (no copy), then ``final`` (default: the model's
+    final norm) and the model's output head."""
+    c = model.config
+    blocks = [*model.prelude, *model.core, *model.coda]
+    config = dataclasses.replace(c, n_prelude=0, n_core=layers, n_coda=0)
+    with torch.device("meta"):
+        draft = LoopLM(config)
+    draft.embed, draft.head = model.embed, model.head
+    draft.norm = model.norm if final is None else final
+    draft.core = nn.ModuleList(blocks[:layers])
+    return draft.eval()
+
+
+def fewer_recursions(model: LoopLM, recursions: int) -> LoopLM:
+    """A LoopLM sharing ``model``'s modules that runs every token through ``recursions`` passes of
+    the core (no router)."""
+    config = dataclasses.replace(model.config, n_recursions=recursions, router="none", capacity=None)
+    with torch.device("meta"):
+        draft = LoopLM(config)
+    draft.embed, draft.head, draft.norm = model.embed, model.head, model.norm
+    draft.prelude, draft.core, draft.coda = model.prelude, model.core, model.coda
+    return draft.eval()
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def corpus_texts(source: str = "stdlib") -> list[str]:
+    """Training text for draft heads: ``stdlib`` is the training split of looplm's stdlib corpus
+    (never its validation files, e.g. ``pprint.py``) plus the licence texts of
+    ``/usr/share/common-licenses`` except the GPL family (the GPL-3 text is held out for
+    evaluation); otherwise ``source`` is a text file."""
+    if source != "stdlib":
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"--data {source!r} is not a file (give a text file or 'stdlib')")
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p, key in stdlib_files()
+             if not in_validation(key, 0.01)]
+    if LICENSES.is_dir():
+        texts += [p.read_text(encoding="utf-8", errors="replace") for p in sorted(LICENSES.iterdir())
+                  if p.is_file() and "GPL" not in p.name]
+    return texts
+
+
+def _soft_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``student`` logits against ``softmax(teacher)``, mean over rows."""
+    return -(teacher.float().softmax(-1) * student.float().log_softmax(-1)).sum(-1).mean()
+
+
+def distill_heads(model: LoopLM, heads: ExitHead | MedusaHeads, tokens: torch.Tensor, *, seq_len: int = 128,
+                  batch_size: int = 2, steps: int | None = None, max_minutes: float | None = None,
+                  lr: float = 1e-3, seed: int = 0,
+                  log: Callable[[int, float], Any] | None = None) -> list[float]:
+    """Train ``heads`` on windows of ``tokens [N]`` against the frozen ``model``'s own output
+    distributions; stops after ``steps`` or ``max_minutes`` (at least one). Returns the losses."""
+    if steps is None and max_minutes is None:
+        raise ValueError("give steps or max_minutes")
+    if tokens.numel() < seq_len + 1:
+        raise ConfigError(f"the corpus has {tokens.numel()} tokens, fewer than one window of {seq_len + 1}")
+    device = model.norm.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    flags = [p.requires_grad for p in model.parameters()]
+    hidden: dict[str, torch.Tensor] = {}
+    hook = model.norm.register_forward_hook(lambda mod, args, out: hidden.__setitem__("h", out))
+    student = truncated_model(model, heads.layers, heads) if isinstance(heads, ExitHead) else None
+    losses: list[float] = []
+    start = time.monotonic()
+    model.eval()
+    heads.train()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        while True:
+            at = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=gen)
+            ids = torch.stack([tokens[i:i + seq_len] for i in at.tolist()]).to(device)
+            with torch.no_grad():
+                teacher = model(ids).logits
+                h = hidden["h"]
+            if student is not None:
+                loss = _soft_ce(student(ids).logits, teacher)
+            else:
+                x = heads(h)  # [B, T, H, d]
+                parts = [_soft_ce(lm_head(model, x[:, : seq_len - i, i - 1]), teacher[:, i:])
+                         for i in range(1, x.shape[2] + 1) if seq_len > i]
+                loss = torch.stack(parts).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            if log is not None:
+                log(len(losses), losses[-1])
+            if steps is not None and len(losses) >= steps:
+                break
+            if max_minutes is not None and time.monotonic() - start >= 60 * max_minutes:
+                break
+    finally:
+        hook.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        heads.eval()
+    return losses
+

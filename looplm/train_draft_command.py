@@ -1,0 +1,78 @@
+"""``looplm train-draft CKPT --kind exit:K|medusa:H --out FILE``: distil draft heads for
+self-speculative decoding (``looplm generate --draft heads:FILE``) from the model's own output
+distributions on a corpus (:mod:`looplm.draft_heads`)."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from looplm.checkpoint import load_model
+from looplm.data.tokenizer import load_tokenizer
+from looplm.draft_heads import HEAD_KINDS, corpus_texts, distill_heads, new_heads, save_heads
+from looplm.errors import CheckpointError, ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="the model the heads draft for")
+    parser.add_argument("--kind", required=True, metavar="exit:K|medusa:H",
+                        help="an early-exit head after layer K, or H Medusa heads on the last hidden state")
+    parser.add_argument("--data", default="stdlib", help="a text file, or 'stdlib' (default: the "
+                        "stdlib corpus's training split and the non-GPL licence texts of "
+                        "/usr/share/common-licenses)")
+    parser.add_argument("--out", required=True, help="the heads file to write (safetensors)")
+    parser.add_argument("--max-minutes", type=float, default=10.0, help="training time budget (default 10)")
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per training window")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--max-tokens", type=int, default=1_000_000, help="corpus tokens to read at most")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the file order and the windows")
+
+
+def parse_kind(spec: str) -> tuple[str, int]:
+    kind, _, count = spec.partition(":")
+    if kind not in HEAD_KINDS or not count.isdigit():
+        raise ConfigError(f"--kind {spec!r} must be exit:K or medusa:H (K, H positive integers)")
+    return kind, int(count)
+
+
+def run(args: argparse.Namespace) -> int:
+    kind, count = parse_kind(args.kind)
+    directory = Path(args.checkpoint)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+    for name in ("max_minutes", "steps", "seq_len", "batch_size", "max_tokens", "lr"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    model = load_model(directory)
+    tokenizer = load_tokenizer(directory)
+    heads = new_heads(model, kind, count)
+    texts = corpus_texts(args.data)
+    random.Random(args.seed).shuffle(texts)
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer.encode(text)
+        if len(ids) >= args.max_tokens:
+            break
+    tokens = torch.tensor(ids[:args.max_tokens], dtype=torch.long)
+    print(f"train-draft: {kind}:{count} on {tokens.numel()} tokens", file=sys.stderr)
+
+    def log(step: int, loss: float) -> None:
+        if step == 1 or step % 20 == 0:
+            print(f"step {step} distillation loss {loss:.4f}", file=sys.stderr)
+
+    losses = distill_heads(model, heads, tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                           steps=args.steps, max_minutes=None if args.steps else args.max_minutes,
+                           lr=args.lr, seed=args.seed, log=log)
+    save_heads(heads, out)
+    print(f"wrote {out} after {len(losses)} steps (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    return 0
