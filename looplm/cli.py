@@ -46,6 +46,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve": ("looplm.bench.serve", "OpenAI-API load test of looplm serve (and llama.cpp's server)"),
     "pretrained": ("looplm.bench.pretrained", "a pretrained GGUF model: transformers, llama.cpp and looplm"),
     "convert": ("looplm.bench.convert", "a pretrained model linearised and recursified, against itself"),
+    "speculative": ("looplm.bench.speculative", "self-speculative decoding: tokens/s, acceptance"),
     "report": ("looplm.bench.report", "write docs/results.md from saved results"),
 }
 
