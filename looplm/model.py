@@ -388,8 +388,14 @@ class LoopLM(nn.Module):
             s = blk.mixer.init_state(h.shape[0])
         tally.block(blk, h, positions, mask, s, shared_kv)
         if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
-            h, s, aux = checkpoint(blk, h, s, positions=positions, mask=mask, shared_kv=shared_kv,
-                                   use_reentrant=False)
+            chosen = [lora.index for lora in self.relaxed]  # the recompute needs this recursion's adapters
+
+            def run(h, s):
+                for lora, index in zip(self.relaxed, chosen):
+                    lora.index = index
+                return blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv)
+
+            h, s, aux = checkpoint(run, h, s, use_reentrant=False)
         else:
             h, s, aux = blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv)
         tally.ffn(blk, aux)

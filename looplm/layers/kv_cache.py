@@ -78,6 +78,8 @@ def truncate(state: KVState, length: int) -> KVState:
     drops the keys of rejected draft tokens); ``seen`` goes back by the slots dropped. When
     ``state`` is its buffer's newest, the buffer is shortened too, so the next append writes in
     place instead of copying the cache. The caller must not use ``state`` afterwards."""
+    if type(state) is not KVState:
+        raise TypeError(f"truncate takes a float KVState, got {type(state).__name__}")
     S = state.k.shape[1]
     if not 0 <= length <= S:
         raise ValueError(f"cannot truncate a cache of {S} slots to {length}")

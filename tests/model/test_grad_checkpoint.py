@@ -14,6 +14,7 @@ CASES = {
     "hybrid_moe": dict(mixer="gated_deltanet", attn_every=2, ffn="moe", n_experts=3, top_k=2),
     "mor": dict(mixer="attention", n_recursions=3, router="expert_choice", kv_sharing=True),
     "mor_gdn": dict(mixer="gated_deltanet", n_recursions=2, router="token_choice"),
+    "mor_lora": dict(mixer="attention", n_recursions=3, lora_rank=2),  # one adapter per recursion
 }
 
 
@@ -27,6 +28,10 @@ def _grads(m, x):
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradients_equal_without_checkpointing(name):
     m = model(**CASES[name]).train()
+    with torch.no_grad():  # LoRA's B starts at zero: make each recursion's adapter matter
+        for n, p in m.named_parameters():
+            if "lora_b" in n:
+                p.normal_(std=0.1)
     x = tokens(length=16)
     loss, grads = _grads(m, x)
     m.config.grad_checkpoint = True
