@@ -22,6 +22,7 @@ import torch
 
 from looplm.errors import LoopLMError
 from looplm.quant import state as qstate
+from looplm.routers import causal_routing
 
 Decoder = Callable[..., Generator[torch.Tensor, None, None]]  # iter_tokens or one with its arguments
 
@@ -248,21 +249,16 @@ def left_pad(rows: list[list[int]], device: torch.device | str | None = None
 
 @contextmanager
 def decoding_mode(model: torch.nn.Module) -> Iterator[None]:
-    """For the duration: ``eval()`` mode, and an expert-choice recursion router switched to its
-    causal ``threshold`` rule (top-k over the sequence needs future tokens, which decoding
+    """For the duration: ``eval()`` mode, and every expert-choice router (MoR's, MoD's) switched
+    to its causal ``threshold`` rule (top-k over the sequence needs future tokens, which decoding
     cannot see; the prefill uses the same rule so its routing matches the steps')."""
-    router = getattr(model, "router", None)
-    selection = getattr(router, "selection", None)
     was_training = model.training
     model.eval()
-    if selection is not None:
-        router.selection = "threshold"
     try:
-        yield
+        with causal_routing(model):
+            yield
     finally:
         model.train(was_training)
-        if selection is not None:
-            router.selection = selection
 
 
 @torch.no_grad()

@@ -23,20 +23,24 @@ from looplm.flops import Tally, flops_per_token
 from looplm.layers.block import Block
 from looplm.layers.linear import Linear
 from looplm.layers.lora import LoRALinear, add_lora
+from looplm.layers.mixers import MEMORY_MIXERS
 from looplm.layers.mixers import MIXERS as MIXER_REGISTRY
 from looplm.layers.norms import RMSNorm
 from looplm.ops.attention import check_rope_scaling
 from looplm.ops.linear import linear
-from looplm.routers import ExpertChoiceRouter, TokenChoiceRouter, gather_index
+from looplm.routers import ExpertChoiceRouter, HaltingRouter, TokenChoiceRouter, gather_index
 from looplm.state import ModelState
 
 MIXERS = tuple(MIXER_REGISTRY)  # layers/mixers.py registers them
 CHOICES = {
     "mixer": MIXERS,
     "sharing": ("cycle", "middle_cycle"),
-    "router": ("none", "expert_choice", "token_choice"),
+    "router": ("none", "expert_choice", "token_choice", "halting"),
     "selection": ("topk", "threshold"),
     "ffn": ("dense", "moe", "none"),
+    "layer_router": ("none", "mod"),
+    "halting_loss": ("kl", "act"),
+    "moe_router": ("linear", "recurrent"),
 }
 
 
@@ -72,6 +76,15 @@ class LoopConfig:
     application (every layer at every recursion) keeps only its input and recomputes its
     activations in the backward (Chen et al. 2016), trading one more forward for memory; results
     and gradients are unchanged.
+    ``layer_router="mod"``: Mixture-of-Depths on every other unique layer (odd global index), each
+    running on the top ``mod_capacity`` fraction of the sequence (``selection`` as above; at
+    capacity 1 no router is built: the plain model). ``router="halting"``: PonderNet halting over
+    the recursions; a token stops once its unhalted probability is ``<= halting_threshold``
+    (0: every recursion), ``halting_prior`` is the geometric prior's λ_p, ``halting_loss="act"``
+    swaps the KL for ACT's ponder cost. ``moe_router="recurrent"``: RMoE's GRU (hidden
+    ``moe_router_dim``) carries routing state from MoE layer to layer and recursion to recursion.
+    ``mixer="mom"``: mixture of memories, each token routed to ``memory_top_k`` of ``memories``
+    ``memory_mixer`` states (plus a shared one with ``memory_shared``).
     """
 
     vocab_size: int = 256
@@ -96,6 +109,17 @@ class LoopConfig:
     top_k: int = 2
     shared_expert: bool = False
     zero_experts: int = 0
+    memory_mixer: str = "gated_deltanet"
+    memories: int = 4
+    memory_top_k: int = 2
+    memory_shared: bool = False
+    moe_router: str = "linear"
+    moe_router_dim: int = 32
+    layer_router: str = "none"
+    mod_capacity: float = 0.125
+    halting_threshold: float = 0.05
+    halting_prior: float = 0.5
+    halting_loss: str = "kl"
     router_loss_weight: float = 0.1
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
@@ -150,7 +174,8 @@ class LoopConfig:
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
         positive = ("vocab_size", "d_model", "n_heads", "n_core", "n_recursions", "max_seq_len",
-                    "chunk_size", "conv_size", "n_experts", "top_k")
+                    "chunk_size", "conv_size", "n_experts", "top_k", "moe_router_dim", "memories",
+                    "memory_top_k")
         for name in positive:
             value = getattr(self, name)
             if name == "chunk_size" and value is None:
@@ -174,6 +199,10 @@ class LoopConfig:
         eps = self.norm_eps
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if self.mixer == "mom" and self.memory_top_k > self.memories:
+            raise ConfigError(f"memory_top_k={self.memory_top_k} exceeds memories={self.memories}")
+        if self.mixer == "mom" and self.memory_mixer not in MEMORY_MIXERS:
+            raise ConfigError(f"memory_mixer={self.memory_mixer!r} is not one of {', '.join(MEMORY_MIXERS)}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} must be positive and divide n_heads")
         if self.ffn == "moe" and self.top_k > self.n_experts + self.zero_experts:
@@ -192,13 +221,22 @@ class LoopConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        for name in ("kv_sharing", "tie_embeddings", "shared_expert", "qkv_bias", "grad_checkpoint"):
+        for name in ("kv_sharing", "tie_embeddings", "shared_expert", "qkv_bias", "grad_checkpoint",
+                     "memory_shared"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not 0 < self.mod_capacity <= 1:
+            raise ConfigError(f"mod_capacity must be in (0, 1], got {self.mod_capacity}")
+        if not 0 <= self.halting_threshold < 1:
+            raise ConfigError(f"halting_threshold must be in [0, 1), got {self.halting_threshold}")
+        if not 0 < self.halting_prior <= 1:
+            raise ConfigError(f"halting_prior must be in (0, 1], got {self.halting_prior}")
         if not 0 < self.threshold < 1:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.layer_router == "mod" and self.kv_sharing:
+            raise ConfigError("layer_router='mod' cannot be combined with kv_sharing")
         if self.router != "none" and self.n_recursions < 2:
             raise ConfigError(f"router={self.router!r} needs n_recursions >= 2 (or router='none')")
 
@@ -263,11 +301,22 @@ class LoopLM(nn.Module):
             self.router = ExpertChoiceRouter(c.d_model, c.keep_fractions, c.selection, c.threshold)
         elif c.router == "token_choice":
             self.router = TokenChoiceRouter(c.d_model, c.n_recursions)
+        elif c.router == "halting":
+            self.router = HaltingRouter(c.d_model, c.n_recursions, c.halting_threshold, c.halting_prior,
+                                        c.halting_loss)
+        # Mixture-of-Depths: a router on every other unique layer (odd global index)
+        self.mod_routers = nn.ModuleDict()
+        if c.layer_router == "mod" and c.mod_capacity < 1:
+            names = [f"prelude_{i}" for i in range(P)] + [f"core_{i}" for i in range(C)]
+            for name in (names + [f"coda_{i}" for i in range(c.n_coda)])[1::2]:
+                self.mod_routers[name] = ExpertChoiceRouter(c.d_model, [c.mod_capacity], c.selection,
+                                                            c.threshold)
         self.norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = None if c.tie_embeddings else Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init_weights)
-        if isinstance(self.router, ExpertChoiceRouter):
-            nn.init.normal_(self.router.weight, std=c.init_std)
+        for m in self.modules():
+            if isinstance(m, ExpertChoiceRouter):
+                nn.init.normal_(m.weight, std=c.init_std)
         self.relaxed: list[LoRALinear] = []  # the core's adapters, switched per recursion
         if c.lora_rank:
             for blk in (*self.prelude, *self.coda):
@@ -342,11 +391,14 @@ class LoopLM(nn.Module):
         h = self.embed(input_ids)
         if self.drop.p:
             h = self.drop(h)
+        # the recurrent MoE router's hidden state, carried through the layers of each token
+        recurrent = c.ffn == "moe" and c.moe_router == "recurrent"
+        route = h.new_zeros(B, T, c.moe_router_dim) if recurrent else None
         for i, blk in enumerate(self.prelude):
-            h, _ = self._run(blk, f"prelude.{i}", h, new, positions, mask, tally)
-        h, depth = self._recur(h, mask, positions, new, depth, tally)
+            h, _, route = self._run(blk, f"prelude.{i}", h, new, positions, mask, tally, route=route)
+        h, depth, route = self._recur(h, mask, positions, new, depth, tally, route)
         for i, blk in enumerate(self.coda):
-            h, _ = self._run(blk, f"coda.{i}", h, new, positions, mask, tally)
+            h, _, route = self._run(blk, f"coda.{i}", h, new, positions, mask, tally, route=route)
         h = self.norm(h)
         if logits_at is not None:
             h = h[logits_at]  # [N, d]
@@ -379,8 +431,33 @@ class LoopLM(nn.Module):
             raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
         return B, T
 
-    def _run(self, blk: Block, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False):
-        """Run one block, reading/writing its state under ``key``; returns (h, mixer state)."""
+    def _run(self, blk: Block, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False,
+             route=None):
+        """Run one block (Mixture-of-Depths: on the tokens its router keeps), reading/writing its
+        state under ``key``; returns (h, mixer state, route)."""
+        name = "_".join(key.split(".")[:2])  # "core.j.r" -> "core_j": one router for every recursion
+        mod = self.mod_routers[name] if name in self.mod_routers else None
+        if mod is None:
+            return self._block(blk, key, h, state, positions, mask, tally, shared_kv, keep_kv, route)
+        valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        keep, gate, loss = mod(0, h, valid, valid)
+        tally.add_loss("mod_loss", loss, self.config.router_loss_weight)
+        tally.add(2.0 * self.config.d_model * valid.sum())
+        if not bool(keep.any()):  # no token runs this block: its state stays as it was
+            s = None if state is None else state.layers.get(key)
+            if state is not None and s is None:
+                s = state.layers[key] = blk.mixer.init_state(h.shape[0])
+            return h, s, route
+        out: dict[str, Any] = {}
+
+        def run(x, pos, m, rt):
+            x, out["s"], rt = self._block(blk, key, x, state, pos, m, tally, shared_kv, keep_kv, rt)
+            return x, rt
+
+        h, route = self._sparse(h, keep, gate, positions, route, run)
+        return h, out["s"], route
+
+    def _block(self, blk: Block, key: str, h, state, positions, mask, tally, shared_kv, keep_kv, route):
         s = None
         if state is not None and shared_kv is None:
             s = state.layers.get(key)
@@ -393,27 +470,29 @@ class LoopLM(nn.Module):
             def run(h, s):
                 for lora, index in zip(self.relaxed, chosen):
                     lora.index = index
-                return blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv)
+                return blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv, route=route)
 
             h, s, aux = checkpoint(run, h, s, use_reentrant=False)
         else:
-            h, s, aux = blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv)
+            h, s, aux = blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv, route=route)
         tally.ffn(blk, aux)
         if state is not None and shared_kv is None:
             state.layers[key] = s
-        return h, s
+        return h, s, aux.get("route", route)
 
-    def _recur(self, h, mask, positions, state, depth, tally):
-        """The recursive core; returns (h, depth ``[B,T]`` recursions each token ran)."""
+    def _recur(self, h, mask, positions, state, depth, tally, route):
+        """The recursive core; returns (h, depth ``[B,T]`` recursions each token ran, route)."""
         c = self.config
         B, T = h.shape[:2]
         if mask is None and self.router is None and depth is None:  # every token, every recursion
             kv: dict[int, Any] = {}
             for r in range(c.n_recursions):
                 tally.reach.append(B * T)
-                h = self._recursion(r, h, None, None, positions, state, kv, tally)
-            return h, torch.full((B, T), c.n_recursions, dtype=torch.long, device=h.device)
+                h, route = self._recursion(r, h, None, None, positions, state, kv, tally, route)
+            return h, torch.full((B, T), c.n_recursions, dtype=torch.long, device=h.device), route
         valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=h.device)
+        if isinstance(self.router, HaltingRouter):
+            return self._halting(h, valid, positions, state, depth, tally, route)
         gate = None
         active = valid
         if isinstance(self.router, TokenChoiceRouter):
@@ -434,33 +513,72 @@ class LoopLM(nn.Module):
             if not active.any():
                 tally.reach.extend(tally.reach[-1] for _ in range(r + 1, c.n_recursions))
                 break
-            h = self._recursion(r, h, active, gate, positions, state, shared, tally)
-        return h, ran
+            h, route = self._recursion(r, h, active, gate, positions, state, shared, tally, route)
+        return h, ran, route
 
-    def _recursion(self, r, h, active, gate, positions, state, shared, tally):
-        """One pass of the core over the ``active [B,T]`` tokens, gathered (left-aligned, in
-        order, true positions) into a ``[B, T', d]`` tensor so skipped tokens cost nothing;
-        ``active=None``: every token."""
+    def _halting(self, h, valid, positions, state, depth, tally, route):
+        """The core under the halting router: the output is ``Σ_r q_r h_r`` (routers.HaltingRouter)."""
+        c = self.config
+        rem = valid.to(h.dtype)
+        active, out = valid, torch.zeros_like(h)
+        ran = torch.zeros_like(valid, dtype=torch.long)
+        shared: dict[int, Any] = {}
+        weights, reached = [], []
+        for r in range(c.n_recursions):
+            ran = ran + active.long()
+            tally.reach.append(active.sum())
+            reached.append(rem)
+            h, route = self._recursion(r, h, active, None, positions, state, shared, tally, route)
+            if r < c.n_recursions - 1:
+                tally.add(2.0 * c.d_model * active.sum())
+            weight, rem, active = self.router.step(r, h, rem, active, depth)
+            weights.append(weight)
+            out = out + weight[..., None] * h
+            if r < c.n_recursions - 1 and not active.any():
+                tally.reach.extend(0 for _ in range(r + 1, c.n_recursions))
+                break
+        tally.add_loss("router_loss", self.router.loss(weights, reached, valid), c.router_loss_weight)
+        return torch.where(valid[..., None], out, h), ran, route
+
+    def _recursion(self, r, h, active, gate, positions, state, shared, tally, route):
+        """One pass of the core over the ``active [B,T]`` tokens (``None``: every token); returns
+        (h, route)."""
+
+        def run(x, pos, m, rt):
+            for lora in self.relaxed:
+                lora.index = r
+            for j, blk in enumerate(self.core):
+                keep_kv = self.config.kv_sharing and blk.is_attention and r == 0
+                x, s, rt = self._run(blk, f"core.{j}.{r}", x, state, pos, m, tally,
+                                     shared.get(j) if r else None, keep_kv, rt)
+                if keep_kv:
+                    shared[j] = s
+            return x, rt
+
+        return self._sparse(h, active, gate, positions, route, run)
+
+    @staticmethod
+    def _sparse(h, active, gate, positions, route, run):
+        """``run(x, positions, mask, route) -> (x, route)`` on the ``active [B,T]`` tokens only,
+        gathered (left-aligned, in order, true positions) into ``[B, T', d]`` so skipped tokens
+        cost nothing, then scattered back; ``gate [B,T]`` scales the update (``x0 + g (x − x0)``)."""
         if active is None or bool(active.all()):
-            index, kept, x0, pos = None, active, h, positions
+            index, kept, x0, pos, rt = None, active, h, positions, route
         else:
             index, kept = gather_index(active)
             x0 = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
             pos = positions.gather(1, index)
+            rt = None if route is None else route.gather(1, index[..., None].expand(-1, -1, route.shape[-1]))
         m = None if active is None or bool(kept.all()) else kept
-        for lora in self.relaxed:
-            lora.index = r
-        x = x0
-        for j, blk in enumerate(self.core):
-            keep_kv = self.config.kv_sharing and blk.is_attention and r == 0
-            x, s = self._run(blk, f"core.{j}.{r}", x, state, pos, m, tally, shared.get(j) if r else None,
-                             keep_kv)
-            if keep_kv:
-                shared[j] = s
+        x, rt = run(x0, pos, m, rt)
         if gate is not None:
             g = gate if index is None else gate.gather(1, index)
             x = x0 + g[..., None] * (x - x0)
         if index is None:
-            return x
+            return x, rt
         x = torch.where(kept[..., None], x, x0)
-        return h.scatter(1, index[..., None].expand_as(x), x)
+        h = h.scatter(1, index[..., None].expand_as(x), x)
+        if route is not None:
+            rt = torch.where(kept[..., None], rt, route.gather(1, index[..., None].expand_as(rt)))
+            route = route.scatter(1, index[..., None].expand_as(rt), rt)
+        return h, route

@@ -12,6 +12,9 @@ balancing loss ``N_r · Σ_j f_j P_j`` spreads the depths.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,3 +100,67 @@ class TokenChoiceRouter(nn.Module):
             return depth, gate, probs.sum() * 0
         frac = torch.bincount(depth[valid] - 1, minlength=n).to(p.dtype) / p.shape[0]
         return depth, gate, n * (frac * p.mean(0)).sum()
+
+
+class HaltingRouter(nn.Module):
+    """PonderNet halting over the recursions (Banino et al. 2021; ACT, Graves 2016, as option).
+
+    After recursion r < N a token halts with ``λ_r = σ(h_r·w_r + b_r)`` (``λ_N = 1``), so it halts
+    at r with ``p_r = λ_r Π_{j<r}(1 − λ_j)``, which sums to one over r. It goes on while its
+    unhalted mass ``u_r = Π_{j≤r}(1 − λ_j)`` exceeds ``threshold`` (a per-token, causal rule;
+    0: every recursion); where it stops, the mass left goes to that last state, so the output
+    ``Σ_r q_r h_r`` is PonderNet's expected-depth output when every recursion runs. Loss:
+    ``KL(q ‖ geometric(λ_p))`` truncated to N, or ACT's ponder cost ``Σ_r u_{r−1}`` (the
+    expected number of recursions).
+    """
+
+    def __init__(self, d_model: int, n_recursions: int, threshold: float, prior: float, loss: str = "kl"):
+        super().__init__()
+        self.n, self.threshold, self.prior, self.loss_kind = n_recursions, threshold, prior, loss
+        self.weight = nn.Parameter(torch.zeros(n_recursions - 1, d_model))
+        self.bias = nn.Parameter(torch.zeros(n_recursions - 1))
+
+    def halt(self, r: int, h: torch.Tensor) -> torch.Tensor:
+        """λ_r ``[B,T]`` of ``h [B,T,d]`` after recursion r (ones after the last)."""
+        if r >= self.n - 1:
+            return h.new_ones(h.shape[:2])
+        return torch.sigmoid(h @ self.weight[r] + self.bias[r])
+
+    def step(self, r: int, h: torch.Tensor, rem: torch.Tensor, active: torch.Tensor,
+             depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """After recursion r: rem ``[B,T]`` unhalted mass before it, active ``[B,T]`` bool ->
+        (weight of h_r ``[B,T]``, unhalted mass after, tokens that go on ``[B,T]`` bool);
+        ``depth`` replays a routing instead of the threshold rule."""
+        lam = self.halt(r, h)
+        left = rem * (1 - lam)
+        go = active & (depth > r + 1) if depth is not None else active & (left > self.threshold)
+        weight = torch.where(go, rem * lam, torch.where(active, rem, torch.zeros_like(rem)))
+        return weight, torch.where(go, left, torch.zeros_like(left)), go
+
+    def loss(self, weights: list[torch.Tensor], reached: list[torch.Tensor],
+             valid: torch.Tensor) -> torch.Tensor:
+        """KL to the prior (or the ponder cost) averaged over valid tokens; weights/reached: one
+        ``[B,T]`` per recursion run (halting weight q_r, mass reaching it u_{r−1})."""
+        n_valid = valid.sum().clamp(min=1)
+        if self.loss_kind == "act":
+            return torch.stack(reached).sum(0)[valid].sum() / n_valid
+        q = torch.stack(weights, -1)  # [B,T,R]
+        steps = torch.arange(self.n, dtype=q.dtype, device=q.device)
+        prior = self.prior * (1 - self.prior) ** steps if self.prior < 1 else (steps == 0).to(q.dtype)
+        prior = (prior / prior.sum())[: q.shape[-1]]
+        kl = torch.xlogy(q, q) - torch.xlogy(q, prior.clamp(min=1e-30).expand_as(q))
+        return kl.sum(-1)[valid].sum() / n_valid
+
+
+@contextmanager
+def causal_routing(model: nn.Module) -> Iterator[None]:
+    """For the duration every expert-choice router of ``model`` (MoR's and MoD's) uses the causal
+    ``threshold`` rule, as decoding must (top-k over the sequence sees future tokens)."""
+    old = {m: m.selection for m in model.modules() if isinstance(m, ExpertChoiceRouter)}
+    for m in old:
+        m.selection = "threshold"
+    try:
+        yield
+    finally:
+        for m, selection in old.items():
+            m.selection = selection

@@ -64,7 +64,8 @@ class Block(nn.Module):
             z = c.zero_experts  # MoE++ kinds in turn: zero, copy, constant
             shared = c.ffn_dim if c.shared_expert else 0
             self.ffn = MoE(d, c.ffn_dim, c.n_experts, c.top_k, shared_hidden=shared,
-                           zero_experts=(z + 2) // 3, copy_experts=(z + 1) // 3, constant_experts=z // 3)
+                           zero_experts=(z + 2) // 3, copy_experts=(z + 1) // 3, constant_experts=z // 3,
+                           router_dim=c.moe_router_dim if c.moe_router == "recurrent" else 0)
         else:
             self.ffn = SwiGLU(d, c.ffn_dim)
         self.drop = nn.Dropout(c.dropout)
@@ -75,7 +76,9 @@ class Block(nn.Module):
             w_in, w_out = self.ffn.w_in, self.ffn.w_out
             expert = w_in[0].numel() + w_out[0].numel()
             shared = 0 if self.ffn.shared is None else matmul_params(self.ffn.shared)
-            self.ffn_cost = {"dense": self.ffn.router.weight.numel() + shared, "expert": expert,
+            gru = (self.ffn.route_in, self.ffn.gru, self.ffn.route_out)
+            routing = self.ffn.router.weight.numel() + sum(matmul_params(m) for m in gru if m is not None)
+            self.ffn_cost = {"dense": routing + shared, "expert": expert,
                              "top_k": c.top_k, "n_experts": c.n_experts}
 
     @property
@@ -85,13 +88,16 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, state: Any = None, *, positions: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None, shared_kv: KVState | None = None,
+        mask: torch.Tensor | None = None, shared_kv: KVState | None = None, route: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any, dict]:
         """x ``[B,T,d]``, mask ``[B,T]`` bool (False rows come out unchanged) -> (y, state, aux).
 
         ``aux`` is the FFN's aux dict plus ``tokens`` (rows run: an int, a 0-dim tensor with a mask).
+        ``route [B,T,g]``: the recurrent MoE router's hidden state coming in; with such a router
+        ``aux["route"]`` is the one going out (rows the mask drops keep theirs).
         """
-        fused = block_step(self, x, state, mask, shared_kv, positions)
+        recurrent = isinstance(self.ffn, MoE) and self.ffn.gru is not None
+        fused = None if recurrent else block_step(self, x, state, mask, shared_kv, positions)
         if fused is not None:  # the block's decoding step in C++
             h, state, aux = fused
             return h, state, {**aux, "tokens": h.shape[0]}
@@ -105,12 +111,23 @@ class Block(nn.Module):
         if self.ffn is None:
             return h, state, {"tokens": tokens}
         u = self.ffn_norm(h)
+        if recurrent:
+            if route is None:
+                route = h.new_zeros(*h.shape[:2], self.ffn.gru.hidden_size)
+            rows = route.reshape(-1, route.shape[-1]) if mask is None else route[mask]
+            extra = {"route": rows}
+        else:
+            extra = {}
         if mask is None:
-            f, aux = self.ffn(u.reshape(-1, u.shape[-1]))
+            f, aux = self.ffn(u.reshape(-1, u.shape[-1]), **extra)
             h = h + self._drop(f).view_as(h)
         else:
-            f, aux = self.ffn(u[mask])
+            f, aux = self.ffn(u[mask], **extra)
             h = h + torch.zeros_like(h).index_put((mask,), self._drop(f))
+        if recurrent:
+            aux = dict(aux)
+            new = aux["route"]
+            aux["route"] = new.view_as(route) if mask is None else route.index_put((mask,), new)
         return h, state, {**aux, "tokens": tokens}
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from looplm.layers import kv_cache
 from looplm.layers.liger import LigerGatedDeltaNet, LigerGLA, liger_options
 from looplm.layers.linear import Linear
 from looplm.layers.mixer_states import KVState, QuantKVState, RecurrentState, check_inputs
+from looplm.layers.mom import MixtureOfMemories
 from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
@@ -334,6 +335,12 @@ def _fixed_state_options(config: Any) -> dict[str, Any]:
     return {"conv_size": config.conv_size, "chunk_size": config.chunk_size}
 
 
+def _memory_options(config: Any) -> dict[str, Any]:
+    spec = mixer_spec(config.memory_mixer)  # LoopConfig checks it is one of MEMORY_MIXERS
+    return {"memory": spec.cls, "memories": config.memories, "top_k": config.memory_top_k,
+            "shared": config.memory_shared, **_fixed_state_options(config)}
+
+
 @dataclass(frozen=True)
 class MixerSpec:
     """Everything the rest of the package needs to know about one mixer.
@@ -367,7 +374,11 @@ MIXERS: dict[str, MixerSpec] = {s.name: s for s in (
     MixerSpec("gated_deltanet", GatedDeltaNet, "delta"),
     MixerSpec("liger_gla", LigerGLA, "decay", options=liger_options),
     MixerSpec("liger_gated_deltanet", LigerGatedDeltaNet, "delta", options=liger_options),
+    MixerSpec("mom", MixtureOfMemories, "delta", options=_memory_options),  # memories of memory_mixer
 )}
+
+# the mixers a mixture of memories can hold: the fixed-state recipe (one RecurrentState each)
+MEMORY_MIXERS = tuple(n for n, spec in MIXERS.items() if issubclass(spec.cls, _FixedStateMixer))
 
 
 def mixer_spec(name: str) -> MixerSpec:

@@ -77,7 +77,7 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int = 2, *,
                  renormalize: bool = False, shared_hidden: int = 0, zero_experts: int = 0,
-                 copy_experts: int = 0, constant_experts: int = 0) -> None:
+                 copy_experts: int = 0, constant_experts: int = 0, router_dim: int = 0) -> None:
         super().__init__()
         counts = {"n_experts": n_experts, "zero_experts": zero_experts, "copy_experts": copy_experts,
                   "constant_experts": constant_experts, "shared_hidden": shared_hidden}
@@ -94,6 +94,10 @@ class MoE(nn.Module):
         self.top_k, self.renormalize = top_k, renormalize
         self.kinds = (zero_experts, copy_experts, constant_experts)
         self.router = Linear(d_model, self.n_total, bias=False)
+        # RMoE (Qiu et al. 2024): z = x W_r + GRU(x P, r_prev) U, the GRU state carried across layers
+        self.route_in = Linear(d_model, router_dim, bias=False) if router_dim else None
+        self.gru = nn.GRUCell(router_dim, router_dim) if router_dim else None
+        self.route_out = Linear(router_dim, self.n_total, bias=False) if router_dim else None
         bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden)
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden).uniform_(-bound_in, bound_in))
         self.w_out = nn.Parameter(torch.empty(n_experts, hidden, d_model).uniform_(-bound_out, bound_out))
@@ -175,11 +179,17 @@ class MoE(nn.Module):
                 y = y + y_e
         return y
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, route: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """``route [N, g]``: a recurrent router's incoming hidden state (zeros if None); its new
+        state is ``aux["route"]``."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         N, k, E = x.shape[0], self.top_k, self.n_total
         z = self.router(x).float()
+        if self.gru is not None:
+            route = x.new_zeros(N, self.gru.hidden_size) if route is None else route.reshape(N, -1)
+            route = self.gru(self.route_in(x), route)
+            z = z + self.route_out(route).float()
         p = z.softmax(-1)
         weight, expert = p.topk(k, dim=-1)  # [N, k]
         if self.renormalize:
@@ -195,11 +205,14 @@ class MoE(nn.Module):
             y = y + self.shared(x)[0]
         if N == 0:  # e.g. no token left at this recursion
             zero = z.sum()
-            return y.reshape(shape), {"balance_loss": zero, "z_loss": zero, "load": p.new_zeros(E)}
+            aux = {"balance_loss": zero, "z_loss": zero, "load": p.new_zeros(E)}
+            return y.reshape(shape), aux if route is None else {**aux, "route": route}
         load = counts.to(p.dtype) / (N * k)
         aux = {
             "balance_loss": E * (load * p.mean(0)).sum(),
             "z_loss": torch.logsumexp(z, -1).square().mean(),
             "load": load,
         }
+        if route is not None:
+            aux["route"] = route
         return y.reshape(shape), aux

@@ -136,5 +136,9 @@ def run(args: argparse.Namespace) -> int:
         result = _score_validation(model, ckpt, tokenizer, args)
         line = (f"{ckpt} on {result['data']} (validation split): loss {result['val_loss']:.4f} nats/token, "
                 f"{result.get('val_bpb', float('nan')):.4f} bits/byte")
+        if "val_loss_topk" in result:  # expert-choice routing: the line above is its causal rule
+            line += (f" with causal (threshold) routing; top-k over the sequence (sees future tokens): "
+                     f"loss {result['val_loss_topk']:.4f}, "
+                     f"{result.get('val_bpb_topk', float('nan')):.4f} bits/byte")
     print(json.dumps({"checkpoint": str(ckpt), **result}) if args.json else line)
     return 0

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from looplm.data.loader import BatchSampler, eval_batches
 from looplm.errors import CheckpointError, ConfigError, LoopLMError
+from looplm.routers import ExpertChoiceRouter, causal_routing
 from looplm.train import distributed
 from looplm.train.config import TrainConfig
 from looplm.train.distributed import Dist
@@ -66,8 +67,22 @@ def evaluate(
     """Validation loss (nats/token) and bits per byte = nll_nats / (bytes · ln 2).
 
     ``token_bytes`` [V]: UTF-8 bytes each token id stands for (None: no bits per byte).
+    Expert-choice routers (MoR, MoD) route by their causal threshold rule, as decoding does;
+    where one is set to top-k over the sequence (which sees future tokens), that result is also
+    given, as ``val_loss_topk`` / ``val_bpb_topk``.
     """
     d = d or Dist()
+    batches = list(batches)
+    with causal_routing(model):
+        result = _evaluate(model, batches, token_bytes, d, bf16)
+    if any(isinstance(m, ExpertChoiceRouter) and m.selection == "topk" for m in model.modules()):
+        topk = _evaluate(model, batches, token_bytes, d, bf16)
+        result.update({f"{k}_topk": v for k, v in topk.items()})
+    return result
+
+
+def _evaluate(model: nn.Module, batches: list, token_bytes: torch.Tensor | None, d: Dist,
+              bf16: bool) -> dict[str, float]:
     was_training = model.training
     model.eval()
     nll = n_tok = n_bytes = 0.0

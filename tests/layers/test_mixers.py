@@ -20,6 +20,8 @@ def make(name, seed=0):
         opts = {"n_kv_heads": 1}
     elif name.startswith("liger_"):  # linearised attention: GQA, one with a sliding window of 3
         opts = {"n_kv_heads": 1, "chunk_size": 4, "window": 3 if name == "liger_gla" else 0}
+    if name == "mom":
+        opts.update(memory=MIXERS["gated_deltanet"].cls, memories=3, top_k=2, shared=True)
     return build_mixer(name, D_MODEL, HEADS, **opts).eval()
 
 
@@ -31,6 +33,8 @@ def close_states(a, b):
     if isinstance(a, RecurrentState):
         close(a.conv, b.conv)
         close(a.ssm, b.ssm)
+    for sa, sb in zip(getattr(a, "memories", []), getattr(b, "memories", [])):
+        close_states(sa, sb)
 
 
 @pytest.mark.parametrize("name", NAMES)
