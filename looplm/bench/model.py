@@ -13,6 +13,8 @@ repeat; medians of repeats), printed as ratios with PASS/FAIL against the projec
     cache is timed beside them (its ratios to Llama are reported, no target).
 (c) expert-choice Mixture-of-Recursions (3 recursions, ~1/3 of the tokens at each deeper one)
     vs the same model with every token taking all 3: FLOPs and training-step time ratios.
+(d) Mixture-of-Depths at capacity 12.5% on every other layer vs the dense vanilla model of the
+    same size: training tokens/s (target ≥ 1.3×) and FLOPs per token.
 
 Writes ``model.json`` and ``model.png`` to ``--out``. ``--quick`` shrinks everything to seconds
 (for the test); its numbers say nothing about the targets.
@@ -73,6 +75,7 @@ TARGETS = {  # name -> (ratio key, comparison, bound)
     "fixed-state latency long / short prompt": ("decode_long_over_short", "<=", 1.10),
     "MoR / all-recursions FLOPs per token": ("mor_flops_ratio", "<", 1.0),
     "MoR / all-recursions train step time": ("mor_time_ratio", "<", 1.0),
+    "MoD 12.5% / dense train tokens/s": ("mod_speedup", ">=", 1.3),
 }
 
 
@@ -260,6 +263,18 @@ def bench_mor(s: Size, tokens: torch.Tensor, capacity: list[float]) -> dict[str,
             "mor_time_ratio": secs["mor_expert_choice"] / secs["all_recursions"]}
 
 
+def bench_mod(s: Size, tokens: torch.Tensor) -> dict[str, Any]:
+    torch.manual_seed(0)
+    models = {"mod": LoopLM(dense(s, layer_router="mod", mod_capacity=0.125)), "dense": LoopLM(dense(s))}
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        flops = {name: m(x, y).stats["flops_per_token"] for name, m in models.items()}
+    secs = time_interleaved({name: train_step(m, tokens) for name, m in models.items()}, s.repeats)
+    return {"params": {name: n_params(m) for name, m in models.items()}, "flops_per_token": flops,
+            "step_s": secs, "mod_flops_ratio": flops["mod"] / flops["dense"],
+            "mod_speedup": secs["dense"] / secs["mod"]}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -309,7 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=d.repeats)
     parser.add_argument("--mor-capacity", type=float, nargs=3, default=[1.0, 1 / 3, 1 / 3],
                         metavar="F", help="fraction of the sequence kept at each of the 3 recursions")
-    parser.add_argument("--only", choices=("train", "decode", "mor"), action="append",
+    parser.add_argument("--only", choices=("train", "decode", "mor", "mod"), action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/model"))
@@ -332,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, s: Size) -> int:
-    parts = set(args.only or ("train", "decode", "mor"))
+    parts = set(args.only or ("train", "decode", "mor", "mod"))
     tokens = torch.randint(0, 256, (s.batch_size, s.seq_len + 1), generator=torch.Generator().manual_seed(0))
     results: dict[str, Any] = {"command": "looplm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
                                else "looplm bench model", "quick": args.quick, "size": vars(s),
@@ -343,6 +358,8 @@ def _run(args: argparse.Namespace, s: Size) -> int:
         results["decode"] = bench_decode(s)
     if "mor" in parts:
         results["mor"] = bench_mor(s, tokens, list(args.mor_capacity))
+    if "mod" in parts:
+        results["mod"] = bench_mod(s, tokens)
     results["checks"] = checks = verdicts(results)
     print(render(results))
     path = write_json(args.out, "model", results)
@@ -359,7 +376,7 @@ def render(data: dict[str, Any]) -> str:
         ["comparison", "ratio", "target", "verdict"],
         [[label, c["ratio"], c["target"], pass_fail(c["pass"])] for label, c in data["checks"].items()])]
     raw = (("train", "tokens_per_s", "training tokens/s"), ("decode", "ms_per_token", "decoding ms/token"),
-           ("mor", "step_s", "training step s"))
+           ("mor", "step_s", "training step s"), ("mod", "step_s", "training step s"))
     for part, key, title in raw:
         if part in data:
             params = data[part].get("params", {})

@@ -51,3 +51,9 @@ def test_verdicts_follow_the_ratios():
     assert not checks["vanilla vs Llama train tokens/s"]["pass"]
     assert checks["fixed-state latency long / short prompt"]["pass"]
     assert len(checks) == 3
+
+
+def test_mod_runs_an_eighth_of_the_tokens_through_every_other_layer(report):
+    mod = report[0]["mod"]
+    assert mod["mod_flops_ratio"] < 0.75  # half the layers at 1/8 of the tokens (+ the head)
+    assert mod["params"]["mod"] > mod["params"]["dense"]  # its routers
