@@ -151,7 +151,9 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None, *, training: b
     ``none``, the keep fractions for expert_choice, a uniform depth for token_choice). MoE layers
     count ``top_k`` real experts per token (an upper bound with zero-computation experts).
     Attention pairs use the mean causal context ``(reach·T + 1)/2`` (the first recursion's
-    context with ``kv_sharing``). Training = 3 × forward.
+    context with ``kv_sharing``). Mixture-of-Depths layers run ``mod_capacity`` of the tokens
+    (their attention among those). Halting counts every recursion (an upper bound). Training =
+    3 × forward.
     """
     c = model.config
     T = seq_len or c.max_seq_len
@@ -170,10 +172,18 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None, *, training: b
             f += float(blk.spec.pair_flops(blk.mixer)) * (ctx_frac * T + 1) / 2
         return frac * f
 
-    total = sum(layer(b, 1.0, 1.0) for b in (*model.prelude, *model.coda))
+    routed = getattr(model, "mod_routers", {})  # Mixture-of-Depths: these layers see a fraction
+    cap = {name: c.mod_capacity if name in routed else 1.0
+           for name in [f"prelude_{i}" for i in range(c.n_prelude)] + [f"core_{j}" for j in range(c.n_core)]
+           + [f"coda_{i}" for i in range(c.n_coda)]}
+    total = sum(layer(b, cap[f"prelude_{i}"], cap[f"prelude_{i}"]) for i, b in enumerate(model.prelude))
+    total += sum(layer(b, cap[f"coda_{i}"], cap[f"coda_{i}"]) for i, b in enumerate(model.coda))
     for frac in reach:
         ctx = reach[0] if c.kv_sharing else frac
-        total += sum(layer(b, frac, ctx) for b in model.core)
+        caps = [cap[f"core_{j}"] for j in range(c.n_core)]
+        total += sum(layer(b, frac * k, ctx * k) for b, k in zip(model.core, caps))
+        total += 2.0 * c.d_model * frac * sum(f"core_{j}" in routed for j in range(c.n_core))
+    total += 2.0 * c.d_model * sum(not n.startswith("core") for n in routed)
     if c.router == "expert_choice":
         total += 2.0 * c.d_model * N
     elif c.router == "token_choice":

@@ -152,6 +152,11 @@ class HaltingRouter(nn.Module):
         return kl.sum(-1)[valid].sum() / n_valid
 
 
+def sees_future(model: nn.Module) -> bool:
+    """Whether an expert-choice router of ``model`` chooses top-k over the sequence."""
+    return any(isinstance(m, ExpertChoiceRouter) and m.selection == "topk" for m in model.modules())
+
+
 @contextmanager
 def causal_routing(model: nn.Module) -> Iterator[None]:
     """For the duration every expert-choice router of ``model`` (MoR's and MoD's) uses the causal

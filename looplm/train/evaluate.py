@@ -1,5 +1,7 @@
 """``looplm eval CHECKPOINT [--data FILE]``: loss, perplexity and bits per byte of a checkpoint.
 
+Expert-choice routers (MoR, MoD) route by the causal threshold rule decoding uses; a model set
+to top-k over the sequence (which sees future tokens) gets that result too, labelled as such.
 Without ``--data``: the run's own validation split (the corpus it trained on, tokenized with
 the checkpoint's tokenizer), read in the consecutive windows training evaluates on
 (``looplm.data.eval_batches``). With ``--data``: the whole of that text (files, a directory,
@@ -21,6 +23,7 @@ from looplm.data import eval_batches, load_tokenizer
 from looplm.data.corpus import cache_root, resolve_source
 from looplm.errors import CheckpointError, ConfigError, DataError
 from looplm.perplexity import score_tokens, scored_bytes
+from looplm.routers import causal_routing, sees_future
 from looplm.train.command import load_corpus
 from looplm.train.config import TrainConfig
 from looplm.train.distributed import Dist
@@ -67,10 +70,20 @@ def _score_file(model, tokenizer, args: argparse.Namespace) -> dict:
                         f"got {args.max_tokens}")
     ids = read_tokens(args.data, tokenizer, args.max_tokens)
     window = args.seq_len or model.config.max_seq_len
-    score = score_tokens(model, torch.tensor(ids), window=window, stride=args.stride,
+    n_bytes = scored_bytes(tokenizer, ids)
+
+    def score() -> dict:
+        s = score_tokens(model, torch.tensor(ids), window=window, stride=args.stride,
                          batch_size=args.batch_size or 1)
-    score.bytes = scored_bytes(tokenizer, ids)
-    return {**score.as_dict(), "window": window, "stride": args.stride or window}
+        s.bytes = n_bytes
+        return s.as_dict()
+
+    with causal_routing(model):  # expert-choice routers as decoding routes
+        result = {**score(), "window": window, "stride": args.stride or window}
+    if sees_future(model):
+        topk = score()
+        result.update(loss_topk=topk["loss"], bits_per_byte_topk=topk["bits_per_byte"])
+    return result
 
 
 def _score_validation(model, ckpt: Path, tokenizer, args: argparse.Namespace) -> dict:
@@ -132,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         line = (f"{ckpt} on {args.data}: {result['tokens']:,} tokens, loss {result['loss']:.4f} nats/token, "
                 f"perplexity {result['perplexity']:.3f}, {result['bits_per_byte']:.4f} bits/byte "
                 f"(window {result['window']}, stride {result['stride']})")
+        if "loss_topk" in result:
+            line += (f"; with top-k routing over each window (sees future tokens): "
+                     f"loss {result['loss_topk']:.4f}, {result['bits_per_byte_topk']:.4f} bits/byte")
     else:
         result = _score_validation(model, ckpt, tokenizer, args)
         line = (f"{ckpt} on {result['data']} (validation split): loss {result['val_loss']:.4f} nats/token, "

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from looplm.data.loader import BatchSampler, eval_batches
 from looplm.errors import CheckpointError, ConfigError, LoopLMError
-from looplm.routers import ExpertChoiceRouter, causal_routing
+from looplm.routers import causal_routing, sees_future
 from looplm.train import distributed
 from looplm.train.config import TrainConfig
 from looplm.train.distributed import Dist
@@ -75,7 +75,7 @@ def evaluate(
     batches = list(batches)
     with causal_routing(model):
         result = _evaluate(model, batches, token_bytes, d, bf16)
-    if any(isinstance(m, ExpertChoiceRouter) and m.selection == "topk" for m in model.modules()):
+    if sees_future(model):
         topk = _evaluate(model, batches, token_bytes, d, bf16)
         result.update({f"{k}_topk": v for k, v in topk.items()})
     return result

@@ -105,3 +105,25 @@ def test_bad_windows_are_one_line_errors(checkpoint, capsys, args, message):
 def test_stride_without_data_is_an_error(checkpoint, capsys):
     assert main(["eval", str(checkpoint[0]), "--stride", "4"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_expert_choice_is_scored_causally_and_top_k_beside(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = LoopLM(LoopConfig(vocab_size=TOK.vocab_size, d_model=32, n_heads=2, n_core=1, n_recursions=3,
+                              router="expert_choice", layer_router="mod", mod_capacity=0.5, d_ffn=48,
+                              init_std=0.2, max_seq_len=512)).eval()
+    save_model(model, tmp_path / "ckpt")
+    TOK.save(tmp_path / "ckpt")
+    (tmp_path / "text.txt").write_text(TEXT)
+    got = _eval(capsys, str(tmp_path / "ckpt"), "--data", str(tmp_path / "text.txt"), "--seq-len", "333")
+    ids = torch.tensor(TOK.encode(TEXT))
+    x, y = ids[None, :-1], ids[None, 1:]
+    with torch.no_grad():
+        topk = model(x, y).loss.item()
+        for m in model.modules():
+            if hasattr(m, "selection"):
+                m.selection = "threshold"
+        causal = model(x, y).loss.item()
+    assert got["loss"] == pytest.approx(causal, rel=1e-5)
+    assert got["loss_topk"] == pytest.approx(topk, rel=1e-5)
+    assert causal != topk

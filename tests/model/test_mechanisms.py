@@ -54,6 +54,15 @@ def test_mod_block_runs_on_ceil_c_T_tokens(T, capacity):
     assert seen == [math.ceil(capacity * T)]
 
 
+@pytest.mark.parametrize("kw", [{}, {"router": "expert_choice", "n_recursions": 2, "capacity": [1.0, 1.0]}])
+def test_mod_configured_flops_are_the_counted_ones(kw):
+    m = model(layer_router="mod", mod_capacity=0.25, **kw)
+    plain = model(**kw)
+    counted = m(tokens(length=64)).stats["flops_per_token"]
+    assert m.flops_per_token(64) == pytest.approx(counted)
+    assert counted < plain(tokens(length=64)).stats["flops_per_token"]
+
+
 @pytest.mark.parametrize("mixer", ["attention", "gated_deltanet", "mom"])
 def test_mod_decoding_with_causal_predictor_equals_forward(mixer):
     m = randomize_routers(model(layer_router="mod", mod_capacity=0.5, selection="threshold", mixer=mixer,
