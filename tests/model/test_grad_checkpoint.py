@@ -15,6 +15,8 @@ CASES = {
     "mor": dict(mixer="attention", n_recursions=3, router="expert_choice", kv_sharing=True),
     "mor_gdn": dict(mixer="gated_deltanet", n_recursions=2, router="token_choice"),
     "mor_lora": dict(mixer="attention", n_recursions=3, lora_rank=2),  # one adapter per recursion
+    "mod_halting": dict(layer_router="mod", mod_capacity=0.5, n_recursions=3, router="halting"),
+    "moe_recurrent_mom": dict(mixer="mom", ffn="moe", n_experts=3, top_k=2, moe_router="recurrent"),
 }
 
 
