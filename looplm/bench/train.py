@@ -5,6 +5,11 @@ The vanilla-Transformer configuration (``looplm/configs/transformer.yaml``'s mod
 trained with the step ``looplm train`` runs (forward, backward, gradient clipping, AdamW with
 decay groups), on the same batch, alternating within every repeat; tokens/s are medians.
 Target: ratio LoopLM / Llama >= 1. Writes ``train.json`` to ``--out``.
+
+``--threads-list 1,2 --config small``: instead, the trainer's step of a shipped configuration
+(its model, vocabulary, batch and sequence length) at each torch thread count, alternating within
+every repeat; tokens/s and the ratio to the first count, written to ``train_threads.json``. A
+configuration's ``threads`` default is chosen from this, run on an idle machine.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 import torch
 
-from looplm.bench.common import causal_lm_loss, machine_info, time_interleaved, write_json
+from looplm.bench.common import causal_lm_loss, machine_info, parse_int_list, time_interleaved, write_json
 from looplm.model import LoopConfig, LoopLM
 from looplm.train.config import TrainConfig, load_sections
 from looplm.train.optim import build_optimizer
@@ -64,11 +69,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads-list", default=None,
+                        help="compare these thread counts on --config's training step (e.g. 1,2)")
+    parser.add_argument("--config", default="small", help="configuration for --threads-list (default small)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (numbers meaningless)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/train"))
 
 
+def thread_counts(args: argparse.Namespace) -> int:
+    """Tokens/s of ``args.config``'s training step at each of ``args.threads_list`` threads."""
+    counts = parse_int_list(args.threads_list, "--threads-list")
+    sections = load_sections(args.config)
+    train = sections["train"]
+    vocab = -(-int(train.get("vocab_size") or VOCAB) // 64) * 64
+    batch, seq = int(train.get("batch_size", 16)), int(train.get("seq_len", 128))
+    if args.quick:
+        batch, seq, args.repeats = 2, 16, 1
+    cfg = LoopConfig.from_dict({**sections["model"], "vocab_size": vocab, "max_seq_len": seq})
+    torch.manual_seed(0)
+    model = LoopLM(cfg)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    step = trainer_step(model, tokens[:, :-1], tokens[:, 1:])
+    before = torch.get_num_threads()
+
+    def at(n: int) -> Callable[[], None]:
+        def run() -> None:
+            torch.set_num_threads(n)
+            step()
+        return run
+
+    try:
+        secs = time_interleaved({str(n): at(n) for n in counts}, args.repeats)
+    finally:
+        torch.set_num_threads(before)
+    tps = {n: batch * seq / s for n, s in secs.items()}
+    first = str(counts[0])
+    ratios = {n: t / tps[first] for n, t in tps.items()}
+    result = {"config": args.config, "tokens_per_s": tps, "ratio": ratios,
+              "settings": {"batch_size": batch, "seq_len": seq, "repeats": args.repeats},
+              "machine": machine_info()}
+    print(f"{args.config}: training tokens/s, batch {batch} x {seq}, median of {args.repeats}:")
+    for n, t in tps.items():
+        print(f"  {n:>3} threads {t:10,.0f} tok/s   {result['ratio'][n]:.2f}x {first} thread(s)")
+    if args.quick:
+        print("(--quick: not meaningful)")
+    print(f"wrote {write_json(args.out, 'train_threads', result)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.threads_list:
+        return thread_counts(args)
     if args.quick:
         args.d_model, args.layers, args.heads = 64, 2, 2
         args.batch_size, args.seq_len, args.repeats = 2, 32, 1
