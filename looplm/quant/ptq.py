@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from looplm.errors import ConfigError
 from looplm.layers.moe import MoE
 from looplm.quant.formats import Format, make_format
 from looplm.quant.linear import QuantEmbedding, QuantExperts, QuantLinear, supports
@@ -73,6 +74,9 @@ def quantize_model(model: nn.Module, format: str, *, group_size: int | None = No
     quantised modules (format, group_size, zero_point, modules, and per-module ``overrides``);
     checkpoints store it in config.json.
     """
+    if getattr(getattr(model, "config", None), "lora_rank", 0):
+        raise ConfigError("the model has LoRA adapters, which quantisation would drop: merge them first "
+                          "(looplm.train.finetune.merge_adapters) or quantise the model they were trained on")
     fmt = make_format(format, group_size, zero_point)
     ends = make_format(embedding_format) if embedding_format else None
     names = select_modules(model, fmt, keep_embeddings=keep_embeddings, keep_head=keep_head)

@@ -20,6 +20,7 @@ from looplm.convert.recursify import recursify
 from looplm.data import ByteTokenizer
 from looplm.errors import ConfigError
 from looplm.layers.lora import lora_parameters
+from looplm.quant.ptq import quantize_model
 from looplm.train.finetune import distillation, init_model, merge_adapters
 from tests.model.util import model, tokens
 
@@ -118,3 +119,8 @@ def test_linearize_then_lora_distillation_under_torchrun_equals_one_process(tmp_
     after = load_file(str(tmp_path / "one" / "ckpt-000005" / "model.safetensors"))
     changed = {k for k in after if k not in before or not torch.equal(after[k], before[k])}
     assert changed and all(".lora_" in k for k in changed)
+
+
+def test_quantising_a_model_with_adapters_is_one_error():
+    with pytest.raises(ConfigError, match="LoRA adapters"):
+        quantize_model(model(lora_rank=2), "int8")
