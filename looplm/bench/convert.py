@@ -12,7 +12,8 @@ fine-tunes, so the full table can be built over several sessions):
   ``--minutes``.
 - ``recursive``: ``recursify --recursions 3 --init average --lora RANK`` (one third of the unique
   layers), fully uptrained ``--minutes``.
-- ``mor``: the uptrained recursive model plus an expert-choice MoR router, trained ``--minutes``.
+- ``mor``: the uptrained recursive model plus an expert-choice MoR router, trained ``--minutes``
+  (top-k selection over the sequence), measured with the router's causal threshold selection.
 
 Figures per row: perplexity on the first ``--eval-tokens`` tokens of two held-out texts
 (``/usr/share/common-licenses/GPL-3`` and the stdlib's ``pprint.py``, both outside the ``finetune``
@@ -161,8 +162,17 @@ def prepare(row: str, src: Path, work: Path, args: argparse.Namespace) -> Path:
     rec = fine_tune(work / "recursive", work / "recursive-run", args, "--set", "lr=1e-4")
     if row == "recursive":
         return rec
-    return fine_tune(rec, work / "mor-run", args, "--set", "router=expert_choice", "selection=threshold",
-                     "lr=1e-4")
+    return fine_tune(rec, work / "mor-run", args, "--set", "router=expert_choice", "lr=1e-4")
+
+
+def causal(model: LoopLM) -> LoopLM:
+    """An expert-choice model with its router's causal ``threshold`` selection (trained with
+    ``topk`` over the sequence, which decoding cannot use); other models unchanged."""
+    if model.config.router != "expert_choice" or model.config.selection == "threshold":
+        return model
+    new = LoopLM(dataclasses.replace(model.config, selection="threshold"))
+    new.load_state_dict(model.state_dict())
+    return new.eval()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(prepare(row, src, out / "work", args)).eval()
         if model.config.n_recursions == 1:
             model = merge_adapters(model)  # LoRA folded into the weights: decoded as a plain model
+        model = causal(model)
         fig = {**quality(model, ids, min(args.eval_tokens, 1024)),
                **decode_figures(model, args.context, args.decode_tokens),
                "flops_per_token": model.flops_per_token(min(args.eval_tokens, 1024), training=False),
