@@ -90,7 +90,8 @@ def test_int8_cache_steps_equal_one_forward_and_stay_within_int8_of_float(cfg):
 
 
 class LargestFloat(TorchDispatchMode):
-    """Records the largest floating tensor any op returns while active."""
+    """Records the largest floating tensor any op allocates while active (views, e.g. a weight's
+    transpose, allocate nothing)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,8 +99,11 @@ class LargestFloat(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs))
+                 if isinstance(a, torch.Tensor)}
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
+            if (isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.untyped_storage().data_ptr() not in given):
                 self.largest = max(self.largest, t.numel() * t.element_size())
         return out
 
