@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from looplm.routers import LAYER_ROUTERS, ROUTERS
+
 Number = int | float | torch.Tensor
 
 
@@ -31,16 +33,6 @@ def attention_pairs(n_new: torch.Tensor, n_cached: torch.Tensor | None = None) -
     if n_cached is not None:
         pairs = pairs + n_new * n_cached
     return pairs.sum()
-
-
-def ffn_flops(blk: nn.Module, tokens: Number, aux: dict) -> Number:
-    """Forward FLOPs of a block's FFN over ``tokens`` rows (an int or a 0-dim tensor); an MoE
-    counts the experts it ran (then a 0-dim tensor)."""
-    if "load" not in aux:
-        return 2 * tokens * blk.ffn_matmul
-    c = blk.ffn_cost
-    real = aux["load"][: c["n_experts"]].sum()  # share of assignments to real experts
-    return 2 * tokens * (c["dense"] + c["top_k"] * c["expert"] * real)
 
 
 class Tally:
@@ -98,7 +90,7 @@ class Tally:
 
     def ffn(self, blk: nn.Module, aux: dict) -> None:
         """Count a block's FFN after it ran and collect an MoE's losses and load."""
-        self.add(ffn_flops(blk, aux["tokens"], aux))
+        self.add(blk.ffn_cost.flops(aux["tokens"], aux))
         if "load" in aux:
             c = self.config
             self.add_loss("balance_loss", aux["balance_loss"], c.balance_loss_weight)
@@ -152,48 +144,37 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None, *, training: b
     count ``top_k`` real experts per token (an upper bound with zero-computation experts).
     Attention pairs use the mean causal context ``(reach·T + 1)/2`` (the first recursion's
     context with ``kv_sharing``). Mixture-of-Depths layers run ``mod_capacity`` of the tokens
-    (their attention among those). Halting counts every recursion (an upper bound). Training =
-    3 × forward.
+    (their attention among those). Halting counts every recursion and its router after each but
+    the last (an upper bound). Training = 3 × forward.
     """
     c = model.config
     T = seq_len or c.max_seq_len
-    N = c.n_recursions
+    router = ROUTERS[c.router]
     if reach is None:
-        if c.router == "expert_choice":
-            reach = c.keep_fractions
-        elif c.router == "token_choice":
-            reach = [(N - r) / N for r in range(N)]
-        else:
-            reach = [1.0] * N
+        reach = router.reach(c)
 
     def layer(blk: nn.Module, frac: float, ctx_frac: float) -> float:
-        f = 2.0 * blk.mixer_matmul + 2.0 * _ffn_token_params(blk)
+        f = 2.0 * blk.mixer_matmul + 2.0 * blk.ffn_cost.token_params
         if blk.is_attention:
             f += float(blk.spec.pair_flops(blk.mixer)) * (ctx_frac * T + 1) / 2
         return frac * f
 
+    layer_router = LAYER_ROUTERS[c.layer_router]
     routed = getattr(model, "mod_routers", {})  # Mixture-of-Depths: these layers see a fraction
-    cap = {name: c.mod_capacity if name in routed else 1.0
+    kept = layer_router.reach(c)[0]
+    cap = {name: kept if name in routed else 1.0
            for name in [f"prelude_{i}" for i in range(c.n_prelude)] + [f"core_{j}" for j in range(c.n_core)]
            + [f"coda_{i}" for i in range(c.n_coda)]}
     total = sum(layer(b, cap[f"prelude_{i}"], cap[f"prelude_{i}"]) for i, b in enumerate(model.prelude))
     total += sum(layer(b, cap[f"coda_{i}"], cap[f"coda_{i}"]) for i, b in enumerate(model.coda))
+    scored = layer_router.flops_per_token(c)  # one routed layer's router, per token it scores
     for frac in reach:
         ctx = reach[0] if c.kv_sharing else frac
         caps = [cap[f"core_{j}"] for j in range(c.n_core)]
         total += sum(layer(b, frac * k, ctx * k) for b, k in zip(model.core, caps))
-        total += 2.0 * c.d_model * frac * sum(f"core_{j}" in routed for j in range(c.n_core))
-    total += 2.0 * c.d_model * sum(not n.startswith("core") for n in routed)
-    if c.router == "expert_choice":
-        total += 2.0 * c.d_model * N
-    elif c.router == "token_choice":
-        total += 2.0 * c.d_model * N
+        total += scored * frac * sum(f"core_{j}" in routed for j in range(c.n_core))
+    total += scored * sum(not n.startswith("core") for n in routed)
+    total += router.flops_per_token(c)
     total += 2.0 * c.d_model * c.vocab_size
     return 3.0 * total if training else total
 
-
-def _ffn_token_params(blk: nn.Module) -> float:
-    if blk.ffn_cost is None:
-        return blk.ffn_matmul
-    c = blk.ffn_cost
-    return c["dense"] + c["top_k"] * c["expert"]

@@ -1,4 +1,5 @@
-"""``looplm info CHECKPOINT``: parameters (unique and with reuse), FLOPs per token, config."""
+"""``looplm info CHECKPOINT``: parameters (unique and with reuse), FLOPs per token, config, and the
+implementation each layer decodes with (:func:`looplm.layers.layer_step.describe`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from looplm.checkpoint import load_model
 from looplm.errors import CheckpointError
+from looplm.layers.layer_step import describe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,13 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
-    model = load_model(ckpt)
+    model = load_model(ckpt).eval()
+    layers = [(f"{part} {i}", blk) for part in ("prelude", "core", "coda")
+              for i, blk in enumerate(getattr(model, part))]
     info = {
         "checkpoint": str(ckpt),
         "params_unique": model.num_params(unique=True),
         "params_total": model.num_params(unique=False),
         "flops_per_token": model.flops_per_token(),
         "config": model.config.to_dict(),
+        "kernels": {name: f"{blk.mixer_name}: {describe(blk)}" for name, blk in layers},
     }
     state_file = ckpt / "train_state" / "state.json"
     if state_file.is_file():
@@ -39,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"FLOPs per token  {info['flops_per_token']:,.0f} (forward + backward)")
     if info.get("step") is not None:
         print(f"trained steps    {info['step']}")
+    print("decoding kernels")
+    for name, text in info["kernels"].items():
+        print(f"  {name:<20} {text}")
     print("config")
     for key, value in info["config"].items():
         print(f"  {key:<20} {value}")

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from looplm.errors import ConfigError
 from looplm.flops import Tally, flops_per_token
 from looplm.layers.block import Block
+from looplm.layers.ffns import FFNS
 from looplm.layers.linear import Linear
 from looplm.layers.lora import LoRALinear, add_lora
 from looplm.layers.mixers import MEMORY_MIXERS
@@ -28,17 +29,25 @@ from looplm.layers.mixers import MIXERS as MIXER_REGISTRY
 from looplm.layers.norms import RMSNorm
 from looplm.ops.attention import check_rope_scaling
 from looplm.ops.linear import linear
-from looplm.routers import ExpertChoiceRouter, HaltingRouter, TokenChoiceRouter, gather_index
+from looplm.routers import (
+    LAYER_ROUTERS,
+    ROUTERS,
+    ExpertChoiceRouter,
+    HaltingRouter,
+    TokenChoiceRouter,
+    gather_index,
+    router_spec,
+)
 from looplm.state import ModelState
 
 MIXERS = tuple(MIXER_REGISTRY)  # layers/mixers.py registers them
 CHOICES = {
     "mixer": MIXERS,
     "sharing": ("cycle", "middle_cycle"),
-    "router": ("none", "expert_choice", "token_choice", "halting"),
+    "router": tuple(ROUTERS),
     "selection": ("topk", "threshold"),
-    "ffn": ("dense", "moe", "none"),
-    "layer_router": ("none", "mod"),
+    "ffn": tuple(FFNS),
+    "layer_router": tuple(LAYER_ROUTERS),
     "halting_loss": ("kl", "act"),
     "moe_router": ("linear", "recurrent"),
 }
@@ -205,8 +214,7 @@ class LoopConfig:
             raise ConfigError(f"memory_mixer={self.memory_mixer!r} is not one of {', '.join(MEMORY_MIXERS)}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} must be positive and divide n_heads")
-        if self.ffn == "moe" and self.top_k > self.n_experts + self.zero_experts:
-            raise ConfigError(f"top_k={self.top_k} exceeds the {self.n_experts + self.zero_experts} experts")
+        FFNS[self.ffn].validate(self)
         if self.d_ffn is not None and self.d_ffn < 1:
             raise ConfigError(f"d_ffn must be positive or None, got {self.d_ffn}")
         if self.sharing == "middle_cycle" and (self.n_prelude < 1 or self.n_coda < 1):
@@ -296,21 +304,16 @@ class LoopLM(nn.Module):
         self.prelude = nn.ModuleList(Block(c, c.layer_mixer(i)) for i in range(P))
         self.core = nn.ModuleList(Block(c, c.layer_mixer(P + i)) for i in range(C))
         self.coda = nn.ModuleList(Block(c, c.layer_mixer(P + C + i)) for i in range(c.n_coda))
-        self.router: nn.Module | None = None
-        if c.router == "expert_choice":
-            self.router = ExpertChoiceRouter(c.d_model, c.keep_fractions, c.selection, c.threshold)
-        elif c.router == "token_choice":
-            self.router = TokenChoiceRouter(c.d_model, c.n_recursions)
-        elif c.router == "halting":
-            self.router = HaltingRouter(c.d_model, c.n_recursions, c.halting_threshold, c.halting_prior,
-                                        c.halting_loss)
+        self.router_spec = router_spec(c.router)
+        self.router: nn.Module | None = self.router_spec.build(c)
         # Mixture-of-Depths: a router on every other unique layer (odd global index)
+        self.layer_router_spec = LAYER_ROUTERS[c.layer_router]
         self.mod_routers = nn.ModuleDict()
-        if c.layer_router == "mod" and c.mod_capacity < 1:
-            names = [f"prelude_{i}" for i in range(P)] + [f"core_{i}" for i in range(C)]
-            for name in (names + [f"coda_{i}" for i in range(c.n_coda)])[1::2]:
-                self.mod_routers[name] = ExpertChoiceRouter(c.d_model, [c.mod_capacity], c.selection,
-                                                            c.threshold)
+        names = [f"prelude_{i}" for i in range(P)] + [f"core_{i}" for i in range(C)]
+        for name in (names + [f"coda_{i}" for i in range(c.n_coda)])[1::2]:
+            layer_router = self.layer_router_spec.build(c)
+            if layer_router is not None:
+                self.mod_routers[name] = layer_router
         self.norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = None if c.tie_embeddings else Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -442,7 +445,7 @@ class LoopLM(nn.Module):
         valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         keep, gate, loss = mod(0, h, valid, valid)
         tally.add_loss("mod_loss", loss, self.config.router_loss_weight)
-        tally.add(2.0 * self.config.d_model * valid.sum())
+        tally.add(self.layer_router_spec.call_flops(self.config) * valid.sum())
         if not bool(keep.any()):  # no token runs this block: its state stays as it was
             s = None if state is None else state.layers.get(key)
             if state is not None and s is None:
@@ -498,14 +501,14 @@ class LoopLM(nn.Module):
         if isinstance(self.router, TokenChoiceRouter):
             depth, gate, loss = self.router(h, valid, depth)
             tally.add_loss("router_loss", loss, c.router_loss_weight)
-            tally.add(2.0 * c.d_model * c.n_recursions * valid.sum())
+            tally.add(self.router_spec.call_flops(c) * valid.sum())
         ran = torch.zeros_like(valid, dtype=torch.long)
         shared: dict[int, Any] = {}
         for r in range(c.n_recursions):
             if isinstance(self.router, ExpertChoiceRouter):
                 active, gate, loss = self.router(r, h, active, valid, depth)
                 tally.add_loss("router_loss", loss, c.router_loss_weight)
-                tally.add(2.0 * c.d_model * valid.sum())
+                tally.add(self.router_spec.call_flops(c) * valid.sum())
             elif depth is not None:
                 active = active & (depth > r)
             ran = ran + active.long()
@@ -530,7 +533,7 @@ class LoopLM(nn.Module):
             reached.append(rem)
             h, route = self._recursion(r, h, active, None, positions, state, shared, tally, route)
             if r < c.n_recursions - 1:
-                tally.add(2.0 * c.d_model * active.sum())
+                tally.add(self.router_spec.call_flops(c) * active.sum())
             weight, rem, active = self.router.step(r, h, rem, active, depth)
             weights.append(weight)
             out = out + weight[..., None] * h

@@ -8,17 +8,27 @@ either rule). A binary cross-entropy loss teaches the scores to predict the top-
 choice, whatever rule routes. ``TokenChoiceRouter``: once, before the first recursion, a
 softmax over N_r depths picks each token's depth (top-1); its probability is the gate; a Switch
 balancing loss ``N_r · Σ_j f_j P_j`` spreads the depths.
+
+``ROUTERS``, the registry (``config.router``): each entry builds its router and owns its formulas,
+the configured reach (fraction of tokens running each recursion) and its FLOPs (a score is a
+``d``-wide dot product, ``2·d`` per token: expert-choice scores every token before each
+recursion, token-choice scores all ``N_r`` depths once, halting scores the tokens still running
+after each recursion but the last; its reach counts every recursion, an upper bound).
+``LAYER_ROUTERS``: the same for routers in front of single layers (Mixture-of-Depths).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.errors import ConfigError
 from looplm.layers.linear import Linear
 
 
@@ -169,3 +179,54 @@ def causal_routing(model: nn.Module) -> Iterator[None]:
     finally:
         for m, selection in old.items():
             m.selection = selection
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """One recursion router: ``build(config)`` (None: every token runs every recursion),
+    ``reach(config)`` the configured fraction of tokens at each recursion, ``call_flops(config)``
+    forward FLOPs per valid token of one call, ``calls(config)`` calls per forward."""
+
+    name: str
+    build: Callable[[Any], nn.Module | None]
+    reach: Callable[[Any], list[float]]
+    call_flops: Callable[[Any], float] = lambda c: 0.0
+    calls: Callable[[Any], int] = lambda c: 0
+
+    def flops_per_token(self, config: Any) -> float:
+        """Forward FLOPs per token of the router as configured."""
+        return self.call_flops(config) * self.calls(config)
+
+
+ROUTERS: dict[str, RouterSpec] = {s.name: s for s in (
+    RouterSpec("none", lambda c: None, lambda c: [1.0] * c.n_recursions),
+    RouterSpec("expert_choice",
+               lambda c: ExpertChoiceRouter(c.d_model, c.keep_fractions, c.selection, c.threshold),
+               lambda c: c.keep_fractions, lambda c: 2.0 * c.d_model, lambda c: c.n_recursions),
+    RouterSpec("token_choice", lambda c: TokenChoiceRouter(c.d_model, c.n_recursions),
+               lambda c: [(c.n_recursions - r) / c.n_recursions for r in range(c.n_recursions)],
+               lambda c: 2.0 * c.d_model * c.n_recursions, lambda c: 1),
+    RouterSpec("halting",
+               lambda c: HaltingRouter(c.d_model, c.n_recursions, c.halting_threshold, c.halting_prior,
+                                       c.halting_loss),
+               lambda c: [1.0] * c.n_recursions, lambda c: 2.0 * c.d_model, lambda c: c.n_recursions - 1),
+)}
+
+# Layer routers (``config.layer_router``), in the same form: ``build`` one layer's router (None:
+# the layer runs every token), ``reach`` the fraction of tokens a routed layer runs, ``call_flops``
+# per token scored, ``calls`` per routed layer and pass. Mixture-of-Depths (Raposo et al. 2024)
+# scores every token before each routed layer and keeps the top ``mod_capacity`` fraction.
+LAYER_ROUTERS: dict[str, RouterSpec] = {s.name: s for s in (
+    RouterSpec("none", lambda c: None, lambda c: [1.0]),
+    RouterSpec("mod",
+               lambda c: ExpertChoiceRouter(c.d_model, [c.mod_capacity], c.selection, c.threshold)
+               if c.mod_capacity < 1 else None,
+               lambda c: [c.mod_capacity], lambda c: 2.0 * c.d_model, lambda c: 1),
+)}
+
+
+def router_spec(name: str) -> RouterSpec:
+    """The registered router ``name``; ConfigError listing the known ones otherwise."""
+    if name not in ROUTERS:
+        raise ConfigError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")
+    return ROUTERS[name]

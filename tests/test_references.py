@@ -1,6 +1,6 @@
 """References in the code and docs lead somewhere inside the repository.
 
-Paths such as ``looplm/layers/block_step.py`` or ``docs/mechanisms.md`` named in a source file,
+Paths such as ``looplm/layers/layer_step.py`` or ``docs/mechanisms.md`` named in a source file,
 a C++ kernel or a document exist; sections cited as ``docs/mechanisms.md §N`` are headings
 there; code and tests cite no issue numbers (they mean nothing to a reader of the code).
 """

@@ -14,10 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from looplm.bench import ops as bench_ops
 from looplm.errors import ConfigError
 from looplm.layers.mixers import MIXERS, build_mixer, mixer_spec
 from looplm.model import CHOICES, LoopConfig, LoopLM
+from looplm.ops.delta_rule import delta_chunk
+from looplm.ops.linear_attn import decay_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 # per mixer: full forward == step-by-step decoding (whole model; one mixer layer)
@@ -67,3 +73,41 @@ def test_unknown_mixer_is_one_config_error() -> None:
         LoopConfig(mixer="mamba")
     with pytest.raises(ConfigError, match="bad option"):
         build_mixer("gla", 32, 2, nonsense=1)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+@given(tokens=st.integers(1, 9), batch=st.integers(1, 3))
+@settings(max_examples=5, deadline=None)
+def test_state_size_formula_equals_the_state(name: str, tokens: int, batch: int) -> None:
+    """``MixerSpec.state_numel`` counts what a prefill of ``tokens`` tokens leaves per row."""
+    spec = mixer_spec(name)
+    mixer = build_mixer(name, 32, 4, **spec.options(LoopConfig(d_model=32, n_heads=4, n_kv_heads=2)))
+    with torch.no_grad():
+        _, state = mixer(torch.randn(batch, tokens, 32), mixer.init_state(batch))
+    if spec.kv_cache:
+        tensors = [state.k, state.v]
+    elif hasattr(state, "memories"):  # a mixture of memories: each memory's conv tail and state
+        tensors = [t for s in state.memories for t in (s.conv, s.ssm)]
+    elif hasattr(state, "conv"):
+        tensors = [state.conv, state.ssm]
+    else:  # linearised attention: its state and the keys inside its window, if any
+        tensors = [state.ssm, *([] if state.window is None else [state.window.k, state.window.v])]
+    assert sum(t.numel() for t in tensors) == batch * spec.state_numel(mixer, tokens)
+
+
+def test_bench_ops_runs_the_registry() -> None:
+    """``looplm bench ops`` times every registered mixer's op fed the gate its entry names."""
+    forms = {(s.op, s.gate) for s in MIXERS.values() if not s.kv_cache}
+    assert {(MIXERS[n].op, MIXERS[n].gate) for n in bench_ops.FIXED_STATE} == forms
+    assert len(bench_ops.FIXED_STATE) == len(forms)
+    assert set(bench_ops.MIXERS) == {*bench_ops.FIXED_STATE, "attention", bench_ops.PEER}
+    x = bench_ops.Inputs.make(1, 8, 2, 4, 4)
+    with torch.no_grad():
+        for name in bench_ops.FIXED_STATE:
+            spec = MIXERS[name]
+            g = None if spec.gate is None else getattr(x, bench_ops.GATES[spec.gate])
+            if spec.op == "delta":
+                want, _ = delta_chunk(x.q, x.k, x.v, x.beta, g, chunk_size=bench_ops.DELTA_CHUNK)
+            else:
+                want, _ = decay_chunk(x.q, x.k, x.v, g, chunk_size=bench_ops.CHUNK)
+            assert torch.equal(bench_ops.RUNNERS[name](x)[0], want), name

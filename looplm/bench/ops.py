@@ -2,8 +2,9 @@
 
 Contenders (all on identical random inputs, ``[B, T, H, D]``, float32):
 
-- the chunk form of every fixed-state mixer: ``linear``, ``retention`` (constant per-head decay),
-  ``scalar_gated`` (simple GLA / Mamba-2), ``gla`` (gate over the key dim) from
+- the chunk form of every fixed-state mixer of the registry (:data:`looplm.layers.mixers.MIXERS`,
+  whose entries name their op family and gate; one per op form): ``linear``, ``retention`` (constant per-head
+  decay), ``simple_gla`` (one decay per head, as Mamba-2), ``gla`` (gate over the key dim) from
   :func:`looplm.ops.linear_attn.decay_chunk`; ``deltanet`` and ``gated_deltanet`` from
   :func:`looplm.ops.delta_rule.delta_chunk`;
 - ``attention``: causal softmax attention, ``scaled_dot_product_attention(is_causal=True)``;
@@ -44,13 +45,18 @@ from looplm.bench.common import (
     time_interleaved,
     write_json,
 )
-from looplm.ops.delta_kernel import pytorch_form
+from looplm.layers.mixers import MIXERS as MIXER_REGISTRY
+from looplm.layers.mixers import MixerSpec
+from looplm.ops import cpp_ext
 from looplm.ops.delta_rule import delta_chunk, delta_step
 from looplm.ops.linear_attn import decay_chunk, decay_step
 
-FIXED_STATE = ("linear", "retention", "scalar_gated", "gla", "deltanet", "gated_deltanet")
+# one contender per op form: the first fixed-state mixer of the registry with each (op, gate)
+_FORMS = {(s.op, s.gate): name for name, s in reversed(MIXER_REGISTRY.items()) if not s.kv_cache}
+FIXED_STATE = tuple(name for name in MIXER_REGISTRY if name in _FORMS.values())
 PEER = "hf_gated_deltanet"
 MIXERS = (*FIXED_STATE, "attention", PEER)
+GATES = {None: None, "const": "g_const", "head": "g_head", "dim": "g_dim"}  # MixerSpec.gate -> Inputs field
 DEFAULT_LENS = "512,1024,2048,4096,8192,16384"
 CHUNK = 64  # decay family and the transformers peer (their default)
 DELTA_CHUNK = 32  # delta rule: fastest here (measured 32 / 64 / 128 at T = 2048, 8192)
@@ -117,16 +123,17 @@ def _hf(x: Inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return o, [x.q, x.k, x.v, x.beta, x.g_head]
 
 
+def _runner(spec: MixerSpec) -> Callable[[Inputs], Any]:
+    """The chunk form (or SDPA) a registered mixer runs, fed the gate its entry names."""
+    if spec.op == "attention":
+        return _attention
+    if spec.op == "delta":
+        return _delta(spec.gate is not None)
+    return _decay(GATES[spec.gate])
+
+
 RUNNERS: dict[str, Callable[[Inputs], Any]] = {
-    "linear": _decay(None),
-    "retention": _decay("g_const"),
-    "scalar_gated": _decay("g_head"),
-    "gla": _decay("g_dim"),
-    "deltanet": _delta(False),
-    "gated_deltanet": _delta(True),
-    "attention": _attention,
-    PEER: _hf,
-}
+    **{name: _runner(MIXER_REGISTRY[name]) for name in (*FIXED_STATE, "attention")}, PEER: _hf}
 
 
 def _baddbmm_inplace_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None,
@@ -149,7 +156,7 @@ def forward_flops(mixer: str, x: Inputs) -> float:
     if mixer == "attention":
         return float(b * h * t * t * (dk + dv))
     counter = FlopCounterMode(display=False, custom_mapping=_INPLACE_FLOPS)
-    with torch.no_grad(), pytorch_form(), counter:
+    with torch.no_grad(), cpp_ext.kernels("torch"), counter:
         RUNNERS[mixer](x)
     flops = counter.get_total_flops()
     if mixer == PEER:
@@ -186,11 +193,11 @@ def step_time(mixer: str, position: int, h: int, dk: int, dv: int, steps: int) -
     chunked prefill of ``position`` tokens left (batch 1)."""
     x = Inputs.make(1, position + steps, h, dk, dv, seed=2)
     q, k, v, beta = (t.detach() for t in (x.q, x.k, x.v, x.beta))
-    g = {"linear": None, "retention": x.g_const, "scalar_gated": x.g_head, "gla": x.g_dim,
-         "deltanet": None, "gated_deltanet": x.g_head}[mixer]
-    g = None if g is None else g.detach()
+    spec = MIXER_REGISTRY[mixer]
+    gate = GATES[spec.gate]
+    g = None if gate is None else getattr(x, gate).detach()
     gp = None if g is None else g[:, :position]
-    delta = mixer in ("deltanet", "gated_deltanet")
+    delta = spec.op == "delta"
     with torch.no_grad():
         if delta:
             _, state0 = delta_chunk(q[:, :position], k[:, :position], v[:, :position], beta[:, :position], gp)

@@ -14,18 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from looplm.layers.block_step import block_step
-from looplm.layers.ffn import SwiGLU
+from looplm.layers.ffns import ffn_spec, matmul_params
+from looplm.layers.layer_step import decide, layer_step
 from looplm.layers.mixers import Attention, KVState, build_mixer, mixer_spec, read_cache
 from looplm.layers.moe import MoE
 from looplm.layers.norms import RMSNorm
 from looplm.ops.attention import rope
-
-
-def matmul_params(module: nn.Module) -> int:
-    """Weights of ``module`` used as matmul / conv weights (parameters with ≥ 2 dims): a token
-    running the module costs 2 FLOPs per such weight (looplm/flops.py)."""
-    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
 
 
 def attend_shared(attn: Attention, x: torch.Tensor, kv: KVState, positions: torch.Tensor,
@@ -56,30 +50,25 @@ class Block(nn.Module):
         self.spec = mixer_spec(mixer)
         self.mixer_norm = RMSNorm(d, eps=c.norm_eps)
         self.mixer = build_mixer(mixer, d, c.n_heads, **self.spec.options(c))
-        self.ffn_norm: RMSNorm | None = RMSNorm(d, eps=c.norm_eps)
-        self.ffn: nn.Module | None
-        if c.ffn == "none":  # a mixer-only block
-            self.ffn_norm = self.ffn = None
-        elif c.ffn == "moe":
-            z = c.zero_experts  # MoE++ kinds in turn: zero, copy, constant
-            shared = c.ffn_dim if c.shared_expert else 0
-            self.ffn = MoE(d, c.ffn_dim, c.n_experts, c.top_k, shared_hidden=shared,
-                           zero_experts=(z + 2) // 3, copy_experts=(z + 1) // 3, constant_experts=z // 3,
-                           router_dim=c.moe_router_dim if c.moe_router == "recurrent" else 0)
-        else:
-            self.ffn = SwiGLU(d, c.ffn_dim)
+        spec = ffn_spec(c.ffn)
+        ffn = spec.build(c)
+        self.ffn_norm: RMSNorm | None = None if ffn is None else RMSNorm(d, eps=c.norm_eps)
+        self.ffn: nn.Module | None = ffn  # registered after its norm (the order of state_dict and init)
         self.drop = nn.Dropout(c.dropout)
         self.mixer_matmul = matmul_params(self.mixer)
-        self.ffn_matmul = 0 if self.ffn is None else matmul_params(self.ffn)
-        self.ffn_cost = None  # MoE: weights every token runs, per expert, experts per token
-        if c.ffn == "moe":
-            w_in, w_out = self.ffn.w_in, self.ffn.w_out
-            expert = w_in[0].numel() + w_out[0].numel()
-            shared = 0 if self.ffn.shared is None else matmul_params(self.ffn.shared)
-            gru = (self.ffn.route_in, self.ffn.gru, self.ffn.route_out)
-            routing = self.ffn.router.weight.numel() + sum(matmul_params(m) for m in gru if m is not None)
-            self.ffn_cost = {"dense": routing + shared, "expert": expert,
-                             "top_k": c.top_k, "n_experts": c.n_experts}
+        self.ffn_cost = spec.cost(self.ffn)  # what a token costs in the FFN (looplm/flops.py)
+
+    def train(self, mode: bool = True) -> Block:
+        """Train or eval mode; the decoding kernel is decided here (:mod:`looplm.layers.layer_step`)."""
+        super().train(mode)
+        decide(self)
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Block:
+        """A device or dtype change (``.to``, ``.float()``...); the decoding kernel is decided again."""
+        super()._apply(fn, recurse)
+        decide(self)
+        return self
 
     @property
     def is_attention(self) -> bool:
@@ -97,8 +86,8 @@ class Block(nn.Module):
         ``aux["route"]`` is the one going out (rows the mask drops keep theirs).
         """
         recurrent = isinstance(self.ffn, MoE) and self.ffn.gru is not None
-        fused = None if recurrent else block_step(self, x, state, mask, shared_kv, positions)
-        if fused is not None:  # the block's decoding step in C++
+        fused = layer_step(self, x, state, mask, shared_kv, positions)  # never with a recurrent router
+        if fused is not None:  # the layer's decoding step in C++
             h, state, aux = fused
             return h, state, {**aux, "tokens": h.shape[0]}
         u = self.mixer_norm(x)

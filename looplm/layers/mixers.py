@@ -346,14 +346,17 @@ class MixerSpec:
     """Everything the rest of the package needs to know about one mixer.
 
     ``op``: the op family in ``looplm/ops`` it runs (``attention``, ``decay``: linear_attn.py,
-    ``delta``: delta_rule.py), whose forms the ops tests check against each other.
-    ``kv_cache``: its state grows with the tokens it has seen (an attention cache) rather than
-    being fixed-size. ``options(config)``: constructor options from a LoopConfig.
+    ``delta``: delta_rule.py), whose forms the ops tests check against each other. ``gate``: the
+    decay its op takes (None; ``const``: a constant per head; ``head``: one per head and token;
+    ``dim``: one per key dimension), which ``looplm bench ops`` feeds it. ``kv_cache``: its state
+    grows with the tokens it has seen (an attention cache) rather than being fixed-size.
+    ``options(config)``: constructor options from a LoopConfig (and their validation).
     """
 
     name: str
     cls: type[nn.Module]
     op: str
+    gate: str | None = None
     kv_cache: bool = False
     options: Callable[[Any], dict[str, Any]] = _fixed_state_options
 
@@ -362,19 +365,36 @@ class MixerSpec:
         fixed-state mixer, whose cost is its matmuls only."""
         return 4 * mixer.n_heads * mixer.head_dim if self.kv_cache else 0
 
+    def state_numel(self, mixer: nn.Module, tokens: int) -> int:
+        """Numbers in one row's decoding state after ``tokens`` tokens: keys and values of every
+        token (``2 · Hkv · D`` each) for a cache; a linearised attention layer's ``H · D · D`` state
+        (and keys and values of at most ``window`` tokens); else the conv tail
+        (``(conv_size - 1) · channels``) and the ``H · dk · dv`` state, whatever the length (a
+        mixture of memories: that of each memory)."""
+        if self.kv_cache:
+            return 2 * mixer.n_kv_heads * mixer.head_dim * tokens
+        if isinstance(mixer, MixtureOfMemories):  # one fixed state per memory
+            return sum(self.state_numel(m, tokens) for m in mixer.memories)
+        if not hasattr(mixer, "conv_weight"):  # linearised attention (layers/liger.py)
+            window = 2 * mixer.n_kv_heads * mixer.head_dim * min(tokens, mixer.window)
+            return mixer.n_heads * mixer.head_dim ** 2 + window
+        channels, width = mixer.conv_weight.shape
+        return (width - 1) * channels + mixer.n_heads * mixer.head_dim * mixer.value_dim
+
 
 # The registry: a new mixer is its class (and op) plus one line here.
 MIXERS: dict[str, MixerSpec] = {s.name: s for s in (
     MixerSpec("attention", Attention, "attention", kv_cache=True, options=_attention_options),
     MixerSpec("linear", LinearAttention, "decay"),
-    MixerSpec("retention", Retention, "decay"),
-    MixerSpec("gla", GLA, "decay"),
-    MixerSpec("simple_gla", SimpleGLA, "decay"),
+    MixerSpec("retention", Retention, "decay", gate="const"),
+    MixerSpec("gla", GLA, "decay", gate="dim"),
+    MixerSpec("simple_gla", SimpleGLA, "decay", gate="head"),
     MixerSpec("deltanet", DeltaNet, "delta"),
-    MixerSpec("gated_deltanet", GatedDeltaNet, "delta"),
-    MixerSpec("liger_gla", LigerGLA, "decay", options=liger_options),
-    MixerSpec("liger_gated_deltanet", LigerGatedDeltaNet, "delta", options=liger_options),
-    MixerSpec("mom", MixtureOfMemories, "delta", options=_memory_options),  # memories of memory_mixer
+    MixerSpec("gated_deltanet", GatedDeltaNet, "delta", gate="head"),
+    MixerSpec("liger_gla", LigerGLA, "decay", gate="dim", options=liger_options),
+    MixerSpec("liger_gated_deltanet", LigerGatedDeltaNet, "delta", gate="head", options=liger_options),
+    # memories of config.memory_mixer (op and gate: the default gated DeltaNet's)
+    MixerSpec("mom", MixtureOfMemories, "delta", gate="head", options=_memory_options),
 )}
 
 # the mixers a mixture of memories can hold: the fixed-state recipe (one RecurrentState each)

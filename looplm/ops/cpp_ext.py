@@ -7,8 +7,8 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
 - ``qlinear.cpp`` (+ ``qmatvec.h``): the same with int8 / int4 weights, and quantised embedding rows
   (:mod:`looplm.ops.qlinear`);
-- ``block_step.cpp``: a whole fixed-state block's decoding step in one call, ``moe_step.cpp`` its
-  mixture-of-experts FFN, ``attn_step.cpp`` an attention block's (:mod:`looplm.layers.block_step`);
+- ``block_step.cpp``: a whole fixed-state layer's decoding step in one call, ``moe_step.cpp`` its
+  mixture-of-experts FFN, ``attn_step.cpp`` an attention layer's (:mod:`looplm.layers.layer_step`);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
 - ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
@@ -18,26 +18,34 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
 per version of the sources). It compiles for the machine it runs on (``-march=native``) with OpenMP
 (ATen's header-only ``at::parallel_for`` is serial without it) and links torch's own ``libgomp``.
-Where it cannot be built, or with ``LOOPLM_KERNELS=torch`` (``LOOPLM_NO_CPP_EXT=1`` is the same),
-:func:`available` is False and every caller runs its PyTorch form instead (one warning says why
-when the build fails). ``LOOPLM_KERNELS=cpp`` (the default) uses the kernels where they apply.
+The one switch: ``LOOPLM_KERNELS=cpp`` (the default) uses the kernels where they apply;
+``LOOPLM_KERNELS=ops`` the C++ ops but every layer's Python step (no whole-layer decoding
+kernel); ``LOOPLM_KERNELS=torch`` (``LOOPLM_NO_CPP_EXT=1`` is the same) every PyTorch form.
+Inside ``with kernels(setting):`` the setting is overridden for the block (tests compare them).
+:func:`available` (C++ ops) and :func:`layer_steps` (whole-layer steps) are the answers every
+kernel user asks: False where the setting says so, where the kernels cannot be built (one warning
+says why) and while ``torch.compile`` traces. Which step each layer of a model runs is decided in
+:mod:`looplm.layers.layer_step`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from looplm.errors import ConfigError
 from looplm.ops import kernel_tracing
 
-__all__ = ["available"]
+__all__ = ["available", "layer_steps", "kernels", "kernel_setting"]
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
@@ -49,7 +57,7 @@ HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatv
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 BUILD_LOCK = "looplm-build.lock"
-_loaded: dict[str, bool] = {}
+_loaded: dict[str, Any] = {}  # the setting read from the environment, whether the build worked
 
 
 def _name(sources: list[Path], cflags: list[str] = _CFLAGS, ldflags: list[str] = _LDFLAGS) -> str:
@@ -97,12 +105,12 @@ def build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
         os.close(fd)
 
 
-KERNEL_SETTINGS = ("cpp", "torch")
+KERNEL_SETTINGS = ("cpp", "ops", "torch")
 
 
 def kernel_setting() -> str:
-    """``LOOPLM_KERNELS`` (``cpp``, the default, or ``torch``); ``LOOPLM_NO_CPP_EXT=1`` means ``torch``.
-    Any other value is a ConfigError naming the choices."""
+    """``LOOPLM_KERNELS`` (``cpp``, the default, ``ops`` or ``torch``); ``LOOPLM_NO_CPP_EXT=1`` means
+    ``torch``. Any other value is a ConfigError naming the choices."""
     value = os.environ.get("LOOPLM_KERNELS", "").strip().lower()
     if value and value not in KERNEL_SETTINGS:
         raise ConfigError(f"LOOPLM_KERNELS={value!r} is not one of {', '.join(KERNEL_SETTINGS)}")
@@ -111,24 +119,57 @@ def kernel_setting() -> str:
     return value or "cpp"
 
 
+_override: list[str] = []  # the settings of the enclosing kernels() blocks, innermost last
+
+
+@contextlib.contextmanager
+def kernels(setting: str) -> Iterator[None]:
+    """Within this block run ``setting``'s implementations (``cpp``, ``ops`` or ``torch``, as
+    ``LOOPLM_KERNELS``), whatever ``LOOPLM_KERNELS`` says."""
+    if setting not in KERNEL_SETTINGS:
+        raise ConfigError(f"kernels({setting!r}): not one of {', '.join(KERNEL_SETTINGS)}")
+    _override.append(setting)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def setting() -> str:
+    """The setting in force: the innermost :func:`kernels` block's, else ``LOOPLM_KERNELS`` (read once)."""
+    if _override:
+        return _override[-1]
+    if "setting" not in _loaded:
+        _loaded["setting"] = kernel_setting()  # a bad LOOPLM_KERNELS raises here, before anything is cached
+    return _loaded["setting"]
+
+
 def available() -> bool:
-    """Build (cached on disk) and load the kernels once per process; False if that fails or is disabled.
-    While ``torch.compile`` traces: False (the kernels' users run their PyTorch forms, which the
-    compiler fuses and differentiates). While ``torch.export`` traces: whether they were loaded
-    before (the ops with fake implementations, :mod:`looplm.ops.kernel_tracing`, go into the graph)."""
+    """Whether the C++ ops run now: the setting is ``cpp`` or ``ops`` and they are built (on disk,
+    loaded once per process). While ``torch.compile`` traces: False (the kernels' users run their
+    PyTorch forms, which the compiler fuses and differentiates). While ``torch.export`` traces:
+    whether they were loaded before (the ops with fake implementations, :mod:`looplm.ops.kernel_tracing`,
+    go into the graph)."""
     if torch.compiler.is_compiling():
-        return torch.compiler.is_exporting() and _loaded.get("ok", False)
-    if "ok" not in _loaded:
-        setting = kernel_setting()  # a bad LOOPLM_KERNELS raises here, before anything is cached
-        _loaded["ok"] = False
-        if setting == "torch":
-            return False
+        return torch.compiler.is_exporting() and _loaded.get("built", False) and setting() != "torch"
+    return setting() != "torch" and _built()
+
+
+def layer_steps() -> bool:
+    """Whether whole-layer decoding steps run now (setting ``cpp``, kernels available)."""
+    return setting() == "cpp" and available()
+
+
+def _built() -> bool:
+    """Build (cached on disk) and load the kernels once per process; False if that fails."""
+    if "built" not in _loaded:
+        _loaded["built"] = False
         try:
             build(_name(SOURCES), SOURCES, _CFLAGS, _LDFLAGS)
             kernel_tracing.register()
-            _loaded["ok"] = True
+            _loaded["built"] = True
         except Exception as err:  # no compiler or ninja, read-only cache: fall back, say so once
             first_line = (str(err).splitlines() or [""])[0][:200]
             warnings.warn(f"looplm: the C++ kernels are unavailable ({type(err).__name__}: {first_line}); "
-                          "using the slower PyTorch forms", RuntimeWarning, stacklevel=2)
-    return _loaded["ok"]
+                          "using the slower PyTorch forms", RuntimeWarning, stacklevel=3)
+    return _loaded["built"]

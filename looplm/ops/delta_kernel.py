@@ -11,36 +11,21 @@ of it (per-chunk terms, loop, outputs, gradients) for its own range of groups (`
 over ``B*H``), in cache-sized blocks of rows; the loop over chunks calls BLAS ``gemm`` directly
 (an ATen matmul's overhead is about the cost of one ``[32, 64] x [64, 64]`` product). It is built
 with the other C++ kernels (:mod:`looplm.ops.cpp_ext`). Without them, on other devices, or inside
-:func:`pytorch_form`, the PyTorch form runs; tests check that both agree.
+``cpp_ext.kernels("torch")``, the PyTorch form runs; tests check that both agree.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
 from looplm.ops import cpp_ext
 
-__all__ = ["use_kernel", "pytorch_form", "kernel_forward", "kernel_backward"]
-
-_forced_off: list[bool] = []  # non-empty inside pytorch_form()
+__all__ = ["use_kernel", "kernel_forward", "kernel_backward"]
 
 
 def use_kernel(x: torch.Tensor) -> bool:
     """Whether the chunk form of ``x``'s device runs in the C++ kernel (CPU tensors, kernel built)."""
-    return not _forced_off and x.device.type == "cpu" and cpp_ext.available()
-
-
-@contextlib.contextmanager
-def pytorch_form() -> Iterator[None]:
-    """Run the chunk form in PyTorch inside this block (e.g. so that torch's FLOP counter sees it)."""
-    _forced_off.append(True)
-    try:
-        yield
-    finally:
-        _forced_off.pop()
+    return x.device.type == "cpu" and cpp_ext.available()
 
 
 def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,

@@ -227,7 +227,7 @@ def test_moe_flops_count_only_experts_that_ran():
     assert len(stats["expert_load"]) == 7
     share = sum(stats["expert_load"][:4])  # share of slots sent to real experts
     assert share < 1
-    saved = (1 - share) * 2 * zero.core[0].ffn_cost["expert"] * 2 * 4  # top_k · 2 FLOPs · 4 layers
+    saved = (1 - share) * 2 * zero.core[0].ffn_cost.expert * 2 * 4  # top_k · 2 FLOPs · 4 layers
     assert stats["flops_per_token"] == pytest.approx(zero.flops_per_token(12) - 3 * saved, rel=1e-4)
 
 
@@ -240,5 +240,5 @@ def test_ffn_none_is_a_mixer_only_model():
     n_params = [sum(p.numel() for p in m.parameters()) for m in (dense, bare)]
     assert n_params[1] == n_params[0] - ffn_params
     x = tokens()
-    ffn_flops = 2 * x.numel() * sum(b.ffn_matmul for b in blocks)
+    ffn_flops = 2 * x.numel() * sum(b.ffn_cost.dense for b in blocks)
     assert bare(x).stats["flops"] == pytest.approx(dense(x).stats["flops"] - ffn_flops, rel=1e-9)

@@ -67,6 +67,7 @@ def test_disabled_by_environment(monkeypatch):
 
 @pytest.mark.parametrize("env, want", [
     ({}, "cpp"), ({"LOOPLM_KERNELS": "torch"}, "torch"), ({"LOOPLM_KERNELS": "cpp"}, "cpp"),
+    ({"LOOPLM_KERNELS": "ops"}, "ops"),
     ({"LOOPLM_NO_CPP_EXT": "1"}, "torch"), ({"LOOPLM_KERNELS": "CPP", "LOOPLM_NO_CPP_EXT": "0"}, "cpp"),
 ])
 def test_one_kernel_switch(env, want, monkeypatch):
@@ -83,7 +84,7 @@ def test_one_kernel_switch(env, want, monkeypatch):
 def test_unknown_kernel_setting_is_a_config_error(monkeypatch):
     monkeypatch.setenv("LOOPLM_KERNELS", "cuda")
     monkeypatch.setattr(cpp_ext, "_loaded", {})
-    with pytest.raises(ConfigError, match="cpp, torch"):
+    with pytest.raises(ConfigError, match="cpp, ops, torch"):
         cpp_ext.available()
 
 

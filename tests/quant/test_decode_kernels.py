@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 from looplm.generate import generate_ids
 from looplm.layers.block import Block
-from looplm.layers.block_step import block_step, eligible, python_block_step
+from looplm.layers.layer_step import eligible, layer_step
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
 from looplm.quant.linear import QuantEmbedding, QuantLinear
 from looplm.quant.ptq import quantize_model
+from tests.decoding import kernel_and_python_steps
 from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
@@ -44,8 +45,8 @@ def test_quantised_attention_block_step_equals_python_block(fmt, kv_heads, cache
             s = blk(torch.randn(batch, cached, 64), s, positions=prompt_pos)[1]
         x, pos = torch.randn(batch, 1, 64), torch.full((batch, 1), cached)
         with torch_threads(threads):
-            fused = block_step(blk, x, s, None, None, pos)
-            with python_block_step():
+            fused = layer_step(blk, x, s, None, None, pos)
+            with cpp_ext.kernels("ops"):
                 want_h, want_s, _ = blk(x, s, positions=pos)
     assert fused is not None
     torch.testing.assert_close(fused[0], want_h, rtol=1e-5, atol=1e-5)
@@ -64,16 +65,11 @@ def test_fully_quantised_model_decodes_like_its_python_steps_and_full_forward(fm
     ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         full = m(ids).logits
-        s_fused = s_py = m(ids[:, :4], use_cache=True).state
-        for t in range(4, 12):
-            out = m(ids[:, t:t + 1], state=s_fused)
-            with python_block_step():
-                ref = m(ids[:, t:t + 1], state=s_py)
-            s_fused, s_py = out.state, ref.state
-            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-            # the full forward multiplies float activations: the steps differ by int8 rounding only
-            err = (out.logits[:, 0] - full[:, t]).abs().max()
-            assert err <= 0.03 * full[:, t].abs().max(), (t, float(err))
+    for t, out, ref in kernel_and_python_steps(m, ids, 4):
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        # the full forward multiplies float activations: the steps differ by int8 rounding only
+        err = (out.logits[:, 0] - full[:, t]).abs().max()
+        assert err <= 0.03 * full[:, t].abs().max(), (t, float(err))
 
 
 @needs_kernel
@@ -98,10 +94,10 @@ def test_the_cached_kernel_plan_follows_module_swaps():
     s = blk.mixer.init_state(1)
     x, pos = torch.randn(1, 1, 64), torch.zeros(1, 1, dtype=torch.long)
     with torch.no_grad():
-        float_h = block_step(blk, x, s, None, None, pos)[0]
+        float_h = layer_step(blk, x, s, None, None, pos)[0]
         quantize_model(blk, "int4", group_size=32)
-        quant_h = block_step(blk, x, s, None, None, pos)[0]
-        with python_block_step():
+        quant_h = layer_step(blk, x, s, None, None, pos)[0]
+        with cpp_ext.kernels("ops"):
             want = blk(x, s, positions=pos)[0]
     torch.testing.assert_close(quant_h, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(quant_h, float_h, rtol=1e-5, atol=1e-5)

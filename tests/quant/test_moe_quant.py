@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from looplm.checkpoint import load_model, save_model
 from looplm.cli import main
 from looplm.generate import generate_ids
-from looplm.layers.block_step import block_step
+from looplm.layers.layer_step import layer_step
 from looplm.layers.moe import MoE
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.linear import QuantExperts
@@ -92,7 +92,7 @@ def test_int4_experts_decode_through_the_quantised_modules_and_step_equals_forwa
             m.forward = lambda e, x, real=real: calls.append(x.shape[0]) or real(e, x)
     blk = model.core[0]
     x = torch.randn(1, 1, 64)
-    assert block_step(blk, x, blk.mixer.init_state(1), None, None) is None  # Python layer, not moe_step
+    assert layer_step(blk, x, blk.mixer.init_state(1), None, None) is None  # Python layer, not moe_step
     ids = torch.randint(0, 256, (1, 10))
     full, steps = _step_logits(model, ids, 6)
     assert 1 in calls  # one-token steps ran the quantised experts

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from looplm.checkpoint import load_model
 from looplm.cli import main
+from looplm.layers.layer_step import describe
 
 TINY = ["--config", "tiny", "--no-progress", "--set", "max_files=30", "steps=4", "eval_interval=2",
         "sample_tokens=4"]
@@ -50,7 +51,10 @@ def test_eval_and_info_read_the_checkpoint(run_dir: Path, capsys: pytest.Capture
     assert 0 < ev["val_bpb"] < 9 and ev["val_loss"] > 0
     assert main(["info", str(run_dir / "latest"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["params_unique"] == load_model(run_dir / "latest").num_params() and info["step"] == 4
+    model = load_model(run_dir / "latest").eval()
+    assert info["params_unique"] == model.num_params() and info["step"] == 4
+    layers = [*model.prelude, *model.core, *model.coda]  # one decision per layer, as layer_step made it
+    assert list(info["kernels"].values()) == [f"{b.mixer_name}: {describe(b)}" for b in layers]
 
 
 def test_invalid_utf8_trains(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 // around the cache append (looplm/layers/kv_cache.py): attn_step_in (norm, q|k|v projection,
 // RoPE) and attn_step_out (attention over the whole cache, output projection, residual, dense
 // SwiGLU FFN or none). Weights are lists of parts in any of qmatvec.h's formats (float32, int8,
-// int4). See looplm/layers/block_step.py for why this exists; the Python block is the reference and
+// int4). See looplm/layers/layer_step.py for why this exists; the Python block is the reference and
 // the tests compare the two.
 #include "simd.h"  // first: it selects ATen's vector instruction set
 

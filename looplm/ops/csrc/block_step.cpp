@@ -1,6 +1,6 @@
 // One decoding step (T = 1) of a whole pre-norm block with a fixed-state mixer (DeltaNet / gated
 // DeltaNet: delta_block_step; linear attention, retention, simple GLA, GLA: decay_block_step) and
-// a dense SwiGLU FFN (or none), for B rows, in one call. See looplm/layers/block_step.py for why
+// a dense SwiGLU FFN (or none), for B rows, in one call. See looplm/layers/layer_step.py for why
 // this exists; the Python block (looplm/layers/block.py and mixers.py) is the reference, and the
 // tests compare the two. Every matrix-vector product reads each weight row once for all B rows,
 // rows split over threads; the rest (norms, short conv, delta-rule update) is a few thousand

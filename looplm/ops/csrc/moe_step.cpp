@@ -1,6 +1,6 @@
 // One decoding step (T = 1) of a block's mixture-of-experts FFN with its residual, for B rows, in
 // one call: h + MoE(rmsnorm(h)) with top-k routing over SwiGLU experts and an optional shared
-// expert. See looplm/layers/block_step.py for why this exists; looplm/layers/moe.py is the
+// expert. See looplm/layers/layer_step.py for why this exists; looplm/layers/moe.py is the
 // reference and the tests compare the two.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

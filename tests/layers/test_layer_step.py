@@ -1,5 +1,6 @@
-"""``looplm.layers.block_step``: the C++ decoding step of a fixed-state block equals the Python
-block for every fixed-state mixer, runs only where it applies, and rejects bad inputs."""
+"""``looplm.layers.layer_step``: the C++ decoding step of a fixed-state layer equals the Python
+layer for every fixed-state mixer, runs only where it applies, is decided once per layer (and
+again after a module swap or dtype change), and rejects bad inputs."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from looplm.errors import ConfigError
+from looplm.layers import layer_step as layer_step_module
 from looplm.layers.block import Block
-from looplm.layers.block_step import block_step, python_block_step
+from looplm.layers.layer_step import describe, layer_step
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
+from tests.decoding import kernel_and_python_steps
 from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
@@ -38,8 +42,14 @@ def _state(blk: Block, batch: int, seed: int = 1):
     return s
 
 
+def _step_inputs():
+    """A gated DeltaNet layer, a non-zero state and one token, batch 2."""
+    blk = _block()
+    return blk, _state(blk, 2), torch.randn(2, 1, 32)
+
+
 def _python(blk, x, s, positions=None):
-    with python_block_step():
+    with cpp_ext.kernels("ops"):
         return blk(x, s, positions=positions)
 
 
@@ -47,7 +57,7 @@ def _both(blk, x, s, threads, positions=None):
     """(the kernel's step, the Python block's step) of ``blk`` on ``threads`` torch threads."""
     with torch_threads(threads):
         with torch.no_grad():
-            return block_step(blk, x, s, None, None, positions), _python(blk, x, s, positions)
+            return layer_step(blk, x, s, None, None, positions), _python(blk, x, s, positions)
 
 
 FIXED = ["gated_deltanet", "deltanet", "linear", "retention", "simple_gla", "gla"]
@@ -60,7 +70,7 @@ def test_every_fixed_state_mixer_takes_the_kernel(mixer):
     s = _state(blk, 2)
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
-        fused = block_step(blk, x, s, None, None)
+        fused = layer_step(blk, x, s, None, None)
         want_h, want_s, _ = _python(blk, x, s)
     assert fused is not None
     torch.testing.assert_close(fused[0], want_h, rtol=1e-5, atol=1e-5)
@@ -92,7 +102,7 @@ def test_state_is_not_modified_and_block_uses_the_kernel():
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
         h, new, aux = blk(x, s)
-        again = block_step(blk, x, s, None, None)
+        again = layer_step(blk, x, s, None, None)
     assert torch.equal(s.conv, conv) and torch.equal(s.ssm, ssm)
     assert torch.equal(h, again[0])  # Block.forward took the kernel's path
     assert aux == {"tokens": 2}
@@ -113,47 +123,88 @@ def test_model_decoding_equals_full_forward_and_python_steps(name):
     ids = torch.randint(0, 64, (3, 10))
     with torch.no_grad():
         full = m(ids).logits
-        s_fused = s_py = m(ids[:, :4], use_cache=True).state
-        for t in range(4, 10):
-            out = m(ids[:, t:t + 1], state=s_fused)
-            with python_block_step():
-                ref = m(ids[:, t:t + 1], state=s_py)
-            s_fused, s_py = out.state, ref.state
-            torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
-            assert out.stats.keys() == ref.stats.keys()
-            for key, value in ref.stats.items():  # FLOPs, reach, and an MoE's load and losses
-                assert out.stats[key] == pytest.approx(value, rel=1e-5), key
+    for t, out, ref in kernel_and_python_steps(m, ids, 4):
+        torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+        assert out.stats.keys() == ref.stats.keys()
+        for key, value in ref.stats.items():  # FLOPs, reach, and an MoE's load and losses
+            assert out.stats[key] == pytest.approx(value, rel=1e-5), key
 
 
 @needs_kernel
 def test_falls_back_where_it_does_not_apply():
+    blk, s, x = _step_inputs()
+    with torch.no_grad():
+        assert layer_step(blk, x, s, torch.ones(2, 1, dtype=torch.bool), None) is None  # a mask
+        assert layer_step(blk, torch.randn(2, 3, 32), s, None, None) is None  # a prefill
+        assert layer_step(blk, x, None, None, None) is None  # training path, no state
+        assert layer_step(blk, x.double(), s, None, None) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer_step(blk, x, s, None, None) is None
+        with cpp_ext.kernels("ops"):
+            assert layer_step(blk, x, s, None, None) is None
+    assert layer_step(blk, x, s, None, None) is None  # autograd records: the Python block
+    with torch.no_grad():
+        attn = _block("attention")
+        assert layer_step(attn, x, s, None, None) is None  # a state of the wrong kind
+        holed = attn(torch.randn(2, 3, 32), attn.mixer.init_state(2),
+                     mask=torch.tensor([[True, False, True], [True, True, True]]))[1]
+        assert layer_step(attn, x, holed, None, None) is None  # a masked slot between seen ones
+        moe_pp = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
+                                  n_experts=2, top_k=1, zero_experts=3), "gated_deltanet").eval()
+        assert layer_step(moe_pp, x, _state(moe_pp, 2), None, None) is None  # MoE++ experts
+        quantised = _block()
+        quantised.mixer.qkv = nn.Linear(32, quantised.mixer.qkv.out_features, bias=False)  # not ours
+        assert layer_step(quantised, x, _state(quantised, 2), None, None) is None
+
+
+@needs_kernel
+def test_decided_once_not_per_step(monkeypatch):
+    """eval() decides; steps then reuse the decision instead of checking the layer's parts again."""
     blk = _block()
+    calls = []
+    real = layer_step_module.eligible
+    monkeypatch.setattr(layer_step_module, "eligible", lambda b: calls.append(1) or real(b))
+    blk.eval()
+    assert len(calls) == 1
     s = _state(blk, 2)
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
-        assert block_step(blk, x, s, torch.ones(2, 1, dtype=torch.bool), None) is None  # a mask
-        assert block_step(blk, torch.randn(2, 3, 32), s, None, None) is None  # a prefill
-        assert block_step(blk, x, None, None, None) is None  # training path, no state
-        assert block_step(blk, x.double(), s, None, None) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert block_step(blk, x, s, None, None) is None
-        with python_block_step():
-            assert block_step(blk, x, s, None, None) is None
-    assert block_step(blk, x, s, None, None) is None  # autograd records: the Python block
+        for _ in range(3):
+            assert layer_step(blk, x, s, None, None) is not None
+    assert len(calls) == 1
+    assert describe(blk) == "C++ layer step: delta_block_step"
+
+
+@needs_kernel
+def test_decided_again_after_a_module_swap_or_dtype_change():
+    blk, s, x = _step_inputs()
     with torch.no_grad():
-        attn = _block("attention")
-        assert block_step(attn, x, s, None, None) is None  # a state of the wrong kind
-        holed = attn(torch.randn(2, 3, 32), attn.mixer.init_state(2),
-                     mask=torch.tensor([[True, False, True], [True, True, True]]))[1]
-        assert block_step(attn, x, holed, None, None) is None  # a masked slot between seen ones
-        moe_pp = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
-                                  n_experts=2, top_k=1, zero_experts=3), "gated_deltanet").eval()
-        assert block_step(moe_pp, x, _state(moe_pp, 2), None, None) is None  # MoE++ experts
-        quantised = _block()
-        quantised.mixer.qkv = nn.Linear(32, quantised.mixer.qkv.out_features, bias=False)  # not ours
-        assert block_step(quantised, x, _state(quantised, 2), None, None) is None
+        assert layer_step(blk, x, s, None, None) is not None
+        blk.double()  # parameters keep their identity, their dtype changes
+        assert layer_step(blk, x, s, None, None) is None
+        assert describe(blk) == "Python layer (C++ ops where they apply)"
+        blk.float()
+        assert layer_step(blk, x, s, None, None) is not None
+        blk.ffn.w_in = nn.Linear(32, blk.ffn.w_in.out_features, bias=False)  # a module swapped after eval()
+        assert layer_step(blk, x, s, None, None) is None
+
+
+def test_one_switch_for_every_kernel_user():
+    blk, s, x = _step_inputs()
+    with cpp_ext.kernels("torch"), torch.no_grad():
+        assert not cpp_ext.available() and not cpp_ext.layer_steps()
+        assert layer_step(blk, x, s, None, None) is None
+        assert describe(blk) == "PyTorch forms (C++ kernels off or not built)"
+        with cpp_ext.kernels("ops"):  # the innermost block wins
+            assert cpp_ext.available() == cpp_ext._built() and not cpp_ext.layer_steps()
+            assert layer_step(blk, x, s, None, None) is None
+            with cpp_ext.kernels("cpp"):
+                assert cpp_ext.layer_steps() == cpp_ext._built()
+    with pytest.raises(ConfigError, match="cpp, ops, torch"):
+        with cpp_ext.kernels("cuda"):
+            pass
 
 
 def _moe_block(mixer, experts, top_k, shared, seed=0) -> Block:

@@ -1,6 +1,7 @@
-"""A whole block's decoding step in C++: one call for a fixed-state block, two for attention.
+"""A whole layer's decoding step in C++ (one call for a fixed-state layer, two for attention), and
+the decision which implementation each layer runs.
 
-Why: a decoding step of a block is ~35-40 small PyTorch ops (norms, projections, conv or RoPE,
+Why: a decoding step of a layer is ~35-40 small PyTorch ops (norms, projections, conv or RoPE,
 gates and state update or the cache, head norm, residuals, SwiGLU) on one row; in eager mode their
 dispatch overhead cost more than the arithmetic (bench model's 6-layer, width-384 gated DeltaNet
 model: ~3.6 ms per token in a tight loop, of which ~1.3 ms in the projections). The kernels
@@ -14,29 +15,39 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
   of :mod:`looplm.layers.kv_cache` (``attn_step_in``: norm, projections, RoPE; ``attn_step_out``:
   attention over each row's cache read front to back, output projection); only when each row's
   visible keys are one run at the end of the cache (unused slots only in front, as a batch of
-  caches of different lengths has them; no later position), else the Python block's masks run; its
+  caches of different lengths has them; no later position), else the Python layer's masks run; its
   projections and dense FFN may be int8 / int4 (a quantised module's ``kernel_parts()``, multiplied
   by :mod:`looplm.ops.qlinear`'s kernel, ``csrc/qmatvec.h``), so quantised models decode in it too;
 - with a dense :class:`~looplm.layers.ffn.SwiGLU` FFN or none inside those calls, or a
   :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts, optional shared expert, no
-  zero-computation experts) in ``csrc/moe_step.cpp``, which also returns the MoE's aux (load,
-  balance and z losses) as the Python layer does.
+  zero-computation experts, no recurrent router) in ``csrc/moe_step.cpp``, which also returns the
+  MoE's aux (load, balance and z losses) as the Python layer does.
 
-:func:`block_step` returns None wherever the Python block must run instead: not a decoding step
-(T > 1, no state, a mask, shared keys/values), autograd recording, autocast, dropout in training,
-another device or dtype, MoE++ experts, biased projections (quantised ones outside an attention
-block), or no C++ kernels
-(:mod:`looplm.ops.cpp_ext`). Inside :func:`python_block_step` it is off (tests compare both).
+The decision (:func:`decide`): whether a layer is built of the parts the kernels compute (module
+types, float32 plain projections, contiguous weights) is decided once, when the layer is put in
+eval or train mode or its tensors move or change dtype (``Block.train`` / ``Block._apply``), and
+again only after a module, parameter or buffer is registered anywhere (a global registration
+counter: quantisation swapping modules, a weight replaced). :func:`describe` says what was
+decided (``looplm info``). Per step :func:`layer_step` checks only what a step brings: not a
+decoding step (T > 1, no state, a mask, shared keys/values), autograd recording, autocast,
+dropout in training, another device or dtype of the input or state, masked cache slots, and the
+kernel switch (:func:`looplm.ops.cpp_ext.layer_steps`; ``cpp_ext.kernels("ops")`` turns the
+layer steps off, ``cpp_ext.kernels("torch")`` every other kernel too). It returns None wherever
+the Python layer must run: also MoE++ experts and biased projections (quantised ones outside an
+attention layer).
 Sums run in another order than PyTorch's: differences ~1e-6 relative.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from looplm.layers import kv_cache
 from looplm.layers.ffn import SwiGLU
@@ -59,19 +70,54 @@ from looplm.ops import cpp_ext
 from looplm.ops.attention import rope_inv_freq
 from looplm.ops.qlinear import parts_ok
 
-__all__ = ["block_step", "python_block_step"]
+__all__ = ["layer_step", "decide", "describe"]
 
-_forced_off: list[bool] = []  # non-empty inside python_block_step()
+_registrations = [0]  # modules, parameters and buffers registered in this process so far
 
 
-@contextlib.contextmanager
-def python_block_step() -> Iterator[None]:
-    """Within this context every block runs its Python decoding step."""
-    _forced_off.append(True)
-    try:
-        yield
-    finally:
-        _forced_off.pop()
+def _registered(*_: Any) -> None:
+    _registrations[0] += 1
+
+
+register_module_module_registration_hook(_registered)
+register_module_parameter_registration_hook(_registered)
+register_module_buffer_registration_hook(_registered)
+
+
+def decide(blk: Any) -> tuple[str, Any]:
+    """Decide (again) which step ``blk`` (a Block) runs: ``("attention", plan)`` (the attention
+    kernels' weight arguments), ``(op, None)`` for a fixed-state kernel (``delta_block_step`` /
+    ``decay_block_step``), or ``("python", None)``. Kept on the layer (not a submodule or buffer:
+    out of ``state_dict``) with the registration count it was made at."""
+    if type(blk.mixer) is Attention:
+        plan = _attention_plan(blk)
+        choice: tuple[str, Any] = ("python", None) if plan is None else ("attention", plan)
+    else:
+        args = _mixer_args(blk.mixer) if eligible(blk) else None
+        choice = ("python", None) if args is None else (args[0], None)
+    blk.__dict__["_layer_kernel"] = (_registrations[0], choice)
+    return choice
+
+
+def _decision(blk: Any) -> tuple[str, Any]:
+    """The decision made for ``blk``, made again if a module, parameter or buffer was registered since."""
+    cached = blk.__dict__.get("_layer_kernel")
+    if cached is None or cached[0] != _registrations[0]:
+        return decide(blk)
+    return cached[1]
+
+
+def describe(blk: Any) -> str:
+    """What ``blk`` runs when decoding, in words (``looplm info``)."""
+    kind, _ = _decision(blk)
+    if not cpp_ext.available():
+        return "PyTorch forms (C++ kernels off or not built)"
+    if kind == "python" or not cpp_ext.layer_steps():
+        return "Python layer (C++ ops where they apply)"
+    ops = ["attn_step_in", "attn_step_out"] if kind == "attention" else [kind]
+    if isinstance(blk.ffn, MoE):
+        ops.append("moe_step")
+    return "C++ layer step: " + " + ".join(ops)
 
 
 def _plain_linear(m: Any, bias: bool) -> bool:
@@ -91,35 +137,22 @@ def _step_weights(m: Any) -> list[torch.Tensor] | None:
     return parts if all(p.device.type == "cpu" and p.is_contiguous() for p in parts) else None
 
 
-def _raw_weights(m: Any) -> list[torch.Tensor]:
-    """The tensors ``_step_weights`` would return for ``m``, unchecked (the plan cache's key)."""
-    if hasattr(m, "kernel_parts"):
-        return (m.kernel_parts() or []) if m.kernel == "auto" else []
-    return [m.weight]
-
 
 def _attention_plan(blk: Any) -> tuple[Any, ...] | None:
     """The attention kernels' weight arguments of ``blk`` (qkv parts, output parts, FFN norm and
-    parts), or None where they do not apply. Checked once and cached on the block while its
-    modules hold the same tensors: the checks cost more than a small model's step."""
+    parts, FFN norm eps), or None where they do not apply."""
     mixer, ffn = blk.mixer, blk.ffn
     dense = type(ffn) is SwiGLU
     mods = [mixer.qkv, mixer.o_proj, *((ffn.w_in, ffn.w_out) if dense else ())]
     norms = [blk.mixer_norm.weight, *((blk.ffn_norm.weight,) if dense else ())]
-    key = [type(ffn), *norms, *(t for m in mods for t in _raw_weights(m))]
-    cached = blk.__dict__.get("_attn_plan")
-    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
-        return cached[1]
-    plan = None
     weights = [_step_weights(m) for m in mods]
     if (all(w is not None for w in weights) and type(blk.mixer_norm) is RMSNorm
             and all(n.dtype == torch.float32 and n.is_contiguous() for n in norms)
             and (ffn is None or dense or (type(blk.ffn_norm) is RMSNorm and _plain_moe(ffn)
                                           and all(p.is_contiguous() for p in ffn.parameters())))):
         ffn_args = [norms[1], weights[2], weights[3]] if dense else [None, [], []]
-        plan = (weights[0], weights[1], ffn_args, _eps(blk.ffn_norm) if dense else 0.0)
-    blk.__dict__["_attn_plan"] = (key, plan)  # not a submodule or buffer: kept out of state_dict
-    return plan
+        return (weights[0], weights[1], ffn_args, _eps(blk.ffn_norm) if dense else 0.0)
+    return None
 
 
 def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
@@ -151,7 +184,7 @@ def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
 
 
 def eligible(blk: Any) -> bool:
-    """Whether ``blk`` (a Block) is built of the parts the kernels compute."""
+    """Whether ``blk`` (a Block) is built of the parts the kernels compute (checked by :func:`decide`)."""
     mixer, ffn = blk.mixer, blk.ffn
     if type(mixer) is Attention:  # its FFN, dense inside attn_step_out, may be quantised too
         return _attention_plan(blk) is not None
@@ -172,42 +205,43 @@ def _plain_swiglu(ffn: Any) -> bool:
 
 def _plain_moe(ffn: Any) -> bool:
     """An MoE of float SwiGLU experts (and a plain shared expert, if any), no zero-computation
-    experts; quantised or fake-quantised experts run the Python layer (``MoE.forward``)."""
-    return (type(ffn) is MoE and not any(ffn.kinds) and _plain_linear(ffn.router, False)
+    experts, no recurrent router; quantised or fake-quantised experts run the Python layer
+    (``MoE.forward``)."""
+    return (type(ffn) is MoE and not any(ffn.kinds) and ffn.gru is None and _plain_linear(ffn.router, False)
             and isinstance(ffn.w_in, torch.Tensor) and isinstance(ffn.w_out, torch.Tensor)
             and ffn.expert_weight_fn is None and ffn.w_in.dtype == ffn.w_out.dtype == torch.float32
             and (ffn.shared is None or _plain_swiglu(ffn.shared)))
 
 
-def block_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None, shared_kv: Any,
+def layer_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None, shared_kv: Any,
                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, dict] | None:
     """``x [B, 1, d]`` after one decoding step of ``blk`` from ``state`` (``positions [B, 1]``: the
     token's position, for attention; default ``state.seen``) -> ``(h [B, 1, d], new state, the
-    FFN's aux)``, or None where the Python block must run (see the module docstring)."""
-    if (_forced_off or mask is not None or shared_kv is not None or x.dim() != 3 or x.shape[1] != 1
+    FFN's aux)``, or None where the Python layer must run (see the module docstring)."""
+    if (mask is not None or shared_kv is not None or x.dim() != 3 or x.shape[1] != 1
             or x.device.type != "cpu" or x.dtype != torch.float32 or (blk.training and blk.drop.p)
             or torch.is_autocast_enabled("cpu")):
         return None
-    attention = type(blk.mixer) is Attention
-    plan = _attention_plan(blk) if attention else None
-    if (plan is None) if attention else not eligible(blk):
+    kind, plan = _decision(blk)
+    if kind == "python":
         return None
+    attention = kind == "attention"
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in blk.parameters())):
         return None
     if isinstance(state, RecurrentState) and not attention:
         if (state.ssm.shape[0] != x.shape[0] or state.ssm.dtype != torch.float32
-                or state.conv.dtype != torch.float32 or not cpp_ext.available()):
+                or state.conv.dtype != torch.float32 or not cpp_ext.layer_steps()):
             return None
         h, state = _fixed_state_step(blk, x[:, 0].contiguous(), state)
     elif isinstance(state, KVState) and attention:
         pos = (state.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
         if (state.k.shape[0] != x.shape[0] or state.k.dtype != torch.float32 or state.v.dtype != torch.float32
                 or pos.dtype != torch.long or not bool((state.pos <= pos[:, None]).all())
-                or not cpp_ext.available()):
-            return None  # later positions in the cache: the Python block's masks
+                or not cpp_ext.layer_steps()):
+            return None  # later positions in the cache: the Python layer's masks
         starts = _front_padding(state.key_mask)
         if starts is False:
-            return None  # masked slots between seen ones: the Python block's masks
+            return None  # masked slots between seen ones: the Python layer's masks
         h, state = _attention_step(blk, x[:, 0].contiguous(), state, pos, plan, starts)
     else:
         return None
@@ -247,7 +281,7 @@ def _front_padding(key_mask: torch.Tensor) -> torch.Tensor | None | bool:
 def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor,
                     plan: tuple[Any, ...], starts: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, KVState]:
-    """Attention block step: projections and RoPE in C++, the cache append in Python
+    """Attention layer step: projections and RoPE in C++, the cache append in Python
     (:mod:`looplm.layers.kv_cache`), attention over the cache and the rest in C++."""
     mixer = blk.mixer
     H, Hkv, D = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
