@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from looplm.errors import ConfigError
+from looplm.ops import kv_quant
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
@@ -179,11 +180,10 @@ def dequantize_int4(
 
 
 def quantize_fp8(w: Tensor, name: str = "fp8_e4m3") -> dict[str, Tensor]:
-    """``w [out, in]`` → ``q float8 [out, in]`` (saturated, RNE), ``scale float32 [out]``."""
-    fmax = FP8_MAX[name]
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / fmax).clamp(min=torch.finfo(torch.float32).tiny)
-    return {"q": cast_fp8(w / scale[:, None], name), "scale": scale}
+    """``w [out, in]`` → ``q float8 [out, in]`` (saturated, RNE), ``scale float32 [out]``: the
+    per-row quantiser of the decoding state (:func:`looplm.ops.kv_quant.quantize_rows`)."""
+    q, scale = kv_quant.quantize_rows(w, FP8_DTYPES[name])
+    return {"q": q, "scale": scale.squeeze(-1)}
 
 
 def cast_fp8(x: Tensor, name: str) -> Tensor:
