@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from looplm.data.corpus import in_validation
+from looplm.data.finetune import LICENSES
 from looplm.data.stdlib import stdlib_files
 from looplm.errors import CheckpointError, ConfigError
 from looplm.layers.norms import RMSNorm
@@ -35,7 +36,6 @@ from looplm.model import LoopLM
 from looplm.ops.linear import linear
 
 HEAD_KINDS = ("exit", "medusa")
-LICENSES = Path("/usr/share/common-licenses")
 
 
 def lm_head(model: LoopLM, x: torch.Tensor) -> torch.Tensor:
