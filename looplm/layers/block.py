@@ -16,7 +16,8 @@ from torch import nn
 
 from looplm.layers.ffns import ffn_spec, matmul_params
 from looplm.layers.layer_step import decide, layer_step
-from looplm.layers.mixers import Attention, KVState, build_mixer, mixer_spec, read_cache
+from looplm.layers.mixer_states import KVState
+from looplm.layers.mixers import Attention, build_mixer, mixer_spec, read_cache
 from looplm.layers.moe import MoE
 from looplm.layers.norms import RMSNorm
 from looplm.ops.attention import rope
@@ -66,7 +67,7 @@ class Block(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Block:
         """A device or dtype change (``.to``, ``.float()``...); the decoding kernel is decided again."""
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch's Module._apply is untyped
         decide(self)
         return self
 
@@ -78,31 +79,33 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, state: Any = None, *, positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None, shared_kv: KVState | None = None, route: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Any, dict]:
+    ) -> tuple[torch.Tensor, Any, dict[str, Any]]:
         """x ``[B,T,d]``, mask ``[B,T]`` bool (False rows come out unchanged) -> (y, state, aux).
 
         ``aux`` is the FFN's aux dict plus ``tokens`` (rows run: an int, a 0-dim tensor with a mask).
         ``route [B,T,g]``: the recurrent MoE router's hidden state coming in; with such a router
         ``aux["route"]`` is the one going out (rows the mask drops keep theirs).
         """
-        recurrent = isinstance(self.ffn, MoE) and self.ffn.gru is not None
+        gru = self.ffn.gru if isinstance(self.ffn, MoE) else None  # a recurrent MoE router's
         fused = layer_step(self, x, state, mask, shared_kv, positions)  # never with a recurrent router
         if fused is not None:  # the layer's decoding step in C++
             h, state, aux = fused
             return h, state, {**aux, "tokens": h.shape[0]}
         u = self.mixer_norm(x)
         if shared_kv is not None:
+            if not isinstance(self.mixer, Attention) or positions is None:
+                raise ValueError("shared_kv needs an attention mixer and the tokens' positions")
             y = attend_shared(self.mixer, u, shared_kv, positions, mask)
         else:
             y, state = self.mixer(u, state, positions=positions, mask=mask)
         h = x + self._drop(y)
         tokens: int | torch.Tensor = h.shape[0] * h.shape[1] if mask is None else mask.sum()
-        if self.ffn is None:
+        if self.ffn is None or self.ffn_norm is None:
             return h, state, {"tokens": tokens}
         u = self.ffn_norm(h)
-        if recurrent:
+        if gru is not None:
             if route is None:
-                route = h.new_zeros(*h.shape[:2], self.ffn.gru.hidden_size)
+                route = h.new_zeros(*h.shape[:2], gru.hidden_size)
             rows = route.reshape(-1, route.shape[-1]) if mask is None else route[mask]
             extra = {"route": rows}
         else:
@@ -113,7 +116,7 @@ class Block(nn.Module):
         else:
             f, aux = self.ffn(u[mask], **extra)
             h = h + torch.zeros_like(h).index_put((mask,), self._drop(f))
-        if recurrent:
+        if gru is not None and route is not None:
             aux = dict(aux)
             new = aux["route"]
             aux["route"] = new.view_as(route) if mask is None else route.index_put((mask,), new)

@@ -14,6 +14,8 @@ vectorised pass per row each way, ``silu(gate)`` recomputed with a vector exp ra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +33,7 @@ def _blocks(n: int, width: int) -> list[slice]:
 
 class _SwiGLUAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight):
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         hd = h.shape[-1] // 2
         y, act = h.new_empty(*h.shape[:-1], hd), h.new_empty(h.shape[:-1].numel(), hd)
         h2, y2 = h.view(-1, 2 * hd), y.view(-1, hd)
@@ -45,7 +47,7 @@ class _SwiGLUAct(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h, act_all, weight = ctx.saved_tensors
         hd = h.shape[-1] // 2
         g_h = torch.empty_like(h)
@@ -69,7 +71,7 @@ class _SwiGLUKernel(torch.autograd.Function):
     threads; it saves only ``h`` (and the weight) and recomputes ``silu(gate)`` in the backward."""
 
     @staticmethod
-    def forward(ctx, h, weight):
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         h2 = h.reshape(-1, h.shape[-1])
         w1 = None if weight is None else weight.reshape(-1).contiguous()
         y = torch.ops.looplm.swiglu_forward(h2, w1)
@@ -78,7 +80,7 @@ class _SwiGLUKernel(torch.autograd.Function):
         return y.view(*h.shape[:-1], h.shape[-1] // 2)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h2, w1 = ctx.saved_tensors
         need_w = w1 is not None and ctx.needs_input_grad[1]
         g_h, g_w = torch.ops.looplm.swiglu_backward(gy.reshape(h2.shape[0], -1).contiguous(), h2, w1, need_w)
@@ -95,12 +97,14 @@ def swiglu(h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     if weight is not None and weight.dtype != h.dtype:
         weight = weight.to(h.dtype)
     if _kernel_applies(h, weight):
-        return _SwiGLUKernel.apply(h, weight)
+        # torch's autograd Function.apply is untyped
+        return _SwiGLUKernel.apply(h, weight)  # type: ignore[no-untyped-call]
     if torch.compiler.is_compiling() or not tracked(h, weight):  # the compiler derives the backward
         gate, up = h.chunk(2, dim=-1)
         y = F.silu(gate) * up
         return y if weight is None else y * weight[..., None]
-    return _SwiGLUAct.apply(h.contiguous(), weight)
+    # torch's autograd Function.apply is untyped
+    return _SwiGLUAct.apply(h.contiguous(), weight)  # type: ignore[no-untyped-call]
 
 
 class SwiGLU(nn.Module):
@@ -115,5 +119,5 @@ class SwiGLU(nn.Module):
         self.w_in = Linear(d_model, 2 * hidden, bias=False)
         self.w_out = Linear(hidden, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.w_out(swiglu(self.w_in(x))), {}

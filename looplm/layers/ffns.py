@@ -47,7 +47,7 @@ class FFNCost:
         """Weights one token runs as configured (``top_k`` real experts: an upper bound with MoE++)."""
         return self.dense + self.top_k * self.expert
 
-    def flops(self, tokens: Number, aux: dict) -> Number:
+    def flops(self, tokens: Number, aux: dict[str, torch.Tensor]) -> Number:
         """Forward FLOPs over ``tokens`` rows (an int or a 0-dim tensor); with an MoE's ``aux``
         ``load`` (share of assignments per expert) only the real experts that ran count."""
         if "load" not in aux:
@@ -56,7 +56,13 @@ class FFNCost:
         return 2 * tokens * (self.dense + self.top_k * self.expert * real)
 
 
-def _moe_cost(ffn: nn.Module) -> FFNCost:
+def _dense_cost(ffn: nn.Module | None) -> FFNCost:
+    return FFNCost(dense=0 if ffn is None else matmul_params(ffn))
+
+
+def _moe_cost(ffn: nn.Module | None) -> FFNCost:
+    if not isinstance(ffn, MoE):
+        raise TypeError(f"the moe FFN's cost needs an MoE layer, got {type(ffn).__name__}")
     shared = 0 if ffn.shared is None else matmul_params(ffn.shared)
     expert = ffn.w_in[0].numel() + ffn.w_out[0].numel()
     gru = (ffn.route_in, ffn.gru, ffn.route_out)  # a recurrent router's GRU and projections, if any
@@ -91,7 +97,7 @@ class FFNSpec:
 
 
 FFNS: dict[str, FFNSpec] = {s.name: s for s in (
-    FFNSpec("dense", lambda c: SwiGLU(c.d_model, c.ffn_dim), lambda f: FFNCost(dense=matmul_params(f))),
+    FFNSpec("dense", lambda c: SwiGLU(c.d_model, c.ffn_dim), _dense_cost),
     FFNSpec("moe", _build_moe, _moe_cost, _check_moe),
     FFNSpec("none", lambda c: None, lambda f: FFNCost()),
 )}

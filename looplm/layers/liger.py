@@ -49,7 +49,7 @@ class LinearizedAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_base: float = 10000.0,
-                 rope_scaling: dict | None = None, bias: bool = False, window: int = 0,
+                 rope_scaling: dict[str, Any] | None = None, bias: bool = False, window: int = 0,
                  gate_tau: float = 16.0, chunk_size: int | None = None) -> None:
         super().__init__()
         if window < 0:
@@ -104,7 +104,7 @@ class LinearizedAttention(nn.Module):
         if mask is not None:
             o = o * mask[:, :, None, None]
         out = self.o_proj(o.to(x.dtype).reshape(B, T, H * D))
-        return out, (None if state is None else LinearizedState(ssm, window))
+        return out, (None if state is None or ssm is None else LinearizedState(ssm, window))
 
     def _recur(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                ssm: torch.Tensor | None, stateful: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 __all__ = ["KVState", "LinearizedState", "QuantKVState", "RecurrentState", "check_inputs"]
 
 
+@dataclass
 class _NBytes:
     def nbytes(self) -> int:
         """Bytes held by the state's tensors."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.layers import kv_cache
-from looplm.layers.liger import LigerGatedDeltaNet, LigerGLA, liger_options
+from looplm.layers.liger import LigerGatedDeltaNet, LigerGLA, LinearizedAttention, liger_options
 from looplm.layers.linear import Linear
 from looplm.layers.mixer_states import KVState, QuantKVState, RecurrentState, check_inputs
 from looplm.layers.mom import MixtureOfMemories
@@ -48,7 +48,7 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_base: float = 10000.0,
-                 rope_scaling: dict | None = None, bias: bool = False) -> None:
+                 rope_scaling: dict[str, Any] | None = None, bias: bool = False) -> None:
         super().__init__()
         self.d_model, self.n_heads = d_model, n_heads
         self.n_kv_heads = n_kv_heads or n_heads
@@ -71,9 +71,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         default_pos = positions is None
-        if default_pos:
-            start = state.seen[:, None] if state is not None else 0
-            positions = start + torch.arange(T, device=x.device)
+        if positions is None:
+            steps = torch.arange(T, device=x.device)
+            positions = steps if state is None else state.seen[:, None] + steps
         cos, sin = rope_cos_sin(positions, D, self.rope_base, x.dtype, self.rope_scaling)
         positions = positions.expand(B, T)
         # split, not slices: the backward of two slices zero-fills the whole qkv gradient twice
@@ -101,7 +101,7 @@ class Attention(nn.Module):
                 default_pos or T == 1 or (not torch.compiler.is_compiling()
                                           and bool((positions[:, 1:] > positions[:, :-1]).all()))):
             o = attention(q, k, v)
-        elif (T == 1 and mask is None and bool(key_mask.all())
+        elif (T == 1 and mask is None and key_mask is not None and bool(key_mask.all())
               and bool((kpos <= positions).all())):  # a decoding step that sees every cached key
             o = attention(q, k, v, causal=False)
         else:
@@ -158,10 +158,11 @@ class _FixedStateMixer(nn.Module):
         """Feature map of queries and keys together, ``qk [B, T, 2H, dk]`` (one call for both)."""
         return qk
 
-    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict:
+    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return {}
 
-    def _mix(self, q, k, v, gates: dict, state: torch.Tensor | None, step: bool):
+    def _mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict[str, torch.Tensor],
+             state: torch.Tensor | None, step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``q, k [B,T,H,dk]``, ``v [B,T,H,dv]``, ``state [B,H,dk,dv] | None`` -> ``(o [B,T,H,dv],
         state)``; the step form when ``step`` (T = 1), else the chunkwise form."""
         raise NotImplementedError
@@ -189,7 +190,7 @@ class _FixedStateMixer(nn.Module):
             c, new_conv = causal_conv1d(qkv, self.conv_weight, None, conv_state, silu=True)
         if mask is not None and state is not None:  # the last K-1 *active* inputs
             n_keep = new_conv.shape[1]
-            xp = torch.cat((conv_state, qkv), 1)
+            xp = torch.cat((state.conv, qkv), 1)
             idx = mask.sum(1, keepdim=True) + torch.arange(n_keep, device=x.device)
             new_conv = xp.gather(1, idx[..., None].expand(-1, -1, xp.shape[-1]))
         qk, v = c.split((2 * H * dk, H * dv), dim=-1)
@@ -218,7 +219,8 @@ class _FixedStateMixer(nn.Module):
 class _DecayMixer(_FixedStateMixer):
     """Mixers over the ``decay_*`` ops (linear attention, retention, GLA)."""
 
-    def _mix(self, q, k, v, gates, state, step):
+    def _mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict[str, torch.Tensor],
+             state: torch.Tensor | None, step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         g = gates.get("g")
         if step:
             o, s = decay_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], state=state)
@@ -231,25 +233,27 @@ class LinearAttention(_DecayMixer):
     ``elu + 1`` on q, k (``feature_map='identity'`` to drop it); the output RMSNorm replaces
     the denominator (TransNormer, Qin et al. 2022)."""
 
-    def __init__(self, d_model: int, n_heads: int, *, feature_map: str = "elu1", **kw) -> None:
+    def __init__(self, d_model: int, n_heads: int, *, feature_map: str = "elu1", **kw: Any) -> None:
         super().__init__(d_model, n_heads, **kw)
         if feature_map not in ("elu1", "identity"):
             raise ConfigError(f"feature_map must be 'elu1' or 'identity', got {feature_map!r}")
         self.feature_map = feature_map
 
-    def _features(self, qk):
+    def _features(self, qk: torch.Tensor) -> torch.Tensor:
         return F.elu(qk) + 1 if self.feature_map == "elu1" else qk
 
 
 class Retention(_DecayMixer):
     """Retention (RetNet, Sun et al. 2023): fixed decay per head ``gamma_h = 1 - 2^(-5-h)``."""
 
-    def __init__(self, d_model: int, n_heads: int, **kw) -> None:
+    log_gamma: torch.Tensor  # [H] buffer
+
+    def __init__(self, d_model: int, n_heads: int, **kw: Any) -> None:
         super().__init__(d_model, n_heads, **kw)
         gamma = 1 - 2.0 ** (-5 - torch.arange(n_heads, dtype=torch.float64))
         self.register_buffer("log_gamma", gamma.log().float(), persistent=False)
 
-    def _gates(self, x, m):
+    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict[str, torch.Tensor]:
         g = self.log_gamma.to(x.dtype).expand(*x.shape[:2], self.n_heads)
         return {"g": g if m is None else g * m[..., None]}
 
@@ -259,13 +263,13 @@ class GLA(_DecayMixer):
     ``alpha = sigmoid(x W1 W2 + b)^(1/tau)``, low rank, in log space ``g = logsigmoid(.) / tau``."""
 
     def __init__(self, d_model: int, n_heads: int, *, gate_rank: int = 16, gate_tau: float = 16.0,
-                 **kw) -> None:
+                 **kw: Any) -> None:
         super().__init__(d_model, n_heads, **kw)
         self.gate_tau = gate_tau
         self.gk = nn.Sequential(Linear(d_model, gate_rank, bias=False),
                                 Linear(gate_rank, n_heads * self.head_dim, bias=True))
 
-    def _gates(self, x, m):
+    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict[str, torch.Tensor]:
         g = F.logsigmoid(self.gk(x)).view(*x.shape[:2], self.n_heads, self.head_dim) / self.gate_tau
         return {"g": g if m is None else g * m[..., None, None]}
 
@@ -274,12 +278,12 @@ class SimpleGLA(_DecayMixer):
     """Scalar-gated linear attention (Mamba-2 / simple GLA, Dao & Gu 2024): one decay per head
     and token, ``g = logsigmoid(x w_g + b) / tau``."""
 
-    def __init__(self, d_model: int, n_heads: int, *, gate_tau: float = 16.0, **kw) -> None:
+    def __init__(self, d_model: int, n_heads: int, *, gate_tau: float = 16.0, **kw: Any) -> None:
         super().__init__(d_model, n_heads, **kw)
         self.gate_tau = gate_tau
         self.gk = Linear(d_model, n_heads, bias=True)
 
-    def _gates(self, x, m):
+    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict[str, torch.Tensor]:
         g = F.logsigmoid(self.gk(x)) / self.gate_tau
         return {"g": g if m is None else g * m[..., None]}
 
@@ -288,18 +292,19 @@ class DeltaNet(_FixedStateMixer):
     """DeltaNet (Schlag et al. 2021; Yang et al. 2024): ``S_t = (I - b k^T k) S_{t-1} + b k^T v``,
     q, k L2-normalised, ``beta = sigmoid(x w_beta)``."""
 
-    def __init__(self, d_model: int, n_heads: int, **kw) -> None:
+    def __init__(self, d_model: int, n_heads: int, **kw: Any) -> None:
         super().__init__(d_model, n_heads, **kw)
         self.beta_proj = Linear(d_model, n_heads, bias=True)
 
-    def _features(self, qk):
+    def _features(self, qk: torch.Tensor) -> torch.Tensor:
         return l2_normalize(qk)
 
-    def _gates(self, x, m):
+    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict[str, torch.Tensor]:
         beta = torch.sigmoid(self.beta_proj(x))
         return {"beta": beta if m is None else beta * m[..., None]}
 
-    def _mix(self, q, k, v, gates, state, step):
+    def _mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: dict[str, torch.Tensor],
+             state: torch.Tensor | None, step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         beta, g = gates["beta"], gates.get("g")
         if step:
             o, s = delta_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
@@ -312,14 +317,14 @@ class GatedDeltaNet(DeltaNet):
     """Gated DeltaNet (Yang, Kautz, Hatamizadeh 2025): ``S_t = a_t (I - b k^T k) S_{t-1} + b k^T v``,
     ``a_t = exp(g_t)``, ``g = -exp(A_log) * softplus(x W_a + dt_bias)`` per head (Mamba-2)."""
 
-    def __init__(self, d_model: int, n_heads: int, **kw) -> None:
+    def __init__(self, d_model: int, n_heads: int, **kw: Any) -> None:
         super().__init__(d_model, n_heads, **kw)
         self.a_proj = Linear(d_model, n_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
         dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
-    def _gates(self, x, m):
+    def _gates(self, x: torch.Tensor, m: torch.Tensor | None) -> dict[str, torch.Tensor]:
         gates = super()._gates(x, m)
         g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)
         gates["g"] = g if m is None else g * m[..., None]
@@ -363,7 +368,7 @@ class MixerSpec:
     def pair_flops(self, mixer: nn.Module) -> int:
         """Forward FLOPs per attended (query, key) pair (QKᵀ and AV, docs/mechanisms.md §5): 0 for a
         fixed-state mixer, whose cost is its matmuls only."""
-        return 4 * mixer.n_heads * mixer.head_dim if self.kv_cache else 0
+        return 4 * mixer.n_heads * mixer.head_dim if isinstance(mixer, Attention) else 0
 
     def state_numel(self, mixer: nn.Module, tokens: int) -> int:
         """Numbers in one row's decoding state after ``tokens`` tokens: keys and values of every
@@ -371,15 +376,17 @@ class MixerSpec:
         (and keys and values of at most ``window`` tokens); else the conv tail
         (``(conv_size - 1) · channels``) and the ``H · dk · dv`` state, whatever the length (a
         mixture of memories: that of each memory)."""
-        if self.kv_cache:
+        if isinstance(mixer, Attention):
             return 2 * mixer.n_kv_heads * mixer.head_dim * tokens
         if isinstance(mixer, MixtureOfMemories):  # one fixed state per memory
             return sum(self.state_numel(m, tokens) for m in mixer.memories)
-        if not hasattr(mixer, "conv_weight"):  # linearised attention (layers/liger.py)
+        if isinstance(mixer, LinearizedAttention):
             window = 2 * mixer.n_kv_heads * mixer.head_dim * min(tokens, mixer.window)
             return mixer.n_heads * mixer.head_dim ** 2 + window
-        channels, width = mixer.conv_weight.shape
-        return (width - 1) * channels + mixer.n_heads * mixer.head_dim * mixer.value_dim
+        if isinstance(mixer, _FixedStateMixer):
+            channels, width = mixer.conv_weight.shape
+            return (width - 1) * channels + mixer.n_heads * mixer.head_dim * mixer.value_dim
+        raise TypeError(f"no state size known for mixer {type(mixer).__name__}")
 
 
 # The registry: a new mixer is its class (and op) plus one line here.
@@ -415,7 +422,7 @@ def _head_dim(d_model: int, n_heads: int) -> int:
     return d_model // n_heads
 
 
-def build_mixer(name: str, d_model: int, n_heads: int, **opts) -> nn.Module:
+def build_mixer(name: str, d_model: int, n_heads: int, **opts: Any) -> nn.Module:
     """The mixer called ``name`` (one of ``MIXERS``); ``opts`` go to its constructor."""
     spec = mixer_spec(name)
     try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from torch import nn
 from looplm.errors import ConfigError
 from looplm.layers.ffn import SwiGLU, swiglu
 from looplm.layers.linear import Linear
+
+# an expert's projection: ``proj(e, x [n, in]) -> x W_e [n, out]``
+Projection = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def _gather_sum(x: torch.Tensor, idx: torch.Tensor, group: int) -> torch.Tensor:
@@ -53,13 +57,14 @@ class _Regroup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fwd: torch.Tensor, a: int, bwd: torch.Tensor, b: int) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, fwd: torch.Tensor, a: int, bwd: torch.Tensor,
+                b: int) -> torch.Tensor:
         ctx.save_for_backward(bwd)
         ctx.group = b
         return _gather_sum(x, fwd, a)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         (bwd,) = ctx.saved_tensors
         return _gather_sum(g.contiguous(), bwd, ctx.group), None, None, None, None
 
@@ -107,20 +112,21 @@ class MoE(nn.Module):
         self.shared = SwiGLU(d_model, shared_hidden) if shared_hidden else None
         self.expert_weight_fn: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
-    def _projections(self) -> tuple[Callable, Callable]:
+    def _projections(self) -> tuple[Projection, Projection]:
         """``(proj_in, proj_out)``: ``proj(e, x [n, in]) -> x W_e [n, out]`` for the experts'
         fused gate|up and down matrices, float or quantised."""
         if not isinstance(self.w_in, torch.Tensor):  # quantised experts: modules m(e, x)
             return self.w_in, self.w_out
-        w_in, w_out = self.w_in, self.w_out
+        w_in: torch.Tensor = self.w_in
+        w_out: torch.Tensor = self.w_out
         if self.expert_weight_fn is not None:
             w_in, w_out = self.expert_weight_fn("w_in", w_in), self.expert_weight_fn("w_out", w_out)
         # unbind once: indexing the stacked parameter per expert would make E full-size grads
         ins, outs = w_in.unbind(0), w_out.unbind(0)
         return (lambda e, x: x @ ins[e]), (lambda e, x: x @ outs[e])
 
-    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor, proj_in: Callable,
-                proj_out: Callable) -> torch.Tensor | None:
+    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor, proj_in: Projection,
+                proj_out: Projection) -> torch.Tensor | None:
         """Gate-weighted output ``w [n] * E_e(x)`` of expert ``e`` on its tokens ``x [n, d]``;
         None for a zero expert."""
         if e < self.n_experts:
@@ -148,26 +154,31 @@ class MoE(nn.Module):
         return torch.stack([p.sum() for p in idle]).sum() * 0.0 if idle else None
 
     def _dispatch(self, x: torch.Tensor, weight: torch.Tensor, flat: torch.Tensor, sizes: list[int],
-                  proj_in: Callable, proj_out: Callable) -> torch.Tensor:
+                  proj_in: Projection, proj_out: Projection) -> torch.Tensor:
         """Each expert on its own tokens: slots sorted by expert ``flat [N*k]``, ``sizes [E]``
         slots per expert, combined back per token; -> ``[N, d]``."""
         k = self.top_k
         order = flat.argsort(stable=True)
         token = order // k  # token of each slot, slots grouped by expert
         inv = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
-        xs = _Regroup.apply(x, token, 1, inv, k)
+        # torch's autograd Function.apply is untyped
+        xs = _Regroup.apply(x, token, 1, inv, k)  # type: ignore[no-untyped-call]
         slot_w = weight.flatten()[order].to(x.dtype)
         outs = []
         for e, (x_e, w_e) in enumerate(zip(xs.split(sizes), slot_w.split(sizes))):
             if sizes[e]:
                 y_e = self._expert(e, x_e, w_e, proj_in, proj_out)
                 outs.append(x_e.new_zeros(x_e.shape) if y_e is None else y_e)
-        y = _Regroup.apply(torch.cat(outs), inv, k, token, 1) if x.shape[0] else x.new_zeros(x.shape)
+        if x.shape[0]:
+            # torch's autograd Function.apply is untyped
+            y = _Regroup.apply(torch.cat(outs), inv, k, token, 1)  # type: ignore[no-untyped-call]
+        else:
+            y = x.new_zeros(x.shape)
         idle = self._idle_zero(sizes) if torch.is_grad_enabled() else None
         return y if idle is None else y + idle
 
-    def every_expert(self, x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, proj_in: Callable,
-                     proj_out: Callable) -> torch.Tensor:
+    def every_expert(self, x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, proj_in: Projection,
+                     proj_out: Projection) -> torch.Tensor:
         """The same sum with every expert run on every token of ``x [N, d]``, its gate weight 0
         where the token did not choose it (``weight, expert [N, k]``): shapes do not depend on the
         routing (what torch.compile traces), at E/k times the expert FLOPs; every parameter takes part."""
@@ -179,14 +190,15 @@ class MoE(nn.Module):
                 y = y + y_e
         return y
 
-    def forward(self, x: torch.Tensor, route: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor,
+                route: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``route [N, g]``: a recurrent router's incoming hidden state (zeros if None); its new
         state is ``aux["route"]``."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         N, k, E = x.shape[0], self.top_k, self.n_total
         z = self.router(x).float()
-        if self.gru is not None:
+        if self.gru is not None and self.route_in is not None and self.route_out is not None:
             route = x.new_zeros(N, self.gru.hidden_size) if route is None else route.reshape(N, -1)
             route = self.gru(self.route_in(x), route)
             z = z + self.route_out(route).float()

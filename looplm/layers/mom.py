@@ -16,6 +16,7 @@ With M = k = 1 the layer is the underlying mixer (g = 1, every token routed).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -35,12 +36,20 @@ class MemoryState:
         return sum(s.nbytes() for s in self.memories)
 
 
+class Memory(Protocol):
+    """What a mixture needs of a memory (a fixed-state mixer): its head size and a zero state."""
+
+    head_dim: int
+
+    def init_state(self, batch_size: int) -> RecurrentState: ...
+
+
 class MixtureOfMemories(nn.Module):
     """``forward(x [B,T,d], state=None, *, positions=None, mask=None) -> (y [B,T,d], state)`` as
     every mixer; ``memory`` is the fixed-state mixer class, ``opts`` its options."""
 
     def __init__(self, d_model: int, n_heads: int, *, memory: type[nn.Module], memories: int = 4,
-                 top_k: int = 2, shared: bool = False, **opts) -> None:
+                 top_k: int = 2, shared: bool = False, **opts: Any) -> None:
         super().__init__()
         if not isinstance(memories, int) or memories < 1:
             raise ConfigError(f"memories must be a positive integer, got {memories!r}")
@@ -50,10 +59,15 @@ class MixtureOfMemories(nn.Module):
         self.router = Linear(d_model, memories, bias=False)
         self.memories = nn.ModuleList(memory(d_model, n_heads, **opts) for _ in range(memories + shared))
         self.n_routed = memories
-        self.head_dim = self.memories[0].head_dim
+        self.head_dim: int = self._memory(0).head_dim
+
+    def _memory(self, i: int) -> Memory:
+        # the memories are built from one of MEMORY_MIXERS (layers/mixers.py), all of which are
+        # Memory; ModuleList types its items as plain modules
+        return cast(Memory, self.memories[i])
 
     def init_state(self, batch_size: int) -> MemoryState:
-        return MemoryState([m.init_state(batch_size) for m in self.memories])
+        return MemoryState([self._memory(i).init_state(batch_size) for i in range(len(self.memories))])
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights ``[B,T,M]``: the top-k softmax probabilities renormalised, 0 elsewhere."""

@@ -13,6 +13,8 @@ Float32 RMSNorm on the CPU (gated or not) runs ``csrc/norm_rope.cpp`` instead
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,8 @@ class _RMSNorm(torch.autograd.Function):
     ``x``, ``r`` (and ``z``) and recomputes ``x * r`` and ``silu(z)`` block by block."""
 
     @staticmethod
-    def forward(ctx, x, weight, gate, eps: float):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
         out = torch.promote_types(x.dtype, weight.dtype)
         out = out if gate is None else torch.promote_types(out, gate.dtype)
         cdt = torch.promote_types(out, torch.float32)  # statistics in float32 at least
@@ -52,7 +55,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape).to(out)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, r, weight, z2 = ctx.saved_tensors
         gy2 = gy.reshape(x2.shape)
         need_w, need_z = ctx.needs_input_grad[1], z2 is not None and ctx.needs_input_grad[2]
@@ -62,10 +65,10 @@ class _RMSNorm(torch.autograd.Function):
         for b in _blocks(x2):
             n, g = x2[b] * r[b], gy2[b]
             if z2 is not None:
-                if need_z:
+                if g_z is not None:
                     torch.ops.aten.silu_backward.grad_input(g * (n * weight), z2[b], grad_input=g_z[b])
                 g = g * F.silu(z2[b])
-            if need_w:
+            if g_w is not None:
                 g_w += (g * n).sum(0)
             gn = g * weight
             # d/dx of x * r: r * (gn - n * mean(gn * n))
@@ -80,13 +83,14 @@ class _RMSNormKernel(torch.autograd.Function):
     threads (fwd+bwd of ``[4096, 384]``, 2 threads: 4.9 ms :class:`_RMSNorm`, 1.4 ms this)."""
 
     @staticmethod
-    def forward(ctx, x, weight, gate, eps: float):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
         y, x2, r, z2 = _kernel_forward(x, weight, gate, eps)
         ctx.save_for_backward(x2, r, weight, z2)
         return y
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, r, weight, z2 = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1]
         g_x, g_w, g_z = torch.ops.looplm.rms_norm_backward(gy.reshape(x2.shape).contiguous(), x2, r, weight,
@@ -96,7 +100,7 @@ class _RMSNormKernel(torch.autograd.Function):
 
 
 def _kernel_forward(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
-                    eps: float) -> tuple[torch.Tensor, ...]:
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The kernel's forward: ``(y shaped as x, x [N, D], r [N, 1], gate [N, D] | None)``."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     z2 = None if gate is None else gate.reshape(x2.shape).contiguous()
@@ -117,16 +121,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if _kernel_applies(x, weight, gate):
         if not tracked(x, weight, gate):  # e.g. decoding: the forward alone, no autograd node
             return _kernel_forward(x, weight, gate, eps)[0]
-        return _RMSNormKernel.apply(x, weight, gate, eps)
+        # torch's autograd Function.apply is untyped
+        return _RMSNormKernel.apply(x, weight, gate, eps)  # type: ignore[no-untyped-call]
     if torch.compiler.is_compiling() or not tracked(x, weight, gate):  # compiled: autograd's backward
         y = F.rms_norm(x, (x.shape[-1],), weight, eps)
         return y if gate is None else y * F.silu(gate)
-    return _RMSNorm.apply(x, weight, gate, eps)
+    # torch's autograd Function.apply is untyped
+    return _RMSNorm.apply(x, weight, gate, eps)  # type: ignore[no-untyped-call]
 
 
 class _L2Normalize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, eps: float):
+    def forward(ctx: Any, x: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y, r = torch.empty_like(x2), x2.new_empty(x2.shape[0], 1)
         for b in _blocks(x2):
@@ -136,7 +142,7 @@ class _L2Normalize(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, None]:
         y, r = ctx.saved_tensors
         gy2, g_x = gy.reshape(y.shape), torch.empty_like(y)
         for b in _blocks(y):
@@ -150,12 +156,15 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``x / max(|x|, eps)`` over the last dim (as ``F.normalize(x, dim=-1)``)."""
     if torch.compiler.is_compiling() or not tracked(x):
         return F.normalize(x, dim=-1, eps=eps)
-    return _L2Normalize.apply(x, eps)
+    # torch's autograd Function.apply is untyped
+    return _L2Normalize.apply(x, eps)  # type: ignore[no-untyped-call]
 
 
 class RMSNorm(nn.RMSNorm):
     """``x [..., d] -> x / rms(x) * weight``; a learned scale per feature, eps 1e-6.
     ``forward(x, gate=z)`` also multiplies by ``silu(z)``."""
+
+    eps: float  # always set (nn.RMSNorm allows None)
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__(dim, eps=eps)
