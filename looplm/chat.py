@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
-
 from looplm.errors import ConfigError
 from looplm.generate import stream_text
+from looplm.model import LoopLM
 
 # Tokens that end an assistant's turn in the common chat formats (ChatML, Llama 3, Phi-3, Gemma,
 # Llama 2 / Mistral); a tokenizer's own eos always ends one too.
@@ -47,7 +46,7 @@ class Chat:
     arguments of :func:`looplm.generate.iter_tokens` (temperature, top_k, top_p, min_p,
     repetition_penalty, seed)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, system: str | None = None,
+    def __init__(self, model: LoopLM, tokenizer: Any, *, system: str | None = None,
                  max_new_tokens: int = 256, stop: Sequence[str] = (), **sampling: Any) -> None:
         if not callable(getattr(tokenizer, "apply_chat_template", None)) or not getattr(
                 tokenizer, "chat_template", None):

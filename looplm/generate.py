@@ -14,13 +14,15 @@ from one seeded ``torch.Generator`` so a seed reproduces a run.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypedDict, overload
 
 import torch
+from typing_extensions import Unpack
 
 from looplm.errors import LoopLMError
+from looplm.model import LoopLM
 from looplm.quant import state as qstate
 from looplm.routers import causal_routing
 
@@ -193,7 +195,7 @@ def _overlap(text: str, stop: str) -> int:
 # ---------------------------------------------------------------- decoding loop
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def _device(model: LoopLM) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -216,7 +218,7 @@ def _as_rows(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int
     return rows
 
 
-def check_prompts(model: torch.nn.Module, rows: list[list[int]], max_new_tokens: int) -> None:
+def check_prompts(model: LoopLM, rows: list[list[int]], max_new_tokens: int) -> None:
     """Raise ValueError for an empty prompt, bad ids, a bad ``max_new_tokens``, or (attention
     models, whose positions are bounded) a prompt plus new tokens beyond ``max_seq_len``."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -248,7 +250,7 @@ def left_pad(rows: list[list[int]], device: torch.device | str | None = None
 
 
 @contextmanager
-def decoding_mode(model: torch.nn.Module) -> Iterator[None]:
+def decoding_mode(model: LoopLM) -> Iterator[None]:
     """For the duration: ``eval()`` mode, and every expert-choice router (MoR's, MoD's) switched
     to its causal ``threshold`` rule (top-k over the sequence needs future tokens, which decoding
     cannot see; the prefill uses the same rule so its routing matches the steps')."""
@@ -262,7 +264,7 @@ def decoding_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
+def iter_tokens(model: LoopLM, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
                 seed: int | None = None, state_format: str | None = None
@@ -314,7 +316,7 @@ def iter_tokens(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Seque
                 out = model(token[:, None], state=load(stored), use_cache=True)
 
 
-def _ids(ids: int | Sequence[int] | None) -> frozenset[int]:
+def _ids(ids: int | Collection[int] | None) -> frozenset[int]:
     if ids is None:
         return frozenset()
     return frozenset([int(ids)] if isinstance(ids, int) else map(int, ids))
@@ -330,7 +332,7 @@ def _state_codec(state_format: str | None) -> tuple[Any, Any]:
     return (lambda state: qstate.compress_state(state, state_format)), qstate.decompress_state
 
 
-def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
+def generate_ids(model: LoopLM, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
                  max_new_tokens: int, eos_id: int | Sequence[int] | None = None,
                  **sampling: Any) -> list[list[int]]:
     """New token ids for each prompt row (at most ``max_new_tokens``; a row ends after
@@ -351,7 +353,33 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequ
     return new
 
 
-def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[str], *,
+class GenerateOptions(TypedDict, total=False):
+    """The keyword options of :func:`generate` besides ``max_new_tokens`` and ``stream``."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    repetition_penalty: float
+    seed: int | None
+    stop: Sequence[str] | None
+    state_format: str | None
+    decoder: Decoder | None
+
+
+@overload
+def generate(model: LoopLM, tokenizer: Tokenizer, prompts: str, *, max_new_tokens: int,
+             stream: Literal[False] = False, **options: Unpack[GenerateOptions]) -> str: ...
+@overload
+def generate(model: LoopLM, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
+             stream: Literal[False] = False, **options: Unpack[GenerateOptions]) -> list[str]: ...
+@overload
+def generate(model: LoopLM, tokenizer: Tokenizer, prompts: str, *, max_new_tokens: int,
+             stream: Literal[True], **options: Unpack[GenerateOptions]) -> Iterator[str]: ...
+@overload
+def generate(model: LoopLM, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
+             stream: Literal[True], **options: Unpack[GenerateOptions]) -> Iterator[list[str]]: ...
+def generate(model: LoopLM, tokenizer: Tokenizer, prompts: str | list[str], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: Sequence[str] | None = None, stream: bool = False,
@@ -367,7 +395,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
     iterator (default :func:`iter_tokens`; e.g. a partial of ``speculative.iter_speculative``).
     """
     single = isinstance(prompts, str)
-    texts = [prompts] if single else list(prompts)
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
         raise ValueError("prompts is empty: give at least one prompt")
     rows = [tokenizer.encode(t) for t in texts]
@@ -384,8 +412,8 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: str | list[s
     return out[0] if single else out
 
 
-def stream_text(model: torch.nn.Module, tokenizer: Tokenizer, rows: list[list[int]], *, max_new_tokens: int,
-                stop: Sequence[str] | None = None, end_ids: int | Sequence[int] | None = None,
+def stream_text(model: LoopLM, tokenizer: Tokenizer, rows: list[list[int]], *, max_new_tokens: int,
+                stop: Sequence[str] | None = None, end_ids: int | Collection[int] | None = None,
                 decoder: Decoder | None = None, **sampling: Any) -> Iterator[list[str]]:
     """Decode token-id prompts ``rows`` as one batch and yield, per step, one text piece per row
     ("" when a row has none or has ended). A row ends before its first stop string or at a

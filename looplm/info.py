@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from looplm.checkpoint import load_model
 from looplm.errors import CheckpointError
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(ckpt).eval()
     layers = [(f"{part} {i}", blk) for part in ("prelude", "core", "coda")
               for i, blk in enumerate(getattr(model, part))]
-    info = {
+    info: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "params_unique": model.num_params(unique=True),
         "params_total": model.num_params(unique=False),

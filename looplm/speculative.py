@@ -36,7 +36,7 @@ from looplm.draft_heads import MedusaHeads, fewer_recursions, lm_head, load_head
 from looplm.errors import ConfigError
 from looplm.generate import _as_rows, check_prompts, check_sampling, decoding_mode, keep_mask, sample_next
 from looplm.layers import kv_cache
-from looplm.layers.mixers import KVState
+from looplm.layers.mixer_states import KVState
 from looplm.model import LoopLM
 from looplm.state import ModelState
 

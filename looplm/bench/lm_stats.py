@@ -79,7 +79,7 @@ def scaling(points: dict[str, dict[float, list[float]]], seed: int = 0) -> dict[
     draws: dict[str, list[dict[str, float]]] = {}
     for model, by_budget in points.items():
         budgets = sorted(by_budget)
-        fit = fit_power_law(budgets, [float(np.mean(by_budget[b])) for b in budgets])
+        fit: dict[str, Any] = dict(fit_power_law(budgets, [float(np.mean(by_budget[b])) for b in budgets]))
         draws[model] = []
         for _ in range(BOOTSTRAPS):
             means = [float(np.mean(rng.choice(by_budget[b], len(by_budget[b])))) for b in budgets]

@@ -129,7 +129,7 @@ def llama(s: Size) -> Any:
 def mor(s: Size, capacity: list[float] | None) -> LoopConfig:
     """Middle-cycle MoR: 1 unique layer, a 2-layer core applied 3 times, 1 unique layer.
     ``capacity=None`` gives the baseline where every token takes all 3 recursions."""
-    routing = {"router": "expert_choice", "capacity": capacity} if capacity else {}
+    routing: dict[str, Any] = {"router": "expert_choice", "capacity": capacity} if capacity else {}
     return dense(s, n_prelude=1, n_core=2, n_coda=1, sharing="middle_cycle", n_recursions=3, **routing)
 
 

@@ -365,7 +365,7 @@ def _run(args: argparse.Namespace) -> int:
     print("\ntokens/s, forward / forward+backward (peak frac: best fwd+bwd FLOP rate over matmul's)")
     print(table)
 
-    cross = {}
+    cross: dict[str, Any] = {}
     if "attention" in mixers:
         for mode in ("fwd", "fwd+bwd"):
             for m in (m for m in FIXED_STATE if m in mixers):

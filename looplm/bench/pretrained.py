@@ -503,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ckpts = prepare_checkpoints(gguf, out / "work", s["rows"], s["keep_head"])
     tokenizer = load_tokenizer(ckpts["float32"])
-    texts = {}
+    texts: dict[str, dict[str, Any]] = {}
     for name, path in (("prose", args.prose), ("code", args.code or code_text())):
         ids = tokenizer.encode(read_text(path, name))[:s["eval_tokens"]]
         if len(ids) < 2:

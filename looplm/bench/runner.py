@@ -55,7 +55,7 @@ def lr_at(frac: float, lr: float, warmup: float = 0.05, min_ratio: float = 0.1) 
 def train_model(
     model: nn.Module, batch: Callable[[int], Batch], *, budget: float | None = None, steps: int | None = None,
     lr: float = 3e-3, weight_decay: float = 0.1, clip: float = 1.0,
-    hook: Callable[[float, int], None] | None = None, hook_at: Sequence[float] = (),
+    hook: Callable[[float, int], object] | None = None, hook_at: Sequence[float] = (),
     sparse_loss: bool = False,
 ) -> TrainResult:
     """Train ``model`` (a LoopLM) on ``batch(step) -> (x [B,T], y [B,T])`` until the training FLOPs it
@@ -74,7 +74,8 @@ def train_model(
         raise ValueError(f"budget and steps must be positive, got budget={budget}, steps={steps}")
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     model.train()
-    spent, tokens, step, losses = 0.0, 0, 0, []
+    spent, tokens, step = 0.0, 0, 0
+    losses: list[float] = []
     pending = sorted(hook_at)
     seconds, start = 0.0, time.perf_counter()
 

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,8 @@ def prompts(checkpoint: str, lengths: list[int]) -> list[str]:
 
 async def _one(client: Any, server: Server, prompt: str, max_tokens: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    first = last = None
+    first: float | None = None
+    last = 0.0
     gaps: list[float] = []
     chunks, used = 0, None
     stream = await client.completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens,
@@ -260,7 +262,7 @@ def state_memory(config: LoopConfig, streams: int, tokens: int) -> list[dict[str
     return rows
 
 
-def engine_decode(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], new_tokens: int) -> float:
+def engine_decode(model: LoopLM, tokenizer: Any, prompts: list[list[int]], new_tokens: int) -> float:
     """Aggregate greedy decode tokens/s of the serving engine when ``prompts`` are served together
     (read in one prefill iteration, then every decoding step has all rows): the tokens of its
     decoding steps over their seconds, from its metrics."""
@@ -308,8 +310,8 @@ def engine_table(checkpoint: str, rows: list[int], prompt_len: int, new_tokens: 
                 engine_decode(m, tokenizer, ids[:, :4].tolist(), 2)  # warm-up (threads, allocator)
                 tok_s = engine_decode(m, tokenizer, ids.tolist(), new_tokens)
             else:
-                secs = time_interleaved({"1": lambda m=m, p=ids: hf_generate(m, p, 1),
-                                         "n": lambda m=m, p=ids: hf_generate(m, p, new_tokens + 1)},
+                secs = time_interleaved({"1": partial(hf_generate, m, ids, 1),
+                                         "n": partial(hf_generate, m, ids, new_tokens + 1)},
                                         repeats=2)
                 tok_s = n * new_tokens / (secs["n"] - secs["1"])
             out.append({"model": name, "rows": n, "decode_tok_s": tok_s})

@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     ok = True
     for text, path in texts.items():
         ids = tokenizer.encode(read_text(path, text))
-        plain_s, totals = 0.0, {spec: [0.0, SpecStats(), True] for spec in drafters}
+        plain_s = 0.0
+        # per draft: seconds, acceptance statistics, whether every output equals plain decoding's
+        totals: dict[str, list[Any]] = {spec: [0.0, SpecStats(), True] for spec in drafters}
         for prompt in prompts_of(ids, args.prompts, args.prompt_tokens):
             seconds, (want,) = _timed(generate_ids, model, [prompt], max_new_tokens=args.new_tokens)
             plain_s += seconds

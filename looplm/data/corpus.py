@@ -150,8 +150,8 @@ def _resolve_tokenizer(spec: str | Tokenizer) -> tuple[Tokenizer | int, str]:
             raise ConfigError(f"tokenizer {spec!r}: write bpe:<vocab size>, e.g. bpe:8192")
         return int(size), f"bpe-train-{size}"
     if Path(spec).expanduser().is_dir():
-        tok = load_tokenizer(Path(spec).expanduser())
-        return tok, tok.identity
+        loaded = load_tokenizer(Path(spec).expanduser())
+        return loaded, loaded.identity
     raise ConfigError(
         f"unknown tokenizer {spec!r}: use 'byte', 'bpe', 'bpe:<vocab size>' or a tokenizer directory"
     )
@@ -229,6 +229,7 @@ def _build(src: Source, tok: Tokenizer | int, val_fraction: float, out: Path, pr
                for v in (False, True)}
     eos = np.array([tok.eos_id])
     documents = 0
+    val: TokenFile | None
     try:
         from tqdm import tqdm
 

@@ -241,7 +241,7 @@ class HFSource(Source):
 
 def _walk(directory: Path) -> list[Path]:
     """Files under ``directory``, recursively, sorted; hidden files and directories skipped."""
-    out = []
+    out: list[Path] = []
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out.extend(Path(root) / f for f in files if not f.startswith("."))

@@ -269,7 +269,7 @@ class Int4(Format):
 
     name: ClassVar[str] = "int4"
     parts: ClassVar[tuple[str, ...]] = ("packed", "scale", "offset")
-    group_size: int | None = 64
+    group_size: int = 64  # always a size: make() gives None its default
     zero_point: bool = True
 
     @classmethod

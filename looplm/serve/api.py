@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -77,7 +77,7 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        err: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in err.get("loc", ())[1:]]
         if err.get("type") == "json_invalid":
             message, param = f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}", None
@@ -118,7 +118,8 @@ def create_app(engine: Engine, *, model_id: str, api_key: str | None = None,
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt = body.prompt if isinstance(body.prompt, list) else encode(body.prompt)
+        # CompletionRequest's validator leaves a string or token ids (one string: that string)
+        prompt = cast(list[int], body.prompt) if isinstance(body.prompt, list) else encode(body.prompt)
         return await _generate("text", body, prompt, [], request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)

@@ -41,6 +41,7 @@ from looplm.generate import (
     penalize_counts,
     sample_next,
 )
+from looplm.model import LoopLM
 from looplm.serve.metrics import ServeMetrics
 from looplm.state import ModelState, cat_states, select_rows
 
@@ -100,7 +101,7 @@ class Request:
     id: int
     prompt: list[int]
     params: SamplingParams
-    emit: Callable[[Event], None]
+    emit: Callable[[Event], object]  # what it returns is ignored
     stream: TextStream
     generator: torch.Generator | None
     arrived: float = field(default_factory=time.perf_counter)
@@ -120,13 +121,21 @@ class Request:
         return len(self.prompt) + self.params.max_tokens
 
 
+
+def _prefilled(req: Request) -> ModelState:
+    """The state of a request whose prompt has been read (set by the prefill step)."""
+    if req.state is None:
+        raise RuntimeError("a request joined the batch before its prompt was read")
+    return req.state
+
+
 class Engine:
     """Serves ``model`` (a LoopLM) with ``tokenizer``: ``max_batch`` requests decode together,
     at most ``max_queue`` wait (more: :class:`QueueFullError`), the running and prefilling
     requests together hold at most ``max_tokens_in_flight`` prompt + new tokens (None: no limit),
     ``prefill_chunk`` prompt tokens are read per iteration (one forward, several prompts)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
+    def __init__(self, model: LoopLM, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
                  max_tokens_in_flight: int | None = None, prefill_chunk: int = 256,
                  metrics: ServeMetrics | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
@@ -187,7 +196,7 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds "
                              f"the server's max_tokens_in_flight={limit}")
 
-    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], object]) -> Request:
         """Queue a request; ``emit`` receives its events on the engine thread. Raises ValueError
         (see :meth:`check`) or QueueFullError."""
         self.check(prompt, params)
@@ -316,7 +325,7 @@ class Engine:
                 joining.append(req)
         if joining:
             self._state = cat_states(([self._state] if self._state is not None else [])
-                                     + [req.state for req in joining])
+                                     + [_prefilled(req) for req in joining])
             self._rows += joining
         for req in done:
             req.state = None

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     return sections["model"], train_cfg
 
 
-def build_model(model_cfg: dict[str, Any], vocab_size: int, seed: int) -> torch.nn.Module:
+def build_model(model_cfg: dict[str, Any], vocab_size: int, seed: int) -> LoopLM:
     """LoopLM with the tokenizer's vocabulary (padded to a multiple of 64), seeded."""
     if "vocab_size" in model_cfg and model_cfg["vocab_size"] < vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg['vocab_size']} is smaller than the tokenizer's "
@@ -92,7 +93,8 @@ def load_corpus(
 ) -> Corpus:
     """The run's corpus from the cache (rank 0 builds it first; the others then read it)."""
     spec = tokenizer or ("byte" if cfg.tokenizer == "byte" else f"bpe:{cfg.vocab_size}")
-    kwargs = dict(max_files=cfg.max_files or None, progress=progress and d.main, text_field=cfg.text_field)
+    kwargs: dict[str, Any] = dict(max_files=cfg.max_files or None, progress=progress and d.main,
+                                  text_field=cfg.text_field)
     corpus = prepare_corpus(cfg.data, spec, **kwargs) if d.main else None
     distributed.barrier(d)
     return corpus or prepare_corpus(cfg.data, spec, **kwargs)
@@ -104,9 +106,9 @@ def describe(corpus: Corpus) -> str:
             f"{s.train_tokens:,} train / {s.val_tokens:,} validation tokens ({corpus.tokenizer.kind})")
 
 
-def sampler(corpus: Corpus, cfg: TrainConfig):
+def sampler(corpus: Corpus, cfg: TrainConfig) -> Callable[[LoopLM], str]:
     """``sample(model) -> str``: a short seeded continuation of ``cfg.sample_prompt``."""
-    def sample(model: torch.nn.Module) -> str:
+    def sample(model: LoopLM) -> str:
         text = generate(model, corpus.tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens,
                         temperature=0.8, top_k=50, seed=cfg.seed)
         return cfg.sample_prompt + text

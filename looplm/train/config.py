@@ -13,7 +13,7 @@ import difflib
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -69,7 +69,8 @@ class TrainConfig:
                 setattr(self, f.name, float(value))
             elif f.type == "int" and isinstance(value, float) and value.is_integer():
                 setattr(self, f.name, int(value))
-            expected = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+            kind = cast(str, f.type)  # annotations are strings here (from __future__ import annotations)
+            expected = {"int": int, "float": float, "bool": bool, "str": str}[kind]
             if not isinstance(getattr(self, f.name), expected):
                 raise ConfigError(f"train.{f.name} must be {f.type}, got {value!r}")
         if self.schedule not in SCHEDULES:
@@ -139,7 +140,7 @@ def load_sections(name: str, _seen: tuple[str, ...] = ()) -> dict[str, dict[str,
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping with sections model: and train:")
     check_keys(raw, ["base", "model", "train"], "top-level")
-    out = {"model": {}, "train": {}}
+    out: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     if raw.get("base"):
         out = load_sections(str(raw["base"]), (*_seen, str(path)))
     for section in ("model", "train"):

@@ -22,7 +22,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from torch import nn
 from looplm.checkpoint import save_model as save_looplm
 from looplm.checkpoint import verify_checksums, write_checksums
 from looplm.errors import CheckpointError
+from looplm.model import LoopLM
 
 CKPT_RE = re.compile(r"^ckpt-(\d{6,})$")
 
@@ -93,7 +94,7 @@ def load_optimizer_state(
 def save_weights(model: nn.Module, path: Path) -> None:
     """``looplm.checkpoint.save_model`` for a LoopLM; plain safetensors for any other module."""
     if hasattr(getattr(model, "config", None), "to_dict"):
-        save_looplm(model, path)
+        save_looplm(cast(LoopLM, model), path)  # a LoopLM, or a wrapper of one (compiled)
     else:
         save_model(model, str(path / "model.safetensors"))
 
