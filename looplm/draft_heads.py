@@ -42,8 +42,9 @@ def lm_head(model: LoopLM, x: torch.Tensor) -> torch.Tensor:
     """The model's output head on normed hidden states ``x [..., d]`` -> logits ``[..., V]``."""
     if model.head is not None:
         return model.head(x)
-    if hasattr(model.embed, "as_head"):  # a quantised tied table
-        return model.embed.as_head(x)
+    as_head = getattr(model.embed, "as_head", None)
+    if as_head is not None:  # a quantised tied table
+        return as_head(x)
     return linear(x, model.embed.weight)
 
 
@@ -71,9 +72,10 @@ class MedusaHeads(nn.Module):
 
     def __init__(self, d_model: int, heads: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d_model, d_model, bias=False) for _ in range(heads))
-        for blk in self.blocks:
-            nn.init.zeros_(blk.weight)
+        linears = [nn.Linear(d_model, d_model, bias=False) for _ in range(heads)]
+        for lin in linears:
+            nn.init.zeros_(lin.weight)
+        self.blocks = nn.ModuleList(linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([x + F.silu(blk(x)) for blk in self.blocks], dim=-2)

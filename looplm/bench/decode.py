@@ -32,6 +32,7 @@ import ctypes
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,8 @@ def run_one(name: str, s: dict[str, Any], fmt: str = "float") -> dict[str, Any]:
                 state = store(out.state)
             prefill_s = time.perf_counter() - start
             done = ctx
+            if out is None:
+                raise ConfigError(f"contexts must be positive, got {ctx}")
             token, step_state, times, stores = out.logits[:, -1].argmax(-1, keepdim=True), state, [], []
             base = _reset_peak_rss()
             for _ in range(s["tokens"]):
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     s = settings(args)
     out = Path(args.out)
     sweep = Sweep(out, "decode", s, swept=("models", "state_formats"), quiet=args.quick)
-    results = sweep.run((_key(name, fmt), lambda n=name, f=fmt: run_one(n, s, f))
+    results = sweep.run((_key(name, fmt), partial(run_one, name, s, fmt))
                         for name in s["models"] for fmt in s["state_formats"])
     sweep.save(table=table(results))
     plot(results, out / "decode.png")

@@ -16,13 +16,19 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
 from looplm.bench.common import machine_info, markdown_table, time_interleaved, write_json
 from looplm.checkpoint import load_model
+from looplm.errors import ConfigError
 from looplm.generate import generate_ids
+from looplm.layers.block import Block
+from looplm.layers.ffn import SwiGLU
+from looplm.layers.mixers import Attention
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import quantize_model
 
@@ -95,6 +101,9 @@ def llama_twin(model: LoopLM) -> torch.nn.Module:
     H, Hkv, D, F = c.n_heads, c.kv_heads, c.d_model // c.n_heads, c.ffn_dim
     sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
     for i, blk in enumerate(model.core):
+        if not (isinstance(blk, Block) and isinstance(blk.mixer, Attention) and isinstance(blk.ffn, SwiGLU)
+                and blk.ffn_norm is not None):
+            raise ConfigError("the transformers twin needs attention layers with a dense FFN")
         p = f"model.layers.{i}."
         q, k, v = blk.mixer.qkv.weight.split([H * D, Hkv * D, Hkv * D])
         gate, up = blk.ffn.w_in.weight.split([F, F])
@@ -109,8 +118,9 @@ def llama_twin(model: LoopLM) -> torch.nn.Module:
     return hf
 
 
-def hf_generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> None:
-    """transformers' greedy ``generate`` of exactly ``n`` new tokens for every row of ``prompt``."""
+def hf_generate(model: Any, prompt: torch.Tensor, n: int) -> None:
+    """transformers' greedy ``generate`` of exactly ``n`` new tokens for every row of ``prompt``
+    (``model``: a transformers causal LM, whose types mypy does not follow)."""
     with torch.inference_mode():
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                        min_new_tokens=n, do_sample=False)
@@ -128,20 +138,20 @@ def run_bench(s: dict[str, Any]) -> dict[str, Any]:
         base = load_model(s["checkpoint"])
     else:
         base = LoopLM(LoopConfig(**(QUICK if s["quick"] else SMOLLM2)))
-    models: dict[str, torch.nn.Module] = looplm_models(base, s["formats"], s["group_size"])
+    models: dict[str, torch.nn.Module] = dict(looplm_models(base, s["formats"], s["group_size"]))
     if s["transformers"]:
         models["transformers_float32"] = llama_twin(base)
     vocab, n = base.config.vocab_size, s["new_tokens"]
     rows = []
     for plen in s["prompts"]:
         prompt = torch.randint(0, vocab, (1, plen), generator=torch.Generator().manual_seed(plen))
-        fns = {}
+        fns: dict[str, Callable[[], object]] = {}
         for name, m in models.items():
             for key, count in (("/1", 1), ("/n", n + 1)):
-                if name.startswith("looplm"):
-                    fns[name + key] = lambda m=m, p=prompt, c=count: generate_ids(m, p, max_new_tokens=c)
+                if isinstance(m, LoopLM):
+                    fns[name + key] = partial(generate_ids, m, prompt, max_new_tokens=count)
                 else:
-                    fns[name + key] = lambda m=m, p=prompt, c=count: hf_generate(m, p, c)
+                    fns[name + key] = partial(hf_generate, m, prompt, count)
         secs = time_interleaved(fns, repeats=s["repeats"], warmup=1)
         for name, m in models.items():
             t1, tn = secs[name + "/1"], secs[name + "/n"]

@@ -35,6 +35,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(sweep: Sweep, jobs: list[tuple[str, tuple, dict[str, int]]], workers: int,
+def run_jobs(sweep: Sweep, jobs: list[tuple[str, tuple[Any, ...], dict[str, Any]]], workers: int,
              threads: int | None) -> dict[str, Any]:
     """Run ``run_one(*args, **kwargs)`` for each ``(key, args, kwargs)`` not finished yet, in
     ``workers`` processes (``threads`` torch threads each), storing each result as it arrives."""
@@ -255,7 +256,7 @@ def run_jobs(sweep: Sweep, jobs: list[tuple[str, tuple, dict[str, int]]], worker
     if workers <= 1:
         if threads:
             torch.set_num_threads(threads)
-        return sweep.run([(k, lambda a=a, kw=kw: run_one(*a, **kw)) for k, a, kw in todo])
+        return sweep.run([(k, partial(run_one, *a, **kw)) for k, a, kw in todo])
     start = time.perf_counter()
     # fork starts a worker in milliseconds; torch's thread pools are set after it (initializer)
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")

@@ -105,7 +105,7 @@ def _delta(gated: bool) -> Callable[[Inputs], Any]:
     def run(x: Inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         g = x.g_head if gated else None
         o, _ = delta_chunk(x.q, x.k, x.v, x.beta, g, chunk_size=DELTA_CHUNK)
-        return o, [x.q, x.k, x.v, x.beta] + ([g] if gated else [])
+        return o, [x.q, x.k, x.v, x.beta] + ([g] if g is not None else [])
 
     return run
 

@@ -22,6 +22,7 @@ import copy
 import json
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,8 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         return (work / name / "model.safetensors").stat().st_size
 
     models = {"float32": base}
-    rows = {"float32": {"bits": 32.0, "size": size(base, "float32"), "bpb": bpb(base)}}
+    rows: dict[str, dict[str, Any]] = {
+        "float32": {"bits": 32.0, "size": size(base, "float32"), "bpb": bpb(base)}}
     for fmt, g in FORMAT_ROWS:
         name = fmt if g is None or (fmt == "int4" and g == 64) else f"{fmt}_g{g}"
         q = quantize_model(copy.deepcopy(base), fmt, group_size=g).eval()
@@ -141,7 +143,7 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                           "reference": "float32 +ft"}
     prompt = [list(windows[0][0][0, :16].tolist())]
     n = 2 if args.quick else args.decode_tokens
-    fns = {k: (lambda m=m: generate_ids(m, prompt, max_new_tokens=n)) for k, m in models.items()}
+    fns = {k: partial(generate_ids, m, prompt, max_new_tokens=n) for k, m in models.items()}
     times = time_interleaved(fns, repeats=1 if args.quick else args.repeats)
     for name, r in rows.items():
         ref = rows[r.get("reference", "float32")]
@@ -152,9 +154,9 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             r["weight_mb"] = weight_bytes(models[name]) / 1e6
     ids = windows[0][0][:2, : (16 if args.quick else 64)]
     states = {}
-    for fmt in (None, "int8", "fp8_e4m3"):
-        loss, nbytes = stepwise_loss(base, ids, fmt)
-        states[fmt or "float32"] = {"loss": loss, "state_bytes": nbytes}
+    for state_format in (None, "int8", "fp8_e4m3"):
+        loss, nbytes = stepwise_loss(base, ids, state_format)
+        states[state_format or "float32"] = {"loss": loss, "state_bytes": nbytes}
     for s in states.values():
         s["loss_delta_pct"] = 100 * (s["loss"] / states["float32"]["loss"] - 1)
         s["bytes_pct"] = 100 * s["state_bytes"] / states["float32"]["state_bytes"]
@@ -175,7 +177,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     prompt = [list(range(16))]
     n = 2 if args.quick else args.decode_tokens
     with torch.inference_mode():
-        times = time_interleaved({k: (lambda m=m: generate_ids(m, prompt, max_new_tokens=n))
+        times = time_interleaved({k: partial(generate_ids, m, prompt, max_new_tokens=n)
                                   for k, m in models.items()}, repeats=1 if args.quick else args.repeats)
     rows = {k: {"ms_per_token": 1e3 * t / n, "speedup": times["float32"] / t,
                 "weight_mb": weight_bytes(models[k]) / 1e6} for k, t in times.items()}

@@ -46,7 +46,7 @@ def llama_like(c: LoopConfig) -> torch.nn.Module:
     ))
 
 
-def trainer_step(model: Callable[..., Any], x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def trainer_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """The optimizer step of ``looplm.train.loop`` (one micro-batch), for any causal LM (a
     ``torch.compile``d one too: its parameters are the original module's)."""
     opt = build_optimizer(getattr(model, "_orig_mod", model), TrainConfig(lr=1e-4))

@@ -4,7 +4,7 @@ that structure from a description."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ END_MODULES = ("embed", "head")
 
 # projections smaller than this (routers, per-head gates) stay in float: tiny and sensitive
 MIN_FEATURES = 16
+
+
+M = TypeVar("M", bound=nn.Module)  # quantised in place: the caller's module type comes back
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -63,9 +66,9 @@ def select_modules(model: nn.Module, fmt: Format, *, keep_embeddings: bool = Tru
     return names
 
 
-def quantize_model(model: nn.Module, format: str, *, group_size: int | None = None, zero_point: bool = True,
+def quantize_model(model: M, format: str, *, group_size: int | None = None, zero_point: bool = True,
                    keep_embeddings: bool = True, keep_head: bool = True, kernel: str = "auto",
-                   embedding_format: str | None = None) -> nn.Module:
+                   embedding_format: str | None = None) -> M:
     """Quantise ``model``'s weights in place (and return it) in ``format`` (formats.FORMATS).
 
     ``embedding_format`` (e.g. ``"int8"`` beside an int4 body, as llama.cpp's Q4 files keep a Q8_0
@@ -93,10 +96,13 @@ def quantize_model(model: nn.Module, format: str, *, group_size: int | None = No
         m = model.get_submodule(name)
         if isinstance(m, nn.Linear):
             _set(model, name, QuantLinear.from_linear(m, f, kernel))
-        else:
+        elif isinstance(m, nn.Embedding):
             _set(model, name, QuantEmbedding.from_embedding(m, f))
+        else:
+            raise ValueError(f"module {name!r} is a {type(m).__name__}, not a Linear or Embedding")
     overrides = {n: ends for n in names if ends is not None and n in END_MODULES}
-    model.quantization = describe(fmt, names, overrides)
+    # a plain attribute: torch annotates Module.__setattr__ for tensors and modules only
+    model.quantization = describe(fmt, names, overrides)  # type: ignore[assignment]
     return model
 
 
@@ -117,7 +123,7 @@ def _block_format(fields: dict[str, Any]) -> Format:
     return make_format(fields["format"], fields.get("group_size"), bool(fields.get("zero_point", True)))
 
 
-def apply_structure(model: nn.Module, block: dict[str, Any], kernel: str = "auto") -> nn.Module:
+def apply_structure(model: M, block: dict[str, Any], kernel: str = "auto") -> M:
     """Swap in empty quantised modules as described by ``block`` (weights to be loaded next).
     Raises ValueError/KeyError on a block that does not fit the model."""
     fmt = _block_format(block)
@@ -137,6 +143,7 @@ def apply_structure(model: nn.Module, block: dict[str, Any], kernel: str = "auto
             continue
         m = model.get_submodule(name)  # AttributeError on an unknown name
         dev = m.weight.device
+        q: nn.Module
         if isinstance(m, nn.Linear):
             q = QuantLinear(m.in_features, m.out_features, f, m.bias is not None, kernel, device=dev)
         elif isinstance(m, nn.Embedding):
@@ -145,5 +152,6 @@ def apply_structure(model: nn.Module, block: dict[str, Any], kernel: str = "auto
             raise ValueError(f"module {name!r} is a {type(m).__name__}, not a Linear, Embedding or "
                              "MoE expert matrix")
         _set(model, name, q)
-    model.quantization = describe(fmt, modules, overrides)
+    # a plain attribute: torch annotates Module.__setattr__ for tensors and modules only
+    model.quantization = describe(fmt, modules, overrides)  # type: ignore[assignment]
     return model

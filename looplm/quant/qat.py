@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from looplm.layers.moe import MoE
 from looplm.quant.formats import Format, fake_quantize, make_format
-from looplm.quant.ptq import expert_weights, select_modules
+from looplm.quant.ptq import M, expert_weights, select_modules
 
 
 def ste(w: Tensor, fmt: Format) -> Tensor:
@@ -54,16 +54,16 @@ class QATEmbedding(nn.Embedding):
 
     qat_format: Format
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Tensor | nn.Module:
         value = super().__getattr__(name)
-        return ste(value, self.qat_format) if name == "weight" else value
+        return ste(value, self.qat_format) if name == "weight" and isinstance(value, Tensor) else value
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight, self.padding_idx)
 
 
-def apply_qat(model: nn.Module, format: str, *, group_size: int | None = None, zero_point: bool = True,
-              keep_embeddings: bool = True, keep_head: bool = True) -> nn.Module:
+def apply_qat(model: M, format: str, *, group_size: int | None = None, zero_point: bool = True,
+              keep_embeddings: bool = True, keep_head: bool = True) -> M:
     """Make the weights ``quantize_model`` would quantise (MoE experts included, through
     ``MoE.expert_weight_fn``) fake-quantise in ``format``, in place
     (the same parameter objects: call before or after building the optimizer). Returns
@@ -75,25 +75,29 @@ def apply_qat(model: nn.Module, format: str, *, group_size: int | None = None, z
         if name in experts:
             moe_name, _, leaf = name.rpartition(".")
             moe = model.get_submodule(moe_name)
+            if not isinstance(moe, MoE):
+                raise TypeError(f"{moe_name!r} holds stacked expert weights but is a {type(moe).__name__}")
             if not isinstance(moe.expert_weight_fn, ExpertSTE):
                 moe.expert_weight_fn = ExpertSTE(fmt, set())
             moe.expert_weight_fn.leaves.add(leaf)
             continue
         m = model.get_submodule(name)
         m.__class__ = QATLinear if isinstance(m, nn.Linear) else QATEmbedding
-        m.qat_format = fmt
-    model.qat_format = fmt
+        m.qat_format = fmt  # type: ignore[assignment]  # a QAT module: qat_format is its annotated field
+    # a plain attribute: torch annotates Module.__setattr__ for tensors and modules only
+    model.qat_format = fmt  # type: ignore[assignment]
     return model
 
 
-def remove_qat(model: nn.Module) -> nn.Module:
+def remove_qat(model: M) -> M:
     """Undo ``apply_qat`` (modules back to plain ``nn.Linear`` / ``nn.Embedding``, MoE experts
     unhooked)."""
     for m in model.modules():
         if isinstance(m, MoE) and isinstance(m.expert_weight_fn, ExpertSTE):
             m.expert_weight_fn = None
         if isinstance(m, (QATLinear, QATEmbedding)):
-            m.__class__ = nn.Linear if isinstance(m, QATLinear) else nn.Embedding
+            # back to the plain class, in place (mypy reads the narrowed class as fixed)
+            m.__class__ = nn.Linear if isinstance(m, QATLinear) else nn.Embedding  # type: ignore[assignment]
             del m.qat_format
     if hasattr(model, "qat_format"):
         del model.qat_format

@@ -112,9 +112,11 @@ def stepwise_loss(model: torch.nn.Module, ids: Tensor, state_format: str | None 
     """Teacher-forced next-token loss of ``ids [B, T]`` decoded one token per forward, the
     state stored in ``state_format`` between steps (None: float). Returns (mean loss in nats,
     largest stored state in bytes). A loop over time: this *is* decoding."""
-    state, losses, peak = None, [], 0
+    state: ModelState | QuantizedState | None = None  # what is stored between steps
+    losses: list[Tensor] = []
+    peak = 0
     for t in range(ids.shape[1] - 1):
-        live = None if state is None else (decompress_state(state) if state_format else state)
+        live = decompress_state(state) if isinstance(state, QuantizedState) else state
         out = model(ids[:, t:t + 1], state=live, use_cache=True)
         losses.append(F.cross_entropy(out.logits[:, 0].float(), ids[:, t + 1]))
         state = compress_state(out.state, state_format) if state_format else out.state

@@ -106,9 +106,11 @@ def describe(corpus: Corpus) -> str:
             f"{s.train_tokens:,} train / {s.val_tokens:,} validation tokens ({corpus.tokenizer.kind})")
 
 
-def sampler(corpus: Corpus, cfg: TrainConfig) -> Callable[[LoopLM], str]:
+def sampler(corpus: Corpus, cfg: TrainConfig) -> Callable[[torch.nn.Module], str]:
     """``sample(model) -> str``: a short seeded continuation of ``cfg.sample_prompt``."""
-    def sample(model: LoopLM) -> str:
+    def sample(model: torch.nn.Module) -> str:
+        if not isinstance(model, LoopLM):
+            raise TypeError(f"samples come from a LoopLM, not a {type(model).__name__}")
         text = generate(model, corpus.tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens,
                         temperature=0.8, top_k=50, seed=cfg.seed)
         return cfg.sample_prompt + text

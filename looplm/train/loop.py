@@ -186,7 +186,8 @@ def _forward_backward(
     for i, (x, y) in enumerate(micro):
         x, y = x.to(d.device), y.to(d.device)
         sync = d.world == 1 or i == len(micro) - 1
-        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(d, cfg.bf16):
+        with (net.no_sync() if not sync and isinstance(net, DistributedDataParallel)
+              else contextlib.nullcontext()), _autocast(d, cfg.bf16):
             out = net(x, y)
             aux = getattr(out, "aux_loss", None)
             total = out.loss if aux is None else out.loss + aux
@@ -242,7 +243,7 @@ def train(
     sched = dataclasses.replace(cfg, steps=steps)
     model.to(d.device).train()
     optimizer = build_optimizer(model, cfg)
-    run = {"tokens": 0, "bad_steps": 0, "best_val": math.inf}
+    run: dict[str, Any] = {"tokens": 0, "bad_steps": 0, "best_val": math.inf}
     start, resume_step = 0, None
     existing = list_checkpoints(run_dir)
     if resume and existing:
