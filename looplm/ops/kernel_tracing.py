@@ -8,7 +8,9 @@ records the op without running it (``torch.library.register_fake``). Registered 
 The delta rule's chunk forward returns its own inputs among the tensors it saves for the
 backward (outputs aliasing inputs, which a traced op may not have): :func:`delta_chunk` is a
 custom op (``torch.library.custom_op``) around it that returns only the output and the final
-state, for inference. The decoding-step ops (one token, never traced) have no fakes.
+state, for inference; its backward's fake gives the gradients the shapes of the saved inputs.
+The decoding-step ops (a whole layer's step for one token per row) have fakes too, so a traced
+or exported decoding step keeps them as single nodes.
 """
 
 from __future__ import annotations
@@ -75,11 +77,44 @@ def _swiglu_backward(gy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | N
     return [h.new_empty(h.shape), h.new_empty(h.shape[0] if need_w else 0)]
 
 
+def _delta_chunk_backward(d_o: torch.Tensor, d_final: torch.Tensor, saved: list[torch.Tensor], n: int,
+                          scale: float, gated: bool, block_rows: int) -> list[torch.Tensor]:
+    q, k, v, beta = saved[:4]  # q, k [G*N, C, dk], v [G*N, C, dv], beta [G*N, C]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape),
+            beta.new_empty(beta.shape if gated else (0,)),
+            q.new_empty(q.shape[0] // n, q.shape[2], v.shape[2])]
+
+
+def _block_step(h: torch.Tensor, conv_state: torch.Tensor, ssm: torch.Tensor,
+                *rest: Any) -> list[torch.Tensor]:
+    """A fixed-state layer's step: (h' [B, d], conv state', ssm') shaped as their inputs."""
+    return [h.new_empty(h.shape), conv_state.new_empty(conv_state.shape), ssm.new_empty(ssm.shape)]
+
+
+def _attn_step_in(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qkv_w: list[torch.Tensor],
+                  inv_freq: torch.Tensor, positions: torch.Tensor, n_heads: int,
+                  n_kv_heads: int) -> torch.Tensor:
+    return h.new_empty(h.shape[0], n_heads + 2 * n_kv_heads, 2 * inv_freq.shape[0])
+
+
+def _attn_step_out(h: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
+    return h.new_empty(h.shape)
+
+
+def _moe_step(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router_w: torch.Tensor,
+              *rest: Any) -> list[torch.Tensor]:
+    """(y [B, d], load [E], balance loss [], z loss [])."""
+    return [h.new_empty(h.shape), h.new_empty(router_w.shape[0]), h.new_empty(()), h.new_empty(())]
+
+
 FAKE_OPS: dict[str, Callable[..., Any]] = {
     "linear_small": _linear_small, "qlinear": _qlinear, "qembedding": _qembedding,
     "rope_rotate": _rope_rotate, "rms_norm_forward": _rms_norm_forward,
     "rms_norm_backward": _rms_norm_backward,
-    "swiglu_forward": _swiglu_forward, "swiglu_backward": _swiglu_backward}
+    "swiglu_forward": _swiglu_forward, "swiglu_backward": _swiglu_backward,
+    "delta_chunk_backward": _delta_chunk_backward, "delta_block_step": _block_step,
+    "decay_block_step": _block_step, "attn_step_in": _attn_step_in, "attn_step_out": _attn_step_out,
+    "moe_step": _moe_step}
 _registered: list[str] = []
 
 

@@ -21,7 +21,7 @@ def _samples() -> dict[str, list[tuple]]:
     q8, s8 = quantize_int8(w).values()
     cos, sin = r(1, 3, 1, 4), r(1, 3, 1, 4)
     y, rr = torch.ops.looplm.rms_norm_forward(x, r(64), gate, 1e-6)
-    return {
+    return {**_step_samples(r), **_delta_backward_samples(r),
         "linear_small": [(x, w, None), (x, w, r(5))],
         "qlinear": [(x, [q8, s8])],
         "qembedding": [(torch.tensor([0, 4, 2]), [q8, s8])],
@@ -31,6 +31,45 @@ def _samples() -> dict[str, list[tuple]]:
         "swiglu_forward": [(h, None), (h, r(4))],
         "swiglu_backward": [(r(4, 8), h, r(4), True), (r(4, 8), h, None, False)],
     }
+
+
+def _step_samples(r) -> dict[str, list[tuple]]:
+    """Arguments of the decoding-step kernels: B = 2 rows, width d = 16, 2 heads of 4 (1 key head
+    for attention), an FFN of 8 (and without one), 3 experts."""
+    B, d, H, dk, dv, K, F = 2, 16, 2, 4, 4, 3, 8
+    C = 2 * H * dk + H * dv
+    common = (r(B, d), r(B, K - 1, C), r(B, H, dk, dv), r(d), r(C, d), r(C, K), r(H * dv, d), r(dv),
+              r(d, H * dv))
+    ffn, eps = (r(d), r(2 * F, d), r(d, F)), (1e-6, 1e-6, 1e-6)
+    beta = (r(H, d), r(H))
+    Hkv, D, S = 1, 4, 5
+    attn_out = (r(B, d), r(B, H, D), r(B, S, Hkv, D), r(B, S, Hkv, D), [r(d, H * D)])
+    return {
+        "delta_block_step": [(*common, None, None, None, *eps, *beta, None, None, None),
+                             (*common, *ffn, *eps, *beta, r(H, d), r(H), r(H))],
+        "decay_block_step": [(*common, None, None, None, *eps, 1, None, r(H, d), r(H), None, None, 1.0),
+                             (*common, *ffn, *eps, 0, r(H), None, None, None, None, 1.0)],
+        "attn_step_in": [(r(B, d), r(d), 1e-6, [r((H + 2 * Hkv) * D, d)], r(D // 2), torch.tensor([3, 7]),
+                          H, Hkv)],
+        "attn_step_out": [(*attn_out, None, [], [], 1e-6, None),
+                          (*attn_out, r(d), [r(2 * F, d)], [r(d, F)], 1e-6, torch.tensor([0, 2]))],
+        "moe_step": [(r(B, d), r(d), 1e-6, r(3, d), r(3, d, 2 * F), r(3, F, d), None, None, 2, True),
+                     (r(B, d), r(d), 1e-6, r(3, d), r(3, d, 2 * F), r(3, F, d), r(2 * F, d), r(d, F), 1,
+                      False)],
+    }
+
+
+def _delta_backward_samples(r) -> dict[str, list[tuple]]:
+    """delta_chunk_backward's arguments: the tensors its forward saved (plain and gated)."""
+    G, N, C, dk, dv = 2, 3, 8, 4, 5
+    out = []
+    for gated in (False, True):
+        q, k, v, beta = r(G * N, C, dk), r(G * N, C, dk) / 3, r(G * N, C, dv), torch.rand(G * N, C)
+        g = -torch.rand(G * N, C) if gated else None
+        fwd = torch.ops.looplm.delta_chunk_forward(q, k, v, beta, g, r(G, dk, dv), N, 0.5,
+                                                   block_rows(q, v))
+        out.append((r(G * N, C, dv), r(G, dk, dv), list(fwd[2:]), N, 0.5, gated, block_rows(q, v)))
+    return {"delta_chunk_backward": out}
 
 
 CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
