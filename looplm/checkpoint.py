@@ -4,7 +4,7 @@ Nothing is unpickled. Tied weights are stored once (``safetensors.torch.save_mod
 alias and ``load_model`` restores it). Any mismatch raises CheckpointError naming the fix.
 
 Quantised checkpoints (``looplm.quant.ptq.quantize_model``'s output) have the same two files plus
-a ``quantization`` block in config.json (format, group_size, zero_point, modules);
+a ``quantization`` section in config.json (format, group_size, zero_point, modules);
 model.safetensors then holds each quantised module's packed parts and scales (``<module>.q``,
 ``.scale``, ``.packed``, ``.offset``, ``.exponent``) and every other tensor as in a float
 checkpoint. ``save_model`` / ``load_model`` handle both.
@@ -40,7 +40,7 @@ MODEL_TYPE = "looplm"
 # keys written by looplm or transformers next to the LoopConfig fields; ignored on load
 METADATA_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
                  "quantization")
-BLOCK = "quantization"  # config.json key of a quantised checkpoint
+SECTION = "quantization"  # config.json key of a quantised checkpoint
 # LoopConfig fields stored under another name by the transformers wrapper (looplm/hf.py):
 # ``top_k`` clashes with transformers' sampling parameter, ``rope_scaling`` is rewritten by it
 HF_RENAMED = {"top_k": "moe_top_k", "rope_scaling": "loop_rope_scaling"}
@@ -48,11 +48,11 @@ HF_PREFIX = "model."  # the wrapper's weights are its ``model`` attribute's
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -85,7 +85,7 @@ def save_model(model: LoopLM, directory: str | Path) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``checksums.json`` of ``model`` into ``directory``."""
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    if getattr(model, BLOCK, None) is not None:  # quantize_model's output
+    if getattr(model, SECTION, None) is not None:  # quantize_model's output
         path = save_quantized(model, directory)
     else:
         path = Path(directory)
@@ -146,7 +146,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
         verify_checksums(Path(directory))
     config = load_config(directory)
     check_fits(config, LOAD_BYTES_PER_PARAM, f"the model in {str(directory)!r}")
-    if read_block(directory) is not None:
+    if read_section(directory) is not None:
         return load_quantized(directory, map_location)
     file = Path(directory) / WEIGHTS_FILE
     if not file.is_file():
@@ -176,46 +176,47 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location)
 
 
-def read_block(directory: str | Path) -> dict[str, Any] | None:
-    """The ``quantization`` block of ``directory/config.json``, or None for a float checkpoint."""
+def read_section(directory: str | Path) -> dict[str, Any] | None:
+    """The ``quantization`` section of ``directory/config.json``, or None for a float checkpoint."""
     file = Path(directory) / CONFIG_FILE
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None  # load_config reports these
-    block = data.get(BLOCK) if isinstance(data, dict) else None
-    if block is not None and not isinstance(block, dict):
-        raise CheckpointError(f"{str(file)!r}: '{BLOCK}' must be an object with format, group_size, modules")
-    return block
+    section = data.get(SECTION) if isinstance(data, dict) else None
+    if section is not None and not isinstance(section, dict):
+        raise CheckpointError(f"{str(file)!r}: '{SECTION}' must be an object with format, group_size, "
+                              "modules")
+    return section
 
 
 def save_quantized(model: LoopLM, directory: str | Path) -> Path:
     """Write a model quantised by ``quantize_model`` as config.json + model.safetensors."""
-    block = getattr(model, BLOCK, None)
-    if not isinstance(model, LoopLM) or block is None:
+    section = getattr(model, SECTION, None)
+    if not isinstance(model, LoopLM) or section is None:
         raise TypeError("save_quantized needs a LoopLM passed through quantize_model")
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": MODEL_TYPE, **model.config.to_dict(), BLOCK: block}
+    config = {"model_type": MODEL_TYPE, **model.config.to_dict(), SECTION: section}
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", BLOCK: block["format"]})
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", SECTION: section["format"]})
     return path
 
 
 def load_quantized(directory: str | Path, map_location: str | torch.device = "cpu",
                    kernel: str = "auto") -> LoopLM:
-    """Rebuild a quantised LoopLM; CheckpointError when the block or the tensors do not fit."""
+    """Rebuild a quantised LoopLM; CheckpointError when the section or the tensors do not fit."""
     config = load_config(directory)
-    block = read_block(directory)
-    if block is None:
-        raise CheckpointError(f"{str(directory)!r} has no '{BLOCK}' block: it is a float checkpoint; "
+    section = read_section(directory)
+    if section is None:
+        raise CheckpointError(f"{str(directory)!r} has no '{SECTION}' section: it is a float checkpoint; "
                               "load it with load_model")
     model = LoopLM(config)
     try:
-        apply_structure(model, block, kernel)
+        apply_structure(model, section, kernel)
     except (KeyError, ValueError, AttributeError, TypeError) as err:
-        raise CheckpointError(f"bad '{BLOCK}' block in {str(Path(directory) / CONFIG_FILE)!r} ({err}); "
+        raise CheckpointError(f"bad '{SECTION}' section in {str(Path(directory) / CONFIG_FILE)!r} ({err}); "
                               "re-run looplm quantize on the float checkpoint") from None
     file = Path(directory) / WEIGHTS_FILE
     try:
@@ -225,12 +226,12 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in stored]
     problems += [f"unexpected {k}" for k in stored if k not in expected]
-    problems += [f"{k} is {tuple(s.shape)} {s.dtype}, the block wants {tuple(v.shape)} {v.dtype}"
+    problems += [f"{k} is {tuple(s.shape)} {s.dtype}, the quantised layout wants {tuple(v.shape)} {v.dtype}"
                  for k, v in expected.items() if (s := stored.get(k)) is not None
                  and (s.shape != v.shape or s.dtype != v.dtype)]
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"weights in {str(file)!r} do not match the '{BLOCK}' block of config.json "
-                              f"({block.get('format')}): {'; '.join(problems[:3])}{more}")
+        raise CheckpointError(f"weights in {str(file)!r} do not match the '{SECTION}' section of config.json "
+                              f"({section.get('format')}): {'; '.join(problems[:3])}{more}")
     model.load_state_dict(stored, strict=True)
     return model.to(map_location)

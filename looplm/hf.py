@@ -121,9 +121,9 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LoopLMHFConfig) -> None:
         super().__init__(config)
         self.model = LoopLM(config.to_loop_config())
-        block = getattr(config, "quantization", None)
-        if block:  # a quantised checkpoint: swap in its QuantLinear modules before loading
-            apply_structure(self.model, block)
+        section = getattr(config, "quantization", None)
+        if section:  # a quantised checkpoint: swap in its QuantLinear modules before loading
+            apply_structure(self.model, section)
         self.post_init()
 
     @classmethod

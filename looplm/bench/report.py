@@ -1,8 +1,8 @@
 """``looplm bench report``: write the saved bench results into docs/results.md.
 
-Every ``<results>/<bench>/*.json`` becomes one generated block of the document, between the markers
+Every ``<results>/<bench>/*.json`` becomes one generated section of the document, between the markers
 ``<!-- looplm-bench:NAME -->`` and ``<!-- /looplm-bench:NAME -->``: the command that produced it, its
-table, and its PNGs (copied to ``docs/figures/<bench>-<file>.png``). A block already in the document
+table, and its PNGs (copied to ``docs/figures/<bench>-<file>.png``). A section already in the document
 is replaced in place, a new one is appended under its own heading; text outside the markers (the
 hand-written reading of a result, other people's sections) is never touched.
 
@@ -71,7 +71,7 @@ def render_table(name: str, data: dict[str, Any], markdown: Path | None = None) 
     return markdown_table(["key", "value"], rows[:MAX_ROWS]) + more
 
 
-def block(name: str, directory: Path, figures: Path, doc_dir: Path) -> str:
+def section(name: str, directory: Path, figures: Path, doc_dir: Path) -> str:
     """The generated markdown of one bench directory (all its JSON files and PNGs)."""
     parts = []
     for path in sorted(directory.glob("*.json")):
@@ -97,7 +97,7 @@ def block(name: str, directory: Path, figures: Path, doc_dir: Path) -> str:
 
 
 def update(doc: str, name: str, body: str) -> str:
-    """Replace the generated block ``name`` in ``doc`` (or append it under a heading)."""
+    """Replace the generated section ``name`` in ``doc`` (or append it under a heading)."""
     start, end = f"<!-- looplm-bench:{name} -->", f"<!-- /looplm-bench:{name} -->"
     new = f"{start}\n{body}\n{end}"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     doc = doc_path.read_text() if doc_path.exists() else HEADER
     for d in dirs:
-        doc = update(doc, d.name, block(d.name, d, figures, doc_path.parent))
+        doc = update(doc, d.name, section(d.name, d, figures, doc_path.parent))
     doc_path.write_text(doc.rstrip("\n") + "\n")
     print(f"wrote {doc_path} ({', '.join(d.name for d in dirs)})")
     return 0

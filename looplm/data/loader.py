@@ -4,7 +4,7 @@ A batch at step ``s`` is a pure function of ``(seed, s)`` and the global batch s
 ``batch_size`` window starts are drawn (``mode="random"``: uniform offsets as in nanoGPT,
 from a generator seeded with ``[seed, s]``) or enumerated (``mode="sequential"``:
 consecutive non-overlapping windows, wrapping around). Rank ``r`` of ``world_size`` takes
-the ``r``-th contiguous block of ``batch_size // world_size`` windows and reads only those
+the ``r``-th contiguous run of ``batch_size // world_size`` windows and reads only those
 rows of the memory-mapped file, so concatenating the ranks' batches in rank order gives the
 single-process batch, and a resumed run (``load_state_dict``) reads exactly the same
 batches, under any world size that divides the batch.

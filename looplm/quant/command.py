@@ -1,6 +1,6 @@
 """``looplm quantize CHECKPOINT --format F --out DIR``: a low-precision copy of a checkpoint.
 
-The new directory holds config.json (with a ``quantization`` block), model.safetensors (packed
+The new directory holds config.json (with a ``quantization`` section), model.safetensors (packed
 weights + scales) and the source's other files (tokenizer, run.json), so ``looplm generate``,
 ``eval`` and ``load_model`` read it like any checkpoint.
 """
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a float checkpoint directory (looplm train's or save_model's)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="weight format")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES,
-                        help="int4 group size (default 64); fp4_mx always uses blocks of 32")
+                        help="int4 group size (default 64); fp4_mx always uses groups of 32")
     parser.add_argument("--no-zero-point", action="store_true", help="int4: symmetric groups")
     parser.add_argument("--keep-embeddings", dest="keep_embeddings", action="store_true", default=True,
                         help="keep the embedding (and a tied head) in float (default)")

@@ -12,8 +12,8 @@ Formats (docs/mechanisms.md §4.1; error bounds are per element, for finite inpu
   elements ``W/s`` rounded to nearest-even in torch's ``float8_e4m3fn`` / ``float8_e5m2``
   (saturating at ±fmax). Relative error ≤ 2^-4 (E4M3) / 2^-3 (E5M2) above the subnormal
   range, absolute ≤ half a subnormal step·s below it.
-- ``fp4_mx``: OCP MX block format: 32 consecutive inputs share a power-of-two scale
-  ``2^(floor(log2 max|x|) - 2)`` stored as E8M0 (biased by 127); each element is E2M1
+- ``fp4_mx``: OCP MX format (the spec's "block" is a group here): 32 consecutive inputs share a
+  power-of-two scale ``2^(floor(log2 max|x|) - 2)`` stored as E8M0 (biased by 127); each element is E2M1
   (magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}, round to nearest even, saturating at 6). With
   ``x = W/scale``: ``|x - x̂| ≤ 0.25`` for |x| ≤ 2, ``≤ 0.5`` up to 4, ``≤ 1`` up to 6, and
   ``< 2`` above 6 (|x| < 8 by the scale rule; the spec saturates these).
@@ -37,7 +37,7 @@ from looplm.ops import kv_quant
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes by code 0..7
-MX_BLOCK = 32
+MX_GROUP = 32
 GROUP_SIZES = (32, 64, 128)
 PartShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # part name -> (shape, dtype)
 
@@ -196,7 +196,7 @@ def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32)
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
-# ---------------------------------------------------------------- FP4 (E2M1) in MX blocks
+# ---------------------------------------------------------------- FP4 (E2M1) in MX groups
 
 _FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
@@ -220,7 +220,7 @@ def fp4_decode(codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 def quantize_fp4_mx(w: Tensor) -> dict[str, Tensor]:
     """``w [out, in]`` → ``packed uint8 [out, in/2]``, ``exponent uint8 [out, in/32]`` (E8M0)."""
-    wb = _groups(w, MX_BLOCK)
+    wb = _groups(w, MX_GROUP)
     amax = wb.abs().amax(-1)
     exp = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - 2  # E2M1's emax = 2
     exp = exp.clamp(-127, 127)
@@ -229,8 +229,8 @@ def quantize_fp4_mx(w: Tensor) -> dict[str, Tensor]:
 
 
 def dequantize_fp4_mx(packed: Tensor, exponent: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    out, blocks = exponent.shape
-    vals = fp4_decode(unpack_nibbles(packed), torch.float32).reshape(out, blocks, MX_BLOCK)
+    out, groups = exponent.shape
+    vals = fp4_decode(unpack_nibbles(packed), torch.float32).reshape(out, groups, MX_GROUP)
     return (vals * torch.exp2(exponent.float() - 127)[..., None]).flatten(1).to(dtype)
 
 
@@ -334,21 +334,21 @@ class FP8E5M2(_FP8):
 @register
 @dataclass(frozen=True)
 class FP4MX(Format):
-    """E2M1 codes in OCP MX blocks of 32 with a shared E8M0 exponent."""
+    """E2M1 codes in OCP MX groups of 32 with a shared E8M0 exponent."""
 
     name: ClassVar[str] = "fp4_mx"
     parts: ClassVar[tuple[str, ...]] = ("packed", "exponent")
-    group_size: int | None = MX_BLOCK
+    group_size: int | None = MX_GROUP
 
     @classmethod
     def make(cls, group_size: int | None, zero_point: bool) -> Format:
-        if group_size not in (None, MX_BLOCK):
-            raise ConfigError(f"fp4_mx uses MX blocks of {MX_BLOCK}; drop group_size={group_size}")
+        if group_size not in (None, MX_GROUP):
+            raise ConfigError(f"fp4_mx uses MX groups of {MX_GROUP}; drop group_size={group_size}")
         return cls()
 
     @property
     def bits(self) -> float:
-        return 4.0 + 8.0 / MX_BLOCK
+        return 4.0 + 8.0 / MX_GROUP
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]:
         return quantize_fp4_mx(w)
@@ -358,7 +358,7 @@ class FP4MX(Format):
 
     def part_shapes(self, out_features: int, in_features: int) -> PartShapes:
         return {"packed": ((out_features, in_features // 2), torch.uint8),
-                "exponent": ((out_features, in_features // MX_BLOCK), torch.uint8)}
+                "exponent": ((out_features, in_features // MX_GROUP), torch.uint8)}
 
 
 FORMATS = tuple(FORMAT_CLASSES)  # the built-in formats, for CLI choices and test matrices

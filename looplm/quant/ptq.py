@@ -111,29 +111,29 @@ def _format_fields(fmt: Format) -> dict[str, Any]:
 
 
 def describe(fmt: Format, modules: list[str], overrides: dict[str, Format] | None = None) -> dict[str, Any]:
-    """The ``quantization`` block of config.json; ``overrides`` (module → its own format) only
+    """The ``quantization`` section of config.json; ``overrides`` (module → its own format) only
     when some module differs from ``fmt``."""
-    block = {**_format_fields(fmt), "modules": list(modules)}
+    section = {**_format_fields(fmt), "modules": list(modules)}
     if overrides:
-        block["overrides"] = {n: _format_fields(f) for n, f in overrides.items()}
-    return block
+        section["overrides"] = {n: _format_fields(f) for n, f in overrides.items()}
+    return section
 
 
-def _block_format(fields: dict[str, Any]) -> Format:
+def _section_format(fields: dict[str, Any]) -> Format:
     return make_format(fields["format"], fields.get("group_size"), bool(fields.get("zero_point", True)))
 
 
-def apply_structure(model: M, block: dict[str, Any], kernel: str = "auto") -> M:
-    """Swap in empty quantised modules as described by ``block`` (weights to be loaded next).
-    Raises ValueError/KeyError on a block that does not fit the model."""
-    fmt = _block_format(block)
-    modules = block["modules"]
+def apply_structure(model: M, section: dict[str, Any], kernel: str = "auto") -> M:
+    """Swap in empty quantised modules as described by ``section`` (config.json's ``quantization``;
+    weights to be loaded next). Raises ValueError/KeyError on a section that does not fit the model."""
+    fmt = _section_format(section)
+    modules = section["modules"]
     if not isinstance(modules, list) or not all(isinstance(n, str) for n in modules):
         raise ValueError("'modules' must be a list of module names")
-    raw = block.get("overrides") or {}
+    raw = section.get("overrides") or {}
     if not isinstance(raw, dict) or not set(raw) <= set(modules):
         raise ValueError("'overrides' must map quantised module names to their formats")
-    overrides = {n: _block_format(f) for n, f in raw.items()}
+    overrides = {n: _section_format(f) for n, f in raw.items()}
     experts = expert_weights(model)
     for name in modules:
         f = overrides.get(name, fmt)
