@@ -2,8 +2,8 @@
 
 The activation ``silu(gate) * up`` (optionally times a per-row weight, as MoE experts use it) has
 a hand-written backward that writes the gate and up gradients into one ``[n, 2H]`` tensor (the
-fused gate|up matmul's backward needs no concatenation) and runs block by block over rows so
-each block stays in cache. fwd+bwd of ``[4096, 2 x 1024]``, 1 thread: 51.2 ms autograd of the
+fused gate|up matmul's backward needs no concatenation) and runs tile by tile over rows so
+each tile stays in cache. fwd+bwd of ``[4096, 2 x 1024]``, 1 thread: 51.2 ms autograd of the
 formula, 27.3 ms this. It saves its input and ``silu(gate)`` (``[n, H]`` more memory than
 recomputing it, as autograd of the formula would also keep): a training step of bench train's
 vanilla model, 2 threads, 974 vs 988 ms (ad-hoc, interleaved).
@@ -22,13 +22,13 @@ from torch import nn
 
 from looplm.layers.linear import Linear
 from looplm.ops import cpp_ext
-from looplm.ops.blocks import row_blocks, tracked
+from looplm.ops.nodes import row_tiles, tracked
 
-_BLOCK = 1 << 18  # elements per block of rows
+_TILE = 1 << 18  # elements per tile of rows
 
 
-def _blocks(n: int, width: int) -> list[slice]:
-    return row_blocks(n, width, _BLOCK)
+def _tiles(n: int, width: int) -> list[slice]:
+    return row_tiles(n, width, _TILE)
 
 
 class _SwiGLUAct(torch.autograd.Function):
@@ -38,7 +38,7 @@ class _SwiGLUAct(torch.autograd.Function):
         y, act = h.new_empty(*h.shape[:-1], hd), h.new_empty(h.shape[:-1].numel(), hd)
         h2, y2 = h.view(-1, 2 * hd), y.view(-1, hd)
         w1 = None if weight is None else weight.reshape(-1, 1)
-        for r in _blocks(h2.shape[0], 2 * hd):
+        for r in _tiles(h2.shape[0], 2 * hd):
             gate, up = h2[r].chunk(2, dim=-1)
             out = torch.mul(torch.ops.aten.silu.out(gate, out=act[r]), up, out=y2[r])
             if w1 is not None:
@@ -54,7 +54,7 @@ class _SwiGLUAct(torch.autograd.Function):
         h2, gh2, gy2 = h.view(-1, 2 * hd), g_h.view(-1, 2 * hd), gy.reshape(-1, hd)
         w1 = None if weight is None else weight.reshape(-1, 1)
         g_w = torch.empty_like(w1) if w1 is not None and ctx.needs_input_grad[1] else None
-        for r in _blocks(h2.shape[0], 2 * hd):
+        for r in _tiles(h2.shape[0], 2 * hd):
             gate, up = h2[r].chunk(2, dim=-1)
             act, g = act_all[r], gy2[r]
             if w1 is not None:

@@ -20,7 +20,7 @@ from dataclasses import fields
 import torch
 
 from looplm.layers.mixer_states import KVState
-from looplm.ops.blocks import tracked
+from looplm.ops.nodes import tracked
 
 __all__ = ["append", "truncate"]
 

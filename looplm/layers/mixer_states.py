@@ -85,7 +85,12 @@ def check_inputs(x: torch.Tensor, d_model: int, mask: torch.Tensor | None,
         if not isinstance(state, state_type):
             raise TypeError(f"state must be a {state_type.__name__} (from this mixer's init_state), "
                             f"got {type(state).__name__}")
-        rows = state.seen.shape[0] if isinstance(state, KVState) else state.ssm.shape[0]  # type: ignore[attr-defined]
+        if isinstance(state, KVState):
+            rows = state.seen.shape[0]
+        elif isinstance(state, (RecurrentState, LinearizedState)):
+            rows = state.ssm.shape[0]
+        else:
+            rows = x.shape[0]  # a state type of its own: its mixer checks it
         if rows != x.shape[0]:
             raise ValueError(f"state holds {rows} rows but x has batch size {x.shape[0]}")
     for name, t in (("mask", mask), ("positions", positions)):

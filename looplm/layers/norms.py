@@ -3,7 +3,7 @@
 Both have hand-written backwards: autograd of the composite forms (``F.rms_norm`` has no fused
 CPU kernel in torch 2.13; ``F.normalize``) runs about twice as many passes over the tensor
 (fwd+bwd, 1 thread: RMSNorm on ``[8, 512, 256]`` 8.9 -> 5.3 ms, L2 normalisation of
-``[8, 512, 8, 64]`` 21.9 -> 10.7 ms). They run block by block over rows so that a block's passes
+``[8, 512, 8, 64]`` 21.9 -> 10.7 ms). They run tile by tile over rows so that a tile's passes
 stay in cache, recomputing ``x * r`` and ``silu(z)`` instead of saving them (then, same run:
 gated head RMSNorm ``[8, 512, 4, 64]`` 12.8 -> 6.6 ms, L2 8.5 -> 4.7 ms, RMSNorm 5.2 -> 3.9 ms).
 ``rms_norm(..., gate=z)`` fuses the output gate of GLA / gated DeltaNet, ``rmsnorm(x) * silu(z)``.
@@ -20,19 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.ops import cpp_ext
-from looplm.ops.blocks import row_blocks, tracked
+from looplm.ops.nodes import row_tiles, tracked
 
-_BLOCK = 1 << 17  # elements per block of rows: each block's passes stay in cache
+_TILE = 1 << 17  # elements per tile of rows: each tile's passes stay in cache
 
 
-def _blocks(x: torch.Tensor) -> list[slice]:
-    """Row slices of a 2-D ``x [rows, D]``, about ``_BLOCK`` elements each."""
-    return row_blocks(x.shape[0], x.shape[1], _BLOCK)
+def _tiles(x: torch.Tensor) -> list[slice]:
+    """Row slices of a 2-D ``x [rows, D]``, about ``_TILE`` elements each."""
+    return row_tiles(x.shape[0], x.shape[1], _TILE)
 
 
 class _RMSNorm(torch.autograd.Function):
     """``y = x * r * w (* silu(z))``, ``r = rsqrt(mean(x^2) + eps)`` over the last dim; saves
-    ``x``, ``r`` (and ``z``) and recomputes ``x * r`` and ``silu(z)`` block by block."""
+    ``x``, ``r`` (and ``z``) and recomputes ``x * r`` and ``silu(z)`` tile by tile."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
@@ -44,7 +44,7 @@ class _RMSNorm(torch.autograd.Function):
         z2 = None if gate is None else gate.reshape(x2.shape)
         y = torch.empty(x2.shape, dtype=cdt, device=x.device)
         r = torch.empty(x2.shape[0], 1, dtype=cdt, device=x.device)
-        for b in _blocks(x2):
+        for b in _tiles(x2):
             xb = x2[b].to(cdt)
             torch.rsqrt(torch.linalg.vecdot(xb, xb).unsqueeze(-1).div_(x2.shape[1]).add_(eps), out=r[b])
             yb = torch.mul(xb, r[b], out=y[b]).mul_(weight)
@@ -62,7 +62,7 @@ class _RMSNorm(torch.autograd.Function):
         g_x = torch.empty(x2.shape, dtype=r.dtype, device=r.device)
         g_w = torch.zeros(x2.shape[1], dtype=r.dtype, device=r.device) if need_w else None
         g_z = torch.empty_like(z2) if need_z else None
-        for b in _blocks(x2):
+        for b in _tiles(x2):
             n, g = x2[b] * r[b], gy2[b]
             if z2 is not None:
                 if g_z is not None:
@@ -135,7 +135,7 @@ class _L2Normalize(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y, r = torch.empty_like(x2), x2.new_empty(x2.shape[0], 1)
-        for b in _blocks(x2):
+        for b in _tiles(x2):
             torch.linalg.vector_norm(x2[b], dim=-1, keepdim=True, out=r[b]).clamp_min_(eps).reciprocal_()
             torch.mul(x2[b], r[b], out=y[b])
         ctx.save_for_backward(y, r)
@@ -145,7 +145,7 @@ class _L2Normalize(torch.autograd.Function):
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, None]:
         y, r = ctx.saved_tensors
         gy2, g_x = gy.reshape(y.shape), torch.empty_like(y)
-        for b in _blocks(y):
+        for b in _tiles(y):
             # d/dx of x / |x|: (gy - y <gy, y>) / |x|  (|x| above eps)
             m = torch.linalg.vecdot(gy2[b], y[b]).unsqueeze(-1).neg_()
             torch.addcmul(gy2[b], y[b], m, out=g_x[b]).mul_(r[b])

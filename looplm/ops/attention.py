@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from looplm.errors import ConfigError
 from looplm.ops import cpp_ext
-from looplm.ops.blocks import row_blocks, tracked
+from looplm.ops.nodes import row_tiles, tracked
 
 ROPE_SCALINGS = ("linear", "llama3")
 
@@ -86,7 +86,7 @@ def rope_cos_sin(
     return angles.cos()[:, :, None].to(dtype), angles.sin()[:, :, None].to(dtype)
 
 
-_BLOCK = 1 << 19  # elements per block of rows in apply_rope
+_TILE = 1 << 19  # elements per tile of rows in apply_rope
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: int) -> None:
@@ -98,7 +98,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
 
 
 class _Rope(torch.autograd.Function):
-    """The rotation written into one output, block by block over batch rows (in cache); its
+    """The rotation written into one output, tile by tile over batch rows (in cache); its
     backward is the rotation by the opposite angle. fwd+bwd of ``[8, 512, 12, 64]``, 1 thread:
     27.8 ms as autograd of the chunk/cat formula, 12.9 ms this. float32 on the CPU runs the
     rotation in ``csrc/norm_rope.cpp`` (one pass per row, rows over threads) where it is built."""
@@ -124,7 +124,7 @@ def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: in
         return torch.cat([x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin], dim=-1)
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     per_row = cos.shape[0] > 1
-    for r in row_blocks(x.shape[0], x[0].numel(), _BLOCK):
+    for r in row_tiles(x.shape[0], x[0].numel(), _TILE):
         _rotate(x[r], cos[r] if per_row else cos, sin[r] if per_row else sin, out[r], sign)
     return out
 
@@ -134,6 +134,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``(x1 cos - x2 sin, x2 cos + x1 sin)`` for the halves ``x1, x2``."""
     if not tracked(x, cos, sin):
         return _rotate_rows(x, cos, sin, 1)
+    # torch's autograd Function.apply is untyped
     return _Rope.apply(x, cos, sin)  # type: ignore[no-untyped-call]
 
 
@@ -166,7 +167,7 @@ def _chunk_mask(i: int, e: int, like: torch.Tensor) -> torch.Tensor | None:
 
 class _CausalByChunks(torch.autograd.Function):
     """Causal attention of ``q, k, v [B, H, T, D]`` (CPU) by query chunks: chunk ``[i, e)`` reads
-    keys ``< e`` only, so most blocks above the diagonal are never computed. It calls SDPA's CPU
+    keys ``< e`` only, so most tiles above the diagonal are never computed. It calls SDPA's CPU
     flash kernels (forward and backward) per chunk: autograd of sliced SDPA calls zero-filled a
     full-size gradient of k and v for every chunk and added them up; here the last chunk's
     gradients (which cover every key) are the buffers the others add into. fwd+bwd at B=8, H=6,
@@ -242,6 +243,7 @@ def attention(
         if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK and q.device.type == "cpu":
             if gqa:  # the flash kernels take equal heads: repeat each key/value head for its group
                 kt, vt = kt.repeat_interleave(H // Hkv, dim=1), vt.repeat_interleave(H // Hkv, dim=1)
+            # torch's autograd Function.apply is untyped
             return _CausalByChunks.apply(qt, kt, vt, scale).transpose(1, 2)  # type: ignore[no-untyped-call]
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and T > 1, scale=scale,
                                              enable_gqa=gqa)

@@ -14,8 +14,8 @@ Transformers with the Delta Rule over Sequence Length"), gated as in Yang, Kautz
     O = (Q ⊙ e^b) S_i + (Q K^T ⊙ D) delta
 
 Only the state is carried by the loop (two small ``baddbmm`` per chunk each way); everything else
-is independent per chunk and runs batched over blocks of chunk-groups (:func:`row_blocks`: on one
-thread, blocks whose temporaries stay in cache, measured ~10-15% faster at T=2048; one block
+is independent per chunk and runs batched over tiles of chunk-groups (:func:`row_tiles`: on one
+thread, tiles whose temporaries stay in cache, measured ~10-15% faster at T=2048; one tile
 with several threads). (Folding a chunk into a ``[dk, dk]`` transition ``gamma I - K'^T W``
 halves the loop's ops but costs ``d^3`` matmuls per chunk: measured slower at ``C = 32, d = 64``.)
 
@@ -31,24 +31,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from looplm.ops.blocks import row_blocks, rows_per_block
 from looplm.ops.delta_kernel import kernel_backward, kernel_forward, use_kernel
+from looplm.ops.nodes import row_tiles, rows_per_tile
 
 __all__ = ["unit_lower_inverse", "DeltaChunkFn"]
 
-BLOCK_ELEMENTS = 32 * 32 * 64  # per-chunk parts run in blocks of about this many [C, d] elements
+TILE_ELEMENTS = 32 * 32 * 64  # per-chunk parts run in tiles of about this many [C, d] elements
 
 
 def unit_lower_inverse(m: torch.Tensor) -> torch.Tensor:
     """``(I + tril(m, -1))^{-1}`` for ``m [.., C, C]``; only the strict lower triangle of ``m`` is read.
 
-    Block recursion (``[[A11, 0], [A21, A22]]^{-1}`` has off-diagonal block ``-A22^{-1} A21 A11^{-1}``)
-    over block sizes 1, 2, 4, ..., each level batched over all blocks: about ``2 log2 C`` batched
-    matmuls. For the 256 systems of 32 x 32 at T=2048 (one thread) it takes 1.1 ms against 1.3 ms for
-    ``torch.linalg.solve_triangular`` against the identity; the explicit inverse is what lets the
-    forward form ``[U | W]`` and the backward form ``A^{-T} dDelta`` as plain batched matmuls.
-    ``C`` is padded with identity rows to a power of two. While ``torch.compile`` traces (the strided
-    views need storage offsets it cannot trace): ``torch.linalg.solve_triangular``.
+    Recursive inversion by tiles (``[[A11, 0], [A21, A22]]^{-1}`` has off-diagonal tile
+    ``-A22^{-1} A21 A11^{-1}``) over tile sizes 1, 2, 4, ..., each level batched over all tiles:
+    about ``2 log2 C`` batched matmuls. For the 256 systems of 32 x 32 at T=2048 (one thread) it
+    takes 1.1 ms against 1.3 ms for ``torch.linalg.solve_triangular`` against the identity; the
+    explicit inverse is what lets the forward form ``[U | W]`` and the backward form
+    ``A^{-T} dDelta`` as plain batched matmuls. ``C`` is padded with identity rows to a power of
+    two. While ``torch.compile`` traces (the strided views need storage offsets it cannot trace):
+    ``torch.linalg.solve_triangular``.
     """
     c = m.shape[-1]
     if torch.compiler.is_compiling():
@@ -66,7 +67,7 @@ def unit_lower_inverse(m: torch.Tensor) -> torch.Tensor:
     while s < c2:
         w = 2 * s
         shape, stride = (nb, c2 // w, w, w), (c2 * c2, w * c2 + w, c2, 1)
-        mb = mm.as_strided(shape, stride, mm.storage_offset())  # the diagonal blocks of width w
+        mb = mm.as_strided(shape, stride, mm.storage_offset())  # the diagonal tiles of width w
         ib = inv.as_strided(shape, stride, inv.storage_offset())
         if s == 1:
             ib[..., 1:, :1] = -mb[..., 1:, :1]
@@ -117,7 +118,7 @@ def _chunk_terms(sl: slice, scale: float, k: Tensor, v: Tensor, beta: Tensor, ai
 def _input_grads(scale: float, d_o: Tensor, d_delta: Tensor, g_next: Tensor, s_in: Tensor, q: Tensor,
                  k: Tensor, v: Tensor, beta: Tensor, eb: Any, k_end: Any, d: Any, p: Tensor, kkd: Tensor,
                  ainv: Tensor, q_dec: Tensor, k_dec: Tensor, delta: Tensor) -> tuple[Any, ...]:
-    """Gradients of ``q, k, v, beta, g`` for a block of chunk-groups, given the loop's results."""
+    """Gradients of ``q, k, v, beta, g`` for a tile of chunk-groups, given the loop's results."""
     ng, c, dv = d_o.shape
     gated = d is not None
     # [U | W] = A^{-1} R with dU = dDelta, dW = -dDelta S^T, so dR = [Z | -Z S^T] with
@@ -245,7 +246,7 @@ class DeltaChunkFn(torch.autograd.Function):
                 scale: float) -> tuple[Tensor, Tensor]:
         with torch.autocast(q.device.type, enabled=False):  # inputs arrive in float32 or float64
             if use_kernel(q):
-                out = kernel_forward(q, k, v, beta, g, s0, n, scale, block_rows(q, v))
+                out = kernel_forward(q, k, v, beta, g, s0, n, scale, tile_rows(q, v))
                 o, final, saved = out[0], out[1], tuple(out[2:])
             else:
                 o, final, saved = DeltaChunkFn._forward(q, k, v, beta, g, s0, n, scale)
@@ -260,7 +261,7 @@ class DeltaChunkFn(torch.autograd.Function):
         with torch.autocast(d_o.device.type, enabled=False):
             if use_kernel(d_o):
                 grads = kernel_backward(d_o, d_final.contiguous(), saved, ctx.n, ctx.scale, ctx.gated,
-                                        block_rows(saved[0], d_o))
+                                        tile_rows(saved[0], d_o))
             else:
                 grads = DeltaChunkFn._backward(d_o, d_final, saved, ctx.n, ctx.scale, ctx.gated)
         return (*grads, None, None)
@@ -280,8 +281,8 @@ class DeltaChunkFn(torch.autograd.Function):
         else:
             eb = k_end = None
             q_dec, k_dec = q, k
-        blocks = row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)
-        for sl in blocks:  # the [C, d] terms, block by block (in cache)
+        tiles = row_tiles(ng, c * max(dk, dv), TILE_ELEMENTS)
+        for sl in tiles:  # the [C, d] terms, tile by tile (in cache)
             _chunk_terms(sl, scale, k, v, beta, ainv, delta, w, q, eb, k_end, q_dec, k_dec)
         states, final = q.new_empty(gsz, n, dk, dv), q.new_empty(gsz, dk, dv)
         gamma = None if eb is None else eb.view(gsz, n, c)[:, :, -1]
@@ -289,7 +290,7 @@ class DeltaChunkFn(torch.autograd.Function):
                      states, final)
         s_in = states.view(ng, dk, dv)
         o = q.new_empty(ng, c, dv)
-        for sl in blocks:
+        for sl in tiles:
             torch.baddbmm(torch.bmm(p[sl], delta[sl]), q_dec[sl], s_in[sl], alpha=1.0 if gated else scale,
                           out=o[sl])
         saved: tuple[Tensor, ...] = (q, k, v, beta, p, kk, ainv, w, q_dec, k_dec, states, delta)
@@ -318,11 +319,13 @@ class DeltaChunkFn(torch.autograd.Function):
         gamma = None if eb is None else eb.view(gsz, n, c)[:, :, -1]
         _scan_backward(d_delta.view(gsz, n, c, dv), w.view(gsz, n, c, dk), k_dec.view(gsz, n, c, dk), gamma,
                       g_next, d_s0)
-        # the rest is independent per chunk and group: run it in blocks that stay in cache
+        # the rest is independent per chunk and group: run it in tiles that stay in cache
         tensors: tuple[Any, ...] = (d_o, d_delta, g_next.view(ng, dk, dv), s_in, q, k, v, beta, eb, k_end, d,
                                     p, kkd, ainv, q_dec, k_dec, delta)
+        # the starred generator reads as Tensor | None for every argument; the ungated ones (eb,
+        # k_end, d) are the ones that may be None, as _input_grads takes them
         grads = [_input_grads(scale, *(None if x is None else x[sl] for x in tensors))  # type: ignore[arg-type]
-                 for sl in row_blocks(ng, c * max(dk, dv), BLOCK_ELEMENTS)]
+                 for sl in row_tiles(ng, c * max(dk, dv), TILE_ELEMENTS)]
         d_q, d_k, d_v, d_beta, d_g = (
             None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
             for parts in zip(*grads)
@@ -330,6 +333,6 @@ class DeltaChunkFn(torch.autograd.Function):
         return d_q, d_k, d_v, d_beta, d_g, d_s0
 
 
-def block_rows(q: torch.Tensor, v: torch.Tensor) -> int:
-    """Rows (chunk-groups) per cache-sized block of the C++ kernel."""
-    return rows_per_block(q.shape[1] * max(q.shape[-1], v.shape[-1]), BLOCK_ELEMENTS)
+def tile_rows(q: torch.Tensor, v: torch.Tensor) -> int:
+    """Rows (chunk-groups) per cache-sized tile of the C++ kernel."""
+    return rows_per_tile(q.shape[1] * max(q.shape[-1], v.shape[-1]), TILE_ELEMENTS)

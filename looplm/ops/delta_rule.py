@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from looplm.ops import kernel_tracing
-from looplm.ops.blocks import tracked
 from looplm.ops.checks import check_chunk_size, check_like, check_qkv
-from looplm.ops.delta_chunkwise import DeltaChunkFn, block_rows, delta_chunk_traced
+from looplm.ops.delta_chunkwise import DeltaChunkFn, delta_chunk_traced, tile_rows
 from looplm.ops.delta_kernel import use_kernel
+from looplm.ops.nodes import tracked
 
 __all__ = ["delta_step", "delta_recurrent", "delta_parallel", "delta_chunk"]
 
@@ -152,11 +152,12 @@ def delta_chunk(
     gc = None if g is None else _chunk_layout(g, n, c)
     s0 = state.reshape(groups, dk, dv)
     if torch.compiler.is_exporting() and use_kernel(qc) and not tracked(qc, kc, vc, bc, gc, s0):
-        rows = block_rows(qc, vc)  # the C++ kernel as one op in the exported graph
+        rows = tile_rows(qc, vc)  # the C++ kernel as one op in the exported graph
         o, state = kernel_tracing.delta_chunk(qc, kc, vc, bc, gc, s0.contiguous(), n, scale, rows)
     elif torch.compiler.is_compiling():  # out-of-place ops the compiler differentiates (the Function
         o, state = delta_chunk_traced(qc, kc, vc, bc, gc, s0, n, scale)  # writes in place)
     else:
+        # torch's autograd Function.apply is untyped
         o, state = DeltaChunkFn.apply(qc, kc, vc, bc, gc, s0, n, scale)  # type: ignore[no-untyped-call]
     o = o.view(bsz, h, n, c, dv).permute(0, 2, 3, 1, 4).reshape(bsz, n * c, h, dv)[:, :t]
     return o.to(out_dtype), state.view(bsz, h, dk, dv).to(out_dtype)

@@ -25,17 +25,17 @@ __all__ = ["FAKE_OPS", "delta_chunk", "register"]
 
 @torch.library.custom_op("looplm_traced::delta_chunk", mutates_args=())
 def delta_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
-                s0: torch.Tensor, n: int, scale: float, block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                s0: torch.Tensor, n: int, scale: float, tile_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o [G*N, C, dv], final state [G, dk, dv])`` of the C++ chunk kernel (inputs as
     :class:`~looplm.ops.delta_chunkwise.DeltaChunkFn` takes them); no autograd."""
-    out = torch.ops.looplm.delta_chunk_forward(q, k, v, beta, g, s0, n, scale, block_rows)
+    out = torch.ops.looplm.delta_chunk_forward(q, k, v, beta, g, s0, n, scale, tile_rows)
     return out[0], out[1]
 
 
 @delta_chunk.register_fake
 def _delta_chunk_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                       g: torch.Tensor | None, s0: torch.Tensor, n: int, scale: float,
-                      block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      tile_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     dv = v.shape[2]
     return q.new_empty(q.shape[0], q.shape[1], dv), q.new_empty(q.shape[0] // n, q.shape[2], dv)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from looplm.ops import cpp_ext
-from looplm.ops.blocks import tracked
+from looplm.ops.nodes import tracked
 
 __all__ = ["linear", "MAX_ROWS"]
 

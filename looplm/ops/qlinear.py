@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from looplm.ops import cpp_ext
-from looplm.ops.blocks import tracked
+from looplm.ops.nodes import tracked
 
 __all__ = ["MAX_ROWS", "BLOCK", "parts_ok", "kernel_applies", "qlinear", "qembedding", "quantize_rows",
            "qlinear_reference"]

@@ -29,10 +29,10 @@ def test_swiglu_matches_formula():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("one_row_blocks", [False, True])
-def test_swiglu_activation_backward_matches_autograd(weighted, one_row_blocks, monkeypatch):
-    if one_row_blocks:  # the block loop as it runs on large inputs
-        monkeypatch.setattr(ffn_module, "_BLOCK", 1)
+@pytest.mark.parametrize("one_row_tiles", [False, True])
+def test_swiglu_activation_backward_matches_autograd(weighted, one_row_tiles, monkeypatch):
+    if one_row_tiles:  # the tile loop as it runs on large inputs
+        monkeypatch.setattr(ffn_module, "_TILE", 1)
     h = torch.randn(3, 4, 2 * 5, dtype=torch.float64, requires_grad=True)
     w = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
     inputs = (h, w) if weighted else (h,)

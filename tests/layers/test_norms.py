@@ -16,14 +16,14 @@ def _inputs(*shapes):
     return [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
 
 
-@pytest.fixture(params=[False, True], ids=["one_block", "row_blocks"])
-def blocks(request, monkeypatch):
-    if request.param:  # one row per block: the loop as it runs on large inputs
-        monkeypatch.setattr(norms_module, "_BLOCK", 1)
+@pytest.fixture(params=[False, True], ids=["one_tile", "row_tiles"])
+def tiles(request, monkeypatch):
+    if request.param:  # one row per tile: the loop as it runs on large inputs
+        monkeypatch.setattr(norms_module, "_TILE", 1)
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_rms_norm_matches_composite_and_gradcheck(gated, blocks):
+def test_rms_norm_matches_composite_and_gradcheck(gated, tiles):
     x, w, z = _inputs((2, 3, 5), (5,), (2, 3, 5))
     gate = z if gated else None
     ref = F.rms_norm(x, (5,), w, 1e-6) * (F.silu(z) if gated else 1)
@@ -36,7 +36,7 @@ def test_rms_norm_matches_composite_and_gradcheck(gated, blocks):
     assert torch.autograd.gradcheck(lambda *a: rms_norm(a[0], a[1], 1e-6, a[2] if gated else None), inputs)
 
 
-def test_l2_normalize_matches_f_normalize_and_gradcheck(blocks):
+def test_l2_normalize_matches_f_normalize_and_gradcheck(tiles):
     (x,) = _inputs((3, 4, 2, 6))
     torch.testing.assert_close(l2_normalize(x), F.normalize(x, dim=-1))
     gy = torch.randn_like(x)

@@ -78,9 +78,9 @@ def test_rope_relative_and_norm_preserving():
 
 
 @pytest.mark.parametrize("per_row", [False, True])
-@pytest.mark.parametrize("block", [1, 1 << 19])
-def test_apply_rope_matches_formula_and_its_gradient(per_row, block, monkeypatch):
-    monkeypatch.setattr(attention_module, "_BLOCK", block)  # 1: one batch row per block
+@pytest.mark.parametrize("tile", [1, 1 << 19])
+def test_apply_rope_matches_formula_and_its_gradient(per_row, tile, monkeypatch):
+    monkeypatch.setattr(attention_module, "_TILE", tile)  # 1: one batch row per tile
     x = torch.randn(3, 5, 2, 8, dtype=torch.float64, requires_grad=True)
     pos = torch.randint(0, 50, (3, 5)) if per_row else torch.arange(5)
     cos, sin = rope_cos_sin(pos, 8, dtype=torch.float64)

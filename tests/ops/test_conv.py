@@ -39,11 +39,11 @@ def test_forms_agree(B, T, D, K, split, bias):
 
 @pytest.mark.parametrize("T,K", [(7, 4), (2, 4), (5, 1), (1, 3)])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("one_row_blocks", [False, True])
-def test_hand_written_backward_matches_autograd_of_the_explicit_sum(T, K, with_state, one_row_blocks,
+@pytest.mark.parametrize("one_row_tiles", [False, True])
+def test_hand_written_backward_matches_autograd_of_the_explicit_sum(T, K, with_state, one_row_tiles,
                                                                      monkeypatch):
-    if one_row_blocks:  # the block loop as it runs on large inputs
-        monkeypatch.setattr(conv_module, "_BLOCK", 1)
+    if one_row_tiles:  # the tile loop as it runs on large inputs
+        monkeypatch.setattr(conv_module, "_TILE", 1)
     g = torch.Generator().manual_seed(T * 10 + K)
     x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
                for s in ((2, T, 3), (3, K), (3,)))

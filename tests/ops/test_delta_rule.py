@@ -87,10 +87,10 @@ def test_gradients_agree(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_kernel_blocks_change_nothing(gated, monkeypatch):
-    """On one thread the kernel runs its per-chunk parts in blocks of chunk-groups; uneven blocks
-    (7 chunks x 4 groups in blocks of 3) give the reference's outputs and gradients."""
-    monkeypatch.setattr(delta_chunkwise, "BLOCK_ELEMENTS", 3 * 4 * 8)  # 3 x [C=4, dk=8]
+def test_kernel_tiles_change_nothing(gated, monkeypatch):
+    """On one thread the kernel runs its per-chunk parts in tiles of chunk-groups; uneven tiles
+    (7 chunks x 4 groups in tiles of 3) give the reference's outputs and gradients."""
+    monkeypatch.setattr(delta_chunkwise, "TILE_ELEMENTS", 3 * 4 * 8)  # 3 x [C=4, dk=8]
     assert torch.get_num_threads() == 1
     q, k, v, beta, g, s0 = make(2, 27, 2, 8, 6, gated=gated, dtype=torch.float64, seed=3)
     inputs = [x for x in (q, k, v, beta, g, s0) if x is not None]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from looplm.ops import cpp_ext, kernel_tracing
-from looplm.ops.delta_chunkwise import DeltaChunkFn, block_rows
+from looplm.ops.delta_chunkwise import DeltaChunkFn, tile_rows
 from looplm.quant.formats import quantize_int8
 
 pytestmark = pytest.mark.skipif(not cpp_ext.available(), reason="the C++ kernels are not built here")
@@ -90,7 +90,7 @@ def test_delta_chunk_op_equals_the_autograd_function(gated):
     v, beta = torch.randn(G * N, C, dv, generator=g), torch.rand(G * N, C, generator=g)
     gg = -torch.rand(G * N, C, generator=g) if gated else None
     s0 = torch.randn(G, dk, dv, generator=g)
-    args = (q, k, v, beta, gg, s0, N, 0.5, block_rows(q, v))
+    args = (q, k, v, beta, gg, s0, N, 0.5, tile_rows(q, v))
     o, final = kernel_tracing.delta_chunk(*args)
     want_o, want_final = DeltaChunkFn.apply(q, k, v, beta, gg, s0, N, 0.5)
     torch.testing.assert_close(o, want_o)

@@ -1,22 +1,22 @@
-"""Row blocks cover every row once, in order; one block when torch runs several threads."""
+"""Row tiles cover every row once, in order; one tile when torch runs several threads."""
 
 import torch
 
-from looplm.ops.blocks import row_blocks, tracked
+from looplm.ops.nodes import row_tiles, tracked
 
 
-def test_blocks_cover_the_rows_in_order(monkeypatch):
+def test_tiles_cover_the_rows_in_order(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    blocks = row_blocks(10, 3, budget=7)  # 2 rows of 3 elements per block
-    assert [(b.start, b.stop) for b in blocks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
-    assert torch.cat([torch.arange(10)[b] for b in blocks]).tolist() == list(range(10))
-    assert row_blocks(3, 100, budget=7) == [slice(0, 1), slice(1, 2), slice(2, 3)]
-    assert row_blocks(0, 5, budget=7) == []
+    tiles = row_tiles(10, 3, budget=7)  # 2 rows of 3 elements per tile
+    assert [(b.start, b.stop) for b in tiles] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert torch.cat([torch.arange(10)[b] for b in tiles]).tolist() == list(range(10))
+    assert row_tiles(3, 100, budget=7) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert row_tiles(0, 5, budget=7) == []
 
 
-def test_one_block_with_several_threads(monkeypatch):
+def test_one_tile_with_several_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert row_blocks(10, 3, budget=7) == [slice(0, 10)]
+    assert row_tiles(10, 3, budget=7) == [slice(0, 10)]
 
 
 def test_tracked_and_the_plain_paths_agree_with_the_autograd_nodes():
