@@ -78,7 +78,7 @@ def _swiglu_backward(gy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | N
 
 
 def _delta_chunk_backward(d_o: torch.Tensor, d_final: torch.Tensor, saved: list[torch.Tensor], n: int,
-                          scale: float, gated: bool, block_rows: int) -> list[torch.Tensor]:
+                          scale: float, gated: bool, tile_rows: int) -> list[torch.Tensor]:
     q, k, v, beta = saved[:4]  # q, k [G*N, C, dk], v [G*N, C, dv], beta [G*N, C]
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape),
             beta.new_empty(beta.shape if gated else (0,)),

@@ -67,8 +67,8 @@ def _delta_backward_samples(r) -> dict[str, list[tuple]]:
         q, k, v, beta = r(G * N, C, dk), r(G * N, C, dk) / 3, r(G * N, C, dv), torch.rand(G * N, C)
         g = -torch.rand(G * N, C) if gated else None
         fwd = torch.ops.looplm.delta_chunk_forward(q, k, v, beta, g, r(G, dk, dv), N, 0.5,
-                                                   block_rows(q, v))
-        out.append((r(G * N, C, dv), r(G, dk, dv), list(fwd[2:]), N, 0.5, gated, block_rows(q, v)))
+                                                   tile_rows(q, v))
+        out.append((r(G * N, C, dv), r(G, dk, dv), list(fwd[2:]), N, 0.5, gated, tile_rows(q, v)))
     return {"delta_chunk_backward": out}
 
 
