@@ -88,6 +88,13 @@ class Tally:
             pairs = attention_pairs(n, None if state is None else state.key_mask.sum(1))
         self.add(float(blk.spec.pair_flops(blk.mixer)) * pairs)
 
+    def decoding_step(self, blk: nn.Module, rows: int, cached: int) -> None:
+        """Count an attention block with a dense FFN (or none) decoding one token in each of ``rows``
+        rows after ``cached`` keys, all visible: what :meth:`block` and :meth:`ffn` count then."""
+        pairs = rows * (1 + cached)
+        self.flops += 2.0 * rows * (blk.mixer_matmul + blk.ffn_matmul)
+        self.flops += float(blk.spec.pair_flops(blk.mixer)) * pairs
+
     def ffn(self, blk: nn.Module, aux: dict) -> None:
         """Count a block's FFN after it ran and collect an MoE's losses and load."""
         self.add(blk.ffn_cost.flops(aux["tokens"], aux))

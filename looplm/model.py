@@ -22,6 +22,7 @@ from looplm.errors import ConfigError
 from looplm.flops import Tally, flops_per_token
 from looplm.layers.block import Block
 from looplm.layers.ffns import FFNS
+from looplm.layers.layer_step import stack_step
 from looplm.layers.linear import Linear
 from looplm.layers.lora import LoRALinear, add_lora
 from looplm.layers.mixers import MEMORY_MIXERS
@@ -397,11 +398,16 @@ class LoopLM(nn.Module):
         # the recurrent MoE router's hidden state, carried through the layers of each token
         recurrent = c.ffn == "moe" and c.moe_router == "recurrent"
         route = h.new_zeros(B, T, c.moe_router_dim) if recurrent else None
-        for i, blk in enumerate(self.prelude):
-            h, _, route = self._run(blk, f"prelude.{i}", h, new, positions, mask, tally, route=route)
-        h, depth, route = self._recur(h, mask, positions, new, depth, tally, route)
-        for i, blk in enumerate(self.coda):
-            h, _, route = self._run(blk, f"coda.{i}", h, new, positions, mask, tally, route=route)
+        stepping = T == 1 and mask is None and depth is None and route is None and not len(self.mod_routers)
+        fused = self._stack_step(h, positions, new, tally) if stepping else None
+        if fused is not None:  # the whole stack's decoding step in one C++ call
+            h, depth = fused
+        else:
+            for i, blk in enumerate(self.prelude):
+                h, _, route = self._run(blk, f"prelude.{i}", h, new, positions, mask, tally, route=route)
+            h, depth, route = self._recur(h, mask, positions, new, depth, tally, route)
+            for i, blk in enumerate(self.coda):
+                h, _, route = self._run(blk, f"coda.{i}", h, new, positions, mask, tally, route=route)
         h = self.norm(h)
         if logits_at is not None:
             h = h[logits_at]  # [N, d]
@@ -433,6 +439,29 @@ class LoopLM(nn.Module):
         if state is not None and state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
         return B, T
+
+    def _stack_step(self, h, positions, state, tally):
+        """A decoding step of every layer (prelude, core recursions, coda) by
+        :func:`~looplm.layers.layer_step.stack_step`, states updated in ``state``; returns (h, depth)
+        or None where the layers run one by one (routing, shared caches, a layer it does not take)."""
+        c = self.config
+        if state is None or self.router is not None or c.kv_sharing:
+            return None
+        keys = [f"prelude.{i}" for i in range(len(self.prelude))]
+        keys += [f"core.{j}.{r}" for r in range(c.n_recursions) for j in range(len(self.core))]
+        keys += [f"coda.{i}" for i in range(len(self.coda))]
+        blocks = [*self.prelude, *(b for _ in range(c.n_recursions) for b in self.core), *self.coda]
+        states = [state.layers.get(key) for key in keys]
+        fused = stack_step(blocks, h, states, positions)
+        if fused is None:
+            return None
+        h, states = fused
+        B = h.shape[0]
+        state.layers.update(zip(keys, states))
+        for blk, s in zip(blocks, states):
+            tally.decoding_step(blk, B, s.k.shape[1] - 1)
+        tally.reach.extend(B for _ in range(c.n_recursions))
+        return h, torch.full((B, 1), c.n_recursions, dtype=torch.long, device=h.device)
 
     def _run(self, blk: Block, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False,
              route=None):

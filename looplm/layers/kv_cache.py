@@ -22,7 +22,7 @@ import torch
 from looplm.layers.mixer_states import KVState
 from looplm.ops.nodes import tracked
 
-__all__ = ["append", "truncate"]
+__all__ = ["append", "grown", "reserve", "truncate"]
 
 _MIN_RESERVE = 256
 
@@ -69,6 +69,25 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
         dst[:, S:S + T] = src
     buf.length = S + T
     out = type(state)(seen=seen, **{n: b[:, :S + T] for n, b in zip(names, buf.parts)})
+    out._buffer = buf
+    return out
+
+
+def reserve(state: KVState, T: int) -> _Buffer:
+    """The buffer behind a float ``state`` (its first S slots are ``state``) with room for ``T`` more
+    slots: ``state``'s own, or a new one holding a copy of it (for a caller that writes the slots)."""
+    old = [state.k, state.v, state.key_mask, state.pos]
+    S = state.k.shape[1]
+    buf = getattr(state, "_buffer", None)
+    if buf is None or not buf.owns(old) or S + T > buf.capacity:
+        buf = _Buffer(old, S + T + max(_MIN_RESERVE, (S + T) // 4))
+    return buf
+
+
+def grown(buf: _Buffer, length: int, seen: torch.Tensor) -> KVState:
+    """The float state of ``buf``'s first ``length`` slots (written by the caller), now its newest."""
+    buf.length = length
+    out = KVState(*(b[:, :length] for b in buf.parts), seen)
     out._buffer = buf
     return out
 

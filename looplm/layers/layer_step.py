@@ -22,6 +22,9 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
   :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts, optional shared expert, no
   zero-computation experts, no recurrent router) in ``csrc/moe_step.cpp``, which also returns the
   MoE's aux (load, balance and z losses) as the Python layer does.
+- :func:`stack_step`: every layer of an attention model (dense FFN or none) in one call,
+  ``attn_stack_step`` in ``csrc/attn_step.cpp``, each cache appended in place in its buffer (at 30
+  layers the Python around two calls per layer cost as much as their arithmetic).
 
 The decision (:func:`decide`): whether a layer is built of the parts the kernels compute (module
 types, float32 plain projections, contiguous weights) is decided once, when the layer is put in
@@ -70,7 +73,9 @@ from looplm.ops import cpp_ext
 from looplm.ops.attention import rope_inv_freq
 from looplm.ops.qlinear import parts_ok
 
-__all__ = ["layer_step", "decide", "describe"]
+_NONE3: list[None] = [None, None, None]
+
+__all__ = ["layer_step", "decide", "describe", "stack_step"]
 
 _registrations = [0]  # modules, parameters and buffers registered in this process so far
 
@@ -297,6 +302,81 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor
     new = kv_cache.append(state, k, v, ones, pos[:, None], state.seen + 1)
     h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, o_w, *ffn, ffn_eps, starts)
     return h, new
+
+
+def _padded(parts: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    return [*parts, *_NONE3[len(parts):]]
+
+
+def _visible_until(state: KVState) -> int | None:
+    """The latest position in ``state``'s cache if every slot is in use (None if one is masked);
+    -1 for an empty cache. Kept on the state: a stack step's states carry it, others pay a read."""
+    known = getattr(state, "_visible_until", None)
+    if known is not None:
+        return known
+    if state.k.shape[1] == 0:
+        return -1
+    if not bool(state.key_mask.all()):
+        return None
+    state._visible_until = int(state.pos.max())
+    return state._visible_until
+
+
+def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
+               positions: torch.Tensor) -> tuple[torch.Tensor, list[KVState]] | None:
+    """A decoding step of attention layers in a row in one C++ call (``attn_stack_step``, each
+    cache appended in place in its buffer, :func:`looplm.layers.kv_cache.reserve`): ``x [B, 1, d]``,
+    ``states`` the layers' KVStates, ``positions [B, 1]`` the token's position -> ``(h [B, 1, d],
+    new states)``, or None where :func:`layer_step` per layer must run (its conditions, plus: every
+    layer attention with a dense SwiGLU FFN or none, the same heads and RoPE, no autograd at all,
+    every cached key unmasked and not after the token)."""
+    if (not cpp_ext.layer_steps() or not layers or torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1
+            or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or positions.dtype != torch.long or not cpp_ext.available()):
+        return None
+    B, first = x.shape[0], layers[0].mixer
+    if type(first) is not Attention:
+        return None
+    rope = (first.n_heads, first.n_kv_heads, first.head_dim, first.rope_base, first.rope_scaling)
+    weights: list[torch.Tensor | None] = []
+    eps: list[float] = []
+    for blk, state in zip(layers, states, strict=True):
+        mixer = blk.mixer
+        if (type(mixer) is not Attention or type(state) is not KVState or (blk.training and blk.drop.p)
+                or not (blk.ffn is None or type(blk.ffn) is SwiGLU)
+                or (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.rope_base,
+                    mixer.rope_scaling) != rope
+                or state.k.shape[0] != B or state.k.dtype != torch.float32 or state.v.dtype != torch.float32):
+            return None
+        kind, plan = _decision(blk)
+        if kind != "attention":
+            return None
+        qkv_w, o_w, (ffn_norm, ffn_in, ffn_out), ffn_eps = plan
+        weights += [blk.mixer_norm.weight, *_padded(qkv_w), *_padded(o_w), ffn_norm, *_padded(ffn_in),
+                    *_padded(ffn_out)]
+        eps += [_eps(blk.mixer_norm), ffn_eps]
+    lo, hi = (int(v) for v in torch.aminmax(positions))
+    untils = [_visible_until(state) for state in states]
+    if any(u is None or u > lo for u in untils):
+        return None  # masked slots or later positions in a cache: the Python layer's masks
+    inv_freq = getattr(first, "_inv_freq", None)
+    if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
+        inv_freq = rope_inv_freq(first.head_dim, first.rope_base, x.device, first.rope_scaling)
+        first._inv_freq = inv_freq
+    buffers = [kv_cache.reserve(state, 1) for state in states]
+    lengths = [state.k.shape[1] for state in states]
+    caches = [p for buf in buffers for p in buf.parts]
+    h = torch.ops.looplm.attn_stack_step(x[:, 0].contiguous(), weights, eps, inv_freq, positions[:, 0],
+                                         rope[0], rope[1], caches, lengths)
+    seen: dict[int, torch.Tensor] = {}  # states sharing a seen tensor share the next one
+    new = []
+    for buf, state, S, until in zip(buffers, states, lengths, untils):
+        if id(state.seen) not in seen:
+            seen[id(state.seen)] = state.seen + 1
+        out = kv_cache.grown(buf, S + 1, seen[id(state.seen)])
+        out._visible_until = max(hi, until)
+        new.append(out)
+    return h[:, None], new
 
 
 def _ffn_step(blk: Any, h: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any, dict]:

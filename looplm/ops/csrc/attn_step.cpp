@@ -36,23 +36,14 @@ void check(const Tensor& t, const char* name, std::vector<int64_t> shape) {
 // h [B, d], norm_w [d], qkv_w: parts of [(H + 2 Hkv) D, d], inv_freq [D/2] (RoPE frequencies, as
 // looplm.ops.attention.rope_cos_sin computes them), positions [B] long -> qkv [B, H + 2 Hkv, D]:
 // q and k rotated by their row's position ("rotate half" pairs (i, i + D/2)), v as projected.
-Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, at::TensorList qkv_w, const Tensor& inv_freq,
-                    const Tensor& positions, int64_t n_heads, int64_t n_kv_heads) {
-  TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_step: h [B, d], inv_freq [D/2]");
-  const int64_t B = h.size(0), d = h.size(1), half = inv_freq.size(0), D = 2 * half;
-  const int64_t R = n_heads + 2 * n_kv_heads, rotated = n_heads + n_kv_heads;
-  check(h, "h", {B, d});
-  check(norm_w, "norm_w", {d});
-  const looplm::QWeight W = looplm::qweight(qkv_w.vec(), R * D, d, "attn_step: qkv_w");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == B,
-              "attn_step: positions must be a long tensor [B]");
-  Tensor u = at::empty({B, d}, h.options()), qkv = at::empty({B, R, D}, h.options());
-  looplm::rms_norm(ptr(h), ptr(norm_w), static_cast<float>(eps), B, d, u.data_ptr<float>());
-  float* out = qkv.data_ptr<float>();
-  looplm::qmatvecs(ptr(u), B, d, {W}, {0}, out, R * D);
-  const Tensor pos = positions.contiguous();
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  const float* f = ptr(inv_freq);
+// u = rmsnorm(h) [B, d] -> out [B, H + 2 Hkv, D] = u W_qkv^T with q and k rotated by their row's
+// position (RoPE, "rotate half" pairs (i, i + D/2)); f: inv_freq [D/2].
+void step_in(const float* h, int64_t B, int64_t d, const float* norm_w, float eps, const looplm::QWeight& W,
+             const float* f, int64_t half, const int64_t* pp, int64_t n_heads, int64_t n_kv_heads, float* out) {
+  const int64_t D = 2 * half, R = n_heads + 2 * n_kv_heads, rotated = n_heads + n_kv_heads;
+  std::vector<float> u(static_cast<size_t>(B * d));
+  looplm::rms_norm(h, norm_w, eps, B, d, u.data());
+  looplm::qmatvecs(u.data(), B, d, {W}, {0}, out, R * D);
   std::vector<float> c(half), s(half);
   for (int64_t b = 0; b < B; ++b) {
     const float p = static_cast<float>(pp[b]);
@@ -70,47 +61,35 @@ Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, at::Tenso
       }
     }
   }
+}
+
+// h [B, d], norm_w [d], qkv_w: parts of [(H + 2 Hkv) D, d], inv_freq [D/2] (RoPE frequencies, as
+// looplm.ops.attention.rope_cos_sin computes them), positions [B] long -> qkv [B, H + 2 Hkv, D]:
+// q and k rotated by their row's position, v as projected (step_in).
+Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, at::TensorList qkv_w, const Tensor& inv_freq,
+                    const Tensor& positions, int64_t n_heads, int64_t n_kv_heads) {
+  TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_step: h [B, d], inv_freq [D/2]");
+  const int64_t B = h.size(0), d = h.size(1), half = inv_freq.size(0), D = 2 * half;
+  const int64_t R = n_heads + 2 * n_kv_heads;
+  check(h, "h", {B, d});
+  check(norm_w, "norm_w", {d});
+  const looplm::QWeight W = looplm::qweight(qkv_w.vec(), R * D, d, "attn_step: qkv_w");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == B,
+              "attn_step: positions must be a long tensor [B]");
+  Tensor qkv = at::empty({B, R, D}, h.options());
+  const Tensor pos = positions.contiguous();
+  step_in(ptr(h), B, d, ptr(norm_w), static_cast<float>(eps), W, ptr(inv_freq), half, pos.data_ptr<int64_t>(),
+          n_heads, n_kv_heads, qkv.data_ptr<float>());
   return qkv;
 }
 
-// h [B, d] (the block's input), q [B, H, D], k, v [B, S, Hkv, D] (the cache after the append,
-// last dim contiguous: views of its buffer), o_w: parts of [d, H D]; ffn_norm_w [d], ffn_in_w:
-// parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists); starts [B] long or None
-// (zeros) -> h + o_proj(softmax(q k^T / sqrt(D)) v) (+ the FFN). Row b's query sees its keys from
-// slot starts[b] on (the slots before it are unused: a batch of caches of different lengths padded
-// at the front); the caller checks that no seen slot is masked or holds a later position. Query
-// head i reads key/value head i / (H / Hkv) (grouped heads).
-Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList o_w,
-                     const std::optional<Tensor>& ffn_norm_w, at::TensorList ffn_in_w, at::TensorList ffn_out_w,
-                     double ffn_eps, const std::optional<Tensor>& starts) {
-  TORCH_CHECK(h.dim() == 2 && q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
-              "attn_step: h [B, d], q [B, H, D], k, v [B, S, Hkv, D]");
-  const int64_t B = h.size(0), d = h.size(1), H = q.size(1), D = q.size(2), S = k.size(1), Hkv = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && S > 0 && H % Hkv == 0, "attn_step: k, v must be [B, S, Hkv, D]");
-  for (const Tensor* t : {&k, &v}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(3) == 1 && t->stride(2) == D && t->device().is_cpu(),
-                "attn_step: k, v must be float32 CPU tensors with contiguous heads");
-  }
-  check(h, "h", {B, d});
-  check(q, "q", {B, H, D});
-  const looplm::QWeight O = looplm::qweight(o_w.vec(), d, H * D, "attn_step: o_w");
-  std::vector<int64_t> first(B, 0);  // each row's first seen slot
-  if (starts.has_value()) {
-    TORCH_CHECK(starts->scalar_type() == at::kLong && starts->dim() == 1 && starts->size(0) == B,
-                "attn_step: starts must be a long tensor [B]");
-    const Tensor st = starts->contiguous();
-    for (int64_t b = 0; b < B; ++b) {
-      first[b] = st.data_ptr<int64_t>()[b];
-      TORCH_CHECK(first[b] >= 0 && first[b] < S, "attn_step: starts must be in [0, S)");
-    }
-  }
-  const bool ffn = !ffn_in_w.empty();
-  TORCH_CHECK(ffn_norm_w.has_value() == ffn && ffn_out_w.empty() != ffn, "attn_step: all FFN weights or none");
-  const auto opt = h.options();
-  Tensor o = at::empty({B, H, D}, opt);
-  const float *qp = ptr(q), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float* op = o.data_ptr<float>();
-  const int64_t ksb = k.stride(0), kss = k.stride(1), vsb = v.stride(0), vss = v.stride(1), group = H / Hkv;
+// A cache k, v [B, S, Hkv, D] (heads contiguous; row and slot strides ksb, kss and vsb, vss) read by the
+// decoding step's queries q [B, H, D] -> o [B, H, D] = softmax(q k^T / sqrt(D)) v. Row b's query sees
+// its keys from slot first[b] on (first: nullptr for all; the slots before are unused: a batch of
+// caches of different lengths padded at the front); query head i reads key/value head i / (H / Hkv).
+void attend(const float* qp, const float* kp, const float* vp, int64_t ksb, int64_t kss, int64_t vsb, int64_t vss,
+            int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S, const int64_t* first, float* op) {
+  const int64_t group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   // The cache is read in blocks of keys over threads, once for q k^T and once for p v, with one
   // BLAS gemv per head and block (hand-written dot products per key ran 1.5-3x slower than SDPA
@@ -123,12 +102,13 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   const int Di = static_cast<int>(D), ks = static_cast<int>(kss), vs = static_cast<int>(vss), inc = 1;
   const char tr = 'T', no = 'N';
   const float fzero = 0.0f, fone = 1.0f;
+  auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
   at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {  // scores of a block of keys: BLAS gemv per head
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
       for (int64_t bh = 0; bh < BH; ++bh) {
-        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, first[b]);
+        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, from(b));
         const int n = nk - static_cast<int>(lo - t0);
         if (n <= 0) continue;
         sgemv_(&tr, &Di, &n, &scale, kp + b * ksb + lo * kss + hk * D, &ks, qp + bh * D, &inc, &fzero,
@@ -138,8 +118,8 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   });
   at::parallel_for(0, BH, 1, [&](int64_t a, int64_t e) {  // softmax of each row of scores
     for (int64_t bh = a; bh < e; ++bh) {
-      const int64_t n = S - first[bh / H];
-      float* sc = score.data() + bh * S + first[bh / H];
+      const int64_t n = S - from(bh / H);
+      float* sc = score.data() + bh * S + from(bh / H);
       const float top = *std::max_element(sc, sc + n);
       int64_t t = 0;
       for (; t + V <= n; t += V) (Vec::loadu(sc + t) - Vec(top)).exp().store(sc + t);
@@ -156,7 +136,7 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
       float* part = partial.data() + c * BH * D;
       for (int64_t bh = 0; bh < BH; ++bh) {
-        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, first[b]);
+        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, from(b));
         const int n = nk - static_cast<int>(lo - t0);
         if (n <= 0) continue;  // its part stays zero
         sgemv_(&no, &Di, &n, &fone, vp + b * vsb + lo * vss + hk * D, &vs, score.data() + bh * S + lo, &inc,
@@ -167,19 +147,152 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   for (int64_t i = 0; i < BH * D; ++i) op[i] = 0;
   for (int64_t c = 0; c < blocks; ++c)
     for (int64_t i = 0; i < BH * D; ++i) op[i] += partial[c * BH * D + i];
-  Tensor out = at::empty({B, d}, opt);
+}
+
+// out [B, d] = h + o W_o^T (o: the attention output [B, H D]), then + the dense SwiGLU FFN of it
+// when ffn_in has rows (ffn_norm_w [d], ffn_in [2F, d], ffn_out [d, F]).
+void step_out(const float* h, const float* o, const looplm::QWeight& O, const at::Tensor* ffn_norm_w, double ffn_eps,
+              const looplm::QWeight& ffn_in, const looplm::QWeight& ffn_out, at::Tensor& out) {
+  const int64_t B = out.size(0), d = out.size(1);
   float* hp = out.data_ptr<float>();
-  looplm::qmatvecs(op, B, H * D, {O}, {0}, hp, d);
-  const float* h0 = ptr(h);
-  for (int64_t i = 0; i < B * d; ++i) hp[i] += h0[i];
+  looplm::qmatvecs(o, B, O.k, {O}, {0}, hp, d);
+  for (int64_t i = 0; i < B * d; ++i) hp[i] += h[i];
+  if (ffn_norm_w != nullptr) looplm::add_swiglu_ffn(out, *ffn_norm_w, ffn_eps, ffn_in, ffn_out);
+}
+
+void check_cache(const Tensor& t, int64_t D) {
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.stride(3) == 1 && t.stride(2) == D &&
+                  t.device().is_cpu(),
+              "attn_step: k, v must be float32 CPU tensors [B, S, Hkv, D] with contiguous heads");
+}
+
+// h [B, d] (the block's input), q [B, H, D], k, v [B, S, Hkv, D] (the cache after the append,
+// last dim contiguous: views of its buffer), o_w: parts of [d, H D]; ffn_norm_w [d], ffn_in_w:
+// parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists); starts [B] long or
+// None (zeros): each row's first seen slot -> h + o_proj(attend(q, k, v)) (+ the FFN). The caller
+// checks that no seen slot is masked or holds a later position.
+Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList o_w,
+                     const std::optional<Tensor>& ffn_norm_w, at::TensorList ffn_in_w, at::TensorList ffn_out_w,
+                     double ffn_eps, const std::optional<Tensor>& starts) {
+  TORCH_CHECK(h.dim() == 2 && q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "attn_step: h [B, d], q [B, H, D], k, v [B, S, Hkv, D]");
+  const int64_t B = h.size(0), d = h.size(1), H = q.size(1), D = q.size(2), S = k.size(1), Hkv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && S > 0 && H % Hkv == 0, "attn_step: k, v must be [B, S, Hkv, D]");
+  check_cache(k, D);
+  check_cache(v, D);
+  check(h, "h", {B, d});
+  check(q, "q", {B, H, D});
+  const looplm::QWeight O = looplm::qweight(o_w.vec(), d, H * D, "attn_step: o_w");
+  std::vector<int64_t> first(B, 0);  // each row's first seen slot
+  if (starts.has_value()) {
+    TORCH_CHECK(starts->scalar_type() == at::kLong && starts->dim() == 1 && starts->size(0) == B,
+                "attn_step: starts must be a long tensor [B]");
+    const Tensor st = starts->contiguous();
+    for (int64_t b = 0; b < B; ++b) {
+      first[b] = st.data_ptr<int64_t>()[b];
+      TORCH_CHECK(first[b] >= 0 && first[b] < S, "attn_step: starts must be in [0, S)");
+    }
+  }
+  const bool ffn = !ffn_in_w.empty();
+  TORCH_CHECK(ffn_norm_w.has_value() == ffn && ffn_out_w.empty() != ffn, "attn_step: all FFN weights or none");
+  looplm::QWeight fin, fout;
   if (ffn) {
     check(*ffn_norm_w, "ffn_norm_w", {d});
     TORCH_CHECK(ffn_out_w[0].dim() == 2, "attn_step: ffn_out_w must start with a matrix");
     const int64_t F = ffn_out_w.size() == 3 ? 2 * ffn_out_w[0].size(1) : ffn_out_w[0].size(1);
-    looplm::add_swiglu_ffn(out, *ffn_norm_w, ffn_eps, looplm::qweight(ffn_in_w.vec(), 2 * F, d, "attn_step: ffn_in_w"),
-                           looplm::qweight(ffn_out_w.vec(), d, F, "attn_step: ffn_out_w"));
+    fin = looplm::qweight(ffn_in_w.vec(), 2 * F, d, "attn_step: ffn_in_w");
+    fout = looplm::qweight(ffn_out_w.vec(), d, F, "attn_step: ffn_out_w");
   }
+  std::vector<float> o(static_cast<size_t>(B * H * D));
+  attend(ptr(q), k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), B, H,
+         Hkv, D, S, first.data(), o.data());
+  Tensor out = at::empty({B, d}, h.options());
+  step_out(ptr(h), o.data(), O, ffn ? &*ffn_norm_w : nullptr, ffn_eps, fin, fout, out);
   return out;
+}
+
+// The parts (1-3 tensors, the rest None) of a weight among a layer's slots.
+std::vector<Tensor> parts_at(const c10::List<std::optional<Tensor>>& w, int64_t at) {
+  std::vector<Tensor> parts;
+  for (int64_t i = at; i < at + 3; ++i) {
+    const std::optional<Tensor> t = w.get(i);
+    if (t.has_value()) parts.push_back(*t);
+  }
+  return parts;
+}
+
+constexpr int64_t kSlots = 14;  // per layer: norm, qkv (3), o (3), ffn norm, ffn in (3), ffn out (3)
+
+// A decoding step (T = 1) of L attention blocks in a row, each with its cache appended in place:
+// h [B, d]; w: kSlots entries per layer (mixer norm; the parts of qkv, o, FFN in, FFN out, each
+// padded with None to 3; FFN norm and parts None for a block without an FFN); eps [2 L] (mixer,
+// FFN norms); caches: per layer its buffers k, v [B, C, Hkv, D], key_mask [B, C] bool, pos [B, C]
+// long, of which the first lengths[l] slots are in use: slot lengths[l] gets the new key, value,
+// True and the position, then the block attends over lengths[l] + 1 slots (the caller checks they
+// are all unmasked and not later). -> h after the L blocks.
+Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& w, at::ArrayRef<double> eps,
+                       const Tensor& inv_freq, const Tensor& positions, int64_t n_heads, int64_t n_kv_heads,
+                       at::TensorList caches, at::IntArrayRef lengths) {
+  const int64_t L = static_cast<int64_t>(lengths.size());
+  TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_stack_step: h [B, d], inv_freq [D/2]");
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == kSlots * L && static_cast<int64_t>(eps.size()) == 2 * L &&
+                  static_cast<int64_t>(caches.size()) == 4 * L,
+              "attn_stack_step: ", kSlots, " weights, 2 eps and 4 cache buffers per layer");
+  const int64_t B = h.size(0), d = h.size(1), half = inv_freq.size(0), D = 2 * half, H = n_heads, Hkv = n_kv_heads;
+  const int64_t R = H + 2 * Hkv;
+  TORCH_CHECK(H % Hkv == 0, "attn_stack_step: n_heads must be a multiple of n_kv_heads");
+  check(h, "h", {B, d});
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == B,
+              "attn_stack_step: positions must be a long tensor [B]");
+  const Tensor pos = positions.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  Tensor x = h.clone(), y = at::empty_like(h);
+  std::vector<float> qkv(static_cast<size_t>(B * R * D)), o(static_cast<size_t>(B * H * D));
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t base = kSlots * l, S = lengths[l];
+    const Tensor &k = caches[4 * l], &v = caches[4 * l + 1], &km = caches[4 * l + 2], &kp = caches[4 * l + 3];
+    check_cache(k, D);
+    check_cache(v, D);
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.size(0) == B &&
+                    k.size(2) == Hkv && S >= 0 && S < k.size(1),
+                "attn_stack_step: layer ", l, "'s k, v buffers must be contiguous [B, C, Hkv, D] with C > length");
+    TORCH_CHECK(km.scalar_type() == at::kBool && kp.scalar_type() == at::kLong && km.is_contiguous() &&
+                    kp.is_contiguous() && km.sizes() == kp.sizes() && km.size(0) == B && km.size(1) == k.size(1),
+                "attn_stack_step: layer ", l, "'s key_mask (bool) and pos (long) buffers must be [B, C]");
+    const std::optional<Tensor> norm_w = w.get(base), ffn_norm_w = w.get(base + 7);
+    TORCH_CHECK(norm_w.has_value(), "attn_stack_step: layer ", l, " has no mixer norm");
+    check(*norm_w, "norm_w", {d});
+    const looplm::QWeight Wqkv = looplm::qweight(parts_at(w, base + 1), R * D, d, "attn_stack_step: qkv");
+    const looplm::QWeight O = looplm::qweight(parts_at(w, base + 4), d, H * D, "attn_stack_step: o");
+    looplm::QWeight fin, fout;
+    if (ffn_norm_w.has_value()) {
+      check(*ffn_norm_w, "ffn_norm_w", {d});
+      const std::vector<Tensor> out_parts = parts_at(w, base + 11);
+      TORCH_CHECK(!out_parts.empty() && out_parts[0].dim() == 2, "attn_stack_step: FFN out weight missing");
+      const int64_t F = out_parts.size() == 3 ? 2 * out_parts[0].size(1) : out_parts[0].size(1);
+      fin = looplm::qweight(parts_at(w, base + 8), 2 * F, d, "attn_stack_step: ffn_in");
+      fout = looplm::qweight(out_parts, d, F, "attn_stack_step: ffn_out");
+    }
+    step_in(ptr(x), B, d, ptr(*norm_w), static_cast<float>(eps[2 * l]), Wqkv, ptr(inv_freq), half, pp, H, Hkv,
+            qkv.data());
+    float *kb = k.data_ptr<float>(), *vb = v.data_ptr<float>();
+    int64_t* pb = kp.data_ptr<int64_t>();
+    bool* mb = km.data_ptr<bool>();
+    const int64_t C = k.size(1), row = C * Hkv * D;
+    for (int64_t b = 0; b < B; ++b) {  // the append: slot S of every row
+      const float* src = qkv.data() + b * R * D;
+      std::copy(src + H * D, src + (H + Hkv) * D, kb + b * row + S * Hkv * D);
+      std::copy(src + (H + Hkv) * D, src + R * D, vb + b * row + S * Hkv * D);
+      mb[b * C + S] = true;
+      pb[b * C + S] = pp[b];
+    }
+    std::vector<float> q(static_cast<size_t>(B * H * D));
+    for (int64_t b = 0; b < B; ++b) std::copy(qkv.data() + b * R * D, qkv.data() + b * R * D + H * D, q.data() + b * H * D);
+    attend(q.data(), kb, vb, row, Hkv * D, row, Hkv * D, B, H, Hkv, D, S + 1, nullptr, o.data());
+    step_out(ptr(x), o.data(), O, ffn_norm_w.has_value() ? &*ffn_norm_w : nullptr, eps[2 * l + 1], fin, fout, y);
+    std::swap(x, y);
+  }
+  return x;
 }
 
 }  // namespace
@@ -191,9 +304,13 @@ TORCH_LIBRARY_FRAGMENT(looplm, m) {
   m.def(
       "attn_step_out(Tensor h, Tensor q, Tensor k, Tensor v, Tensor[] o_w, Tensor? ffn_norm_w, Tensor[] ffn_in_w, "
       "Tensor[] ffn_out_w, float ffn_eps, Tensor? starts=None) -> Tensor");
+  m.def(
+      "attn_stack_step(Tensor h, Tensor?[] w, float[] eps, Tensor inv_freq, Tensor positions, int n_heads, "
+      "int n_kv_heads, Tensor(a!)[] caches, int[] lengths) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {
   m.impl("attn_step_in", attn_step_in);
   m.impl("attn_step_out", attn_step_out);
+  m.impl("attn_stack_step", attn_stack_step);
 }

@@ -1,0 +1,108 @@
+"""The whole stack's decoding step in one C++ call (``stack_step``) against the blocks' Python steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import looplm.model as model_module
+from looplm.layers.block_step import python_block_step, stack_step
+from looplm.model import LoopConfig, LoopLM
+from looplm.ops import cpp_ext
+from looplm.quant.ptq import quantize_model
+from tests.threads import torch_threads
+
+needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
+
+
+def _model(fmt: str | None, **kw) -> LoopLM:
+    base = dict(vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, n_core=2, d_ffn=128)
+    m = LoopLM(LoopConfig(**{**base, **kw})).eval()
+    if fmt is not None:
+        group = 32 if fmt == "int4" else None
+        quantize_model(m, fmt, group_size=group, keep_embeddings=False, keep_head=False)
+    return m
+
+
+def _spy(monkeypatch) -> list[bool]:
+    """Records each stack_step call's outcome (True: it ran the kernel)."""
+    calls: list[bool] = []
+
+    def spy(*args):
+        out = stack_step(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(model_module, "stack_step", spy)
+    return calls
+
+
+@needs_kernel
+@settings(max_examples=12, deadline=None)
+@given(fmt=st.sampled_from([None, "int8", "int4"]), layout=st.sampled_from([(0, 2, 1, 0), (1, 1, 2, 1)]),
+       kv_heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 3), prompt=st.integers(1, 9),
+       threads=st.sampled_from([1, 2]))
+def test_stack_step_equals_the_python_blocks(fmt, layout, kv_heads, batch, prompt, threads):
+    torch.manual_seed(prompt + 5 * batch)
+    prelude, core, recursions, coda = layout
+    m = _model(fmt, n_prelude=prelude, n_core=core, n_recursions=recursions, n_coda=coda, n_kv_heads=kv_heads)
+    ids = torch.randint(0, 96, (batch, prompt + 4))
+    with torch.no_grad(), torch_threads(threads):
+        fused = ref = m(ids[:, :prompt], use_cache=True).state
+        for t in range(prompt, prompt + 4):
+            out = m(ids[:, t:t + 1], state=fused)
+            with python_block_step():
+                want = m(ids[:, t:t + 1], state=ref)
+            fused, ref = out.state, want.state
+            torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+            assert out.stats["flops"] == pytest.approx(want.stats["flops"])
+            assert set(fused.layers) == set(ref.layers)
+            for key, s in fused.layers.items():
+                r = ref.layers[key]
+                torch.testing.assert_close(s.k, r.k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(s.v, r.v, rtol=1e-5, atol=1e-5)
+                assert torch.equal(s.key_mask, r.key_mask) and torch.equal(s.pos, r.pos)
+                assert torch.equal(s.seen, r.seen)
+            assert torch.equal(fused.positions, ref.positions)
+
+
+@needs_kernel
+def test_stack_step_runs_on_decoding_and_leaves_older_states_intact(monkeypatch):
+    calls = _spy(monkeypatch)
+    torch.manual_seed(0)
+    m = _model("int4")
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        base = m(ids[:, :6], use_cache=True).state
+        a = m(ids[:, 6:7], state=base)
+        b = m(ids[:, 7:8], state=base)  # a second continuation of the same prefix
+        a_again = m(ids[:, 6:7], state=base)
+        with python_block_step():
+            want_b = m(ids[:, 7:8], state=base)
+    assert calls == [True, True, True, False]  # the last one inside python_block_step()
+    torch.testing.assert_close(a.logits, a_again.logits, rtol=0, atol=0)
+    torch.testing.assert_close(b.logits, want_b.logits, rtol=1e-5, atol=1e-5)
+    assert all(s.k.shape[1] == 6 for s in base.layers.values())
+
+
+@needs_kernel
+def test_masked_caches_and_non_attention_stacks_fall_back(monkeypatch):
+    calls = _spy(monkeypatch)
+    torch.manual_seed(1)
+    m = _model(None)
+    ids = torch.randint(0, 96, (2, 6))
+    mask = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    with torch.no_grad():
+        state = m(ids, mask=mask, use_cache=True).state  # row 0's first slots are masked
+        out = m(ids[:, :1], state=state)
+        with python_block_step():
+            want = m(ids[:, :1], state=state)
+    assert calls == [False, False]  # the second inside python_block_step()
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    delta = _model(None, mixer="gated_deltanet")
+    with torch.no_grad():
+        delta(ids[:, :1], state=delta(ids, use_cache=True).state)
+    assert calls == [False]
