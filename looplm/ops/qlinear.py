@@ -1,4 +1,4 @@
-"""``qlinear(x, parts)``: ``x Wᵀ`` for the few rows of a decoding step with int8 or int4 weights.
+"""``qlinear(x, parts)``: ``x Wᵀ`` with int8 or int4 weights, for a decoding step and a prefill.
 
 Why hand-written: decoding one token reads every weight once, so its speed is bytes read per token;
 int8 / int4 weights read 4x / ~6x fewer bytes than float32, but torch's CPU ops for them either
@@ -7,7 +7,9 @@ tuned for larger batches (slower than a float32 mat-vec on SmolLM2-sized matrice
 (``csrc/qmatvec.h``, ``csrc/qlinear.cpp``) streams the weight bytes once: each row of ``x`` is
 quantised to int8 in blocks of 32 inputs (``x ≈ d_b·xq``, ``d_b = max|x_b|/127``), and each weight
 row is an integer dot product per block (AVX-512 VNNI ``vpdpbusd``: 32 int4 or int8 products per
-instruction) scaled in float; weight rows are split over threads. The same sums as llama.cpp's
+instruction) scaled in float; weight rows are split over threads, in tiles of 64 that meet every
+row of ``x`` while in cache (a prefill's rows: int8 activations there too, instead of torch's
+packed ops with bfloat16 activations and a repacked int4 copy). The same sums as llama.cpp's
 Q8_0×Q8_0 and Q4_1×Q8_1 products (Gerganov et al., ggml); their error is that of an int8
 activation, ~0.3% of a block's largest value per input, random in sign.
 
@@ -28,7 +30,7 @@ from looplm.ops.nodes import tracked
 __all__ = ["MAX_ROWS", "BLOCK", "parts_ok", "kernel_applies", "qlinear", "qembedding", "quantize_rows",
            "qlinear_reference"]
 
-MAX_ROWS = 8  # rows of x up to which the kernel runs (a decoding step of a small batch)
+MAX_ROWS = 8  # rows of x up to which float32 weights run here (a decoding step of a small batch)
 BLOCK = 32  # inputs per activation quantisation block
 
 
@@ -46,9 +48,11 @@ def parts_ok(parts: list[torch.Tensor], k: int) -> bool:
 
 
 def kernel_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
-    """Whether :func:`qlinear` runs the C++ kernel for ``x [..., K]`` (CPU float32, at most
-    :data:`MAX_ROWS` rows, nothing recorded for autograd, shapes it takes, kernels built)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+    """Whether :func:`qlinear` runs the C++ kernel for ``x [..., K]`` (CPU float32, nothing recorded
+    for autograd, shapes it takes, kernels built; float32 weights: at most :data:`MAX_ROWS` rows,
+    int8 / int4 weights: any number, as a prefill's rows run through weight tiles kept in cache)."""
+    rows_ok = 0 < x.numel() and (len(parts) > 1 or x.numel() <= MAX_ROWS * x.shape[-1])
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and rows_ok
             and not tracked(x) and parts_ok(parts, x.shape[-1])
             and all(p.device.type == "cpu" and p.is_contiguous() for p in parts) and cpp_ext.available())
 

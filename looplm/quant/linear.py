@@ -12,9 +12,10 @@ to bf16 (int8 scales are bf16-exact by construction; int4 scale/zero are rounded
 relative error ≤ 2^-9 of the group offset), and every other case (FP8, FP4-MX, other devices,
 int4 with out_features % 16 != 0) through dequantise-then-matmul in the input's dtype.
 
-Decoding steps (at most 8 rows of float32 on the CPU, no autograd) of int8 / int4 weights run
-:func:`looplm.ops.qlinear.qlinear` instead, on the stored parts (int8 activations, integer dot
-products; faster than all of the above on SmolLM2-sized matrices). A tied quantised embedding
+Float32 inputs on the CPU with nothing recorded for autograd (decoding steps and prefills) of int8 /
+int4 weights run :func:`looplm.ops.qlinear.qlinear` instead, on the stored parts (int8 activations,
+integer dot products; faster than all of the above on SmolLM2-sized matrices, and no repacked copy);
+the packed ops remain for bfloat16 inputs and autograd. A tied quantised embedding
 computes the head's logits the same way (``QuantEmbedding.as_head``), never a float copy.
 """
 

@@ -8,8 +8,10 @@
 //                                    2j+1 in its high one), scale, offset float32 [n, k/g]:
 //                                    W = offset + scale * q for the g inputs of a group
 // Quantised weights multiply a row x quantised to int8 in blocks of 32 inputs (x ≈ d_b * xq,
-// d_b = max|x_b| / 127), with integer dot products per block (AVX-512 VNNI vpdpbusd where the
-// CPU has it, plain loops elsewhere), scaled in float:
+// d_b = max|x_b| / 127), with integer dot products per block, scaled in float (the instruction
+// set is the build machine's, -march=native: AVX-512 VNNI vpdpbusd on 512-bit vectors for int4
+// and 256-bit ones for int8 where the CPU has it, AVX2 vpmaddubsw + vpmaddwd on AVX2-only CPUs
+// such as older AMD EPYCs, plain loops elsewhere):
 //   int8: y = scale * sum_b d_b (xq_b . q_b)
 //   int4: y = sum_b d_b s_G(b) (xq_b . q_b) + sum_G offset_G sum_{b in G} d_b sum(xq_b)
 // (llama.cpp's Q8_0 x Q8_0 and Q4_1 x Q8_1 dot products compute the same sums). Float32 weights
@@ -29,6 +31,10 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define LOOPLM_VNNI 1
+#define LOOPLM_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOOPLM_SIMD 1
 #endif
 
 namespace looplm {
@@ -96,7 +102,8 @@ struct QRow {
   std::vector<float> lane_d;  // [k/8] d of the block of each group of 8 inputs (a VNNI lane)
   std::vector<uint8_t> ax;    // [k] |xq| (int8 weights: vpdpbusd's unsigned side)
   std::vector<uint32_t> neg;  // [k/32] bit i: xq_i < 0 (the sign moved onto the weight)
-  std::vector<int8_t> xeo;    // [k] per 64 inputs: the 32 even-indexed xq, then the 32 odd (int4)
+  std::vector<int8_t> xeo;    // [k] per 128 inputs (then per 64 for the rest): the even-indexed xq,
+                              // then the odd ones (int4: a byte's low and high nibbles)
 
   void set(const float* x, int64_t k_) {
     k = k_;
@@ -127,16 +134,29 @@ struct QRow {
       neg[b] = bits;
       for (int64_t l = 0; l < kQBlock / 8; ++l) lane_d[b * (kQBlock / 8) + l] = db;
     }
-    for (int64_t c = 0; c + 64 <= k; c += 64) {
-      for (int64_t i = 0; i < 32; ++i) {
-        xeo[c + i] = xq[c + 2 * i];
-        xeo[c + 32 + i] = xq[c + 2 * i + 1];
+    int64_t c = 0;
+    for (const int64_t w : {128, 64}) {
+      for (; c + w <= k; c += w) {
+        for (int64_t i = 0; i < w / 2; ++i) {
+          xeo[c + i] = xq[c + 2 * i];
+          xeo[c + w / 2 + i] = xq[c + 2 * i + 1];
+        }
       }
     }
   }
 };
 
+#ifdef LOOPLM_SIMD
+// acc + the sums of 4 adjacent products u * s per 32-bit lane (u unsigned, s signed bytes; on AVX2
+// the pairs' 16-bit sums cannot saturate here: |u| <= 127 with s in [-127, 127], or u <= 15)
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #ifdef LOOPLM_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 inline float hsum(__m256 v) {
   __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -150,17 +170,25 @@ inline float hsum(__m256 v) {
 template <int R>
 inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
   const int64_t k = x.k, nb = k / kQBlock;
-#ifdef LOOPLM_VNNI
+#ifdef LOOPLM_SIMD
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ax.data() + b * kQBlock));
+#ifdef LOOPLM_VNNI
     const __mmask32 neg = static_cast<__mmask32>(x.neg[b]);
+#else
+    const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq.data() + b * kQBlock));
+#endif
     const __m256 db = _mm256_set1_ps(x.d[b]);
     for (int i = 0; i < R; ++i) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * k + b * kQBlock));
+#ifdef LOOPLM_VNNI
       const __m256i sw = _mm256_mask_sub_epi8(w, neg, _mm256_setzero_si256(), w);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, sw)), db, acc[i]);
+#else
+      const __m256i sw = _mm256_sign_epi8(w, xs);  // the sign of x moved onto w (0 where x is 0)
+#endif
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dpbusd(_mm256_setzero_si256(), a, sw)), db, acc[i]);
     }
   }
   for (int i = 0; i < R; ++i) y[i] = hsum(acc[i]);
@@ -187,27 +215,67 @@ inline int32_t dot_i4_block(const QRow& x, const uint8_t* packed, int64_t b) {
 }
 
 // R consecutive int4 weight rows (packed row stride k/2, scale / offset row stride k/g) times x;
-// xs [k/g]: sum of x's block sums per group (the offset terms).
+// xs [k/g]: sum of x's block sums per group (the offset terms). A vector step takes 128 inputs
+// (64 bytes, 512-bit) or 64 (32 bytes): 32-bit lane l sums the products of inputs [8 l, 8 l + 8)
+// of the step (low nibbles with the even inputs, high with the odd: x.xeo's layout), so each lane
+// lies in one block of 32 and is scaled by its block's d and its group's scale.
 template <int R>
 inline void dot_i4(const QRow& x, const uint8_t* packed, const float* scale, const float* offset, int64_t g,
                    const float* xs, float* y) {
   const int64_t k = x.k, per = g / kQBlock, groups = k / g, pk = k / 2;
   float acc[R] = {0};
-  int64_t done = 0;  // inputs handled by the vector loop
-#ifdef LOOPLM_VNNI
+  int64_t done = 0;  // inputs handled by the vector loops
+#ifdef LOOPLM_SIMD
   {
+#ifdef LOOPLM_VNNI
+    if (g == 32 || g == 64 || g % 128 == 0) {  // lanes' scales: 4, 2 or 1 per step
+      __m512 zacc[R];
+      for (int i = 0; i < R; ++i) zacc[i] = _mm512_setzero_ps();
+      const __m512i low = _mm512_set1_epi8(15);
+      const __m512i spread = g == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                     : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      for (; done + 128 <= k; done += 128) {
+        const __m512i xe = _mm512_loadu_si512(x.xeo.data() + done);
+        const __m512i xo = _mm512_loadu_si512(x.xeo.data() + done + 64);
+        const __m512 dl = _mm512_loadu_ps(x.lane_d.data() + done / 8);
+        for (int i = 0; i < R; ++i) {
+          const __m512i v = _mm512_loadu_si512(packed + i * pk + done / 2);
+          const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe), hi, xo);
+          const float* sc = scale + i * groups + done / g;
+          __m512 sl;
+          if (g == 32) {
+            sl = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sc)));
+          } else if (g == 64) {
+            sl = _mm512_permutexvar_ps(
+                spread, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sc)))));
+          } else {
+            sl = _mm512_set1_ps(*sc);
+          }
+          zacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sl, dl), zacc[i]);
+        }
+      }
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_reduce_add_ps(zacc[i]);
+    }
+#endif
     __m256 facc[R];
     for (int i = 0; i < R; ++i) facc[i] = _mm256_setzero_ps();
     const __m256i low = _mm256_set1_epi8(15);
     const __m256i first_half = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    for (; done + 64 <= k; done += 64) {  // 64 inputs: 32 bytes, 8 lanes of 8 inputs
-      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + done));
-      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + done + 32));
+    const bool by128 = done == 0;  // no 512-bit loop: x.xeo is laid out per 128 inputs up to k - k % 128
+    const bool one_scale = g % 64 == 0;  // else g == 32 (two per step) or the scalar loop
+    for (; (g == 32 || one_scale) && done + 64 <= k; done += 64) {  // 64 inputs: 32 bytes, 8 lanes
+      // where x.xeo holds [64 even, 64 odd] per 128 inputs, the 32 even of this half start at
+      // done - done % 128 + done % 128 / 2, the odd 64 later
+      const bool in128 = by128 && done - done % 128 + 128 <= k;
+      const int64_t e0 = in128 ? done - done % 128 + (done % 128) / 2 : done, o0 = e0 + (in128 ? 64 : 32);
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + e0));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + o0));
       const __m256 dl = _mm256_loadu_ps(x.lane_d.data() + done / 8);
       for (int i = 0; i < R; ++i) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + i * pk + done / 2));
         const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        const __m256i s = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
+        const __m256i s = dpbusd(dpbusd(_mm256_setzero_si256(), lo, xe), hi, xo);
         const float* sc = scale + i * groups;
         __m256 sl;
         if (g == 32) {  // lanes 0-3: group done/32, lanes 4-7: the next one
@@ -220,16 +288,14 @@ inline void dot_i4(const QRow& x, const uint8_t* packed, const float* scale, con
         facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sl, dl), facc[i]);
       }
     }
-    for (int i = 0; i < R; ++i) acc[i] = hsum(facc[i]);
+    for (int i = 0; i < R; ++i) acc[i] += hsum(facc[i]);
   }
 #endif
   for (int i = 0; i < R; ++i) {
-    const float *sc = scale + i * groups, *of = offset + i * groups;
+    const float* sc = scale + i * groups;
     for (int64_t b = done / kQBlock; b < k / kQBlock; ++b)
       acc[i] += sc[b / per] * x.d[b] * static_cast<float>(dot_i4_block(x, packed + i * pk, b));
-    float o = 0;
-    for (int64_t G = 0; G < groups; ++G) o += of[G] * xs[G];
-    y[i] = acc[i] + o;
+    y[i] = acc[i] + dot(offset + i * groups, xs, groups);
   }
 }
 
@@ -288,7 +354,9 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
   }
   if (any_q) {
     xq.resize(rows);
-    for (int64_t r = 0; r < rows; ++r) xq[r].set(x + r * k, k);
+    at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
+      for (int64_t r = a; r < e; ++r) xq[r].set(x + r * k, k);
+    });
     for (size_t p = 0; p < ws.size(); ++p) {
       if (ws[p].kind != QWeight::I4) continue;
       const int64_t per = ws[p].group / kQBlock;
@@ -299,16 +367,22 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
       }
     }
   }
+  // Weight rows in tiles of kTile, each tile times every row of x while it sits in cache (many
+  // rows of x: a prefill), tiles over threads.
+  constexpr int64_t kTile = 64;
   at::parallel_for(0, total, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(static_cast<size_t>(r1 - r0));
+    std::vector<float> buf(static_cast<size_t>(kTile));
     int64_t base = 0;
     for (size_t p = 0; p < ws.size(); ++p) {
       const QWeight& W = ws[p];
-      const int64_t a = std::max(r0, base) - base, e = std::min(r1, base + W.n) - base;
-      for (int64_t r = 0; r < rows && a < e; ++r) {
-        qrows(W, any_q ? xq[r] : none, x + r * k, W.kind == QWeight::I4 ? xs[p * rows + r].data() : nullptr,
-              a, e, buf.data());
-        for (int64_t j = a; j < e; ++j) out[r * width + offs[p] + j] = buf[j - a];
+      const int64_t a0 = std::max(r0, base) - base, e0 = std::min(r1, base + W.n) - base;
+      for (int64_t a = a0; a < e0; a += kTile) {
+        const int64_t e = std::min(e0, a + kTile);
+        for (int64_t r = 0; r < rows; ++r) {
+          qrows(W, any_q ? xq[r] : none, x + r * k, W.kind == QWeight::I4 ? xs[p * rows + r].data() : nullptr,
+                a, e, buf.data());
+          for (int64_t j = a; j < e; ++j) out[r * width + offs[p] + j] = buf[j - a];
+        }
       }
       base += W.n;
     }
