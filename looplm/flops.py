@@ -92,7 +92,7 @@ class Tally:
         """Count an attention block with a dense FFN (or none) decoding one token in each of ``rows``
         rows after ``cached`` keys, all visible: what :meth:`block` and :meth:`ffn` count then."""
         pairs = rows * (1 + cached)
-        self.flops += 2.0 * rows * (blk.mixer_matmul + blk.ffn_matmul)
+        self.flops += 2.0 * rows * (blk.mixer_matmul + blk.ffn_cost.token_params)
         self.flops += float(blk.spec.pair_flops(blk.mixer)) * pairs
 
     def ffn(self, blk: nn.Module, aux: dict) -> None:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import looplm.model as model_module
-from looplm.layers.block_step import python_block_step, stack_step
+from looplm.layers.layer_step import stack_step
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
 from looplm.quant.ptq import quantize_model
@@ -53,7 +53,7 @@ def test_stack_step_equals_the_python_blocks(fmt, layout, kv_heads, batch, promp
         fused = ref = m(ids[:, :prompt], use_cache=True).state
         for t in range(prompt, prompt + 4):
             out = m(ids[:, t:t + 1], state=fused)
-            with python_block_step():
+            with cpp_ext.kernels("ops"):
                 want = m(ids[:, t:t + 1], state=ref)
             fused, ref = out.state, want.state
             torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
@@ -79,9 +79,9 @@ def test_stack_step_runs_on_decoding_and_leaves_older_states_intact(monkeypatch)
         a = m(ids[:, 6:7], state=base)
         b = m(ids[:, 7:8], state=base)  # a second continuation of the same prefix
         a_again = m(ids[:, 6:7], state=base)
-        with python_block_step():
+        with cpp_ext.kernels("ops"):
             want_b = m(ids[:, 7:8], state=base)
-    assert calls == [True, True, True, False]  # the last one inside python_block_step()
+    assert calls == [True, True, True, False]  # the last one inside cpp_ext.kernels("ops")
     torch.testing.assert_close(a.logits, a_again.logits, rtol=0, atol=0)
     torch.testing.assert_close(b.logits, want_b.logits, rtol=1e-5, atol=1e-5)
     assert all(s.k.shape[1] == 6 for s in base.layers.values())
@@ -97,9 +97,9 @@ def test_masked_caches_and_non_attention_stacks_fall_back(monkeypatch):
     with torch.no_grad():
         state = m(ids, mask=mask, use_cache=True).state  # row 0's first slots are masked
         out = m(ids[:, :1], state=state)
-        with python_block_step():
+        with cpp_ext.kernels("ops"):
             want = m(ids[:, :1], state=state)
-    assert calls == [False, False]  # the second inside python_block_step()
+    assert calls == [False, False]  # the second inside cpp_ext.kernels("ops")
     torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
     calls.clear()
     delta = _model(None, mixer="gated_deltanet")
