@@ -157,22 +157,27 @@ class QuantLinear(_QuantWeight):
 
 class QuantEmbedding(_QuantWeight):
     """Embedding table ``[num, dim]`` stored row-wise quantised; ``ids [...] → [..., dim]``
-    dequantises only the rows looked up; ``weight`` (the whole table) serves a tied head."""
+    dequantises only the rows looked up; ``weight`` (the whole table) serves a tied head.
+    ``kernel``: as :class:`QuantLinear`'s, for the tied head (``dequant``: always the float table).
+    """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: Format, device=None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: Format, device=None,
+                 kernel: str = "auto") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
         super().__init__(fmt, num_embeddings, embedding_dim, device)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings, self.embedding_dim, self.kernel = num_embeddings, embedding_dim, kernel
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, fmt: Format) -> QuantEmbedding:
-        q = cls(emb.num_embeddings, emb.embedding_dim, fmt, device=emb.weight.device)
+    def from_embedding(cls, emb: nn.Embedding, fmt: Format, kernel: str = "auto") -> QuantEmbedding:
+        q = cls(emb.num_embeddings, emb.embedding_dim, fmt, device=emb.weight.device, kernel=kernel)
         q.set_weight(emb.weight)
         return q
 
     def as_head(self, h: Tensor) -> Tensor:
         """Logits of a tied head: ``h [..., dim] -> [..., num]`` (``h Wᵀ`` without a float table
         where the kernel applies: decoding steps, the last position of a prefill)."""
-        parts = self.kernel_parts()
+        parts = self.kernel_parts() if self.kernel == "auto" else None
         if parts is not None and qops.kernel_applies(h, parts):
             return qops.qlinear(h, parts)
         return F.linear(h, self.dequantized(h.dtype))

@@ -97,7 +97,7 @@ def quantize_model(model: M, format: str, *, group_size: int | None = None, zero
         if isinstance(m, nn.Linear):
             _set(model, name, QuantLinear.from_linear(m, f, kernel))
         elif isinstance(m, nn.Embedding):
-            _set(model, name, QuantEmbedding.from_embedding(m, f))
+            _set(model, name, QuantEmbedding.from_embedding(m, f, kernel))
         else:
             raise ValueError(f"module {name!r} is a {type(m).__name__}, not a Linear or Embedding")
     overrides = {n: ends for n in names if ends is not None and n in END_MODULES}

@@ -64,9 +64,9 @@ def test_every_expert_weight_is_stored_quantised_and_the_forward_uses_it(tmp_pat
     with torch.no_grad():
         want, got = _float_experts(q)(ids).logits, q(ids).logits
         plain = model(ids).logits
-        loaded = load_model(tmp_path)(ids).logits  # the default kernel (packed, bf16 inputs for int4/int8)
+        loaded = load_model(tmp_path)(ids).logits  # the default kernel (int8 activations for int4/int8)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-    assert (loaded - got).norm() / got.norm() < 2e-2
+    assert (loaded - got).norm() / got.norm() < 3e-2  # an int8 activation's error per layer
     assert (got - plain).norm() / plain.norm() < {"int8": 0.02, "fp8_e4m3": 0.1}.get(name, 0.3)
 
 
