@@ -13,11 +13,19 @@ what is already held; the state bytes are the clean curve.
 
 ``--state-format float int8``: each model also decodes with its state held in int8 (or FP8):
 attention caches quantised from the first token and read in chunks (:mod:`looplm.quant.state`).
-Then per point also ``store_ms`` (the median time of holding the state compressed after a step,
-which must not grow with the context) and ``peak_bytes``: the state's bytes plus the largest
-resident-set growth during the timed steps (``VmHWM`` reset through ``/proc/self/clear_refs``
-after freed memory is handed back with ``malloc_trim``; Linux/glibc only, else the state's bytes
-alone). The summary prints each format's peak and step time over float's at the same context.
+Then per point also ``peak_bytes``: the state's bytes plus the largest resident-set growth during
+the timed steps (``VmHWM`` reset through ``/proc/self/clear_refs`` after freed memory is handed
+back with ``malloc_trim``; Linux/glibc only, else the state's bytes alone). The summary prints
+each format's peak and step time over float's at the same context.
+
+``hold_ms`` (every format, the table's "hold ms" column): the median time of holding one more
+token in the state's format, apart from the attention that reads it — each cache appends one
+token's keys and values (:func:`looplm.layers.kv_cache.append_rows`: a quantised cache quantises
+only the new rows) and the state is stored and loaded again (a quantised format's
+``compress_state`` / ``decompress_state``), ``--tokens`` times in a row after the timed steps. It
+must not grow with the context (copying or re-scanning the stored context would show here).
+Each result also records what each layer decodes with (``kernels``) and the 1-minute load
+average before and after it (``load``): a loaded machine makes every timing incomparable.
 
 Models (4 layers, width ``--d-model``): ``attention``; ``gated_deltanet`` (fixed state);
 ``hybrid`` (gated DeltaNet with the 4th layer attention, 3:1); ``mor`` (attention, middle-cycle,
@@ -41,8 +49,12 @@ import torch
 from looplm.bench.runner import Sweep, markdown_table, save_figure, subplots
 from looplm.errors import ConfigError
 from looplm.generate import decoding_mode
+from looplm.layers import kv_cache
+from looplm.layers.layer_step import describe
+from looplm.layers.mixer_states import KVState
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.state import STATE_FORMATS, compress_state, decompress_state
+from looplm.state import ModelState
 
 VOCAB = 259  # the byte tokenizer's vocabulary
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -111,6 +123,34 @@ def _reset_peak_rss() -> int | None:
     return _status_kib("VmRSS")
 
 
+def hold_ms(live: ModelState, store: Any, load: Any, reps: int, seed: int) -> float:
+    """Median ms of holding one more token in ``live``'s format (a decoded state, its caches
+    the newest of their buffers): every cache appends one token's random keys and values
+    (``kv_cache.append_rows``), then the state is stored and loaded; ``reps`` times in a row."""
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(reps):
+        rows = {name: (torch.randn(s.k.shape[0], 1, *s.k.shape[2:], generator=gen),
+                       torch.randn(s.v.shape[0], 1, *s.v.shape[2:], generator=gen))
+                for name, s in live.layers.items() if isinstance(s, KVState)}
+        t0 = time.perf_counter()
+        layers = dict(live.layers)
+        for name, (k, v) in rows.items():
+            s = layers[name]
+            ones = torch.ones(k.shape[0], 1, dtype=torch.bool)
+            layers[name] = kv_cache.append_rows(s, k, v, ones, s.seen[:, None], s.seen + 1)
+        live = load(store(ModelState(live.positions + 1, layers)))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 @torch.no_grad()
 def run_one(name: str, s: dict[str, Any], fmt: str = "float") -> dict[str, Any]:
     """Prefill ``name`` to each context length and time ``tokens`` decoding steps there, the state
@@ -125,7 +165,7 @@ def run_one(name: str, s: dict[str, Any], fmt: str = "float") -> dict[str, Any]:
         store, load = (lambda st: st), (lambda st: st)
     else:
         store, load = (lambda st: compress_state(st, fmt)), decompress_state
-    points = []
+    points, load_before = [], _load_average()
     with decoding_mode(model):
         state, done, out = store(model.init_state(1)), 0, None
         for ctx in s["contexts"]:
@@ -137,23 +177,24 @@ def run_one(name: str, s: dict[str, Any], fmt: str = "float") -> dict[str, Any]:
             done = ctx
             if out is None:
                 raise ConfigError(f"contexts must be positive, got {ctx}")
-            token, step_state, times, stores = out.logits[:, -1].argmax(-1, keepdim=True), state, [], []
+            token, step_state, times = out.logits[:, -1].argmax(-1, keepdim=True), state, []
             base = _reset_peak_rss()
             for _ in range(s["tokens"]):
                 t0 = time.perf_counter()
                 o = model(token, state=load(step_state))
-                t1 = time.perf_counter()
                 step_state = store(o.state)
-                stores.append(time.perf_counter() - t1)
                 times.append(time.perf_counter() - t0)
                 token = o.logits[:, -1].argmax(-1, keepdim=True)
             peak = _status_kib("VmHWM")
             growth = 0 if base is None or peak is None else max(0, peak - base) * 1024
             points.append({"context": ctx, "ms_per_token": 1e3 * statistics.median(times),
-                           "store_ms": 1e3 * statistics.median(stores), "state_bytes": state.nbytes(),
-                           "peak_bytes": state.nbytes() + growth, "rss_mb": rss_mb(), "prefill_s": prefill_s,
-                           "reach": out.stats.get("reach")})
-    return {"model": name, "format": fmt, "params": model.num_params(), "points": points}
+                           "hold_ms": hold_ms(load(step_state), store, load, s["tokens"], s["seed"]),
+                           "state_bytes": state.nbytes(), "peak_bytes": state.nbytes() + growth,
+                           "rss_mb": rss_mb(), "prefill_s": prefill_s, "reach": out.stats.get("reach")})
+    blocks = [(f"{part} {i}", blk) for part in ("prelude", "core", "coda")
+              for i, blk in enumerate(getattr(model, part))]
+    return {"model": name, "format": fmt, "params": model.num_params(), "points": points,
+            "kernels": {n: describe(blk) for n, blk in blocks}, "load": [load_before, _load_average()]}
 
 
 def _key(model: str, fmt: str) -> str:
@@ -172,8 +213,20 @@ def format_ratios(results: dict[str, Any]) -> list[str]:
             peak = p["peak_bytes"] / f["state_bytes"]
             lines.append(f"{key} @{p['context']}: peak memory {peak:.2f}x the float "
                          f"state ({p['state_bytes'] / f['state_bytes']:.2f}x stored), step "
-                         f"{p['ms_per_token'] / f['ms_per_token']:.2f}x float's, holding it "
-                         f"{p['store_ms']:.3f} ms")
+                         f"{p['ms_per_token'] / f['ms_per_token']:.2f}x float's, holding a token "
+                         f"{p.get('hold_ms', float('nan')):.3f} ms "
+                         f"({f.get('hold_ms', float('nan')):.3f} float)")
+    return lines
+
+
+def format_conditions(results: dict[str, Any]) -> list[str]:
+    """Lines: what each model's layers decode with, and the load average around its run."""
+    lines = []
+    for key, r in results.items():
+        kernels = "; ".join(sorted(set(r.get("kernels", {}).values())))
+        load = [f"{x:.2f}" for x in r.get("load", []) if x is not None]
+        lines.append(f"{key}: layers decode with {kernels or '?'}; 1-min load average "
+                     f"{' -> '.join(load) or '?'}")
     return lines
 
 
@@ -201,9 +254,11 @@ def table(results: dict[str, Any]) -> str:
         for p in r["points"]:
             rss = "" if p["rss_mb"] is None else f"{p['rss_mb']:.0f}"
             mib = p["state_bytes"] / 2**20
+            hold = f"{p['hold_ms']:.3f}" if "hold_ms" in p else ""
             rows.append([f"{r['model']} ({r.get('format', 'float')})", p["context"],
-                         f"{p['ms_per_token']:.2f}", f"{mib:.2f}", rss, f"{p['prefill_s']:.2f}"])
-    header = ["model", "context", "ms/token", "state MiB", "process RSS MiB", "prefill s (this increment)"]
+                         f"{p['ms_per_token']:.2f}", hold, f"{mib:.2f}", rss, f"{p['prefill_s']:.2f}"])
+    header = ["model", "context", "ms/token", "hold ms", "state MiB", "process RSS MiB",
+              "prefill s (this increment)"]
     return markdown_table(header, rows)
 
 
@@ -219,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     plot(results, out / "decode.png")
     if not args.quick:
         print(table(results))
-    for line in format_ratios(results):
+    for line in format_ratios(results) + format_conditions(results):
         print(line)
     print(f"wrote {sweep.path} and {out / 'decode.png'}")
     return 0

@@ -19,10 +19,11 @@ from dataclasses import fields
 
 import torch
 
-from looplm.layers.mixer_states import KVState
+from looplm.layers.mixer_states import KVState, QuantKVState
 from looplm.ops.nodes import tracked
+from looplm.ops.kv_quant import quantize_rows
 
-__all__ = ["append", "grown", "reserve", "truncate"]
+__all__ = ["append", "append_rows", "grown", "reserve", "truncate"]
 
 _MIN_RESERVE = 256
 
@@ -109,3 +110,14 @@ def truncate(state: KVState, length: int) -> KVState:
         buf.length = length
         out._buffer = buf
     return out
+
+
+def append_rows(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor,
+                seen: torch.Tensor) -> KVState:
+    """:func:`append` of float ``k, v [B, T, Hkv, D]`` in ``state``'s own format: a quantised cache
+    (QuantKVState) gets the new rows' codes and scales (only the T new rows are quantised; the
+    stored ones are never touched), a float one the rows as they are."""
+    if isinstance(state, QuantKVState):
+        (kq, k_scale), (vq, v_scale) = quantize_rows(k, state.k.dtype), quantize_rows(v, state.v.dtype)
+        return append(state, kq, vq, key_mask, pos, seen, k_scale=k_scale, v_scale=v_scale)
+    return append(state, k, v, key_mask, pos, seen)

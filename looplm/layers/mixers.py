@@ -37,7 +37,7 @@ from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
 from looplm.ops.delta_rule import delta_chunk, delta_step
-from looplm.ops.kv_quant import quantize_rows, quantized_attention
+from looplm.ops.kv_quant import quantized_attention
 from looplm.ops.linear_attn import decay_chunk, decay_step
 
 
@@ -85,15 +85,12 @@ class Attention(nn.Module):
             if mask is not None and not bool(mask.any(0).all()):  # cache no token masked in every row
                 keep = mask.any(0)
                 k, v, key_mask, kpos = k[:, keep], v[:, keep], key_mask[:, keep], positions[:, keep]
+            new_state = kv_cache.append_rows(state, k, v, key_mask, kpos, state.seen + T)
             if isinstance(state, QuantKVState):  # stored and read quantised, never expanded
-                (k, k_scale), (v, v_scale) = quantize_rows(k, state.k.dtype), quantize_rows(v, state.v.dtype)
-                new_state = kv_cache.append(state, k, v, key_mask, kpos, state.seen + T,
-                                            k_scale=k_scale, v_scale=v_scale)
                 o = read_cache(q, new_state, positions)
                 if mask is not None:
                     o = o * mask[:, :, None, None]
                 return self.o_proj(o.reshape(B, T, H * D)), new_state
-            new_state = kv_cache.append(state, k, v, key_mask, kpos, state.seen + T)
             k, v, key_mask, kpos = new_state.k, new_state.v, new_state.key_mask, new_state.pos
         # causal by index == causal by position when positions increase and nothing was cached (a
         # compiled graph cannot branch on the values: it takes the general, position-masked path)

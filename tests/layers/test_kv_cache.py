@@ -4,10 +4,15 @@ second continuation of the same state gets a buffer of its own."""
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from looplm.layers.kv_cache import append
+from looplm.layers.kv_cache import append, append_rows
+from looplm.layers.mixer_states import QuantKVState
 from looplm.layers.mixers import Attention, KVState
 from looplm.model import LoopConfig, LoopLM
+from looplm.ops.kv_quant import quantize_rows
+from looplm.quant.state import quantize_cache
 
 
 def _kv(T: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -74,3 +79,41 @@ def test_two_continuations_of_one_prefix_decode_as_separate_runs():
             full = m(torch.cat((prefix, cont), 1)).logits[:, 5:]
             torch.testing.assert_close(outs[name], full, rtol=1e-5, atol=1e-5)
     assert torch.equal(outs["a"], outs["a_again"])
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the bytes of every tensor an op returns that shares no storage with its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs))
+                 if isinstance(a, torch.Tensor)}
+        self.sizes += [t.numel() * t.element_size() for t in pytree.tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        return out
+
+
+def test_appending_a_token_to_a_quantised_cache_touches_only_its_rows():
+    s = quantize_cache(Attention(16, 2).init_state(2))  # 2 heads of 8
+    g = torch.Generator().manual_seed(0)
+    m, p = torch.ones(2, 200, dtype=torch.bool), torch.arange(200).expand(2, 200)
+    s = append_rows(s, torch.randn(2, 200, 2, 8, generator=g), torch.randn(2, 200, 2, 8, generator=g), m, p,
+                    torch.full((2,), 200))
+    stored = [t.clone() for t in (s.k, s.v, s.k_scale, s.v_scale)]
+    assert s._buffer.capacity > s.k.shape[1]  # room for the next token: no growth in this step
+    new = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    with _Allocations() as spy:
+        s2 = append_rows(s, *new, torch.ones(2, 1, dtype=torch.bool), torch.full((2, 1), 200),
+                         torch.full((2,), 201))
+    assert isinstance(s2, QuantKVState) and s2.k.dtype == torch.int8 and s2.k.shape[1] == 201
+    assert s2.k.data_ptr() == s.k.data_ptr() and s2.k_scale.data_ptr() == s.k_scale.data_ptr()
+    for old, now in zip(stored, (s2.k, s2.v, s2.k_scale, s2.v_scale)):
+        assert torch.equal(now[:, :200], old)  # the stored rows are neither copied nor re-quantised
+    codes, scale = quantize_rows(new[0], torch.int8)
+    assert torch.equal(s2.k[:, 200:], codes) and torch.equal(s2.k_scale[:, 200:], scale)
+    one_token = 2 * 2 * 8 * 4  # one token's float keys, all rows and heads
+    assert max(spy.sizes) <= one_token  # nothing of the size of the stored context is made
