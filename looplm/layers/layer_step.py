@@ -18,6 +18,8 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
   caches of different lengths has them; no later position), else the Python layer's masks run; its
   projections and dense FFN may be int8 / int4 (a quantised module's ``kernel_parts()``, multiplied
   by :mod:`looplm.ops.qlinear`'s kernel, ``csrc/qmatvec.h``), so quantised models decode in it too;
+  an int8 cache (a :class:`~looplm.layers.mixer_states.QuantKVState` of int8 codes) is read as
+  codes and per-row scales, dequantised a block of rows at a time (an FP8 one runs the Python layer);
 - with a dense :class:`~looplm.layers.ffn.SwiGLU` FFN or none inside those calls, or a
   :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts, optional shared expert, no
   zero-computation experts, no recurrent router) in ``csrc/moe_step.cpp``, which also returns the
@@ -55,6 +57,7 @@ from torch.nn.modules.module import (
 from looplm.layers import kv_cache
 from looplm.layers.ffn import SwiGLU
 from looplm.layers.linear import Linear
+from looplm.layers.mixer_states import QuantKVState
 from looplm.layers.mixers import (
     GLA,
     Attention,
@@ -240,7 +243,8 @@ def layer_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
         h, state = _fixed_state_step(blk, x[:, 0].contiguous(), state)
     elif isinstance(state, KVState) and attention:
         pos = (state.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
-        if (state.k.shape[0] != x.shape[0] or state.k.dtype != torch.float32 or state.v.dtype != torch.float32
+        codes = torch.int8 if isinstance(state, QuantKVState) else torch.float32  # FP8 codes: Python
+        if (state.k.shape[0] != x.shape[0] or state.k.dtype != codes or state.v.dtype != codes
                 or pos.dtype != torch.long or not bool((state.pos <= pos[:, None]).all())
                 or not cpp_ext.layer_steps()):
             return None  # later positions in the cache: the Python layer's masks
@@ -287,7 +291,8 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor
                     plan: tuple[Any, ...], starts: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, KVState]:
     """Attention layer step: projections and RoPE in C++, the cache append in Python
-    (:mod:`looplm.layers.kv_cache`), attention over the cache and the rest in C++."""
+    (:mod:`looplm.layers.kv_cache`; an int8 cache quantises the new rows), attention over the
+    cache (read as int8 codes and scales where it is held so) and the rest in C++."""
     mixer = blk.mixer
     H, Hkv, D = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
     inv_freq = getattr(mixer, "_inv_freq", None)
@@ -299,8 +304,10 @@ def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor
     B = x.shape[0]
     k, v = qkv[:, None, H:H + Hkv], qkv[:, None, H + Hkv:]
     ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
-    new = kv_cache.append(state, k, v, ones, pos[:, None], state.seen + 1)
-    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, o_w, *ffn, ffn_eps, starts)
+    new = kv_cache.append_rows(state, k, v, ones, pos[:, None], state.seen + 1)
+    scales = (new.k_scale, new.v_scale) if isinstance(new, QuantKVState) else (None, None)
+    h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, o_w, *ffn, ffn_eps, starts,
+                                       *scales)
     return h, new
 
 

@@ -4,9 +4,15 @@ state's does not."""
 import json
 
 import pytest
+import torch
+from torch.profiler import profile
 
-from looplm.bench.decode import rss_mb
+from looplm.bench.decode import VARIANTS, VOCAB, rss_mb
 from looplm.cli import main
+from looplm.generate import decoding_mode
+from looplm.model import LoopConfig, LoopLM
+from looplm.ops import cpp_ext
+from looplm.quant.state import compress_state, decompress_state
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +56,25 @@ def test_int8_state_row_prints_ratios_against_float(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "attention@int8 @48: peak memory" in printed and "holding a token" in printed
     assert "attention: layers decode with" in printed and "load average" in printed
+
+
+@pytest.mark.skipif(not cpp_ext.available(), reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("fmt,kernel", [("float", "looplm::attn_stack_step"),
+                                        ("int8", "looplm::attn_step_out")])
+def test_the_attention_model_decodes_through_the_cpp_steps(fmt, kernel):
+    """The bench's attention model decodes on the C++ steps with either cache format: a float
+    cache through the whole-model step, an int8 one through each layer's step reading the codes
+    (a Python fallback here is what makes its timings several times slower)."""
+    cfg = LoopConfig(vocab_size=VOCAB, d_model=32, n_heads=2, max_seq_len=64, **VARIANTS["attention"])
+    model = LoopLM(cfg)
+    with torch.no_grad(), decoding_mode(model):
+        state = model.init_state(1)
+        if fmt != "float":
+            state = decompress_state(compress_state(state, fmt))
+        state = model(torch.randint(0, VOCAB, (1, 20)), state=state).state
+        with profile() as prof:
+            model(torch.tensor([[3]]), state=state)
+    names = {e.name for e in prof.events()}
+    assert kernel in names
+    if fmt == "float":
+        assert "looplm::attn_step_out" not in names  # one call for the whole model

@@ -16,6 +16,7 @@ from looplm.layers.block import Block
 from looplm.layers.layer_step import describe, layer_step
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
+from looplm.quant.state import quantize_cache
 from tests.decoding import kernel_and_python_steps
 from tests.threads import torch_threads
 
@@ -251,9 +252,20 @@ def test_attention_kernel_equals_python_block(kv_heads, cached, batch, ffn, thre
     _check_attention_step(kv_heads, cached, batch, ffn, threads)
 
 
-def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, threads: int) -> None:
+@needs_kernel
+@pytest.mark.parametrize("cached", [1, 255, 600])
+@pytest.mark.parametrize("kv_heads,batch", [(1, 1), (2, 3)])
+def test_int8_cache_kernel_equals_python_int8_step(cached, kv_heads, batch):
+    """A cache held as int8 codes with per-row scales stays on the kernel, which reads the codes
+    (dequantising a block of rows at a time) and equals the Python layer's quantised read."""
+    _check_attention_step(kv_heads, cached, batch, "dense", 1, fmt="int8")
+
+
+def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, threads: int,
+                          fmt: str = "float") -> None:
     """An attention block's kernel step after a prefill of ``cached`` tokens == the Python block's
-    (from 4 rows on its float32 projections are BLAS matrix products)."""
+    (from 4 rows on its float32 projections are BLAS matrix products); ``fmt="int8"``: the cache
+    held quantised (the new token's rows may round one code apart: projections in another order)."""
     torch.manual_seed(cached)
     c = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, n_core=1, ffn=ffn, n_experts=3,
                    top_k=2, d_ffn=24)
@@ -263,14 +275,25 @@ def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, thre
         if cached:  # a cache from a prefill, then one decoding step at the next position
             prompt_pos = torch.arange(cached).expand(batch, cached)
             s = blk(torch.randn(batch, cached, 32), s, positions=prompt_pos)[1]
+    if fmt != "float":
+        s = quantize_cache(s, fmt)
     x = torch.randn(batch, 1, 32)
     pos = torch.full((batch, 1), cached)
     fused, (want_h, want_s, want_aux) = _both(blk, x, s, threads, pos)
     assert fused is not None
     h, new, aux = fused
-    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
-    for name in ("k", "v", "key_mask", "pos", "seen"):
-        torch.testing.assert_close(getattr(new, name), getattr(want_s, name), rtol=1e-5, atol=1e-5)
+    assert type(new) is type(want_s) is type(s)
+    if fmt == "float":
+        torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+        for name in ("k", "v", "key_mask", "pos", "seen"):
+            torch.testing.assert_close(getattr(new, name), getattr(want_s, name), rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(h, want_h, rtol=1e-4, atol=1e-4)
+        for name in ("k", "v"):  # the stored rows as they were, the new one within a code
+            assert torch.equal(getattr(new, name)[:, :cached], getattr(s, name))
+            assert (getattr(new, name).int() - getattr(want_s, name).int()).abs().max() <= 1
+        for name in ("k_scale", "v_scale", "key_mask", "pos", "seen"):
+            torch.testing.assert_close(getattr(new, name), getattr(want_s, name), rtol=1e-5, atol=1e-6)
     assert aux.keys() == {k for k in want_aux if k != "tokens"}
 
 

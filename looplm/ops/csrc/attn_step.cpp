@@ -2,8 +2,10 @@
 // around the cache append (looplm/layers/kv_cache.py): attn_step_in (norm, q|k|v projection,
 // RoPE) and attn_step_out (attention over the whole cache, output projection, residual, dense
 // SwiGLU FFN or none). Weights are lists of parts in any of qmatvec.h's formats (float32, int8,
-// int4). See looplm/layers/layer_step.py for why this exists; the Python block is the reference and
-// the tests compare the two.
+// int4). attn_step_out also reads a cache held as int8 codes with one float32 scale per cached
+// row (slot and key head; looplm/ops/kv_quant.py), dequantising a block of rows at a time. See
+// looplm/layers/layer_step.py for why this exists; the Python block is the reference and the
+// tests compare the two.
 #include "simd.h"  // first: it selects ATen's vector instruction set
 
 #include <ATen/ATen.h>
@@ -83,27 +85,57 @@ Tensor attn_step_in(const Tensor& h, const Tensor& norm_w, double eps, at::Tenso
   return qkv;
 }
 
-// A cache k, v [B, S, Hkv, D] (heads contiguous; row and slot strides ksb, kss and vsb, vss) read by the
-// decoding step's queries q [B, H, D] -> o [B, H, D] = softmax(q k^T / sqrt(D)) v. Row b's query sees
-// its keys from slot first[b] on (first: nullptr for all; the slots before are unused: a batch of
-// caches of different lengths padded at the front); query head i reads key/value head i / (H / Hkv).
-void attend(const float* qp, const float* kp, const float* vp, int64_t ksb, int64_t kss, int64_t vsb, int64_t vss,
-            int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S, const int64_t* first, float* op) {
+// One side (keys or values) of a cache [B, S, Hkv, D] with contiguous heads: float32 rows f, or
+// int8 codes q with one scale per row (scale + b * scb + t * scs + head); sb, ss: the rows' row
+// and slot strides (elements).
+struct CacheRows {
+  const float* f = nullptr;
+  const int8_t* q = nullptr;
+  const float* scale = nullptr;
+  int64_t sb = 0, ss = 0, scb = 0, scs = 0;
+
+  // Rows lo.. lo + n of row b, key head hk, as float with leading dimension *ld: the cache's own
+  // memory for float rows, else the codes times their scales written into tmp [n, D].
+  const float* at(int64_t b, int64_t hk, int64_t lo, int n, int64_t D, float* tmp, int* ld) const {
+    if (f != nullptr) {
+      *ld = static_cast<int>(ss);
+      return f + b * sb + lo * ss + hk * D;
+    }
+    *ld = static_cast<int>(D);
+    for (int t = 0; t < n; ++t) {
+      const int8_t* c = q + b * sb + (lo + t) * ss + hk * D;
+      const float s = scale[b * scb + (lo + t) * scs + hk];
+      float* out = tmp + t * D;
+      for (int64_t j = 0; j < D; ++j) out[j] = s * static_cast<float>(c[j]);
+    }
+    return tmp;
+  }
+};
+
+// A cache k, v [B, S, Hkv, D] (CacheRows) read by the decoding step's queries q [B, H, D] ->
+// o [B, H, D] = softmax(q k^T / sqrt(D)) v. Row b's query sees its keys from slot first[b] on
+// (first: nullptr for all; the slots before are unused: a batch of caches of different lengths
+// padded at the front); query head i reads key/value head i / (H / Hkv).
+void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+            int64_t S, const int64_t* first, float* op) {
   const int64_t group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   // The cache is read in blocks of keys over threads, once for q k^T and once for p v, with one
   // BLAS gemv per head and block (hand-written dot products per key ran 1.5-3x slower than SDPA
-  // at 8192-16384 keys); the blocks' partial outputs are summed in block order.
+  // at 8192-16384 keys); the blocks' partial outputs are summed in block order. Int8 rows are
+  // dequantised a block at a time into a buffer of the thread's own.
   using looplm::Vec;
   const int64_t V = Vec::size();
   constexpr int64_t kKeys = 256;  // keys per block
   const int64_t blocks = (S + kKeys - 1) / kKeys, BH = B * H;
   std::vector<float> score(static_cast<size_t>(BH) * S), partial(static_cast<size_t>(blocks) * BH * D, 0.0f);
-  const int Di = static_cast<int>(D), ks = static_cast<int>(kss), vs = static_cast<int>(vss), inc = 1;
+  const int Di = static_cast<int>(D), inc = 1;
   const char tr = 'T', no = 'N';
   const float fzero = 0.0f, fone = 1.0f;
   auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
+  const bool quantised = kr.f == nullptr || vr.f == nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
     for (int64_t c = c0; c < c1; ++c) {  // scores of a block of keys: BLAS gemv per head
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
@@ -111,8 +143,9 @@ void attend(const float* qp, const float* kp, const float* vp, int64_t ksb, int6
         const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, from(b));
         const int n = nk - static_cast<int>(lo - t0);
         if (n <= 0) continue;
-        sgemv_(&tr, &Di, &n, &scale, kp + b * ksb + lo * kss + hk * D, &ks, qp + bh * D, &inc, &fzero,
-               score.data() + bh * S + lo, &inc);
+        int ld = 0;
+        const float* keys = kr.at(b, hk, lo, n, D, tmp.data(), &ld);
+        sgemv_(&tr, &Di, &n, &scale, keys, &ld, qp + bh * D, &inc, &fzero, score.data() + bh * S + lo, &inc);
       }
     }
   });
@@ -131,6 +164,7 @@ void attend(const float* qp, const float* kp, const float* vp, int64_t ksb, int6
     }
   });
   at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
     for (int64_t c = c0; c < c1; ++c) {  // p v of a block of keys: BLAS gemv per head
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
@@ -139,8 +173,9 @@ void attend(const float* qp, const float* kp, const float* vp, int64_t ksb, int6
         const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, from(b));
         const int n = nk - static_cast<int>(lo - t0);
         if (n <= 0) continue;  // its part stays zero
-        sgemv_(&no, &Di, &n, &fone, vp + b * vsb + lo * vss + hk * D, &vs, score.data() + bh * S + lo, &inc,
-               &fzero, part + bh * D, &inc);
+        int ld = 0;
+        const float* values = vr.at(b, hk, lo, n, D, tmp.data(), &ld);
+        sgemv_(&no, &Di, &n, &fone, values, &ld, score.data() + bh * S + lo, &inc, &fzero, part + bh * D, &inc);
       }
     }
   });
@@ -166,20 +201,45 @@ void check_cache(const Tensor& t, int64_t D) {
               "attn_step: k, v must be float32 CPU tensors [B, S, Hkv, D] with contiguous heads");
 }
 
+// t: a cache side [B, S, Hkv, D] with contiguous heads, float32 (scale None) or int8 codes with
+// scale float32 [B, S, Hkv, 1] (one per cached row, heads adjacent) -> its CacheRows.
+CacheRows cache_rows(const Tensor& t, const std::optional<Tensor>& scale, int64_t D, const char* name) {
+  CacheRows r;
+  r.sb = t.stride(0), r.ss = t.stride(1);
+  if (!scale.has_value()) {
+    check_cache(t, D);
+    r.f = t.data_ptr<float>();
+    return r;
+  }
+  const Tensor& s = *scale;
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kChar && t.stride(3) == 1 && t.stride(2) == D &&
+                  t.device().is_cpu(),
+              "attn_step: ", name, " with a scale must be int8 codes [B, S, Hkv, D] with contiguous heads");
+  TORCH_CHECK(s.dim() == 4 && s.scalar_type() == at::kFloat && s.device().is_cpu() && s.size(0) == t.size(0) &&
+                  s.size(1) == t.size(1) && s.size(2) == t.size(2) && s.size(3) == 1 && s.stride(2) == 1,
+              "attn_step: ", name, "'s scale must be float32 [B, S, Hkv, 1] with adjacent heads");
+  r.q = t.data_ptr<int8_t>();
+  r.scale = s.data_ptr<float>();
+  r.scb = s.stride(0), r.scs = s.stride(1);
+  return r;
+}
+
 // h [B, d] (the block's input), q [B, H, D], k, v [B, S, Hkv, D] (the cache after the append,
 // last dim contiguous: views of its buffer), o_w: parts of [d, H D]; ffn_norm_w [d], ffn_in_w:
 // parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists); starts [B] long or
-// None (zeros): each row's first seen slot -> h + o_proj(attend(q, k, v)) (+ the FFN). The caller
-// checks that no seen slot is masked or holds a later position.
+// None (zeros): each row's first seen slot; k_scale, v_scale [B, S, Hkv, 1] float32 (both or
+// none): k, v are int8 codes of rows times these scales -> h + o_proj(attend(q, k, v)) (+ the
+// FFN). The caller checks that no seen slot is masked or holds a later position.
 Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList o_w,
                      const std::optional<Tensor>& ffn_norm_w, at::TensorList ffn_in_w, at::TensorList ffn_out_w,
-                     double ffn_eps, const std::optional<Tensor>& starts) {
+                     double ffn_eps, const std::optional<Tensor>& starts, const std::optional<Tensor>& k_scale,
+                     const std::optional<Tensor>& v_scale) {
   TORCH_CHECK(h.dim() == 2 && q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
               "attn_step: h [B, d], q [B, H, D], k, v [B, S, Hkv, D]");
   const int64_t B = h.size(0), d = h.size(1), H = q.size(1), D = q.size(2), S = k.size(1), Hkv = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && S > 0 && H % Hkv == 0, "attn_step: k, v must be [B, S, Hkv, D]");
-  check_cache(k, D);
-  check_cache(v, D);
+  TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), "attn_step: k_scale and v_scale together");
+  const CacheRows kr = cache_rows(k, k_scale, D, "k"), vr = cache_rows(v, v_scale, D, "v");
   check(h, "h", {B, d});
   check(q, "q", {B, H, D});
   const looplm::QWeight O = looplm::qweight(o_w.vec(), d, H * D, "attn_step: o_w");
@@ -204,8 +264,7 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
     fout = looplm::qweight(ffn_out_w.vec(), d, F, "attn_step: ffn_out_w");
   }
   std::vector<float> o(static_cast<size_t>(B * H * D));
-  attend(ptr(q), k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), B, H,
-         Hkv, D, S, first.data(), o.data());
+  attend(ptr(q), kr, vr, B, H, Hkv, D, S, first.data(), o.data());
   Tensor out = at::empty({B, d}, h.options());
   step_out(ptr(h), o.data(), O, ffn ? &*ffn_norm_w : nullptr, ffn_eps, fin, fout, out);
   return out;
@@ -288,7 +347,9 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
     }
     std::vector<float> q(static_cast<size_t>(B * H * D));
     for (int64_t b = 0; b < B; ++b) std::copy(qkv.data() + b * R * D, qkv.data() + b * R * D + H * D, q.data() + b * H * D);
-    attend(q.data(), kb, vb, row, Hkv * D, row, Hkv * D, B, H, Hkv, D, S + 1, nullptr, o.data());
+    CacheRows kr, vr;
+    kr.f = kb, vr.f = vb, kr.sb = vr.sb = row, kr.ss = vr.ss = Hkv * D;
+    attend(q.data(), kr, vr, B, H, Hkv, D, S + 1, nullptr, o.data());
     step_out(ptr(x), o.data(), O, ffn_norm_w.has_value() ? &*ffn_norm_w : nullptr, eps[2 * l + 1], fin, fout, y);
     std::swap(x, y);
   }
@@ -303,7 +364,7 @@ TORCH_LIBRARY_FRAGMENT(looplm, m) {
       "int n_heads, int n_kv_heads) -> Tensor");
   m.def(
       "attn_step_out(Tensor h, Tensor q, Tensor k, Tensor v, Tensor[] o_w, Tensor? ffn_norm_w, Tensor[] ffn_in_w, "
-      "Tensor[] ffn_out_w, float ffn_eps, Tensor? starts=None) -> Tensor");
+      "Tensor[] ffn_out_w, float ffn_eps, Tensor? starts=None, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
   m.def(
       "attn_stack_step(Tensor h, Tensor?[] w, float[] eps, Tensor inv_freq, Tensor positions, int n_heads, "
       "int n_kv_heads, Tensor(a!)[] caches, int[] lengths) -> Tensor");
