@@ -20,8 +20,8 @@ from dataclasses import fields
 import torch
 
 from looplm.layers.mixer_states import KVState, QuantKVState
-from looplm.ops.nodes import tracked
 from looplm.ops.kv_quant import quantize_rows
+from looplm.ops.nodes import tracked
 
 __all__ = ["append", "append_rows", "grown", "reserve", "truncate"]
 

@@ -101,6 +101,11 @@ def _attn_step_out(h: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
     return h.new_empty(h.shape)
 
 
+def _attn_stack_step(h: torch.Tensor, *rest: Any) -> torch.Tensor:
+    """The stack's output ``[B, d]``; the caches it writes in place are its arguments."""
+    return h.new_empty(h.shape)
+
+
 def _moe_step(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router_w: torch.Tensor,
               *rest: Any) -> list[torch.Tensor]:
     """(y [B, d], load [E], balance loss [], z loss [])."""
@@ -114,7 +119,7 @@ FAKE_OPS: dict[str, Callable[..., Any]] = {
     "swiglu_forward": _swiglu_forward, "swiglu_backward": _swiglu_backward,
     "delta_chunk_backward": _delta_chunk_backward, "delta_block_step": _block_step,
     "decay_block_step": _block_step, "attn_step_in": _attn_step_in, "attn_step_out": _attn_step_out,
-    "moe_step": _moe_step}
+    "attn_stack_step": _attn_stack_step, "moe_step": _moe_step}
 _registered: list[str] = []
 
 

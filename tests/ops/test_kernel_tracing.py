@@ -6,6 +6,7 @@ import torch
 
 from looplm.ops import cpp_ext, kernel_tracing
 from looplm.ops.delta_chunkwise import DeltaChunkFn, tile_rows
+from looplm.ops.kv_quant import quantize_rows
 from looplm.quant.formats import quantize_int8
 
 pytestmark = pytest.mark.skipif(not cpp_ext.available(), reason="the C++ kernels are not built here")
@@ -44,6 +45,7 @@ def _step_samples(r) -> dict[str, list[tuple]]:
     beta = (r(H, d), r(H))
     Hkv, D, S = 1, 4, 5
     attn_out = (r(B, d), r(B, H, D), r(B, S, Hkv, D), r(B, S, Hkv, D), [r(d, H * D)])
+    (k8, k_scale), (v8, v_scale) = (quantize_rows(t, torch.int8) for t in attn_out[2:4])  # an int8 cache
     return {
         "delta_block_step": [(*common, None, None, None, *eps, *beta, None, None, None),
                              (*common, *ffn, *eps, *beta, r(H, d), r(H), r(H))],
@@ -52,7 +54,14 @@ def _step_samples(r) -> dict[str, list[tuple]]:
         "attn_step_in": [(r(B, d), r(d), 1e-6, [r((H + 2 * Hkv) * D, d)], r(D // 2), torch.tensor([3, 7]),
                           H, Hkv)],
         "attn_step_out": [(*attn_out, None, [], [], 1e-6, None),
-                          (*attn_out, r(d), [r(2 * F, d)], [r(d, F)], 1e-6, torch.tensor([0, 2]))],
+                          (*attn_out, r(d), [r(2 * F, d)], [r(d, F)], 1e-6, torch.tensor([0, 2])),
+                          (*attn_out[:2], k8, v8, *attn_out[4:], None, [], [], 1e-6, None, k_scale, v_scale)],
+        "attn_stack_step": [(r(B, d), [r(d), r((H + 2 * Hkv) * D, d), None, None, r(d, H * D), None, None,
+                                       None, None, None, None, None, None, None], [1e-6, 0.0], r(D // 2),
+                             torch.tensor([S, S]), H, Hkv,
+                             [r(B, S + 2, Hkv, D), r(B, S + 2, Hkv, D),
+                              torch.ones(B, S + 2, dtype=torch.bool),
+                              torch.arange(S + 2).expand(B, S + 2).contiguous()], [S])],
         "moe_step": [(r(B, d), r(d), 1e-6, r(3, d), r(3, d, 2 * F), r(3, F, d), None, None, 2, True),
                      (r(B, d), r(d), 1e-6, r(3, d), r(3, d, 2 * F), r(3, F, d), r(2 * F, d), r(d, F), 1,
                       False)],
