@@ -9,14 +9,16 @@ import torch
 
 from looplm.model import LoopLM, LoopOutput
 from looplm.ops import cpp_ext
+from looplm.state import ModelState
 
 
-def kernel_and_python_steps(model: LoopLM, ids: torch.Tensor,
-                            prompt: int) -> Iterator[tuple[int, LoopOutput, LoopOutput]]:
-    """Reads ``ids [B,T]``'s first ``prompt`` tokens, then steps one token at a time; yields
-    ``(t, kernel step's output, Python step's output)`` for t = prompt .. T-1 (no grad)."""
+def kernel_and_python_steps(model: LoopLM, ids: torch.Tensor, prompt: int,
+                            state: ModelState | None = None) -> Iterator[tuple[int, LoopOutput, LoopOutput]]:
+    """Reads ``ids [B,T]``'s first ``prompt`` tokens (from ``state``, e.g. one held in int8; None: a
+    new one), then steps one token at a time; yields ``(t, kernel step's output, Python step's
+    output)`` for t = prompt .. T-1 (no grad)."""
     with torch.no_grad():
-        s_fused = s_py = model(ids[:, :prompt], use_cache=True).state
+        s_fused = s_py = model(ids[:, :prompt], state=state, use_cache=True).state
         for t in range(prompt, ids.shape[1]):
             out = model(ids[:, t:t + 1], state=s_fused)
             with cpp_ext.kernels("ops"):

@@ -22,8 +22,9 @@ each format's peak and step time over float's at the same context.
 token in the state's format, apart from the attention that reads it — each cache appends one
 token's keys and values (:func:`looplm.layers.kv_cache.append_rows`: a quantised cache quantises
 only the new rows) and the state is stored and loaded again (a quantised format's
-``compress_state`` / ``decompress_state``), ``--tokens`` times in a row after the timed steps. It
-must not grow with the context (copying or re-scanning the stored context would show here).
+``compress_state`` / ``decompress_state``), ``--tokens`` times in a row after the timed steps: the
+holding work of the per-layer step (the whole-stack C++ step quantises the new rows inside its
+call). It must not grow with the context (copying or re-scanning the stored context would show).
 Each result also records what each layer decodes with (``kernels``) and the 1-minute load
 average before and after it (``load``): a loaded machine makes every timing incomparable.
 

@@ -54,7 +54,7 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
     """``state`` (a KVState) with ``k, v [B, T, Hkv, D]``, ``key_mask, pos [B, T]`` appended and
     ``seen``; ``more``: the slots of a subclass's own per-slot fields (a QuantKVState's
     ``k_scale, v_scale [B, T, Hkv, 1]``). ``state`` itself is not modified."""
-    names = [f.name for f in fields(state) if f.name != "seen"]
+    names = _slots(type(state))
     given = dict(k=k, v=v, key_mask=key_mask, pos=pos, **more)
     if set(given) != set(names):
         raise ValueError(f"append to a {type(state).__name__} needs {names}, got {sorted(given)}")
@@ -63,9 +63,7 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
     if tracked(*old, *new):  # autograd records: the copy it can differentiate
         return type(state)(seen=seen, **{n: torch.cat((a, b), 1) for n, a, b in zip(names, old, new)})
     S, T = state.k.shape[1], k.shape[1]
-    buf = getattr(state, "_buffer", None)
-    if buf is None or not buf.owns(old) or S + T > buf.capacity:
-        buf = _Buffer(old, S + T + max(_MIN_RESERVE, (S + T) // 4))
+    buf = reserve(state, T)
     for dst, src in zip(buf.parts, new):
         dst[:, S:S + T] = src
     buf.length = S + T
@@ -74,10 +72,16 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
     return out
 
 
+def _slots(cls: type[KVState]) -> list[str]:
+    """The per-slot fields of a cache type, in order (every field but ``seen``)."""
+    return [f.name for f in fields(cls) if f.name != "seen"]
+
+
 def reserve(state: KVState, T: int) -> _Buffer:
-    """The buffer behind a float ``state`` (its first S slots are ``state``) with room for ``T`` more
-    slots: ``state``'s own, or a new one holding a copy of it (for a caller that writes the slots)."""
-    old = [state.k, state.v, state.key_mask, state.pos]
+    """The buffer behind ``state`` (float or quantised: its parts are the per-slot fields in their
+    order, k, v, key_mask, pos and a QuantKVState's k_scale, v_scale; their first S slots are
+    ``state``) with room for ``T`` more slots: ``state``'s own, or a new one holding a copy of it."""
+    old = [getattr(state, n) for n in _slots(type(state))]
     S = state.k.shape[1]
     buf = getattr(state, "_buffer", None)
     if buf is None or not buf.owns(old) or S + T > buf.capacity:
@@ -85,10 +89,11 @@ def reserve(state: KVState, T: int) -> _Buffer:
     return buf
 
 
-def grown(buf: _Buffer, length: int, seen: torch.Tensor) -> KVState:
-    """The float state of ``buf``'s first ``length`` slots (written by the caller), now its newest."""
+def grown(buf: _Buffer, length: int, seen: torch.Tensor, cls: type[KVState] = KVState) -> KVState:
+    """The state (a ``cls``: KVState or QuantKVState) of ``buf``'s first ``length`` slots (written by
+    the caller), now its newest."""
     buf.length = length
-    out = KVState(*(b[:, :length] for b in buf.parts), seen)
+    out = cls(seen=seen, **{n: b[:, :length] for n, b in zip(_slots(cls), buf.parts)})
     out._buffer = buf
     return out
 

@@ -26,7 +26,8 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
   MoE's aux (load, balance and z losses) as the Python layer does.
 - :func:`stack_step`: every layer of an attention model (dense FFN or none) in one call,
   ``attn_stack_step`` in ``csrc/attn_step.cpp``, each cache appended in place in its buffer (at 30
-  layers the Python around two calls per layer cost as much as their arithmetic).
+  layers the Python around two calls per layer cost as much as their arithmetic); float32 caches
+  or int8 ones (the kernel quantises the new rows).
 
 The decision (:func:`decide`): whether a layer is built of the parts the kernels compute (module
 types, float32 plain projections, contiguous weights) is decided once, when the layer is put in
@@ -335,8 +336,10 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     cache appended in place in its buffer, :func:`looplm.layers.kv_cache.reserve`): ``x [B, 1, d]``,
     ``states`` the layers' KVStates, ``positions [B, 1]`` the token's position -> ``(h [B, 1, d],
     new states)``, or None where :func:`layer_step` per layer must run (its conditions, plus: every
-    layer attention with a dense SwiGLU FFN or none, the same heads and RoPE, no autograd at all,
-    every cached key unmasked and not after the token)."""
+    layer attention with a dense SwiGLU FFN or none, the same heads and RoPE, every cache float32
+    or every one int8 (QuantKVState: the kernel quantises the new rows as
+    :func:`looplm.ops.kv_quant.quantize_rows` does), no autograd at all, every cached key unmasked
+    and not after the token)."""
     if (not cpp_ext.layer_steps() or not layers or torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1
             or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or positions.dtype != torch.long or not cpp_ext.available()):
@@ -347,13 +350,17 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     rope = (first.n_heads, first.n_kv_heads, first.head_dim, first.rope_base, first.rope_scaling)
     weights: list[torch.Tensor | None] = []
     eps: list[float] = []
+    kind_of_cache = type(states[0]) if states else KVState
+    if kind_of_cache not in (KVState, QuantKVState):
+        return None
+    codes = torch.int8 if kind_of_cache is QuantKVState else torch.float32
     for blk, state in zip(layers, states, strict=True):
         mixer = blk.mixer
-        if (type(mixer) is not Attention or type(state) is not KVState or (blk.training and blk.drop.p)
+        if (type(mixer) is not Attention or type(state) is not kind_of_cache or (blk.training and blk.drop.p)
                 or not (blk.ffn is None or type(blk.ffn) is SwiGLU)
                 or (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.rope_base,
                     mixer.rope_scaling) != rope
-                or state.k.shape[0] != B or state.k.dtype != torch.float32 or state.v.dtype != torch.float32):
+                or state.k.shape[0] != B or state.k.dtype != codes or state.v.dtype != codes):
             return None
         kind, plan = _decision(blk)
         if kind != "attention":
@@ -380,7 +387,7 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     for buf, state, S, until in zip(buffers, states, lengths, untils):
         if id(state.seen) not in seen:
             seen[id(state.seen)] = state.seen + 1
-        out = kv_cache.grown(buf, S + 1, seen[id(state.seen)])
+        out = kv_cache.grown(buf, S + 1, seen[id(state.seen)], kind_of_cache)
         out._visible_until = max(hi, until)
         new.append(out)
     return h[:, None], new

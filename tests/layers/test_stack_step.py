@@ -9,9 +9,12 @@ from hypothesis import strategies as st
 
 import looplm.model as model_module
 from looplm.layers.layer_step import stack_step
+from looplm.layers.mixer_states import QuantKVState
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
 from looplm.quant.ptq import quantize_model
+from looplm.quant.state import compress_state, decompress_state
+from tests.decoding import kernel_and_python_steps
 from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
@@ -49,12 +52,8 @@ def test_stack_step_equals_the_python_blocks(fmt, layout, kv_heads, batch, promp
     prelude, core, recursions, coda = layout
     m = _model(fmt, n_prelude=prelude, n_core=core, n_recursions=recursions, n_coda=coda, n_kv_heads=kv_heads)
     ids = torch.randint(0, 96, (batch, prompt + 4))
-    with torch.no_grad(), torch_threads(threads):
-        fused = ref = m(ids[:, :prompt], use_cache=True).state
-        for t in range(prompt, prompt + 4):
-            out = m(ids[:, t:t + 1], state=fused)
-            with cpp_ext.kernels("ops"):
-                want = m(ids[:, t:t + 1], state=ref)
+    with torch_threads(threads):
+        for _, out, want in kernel_and_python_steps(m, ids, prompt):
             fused, ref = out.state, want.state
             torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
             assert out.stats["flops"] == pytest.approx(want.stats["flops"])
@@ -106,3 +105,27 @@ def test_masked_caches_and_non_attention_stacks_fall_back(monkeypatch):
     with torch.no_grad():
         delta(ids[:, :1], state=delta(ids, use_cache=True).state)
     assert calls == [False]
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv_heads,batch,prompt", [(1, 1, 3), (2, 2, 300)])  # 300: over 256-key blocks
+def test_int8_caches_take_the_stack_step_and_equal_python_int8_steps(monkeypatch, kv_heads, batch, prompt):
+    """Caches held as int8 (QuantKVState) stay in the one-call step: it quantises each new key and
+    value row as ``kv_quant.quantize_rows`` does (a code may differ by one where the projections'
+    sums round differently) and reads the codes; the logits equal the Python int8 steps'."""
+    calls = _spy(monkeypatch)
+    torch.manual_seed(prompt)
+    m = _model(None, n_kv_heads=kv_heads, max_seq_len=512)
+    ids = torch.randint(0, 96, (batch, prompt + 4))
+    start = decompress_state(compress_state(m.init_state(batch)))
+    for _, out, want in kernel_and_python_steps(m, ids, prompt, start):
+        torch.testing.assert_close(out.logits, want.logits, rtol=1e-4, atol=1e-4)
+        for key, s in out.state.layers.items():
+            r = want.state.layers[key]
+            assert type(s) is type(r) is QuantKVState and s.k.dtype == torch.int8
+            assert (s.k.int() - r.k.int()).abs().max() <= 1 and (s.v.int() - r.v.int()).abs().max() <= 1
+            torch.testing.assert_close(s.k_scale, r.k_scale, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(s.v_scale, r.v_scale, rtol=1e-5, atol=1e-7)
+            assert torch.equal(s.key_mask, r.key_mask) and torch.equal(s.pos, r.pos)
+            assert torch.equal(s.seen, r.seen)
+    assert calls.count(True) == 4  # each of the 4 steps ran the kernel (the Python int8 steps: not)

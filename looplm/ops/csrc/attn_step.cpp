@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -201,6 +202,17 @@ void check_cache(const Tensor& t, int64_t D) {
               "attn_step: k, v must be float32 CPU tensors [B, S, Hkv, D] with contiguous heads");
 }
 
+// x [D] -> int8 codes [D] and their scale, as looplm/ops/kv_quant.py's quantize_rows: s =
+// max(max |x| / 127, FLT_MIN), code = x / s rounded half to even (the default rounding mode).
+void quantize_row(const float* x, int64_t D, int8_t* code, float* scale) {
+  float top = 0.0f;
+  for (int64_t j = 0; j < D; ++j) top = std::max(top, std::fabs(x[j]));
+  const float s = std::max(top / 127.0f, std::numeric_limits<float>::min());
+  for (int64_t j = 0; j < D; ++j)
+    code[j] = static_cast<int8_t>(std::clamp(std::nearbyint(x[j] / s), -127.0f, 127.0f));
+  *scale = s;
+}
+
 // t: a cache side [B, S, Hkv, D] with contiguous heads, float32 (scale None) or int8 codes with
 // scale float32 [B, S, Hkv, 1] (one per cached row, heads adjacent) -> its CacheRows.
 CacheRows cache_rows(const Tensor& t, const std::optional<Tensor>& scale, int64_t D, const char* name) {
@@ -288,15 +300,19 @@ constexpr int64_t kSlots = 14;  // per layer: norm, qkv (3), o (3), ffn norm, ff
 // FFN norms); caches: per layer its buffers k, v [B, C, Hkv, D], key_mask [B, C] bool, pos [B, C]
 // long, of which the first lengths[l] slots are in use: slot lengths[l] gets the new key, value,
 // True and the position, then the block attends over lengths[l] + 1 slots (the caller checks they
-// are all unmasked and not later). -> h after the L blocks.
+// are all unmasked and not later). An int8 cache (k, v int8 codes; every layer's alike) has two
+// more buffers per layer, k_scale, v_scale [B, C, Hkv, 1] float32: the new key and value are
+// quantised per head as looplm/ops/kv_quant.py's quantize_rows does. -> h after the L blocks.
 Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& w, at::ArrayRef<double> eps,
                        const Tensor& inv_freq, const Tensor& positions, int64_t n_heads, int64_t n_kv_heads,
                        at::TensorList caches, at::IntArrayRef lengths) {
   const int64_t L = static_cast<int64_t>(lengths.size());
   TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_stack_step: h [B, d], inv_freq [D/2]");
+  const bool int8 = !caches.empty() && caches[0].scalar_type() == at::kChar;
+  const int64_t per = int8 ? 6 : 4;  // cache buffers per layer
   TORCH_CHECK(static_cast<int64_t>(w.size()) == kSlots * L && static_cast<int64_t>(eps.size()) == 2 * L &&
-                  static_cast<int64_t>(caches.size()) == 4 * L,
-              "attn_stack_step: ", kSlots, " weights, 2 eps and 4 cache buffers per layer");
+                  static_cast<int64_t>(caches.size()) == per * L,
+              "attn_stack_step: ", kSlots, " weights, 2 eps and 4 cache buffers (6 for int8) per layer");
   const int64_t B = h.size(0), d = h.size(1), half = inv_freq.size(0), D = 2 * half, H = n_heads, Hkv = n_kv_heads;
   const int64_t R = H + 2 * Hkv;
   TORCH_CHECK(H % Hkv == 0, "attn_stack_step: n_heads must be a multiple of n_kv_heads");
@@ -309,9 +325,14 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
   std::vector<float> qkv(static_cast<size_t>(B * R * D)), o(static_cast<size_t>(B * H * D));
   for (int64_t l = 0; l < L; ++l) {
     const int64_t base = kSlots * l, S = lengths[l];
-    const Tensor &k = caches[4 * l], &v = caches[4 * l + 1], &km = caches[4 * l + 2], &kp = caches[4 * l + 3];
-    check_cache(k, D);
-    check_cache(v, D);
+    const Tensor &k = caches[per * l], &v = caches[per * l + 1], &km = caches[per * l + 2], &kp = caches[per * l + 3];
+    std::optional<Tensor> k_scale, v_scale;
+    if (int8) {
+      k_scale = caches[per * l + 4], v_scale = caches[per * l + 5];
+      TORCH_CHECK(k_scale->is_contiguous() && v_scale->is_contiguous(),
+                  "attn_stack_step: layer ", l, "'s scale buffers must be contiguous [B, C, Hkv, 1]");
+    }
+    const CacheRows kr = cache_rows(k, k_scale, D, "k"), vr = cache_rows(v, v_scale, D, "v");
     TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.size(0) == B &&
                     k.size(2) == Hkv && S >= 0 && S < k.size(1),
                 "attn_stack_step: layer ", l, "'s k, v buffers must be contiguous [B, C, Hkv, D] with C > length");
@@ -334,21 +355,28 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
     }
     step_in(ptr(x), B, d, ptr(*norm_w), static_cast<float>(eps[2 * l]), Wqkv, ptr(inv_freq), half, pp, H, Hkv,
             qkv.data());
-    float *kb = k.data_ptr<float>(), *vb = v.data_ptr<float>();
     int64_t* pb = kp.data_ptr<int64_t>();
     bool* mb = km.data_ptr<bool>();
     const int64_t C = k.size(1), row = C * Hkv * D;
     for (int64_t b = 0; b < B; ++b) {  // the append: slot S of every row
       const float* src = qkv.data() + b * R * D;
-      std::copy(src + H * D, src + (H + Hkv) * D, kb + b * row + S * Hkv * D);
-      std::copy(src + (H + Hkv) * D, src + R * D, vb + b * row + S * Hkv * D);
+      const int64_t at = b * row + S * Hkv * D;
+      if (int8) {
+        for (int64_t j = 0; j < Hkv; ++j) {
+          const int64_t scale_at = (b * C + S) * Hkv + j;
+          quantize_row(src + (H + j) * D, D, k.data_ptr<int8_t>() + at + j * D, k_scale->data_ptr<float>() + scale_at);
+          quantize_row(src + (H + Hkv + j) * D, D, v.data_ptr<int8_t>() + at + j * D,
+                       v_scale->data_ptr<float>() + scale_at);
+        }
+      } else {
+        std::copy(src + H * D, src + (H + Hkv) * D, k.data_ptr<float>() + at);
+        std::copy(src + (H + Hkv) * D, src + R * D, v.data_ptr<float>() + at);
+      }
       mb[b * C + S] = true;
       pb[b * C + S] = pp[b];
     }
     std::vector<float> q(static_cast<size_t>(B * H * D));
     for (int64_t b = 0; b < B; ++b) std::copy(qkv.data() + b * R * D, qkv.data() + b * R * D + H * D, q.data() + b * H * D);
-    CacheRows kr, vr;
-    kr.f = kb, vr.f = vb, kr.sb = vr.sb = row, kr.ss = vr.ss = Hkv * D;
     attend(q.data(), kr, vr, B, H, Hkv, D, S + 1, nullptr, o.data());
     step_out(ptr(x), o.data(), O, ffn_norm_w.has_value() ? &*ffn_norm_w : nullptr, eps[2 * l + 1], fin, fout, y);
     std::swap(x, y);
