@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from looplm.layers.mixer_states import QuantKVState
 from looplm.model import LoopConfig, LoopLM
-from looplm.ops import kv_quant
+from looplm.ops import cpp_ext, kv_quant
 from looplm.quant.state import (
     compress_state,
     decompress_state,
@@ -108,7 +108,10 @@ class LargestFloat(TorchDispatchMode):
         return out
 
 
-def test_an_int8_decoding_step_never_allocates_a_float_cache(monkeypatch):
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+def test_an_int8_decoding_step_never_allocates_a_float_cache(monkeypatch, kernels):
+    """With the C++ steps (which dequantise 256 rows at a time into a buffer of their own, out of
+    this spy's sight) and with PyTorch's chunked read alike."""
     monkeypatch.setattr(kv_quant, "KEY_CHUNK", 64)
     torch.manual_seed(0)
     m = LoopLM(LoopConfig(vocab_size=64, d_model=64, n_heads=2, n_core=2, max_seq_len=1024)).eval()
@@ -119,7 +122,7 @@ def test_an_int8_decoding_step_never_allocates_a_float_cache(monkeypatch):
             state = m(torch.randint(0, 64, (1, 256)), state=state).state
         cache = state.layers["core.0.0"]
         float_cache = cache.k.numel() * 4  # the float keys of one layer
-        with LargestFloat() as spy:
+        with cpp_ext.kernels(kernels), LargestFloat() as spy:
             m(torch.randint(0, 64, (1, 1)), state=state)
     assert isinstance(cache, QuantKVState) and cache.k.shape[1] == S
     assert spy.largest <= float_cache * 64 / S * 1.5  # one chunk of keys, not the cache
