@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("looplm.pull_command", "download a known pretrained model into the cache (smollm2)"),
     "export": ("looplm.export_command", "a vanilla checkpoint as a Hugging Face Llama directory"),
     "linearize": ("looplm.linearize_command", "attention layers as gated recurrences (Liger)"),
-    "recursify": ("looplm.recursify_command", "fold a checkpoint's layers into one shared recursive block"),
+    "recursify": ("looplm.recursify_command", "fold a checkpoint's layers into one shared recursive core"),
     "train-draft": ("looplm.train_draft_command", "distil draft heads for self-speculative decoding"),
 }
 

@@ -75,7 +75,7 @@ class MedusaHeads(nn.Module):
         linears = [nn.Linear(d_model, d_model, bias=False) for _ in range(heads)]
         for lin in linears:
             nn.init.zeros_(lin.weight)
-        self.blocks = nn.ModuleList(linears)
+        self.blocks = nn.ModuleList(linears)  # the paper's ResBlocks; the name keys the heads file
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([x + F.silu(blk(x)) for blk in self.blocks], dim=-2)
@@ -92,7 +92,7 @@ def new_heads(model: LoopLM, kind: str, count: int) -> ExitHead | MedusaHeads:
         if not 1 <= count < n_layers:
             raise ConfigError(f"exit:{count}: the layer must be in 1..{n_layers - 1} "
                               f"(the model has {n_layers})")
-        head: ExitHead | MedusaHeads = ExitHead(c.d_model, count, c.norm_eps)
+        head = ExitHead(c.d_model, count, c.norm_eps)
         with torch.no_grad():
             head.norm.weight.copy_(model.norm.weight.float())
         return head
@@ -141,13 +141,14 @@ def truncated_model(model: LoopLM, layers: int, final: nn.Module | None = None) 
     core, coda in order), sharing its modules (no copy), then ``final`` (default: the model's
     final norm) and the model's output head."""
     c = model.config
-    blocks = [*model.prelude, *model.core, *model.coda]
+    unique = [*model.prelude, *model.core, *model.coda]
     config = dataclasses.replace(c, n_prelude=0, n_core=layers, n_coda=0)
     with torch.device("meta"):
         draft = LoopLM(config)
     draft.embed, draft.head = model.embed, model.head
-    draft.norm = model.norm if final is None else final
-    draft.core = nn.ModuleList(blocks[:layers])
+    # an exit head stands in for the final norm (with the ``weight`` whose device LoopLM reads)
+    draft.norm = model.norm if final is None else final  # type: ignore[assignment]
+    draft.core = nn.ModuleList(unique[:layers])
     return draft.eval()
 
 

@@ -16,11 +16,12 @@ layer actually runs (gathered tokens only: routing changes it):
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
-from torch import nn
 
+from looplm.layers.layer import Layer
 from looplm.routers import LAYER_ROUTERS, ROUTERS
 
 Number = int | float | torch.Tensor
@@ -62,21 +63,21 @@ class Tally:
         self.losses[name] = self.losses.get(name, 0) + value.detach()
         self.weighted.append(weight * value)
 
-    def block(self, blk: nn.Module, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+    def layer(self, layer: Layer, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
               state: Any, shared_kv: Any) -> None:
-        """Count a block's mixer before it runs (the state is the one it reads)."""
+        """Count a layer's mixer before it runs (the state is the one it reads)."""
         B, T = h.shape[:2]
-        if mask is None and not blk.is_attention:
-            self.flops += 2.0 * B * T * blk.mixer_matmul
+        if mask is None and not layer.is_attention:
+            self.flops += 2.0 * B * T * layer.mixer_matmul
             return
         if mask is None and shared_kv is None:  # from shapes, one op at most (a decoding step's case)
-            self.flops += 2.0 * B * T * blk.mixer_matmul
-            pairs = B * T * (T + 1) // 2 + (0 if state is None else T * state.key_mask.sum())
-            self.add(float(blk.spec.pair_flops(blk.mixer)) * pairs)
+            self.flops += 2.0 * B * T * layer.mixer_matmul
+            pairs: Number = B * T * (T + 1) // 2 + (0 if state is None else T * state.key_mask.sum())
+            self.add(float(layer.spec.pair_flops(layer.mixer)) * pairs)
             return
         n = mask.sum(1) if mask is not None else torch.full((B,), T, device=h.device)
-        self.add(2.0 * n.sum() * blk.mixer_matmul)
-        if not blk.is_attention:
+        self.add(2.0 * n.sum() * layer.mixer_matmul)
+        if not layer.is_attention:
             return
         if shared_kv is not None:
             seen = shared_kv.pos[:, None, :] <= positions[:, :, None]
@@ -86,18 +87,18 @@ class Tally:
             pairs = seen.sum()
         else:
             pairs = attention_pairs(n, None if state is None else state.key_mask.sum(1))
-        self.add(float(blk.spec.pair_flops(blk.mixer)) * pairs)
+        self.add(float(layer.spec.pair_flops(layer.mixer)) * pairs)
 
-    def decoding_step(self, blk: nn.Module, rows: int, cached: int) -> None:
-        """Count an attention block with a dense FFN (or none) decoding one token in each of ``rows``
-        rows after ``cached`` keys, all visible: what :meth:`block` and :meth:`ffn` count then."""
+    def decoding_step(self, layer: Layer, rows: int, cached: int) -> None:
+        """Count an attention layer with a dense FFN (or none) decoding one token in each of ``rows``
+        rows after ``cached`` keys, all visible: what :meth:`layer` and :meth:`ffn` count then."""
         pairs = rows * (1 + cached)
-        self.flops += 2.0 * rows * (blk.mixer_matmul + blk.ffn_cost.token_params)
-        self.flops += float(blk.spec.pair_flops(blk.mixer)) * pairs
+        self.flops += 2.0 * rows * (layer.mixer_matmul + layer.ffn_cost.token_params)
+        self.flops += float(layer.spec.pair_flops(layer.mixer)) * pairs
 
-    def ffn(self, blk: nn.Module, aux: dict) -> None:
-        """Count a block's FFN after it ran and collect an MoE's losses and load."""
-        self.add(blk.ffn_cost.flops(aux["tokens"], aux))
+    def ffn(self, layer: Layer, aux: dict[str, Any]) -> None:
+        """Count a layer's FFN after it ran and collect an MoE's losses and load."""
+        self.add(layer.ffn_cost.flops(aux["tokens"], aux))
         if "load" in aux:
             c = self.config
             self.add_loss("balance_loss", aux["balance_loss"], c.balance_loss_weight)
@@ -116,20 +117,21 @@ class Tally:
         names = list(self.losses)
         values = [n_valid, *self.reach, *self.losses.values()]
         tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-        loads = torch.stack(self.loads).float().mean(0) if self.loads else None
+        load = torch.stack(self.loads).float().mean(0) if self.loads else None
+        loads: list[float] | None = None
         flops = self.flops
-        if tensors or self.flop_terms or loads is not None:  # the one sync of this forward
+        if tensors or self.flop_terms or load is not None:  # the one sync of this forward
             parts = [v.detach().double().reshape(1) for _, v in tensors]
             if self.flop_terms:
                 parts.append(torch.stack([t.double() for t in self.flop_terms]).sum().reshape(1))
-            if loads is not None:
-                parts.append(loads.double())
+            if load is not None:
+                parts.append(load.double())
             read = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
             for j, (i, _) in enumerate(tensors):
                 values[i] = read[j]
             if self.flop_terms:
                 flops += read[len(tensors)]
-            loads = read[len(tensors) + bool(self.flop_terms):] if loads is not None else None
+            loads = read[len(tensors) + bool(self.flop_terms):] if load is not None else None
         n = max(float(values[0]), 1.0)
         out: dict[str, Any] = {
             "flops": float(flops),
@@ -142,9 +144,12 @@ class Tally:
         return out
 
 
-def flops_per_token(model: nn.Module, seq_len: int | None = None, *, training: bool = True,
+def flops_per_token(config: Any, prelude: list[Layer], core: list[Layer], coda: list[Layer],
+                    routed: Collection[str], seq_len: int | None = None, *, training: bool = True,
                     reach: list[float] | None = None) -> float:
-    """FLOPs per token of ``model`` (a LoopLM) on sequences of ``seq_len`` (default max_seq_len).
+    """FLOPs per token of a LoopLM (``config`` and its layers; ``routed``: the names of its
+    Mixture-of-Depths layers, ``prelude_i`` / ``core_j`` / ``coda_i``) on sequences of ``seq_len``
+    (default max_seq_len).
 
     ``reach[r]``: fraction of tokens running recursion r; default the router's plan (all for
     ``none``, the keep fractions for expert_choice, a uniform depth for token_choice). MoE layers
@@ -154,31 +159,30 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None, *, training: b
     (their attention among those). Halting counts every recursion and its router after each but
     the last (an upper bound). Training = 3 × forward.
     """
-    c = model.config
+    c = config
     T = seq_len or c.max_seq_len
     router = ROUTERS[c.router]
     if reach is None:
         reach = router.reach(c)
 
-    def layer(blk: nn.Module, frac: float, ctx_frac: float) -> float:
-        f = 2.0 * blk.mixer_matmul + 2.0 * blk.ffn_cost.token_params
-        if blk.is_attention:
-            f += float(blk.spec.pair_flops(blk.mixer)) * (ctx_frac * T + 1) / 2
+    def layer_flops(layer: Layer, frac: float, ctx_frac: float) -> float:
+        f = 2.0 * layer.mixer_matmul + 2.0 * layer.ffn_cost.token_params
+        if layer.is_attention:
+            f += float(layer.spec.pair_flops(layer.mixer)) * (ctx_frac * T + 1) / 2
         return frac * f
 
     layer_router = LAYER_ROUTERS[c.layer_router]
-    routed = getattr(model, "mod_routers", {})  # Mixture-of-Depths: these layers see a fraction
     kept = layer_router.reach(c)[0]
     cap = {name: kept if name in routed else 1.0
            for name in [f"prelude_{i}" for i in range(c.n_prelude)] + [f"core_{j}" for j in range(c.n_core)]
            + [f"coda_{i}" for i in range(c.n_coda)]}
-    total = sum(layer(b, cap[f"prelude_{i}"], cap[f"prelude_{i}"]) for i, b in enumerate(model.prelude))
-    total += sum(layer(b, cap[f"coda_{i}"], cap[f"coda_{i}"]) for i, b in enumerate(model.coda))
+    total = sum(layer_flops(b, cap[f"prelude_{i}"], cap[f"prelude_{i}"]) for i, b in enumerate(prelude))
+    total += sum(layer_flops(b, cap[f"coda_{i}"], cap[f"coda_{i}"]) for i, b in enumerate(coda))
     scored = layer_router.flops_per_token(c)  # one routed layer's router, per token it scores
     for frac in reach:
         ctx = reach[0] if c.kv_sharing else frac
         caps = [cap[f"core_{j}"] for j in range(c.n_core)]
-        total += sum(layer(b, frac * k, ctx * k) for b, k in zip(model.core, caps))
+        total += sum(layer_flops(b, frac * k, ctx * k) for b, k in zip(core, caps))
         total += scored * frac * sum(f"core_{j}" in routed for j in range(c.n_core))
     total += scored * sum(not n.startswith("core") for n in routed)
     total += router.flops_per_token(c)

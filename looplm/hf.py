@@ -116,7 +116,7 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = LoopLMHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["Layer"]
 
     def __init__(self, config: LoopLMHFConfig) -> None:
         super().__init__(config)

@@ -21,15 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     model = load_model(ckpt).eval()
-    layers = [(f"{part} {i}", blk) for part in ("prelude", "core", "coda")
-              for i, blk in enumerate(getattr(model, part))]
+    layers = [(f"{part} {i}", layer) for part in ("prelude", "core", "coda")
+              for i, layer in enumerate(getattr(model, part))]
     info: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "params_unique": model.num_params(unique=True),
         "params_total": model.num_params(unique=False),
         "flops_per_token": model.flops_per_token(),
         "config": model.config.to_dict(),
-        "kernels": {name: f"{blk.mixer_name}: {describe(blk)}" for name, blk in layers},
+        "kernels": {name: f"{layer.mixer_name}: {describe(layer)}" for name, layer in layers},
     }
     state_file = ckpt / "train_state" / "state.json"
     if state_file.is_file():

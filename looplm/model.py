@@ -1,7 +1,7 @@
 """LoopConfig and LoopLM: the whole architecture in one file.
 
-A token's path: ``embed → prelude (unique blocks) → recursive core (a shared stack applied up to
-n_recursions times, a router choosing the tokens that continue) → coda (unique blocks) → RMSNorm
+A token's path: ``embed → prelude (unique layers) → recursive core (a shared stack applied up to
+n_recursions times, a router choosing the tokens that continue) → coda (unique layers) → RMSNorm
 → head``. A vanilla Transformer is ``n_recursions=1, router="none", mixer="attention",
 ffn="dense"``. Mixture-of-Recursions: Bae et al. 2025; see docs/architecture.md ("Model").
 """
@@ -20,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from looplm.errors import ConfigError
 from looplm.flops import Tally, flops_per_token
-from looplm.layers.block import Block
 from looplm.layers.ffns import FFNS
+from looplm.layers.layer import Layer, as_layers
 from looplm.layers.layer_step import stack_step
 from looplm.layers.linear import Linear
 from looplm.layers.lora import LoRALinear, add_lora
@@ -62,7 +62,8 @@ def _has_type(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(_has_type(v, "float") for v in value)
     if isinstance(value, bool):
         return kind == "bool"
-    base = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(kind.partition("[")[0])
+    types: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    base = types.get(kind.partition("[")[0])
     return isinstance(value, dict) if kind.startswith("dict") else base is None or isinstance(value, base)
 
 
@@ -78,11 +79,11 @@ class LoopConfig:
     attention, the others ``mixer``. ``sharing="middle_cycle"`` (MoR) needs at least one unique
     layer before and after the cycled core. ``d_ffn=None`` is ``8/3·d_model`` rounded up to 32.
     ``zero_experts = n`` adds n MoE++ zero-computation experts, kinds in turn zero, copy, constant;
-    ``shared_expert`` adds a SwiGLU of width ``d_ffn`` that every token runs. ``ffn="none"``: blocks
+    ``shared_expert`` adds a SwiGLU of width ``d_ffn`` that every token runs. ``ffn="none"``: layers
     have no FFN at all (mixer-only models, as Zoology's MQAR models). ``lora_rank = r > 0`` wraps
-    every block's linear layers in LoRA adapters (layers/lora.py); the core's layers get one
+    every layer's linear layers in LoRA adapters (layers/lora.py); the core's layers get one
     adapter per recursion (Relaxed Recursive Transformers). ``window``: the sliding window of
-    the linearised ``liger_*`` mixers (0: none). ``grad_checkpoint``: in training, each block
+    the linearised ``liger_*`` mixers (0: none). ``grad_checkpoint``: in training, each layer
     application (every layer at every recursion) keeps only its input and recomputes its
     activations in the backward (Chen et al. 2016), trading one more forward for memory; results
     and gradients are unchanged.
@@ -145,7 +146,7 @@ class LoopConfig:
     chunk_size: int | None = None  # None: each op's fastest (64 decay family, 32 delta rule)
     dropout: float = 0.0
     init_std: float = 0.02
-    lora_rank: int = 0  # LoRA adapters on every block's projections; the core's one per recursion
+    lora_rank: int = 0  # LoRA adapters on every layer's projections; the core's one per recursion
     grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -294,6 +295,10 @@ torch.export.register_dataclass(LoopOutput, serialized_type_name="looplm.LoopOut
 class LoopLM(nn.Module):
     """The LoopLM language model; see the module docstring and docs/architecture.md ("Model")."""
 
+    # set by quant.ptq.quantize_model (config.json's ``quantization`` section); a float model has
+    # none: read it with ``getattr(model, "quantization", None)``
+    quantization: dict[str, Any]
+
     def __init__(self, config: LoopConfig) -> None:
         super().__init__()
         if not isinstance(config, LoopConfig):
@@ -302,9 +307,9 @@ class LoopLM(nn.Module):
         P, C = c.n_prelude, c.n_core
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.prelude = nn.ModuleList(Block(c, c.layer_mixer(i)) for i in range(P))
-        self.core = nn.ModuleList(Block(c, c.layer_mixer(P + i)) for i in range(C))
-        self.coda = nn.ModuleList(Block(c, c.layer_mixer(P + C + i)) for i in range(c.n_coda))
+        self.prelude = nn.ModuleList(Layer(c, c.layer_mixer(i)) for i in range(P))
+        self.core = nn.ModuleList(Layer(c, c.layer_mixer(P + i)) for i in range(C))
+        self.coda = nn.ModuleList(Layer(c, c.layer_mixer(P + C + i)) for i in range(c.n_coda))
         self.router_spec = router_spec(c.router)
         self.router: nn.Module | None = self.router_spec.build(c)
         # Mixture-of-Depths: a router on every other unique layer (odd global index)
@@ -323,9 +328,9 @@ class LoopLM(nn.Module):
                 nn.init.normal_(m.weight, std=c.init_std)
         self.relaxed: list[LoRALinear] = []  # the core's adapters, switched per recursion
         if c.lora_rank:
-            for blk in (*self.prelude, *self.coda):
-                add_lora(blk, c.lora_rank)
-            self.relaxed = [m for blk in self.core for m in add_lora(blk, c.lora_rank, c.n_recursions)]
+            for layer in (*self.prelude, *self.coda):
+                add_lora(layer, c.lora_rank)
+            self.relaxed = [m for layer in self.core for m in add_lora(layer, c.lora_rank, c.n_recursions)]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -344,19 +349,21 @@ class LoopLM(nn.Module):
     def flops_per_token(self, seq_len: int | None = None, *, training: bool = True,
                         reach: list[float] | None = None) -> float:
         """FLOPs per token of the configured model; see :func:`looplm.flops.flops_per_token`."""
-        return flops_per_token(self, seq_len, training=training, reach=reach)
+        return flops_per_token(self.config, as_layers(self.prelude), as_layers(self.core),
+                               as_layers(self.coda), set(self.mod_routers), seq_len, training=training,
+                               reach=reach)
 
     def init_state(self, batch_size: int) -> ModelState:
         """An empty decoding state with every (layer, recursion) mixer state allocated, so that a
         fixed-state model's ``nbytes()`` is the same from the first token on."""
         c = self.config
         state = ModelState.empty(batch_size, self.norm.weight.device)
-        named = [(f"prelude.{i}", b) for i, b in enumerate(self.prelude)]
-        named += [(f"coda.{i}", b) for i, b in enumerate(self.coda)]
+        named = [(f"prelude.{i}", b) for i, b in enumerate(as_layers(self.prelude))]
+        named += [(f"coda.{i}", b) for i, b in enumerate(as_layers(self.coda))]
         for r in range(c.n_recursions):
-            named += [(f"core.{j}.{r}", b) for j, b in enumerate(self.core)
+            named += [(f"core.{j}.{r}", b) for j, b in enumerate(as_layers(self.core))
                       if not (c.kv_sharing and b.is_attention and r > 0)]
-        state.layers.update((key, b.mixer.init_state(batch_size)) for key, b in named)
+        state.layers.update((key, b.init_state(batch_size)) for key, b in named)
         return state
 
     def forward(
@@ -403,18 +410,18 @@ class LoopLM(nn.Module):
         if fused is not None:  # the whole stack's decoding step in one C++ call
             h, depth = fused
         else:
-            for i, blk in enumerate(self.prelude):
-                h, _, route = self._run(blk, f"prelude.{i}", h, new, positions, mask, tally, route=route)
+            for i, layer in enumerate(as_layers(self.prelude)):
+                h, _, route = self._run(layer, f"prelude.{i}", h, new, positions, mask, tally, route=route)
             h, depth, route = self._recur(h, mask, positions, new, depth, tally, route)
-            for i, blk in enumerate(self.coda):
-                h, _, route = self._run(blk, f"coda.{i}", h, new, positions, mask, tally, route=route)
+            for i, layer in enumerate(as_layers(self.coda)):
+                h, _, route = self._run(layer, f"coda.{i}", h, new, positions, mask, tally, route=route)
         h = self.norm(h)
         if logits_at is not None:
             h = h[logits_at]  # [N, d]
         if self.head is not None:
             logits = self.head(h)
-        elif hasattr(self.embed, "as_head"):  # a quantised tied table computes its own logits
-            logits = self.embed.as_head(h)
+        elif (as_head := getattr(self.embed, "as_head", None)) is not None:  # a quantised tied table
+            logits = as_head(h)
         else:
             logits = linear(h, self.embed.weight)
         tally.add(2.0 * c.d_model * c.vocab_size * (n_valid if logits_at is None else h.shape[0]))
@@ -450,64 +457,64 @@ class LoopLM(nn.Module):
         keys = [f"prelude.{i}" for i in range(len(self.prelude))]
         keys += [f"core.{j}.{r}" for r in range(c.n_recursions) for j in range(len(self.core))]
         keys += [f"coda.{i}" for i in range(len(self.coda))]
-        blocks = [*self.prelude, *(b for _ in range(c.n_recursions) for b in self.core), *self.coda]
+        layers = [*self.prelude, *(b for _ in range(c.n_recursions) for b in self.core), *self.coda]
         states = [state.layers.get(key) for key in keys]
-        fused = stack_step(blocks, h, states, positions)
+        fused = stack_step(layers, h, states, positions)
         if fused is None:
             return None
         h, states = fused
         B = h.shape[0]
         state.layers.update(zip(keys, states))
-        for blk, s in zip(blocks, states):
-            tally.decoding_step(blk, B, s.k.shape[1] - 1)
+        for layer, s in zip(layers, states):
+            tally.decoding_step(layer, B, s.k.shape[1] - 1)
         tally.reach.extend(B for _ in range(c.n_recursions))
         return h, torch.full((B, 1), c.n_recursions, dtype=torch.long, device=h.device)
 
-    def _run(self, blk: Block, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False,
+    def _run(self, layer: Layer, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False,
              route=None):
-        """Run one block (Mixture-of-Depths: on the tokens its router keeps), reading/writing its
+        """Run one layer (Mixture-of-Depths: on the tokens its router keeps), reading/writing its
         state under ``key``; returns (h, mixer state, route)."""
         name = "_".join(key.split(".")[:2])  # "core.j.r" -> "core_j": one router for every recursion
         mod = self.mod_routers[name] if name in self.mod_routers else None
         if mod is None:
-            return self._block(blk, key, h, state, positions, mask, tally, shared_kv, keep_kv, route)
+            return self._layer(layer, key, h, state, positions, mask, tally, shared_kv, keep_kv, route)
         valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         keep, gate, loss = mod(0, h, valid, valid)
         tally.add_loss("mod_loss", loss, self.config.router_loss_weight)
         tally.add(self.layer_router_spec.call_flops(self.config) * valid.sum())
-        if not bool(keep.any()):  # no token runs this block: its state stays as it was
+        if not bool(keep.any()):  # no token runs this layer: its state stays as it was
             s = None if state is None else state.layers.get(key)
             if state is not None and s is None:
-                s = state.layers[key] = blk.mixer.init_state(h.shape[0])
+                s = state.layers[key] = layer.init_state(h.shape[0])
             return h, s, route
         out: dict[str, Any] = {}
 
         def run(x, pos, m, rt):
-            x, out["s"], rt = self._block(blk, key, x, state, pos, m, tally, shared_kv, keep_kv, rt)
+            x, out["s"], rt = self._layer(layer, key, x, state, pos, m, tally, shared_kv, keep_kv, rt)
             return x, rt
 
         h, route = self._sparse(h, keep, gate, positions, route, run)
         return h, out["s"], route
 
-    def _block(self, blk: Block, key: str, h, state, positions, mask, tally, shared_kv, keep_kv, route):
+    def _layer(self, layer: Layer, key: str, h, state, positions, mask, tally, shared_kv, keep_kv, route):
         s = None
         if state is not None and shared_kv is None:
             s = state.layers.get(key)
         if s is None and (keep_kv or state is not None) and shared_kv is None:
-            s = blk.mixer.init_state(h.shape[0])
-        tally.block(blk, h, positions, mask, s, shared_kv)
+            s = layer.init_state(h.shape[0])
+        tally.layer(layer, h, positions, mask, s, shared_kv)
         if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
             chosen = [lora.index for lora in self.relaxed]  # the recompute needs this recursion's adapters
 
             def run(h, s):
                 for lora, index in zip(self.relaxed, chosen):
                     lora.index = index
-                return blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv, route=route)
+                return layer(h, s, positions=positions, mask=mask, shared_kv=shared_kv, route=route)
 
             h, s, aux = checkpoint(run, h, s, use_reentrant=False)
         else:
-            h, s, aux = blk(h, s, positions=positions, mask=mask, shared_kv=shared_kv, route=route)
-        tally.ffn(blk, aux)
+            h, s, aux = layer(h, s, positions=positions, mask=mask, shared_kv=shared_kv, route=route)
+        tally.ffn(layer, aux)
         if state is not None and shared_kv is None:
             state.layers[key] = s
         return h, s, aux.get("route", route)
@@ -579,9 +586,9 @@ class LoopLM(nn.Module):
         def run(x, pos, m, rt):
             for lora in self.relaxed:
                 lora.index = r
-            for j, blk in enumerate(self.core):
-                keep_kv = self.config.kv_sharing and blk.is_attention and r == 0
-                x, s, rt = self._run(blk, f"core.{j}.{r}", x, state, pos, m, tally,
+            for j, layer in enumerate(self.core):
+                keep_kv = self.config.kv_sharing and layer.is_attention and r == 0
+                x, s, rt = self._run(layer, f"core.{j}.{r}", x, state, pos, m, tally,
                                      shared.get(j) if r else None, keep_kv, rt)
                 if keep_kv:
                     shared[j] = s

@@ -1,5 +1,5 @@
 """``looplm recursify CKPT --recursions R --init average|select [--lora RANK] --out DIR``: one shared
-block applied R times, initialised from the checkpoint's layers (Relaxed Recursive Transformers)."""
+core applied R times, initialised from the checkpoint's layers (Relaxed Recursive Transformers)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check looplm tests
-# type check: strict on looplm/ops ([tool.mypy] in pyproject.toml); the rest of the package is not clean yet
-mypy looplm/ops
+# type check: the whole package, strict on looplm/ops and looplm/layers ([tool.mypy] in pyproject.toml)
+mypy looplm
 python -m pytest -n 2 tests "$@"

@@ -1,4 +1,4 @@
-"""``torch_threads(n)``: torch's intra-op thread count set to ``n`` for a block, restored after."""
+"""``torch_threads(n)``: torch's intra-op thread count set to ``n`` inside a ``with``, restored after."""
 
 from __future__ import annotations
 

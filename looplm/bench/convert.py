@@ -133,10 +133,10 @@ def truncate(model: LoopLM, n_layers: int) -> LoopLM:
     """The first ``n_layers`` layers of an attention model (with its embedding, norm and head)."""
     c = model.config
     new = LoopLM(dataclasses.replace(c, n_prelude=0, n_core=n_layers, n_coda=0))
-    blocks = [*model.prelude, *model.core, *model.coda]
+    layers = [*model.prelude, *model.core, *model.coda]
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(("prelude.", "core.", "coda."))}
     for i in range(n_layers):
-        state.update({f"core.{i}.{k}": v for k, v in blocks[i].state_dict().items()})
+        state.update({f"core.{i}.{k}": v for k, v in layers[i].state_dict().items()})
     new.load_state_dict(state)
     return new
 

@@ -26,8 +26,8 @@ from looplm.bench.common import machine_info, markdown_table, time_interleaved, 
 from looplm.checkpoint import load_model
 from looplm.errors import ConfigError
 from looplm.generate import generate_ids
-from looplm.layers.block import Block
 from looplm.layers.ffn import SwiGLU
+from looplm.layers.layer import Layer
 from looplm.layers.mixers import Attention
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import quantize_model
@@ -97,22 +97,22 @@ def llama_twin(model: LoopLM) -> torch.nn.Module:
                       max_position_embeddings=c.max_seq_len, rope_theta=c.rope_base, tie_word_embeddings=True,
                       rms_norm_eps=torch.finfo(torch.float32).eps, bos_token_id=None, eos_token_id=None,
                       pad_token_id=0)
-    hf = LlamaForCausalLM(cfg).eval()
+    hf: Any = LlamaForCausalLM(cfg).eval()  # transformers' types are not followed
     H, Hkv, D, F = c.n_heads, c.kv_heads, c.d_model // c.n_heads, c.ffn_dim
     sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    for i, blk in enumerate(model.core):
-        if not (isinstance(blk, Block) and isinstance(blk.mixer, Attention) and isinstance(blk.ffn, SwiGLU)
-                and blk.ffn_norm is not None):
+    for i, layer in enumerate(model.core):
+        if not (isinstance(layer, Layer) and isinstance(layer.mixer, Attention)
+                and isinstance(layer.ffn, SwiGLU) and layer.ffn_norm is not None):
             raise ConfigError("the transformers twin needs attention layers with a dense FFN")
         p = f"model.layers.{i}."
-        q, k, v = blk.mixer.qkv.weight.split([H * D, Hkv * D, Hkv * D])
-        gate, up = blk.ffn.w_in.weight.split([F, F])
-        sd.update({p + "input_layernorm.weight": blk.mixer_norm.weight, p + "self_attn.q_proj.weight": q,
+        q, k, v = layer.mixer.qkv.weight.split([H * D, Hkv * D, Hkv * D])
+        gate, up = layer.ffn.w_in.weight.split([F, F])
+        sd.update({p + "input_layernorm.weight": layer.mixer_norm.weight, p + "self_attn.q_proj.weight": q,
                    p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-                   p + "self_attn.o_proj.weight": blk.mixer.o_proj.weight,
-                   p + "post_attention_layernorm.weight": blk.ffn_norm.weight,
+                   p + "self_attn.o_proj.weight": layer.mixer.o_proj.weight,
+                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
                    p + "mlp.gate_proj.weight": gate,
-                   p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": blk.ffn.w_out.weight})
+                   p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": layer.ffn.w_out.weight})
     hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
     hf.tie_weights()
     return hf

@@ -1,2 +1,2 @@
 """Make a pretrained checkpoint cheaper: linearise its attention (Liger) or fold its layers into a
-shared recursive block (Relaxed Recursive Transformers); ``looplm train --init`` then fine-tunes."""
+shared recursive core (Relaxed Recursive Transformers); ``looplm train --init`` then fine-tunes."""

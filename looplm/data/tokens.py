@@ -40,7 +40,7 @@ class TokenWriter:
     """Append token arrays to ``path`` with bounded memory; ``close()`` commits.
 
     ``with TokenWriter(path, vocab_size, tokenizer_id) as w: w.write(ids, text_bytes)``;
-    an exception inside the block removes the partial file instead.
+    an exception inside the ``with`` statement removes the partial file instead.
     """
 
     def __init__(self, path: str | Path, vocab_size: int, tokenizer_id: str, buffer_tokens: int = 1 << 20):

@@ -68,7 +68,7 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
         dst[:, S:S + T] = src
     buf.length = S + T
     out = type(state)(seen=seen, **{n: b[:, :S + T] for n, b in zip(names, buf.parts)})
-    out._buffer = buf
+    vars(out)["_buffer"] = buf  # kept beside the dataclass fields
     return out
 
 
@@ -94,7 +94,7 @@ def grown(buf: _Buffer, length: int, seen: torch.Tensor, cls: type[KVState] = KV
     the caller), now its newest."""
     buf.length = length
     out = cls(seen=seen, **{n: b[:, :length] for n, b in zip(_slots(cls), buf.parts)})
-    out._buffer = buf
+    vars(out)["_buffer"] = buf  # kept beside the dataclass fields
     return out
 
 
@@ -109,11 +109,12 @@ def truncate(state: KVState, length: int) -> KVState:
     if not 0 <= length <= S:
         raise ValueError(f"cannot truncate a cache of {S} slots to {length}")
     parts = [state.k, state.v, state.key_mask, state.pos]
-    out = KVState(*(p[:, :length] for p in parts), state.seen - (S - length))
+    out = KVState(state.k[:, :length], state.v[:, :length], state.key_mask[:, :length], state.pos[:, :length],
+                  state.seen - (S - length))
     buf = getattr(state, "_buffer", None)
     if buf is not None and buf.owns(parts):
         buf.length = length
-        out._buffer = buf
+        vars(out)["_buffer"] = buf  # kept beside the dataclass fields
     return out
 
 

@@ -5,12 +5,12 @@ Why: a decoding step of a layer is ~35-40 small PyTorch ops (norms, projections,
 gates and state update or the cache, head norm, residuals, SwiGLU) on one row; in eager mode their
 dispatch overhead cost more than the arithmetic (bench model's 6-layer, width-384 gated DeltaNet
 model: ~3.6 ms per token in a tight loop, of which ~1.3 ms in the projections). The kernels
-compute the same :class:`looplm.layers.block.Block` for the B rows of one token (each weight row
+compute the same :class:`looplm.layers.layer.Layer` for the B rows of one token (each weight row
 read once for all rows, rows of every projection split over threads; from 4 rows on, float32
 projections are BLAS matrix products, which a batch of rows needs to stay ahead of PyTorch's):
 
-- ``csrc/block_step.cpp``: a DeltaNet or gated DeltaNet mixer (``delta_block_step``) or a
-  linear-attention, retention, simple-GLA or GLA mixer (``decay_block_step``);
+- ``csrc/layer_step.cpp``: a DeltaNet or gated DeltaNet mixer (``delta_layer_step``) or a
+  linear-attention, retention, simple-GLA or GLA mixer (``decay_layer_step``);
 - ``csrc/attn_step.cpp``: softmax attention with RoPE and grouped heads, around the cache append
   of :mod:`looplm.layers.kv_cache` (``attn_step_in``: norm, projections, RoPE; ``attn_step_out``:
   attention over each row's cache read front to back, output projection); only when each row's
@@ -19,7 +19,7 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
   projections and dense FFN may be int8 / int4 (a quantised module's ``kernel_parts()``, multiplied
   by :mod:`looplm.ops.qlinear`'s kernel, ``csrc/qmatvec.h``), so quantised models decode in it too;
   an int8 cache (a :class:`~looplm.layers.mixer_states.QuantKVState` of int8 codes) is read as
-  codes and per-row scales, dequantised a block of rows at a time (an FP8 one runs the Python layer);
+  codes and per-row scales, dequantised a layer of rows at a time (an FP8 one runs the Python layer);
 - with a dense :class:`~looplm.layers.ffn.SwiGLU` FFN or none inside those calls, or a
   :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts, optional shared expert, no
   zero-computation experts, no recurrent router) in ``csrc/moe_step.cpp``, which also returns the
@@ -31,7 +31,7 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
 
 The decision (:func:`decide`): whether a layer is built of the parts the kernels compute (module
 types, float32 plain projections, contiguous weights) is decided once, when the layer is put in
-eval or train mode or its tensors move or change dtype (``Block.train`` / ``Block._apply``), and
+eval or train mode or its tensors move or change dtype (``Layer.train`` / ``Layer._apply``), and
 again only after a module, parameter or buffer is registered anywhere (a global registration
 counter: quantisation swapping modules, a weight replaced). :func:`describe` says what was
 decided (``looplm info``). Per step :func:`layer_step` checks only what a step brings: not a
@@ -46,7 +46,7 @@ Sums run in another order than PyTorch's: differences ~1e-6 relative.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn.modules.module import (
@@ -58,15 +58,13 @@ from torch.nn.modules.module import (
 from looplm.layers import kv_cache
 from looplm.layers.ffn import SwiGLU
 from looplm.layers.linear import Linear
-from looplm.layers.mixer_states import QuantKVState
+from looplm.layers.mixer_states import KVState, QuantKVState, RecurrentState
 from looplm.layers.mixers import (
     GLA,
     Attention,
     DeltaNet,
     GatedDeltaNet,
-    KVState,
     LinearAttention,
-    RecurrentState,
     Retention,
     SimpleGLA,
     _FixedStateMixer,
@@ -93,38 +91,38 @@ register_module_parameter_registration_hook(_registered)
 register_module_buffer_registration_hook(_registered)
 
 
-def decide(blk: Any) -> tuple[str, Any]:
-    """Decide (again) which step ``blk`` (a Block) runs: ``("attention", plan)`` (the attention
-    kernels' weight arguments), ``(op, None)`` for a fixed-state kernel (``delta_block_step`` /
-    ``decay_block_step``), or ``("python", None)``. Kept on the layer (not a submodule or buffer:
+def decide(layer: Any) -> tuple[str, Any]:
+    """Decide (again) which step ``layer`` (a Layer) runs: ``("attention", plan)`` (the attention
+    kernels' weight arguments), ``(op, None)`` for a fixed-state kernel (``delta_layer_step`` /
+    ``decay_layer_step``), or ``("python", None)``. Kept on the layer (not a submodule or buffer:
     out of ``state_dict``) with the registration count it was made at."""
-    if type(blk.mixer) is Attention:
-        plan = _attention_plan(blk)
+    if type(layer.mixer) is Attention:
+        plan = _attention_plan(layer)
         choice: tuple[str, Any] = ("python", None) if plan is None else ("attention", plan)
     else:
-        args = _mixer_args(blk.mixer) if eligible(blk) else None
+        args = _mixer_args(layer.mixer) if eligible(layer) else None
         choice = ("python", None) if args is None else (args[0], None)
-    blk.__dict__["_layer_kernel"] = (_registrations[0], choice)
+    layer.__dict__["_layer_kernel"] = (_registrations[0], choice)
     return choice
 
 
-def _decision(blk: Any) -> tuple[str, Any]:
-    """The decision made for ``blk``, made again if a module, parameter or buffer was registered since."""
-    cached = blk.__dict__.get("_layer_kernel")
+def _decision(layer: Any) -> tuple[str, Any]:
+    """The decision made for ``layer``, made again if a module, parameter or buffer was registered since."""
+    cached = layer.__dict__.get("_layer_kernel")
     if cached is None or cached[0] != _registrations[0]:
-        return decide(blk)
+        return decide(layer)
     return cached[1]
 
 
-def describe(blk: Any) -> str:
-    """What ``blk`` runs when decoding, in words (``looplm info``)."""
-    kind, _ = _decision(blk)
+def describe(layer: Any) -> str:
+    """What ``layer`` runs when decoding, in words (``looplm info``)."""
+    kind, _ = _decision(layer)
     if not cpp_ext.available():
         return "PyTorch forms (C++ kernels off or not built)"
     if kind == "python" or not cpp_ext.layer_steps():
         return "Python layer (C++ ops where they apply)"
     ops = ["attn_step_in", "attn_step_out"] if kind == "attention" else [kind]
-    if isinstance(blk.ffn, MoE):
+    if isinstance(layer.ffn, MoE):
         ops.append("moe_step")
     return "C++ layer step: " + " + ".join(ops)
 
@@ -147,26 +145,26 @@ def _step_weights(m: Any) -> list[torch.Tensor] | None:
 
 
 
-def _attention_plan(blk: Any) -> tuple[Any, ...] | None:
-    """The attention kernels' weight arguments of ``blk`` (qkv parts, output parts, FFN norm and
+def _attention_plan(layer: Any) -> tuple[Any, ...] | None:
+    """The attention kernels' weight arguments of ``layer`` (qkv parts, output parts, FFN norm and
     parts, FFN norm eps), or None where they do not apply."""
-    mixer, ffn = blk.mixer, blk.ffn
+    mixer, ffn = layer.mixer, layer.ffn
     dense = type(ffn) is SwiGLU
     mods = [mixer.qkv, mixer.o_proj, *((ffn.w_in, ffn.w_out) if dense else ())]
-    norms = [blk.mixer_norm.weight, *((blk.ffn_norm.weight,) if dense else ())]
+    norms = [layer.mixer_norm.weight, *((layer.ffn_norm.weight,) if dense else ())]
     weights = [_step_weights(m) for m in mods]
-    if (all(w is not None for w in weights) and type(blk.mixer_norm) is RMSNorm
+    if (all(w is not None for w in weights) and type(layer.mixer_norm) is RMSNorm
             and all(n.dtype == torch.float32 and n.is_contiguous() for n in norms)
-            and (ffn is None or dense or (type(blk.ffn_norm) is RMSNorm and _plain_moe(ffn)
+            and (ffn is None or dense or (type(layer.ffn_norm) is RMSNorm and _plain_moe(ffn)
                                           and all(p.is_contiguous() for p in ffn.parameters())))):
         ffn_args = [norms[1], weights[2], weights[3]] if dense else [None, [], []]
-        return (weights[0], weights[1], ffn_args, _eps(blk.ffn_norm) if dense else 0.0)
+        return (weights[0], weights[1], ffn_args, _eps(layer.ffn_norm) if dense else 0.0)
     return None
 
 
 def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
     """The op and the mixer-specific arguments of ``mixer``'s step, or None if the kernel does not
-    compute this mixer (see ``csrc/block_step.cpp`` for their meaning)."""
+    compute this mixer (see ``csrc/layer_step.cpp`` for their meaning)."""
     kind = type(mixer)
     if kind in (DeltaNet, GatedDeltaNet):
         if not _plain_linear(mixer.beta_proj, True):
@@ -174,36 +172,36 @@ def _mixer_args(mixer: Any) -> tuple[str, list[Any]] | None:
         gated = kind is GatedDeltaNet
         if gated and not _plain_linear(mixer.a_proj, False):
             return None
-        return "delta_block_step", [mixer.beta_proj.weight, mixer.beta_proj.bias,
+        return "delta_layer_step", [mixer.beta_proj.weight, mixer.beta_proj.bias,
                                     mixer.a_proj.weight if gated else None, mixer.A_log if gated else None,
                                     mixer.dt_bias if gated else None]
     none = [None, None, None, None, None, 1.0]  # log_gamma, gk_w, gk_b, gk2_w, gk2_b, tau
     if kind is LinearAttention:
-        return "decay_block_step", [1 if mixer.feature_map == "elu1" else 0, *none]
+        return "decay_layer_step", [1 if mixer.feature_map == "elu1" else 0, *none]
     if kind is Retention:
-        return "decay_block_step", [0, mixer.log_gamma.float().contiguous(), *none[1:]]
+        return "decay_layer_step", [0, mixer.log_gamma.float().contiguous(), *none[1:]]
     if kind is SimpleGLA and _plain_linear(mixer.gk, True):
         gk = mixer.gk
-        return "decay_block_step", [0, None, gk.weight, gk.bias, None, None, float(mixer.gate_tau)]
+        return "decay_layer_step", [0, None, gk.weight, gk.bias, None, None, float(mixer.gate_tau)]
     if (kind is GLA and len(mixer.gk) == 2 and _plain_linear(mixer.gk[0], False)
             and _plain_linear(mixer.gk[1], True)):
         low, full = mixer.gk
-        return "decay_block_step", [0, None, low.weight, None, full.weight, full.bias, float(mixer.gate_tau)]
+        return "decay_layer_step", [0, None, low.weight, None, full.weight, full.bias, float(mixer.gate_tau)]
     return None
 
 
-def eligible(blk: Any) -> bool:
-    """Whether ``blk`` (a Block) is built of the parts the kernels compute (checked by :func:`decide`)."""
-    mixer, ffn = blk.mixer, blk.ffn
+def eligible(layer: Any) -> bool:
+    """Whether ``layer`` (a Layer) is built of the parts the kernels compute (checked by :func:`decide`)."""
+    mixer, ffn = layer.mixer, layer.ffn
     if type(mixer) is Attention:  # its FFN, dense inside attn_step_out, may be quantised too
-        return _attention_plan(blk) is not None
-    if not all(p.is_contiguous() for p in blk.parameters()) or type(blk.mixer_norm) is not RMSNorm:
+        return _attention_plan(layer) is not None
+    if not all(p.is_contiguous() for p in layer.parameters()) or type(layer.mixer_norm) is not RMSNorm:
         return False
     if not (isinstance(mixer, _FixedStateMixer)
               and all(_plain_linear(m, False) for m in (mixer.qkv, mixer.g_proj, mixer.o_proj))
               and type(mixer.norm) is HeadRMSNorm and _mixer_args(mixer) is not None):
         return False
-    if ffn is not None and not (type(blk.ffn_norm) is RMSNorm and (_plain_swiglu(ffn) or _plain_moe(ffn))):
+    if ffn is not None and not (type(layer.ffn_norm) is RMSNorm and (_plain_swiglu(ffn) or _plain_moe(ffn))):
         return False
     return True
 
@@ -222,26 +220,26 @@ def _plain_moe(ffn: Any) -> bool:
             and (ffn.shared is None or _plain_swiglu(ffn.shared)))
 
 
-def layer_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None, shared_kv: Any,
-               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, dict] | None:
-    """``x [B, 1, d]`` after one decoding step of ``blk`` from ``state`` (``positions [B, 1]``: the
+def layer_step(layer: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None, shared_kv: Any,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, dict[str, Any]] | None:
+    """``x [B, 1, d]`` after one decoding step of ``layer`` from ``state`` (``positions [B, 1]``: the
     token's position, for attention; default ``state.seen``) -> ``(h [B, 1, d], new state, the
     FFN's aux)``, or None where the Python layer must run (see the module docstring)."""
     if (mask is not None or shared_kv is not None or x.dim() != 3 or x.shape[1] != 1
-            or x.device.type != "cpu" or x.dtype != torch.float32 or (blk.training and blk.drop.p)
+            or x.device.type != "cpu" or x.dtype != torch.float32 or (layer.training and layer.drop.p)
             or torch.is_autocast_enabled("cpu")):
         return None
-    kind, plan = _decision(blk)
+    kind, plan = _decision(layer)
     if kind == "python":
         return None
     attention = kind == "attention"
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in blk.parameters())):
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return None
     if isinstance(state, RecurrentState) and not attention:
         if (state.ssm.shape[0] != x.shape[0] or state.ssm.dtype != torch.float32
                 or state.conv.dtype != torch.float32 or not cpp_ext.layer_steps()):
             return None
-        h, state = _fixed_state_step(blk, x[:, 0].contiguous(), state)
+        h, state = _fixed_state_step(layer, x[:, 0].contiguous(), state)
     elif isinstance(state, KVState) and attention:
         pos = (state.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
         codes = torch.int8 if isinstance(state, QuantKVState) else torch.float32  # FP8 codes: Python
@@ -252,33 +250,36 @@ def layer_step(blk: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | None,
         starts = _front_padding(state.key_mask)
         if starts is False:
             return None  # masked slots between seen ones: the Python layer's masks
-        h, state = _attention_step(blk, x[:, 0].contiguous(), state, pos, plan, starts)
+        h, state = _attention_step(layer, x[:, 0].contiguous(), state, pos, plan, starts)
     else:
         return None
-    return _ffn_step(blk, h, state)
+    return _ffn_step(layer, h, state)
 
 
-def _dense_ffn(blk: Any) -> tuple[list[Any], float]:
-    """The dense FFN's weights and norm eps as the block kernels take them (``None``s and 0 when
+def _dense_ffn(layer: Any) -> tuple[list[Any], float]:
+    """The dense FFN's weights and norm eps as the layer kernels take them (``None``s and 0 when
     there is none or an MoE, which runs in its own call)."""
-    if not isinstance(blk.ffn, SwiGLU):
+    if not isinstance(layer.ffn, SwiGLU):
         return [None, None, None], 0.0
-    return [blk.ffn_norm.weight, blk.ffn.w_in.weight, blk.ffn.w_out.weight], _eps(blk.ffn_norm)
+    return [layer.ffn_norm.weight, layer.ffn.w_in.weight, layer.ffn.w_out.weight], _eps(layer.ffn_norm)
 
 
-def _fixed_state_step(blk: Any, x: torch.Tensor,
+def _fixed_state_step(layer: Any, x: torch.Tensor,
                       state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-    mixer = blk.mixer
-    op, specific = _mixer_args(mixer)
-    ffn, ffn_eps = _dense_ffn(blk)
+    mixer = layer.mixer
+    args = _mixer_args(mixer)
+    if args is None:
+        raise RuntimeError(f"no layer kernel computes a {type(mixer).__name__} (decide() chose one)")
+    op, specific = args
+    ffn, ffn_eps = _dense_ffn(layer)
     h, conv, ssm = getattr(torch.ops.looplm, op)(
-        x, state.conv.contiguous(), state.ssm.contiguous(), blk.mixer_norm.weight, mixer.qkv.weight,
+        x, state.conv.contiguous(), state.ssm.contiguous(), layer.mixer_norm.weight, mixer.qkv.weight,
         mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight, mixer.o_proj.weight, *ffn,
-        _eps(blk.mixer_norm), _eps(mixer.norm), ffn_eps, *specific)
+        _eps(layer.mixer_norm), _eps(mixer.norm), ffn_eps, *specific)
     return h, RecurrentState(conv, ssm)
 
 
-def _front_padding(key_mask: torch.Tensor) -> torch.Tensor | None | bool:
+def _front_padding(key_mask: torch.Tensor) -> torch.Tensor | None | Literal[False]:
     """Each row's first seen slot ``[B]`` when ``key_mask [B, S]`` is False only in a run at the
     front of each row; None when every slot is seen; False otherwise."""
     if bool(key_mask.all()):
@@ -288,20 +289,20 @@ def _front_padding(key_mask: torch.Tensor) -> torch.Tensor | None | bool:
     return starts if bool((seen == key_mask).all()) else False
 
 
-def _attention_step(blk: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor,
+def _attention_step(layer: Any, x: torch.Tensor, state: KVState, pos: torch.Tensor,
                     plan: tuple[Any, ...], starts: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, KVState]:
     """Attention layer step: projections and RoPE in C++, the cache append in Python
     (:mod:`looplm.layers.kv_cache`; an int8 cache quantises the new rows), attention over the
     cache (read as int8 codes and scales where it is held so) and the rest in C++."""
-    mixer = blk.mixer
+    mixer = layer.mixer
     H, Hkv, D = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
     inv_freq = getattr(mixer, "_inv_freq", None)
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
         inv_freq = mixer._inv_freq = rope_inv_freq(D, mixer.rope_base, x.device, mixer.rope_scaling)
     qkv_w, o_w, ffn, ffn_eps = plan
-    qkv = torch.ops.looplm.attn_step_in(x, blk.mixer_norm.weight, _eps(blk.mixer_norm), qkv_w, inv_freq, pos,
-                                        H, Hkv)
+    qkv = torch.ops.looplm.attn_step_in(x, layer.mixer_norm.weight, _eps(layer.mixer_norm), qkv_w, inv_freq,
+                                        pos, H, Hkv)
     B = x.shape[0]
     k, v = qkv[:, None, H:H + Hkv], qkv[:, None, H + Hkv:]
     ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
@@ -326,8 +327,8 @@ def _visible_until(state: KVState) -> int | None:
         return -1
     if not bool(state.key_mask.all()):
         return None
-    state._visible_until = int(state.pos.max())
-    return state._visible_until
+    until = vars(state)["_visible_until"] = int(state.pos.max())  # kept beside the dataclass fields
+    return until
 
 
 def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
@@ -354,24 +355,25 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     if kind_of_cache not in (KVState, QuantKVState):
         return None
     codes = torch.int8 if kind_of_cache is QuantKVState else torch.float32
-    for blk, state in zip(layers, states, strict=True):
-        mixer = blk.mixer
-        if (type(mixer) is not Attention or type(state) is not kind_of_cache or (blk.training and blk.drop.p)
-                or not (blk.ffn is None or type(blk.ffn) is SwiGLU)
+    for layer, state in zip(layers, states, strict=True):
+        mixer = layer.mixer
+        if (type(mixer) is not Attention or type(state) is not kind_of_cache
+                or (layer.training and layer.drop.p) or not (layer.ffn is None or type(layer.ffn) is SwiGLU)
                 or (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.rope_base,
                     mixer.rope_scaling) != rope
                 or state.k.shape[0] != B or state.k.dtype != codes or state.v.dtype != codes):
             return None
-        kind, plan = _decision(blk)
+        kind, plan = _decision(layer)
         if kind != "attention":
             return None
         qkv_w, o_w, (ffn_norm, ffn_in, ffn_out), ffn_eps = plan
-        weights += [blk.mixer_norm.weight, *_padded(qkv_w), *_padded(o_w), ffn_norm, *_padded(ffn_in),
+        weights += [layer.mixer_norm.weight, *_padded(qkv_w), *_padded(o_w), ffn_norm, *_padded(ffn_in),
                     *_padded(ffn_out)]
-        eps += [_eps(blk.mixer_norm), ffn_eps]
+        eps += [_eps(layer.mixer_norm), ffn_eps]
     lo, hi = (int(v) for v in torch.aminmax(positions))
-    untils = [_visible_until(state) for state in states]
-    if any(u is None or u > lo for u in untils):
+    maybe = [_visible_until(state) for state in states]
+    untils = [u for u in maybe if u is not None and u <= lo]
+    if len(untils) < len(maybe):
         return None  # masked slots or later positions in a cache: the Python layer's masks
     inv_freq = getattr(first, "_inv_freq", None)
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
@@ -388,18 +390,18 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
         if id(state.seen) not in seen:
             seen[id(state.seen)] = state.seen + 1
         out = kv_cache.grown(buf, S + 1, seen[id(state.seen)], kind_of_cache)
-        out._visible_until = max(hi, until)
+        vars(out)["_visible_until"] = max(hi, until)  # kept beside the dataclass fields
         new.append(out)
     return h[:, None], new
 
 
-def _ffn_step(blk: Any, h: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any, dict]:
-    """An MoE FFN's step (``csrc/moe_step.cpp``) after the block kernel; a dense one ran inside it."""
-    ffn, aux = blk.ffn, {}
+def _ffn_step(layer: Any, h: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+    """An MoE FFN's step (``csrc/moe_step.cpp``) after the layer kernel; a dense one ran inside it."""
+    ffn, aux = layer.ffn, {}
     if isinstance(ffn, MoE):
         shared = ffn.shared
         h, load, balance, z_loss = torch.ops.looplm.moe_step(
-            h, blk.ffn_norm.weight, _eps(blk.ffn_norm), ffn.router.weight, ffn.w_in, ffn.w_out,
+            h, layer.ffn_norm.weight, _eps(layer.ffn_norm), ffn.router.weight, ffn.w_in, ffn.w_out,
             None if shared is None else shared.w_in.weight, None if shared is None else shared.w_out.weight,
             ffn.top_k, ffn.renormalize)
         aux = {"balance_loss": balance, "z_loss": z_loss, "load": load}

@@ -1,4 +1,4 @@
-"""LoRA adapters on a block's projections (Hu et al. 2021), with one adapter per recursion for the
+"""LoRA adapters on a layer's projections (Hu et al. 2021), with one adapter per recursion for the
 shared core (the "relaxation" of Relaxed Recursive Transformers, Bae et al. 2024).
 
 ``LoRALinear``: ``y = x W^T + b + (x A_i^T) B_i^T`` for the active adapter ``i``; ``A [n, r, in]``,
@@ -7,7 +7,7 @@ looplm's ``Linear`` with the same ``weight``/``bias`` (state-dict keys unchanged
 ``lora_b`` added), so checkpoints of a model with adapters load with ``LoopConfig.lora_rank``.
 A small explicit module rather than ``peft``: peft wraps a model and renames every parameter
 (``base_model.model...``), which checkpoint.py's strict LoopLM loading and the layering forbid,
-and it has no adapter chosen per recursion of a shared block.
+and it has no adapter chosen per recursion of a shared layer.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ a shared expert (DeepSeek-MoE, Dai et al. 2024) and zero-computation experts
 (MoE++, Jin et al. 2024: zero -> 0, copy -> x, constant -> a1 x + a2 v).
 
 Dispatch is dropless: the (token, expert) slots are sorted by expert, gathered once and cut
-into per-expert blocks with ``torch.split`` (one ``.tolist()`` sync; while torch.compile traces,
+into per-expert slices with ``torch.split`` (one ``.tolist()`` sync; while torch.compile traces,
 every expert runs on every token instead, unchosen ones with gate 0: no data-dependent shapes);
-each SwiGLU expert runs one fused gate|up matmul and one down matmul on its block, the gate
+each SwiGLU expert runs one fused gate|up matmul and one down matmul on its slice, the gate
 weight scales the hidden activations, and a gather by the inverse permutation sums each token's
 k slots back. Dispatch and combine are hand-written as one small autograd Function so their
 backward is also a gather (autograd's index_select backward is a scatter-add). ``split``

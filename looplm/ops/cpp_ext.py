@@ -7,7 +7,7 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``linear_small.cpp``: ``x W^T`` for the few rows of a decoding step (:mod:`looplm.ops.linear`);
 - ``qlinear.cpp`` (+ ``qmatvec.h``): the same with int8 / int4 weights, and quantised embedding rows
   (:mod:`looplm.ops.qlinear`);
-- ``block_step.cpp``: a whole fixed-state layer's decoding step in one call, ``moe_step.cpp`` its
+- ``layer_step.cpp``: a whole fixed-state layer's decoding step in one call, ``moe_step.cpp`` its
   mixture-of-experts FFN, ``attn_step.cpp`` an attention layer's (:mod:`looplm.layers.layer_step`);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
@@ -21,7 +21,7 @@ per version of the sources). It compiles for the machine it runs on (``-march=na
 The one switch: ``LOOPLM_KERNELS=cpp`` (the default) uses the kernels where they apply;
 ``LOOPLM_KERNELS=ops`` the C++ ops but every layer's Python step (no whole-layer decoding
 kernel); ``LOOPLM_KERNELS=torch`` (``LOOPLM_NO_CPP_EXT=1`` is the same) every PyTorch form.
-Inside ``with kernels(setting):`` the setting is overridden for the block (tests compare them).
+Inside ``with kernels(setting):`` the setting is overridden inside the statement (tests compare them).
 :func:`available` (C++ ops) and :func:`layer_steps` (whole-layer steps) are the answers every
 kernel user asks: False where the setting says so, where the kernels cannot be built (one warning
 says why) and while ``torch.compile`` traces. Which step each layer of a model runs is decided in
@@ -48,7 +48,7 @@ from looplm.ops import kernel_tracing
 __all__ = ["available", "layer_steps", "kernels", "kernel_setting"]
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "block_step.cpp",
+SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "layer_step.cpp",
                                      "attn_step.cpp", "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp",
                                      "qlinear.cpp")]
 HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatvec.h"]
@@ -119,12 +119,12 @@ def kernel_setting() -> str:
     return value or "cpp"
 
 
-_override: list[str] = []  # the settings of the enclosing kernels() blocks, innermost last
+_override: list[str] = []  # the settings of the enclosing kernels() statements, innermost last
 
 
 @contextlib.contextmanager
 def kernels(setting: str) -> Iterator[None]:
-    """Within this block run ``setting``'s implementations (``cpp``, ``ops`` or ``torch``, as
+    """Within this ``with`` statement run ``setting``'s implementations (``cpp``, ``ops`` or ``torch``, as
     ``LOOPLM_KERNELS``), whatever ``LOOPLM_KERNELS`` says."""
     if setting not in KERNEL_SETTINGS:
         raise ConfigError(f"kernels({setting!r}): not one of {', '.join(KERNEL_SETTINGS)}")
@@ -136,7 +136,8 @@ def kernels(setting: str) -> Iterator[None]:
 
 
 def setting() -> str:
-    """The setting in force: the innermost :func:`kernels` block's, else ``LOOPLM_KERNELS`` (read once)."""
+    """The setting in force: the innermost :func:`kernels` statement's, else ``LOOPLM_KERNELS``
+    (read once)."""
     if _override:
         return _override[-1]
     if "setting" not in _loaded:

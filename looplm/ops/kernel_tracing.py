@@ -85,7 +85,7 @@ def _delta_chunk_backward(d_o: torch.Tensor, d_final: torch.Tensor, saved: list[
             q.new_empty(q.shape[0] // n, q.shape[2], v.shape[2])]
 
 
-def _block_step(h: torch.Tensor, conv_state: torch.Tensor, ssm: torch.Tensor,
+def _layer_step(h: torch.Tensor, conv_state: torch.Tensor, ssm: torch.Tensor,
                 *rest: Any) -> list[torch.Tensor]:
     """A fixed-state layer's step: (h' [B, d], conv state', ssm') shaped as their inputs."""
     return [h.new_empty(h.shape), conv_state.new_empty(conv_state.shape), ssm.new_empty(ssm.shape)]
@@ -117,8 +117,8 @@ FAKE_OPS: dict[str, Callable[..., Any]] = {
     "rope_rotate": _rope_rotate, "rms_norm_forward": _rms_norm_forward,
     "rms_norm_backward": _rms_norm_backward,
     "swiglu_forward": _swiglu_forward, "swiglu_backward": _swiglu_backward,
-    "delta_chunk_backward": _delta_chunk_backward, "delta_block_step": _block_step,
-    "decay_block_step": _block_step, "attn_step_in": _attn_step_in, "attn_step_out": _attn_step_out,
+    "delta_chunk_backward": _delta_chunk_backward, "delta_layer_step": _layer_step,
+    "decay_layer_step": _layer_step, "attn_step_in": _attn_step_in, "attn_step_out": _attn_step_out,
     "attn_stack_step": _attn_stack_step, "moe_step": _moe_step}
 _registered: list[str] = []
 

@@ -221,7 +221,7 @@ def _gla_intra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tenso
       odd length, where the decay matrix ``[c, c, dk]`` is computed exactly in log space.
 
     Hand-written because no PyTorch op computes this. Cost per token ≈ ``3·dk·log2(C)`` elementwise
-    plus matmuls; on the CPU this beat a log-space ``[c, c, dk]`` block at any c ≥ 2 (measured).
+    plus matmuls; on the CPU this beat a log-space ``[c, c, dk]`` tensor at any c ≥ 2 (measured).
     """
     C = q.shape[-2]
     if C == 1:

@@ -5,13 +5,13 @@ int8 / int4 weights read 4x / ~6x fewer bytes than float32, but torch's CPU ops 
 dequantise the whole matrix (a float copy per call) or take bfloat16 activations through kernels
 tuned for larger batches (slower than a float32 mat-vec on SmolLM2-sized matrices here). The kernel
 (``csrc/qmatvec.h``, ``csrc/qlinear.cpp``) streams the weight bytes once: each row of ``x`` is
-quantised to int8 in blocks of 32 inputs (``x ≈ d_b·xq``, ``d_b = max|x_b|/127``), and each weight
-row is an integer dot product per block (AVX-512 VNNI ``vpdpbusd``: 32 int4 or int8 products per
+quantised to int8 in groups of 32 inputs (``x ≈ d_b·xq``, ``d_b = max|x_b|/127``), and each weight
+row is an integer dot product per group (AVX-512 VNNI ``vpdpbusd``: 32 int4 or int8 products per
 instruction) scaled in float; weight rows are split over threads, in tiles of 64 that meet every
 row of ``x`` while in cache (a prefill's rows: int8 activations there too, instead of torch's
 packed ops with bfloat16 activations and a repacked int4 copy). The same sums as llama.cpp's
 Q8_0×Q8_0 and Q4_1×Q8_1 products (Gerganov et al., ggml); their error is that of an int8
-activation, ~0.3% of a block's largest value per input, random in sign.
+activation, ~0.3% of a group's largest value per input, random in sign.
 
 Weight parts (as :mod:`looplm.quant.formats` stores them, no repacking): ``[q int8 [N,K], scale
 [N]]`` (``W = scale·q``) or ``[packed uint8 [N,K/2], scale, offset [N,K/g]]`` (``W = offset +
@@ -27,11 +27,11 @@ import torch
 from looplm.ops import cpp_ext
 from looplm.ops.nodes import tracked
 
-__all__ = ["MAX_ROWS", "BLOCK", "parts_ok", "kernel_applies", "qlinear", "qembedding", "quantize_rows",
+__all__ = ["MAX_ROWS", "GROUP", "parts_ok", "kernel_applies", "qlinear", "qembedding", "quantize_rows",
            "qlinear_reference"]
 
 MAX_ROWS = 8  # rows of x up to which float32 weights run here (a decoding step of a small batch)
-BLOCK = 32  # inputs per activation quantisation block
+GROUP = 32  # inputs per activation quantisation group
 
 
 def parts_ok(parts: list[torch.Tensor], k: int) -> bool:
@@ -39,11 +39,11 @@ def parts_ok(parts: list[torch.Tensor], k: int) -> bool:
     if len(parts) == 1:
         return parts[0].dtype == torch.float32 and parts[0].shape[1] == k
     if len(parts) == 2:
-        return parts[0].dtype == torch.int8 and parts[0].shape[1] == k and k % BLOCK == 0
+        return parts[0].dtype == torch.int8 and parts[0].shape[1] == k and k % GROUP == 0
     if len(parts) == 3:
         groups = parts[1].shape[1]
         return (parts[0].dtype == torch.uint8 and parts[0].shape[1] * 2 == k and k % groups == 0
-                and (k // groups) % BLOCK == 0)
+                and (k // groups) % GROUP == 0)
     return False
 
 
@@ -71,9 +71,9 @@ def qembedding(ids: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, K]`` -> ``xq int8 [M, K]``, ``d float32 [M, K/32]``: per block of 32 inputs
+    """``x [M, K]`` -> ``xq int8 [M, K]``, ``d float32 [M, K/32]``: per group of 32 inputs
     ``d = max|x|/127``, ``xq = round(x · (1/d))`` (half to even; 0 where ``d = 0``)."""
-    xb = x.float().reshape(x.shape[0], -1, BLOCK)
+    xb = x.float().reshape(x.shape[0], -1, GROUP)
     d = xb.abs().amax(-1) / 127
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     xq = torch.round(xb * inv[..., None]).to(torch.int8)
@@ -86,17 +86,17 @@ def qlinear_reference(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tenso
         return (x.double() @ parts[0].double().t()).float()
     m, k = x.shape
     xq, d = quantize_rows(x)
-    xqb = xq.double().reshape(m, k // BLOCK, BLOCK)
+    xqb = xq.double().reshape(m, k // GROUP, GROUP)
     if len(parts) == 2:
         q, scale = parts
-        qb = q.double().reshape(q.shape[0], k // BLOCK, BLOCK)
-        per_block = torch.einsum("mbi,nbi->mnb", xqb, qb)
-        return (scale.double() * (per_block * d.double()[:, None]).sum(-1)).float()
+        qb = q.double().reshape(q.shape[0], k // GROUP, GROUP)
+        per_group = torch.einsum("mbi,nbi->mnb", xqb, qb)
+        return (scale.double() * (per_group * d.double()[:, None]).sum(-1)).float()
     packed, scale, offset = parts
     n, groups = scale.shape
-    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, k // BLOCK, BLOCK).double()
-    per_block = torch.einsum("mbi,nbi->mnb", xqb, codes) * d.double()[:, None]  # [M, N, K/32]
-    per = k // groups // BLOCK
-    s_block = scale.double().repeat_interleave(per, dim=1)  # [N, K/32]
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, k // GROUP, GROUP).double()
+    per_group = torch.einsum("mbi,nbi->mnb", xqb, codes) * d.double()[:, None]  # [M, N, K/32]
+    per = k // groups // GROUP
+    s_group = scale.double().repeat_interleave(per, dim=1)  # [N, K/32]
     bsum = (xqb.sum(-1) * d.double()).reshape(m, groups, per).sum(-1)  # [M, groups]
-    return ((per_block * s_block).sum(-1) + bsum @ offset.double().t()).float()
+    return ((per_group * s_group).sum(-1) + bsum @ offset.double().t()).float()

@@ -1,8 +1,8 @@
 """``export_hf``: a vanilla looplm checkpoint as a Hugging Face Llama (or Qwen2) directory that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads without looplm.
 
-Vanilla: every block softmax attention with a dense SwiGLU FFN, one recursion, no router, no
-shared KV, float weights (``n_prelude``/``n_coda`` blocks are ordinary layers then). q/k/v biases
+Vanilla: every layer softmax attention with a dense SwiGLU FFN, one recursion, no router, no
+shared KV, float weights (``n_prelude``/``n_coda`` layers are ordinary layers then). q/k/v biases
 make it a ``Qwen2ForCausalLM`` (Qwen2's layout), otherwise ``LlamaForCausalLM``. The tokenizer
 goes along where the checkpoint has a tokenizer.json (imported models, looplm's BPE).
 """

@@ -25,7 +25,7 @@ from looplm.pretrained.tokenizer import tokenizer_from_gguf
 # tensor types dequantised here (others the gguf package knows are accepted too, see _dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
-_LAYER_NAMES = {  # GGUF block tensor -> Hugging Face Llama name inside model.layers.N
+_LAYER_NAMES = {  # GGUF layer tensor (blk.N) -> Hugging Face Llama name inside model.layers.N
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",

@@ -1,6 +1,6 @@
 """The Llama family in Hugging Face terms <-> LoopLM.
 
-A Llama (Mistral, Qwen2) decoder is LoopLM's vanilla configuration: ``n_core`` attention blocks
+A Llama (Mistral, Qwen2) decoder is LoopLM's vanilla configuration: ``n_core`` attention layers
 run once (``n_recursions=1``, no router), a SwiGLU FFN, pre-norm RMSNorm, RoPE in the
 rotate-half layout, grouped KV heads. The q, k, v projections are one ``qkv`` matrix here
 (rows q | k | v) and the FFN's gate and up one ``w_in`` (rows gate | up).
@@ -81,10 +81,10 @@ def loop_config(config: dict[str, Any], origin: str = "") -> LoopConfig:
         raise ConversionError(f"{where}{err}") from None
 
 
-def _layer_names(i: int, block: str, bias: bool) -> dict[str, list[str]]:
+def _layer_names(i: int, layer: str, bias: bool) -> dict[str, list[str]]:
     """LoopLM name -> the Hugging Face names concatenated (in row order) into it: Hugging Face layer
-    ``i`` is LoopLM block ``block`` (``core.3``)."""
-    hf, lp = f"model.layers.{i}.", f"{block}."
+    ``i`` is LoopLM layer ``layer`` (``core.3``)."""
+    hf, lp = f"model.layers.{i}.", f"{layer}."
     att = hf + "self_attn."
     names = {
         lp + "mixer_norm.weight": [hf + "input_layernorm.weight"],
@@ -100,13 +100,13 @@ def _layer_names(i: int, block: str, bias: bool) -> dict[str, list[str]]:
 
 
 def name_map(config: LoopConfig) -> dict[str, list[str]]:
-    """Every LoopLM parameter of a vanilla ``config`` (one recursion: prelude, core and coda blocks
+    """Every LoopLM parameter of a vanilla ``config`` (one recursion: prelude, core and coda layers
     are Hugging Face layers in that order) -> its Hugging Face names."""
     names = {"embed.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
-    blocks = [f"prelude.{i}" for i in range(config.n_prelude)] + [f"core.{i}" for i in range(config.n_core)]
-    blocks += [f"coda.{i}" for i in range(config.n_coda)]
-    for i, block in enumerate(blocks):
-        names.update(_layer_names(i, block, config.qkv_bias))
+    layers = [f"prelude.{i}" for i in range(config.n_prelude)] + [f"core.{i}" for i in range(config.n_core)]
+    layers += [f"coda.{i}" for i in range(config.n_coda)]
+    for i, layer in enumerate(layers):
+        names.update(_layer_names(i, layer, config.qkv_bias))
     if not config.tie_embeddings:
         names["head.weight"] = ["lm_head.weight"]
     return names

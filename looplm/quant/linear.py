@@ -57,12 +57,19 @@ class _QuantWeight(nn.Module):
     def parts(self) -> dict[str, Tensor]:
         return {name: buf for name, buf in self.named_buffers(recurse=False)}
 
+    def part(self, name: str) -> Tensor:
+        """The stored part ``name`` (one of the format's ``parts``, a buffer)."""
+        t = self._buffers[name]
+        if t is None:
+            raise KeyError(f"{self.fmt.name} has no part {name!r}")
+        return t
+
     def kernel_parts(self) -> list[Tensor] | None:
         """The parts in :mod:`looplm.ops.qlinear`'s order, or None for formats it does not take."""
         if self.fmt.name == "int8":
-            return [self.q, self.scale]
+            return [self.part("q"), self.part("scale")]
         if self.fmt.name == "int4":
-            return [self.packed, self.scale, self.offset]
+            return [self.part("packed"), self.part("scale"), self.part("offset")]
         return None
 
     def set_weight(self, w: Tensor) -> None:
@@ -106,7 +113,7 @@ class QuantLinear(_QuantWeight):
         q = cls(linear.in_features, linear.out_features, fmt, linear.bias is not None, kernel,
                 device=linear.weight.device)
         q.set_weight(linear.weight)
-        if linear.bias is not None:
+        if linear.bias is not None and q.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
         return q
 
@@ -126,10 +133,11 @@ class QuantLinear(_QuantWeight):
         """torch's int4 CPU layout: packed ``[out, in/2]`` and scale/zero ``bf16 [in/g, out, 2]``
         with ``W = (q - 8)·scale + zero``, so ``zero = offset + 8·scale``."""
         if self._int4_cache is None:
-            codes = unpack_nibbles(self.packed).to(torch.int32)
+            scale = self.part("scale")
+            codes = unpack_nibbles(self.part("packed")).to(torch.int32)
             weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            zero = self.offset + 8 * self.scale
-            sz = torch.stack([self.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            zero = self.part("offset") + 8 * scale
+            sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
             self._int4_cache = (weight, sz)
         return self._int4_cache
 
@@ -147,7 +155,7 @@ class QuantLinear(_QuantWeight):
             return F.linear(x, self.dequantized(x.dtype), bias)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.fmt.name == "int8":
-            y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(torch.bfloat16))
+            y = torch._weight_int8pack_mm(x2, self.part("q"), self.part("scale").to(torch.bfloat16))
         else:
             weight, sz = self._int4_layout()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, self.fmt.group_size, sz)
@@ -207,16 +215,24 @@ class QuantExperts(nn.ModuleList):
     def from_stacked(cls, w: Tensor, fmt: Format, kernel: str = "auto") -> QuantExperts:
         """Quantise ``w [E, in, out]`` (an MoE's ``w_in`` / ``w_out``)."""
         q = cls(w.shape[0], w.shape[1], w.shape[2], fmt, kernel, device=w.device)
-        for e, m in enumerate(q):
-            m.set_weight(w[e].detach().t())
+        for e in range(len(q)):
+            q.expert(e).set_weight(w[e].detach().t())
         return q
 
+    def expert(self, e: int) -> QuantLinear:
+        """Expert ``e``'s quantised matrix."""
+        m = self[e]
+        if not isinstance(m, QuantLinear):
+            raise TypeError(f"expert {e} is a {type(m).__name__}, not a QuantLinear")
+        return m
+
+    # m(e, x), as an MoE calls its experts' projections (nn.ModuleList has no forward of its own)
     def forward(self, e: int, x: Tensor) -> Tensor:  # type: ignore[override]
-        return self[e](x)
+        return self.expert(e)(x)
 
     @property
     def weight(self) -> Tensor:
-        return torch.stack([m.dequantized(torch.float32).t() for m in self])
+        return torch.stack([self.expert(e).dequantized(torch.float32).t() for e in range(len(self))])
 
     def extra_repr(self) -> str:
         g = f", group_size={self.fmt.group_size}" if self.fmt.group_size else ""

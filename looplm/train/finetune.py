@@ -3,7 +3,7 @@ frozen, new modules (a MoR router) added to a converted model, and knowledge dis
 
 ``init_model``: the checkpoint's model, with model fields overridden (``--set router=...``: a
 field that adds parameters, such as a router, starts them fresh; one that changes the shape of a
-stored weight is an error), and with ``lora_rank`` LoRA adapters on every block's projections
+stored weight is an error), and with ``lora_rank`` LoRA adapters on every layer's projections
 (layers/lora.py), which are then the only trainable parameters (Hu et al. 2021).
 
 ``merge_adapters``: a fine-tuned model without adapters, ``W + B A`` folded into each weight

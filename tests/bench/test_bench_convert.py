@@ -28,7 +28,7 @@ def test_truncation_is_the_first_layers():
     cut = truncate(src, 2).eval()
     x = tokens()
     h = src.embed(x)
-    for blk in (src.prelude[0], src.core[0]):
-        h, _, _ = blk(h)
+    for layer in (src.prelude[0], src.core[0]):
+        h, _, _ = layer(h)
     ref = torch.nn.functional.linear(src.norm(h), src.embed.weight)
     torch.testing.assert_close(cut(x).logits, ref, atol=1e-5, rtol=1e-5)

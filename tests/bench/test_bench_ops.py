@@ -39,7 +39,7 @@ def test_flop_counts_match_the_algorithms():
     x = ops.Inputs.make(b, t, h, d, d)
     n = -(-t // c)
     # WY/UT chunk: Q K^T and K K^T 4C^2 d, A^{-1} [V | K] 4C^2 d, P delta 2C^2 d; W S, K'^T delta,
-    # Q' S 6C d^2; the block inverse of A: 2 matmuls of s^3 for each of C/2s blocks, s = 2 .. C/2
+    # Q' S 6C d^2; the tiled inverse of A: 2 matmuls of s^3 for each of C/2s tiles, s = 2 .. C/2
     inverse = sum(2 * c * s * s for s in (2, 4, 8, 16))
     delta = b * h * n * (10 * c * c * d + 6 * c * d * d + inverse)
     assert ops.forward_flops("gated_deltanet", x) == ops.forward_flops("deltanet", x) == delta

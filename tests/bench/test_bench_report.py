@@ -1,4 +1,4 @@
-"""`looplm bench report`: generated blocks replace themselves, hand-written text survives."""
+"""`looplm bench report`: generated sections replace themselves, hand-written text survives."""
 
 import json
 
@@ -35,7 +35,7 @@ def test_report_renders_tables_figures_and_keeps_other_text(tmp_path):
     assert "| from the quant bench |" in text  # a bench's own markdown next to its JSON
     assert text.index("<!-- looplm-bench:mqar -->") < text.index("<!-- looplm-bench:ops -->")
 
-    # a reading written under the block survives a regeneration; the block is replaced, not duplicated
+    # a reading written under the section survives a regeneration; the section is replaced, not duplicated
     doc.write_text(text.replace("<!-- /looplm-bench:mqar -->", "<!-- /looplm-bench:mqar -->\n\nMy reading."))
     write(results, "mqar", {"table": "| y |\n|---|\n| 2 |"})
     assert main(["bench", "report", "--results", str(results), "--doc", str(doc)]) == 0

@@ -45,7 +45,7 @@ def test_mapped_weights_are_the_originals_and_nothing_is_added():
     a, b = src.state_dict(), lin.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    kinds = [type(blk.mixer).__name__ for blk in (*lin.prelude, *lin.core, *lin.coda)]
+    kinds = [type(layer.mixer).__name__ for layer in (*lin.prelude, *lin.core, *lin.coda)]
     assert kinds == ["LigerGLA", "Attention", "LigerGLA", "Attention"]
     assert lin.config.window == 4 and lin.core[0].mixer.n_kv_heads == 2
 

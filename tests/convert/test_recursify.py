@@ -33,11 +33,11 @@ def test_one_recursion_without_lora_is_the_original_model(init):
 def test_select_is_the_selected_layers_model_cycled(mixer):
     src = model(n_prelude=1, n_core=4, n_coda=1, mixer=mixer)  # 6 layers
     rec = recursify(src, 3, "select")  # shared layers = original 0 and 3, applied 3 times
-    blocks = [*src.prelude, *src.core, *src.coda]
+    layers = [*src.prelude, *src.core, *src.coda]
     flat = LoopLM(dataclasses.replace(src.config, n_prelude=0, n_core=6, n_coda=0)).eval()
     state = {k: v for k, v in src.state_dict().items() if not k.startswith(("prelude.", "core.", "coda."))}
     for depth in range(6):
-        state.update({f"core.{depth}.{k}": v for k, v in blocks[(depth % 2) * 3].state_dict().items()})
+        state.update({f"core.{depth}.{k}": v for k, v in layers[(depth % 2) * 3].state_dict().items()})
     flat.load_state_dict(state)
     x = tokens()
     torch.testing.assert_close(rec(x).logits, flat(x).logits, atol=1e-5, rtol=1e-5)
@@ -46,8 +46,8 @@ def test_select_is_the_selected_layers_model_cycled(mixer):
 def test_average_init_and_full_rank_relaxation_give_back_each_layers_projections():
     src = model(n_prelude=0, n_core=4, n_coda=0)
     rec = recursify(src, 2, "average", lora_rank=32)  # d_model = 32: full rank
-    for j, blk in enumerate(rec.core):
-        for name, lora in blk.named_modules():
+    for j, layer in enumerate(rec.core):
+        for name, lora in layer.named_modules():
             if not isinstance(lora, LoRALinear):
                 continue
             originals = [src.core[r * 2 + j].get_submodule(name).weight for r in range(2)]

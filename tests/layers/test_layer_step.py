@@ -12,7 +12,7 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.layers import layer_step as layer_step_module
-from looplm.layers.block import Block
+from looplm.layers.layer import Layer
 from looplm.layers.layer_step import describe, layer_step
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
@@ -23,21 +23,21 @@ from tests.threads import torch_threads
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
 
 
-def _block(mixer="gated_deltanet", ffn="dense", d=32, heads=2, conv=4, d_ffn=None, seed=0) -> Block:
+def _make_layer(mixer="gated_deltanet", ffn="dense", d=32, heads=2, conv=4, d_ffn=None, seed=0) -> Layer:
     torch.manual_seed(seed)
     c = LoopConfig(vocab_size=64, d_model=d, n_heads=heads, n_core=1, mixer=mixer, ffn=ffn,
                    conv_size=conv, d_ffn=d_ffn)
-    blk = Block(c, mixer).eval()
+    layer = Layer(c, mixer).eval()
     with torch.no_grad():  # non-trivial norms, gates and biases
-        for p in blk.parameters():
+        for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return blk
+    return layer
 
 
-def _state(blk: Block, batch: int, seed: int = 1):
+def _state(layer: Layer, batch: int, seed: int = 1):
     """A non-zero state, as after a prefill."""
     gen = torch.Generator().manual_seed(seed)
-    s = blk.mixer.init_state(batch)
+    s = layer.mixer.init_state(batch)
     s.conv.copy_(torch.randn(s.conv.shape, generator=gen))
     s.ssm.copy_(0.3 * torch.randn(s.ssm.shape, generator=gen))
     return s
@@ -45,20 +45,20 @@ def _state(blk: Block, batch: int, seed: int = 1):
 
 def _step_inputs():
     """A gated DeltaNet layer, a non-zero state and one token, batch 2."""
-    blk = _block()
-    return blk, _state(blk, 2), torch.randn(2, 1, 32)
+    layer = _make_layer()
+    return layer, _state(layer, 2), torch.randn(2, 1, 32)
 
 
-def _python(blk, x, s, positions=None):
+def _python(layer, x, s, positions=None):
     with cpp_ext.kernels("ops"):
-        return blk(x, s, positions=positions)
+        return layer(x, s, positions=positions)
 
 
-def _both(blk, x, s, threads, positions=None):
-    """(the kernel's step, the Python block's step) of ``blk`` on ``threads`` torch threads."""
+def _both(layer, x, s, threads, positions=None):
+    """(the kernel's step, the Python layer's step) of ``layer`` on ``threads`` torch threads."""
     with torch_threads(threads):
         with torch.no_grad():
-            return layer_step(blk, x, s, None, None, positions), _python(blk, x, s, positions)
+            return layer_step(layer, x, s, None, None, positions), _python(layer, x, s, positions)
 
 
 FIXED = ["gated_deltanet", "deltanet", "linear", "retention", "simple_gla", "gla"]
@@ -67,12 +67,12 @@ FIXED = ["gated_deltanet", "deltanet", "linear", "retention", "simple_gla", "gla
 @needs_kernel
 @pytest.mark.parametrize("mixer", FIXED)
 def test_every_fixed_state_mixer_takes_the_kernel(mixer):
-    blk = _block(mixer)
-    s = _state(blk, 2)
+    layer = _make_layer(mixer)
+    s = _state(layer, 2)
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
-        fused = layer_step(blk, x, s, None, None)
-        want_h, want_s, _ = _python(blk, x, s)
+        fused = layer_step(layer, x, s, None, None)
+        want_h, want_s, _ = _python(layer, x, s)
     assert fused is not None
     torch.testing.assert_close(fused[0], want_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1].ssm, want_s.ssm, rtol=1e-5, atol=1e-5)
@@ -82,11 +82,11 @@ def test_every_fixed_state_mixer_takes_the_kernel(mixer):
 @given(mixer=st.sampled_from(FIXED), ffn=st.sampled_from(["dense", "none"]),
        heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 16, 24]), conv=st.integers(1, 4),
        batch=st.integers(1, 4), d_ffn=st.sampled_from([32, 96]), threads=st.sampled_from([1, 2]))
-def test_kernel_equals_python_block(mixer, ffn, heads, head_dim, conv, batch, d_ffn, threads):
-    blk = _block(mixer, ffn, d=heads * head_dim, heads=heads, conv=conv, d_ffn=d_ffn)
-    s = _state(blk, batch)
+def test_kernel_equals_python_layer(mixer, ffn, heads, head_dim, conv, batch, d_ffn, threads):
+    layer = _make_layer(mixer, ffn, d=heads * head_dim, heads=heads, conv=conv, d_ffn=d_ffn)
+    s = _state(layer, batch)
     x = torch.randn(batch, 1, heads * head_dim)
-    fused, (want_h, want_s, _) = _both(blk, x, s, threads)
+    fused, (want_h, want_s, _) = _both(layer, x, s, threads)
     assert fused is not None
     h, new, _ = fused
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
@@ -96,16 +96,16 @@ def test_kernel_equals_python_block(mixer, ffn, heads, head_dim, conv, batch, d_
 
 
 @needs_kernel
-def test_state_is_not_modified_and_block_uses_the_kernel():
-    blk = _block()
-    s = _state(blk, 2)
+def test_state_is_not_modified_and_layer_uses_the_kernel():
+    layer = _make_layer()
+    s = _state(layer, 2)
     conv, ssm = s.conv.clone(), s.ssm.clone()
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
-        h, new, aux = blk(x, s)
-        again = layer_step(blk, x, s, None, None)
+        h, new, aux = layer(x, s)
+        again = layer_step(layer, x, s, None, None)
     assert torch.equal(s.conv, conv) and torch.equal(s.ssm, ssm)
-    assert torch.equal(h, again[0])  # Block.forward took the kernel's path
+    assert torch.equal(h, again[0])  # Layer.forward took the kernel's path
     assert aux == {"tokens": 2}
 
 
@@ -135,27 +135,27 @@ def test_model_decoding_equals_full_forward_and_python_steps(name):
 
 @needs_kernel
 def test_falls_back_where_it_does_not_apply():
-    blk, s, x = _step_inputs()
+    layer, s, x = _step_inputs()
     with torch.no_grad():
-        assert layer_step(blk, x, s, torch.ones(2, 1, dtype=torch.bool), None) is None  # a mask
-        assert layer_step(blk, torch.randn(2, 3, 32), s, None, None) is None  # a prefill
-        assert layer_step(blk, x, None, None, None) is None  # training path, no state
-        assert layer_step(blk, x.double(), s, None, None) is None
+        assert layer_step(layer, x, s, torch.ones(2, 1, dtype=torch.bool), None) is None  # a mask
+        assert layer_step(layer, torch.randn(2, 3, 32), s, None, None) is None  # a prefill
+        assert layer_step(layer, x, None, None, None) is None  # training path, no state
+        assert layer_step(layer, x.double(), s, None, None) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert layer_step(blk, x, s, None, None) is None
+            assert layer_step(layer, x, s, None, None) is None
         with cpp_ext.kernels("ops"):
-            assert layer_step(blk, x, s, None, None) is None
-    assert layer_step(blk, x, s, None, None) is None  # autograd records: the Python block
+            assert layer_step(layer, x, s, None, None) is None
+    assert layer_step(layer, x, s, None, None) is None  # autograd records: the Python layer
     with torch.no_grad():
-        attn = _block("attention")
+        attn = _make_layer("attention")
         assert layer_step(attn, x, s, None, None) is None  # a state of the wrong kind
         holed = attn(torch.randn(2, 3, 32), attn.mixer.init_state(2),
                      mask=torch.tensor([[True, False, True], [True, True, True]]))[1]
         assert layer_step(attn, x, holed, None, None) is None  # a masked slot between seen ones
-        moe_pp = Block(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
+        moe_pp = Layer(LoopConfig(vocab_size=64, d_model=32, n_heads=2, mixer="gated_deltanet", ffn="moe",
                                   n_experts=2, top_k=1, zero_experts=3), "gated_deltanet").eval()
         assert layer_step(moe_pp, x, _state(moe_pp, 2), None, None) is None  # MoE++ experts
-        quantised = _block()
+        quantised = _make_layer()
         quantised.mixer.qkv = nn.Linear(32, quantised.mixer.qkv.out_features, bias=False)  # not ours
         assert layer_step(quantised, x, _state(quantised, 2), None, None) is None
 
@@ -163,44 +163,45 @@ def test_falls_back_where_it_does_not_apply():
 @needs_kernel
 def test_decided_once_not_per_step(monkeypatch):
     """eval() decides; steps then reuse the decision instead of checking the layer's parts again."""
-    blk = _block()
+    layer = _make_layer()
     calls = []
     real = layer_step_module.eligible
     monkeypatch.setattr(layer_step_module, "eligible", lambda b: calls.append(1) or real(b))
-    blk.eval()
+    layer.eval()
     assert len(calls) == 1
-    s = _state(blk, 2)
+    s = _state(layer, 2)
     x = torch.randn(2, 1, 32)
     with torch.no_grad():
         for _ in range(3):
-            assert layer_step(blk, x, s, None, None) is not None
+            assert layer_step(layer, x, s, None, None) is not None
     assert len(calls) == 1
-    assert describe(blk) == "C++ layer step: delta_block_step"
+    assert describe(layer) == "C++ layer step: delta_layer_step"
 
 
 @needs_kernel
 def test_decided_again_after_a_module_swap_or_dtype_change():
-    blk, s, x = _step_inputs()
+    layer, s, x = _step_inputs()
     with torch.no_grad():
-        assert layer_step(blk, x, s, None, None) is not None
-        blk.double()  # parameters keep their identity, their dtype changes
-        assert layer_step(blk, x, s, None, None) is None
-        assert describe(blk) == "Python layer (C++ ops where they apply)"
-        blk.float()
-        assert layer_step(blk, x, s, None, None) is not None
-        blk.ffn.w_in = nn.Linear(32, blk.ffn.w_in.out_features, bias=False)  # a module swapped after eval()
-        assert layer_step(blk, x, s, None, None) is None
+        assert layer_step(layer, x, s, None, None) is not None
+        layer.double()  # parameters keep their identity, their dtype changes
+        assert layer_step(layer, x, s, None, None) is None
+        assert describe(layer) == "Python layer (C++ ops where they apply)"
+        layer.float()
+        assert layer_step(layer, x, s, None, None) is not None
+        # a module swapped after eval()
+        layer.ffn.w_in = nn.Linear(32, layer.ffn.w_in.out_features, bias=False)
+        assert layer_step(layer, x, s, None, None) is None
 
 
 def test_one_switch_for_every_kernel_user():
-    blk, s, x = _step_inputs()
+    layer, s, x = _step_inputs()
     with cpp_ext.kernels("torch"), torch.no_grad():
         assert not cpp_ext.available() and not cpp_ext.layer_steps()
-        assert layer_step(blk, x, s, None, None) is None
-        assert describe(blk) == "PyTorch forms (C++ kernels off or not built)"
-        with cpp_ext.kernels("ops"):  # the innermost block wins
+        assert layer_step(layer, x, s, None, None) is None
+        assert describe(layer) == "PyTorch forms (C++ kernels off or not built)"
+        with cpp_ext.kernels("ops"):  # the innermost layer wins
             assert cpp_ext.available() == cpp_ext._built() and not cpp_ext.layer_steps()
-            assert layer_step(blk, x, s, None, None) is None
+            assert layer_step(layer, x, s, None, None) is None
             with cpp_ext.kernels("cpp"):
                 assert cpp_ext.layer_steps() == cpp_ext._built()
     with pytest.raises(ConfigError, match="cpp, ops, torch"):
@@ -208,15 +209,15 @@ def test_one_switch_for_every_kernel_user():
             pass
 
 
-def _moe_block(mixer, experts, top_k, shared, seed=0) -> Block:
+def _moe_layer(mixer, experts, top_k, shared, seed=0) -> Layer:
     torch.manual_seed(seed)
     c = LoopConfig(vocab_size=64, d_model=32, n_heads=2, n_core=1, mixer=mixer, ffn="moe", d_ffn=24,
                    n_experts=experts, top_k=top_k, shared_expert=shared)
-    blk = Block(c, mixer).eval()
+    layer = Layer(c, mixer).eval()
     with torch.no_grad():
-        for p in blk.parameters():
+        for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return blk
+    return layer
 
 
 @needs_kernel
@@ -226,11 +227,11 @@ def _moe_block(mixer, experts, top_k, shared, seed=0) -> Block:
 def test_moe_kernel_equals_python_moe_with_its_aux(mixer, experts, top_k, shared, renormalize, batch,
                                                    threads):
     top_k = min(top_k, experts)
-    blk = _moe_block(mixer, experts, top_k, shared, seed=experts * 10 + top_k)
-    blk.ffn.renormalize = renormalize
-    s = _state(blk, batch)
+    layer = _moe_layer(mixer, experts, top_k, shared, seed=experts * 10 + top_k)
+    layer.ffn.renormalize = renormalize
+    s = _state(layer, batch)
     x = torch.randn(batch, 1, 32)
-    fused, (want_h, want_s, want_aux) = _both(blk, x, s, threads)
+    fused, (want_h, want_s, want_aux) = _both(layer, x, s, threads)
     assert fused is not None
     h, new, aux = fused
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
@@ -240,15 +241,15 @@ def test_moe_kernel_equals_python_moe_with_its_aux(mixer, experts, top_k, shared
 
 
 @needs_kernel
-@pytest.mark.parametrize("cached", [255, 256, 600])  # the attention pass works in blocks of 256 keys
-def test_attention_kernel_over_several_blocks_of_keys(cached):
+@pytest.mark.parametrize("cached", [255, 256, 600])  # the attention pass works in layers of 256 keys
+def test_attention_kernel_over_several_chunks_of_keys(cached):
     _check_attention_step(2, cached, 2, "dense", 2)
 
 
 @needs_kernel
 @given(kv_heads=st.sampled_from([1, 2, 4]), cached=st.integers(0, 40), batch=st.integers(1, 6),
        ffn=st.sampled_from(["dense", "none", "moe"]), threads=st.sampled_from([1, 2]))
-def test_attention_kernel_equals_python_block(kv_heads, cached, batch, ffn, threads):
+def test_attention_kernel_equals_python_layer(kv_heads, cached, batch, ffn, threads):
     _check_attention_step(kv_heads, cached, batch, ffn, threads)
 
 
@@ -257,29 +258,29 @@ def test_attention_kernel_equals_python_block(kv_heads, cached, batch, ffn, thre
 @pytest.mark.parametrize("kv_heads,batch", [(1, 1), (2, 3)])
 def test_int8_cache_kernel_equals_python_int8_step(cached, kv_heads, batch):
     """A cache held as int8 codes with per-row scales stays on the kernel, which reads the codes
-    (dequantising a block of rows at a time) and equals the Python layer's quantised read."""
+    (dequantising a layer of rows at a time) and equals the Python layer's quantised read."""
     _check_attention_step(kv_heads, cached, batch, "dense", 1, fmt="int8")
 
 
 def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, threads: int,
                           fmt: str = "float") -> None:
-    """An attention block's kernel step after a prefill of ``cached`` tokens == the Python block's
+    """An attention layer's kernel step after a prefill of ``cached`` tokens == the Python layer's
     (from 4 rows on its float32 projections are BLAS matrix products); ``fmt="int8"``: the cache
     held quantised (the new token's rows may round one code apart: projections in another order)."""
     torch.manual_seed(cached)
     c = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, n_core=1, ffn=ffn, n_experts=3,
                    top_k=2, d_ffn=24)
-    blk = Block(c, "attention").eval()
+    layer = Layer(c, "attention").eval()
     with torch.no_grad():
-        s = blk.mixer.init_state(batch)
+        s = layer.mixer.init_state(batch)
         if cached:  # a cache from a prefill, then one decoding step at the next position
             prompt_pos = torch.arange(cached).expand(batch, cached)
-            s = blk(torch.randn(batch, cached, 32), s, positions=prompt_pos)[1]
+            s = layer(torch.randn(batch, cached, 32), s, positions=prompt_pos)[1]
     if fmt != "float":
         s = quantize_cache(s, fmt)
     x = torch.randn(batch, 1, 32)
     pos = torch.full((batch, 1), cached)
-    fused, (want_h, want_s, want_aux) = _both(blk, x, s, threads, pos)
+    fused, (want_h, want_s, want_aux) = _both(layer, x, s, threads, pos)
     assert fused is not None
     h, new, aux = fused
     assert type(new) is type(want_s) is type(s)
@@ -302,17 +303,17 @@ def _check_attention_step(kv_heads: int, cached: int, batch: int, ffn: str, thre
        threads=st.sampled_from([1, 2]))
 def test_attention_kernel_skips_front_padding(pads, kv_heads, threads):
     """Caches of different lengths joined into one batch (unused slots at the front, as
-    ``state.cat_states`` pads them; up to 300 slots, so across blocks of 256 keys): the kernel's
-    step equals the Python block's masked one."""
+    ``state.cat_states`` pads them; up to 300 slots, so across layers of 256 keys): the kernel's
+    step equals the Python layer's masked one."""
     torch.manual_seed(len(pads))
     c = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, n_core=1, d_ffn=24,
                    max_seq_len=512)
-    blk = Block(c, "attention").eval()
+    layer = Layer(c, "attention").eval()
     T = max(pads) + 3
     mask = torch.arange(T)[None] >= torch.tensor(pads)[:, None]
     with torch.no_grad():
-        s = blk(torch.randn(len(pads), T, 32), blk.mixer.init_state(len(pads)), mask=mask)[1]
-    fused, (want_h, want_s, _) = _both(blk, torch.randn(len(pads), 1, 32), s, threads)
+        s = layer(torch.randn(len(pads), T, 32), layer.mixer.init_state(len(pads)), mask=mask)[1]
+    fused, (want_h, want_s, _) = _both(layer, torch.randn(len(pads), 1, 32), s, threads)
     assert fused is not None
     torch.testing.assert_close(fused[0], want_h, rtol=1e-5, atol=1e-5)
     for name in ("k", "v", "key_mask", "pos", "seen"):
@@ -321,20 +322,20 @@ def test_attention_kernel_skips_front_padding(pads, kv_heads, threads):
 
 @needs_kernel
 def test_bad_shapes_are_rejected_by_the_kernel():
-    blk = _block()
-    s = _state(blk, 2)
-    mixer = blk.mixer
+    layer = _make_layer()
+    s = _state(layer, 2)
+    mixer = layer.mixer
     common = [mixer.qkv.weight, mixer.conv_weight, mixer.g_proj.weight, mixer.norm.weight,
               mixer.o_proj.weight, None, None, None, 1e-6, 1e-6, 1e-6]
-    with pytest.raises(RuntimeError, match="block_step: conv_state"):
-        torch.ops.looplm.delta_block_step(
-            torch.randn(2, 32), s.conv[:1].contiguous(), s.ssm, blk.mixer_norm.weight, *common,
+    with pytest.raises(RuntimeError, match="layer_step: conv_state"):
+        torch.ops.looplm.delta_layer_step(
+            torch.randn(2, 32), s.conv[:1].contiguous(), s.ssm, layer.mixer_norm.weight, *common,
             mixer.beta_proj.weight, mixer.beta_proj.bias, mixer.a_proj.weight, mixer.A_log, mixer.dt_bias)
-    with pytest.raises(RuntimeError, match="block_step: log_gamma"):
-        torch.ops.looplm.decay_block_step(
-            torch.randn(2, 32), s.conv, s.ssm, blk.mixer_norm.weight, *common, 0, torch.zeros(5), None, None,
-            None, None, 1.0)
-    moe = _moe_block("gated_deltanet", 4, 2, False).ffn
+    with pytest.raises(RuntimeError, match="layer_step: log_gamma"):
+        torch.ops.looplm.decay_layer_step(
+            torch.randn(2, 32), s.conv, s.ssm, layer.mixer_norm.weight, *common, 0, torch.zeros(5), None,
+            None, None, None, 1.0)
+    moe = _moe_layer("gated_deltanet", 4, 2, False).ffn
     with pytest.raises(RuntimeError, match="moe_step: top_k"):
         torch.ops.looplm.moe_step(torch.randn(2, 32), torch.ones(32), 1e-6, moe.router.weight, moe.w_in,
                                   moe.w_out, None, None, 5, False)

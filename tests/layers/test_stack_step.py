@@ -1,4 +1,4 @@
-"""The whole stack's decoding step in one C++ call (``stack_step``) against the blocks' Python steps."""
+"""The whole stack's decoding step in one C++ call (``stack_step``) against the layers' Python steps."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _spy(monkeypatch) -> list[bool]:
 @given(fmt=st.sampled_from([None, "int8", "int4"]), layout=st.sampled_from([(0, 2, 1, 0), (1, 1, 2, 1)]),
        kv_heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 3), prompt=st.integers(1, 9),
        threads=st.sampled_from([1, 2]))
-def test_stack_step_equals_the_python_blocks(fmt, layout, kv_heads, batch, prompt, threads):
+def test_stack_step_equals_the_python_layers(fmt, layout, kv_heads, batch, prompt, threads):
     torch.manual_seed(prompt + 5 * batch)
     prelude, core, recursions, coda = layout
     m = _model(fmt, n_prelude=prelude, n_core=core, n_recursions=recursions, n_coda=coda, n_kv_heads=kv_heads)

@@ -24,7 +24,7 @@ def ids() -> torch.Tensor:
 
 
 def attn_layer_params(d: int, ffn: int) -> int:
-    """q, k, v, o projections and a SwiGLU (gate, up, down) of one attention block."""
+    """q, k, v, o projections and a SwiGLU (gate, up, down) of one attention layer."""
     return 4 * d * d + 3 * d * ffn
 
 
@@ -42,7 +42,7 @@ def test_dense_transformer_is_6N_plus_attention():
 
 
 def core_cost(active: torch.Tensor, layers: int) -> float:
-    """Forward FLOPs of ``layers`` attention blocks on the tokens where ``active [B,T]``: matmuls per
+    """Forward FLOPs of ``layers`` attention layers on the tokens where ``active [B,T]``: matmuls per
     active token, causal attention among the active tokens of each row."""
     n = active.sum(1).double()
     return float(layers * (2 * attn_layer_params(D, 64) * n.sum() + 4 * D * (n * (n + 1) / 2).sum()))

@@ -1,4 +1,4 @@
-"""grad_checkpoint=true recomputes each block in the backward: loss and gradients unchanged."""
+"""grad_checkpoint=true recomputes each layer in the backward: loss and gradients unchanged."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def test_gradients_equal_without_checkpointing(name):
     loss, grads = _grads(m, x)
     m.config.grad_checkpoint = True
     calls = []
-    for blk in [*m.prelude, *m.core, *m.coda]:  # the recompute really runs: count block calls
-        blk.register_forward_pre_hook(lambda *a: calls.append(1))
+    for layer in [*m.prelude, *m.core, *m.coda]:  # the recompute really runs: count layer calls
+        layer.register_forward_pre_hook(lambda *a: calls.append(1))
     loss_ck, grads_ck = _grads(m, x)
     n_runs = len(m.prelude) + len(m.coda) + len(m.core) * m.config.n_recursions
-    assert len(calls) == 2 * n_runs  # each block application ran again in the backward
+    assert len(calls) == 2 * n_runs  # each layer application ran again in the backward
     torch.testing.assert_close(loss_ck, loss, atol=0, rtol=0)
     assert grads_ck.keys() == grads.keys()
     for key in grads:
@@ -52,8 +52,8 @@ def test_gradients_equal_without_checkpointing(name):
 def test_no_checkpointing_in_eval_or_decoding():
     m = model(grad_checkpoint=True)
     calls = []
-    for blk in m.core:
-        blk.register_forward_pre_hook(lambda *a: calls.append(1))
+    for layer in m.core:
+        layer.register_forward_pre_hook(lambda *a: calls.append(1))
     out = m(tokens(length=8), use_cache=True)
     assert out.state is not None and len(calls) == len(m.core)
 

@@ -44,7 +44,7 @@ def test_mod_routes_every_other_layer():
 
 @settings(max_examples=10, deadline=None)
 @given(T=st.integers(2, 16), capacity=st.sampled_from([0.125, 0.25, 0.5, 0.75]))
-def test_mod_block_runs_on_ceil_c_T_tokens(T, capacity):
+def test_mod_layer_runs_on_ceil_c_T_tokens(T, capacity):
     m = model(layer_router="mod", mod_capacity=capacity)
     seen = []
     m.coda[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))

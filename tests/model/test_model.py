@@ -14,10 +14,10 @@ from looplm.routers import gather_index, topk_keep
 from tests.model.util import VOCAB, model, tokens
 
 
-def stacked(m, x, blocks):
-    """Reference: embed, the given blocks one after another, norm, tied head."""
+def stacked(m, x, layers):
+    """Reference: embed, the given layers one after another, norm, tied head."""
     h = m.embed(x)
-    for b in blocks:
+    for b in layers:
         h, _, _ = b(h)
     return F.linear(m.norm(h), m.embed.weight)
 
@@ -234,11 +234,11 @@ def test_moe_flops_count_only_experts_that_ran():
 def test_ffn_none_is_a_mixer_only_model():
     """``ffn="none"``: no FFN weights, and the FLOPs of the dense model minus its FFNs' matmuls."""
     dense, bare = model(mixer="gated_deltanet"), model(mixer="gated_deltanet", ffn="none")
-    blocks = [*dense.prelude, *dense.core, *dense.coda]
+    layers = [*dense.prelude, *dense.core, *dense.coda]
     assert all(b.ffn is None and b.ffn_norm is None for b in [*bare.prelude, *bare.core, *bare.coda])
-    ffn_params = sum(p.numel() for b in blocks for p in (*b.ffn.parameters(), *b.ffn_norm.parameters()))
+    ffn_params = sum(p.numel() for b in layers for p in (*b.ffn.parameters(), *b.ffn_norm.parameters()))
     n_params = [sum(p.numel() for p in m.parameters()) for m in (dense, bare)]
     assert n_params[1] == n_params[0] - ffn_params
     x = tokens()
-    ffn_flops = 2 * x.numel() * sum(b.ffn_cost.dense for b in blocks)
+    ffn_flops = 2 * x.numel() * sum(b.ffn_cost.dense for b in layers)
     assert bare(x).stats["flops"] == pytest.approx(dense(x).stats["flops"] - ffn_flops, rel=1e-9)

@@ -33,7 +33,7 @@ def outputs_and_grads(inputs, gated, use_kernel, **kw):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("gated", [False, True])
 def test_kernel_equals_pytorch_form_on_any_threads(threads, gated):
-    """Groups split unevenly over threads (3 groups, 2 threads), blocks cut through groups, T not a
+    """Groups split unevenly over threads (3 groups, 2 threads), tiles cut through groups, T not a
     multiple of the chunk: the kernel's outputs and all gradients equal the PyTorch form's."""
     inputs = make(1, 45, 3, 8, 6, gated=gated, dtype=torch.float64, seed=1)
     with torch_threads(threads):

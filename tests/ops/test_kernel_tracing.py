@@ -47,9 +47,9 @@ def _step_samples(r) -> dict[str, list[tuple]]:
     attn_out = (r(B, d), r(B, H, D), r(B, S, Hkv, D), r(B, S, Hkv, D), [r(d, H * D)])
     (k8, k_scale), (v8, v_scale) = (quantize_rows(t, torch.int8) for t in attn_out[2:4])  # an int8 cache
     return {
-        "delta_block_step": [(*common, None, None, None, *eps, *beta, None, None, None),
+        "delta_layer_step": [(*common, None, None, None, *eps, *beta, None, None, None),
                              (*common, *ffn, *eps, *beta, r(H, d), r(H), r(H))],
-        "decay_block_step": [(*common, None, None, None, *eps, 1, None, r(H, d), r(H), None, None, 1.0),
+        "decay_layer_step": [(*common, None, None, None, *eps, 1, None, r(H, d), r(H), None, None, 1.0),
                              (*common, *ffn, *eps, 0, r(H), None, None, None, None, 1.0)],
         "attn_step_in": [(r(B, d), r(d), 1e-6, [r((H + 2 * Hkv) * D, d)], r(D // 2), torch.tensor([3, 7]),
                           H, Hkv)],

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from looplm.ops import cpp_ext
 from looplm.ops.qlinear import (
-    BLOCK,
+    GROUP,
     MAX_ROWS,
     kernel_applies,
     qembedding,
@@ -39,10 +39,10 @@ def _parts(fmt: str, w: torch.Tensor, group: int) -> tuple[list[torch.Tensor], t
 @needs_kernel
 @settings(max_examples=40, deadline=None)
 @given(fmt=st.sampled_from(["int8", "int4", "float32"]), rows=st.integers(1, 3 * MAX_ROWS),
-       n=st.integers(1, 150), blocks=st.sampled_from([1, 2, 3, 4, 6, 18]),
+       n=st.integers(1, 150), groups32=st.sampled_from([1, 2, 3, 4, 6, 18]),
        group=st.sampled_from([32, 64, 128]), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
-def test_kernel_equals_reference(fmt, rows, n, blocks, group, threads, seed):
-    k = BLOCK * blocks
+def test_kernel_equals_reference(fmt, rows, n, groups32, group, threads, seed):
+    k = GROUP * groups32
     if fmt == "float32":  # float weights: a decoding step's few rows only
         rows = min(rows, MAX_ROWS)
     if fmt == "int4" and k % group:
@@ -50,7 +50,7 @@ def test_kernel_equals_reference(fmt, rows, n, blocks, group, threads, seed):
     gen = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
     if seed % 3 == 0:
-        x[:, :BLOCK] = 0  # an all-zero block (scale 0)
+        x[:, :GROUP] = 0  # an all-zero group (scale 0)
     parts, _ = _parts(fmt, w, group)
     assert kernel_applies(x, parts)
     with torch_threads(threads), torch.no_grad():
@@ -71,7 +71,7 @@ def test_kernel_within_the_activation_rounding_bound(fmt, group):
         got = qlinear(x, parts).double()
     exact = x.double() @ w_hat.double().t()
     _, d = quantize_rows(x)
-    half_step = (d.double() / 2).repeat_interleave(BLOCK, dim=1)  # [3, 576]
+    half_step = (d.double() / 2).repeat_interleave(GROUP, dim=1)  # [3, 576]
     bound = half_step @ w_hat.double().abs().t()
     assert ((got - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
     assert (got - exact).abs().max() < 0.02 * exact.abs().max()  # and small in practice

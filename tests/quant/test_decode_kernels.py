@@ -1,5 +1,5 @@
-"""Quantised models decode in the C++ block step: an attention block's step with int8 / int4
-projections and FFN equals the Python block's, and a model with every linear and the tied
+"""Quantised models decode in the C++ layer step: an attention layer's step with int8 / int4
+projections and FFN equals the Python layer's, and a model with every linear and the tied
 embedding/head quantised decodes step by step as its Python steps and close to its full forward."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from looplm.generate import generate_ids
-from looplm.layers.block import Block
+from looplm.layers.layer import Layer
 from looplm.layers.layer_step import eligible, layer_step
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
@@ -33,21 +33,21 @@ def _config(**kw) -> LoopConfig:
 @settings(max_examples=20, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), kv_heads=st.sampled_from([1, 2, 4]), cached=st.integers(0, 20),
        batch=st.integers(1, 3), threads=st.sampled_from([1, 2]))
-def test_quantised_attention_block_step_equals_python_block(fmt, kv_heads, cached, batch, threads):
+def test_quantised_attention_layer_step_equals_python_layer(fmt, kv_heads, cached, batch, threads):
     torch.manual_seed(cached + 7 * batch)
-    blk = Block(_config(n_kv_heads=kv_heads, n_core=1), "attention").eval()
-    quantize_model(blk, fmt[0], group_size=fmt[1])
-    assert isinstance(blk.ffn.w_in, QuantLinear) and eligible(blk)
+    layer = Layer(_config(n_kv_heads=kv_heads, n_core=1), "attention").eval()
+    quantize_model(layer, fmt[0], group_size=fmt[1])
+    assert isinstance(layer.ffn.w_in, QuantLinear) and eligible(layer)
     with torch.no_grad():
-        s = blk.mixer.init_state(batch)
+        s = layer.mixer.init_state(batch)
         if cached:
             prompt_pos = torch.arange(cached).expand(batch, cached)
-            s = blk(torch.randn(batch, cached, 64), s, positions=prompt_pos)[1]
+            s = layer(torch.randn(batch, cached, 64), s, positions=prompt_pos)[1]
         x, pos = torch.randn(batch, 1, 64), torch.full((batch, 1), cached)
         with torch_threads(threads):
-            fused = layer_step(blk, x, s, None, None, pos)
+            fused = layer_step(layer, x, s, None, None, pos)
             with cpp_ext.kernels("ops"):
-                want_h, want_s, _ = blk(x, s, positions=pos)
+                want_h, want_s, _ = layer(x, s, positions=pos)
     assert fused is not None
     torch.testing.assert_close(fused[0], want_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1].k, want_s.k, rtol=1e-5, atol=1e-5)
@@ -87,17 +87,17 @@ def test_quantised_tied_head_runs_only_at_the_last_prompt_position():
 
 @needs_kernel
 def test_the_cached_kernel_plan_follows_module_swaps():
-    """The attention step caches its checked weight arguments on the block; quantising the block
+    """The attention step caches its checked weight arguments on the layer; quantising the layer
     afterwards (new modules, new tensors) must be seen at the next step."""
     torch.manual_seed(3)
-    blk = Block(_config(n_core=1), "attention").eval()
-    s = blk.mixer.init_state(1)
+    layer = Layer(_config(n_core=1), "attention").eval()
+    s = layer.mixer.init_state(1)
     x, pos = torch.randn(1, 1, 64), torch.zeros(1, 1, dtype=torch.long)
     with torch.no_grad():
-        float_h = layer_step(blk, x, s, None, None, pos)[0]
-        quantize_model(blk, "int4", group_size=32)
-        quant_h = layer_step(blk, x, s, None, None, pos)[0]
+        float_h = layer_step(layer, x, s, None, None, pos)[0]
+        quantize_model(layer, "int4", group_size=32)
+        quant_h = layer_step(layer, x, s, None, None, pos)[0]
         with cpp_ext.kernels("ops"):
-            want = blk(x, s, positions=pos)[0]
+            want = layer(x, s, positions=pos)[0]
     torch.testing.assert_close(quant_h, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(quant_h, float_h, rtol=1e-5, atol=1e-5)

@@ -79,10 +79,10 @@ def test_fp4_mx_round_trip_bound_and_power_of_two_scales(shape, scale, seed):
     w = rand(shape, scale, seed)
     parts = qf.quantize_fp4_mx(w)
     back = qf.dequantize_fp4_mx(parts["packed"], parts["exponent"])
-    block_scale = torch.exp2(parts["exponent"].float() - 127).repeat_interleave(32, 1)
-    x = (w / block_scale).abs()
+    group_scale = torch.exp2(parts["exponent"].float() - 127).repeat_interleave(32, 1)
+    x = (w / group_scale).abs()
     assert (x < 8).all()  # the E8M0 rule: scale = 2^(floor(log2 amax) - 2)
-    bound = torch.where(x <= 2, 0.25, torch.where(x <= 4, 0.5, torch.where(x <= 6, 1.0, 2.0))) * block_scale
+    bound = torch.where(x <= 2, 0.25, torch.where(x <= 4, 0.5, torch.where(x <= 6, 1.0, 2.0))) * group_scale
     assert ((back - w).abs() <= bound).all()
     wb = w.reshape(shape[0], -1, 32).abs().amax(-1)
     assert ((wb / torch.exp2(parts["exponent"].float() - 127) >= 4) | (wb == 0)).all()

@@ -90,9 +90,9 @@ def test_int4_experts_decode_through_the_quantised_modules_and_step_equals_forwa
         if isinstance(m, QuantExperts):
             real = m.forward
             m.forward = lambda e, x, real=real: calls.append(x.shape[0]) or real(e, x)
-    blk = model.core[0]
+    layer = model.core[0]
     x = torch.randn(1, 1, 64)
-    assert layer_step(blk, x, blk.mixer.init_state(1), None, None) is None  # Python layer, not moe_step
+    assert layer_step(layer, x, layer.mixer.init_state(1), None, None) is None  # Python layer, not moe_step
     ids = torch.randint(0, 256, (1, 10))
     full, steps = _step_logits(model, ids, 6)
     assert 1 in calls  # one-token steps ran the quantised experts

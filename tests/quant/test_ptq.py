@@ -50,8 +50,8 @@ def test_quantised_checkpoint_loads_through_load_model_and_generates(tmp_path, n
     model = quantize_model(ref, name, group_size=32 if name == "int4" else None,
                            keep_embeddings=False, keep_head=False)
     save_model(model, tmp_path)
-    block = json.loads((tmp_path / "config.json").read_text())["quantization"]
-    assert block["format"] == name
+    section = json.loads((tmp_path / "config.json").read_text())["quantization"]
+    assert section["format"] == name
     loaded = load_model(tmp_path)
     assert loaded.quantization == model.quantization
     assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -73,7 +73,7 @@ def test_quantised_weights_take_their_format_bits(tmp_path, name):
     assert sizes[0] - sizes[1] == pytest.approx(n * (4 - bits / 8), rel=0.02)
 
 
-def _edit_block(path, **changes):
+def _edit_section(path, **changes):
     data = json.loads((path / "config.json").read_text())
     data["quantization"].update(changes)
     (path / "config.json").write_text(json.dumps(data))
@@ -90,12 +90,12 @@ def _edit_block(path, **changes):
 def test_wrong_format_metadata_is_a_checkpoint_error(tmp_path, change, match):
     save_model(quantize_model(tiny(), "int8" if "format" in change else "int4", group_size=None
                               if "format" in change else 32), tmp_path)
-    _edit_block(tmp_path, **change)
+    _edit_section(tmp_path, **change)
     with pytest.raises(CheckpointError, match=match):
         load_model(tmp_path)
 
 
-def test_missing_block_is_a_checkpoint_error(tmp_path):
+def test_missing_section_is_a_checkpoint_error(tmp_path):
     save_model(quantize_model(tiny(), "int8"), tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
     del data["quantization"]

@@ -1,10 +1,10 @@
-// One decoding step (T = 1) of a pre-norm block with softmax attention, for B rows, in two calls
+// One decoding step (T = 1) of a pre-norm layer with softmax attention, for B rows, in two calls
 // around the cache append (looplm/layers/kv_cache.py): attn_step_in (norm, q|k|v projection,
 // RoPE) and attn_step_out (attention over the whole cache, output projection, residual, dense
 // SwiGLU FFN or none). Weights are lists of parts in any of qmatvec.h's formats (float32, int8,
 // int4). attn_step_out also reads a cache held as int8 codes with one float32 scale per cached
-// row (slot and key head; looplm/ops/kv_quant.py), dequantising a block of rows at a time. See
-// looplm/layers/layer_step.py for why this exists; the Python block is the reference and the
+// row (slot and key head; looplm/ops/kv_quant.py), dequantising a chunk of rows at a time. See
+// looplm/layers/layer_step.py for why this exists; the Python layer is the reference and the
 // tests compare the two.
 #include "simd.h"  // first: it selects ATen's vector instruction set
 
@@ -121,23 +121,23 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
             int64_t S, const int64_t* first, float* op) {
   const int64_t group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // The cache is read in blocks of keys over threads, once for q k^T and once for p v, with one
-  // BLAS gemv per head and block (hand-written dot products per key ran 1.5-3x slower than SDPA
-  // at 8192-16384 keys); the blocks' partial outputs are summed in block order. Int8 rows are
-  // dequantised a block at a time into a buffer of the thread's own.
+  // The cache is read in chunks of keys over threads, once for q k^T and once for p v, with one
+  // BLAS gemv per head and chunk (hand-written dot products per key ran 1.5-3x slower than SDPA
+  // at 8192-16384 keys); the chunks' partial outputs are summed in chunk order. Int8 rows are
+  // dequantised a chunk at a time into a buffer of the thread's own.
   using looplm::Vec;
   const int64_t V = Vec::size();
-  constexpr int64_t kKeys = 256;  // keys per block
-  const int64_t blocks = (S + kKeys - 1) / kKeys, BH = B * H;
-  std::vector<float> score(static_cast<size_t>(BH) * S), partial(static_cast<size_t>(blocks) * BH * D, 0.0f);
+  constexpr int64_t kKeys = 256;  // keys per chunk
+  const int64_t chunks = (S + kKeys - 1) / kKeys, BH = B * H;
+  std::vector<float> score(static_cast<size_t>(BH) * S), partial(static_cast<size_t>(chunks) * BH * D, 0.0f);
   const int Di = static_cast<int>(D), inc = 1;
   const char tr = 'T', no = 'N';
   const float fzero = 0.0f, fone = 1.0f;
   auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
   const bool quantised = kr.f == nullptr || vr.f == nullptr;
-  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
-    for (int64_t c = c0; c < c1; ++c) {  // scores of a block of keys: BLAS gemv per head
+    for (int64_t c = c0; c < c1; ++c) {  // scores of a chunk of keys: BLAS gemv per head
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
       for (int64_t bh = 0; bh < BH; ++bh) {
@@ -164,9 +164,9 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
       for (t = 0; t < n; ++t) sc[t] *= inv;
     }
   });
-  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
-    for (int64_t c = c0; c < c1; ++c) {  // p v of a block of keys: BLAS gemv per head
+    for (int64_t c = c0; c < c1; ++c) {  // p v of a chunk of keys: BLAS gemv per head
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
       float* part = partial.data() + c * BH * D;
@@ -181,7 +181,7 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
     }
   });
   for (int64_t i = 0; i < BH * D; ++i) op[i] = 0;
-  for (int64_t c = 0; c < blocks; ++c)
+  for (int64_t c = 0; c < chunks; ++c)
     for (int64_t i = 0; i < BH * D; ++i) op[i] += partial[c * BH * D + i];
 }
 
@@ -236,7 +236,7 @@ CacheRows cache_rows(const Tensor& t, const std::optional<Tensor>& scale, int64_
   return r;
 }
 
-// h [B, d] (the block's input), q [B, H, D], k, v [B, S, Hkv, D] (the cache after the append,
+// h [B, d] (the layer's input), q [B, H, D], k, v [B, S, Hkv, D] (the cache after the append,
 // last dim contiguous: views of its buffer), o_w: parts of [d, H D]; ffn_norm_w [d], ffn_in_w:
 // parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists); starts [B] long or
 // None (zeros): each row's first seen slot; k_scale, v_scale [B, S, Hkv, 1] float32 (both or
@@ -294,15 +294,15 @@ std::vector<Tensor> parts_at(const c10::List<std::optional<Tensor>>& w, int64_t 
 
 constexpr int64_t kSlots = 14;  // per layer: norm, qkv (3), o (3), ffn norm, ffn in (3), ffn out (3)
 
-// A decoding step (T = 1) of L attention blocks in a row, each with its cache appended in place:
+// A decoding step (T = 1) of L attention layers in a row, each with its cache appended in place:
 // h [B, d]; w: kSlots entries per layer (mixer norm; the parts of qkv, o, FFN in, FFN out, each
-// padded with None to 3; FFN norm and parts None for a block without an FFN); eps [2 L] (mixer,
+// padded with None to 3; FFN norm and parts None for a layer without an FFN); eps [2 L] (mixer,
 // FFN norms); caches: per layer its buffers k, v [B, C, Hkv, D], key_mask [B, C] bool, pos [B, C]
 // long, of which the first lengths[l] slots are in use: slot lengths[l] gets the new key, value,
-// True and the position, then the block attends over lengths[l] + 1 slots (the caller checks they
+// True and the position, then the layer attends over lengths[l] + 1 slots (the caller checks they
 // are all unmasked and not later). An int8 cache (k, v int8 codes; every layer's alike) has two
 // more buffers per layer, k_scale, v_scale [B, C, Hkv, 1] float32: the new key and value are
-// quantised per head as looplm/ops/kv_quant.py's quantize_rows does. -> h after the L blocks.
+// quantised per head as looplm/ops/kv_quant.py's quantize_rows does. -> h after the L layers.
 Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& w, at::ArrayRef<double> eps,
                        const Tensor& inv_freq, const Tensor& positions, int64_t n_heads, int64_t n_kv_heads,
                        at::TensorList caches, at::IntArrayRef lengths) {

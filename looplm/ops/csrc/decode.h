@@ -1,4 +1,4 @@
-// Helpers shared by the decoding kernels (block_step.cpp, moe_step.cpp, attn_step.cpp): argument
+// Helpers shared by the decoding kernels (layer_step.cpp, moe_step.cpp, attn_step.cpp): argument
 // checks, matrix-vector products of a few rows, RMSNorm of rows, the dense SwiGLU FFN (its weights
 // float32, int8 or int4: qmatvec.h).
 #pragma once

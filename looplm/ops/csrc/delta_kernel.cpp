@@ -41,7 +41,7 @@ Tensor causal_mask(int64_t c, const Tensor& like) {
   return at::ones({c, c}, like.options().dtype(at::kBool)).tril();
 }
 
-// (I + tril(m, -1))^{-1} for m [R, C, C], by block recursion (see unit_lower_inverse in Python).
+// (I + tril(m, -1))^{-1} for m [R, C, C], by recursive inversion over tiles (see unit_lower_inverse in Python).
 Tensor unit_lower_inverse(const Tensor& m) {
   const int64_t c = m.size(-1);
   int64_t c2 = 1;
@@ -158,7 +158,7 @@ void scan_forward(const Saved& s, const Tensor& s0, const Tensor& final, int64_t
 
 std::vector<Tensor> delta_chunk_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& beta,
                                         const std::optional<Tensor>& g, const Tensor& s0, int64_t n, double scale,
-                                        int64_t block_rows) {
+                                        int64_t tile_rows) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
               "delta_chunk_forward: contiguous [G*N, C, d] inputs expected");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -182,14 +182,14 @@ std::vector<Tensor> delta_chunk_forward(const Tensor& q, const Tensor& k, const 
   }
   Tensor o = at::empty({ng, c, dv}, q.options()), s_in = s.states.view({ng, dk, dv}), s0c = s0.contiguous();
   for_group_ranges(groups, [&](int64_t g0, int64_t g1) {
-    for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
-      chunk_terms(s, b, scale, r, std::min(r + block_rows, g1 * n));
+    for (int64_t r = g0 * n; r < g1 * n; r += tile_rows) {
+      chunk_terms(s, b, scale, r, std::min(r + tile_rows, g1 * n));
     }
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "delta_scan_forward",
                                [&] { scan_forward<scalar_t>(s, s0c, final, n, g0, g1); });
-    for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
+    for (int64_t r = g0 * n; r < g1 * n; r += tile_rows) {
       RECORD_FUNCTION("delta_kernel::output", std::vector<c10::IValue>());
-      const int64_t r1 = std::min(r + block_rows, g1 * n);
+      const int64_t r1 = std::min(r + tile_rows, g1 * n);
       Tensor orow = o.slice(0, r, r1);
       bmm_into(orow, s.p.slice(0, r, r1), s.delta.slice(0, r, r1));
       orow.baddbmm_(s.q_dec.slice(0, r, r1), s_in.slice(0, r, r1), 1.0, gated ? 1.0 : scale);
@@ -291,7 +291,7 @@ void scan_backward(const Saved& s, const Tensor& d_o_all, const Tensor& d_final,
 }
 
 std::vector<Tensor> delta_chunk_backward(const Tensor& d_o, const Tensor& d_final, at::TensorList saved, int64_t n,
-                                         double scale, bool gated, int64_t block_rows) {
+                                         double scale, bool gated, int64_t tile_rows) {
   TORCH_CHECK(saved.size() == (gated ? 15u : 12u), "delta_chunk_backward: wrong number of saved tensors");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   Saved s;
@@ -307,17 +307,17 @@ std::vector<Tensor> delta_chunk_backward(const Tensor& d_o, const Tensor& d_fina
   Tensor d_delta = at::empty({ng, c, dv}, d_o.options());
   Tensor g_next = at::empty({groups, n, dk, dv}, d_o.options()), d_s0 = at::empty({groups, dk, dv}, d_o.options());
   for_group_ranges(groups, [&](int64_t g0, int64_t g1) {
-    for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
+    for (int64_t r = g0 * n; r < g1 * n; r += tile_rows) {
       RECORD_FUNCTION("delta_kernel::d_delta_from_outputs", std::vector<c10::IValue>());
-      const int64_t r1 = std::min(r + block_rows, g1 * n);
+      const int64_t r1 = std::min(r + tile_rows, g1 * n);
       bmm_into(d_delta.slice(0, r, r1), mT(s.p.slice(0, r, r1)), d_o.slice(0, r, r1));
     }
     AT_DISPATCH_FLOATING_TYPES(d_o.scalar_type(), "delta_scan_backward", [&] {
       scan_backward<scalar_t>(s, d_o, d_final, d_delta, g_next, d_s0, scale, n, g0, g1);
     });
     Tensor g_rows = g_next.view({ng, dk, dv});
-    for (int64_t r = g0 * n; r < g1 * n; r += block_rows) {
-      input_grads(s, scale, d_o, d_delta, g_rows, out, r, std::min(r + block_rows, g1 * n));
+    for (int64_t r = g0 * n; r < g1 * n; r += tile_rows) {
+      input_grads(s, scale, d_o, d_delta, g_rows, out, r, std::min(r + tile_rows, g1 * n));
     }
   });
   return {out.d_q, out.d_k, out.d_v, out.d_beta, out.d_g, d_s0};
@@ -327,9 +327,9 @@ std::vector<Tensor> delta_chunk_backward(const Tensor& d_o, const Tensor& d_fina
 
 TORCH_LIBRARY(looplm, m) {
   m.def("delta_chunk_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor s0, int n, float scale, "
-        "int block_rows) -> Tensor[]");
+        "int tile_rows) -> Tensor[]");
   m.def("delta_chunk_backward(Tensor d_o, Tensor d_final, Tensor[] saved, int n, float scale, bool gated, "
-        "int block_rows) -> Tensor[]");
+        "int tile_rows) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {

@@ -1,4 +1,4 @@
-// One decoding step (T = 1) of a block's mixture-of-experts FFN with its residual, for B rows, in
+// One decoding step (T = 1) of a layer's mixture-of-experts FFN with its residual, for B rows, in
 // one call: h + MoE(rmsnorm(h)) with top-k routing over SwiGLU experts and an optional shared
 // expert. See looplm/layers/layer_step.py for why this exists; looplm/layers/moe.py is the
 // reference and the tests compare the two.

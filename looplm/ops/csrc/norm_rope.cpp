@@ -87,17 +87,17 @@ std::vector<Tensor> rms_norm_backward(const Tensor& gy, const Tensor& x, const T
               *wp = w.data_ptr<float>();
   const float* zp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
   float *gxp = gx.data_ptr<float>(), *gzp = zp ? gz.data_ptr<float>() : nullptr;
-  // gw in fixed blocks of rows, summed in order: the same bits for any number of threads (a
+  // gw in fixed tiles of rows, summed in order: the same bits for any number of threads (a
   // resumed run on another thread count must reproduce an uninterrupted one)
   constexpr int64_t kRowsPerSum = 64;
-  const int64_t blocks = (n + kRowsPerSum - 1) / kRowsPerSum;
-  std::vector<float> partial(need_w ? static_cast<size_t>(blocks) * d : 0, 0.0f);
+  const int64_t tiles = (n + kRowsPerSum - 1) / kRowsPerSum;
+  std::vector<float> partial(need_w ? static_cast<size_t>(tiles) * d : 0, 0.0f);
   const float inv_d = 1.0f / static_cast<float>(d);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> sig(zp ? d : 0), gated(zp ? d : 0);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      float* acc = need_w ? partial.data() + static_cast<size_t>(blk) * d : nullptr;
-      for (int64_t i = blk * kRowsPerSum; i < std::min(n, (blk + 1) * kRowsPerSum); ++i) {
+    for (int64_t tile = b0; tile < b1; ++tile) {
+      float* acc = need_w ? partial.data() + static_cast<size_t>(tile) * d : nullptr;
+      for (int64_t i = tile * kRowsPerSum; i < std::min(n, (tile + 1) * kRowsPerSum); ++i) {
         const float *gi = gp + i * d, *xi = xp + i * d;
         const float ri = rp[i];
         if (zp) {  // g = gy silu(z); gz = gy (n w) silu'(z), silu' = s (1 + z (1 - s))
@@ -125,8 +125,8 @@ std::vector<Tensor> rms_norm_backward(const Tensor& gy, const Tensor& x, const T
   Tensor gw = at::zeros({need_w ? d : 0}, x.options());
   if (need_w) {
     float* gwp = gw.data_ptr<float>();
-    for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int64_t j = 0; j < d; ++j) gwp[j] += partial[static_cast<size_t>(blk) * d + j];
+    for (int64_t tile = 0; tile < tiles; ++tile)
+      for (int64_t j = 0; j < d; ++j) gwp[j] += partial[static_cast<size_t>(tile) * d + j];
   }
   return {gx, gw, gz};
 }

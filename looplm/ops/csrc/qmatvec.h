@@ -7,8 +7,8 @@
 //   int4     [packed, scale, offset] packed uint8 [n, k/2] (element 2j in byte j's low nibble,
 //                                    2j+1 in its high one), scale, offset float32 [n, k/g]:
 //                                    W = offset + scale * q for the g inputs of a group
-// Quantised weights multiply a row x quantised to int8 in blocks of 32 inputs (x ≈ d_b * xq,
-// d_b = max|x_b| / 127), with integer dot products per block, scaled in float (the instruction
+// Quantised weights multiply a row x quantised to int8 in groups of 32 inputs (x ≈ d_b * xq,
+// d_b = max|x_b| / 127), with integer dot products per group, scaled in float (the instruction
 // set is the build machine's, -march=native: AVX-512 VNNI vpdpbusd on 512-bit vectors for int4
 // and 256-bit ones for int8 where the CPU has it, AVX2 vpmaddubsw + vpmaddwd on AVX2-only CPUs
 // such as older AMD EPYCs, plain loops elsewhere):
@@ -39,7 +39,7 @@
 
 namespace looplm {
 
-constexpr int64_t kQBlock = 32;  // inputs per activation quantisation block
+constexpr int64_t kQGroup = 32;  // inputs per activation quantisation group
 
 // One weight matrix [n, k] in a kernel format (pointers into tensors the caller keeps alive).
 struct QWeight {
@@ -70,7 +70,7 @@ inline QWeight qweight(const std::vector<at::Tensor>& parts, int64_t n, int64_t 
     check_part(parts[0], at::kFloat, {n, k}, op, "float32 weight");
     W.w = parts[0].data_ptr<float>();
   } else if (parts.size() == 2) {
-    TORCH_CHECK(k % kQBlock == 0, op, ": int8 weights need in_features divisible by ", kQBlock);
+    TORCH_CHECK(k % kQGroup == 0, op, ": int8 weights need in_features divisible by ", kQGroup);
     check_part(parts[0], at::kChar, {n, k}, op, "int8 q");
     check_part(parts[1], at::kFloat, {n}, op, "int8 scale");
     W.kind = QWeight::I8;
@@ -80,7 +80,7 @@ inline QWeight qweight(const std::vector<at::Tensor>& parts, int64_t n, int64_t 
     TORCH_CHECK(parts.size() == 3 && parts[1].dim() == 2 && parts[1].size(1) > 0, op,
                 ": weight parts must be [w], [q, scale] or [packed, scale, offset]");
     const int64_t groups = parts[1].size(1), g = k / groups;
-    TORCH_CHECK(g * groups == k && g % kQBlock == 0, op, ": int4 group size must be a multiple of ", kQBlock);
+    TORCH_CHECK(g * groups == k && g % kQGroup == 0, op, ": int4 group size must be a multiple of ", kQGroup);
     check_part(parts[0], at::kByte, {n, k / 2}, op, "int4 packed");
     check_part(parts[1], at::kFloat, {n, groups}, op, "int4 scale");
     check_part(parts[2], at::kFloat, {n, groups}, op, "int4 offset");
@@ -93,13 +93,13 @@ inline QWeight qweight(const std::vector<at::Tensor>& parts, int64_t n, int64_t 
   return W;
 }
 
-// One row x [k] quantised in blocks of 32 for the integer dot products.
+// One row x [k] quantised in groups of 32 for the integer dot products.
 struct QRow {
   int64_t k = 0;
   std::vector<int8_t> xq;     // [k] x_i ≈ d_b xq_i
-  std::vector<float> d;       // [k/32] block scales
+  std::vector<float> d;       // [k/32] the activation groups' scales
   std::vector<float> bsum;    // [k/32] d_b * sum(xq_b): the offset terms of int4
-  std::vector<float> lane_d;  // [k/8] d of the block of each group of 8 inputs (a VNNI lane)
+  std::vector<float> lane_d;  // [k/8] d of the activation group of each 8 inputs (a VNNI lane)
   std::vector<uint8_t> ax;    // [k] |xq| (int8 weights: vpdpbusd's unsigned side)
   std::vector<uint32_t> neg;  // [k/32] bit i: xq_i < 0 (the sign moved onto the weight)
   std::vector<int8_t> xeo;    // [k] per 128 inputs (then per 64 for the rest): the even-indexed xq,
@@ -107,7 +107,7 @@ struct QRow {
 
   void set(const float* x, int64_t k_) {
     k = k_;
-    const int64_t nb = k / kQBlock;
+    const int64_t nb = k / kQGroup;
     xq.resize(k);
     d.resize(nb);
     bsum.resize(nb);
@@ -116,23 +116,23 @@ struct QRow {
     neg.resize(nb);
     xeo.resize(k);
     for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + b * kQBlock;
+      const float* xb = x + b * kQGroup;
       float amax = 0;
-      for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      for (int64_t i = 0; i < kQGroup; ++i) amax = std::max(amax, std::fabs(xb[i]));
       const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
       int32_t s = 0;
       uint32_t bits = 0;
-      for (int64_t i = 0; i < kQBlock; ++i) {
+      for (int64_t i = 0; i < kQGroup; ++i) {
         const int8_t v = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
-        xq[b * kQBlock + i] = v;
-        ax[b * kQBlock + i] = static_cast<uint8_t>(v < 0 ? -v : v);
+        xq[b * kQGroup + i] = v;
+        ax[b * kQGroup + i] = static_cast<uint8_t>(v < 0 ? -v : v);
         bits |= static_cast<uint32_t>(v < 0) << i;
         s += v;
       }
       d[b] = db;
       bsum[b] = db * static_cast<float>(s);
       neg[b] = bits;
-      for (int64_t l = 0; l < kQBlock / 8; ++l) lane_d[b * (kQBlock / 8) + l] = db;
+      for (int64_t l = 0; l < kQGroup / 8; ++l) lane_d[b * (kQGroup / 8) + l] = db;
     }
     int64_t c = 0;
     for (const int64_t w : {128, 64}) {
@@ -169,20 +169,20 @@ inline float hsum(__m256 v) {
 // rows' scales.
 template <int R>
 inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
-  const int64_t k = x.k, nb = k / kQBlock;
+  const int64_t k = x.k, nb = k / kQGroup;
 #ifdef LOOPLM_SIMD
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ax.data() + b * kQBlock));
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ax.data() + b * kQGroup));
 #ifdef LOOPLM_VNNI
     const __mmask32 neg = static_cast<__mmask32>(x.neg[b]);
 #else
-    const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq.data() + b * kQBlock));
+    const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq.data() + b * kQGroup));
 #endif
     const __m256 db = _mm256_set1_ps(x.d[b]);
     for (int i = 0; i < R; ++i) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * k + b * kQBlock));
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * k + b * kQGroup));
 #ifdef LOOPLM_VNNI
       const __m256i sw = _mm256_mask_sub_epi8(w, neg, _mm256_setzero_si256(), w);
 #else
@@ -197,7 +197,7 @@ inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
     float acc = 0;
     for (int64_t b = 0; b < nb; ++b) {
       int32_t s = 0;
-      for (int64_t e = 0; e < kQBlock; ++e) s += int32_t(x.xq[b * kQBlock + e]) * int32_t(q[i * k + b * kQBlock + e]);
+      for (int64_t e = 0; e < kQGroup; ++e) s += int32_t(x.xq[b * kQGroup + e]) * int32_t(q[i * k + b * kQGroup + e]);
       acc += x.d[b] * static_cast<float>(s);
     }
     y[i] = acc;
@@ -206,23 +206,23 @@ inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
 }
 
 // Integer dot product of the int4 codes of inputs [32 b, 32 b + 32) with xq (scalar).
-inline int32_t dot_i4_block(const QRow& x, const uint8_t* packed, int64_t b) {
+inline int32_t dot_i4_group(const QRow& x, const uint8_t* packed, int64_t b) {
   int32_t s = 0;
-  const uint8_t* p = packed + b * (kQBlock / 2);
-  const int8_t* xb = x.xq.data() + b * kQBlock;
-  for (int64_t j = 0; j < kQBlock / 2; ++j) s += int32_t(p[j] & 15) * xb[2 * j] + int32_t(p[j] >> 4) * xb[2 * j + 1];
+  const uint8_t* p = packed + b * (kQGroup / 2);
+  const int8_t* xb = x.xq.data() + b * kQGroup;
+  for (int64_t j = 0; j < kQGroup / 2; ++j) s += int32_t(p[j] & 15) * xb[2 * j] + int32_t(p[j] >> 4) * xb[2 * j + 1];
   return s;
 }
 
 // R consecutive int4 weight rows (packed row stride k/2, scale / offset row stride k/g) times x;
-// xs [k/g]: sum of x's block sums per group (the offset terms). A vector step takes 128 inputs
+// xs [k/g]: sum of x's activation-group sums per weight group (the offset terms). A vector step takes 128 inputs
 // (64 bytes, 512-bit) or 64 (32 bytes): 32-bit lane l sums the products of inputs [8 l, 8 l + 8)
 // of the step (low nibbles with the even inputs, high with the odd: x.xeo's layout), so each lane
-// lies in one block of 32 and is scaled by its block's d and its group's scale.
+// lies in one activation group of 32 and is scaled by its d and its weight group's scale.
 template <int R>
 inline void dot_i4(const QRow& x, const uint8_t* packed, const float* scale, const float* offset, int64_t g,
                    const float* xs, float* y) {
-  const int64_t k = x.k, per = g / kQBlock, groups = k / g, pk = k / 2;
+  const int64_t k = x.k, per = g / kQGroup, groups = k / g, pk = k / 2;
   float acc[R] = {0};
   int64_t done = 0;  // inputs handled by the vector loops
 #ifdef LOOPLM_SIMD
@@ -293,8 +293,8 @@ inline void dot_i4(const QRow& x, const uint8_t* packed, const float* scale, con
 #endif
   for (int i = 0; i < R; ++i) {
     const float* sc = scale + i * groups;
-    for (int64_t b = done / kQBlock; b < k / kQBlock; ++b)
-      acc[i] += sc[b / per] * x.d[b] * static_cast<float>(dot_i4_block(x, packed + i * pk, b));
+    for (int64_t b = done / kQGroup; b < k / kQGroup; ++b)
+      acc[i] += sc[b / per] * x.d[b] * static_cast<float>(dot_i4_group(x, packed + i * pk, b));
     y[i] = acc[i] + dot(offset + i * groups, xs, groups);
   }
 }
@@ -336,7 +336,7 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
                      const std::vector<int64_t>& offs, float* out, int64_t width) {
   std::vector<QRow> xq;
   const QRow none;
-  std::vector<std::vector<float>> xs(ws.size() * rows);  // per weight and row: block sums per group
+  std::vector<std::vector<float>> xs(ws.size() * rows);  // per weight and row: activation-group sums per weight group
   bool any_q = false;
   int64_t total = 0;
   for (const QWeight& w : ws) {
@@ -359,11 +359,11 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
     });
     for (size_t p = 0; p < ws.size(); ++p) {
       if (ws[p].kind != QWeight::I4) continue;
-      const int64_t per = ws[p].group / kQBlock;
+      const int64_t per = ws[p].group / kQGroup;
       for (int64_t r = 0; r < rows; ++r) {
         std::vector<float>& v = xs[p * rows + r];
         v.assign(k / ws[p].group, 0.0f);
-        for (int64_t b = 0; b < k / kQBlock; ++b) v[b / per] += xq[r].bsum[b];
+        for (int64_t b = 0; b < k / kQGroup; ++b) v[b / per] += xq[r].bsum[b];
       }
     }
   }

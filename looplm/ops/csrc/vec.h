@@ -1,4 +1,4 @@
-// Small vector helpers shared by the decoding kernels (linear_small.cpp, block_step.cpp).
+// Small vector helpers shared by the decoding kernels (linear_small.cpp, layer_step.cpp).
 #pragma once
 
 #include <cstdint>

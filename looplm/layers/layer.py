@@ -1,15 +1,16 @@
-"""The pre-norm residual block: ``h + mixer(norm(h))``, then ``h + ffn(norm(h))`` (no FFN when
+"""The pre-norm residual layer: ``h + mixer(norm(h))``, then ``h + ffn(norm(h))`` (no FFN when
 ``ffn="none"``).
 
 The FFN runs only on the rows ``mask`` keeps (a gathered ``[N, d]`` matrix), so absent tokens
 cost nothing there. ``shared_kv`` (MoR recursive KV sharing, Bae et al. 2025) makes an attention
 mixer read the keys/values another recursion cached instead of its own: queries come from this
-block's input, nothing is cached here.
+layer's input, nothing is cached here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -40,7 +41,13 @@ def attend_shared(attn: Attention, x: torch.Tensor, kv: KVState, positions: torc
     return attn.o_proj(o.reshape(B, T, H * D))
 
 
-class Block(nn.Module):
+class Mixer(Protocol):
+    """What a layer needs of its mixer beyond ``nn.Module``: an empty decoding state."""
+
+    def init_state(self, batch_size: int) -> Any: ...
+
+
+class Layer(nn.Module):
     """One layer of LoopLM; ``mixer`` names its token mixer, ``config`` is a LoopConfig."""
 
     def __init__(self, config: Any, mixer: str) -> None:
@@ -59,17 +66,21 @@ class Block(nn.Module):
         self.mixer_matmul = matmul_params(self.mixer)
         self.ffn_cost = spec.cost(self.ffn)  # what a token costs in the FFN (looplm/flops.py)
 
-    def train(self, mode: bool = True) -> Block:
+    def train(self, mode: bool = True) -> Layer:
         """Train or eval mode; the decoding kernel is decided here (:mod:`looplm.layers.layer_step`)."""
         super().train(mode)
         decide(self)
         return self
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Block:
+    def _apply(self, fn: Any, recurse: bool = True) -> Layer:
         """A device or dtype change (``.to``, ``.float()``...); the decoding kernel is decided again."""
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch's Module._apply is untyped
         decide(self)
         return self
+
+    def init_state(self, batch_size: int) -> Any:
+        """An empty decoding state of the mixer for ``batch_size`` rows (its own state type)."""
+        return cast(Mixer, self.mixer).init_state(batch_size)  # every registered mixer has one
 
     @property
     def is_attention(self) -> bool:
@@ -124,3 +135,14 @@ class Block(nn.Module):
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(x) if self.drop.p and self.training else x
+
+
+def as_layers(modules: Iterable[nn.Module]) -> list[Layer]:
+    """The layers of a prelude, core or coda ``nn.ModuleList`` as Layers (TypeError on another
+    module: the list's items are typed as plain modules)."""
+    layers = []
+    for m in modules:
+        if not isinstance(m, Layer):
+            raise TypeError(f"expected a Layer, got {type(m).__name__}")
+        layers.append(m)
+    return layers

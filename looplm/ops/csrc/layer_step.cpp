@@ -1,7 +1,7 @@
-// One decoding step (T = 1) of a whole pre-norm block with a fixed-state mixer (DeltaNet / gated
-// DeltaNet: delta_block_step; linear attention, retention, simple GLA, GLA: decay_block_step) and
+// One decoding step (T = 1) of a whole pre-norm layer with a fixed-state mixer (DeltaNet / gated
+// DeltaNet: delta_layer_step; linear attention, retention, simple GLA, GLA: decay_layer_step) and
 // a dense SwiGLU FFN (or none), for B rows, in one call. See looplm/layers/layer_step.py for why
-// this exists; the Python block (looplm/layers/block.py and mixers.py) is the reference, and the
+// this exists; the Python layer (looplm/layers/layer.py and mixers.py) is the reference, and the
 // tests compare the two. Every matrix-vector product reads each weight row once for all B rows,
 // rows split over threads; the rest (norms, short conv, delta-rule update) is a few thousand
 // flops per head and runs on the calling thread.
@@ -35,10 +35,10 @@ inline float logsigmoid(float x) { return std::min(x, 0.0f) - std::log1p(std::ex
 const float* ptr(const Tensor& t) { return looplm::fptr(t); }
 
 void check(const Tensor& t, const char* name, std::vector<int64_t> shape) {
-  looplm::check_float(t, "block_step", name, std::move(shape));
+  looplm::check_float(t, "layer_step", name, std::move(shape));
 }
 
-// The parts every fixed-state block shares: h [B, d]; conv_state [B, K-1, C]; ssm [B, H, dk, dv];
+// The parts every fixed-state layer shares: h [B, d]; conv_state [B, K-1, C]; ssm [B, H, dk, dv];
 // qkv_w [C, d] with C = 2 H dk + H dv; conv_w [C, K]; g_w [H dv, d] (output gate); head_w [dv];
 // o_w [d, H dv]; ffn_norm_w [d], ffn_in_w [2F, d] (gate | up), ffn_out_w [d, F] (all or none).
 struct Common {
@@ -48,11 +48,11 @@ struct Common {
   int64_t B, d, H, dk, dv, C, K, F;
 
   void check_all() {
-    TORCH_CHECK(h.dim() == 2 && ssm.dim() == 4 && conv_w.dim() == 2, "block_step: h [B, d], ssm [B, H, dk, dv]");
+    TORCH_CHECK(h.dim() == 2 && ssm.dim() == 4 && conv_w.dim() == 2, "layer_step: h [B, d], ssm [B, H, dk, dv]");
     B = h.size(0), d = h.size(1), H = ssm.size(1), dk = ssm.size(2), dv = ssm.size(3);
     C = 2 * H * dk + H * dv, K = conv_w.size(1);
     const bool ffn = ffn_in_w.has_value();
-    TORCH_CHECK(ffn_norm_w.has_value() == ffn && ffn_out_w.has_value() == ffn, "block_step: all FFN weights or none");
+    TORCH_CHECK(ffn_norm_w.has_value() == ffn && ffn_out_w.has_value() == ffn, "layer_step: all FFN weights or none");
     check(h, "h", {B, d});
     check(conv_state, "conv_state", {B, K - 1, C});
     check(ssm, "ssm", {B, H, dk, dv});
@@ -129,7 +129,7 @@ struct Common {
 // DeltaNet / gated DeltaNet: beta_w [H, d], beta_b [H]; a_w [H, d], a_log, dt_bias [H] (gated only).
 // Per (row, head): L2-normalised q, k; S = a S_old + beta k^T (v - k a S_old); o = scale q S.
 // Returns (h' [B, d], conv_state', ssm').
-std::vector<Tensor> delta_block_step(const Tensor& h, const Tensor& conv_state, const Tensor& ssm,
+std::vector<Tensor> delta_layer_step(const Tensor& h, const Tensor& conv_state, const Tensor& ssm,
                                      const Tensor& norm_w, const Tensor& qkv_w, const Tensor& conv_w,
                                      const Tensor& g_w, const Tensor& head_w, const Tensor& o_w,
                                      const std::optional<Tensor>& ffn_norm_w, const std::optional<Tensor>& ffn_in_w,
@@ -142,7 +142,7 @@ std::vector<Tensor> delta_block_step(const Tensor& h, const Tensor& conv_state, 
   m.check_all();
   const int64_t B = m.B, d = m.d, H = m.H, dk = m.dk, dv = m.dv, C = m.C;
   const bool gated = a_w.has_value();
-  TORCH_CHECK(a_log.has_value() == gated && dt_bias.has_value() == gated, "block_step: a_w, a_log, dt_bias together");
+  TORCH_CHECK(a_log.has_value() == gated && dt_bias.has_value() == gated, "layer_step: a_w, a_log, dt_bias together");
   check(beta_w, "beta_w", {H, d});
   check(beta_b, "beta_b", {H});
   if (gated) {
@@ -202,7 +202,7 @@ std::vector<Tensor> delta_block_step(const Tensor& h, const Tensor& conv_state, 
 // - gk_w [r, d], gk2_w [H dk, r], gk2_b [H dk]: logsigmoid((x gk_w) gk2_w + gk2_b) / tau per key
 //   dimension (GLA's low-rank gate),
 // or none of them (linear attention, a = 1). Returns (h' [B, d], conv_state', ssm').
-std::vector<Tensor> decay_block_step(const Tensor& h, const Tensor& conv_state, const Tensor& ssm,
+std::vector<Tensor> decay_layer_step(const Tensor& h, const Tensor& conv_state, const Tensor& ssm,
                                      const Tensor& norm_w, const Tensor& qkv_w, const Tensor& conv_w,
                                      const Tensor& g_w, const Tensor& head_w, const Tensor& o_w,
                                      const std::optional<Tensor>& ffn_norm_w, const std::optional<Tensor>& ffn_in_w,
@@ -215,15 +215,15 @@ std::vector<Tensor> decay_block_step(const Tensor& h, const Tensor& conv_state, 
            norm_eps, head_eps, ffn_eps};
   m.check_all();
   const int64_t B = m.B, d = m.d, H = m.H, dk = m.dk, dv = m.dv, C = m.C;
-  TORCH_CHECK(feature == 0 || feature == 1, "block_step: feature must be 0 (identity) or 1 (elu + 1)");
+  TORCH_CHECK(feature == 0 || feature == 1, "layer_step: feature must be 0 (identity) or 1 (elu + 1)");
   const bool low_rank = gk2_w.has_value(), scalar = gk_w.has_value() && !low_rank;
-  TORCH_CHECK(!(log_gamma.has_value() && gk_w.has_value()), "block_step: log_gamma or gk_w, not both");
-  TORCH_CHECK(!low_rank || (gk_w.has_value() && gk2_b.has_value()), "block_step: gk2_w needs gk_w and gk2_b");
+  TORCH_CHECK(!(log_gamma.has_value() && gk_w.has_value()), "layer_step: log_gamma or gk_w, not both");
+  TORCH_CHECK(!low_rank || (gk_w.has_value() && gk2_b.has_value()), "layer_step: gk2_w needs gk_w and gk2_b");
   if (log_gamma.has_value()) check(*log_gamma, "log_gamma", {H});
   const int64_t rank = low_rank ? gk_w->size(0) : H;
   if (gk_w.has_value()) check(*gk_w, "gk_w", {rank, d});
   if (scalar) {
-    TORCH_CHECK(gk_b.has_value(), "block_step: gk_b with gk_w");
+    TORCH_CHECK(gk_b.has_value(), "layer_step: gk_b with gk_w");
     check(*gk_b, "gk_b", {H});
   }
   if (low_rank) {
@@ -295,19 +295,19 @@ std::vector<Tensor> decay_block_step(const Tensor& h, const Tensor& conv_state, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(looplm, m) {
-#define LOOPLM_BLOCK_COMMON                                                                                 \
+#define LOOPLM_LAYER_COMMON                                                                                 \
   "Tensor h, Tensor conv_state, Tensor ssm, Tensor norm_w, Tensor qkv_w, Tensor conv_w, Tensor g_w, "      \
   "Tensor head_w, Tensor o_w, Tensor? ffn_norm_w, Tensor? ffn_in_w, Tensor? ffn_out_w, float norm_eps, " \
   "float head_eps, float ffn_eps, "
-  m.def("delta_block_step(" LOOPLM_BLOCK_COMMON
+  m.def("delta_layer_step(" LOOPLM_LAYER_COMMON
         "Tensor beta_w, Tensor beta_b, Tensor? a_w, Tensor? a_log, Tensor? dt_bias) -> Tensor[]");
-  m.def("decay_block_step(" LOOPLM_BLOCK_COMMON
+  m.def("decay_layer_step(" LOOPLM_LAYER_COMMON
         "int feature, Tensor? log_gamma, Tensor? gk_w, Tensor? gk_b, Tensor? gk2_w, Tensor? gk2_b, float tau) "
         "-> Tensor[]");
-#undef LOOPLM_BLOCK_COMMON
+#undef LOOPLM_LAYER_COMMON
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {
-  m.impl("delta_block_step", delta_block_step);
-  m.impl("decay_block_step", decay_block_step);
+  m.impl("delta_layer_step", delta_layer_step);
+  m.impl("decay_layer_step", decay_layer_step);
 }
