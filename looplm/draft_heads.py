@@ -78,7 +78,7 @@ class MedusaHeads(nn.Module):
         self.blocks = nn.ModuleList(linears)  # the paper's ResBlocks; the name keys the heads file
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([x + F.silu(blk(x)) for blk in self.blocks], dim=-2)
+        return torch.stack([x + F.silu(lin(x)) for lin in self.blocks], dim=-2)
 
 
 def new_heads(model: LoopLM, kind: str, count: int) -> ExitHead | MedusaHeads:
