@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from looplm.layers.layer import Layer
-from looplm.routers import LAYER_ROUTERS, ROUTERS
+from looplm.routers import LAYER_ROUTERS, ROUTERS, RouterSpec
 
 Number = int | float | torch.Tensor
 
@@ -58,6 +58,15 @@ class Tally:
             self.flop_terms.append(flops)
         else:
             self.flops += flops
+
+    def router(self, spec: RouterSpec, tokens: Number) -> None:
+        """Count one call of a (recursion or layer) router that scored ``tokens`` tokens."""
+        self.add(spec.call_flops(self.config) * tokens)
+
+    def head(self, rows: Number) -> None:
+        """Count the output head on ``rows`` hidden states (``2·d·V`` each)."""
+        c = self.config
+        self.add(2.0 * c.d_model * c.vocab_size * rows)
 
     def add_loss(self, name: str, value: torch.Tensor, weight: float) -> None:
         self.losses[name] = self.losses.get(name, 0) + value.detach()

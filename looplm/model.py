@@ -424,7 +424,7 @@ class LoopLM(nn.Module):
             logits = as_head(h)
         else:
             logits = linear(h, self.embed.weight)
-        tally.add(2.0 * c.d_model * c.vocab_size * (n_valid if logits_at is None else h.shape[0]))
+        tally.head(n_valid if logits_at is None else h.shape[0])
         loss = None
         if targets is not None:
             t = targets if mask is None else targets.masked_fill(~mask, -100)
@@ -481,7 +481,7 @@ class LoopLM(nn.Module):
         valid = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         keep, gate, loss = mod(0, h, valid, valid)
         tally.add_loss("mod_loss", loss, self.config.router_loss_weight)
-        tally.add(self.layer_router_spec.call_flops(self.config) * valid.sum())
+        tally.router(self.layer_router_spec, valid.sum())
         if not bool(keep.any()):  # no token runs this layer: its state stays as it was
             s = None if state is None else state.layers.get(key)
             if state is not None and s is None:
@@ -537,14 +537,14 @@ class LoopLM(nn.Module):
         if isinstance(self.router, TokenChoiceRouter):
             depth, gate, loss = self.router(h, valid, depth)
             tally.add_loss("router_loss", loss, c.router_loss_weight)
-            tally.add(self.router_spec.call_flops(c) * valid.sum())
+            tally.router(self.router_spec, valid.sum())
         ran = torch.zeros_like(valid, dtype=torch.long)
         shared: dict[int, Any] = {}
         for r in range(c.n_recursions):
             if isinstance(self.router, ExpertChoiceRouter):
                 active, gate, loss = self.router(r, h, active, valid, depth)
                 tally.add_loss("router_loss", loss, c.router_loss_weight)
-                tally.add(self.router_spec.call_flops(c) * valid.sum())
+                tally.router(self.router_spec, valid.sum())
             elif depth is not None:
                 active = active & (depth > r)
             ran = ran + active.long()
@@ -569,7 +569,7 @@ class LoopLM(nn.Module):
             reached.append(rem)
             h, route = self._recursion(r, h, active, None, positions, state, shared, tally, route)
             if r < c.n_recursions - 1:
-                tally.add(self.router_spec.call_flops(c) * active.sum())
+                tally.router(self.router_spec, active.sum())
             weight, rem, active = self.router.step(r, h, rem, active, depth)
             weights.append(weight)
             out = out + weight[..., None] * h
