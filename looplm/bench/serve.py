@@ -32,6 +32,7 @@ tokens together, on the checkpoint's weights in float32 and int4 (groups of 32, 
 head too), beside transformers' batched ``generate`` of the same rows on the same weights
 (decode time = the time of N + 1 new tokens minus that of 1), where the checkpoint is a plain
 Llama-shaped model. Ratios printed: engine / transformers at each row count, int4 / float32.
+``--engine-only`` runs this table alone (no servers, no state-memory table; minutes).
 
 Each level stops starting requests after ``--level-seconds`` and stops waiting for those in
 flight after twice that (they are reported as ``cut``, apart from errors), so a run's length is
@@ -86,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-rows", default="16,64", help="rows of the engine table ('' : none)")
     parser.add_argument("--engine-prompt", type=int, default=64, help="prompt tokens of the engine table")
     parser.add_argument("--engine-tokens", type=int, default=32, help="new tokens of the engine table")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="only the engine table: no servers, no state-memory table")
     parser.add_argument("--out", default="bench_results/serve")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
 
@@ -352,8 +355,23 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     engine_rows = parse_int_list(args.engine_rows, "--engine-rows") if args.engine_rows.strip() else []
     e_prompt, e_tokens = (8, 4) if args.quick else (args.engine_prompt, args.engine_tokens)
-    engine = engine_table(args.checkpoint, engine_rows, e_prompt, e_tokens) if engine_rows else []
+    if args.engine_only and not engine_rows:
+        raise LoopLMError("--engine-only needs --engine-rows (the rows of the engine table)")
+    threads = torch.get_num_threads()
+    if args.threads:  # the engine table runs in this process
+        torch.set_num_threads(args.threads)
+    try:
+        engine = engine_table(args.checkpoint, engine_rows, e_prompt, e_tokens) if engine_rows else []
+    finally:
+        torch.set_num_threads(threads)
     engine_text = _engine_report(engine) if engine else ""
+    settings = {"checkpoint": args.checkpoint, "threads": args.threads, "engine_rows": engine_rows,
+                "engine_prompt": e_prompt, "engine_tokens": e_tokens}
+    if args.engine_only:
+        write_json(args.out, "serve", {"settings": settings, "machine": machine_info(), "engine": engine,
+                                       "seconds": time.perf_counter() - began,
+                                       "table": "Engine decode:\n\n" + engine_text})
+        return 0
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     for name in wanted:
@@ -400,11 +418,9 @@ def run(args: argparse.Namespace) -> int:
     print(memory_table)
     elapsed = time.perf_counter() - began
     print(f"bench serve took {elapsed:.0f} s")
-    write_json(args.out, "serve", {"settings": {"levels": levels, "prompt_tokens": lengths,
+    write_json(args.out, "serve", {"settings": {**settings, "levels": levels, "prompt_tokens": lengths,
                                                 "max_tokens": max_tokens, "level_seconds": seconds,
-                                                "checkpoint": args.checkpoint, "gguf": args.gguf,
-                                                "engine_rows": engine_rows, "engine_prompt": e_prompt,
-                                                "engine_tokens": e_tokens},
+                                                "gguf": args.gguf},
                                    "machine": machine_info(), "results": rows, "skipped": skipped,
                                    "state_memory": memory, "engine": engine, "seconds": elapsed,
                                    "table": load_table + "\n\nDecoding-state memory:\n\n" + memory_table

@@ -37,3 +37,19 @@ def test_bench_serve_quick(tmp_path, capsys):
     assert all(e["decode_tok_s"] > 0 for e in data["engine"])
     printed = capsys.readouterr().out
     assert "| looplm | 3 |" in printed and "| looplm_int4 | 3 |" in printed
+
+
+def test_bench_serve_engine_only(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_model("attention"), ckpt)
+    tokenizer().save(ckpt)
+    out = tmp_path / "out"
+    assert main(["bench", "serve", str(ckpt), "--quick", "--engine-only", "--engine-rows", "2",
+                 "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "serve.json").read_text())
+    assert "results" not in data and "state_memory" not in data  # no server was started
+    assert {e["model"] for e in data["engine"]} >= {"looplm_float32", "looplm_int4"}
+    assert all(e["rows"] == 2 and e["decode_tok_s"] > 0 for e in data["engine"])
+    assert "| looplm_int4 | 2 |" in capsys.readouterr().out
+    assert main(["bench", "serve", str(ckpt), "--engine-only", "--engine-rows", "", "--out", str(out)]) == 2
+    assert "--engine-only needs --engine-rows" in capsys.readouterr().err
