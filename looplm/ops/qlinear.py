@@ -8,10 +8,12 @@ tuned for larger batches (slower than a float32 mat-vec on SmolLM2-sized matrice
 quantised to int8 in groups of 32 inputs (``x ≈ d_b·xq``, ``d_b = max|x_b|/127``), and each weight
 row is an integer dot product per group (AVX-512 VNNI ``vpdpbusd``: 32 int4 or int8 products per
 instruction) scaled in float; weight rows are split over threads, in tiles of 64 that meet every
-row of ``x`` while in cache (a prefill's rows: int8 activations there too, instead of torch's
-packed ops with bfloat16 activations and a repacked int4 copy). The same sums as llama.cpp's
-Q8_0×Q8_0 and Q4_1×Q8_1 products (Gerganov et al., ggml); their error is that of an int8
-activation, ~0.3% of a group's largest value per input, random in sign.
+row of ``x`` while in cache. From :func:`bf16_rows` rows on (a batch of decoding rows, a prefill;
+CPUs with AMX bf16) each thread instead dequantises a tile of weight rows to bfloat16 and multiplies
+it by all rows in one MKL bf16 product (float32 sums): the unpacking is paid once for all rows.
+The int8 path computes the same sums as llama.cpp's Q8_0×Q8_0 and Q4_1×Q8_1 products (Gerganov
+et al., ggml); their error is that of an int8 activation, ~0.3% of a group's largest value per
+input, random in sign.
 
 Weight parts (as :mod:`looplm.quant.formats` stores them, no repacking): ``[q int8 [N,K], scale
 [N]]`` (``W = scale·q``) or ``[packed uint8 [N,K/2], scale, offset [N,K/g]]`` (``W = offset +
@@ -28,7 +30,7 @@ from looplm.ops import cpp_ext
 from looplm.ops.nodes import tracked
 
 __all__ = ["MAX_ROWS", "GROUP", "parts_ok", "kernel_applies", "qlinear", "qembedding", "quantize_rows",
-           "qlinear_reference"]
+           "bf16_rows", "dequantized", "qlinear_reference"]
 
 MAX_ROWS = 8  # rows of x up to which float32 weights run here (a decoding step of a small batch)
 GROUP = 32  # inputs per activation quantisation group
@@ -80,11 +82,35 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq.reshape(x.shape), d
 
 
+def bf16_rows() -> int:
+    """Rows of ``x`` from which the kernel multiplies int8 / int4 weights in bfloat16 (0: never here:
+    no kernels, or a CPU or torch build without AMX bf16 products)."""
+    if not hasattr(torch.ops.looplm, "qlinear_bf16_rows") and not cpp_ext.available():
+        return 0
+    return int(torch.ops.looplm.qlinear_bf16_rows())  # of the build loaded (tests load others)
+
+
+def dequantized(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The float32 weight ``[N, K]`` that int8 / int4 ``parts`` hold (``scale·q``, ``offset + scale·q``)."""
+    if len(parts) == 2:
+        q, scale = parts
+        return q.float() * scale[:, None]
+    packed, scale, offset = parts
+    n, groups = scale.shape
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, groups, -1).float()
+    return (offset[..., None] + codes * scale[..., None]).reshape(n, -1)
+
+
 def qlinear_reference(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-    """What the kernel computes, in PyTorch: ``x [M, K]`` -> ``[M, N]`` float32 (sums in float64)."""
+    """What the kernel computes, in PyTorch: ``x [M, K]`` -> ``[M, N]`` float32 (sums in float64).
+    From :func:`bf16_rows` rows on, int8 / int4 weights: ``x`` and the dequantised weight rounded to
+    bfloat16 (a batch of rows is a matrix product there, see ``csrc/qmatvec.h``)."""
     if len(parts) == 1:
         return (x.double() @ parts[0].double().t()).float()
     m, k = x.shape
+    if 0 < bf16_rows() <= m:
+        w = dequantized(parts).bfloat16().double()
+        return (x.bfloat16().double() @ w.t()).float()
     xq, d = quantize_rows(x)
     xqb = xq.double().reshape(m, k // GROUP, GROUP)
     if len(parts) == 2:

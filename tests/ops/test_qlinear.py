@@ -13,6 +13,7 @@ from looplm.ops import cpp_ext
 from looplm.ops.qlinear import (
     GROUP,
     MAX_ROWS,
+    bf16_rows,
     kernel_applies,
     qembedding,
     qlinear,
@@ -115,3 +116,26 @@ def test_bad_parts_are_rejected():
         torch.ops.looplm.qlinear(x, [z(4, 31, dtype=torch.uint8), z(4, 2), z(4, 2)])
     with pytest.raises(RuntimeError, match="group size"):
         torch.ops.looplm.qlinear(x, [z(4, 32, dtype=torch.uint8), z(4, 4), z(4, 4)])
+
+
+@needs_kernel
+@pytest.mark.skipif(not bf16_rows(), reason="no AMX bfloat16 matrix product in this build or CPU")
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_many_rows_run_in_bfloat16(fmt, group):
+    """From bf16_rows() rows on, quantised weights are dequantised and multiplied in bfloat16: the
+    kernel equals the bfloat16 product of x and the dequantised weight (float32 sums), one row
+    fewer takes the int8-activation path, and both stay near the float product."""
+    gen = torch.Generator().manual_seed(2)
+    rows = bf16_rows()
+    x, w = torch.randn(rows + 3, 576, generator=gen), torch.randn(700, 576, generator=gen)
+    parts, w_hat = _parts(fmt, w, group)
+    with torch.no_grad():
+        got = qlinear(x, parts)
+        fewer = qlinear(x[:rows - 1], parts)
+    bf16 = (x.bfloat16().double() @ w_hat.bfloat16().double().t()).float()
+    assert (got - bf16).abs().max() <= 1e-5 * bf16.abs().max()
+    assert torch.equal(fewer, qlinear_reference(x[:rows - 1], parts)) or \
+        (fewer - qlinear_reference(x[:rows - 1], parts)).abs().max() <= 2e-5 * bf16.abs().max()
+    exact = x.double() @ w_hat.double().t()
+    for y in (got, fewer):
+        assert (y.double() - exact[:len(y)]).abs().max() <= 0.02 * exact.abs().max()

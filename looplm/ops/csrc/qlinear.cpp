@@ -61,6 +61,7 @@ Tensor qembedding(const Tensor& ids, at::TensorList w) {
 TORCH_LIBRARY_FRAGMENT(looplm, m) {
   m.def("qlinear(Tensor x, Tensor[] w) -> Tensor");
   m.def("qembedding(Tensor ids, Tensor[] w) -> Tensor");
+  m.def("qlinear_bf16_rows() -> int", [] { return looplm::bf16_rows(); });
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {
