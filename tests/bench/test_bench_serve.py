@@ -27,7 +27,9 @@ def test_bench_serve_quick(tmp_path, capsys):
         assert r["errors"] == 0 and r["cut"] == 0 and r["requests"] == r["concurrency"]
         assert r["generated_tokens"] == 4 * r["requests"]  # ignore_eos: every request runs to max_tokens
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] > 0
-    assert 0 < rows[1]["ttft_longest_p99"] <= rows[1]["ttft_p99"]  # 3 requests: each prompt length once
+    # 3 requests, each prompt length once: the longest prompt's TTFT is at most the largest of the
+    # three, and the interpolated p99 of three values is at least 0.98 times their largest
+    assert 0 < rows[1]["ttft_longest_p99"] <= rows[1]["ttft_p99"] / 0.98
     assert "llama.cpp" in data["skipped"]
     memory = {m["model"]: m for m in data["state_memory"]}
     assert memory["attention"]["vs_attention"] == 1
