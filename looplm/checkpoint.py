@@ -1,7 +1,9 @@
 """Model checkpoints: ``config.json`` (the LoopConfig plus ``model_type``) and ``model.safetensors``.
 
 Nothing is unpickled. Tied weights are stored once (``safetensors.torch.save_model`` drops the
-alias and ``load_model`` restores it). Any mismatch raises CheckpointError naming the fix.
+alias; the model holds no alias of its own). Any mismatch raises CheckpointError naming the fix.
+Loading builds the model without initialising it (its tensors allocated, never written, so no page
+of them is resident) and assigns the stored tensors to it: the weights are held once, never twice.
 
 Quantised checkpoints (``looplm.quant.ptq.quantize_model``'s output) have the same two files plus
 a ``quantization`` section in config.json (format, group_size, zero_point, modules);
@@ -25,10 +27,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from looplm.errors import CheckpointError, ConfigError
+from looplm.layers.init import skip_random_init
 from looplm.memory import LOAD_BYTES_PER_PARAM, check_fits
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import apply_structure
@@ -151,7 +153,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     file = Path(directory) / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{str(file)!r} is missing; the checkpoint is incomplete")
-    model = LoopLM(config)
+    model = empty_model(config)
     try:
         with safe_open(str(file), framework="pt") as f:
             stored = _strip_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
@@ -169,11 +171,16 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
             f"weights in {str(file)!r} do not match its config.json: {'; '.join(problems[:3])}{more}. "
             "Was config.json edited or copied from another checkpoint?"
         )
-    if prefixed:  # save_pretrained's layout
-        model.load_state_dict(_strip_prefix(load_file(str(file), device=str(map_location))), strict=True)
-    else:
-        st_load_model(model, str(file), strict=True, device=str(map_location))
+    stored = load_file(str(file), device=str(map_location))
+    model.load_state_dict(_strip_prefix(stored) if prefixed else stored, strict=True, assign=True)
     return model.to(map_location)
+
+
+def empty_model(config: LoopConfig) -> LoopLM:
+    """``LoopLM(config)`` to be loaded with ``load_state_dict(..., assign=True)``: its weights are
+    uninitialised memory that nothing touches before the stored tensors replace them."""
+    with skip_random_init():
+        return LoopLM(config)
 
 
 def read_section(directory: str | Path) -> dict[str, Any] | None:
@@ -212,7 +219,7 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
     if section is None:
         raise CheckpointError(f"{str(directory)!r} has no '{SECTION}' section: it is a float checkpoint; "
                               "load it with load_model")
-    model = LoopLM(config)
+    model = empty_model(config)
     try:
         apply_structure(model, section, kernel)
     except (KeyError, ValueError, AttributeError, TypeError) as err:
@@ -233,5 +240,5 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"weights in {str(file)!r} do not match the '{SECTION}' section of config.json "
                               f"({section.get('format')}): {'; '.join(problems[:3])}{more}")
-    model.load_state_dict(stored, strict=True)
+    model.load_state_dict(stored, strict=True, assign=True)
     return model.to(map_location)

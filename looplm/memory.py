@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from looplm.errors import ConfigError
+from looplm.layers.init import skip_random_init
 from looplm.model import LoopConfig, LoopLM
 
 TRAIN_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
@@ -19,7 +20,7 @@ LOAD_BYTES_PER_PARAM = 4  # float32 weights
 
 def param_count(config: LoopConfig) -> int:
     """Unique parameters of ``LoopLM(config)`` (tied weights once), without allocating them."""
-    with torch.device("meta"):
+    with torch.device("meta"), skip_random_init():
         return LoopLM(config).num_params()
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from looplm.errors import ConfigError
 from looplm.layers import kv_cache
-from looplm.layers.linear import Linear
+from looplm.layers.linear import Linear, activation_like
 from looplm.layers.mixer_states import KVState, LinearizedState, check_inputs
 from looplm.layers.norms import l2_normalize
 from looplm.ops.attention import attention, rope
@@ -72,7 +72,7 @@ class LinearizedAttention(nn.Module):
 
     def init_state(self, batch_size: int) -> LinearizedState:
         """A zero recurrent state (and an empty window) for ``batch_size`` rows."""
-        p = self.o_proj.weight
+        p = activation_like(self.o_proj)
         ssm = p.new_zeros(batch_size, self.n_heads, self.head_dim, self.head_dim)
         window = KVState.empty(batch_size, self.n_kv_heads, self.head_dim, p) if self.window else None
         return LinearizedState(ssm, window)

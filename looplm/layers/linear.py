@@ -11,9 +11,21 @@ from torch import nn
 
 from looplm.ops.linear import linear
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "activation_like"]
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def activation_like(m: nn.Module) -> torch.Tensor:
+    """``m``'s first parameter or buffer of 16 bits or more in floating point: the dtype and device of
+    the activations it takes (a plain projection's weight; a quantised one's scales, never its FP8 /
+    FP4 codes, where reading ``.weight`` would dequantise the whole matrix); float32 on its device
+    when it holds none (codes and power-of-two exponents only)."""
+    tensors = [*m.parameters(), *m.buffers()]
+    for t in tensors:
+        if t.is_floating_point() and t.element_size() >= 2:
+            return t
+    return torch.empty(0, device=tensors[0].device if tensors else None)

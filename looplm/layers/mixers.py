@@ -30,7 +30,7 @@ from torch import nn
 from looplm.errors import ConfigError
 from looplm.layers import kv_cache
 from looplm.layers.liger import LigerGatedDeltaNet, LigerGLA, LinearizedAttention, liger_options
-from looplm.layers.linear import Linear
+from looplm.layers.linear import Linear, activation_like
 from looplm.layers.mixer_states import KVState, QuantKVState, RecurrentState, check_inputs
 from looplm.layers.mom import MixtureOfMemories
 from looplm.layers.norms import HeadRMSNorm, l2_normalize
@@ -62,7 +62,7 @@ class Attention(nn.Module):
 
     def init_state(self, batch_size: int) -> KVState:
         """An empty cache for ``batch_size`` rows."""
-        return KVState.empty(batch_size, self.n_kv_heads, self.head_dim, self.o_proj.weight)
+        return KVState.empty(batch_size, self.n_kv_heads, self.head_dim, activation_like(self.o_proj))
 
     def forward(self, x: torch.Tensor, state: KVState | None = None, *,
                 positions: torch.Tensor | None = None,
@@ -146,7 +146,7 @@ class _FixedStateMixer(nn.Module):
 
     def init_state(self, batch_size: int) -> RecurrentState:
         """A zero state for ``batch_size`` rows."""
-        p = self.o_proj.weight
+        p = activation_like(self.o_proj)
         conv = p.new_zeros(batch_size, self.conv_weight.shape[1] - 1, self.conv_weight.shape[0])
         ssm = p.new_zeros(batch_size, self.n_heads, self.head_dim, self.value_dim)
         return RecurrentState(conv, ssm)

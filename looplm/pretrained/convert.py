@@ -19,6 +19,7 @@ import torch
 from looplm.checkpoint import save_model
 from looplm.data.tokenizer import PretrainedTokenizer
 from looplm.errors import ConfigError, ConversionError
+from looplm.layers.init import skip_random_init
 from looplm.model import LoopLM
 from looplm.pretrained.gguf_file import read_gguf
 from looplm.pretrained.hf_dir import read_hf_dir
@@ -64,7 +65,7 @@ def build(source: Source):
             f"{source.origin!r}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
             f"only {config.vocab_size} embeddings; they do not belong together"
         )
-    with torch.device("meta"):
+    with torch.device("meta"), skip_random_init():
         model = LoopLM(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)

@@ -43,7 +43,8 @@ def supports(fmt: Format, out_features: int, in_features: int) -> bool:
 
 
 class _QuantWeight(nn.Module):
-    """Holds the parts of one quantised ``[rows, cols]`` matrix as buffers."""
+    """Holds the parts of one quantised ``[rows, cols]`` matrix as buffers (uninitialised until
+    ``set_weight`` or a checkpoint load fills them: untouched memory, no resident page)."""
 
     def __init__(self, fmt: Format, rows: int, cols: int, device=None) -> None:
         super().__init__()
@@ -52,7 +53,7 @@ class _QuantWeight(nn.Module):
                              f"with group_size={fmt.group_size}")
         self.fmt, self.rows, self.cols = fmt, rows, cols
         for name, (shape, dtype) in part_shapes(fmt, rows, cols).items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
 
     def parts(self) -> dict[str, Tensor]:
         return {name: buf for name, buf in self.named_buffers(recurse=False)}

@@ -147,7 +147,7 @@ def apply_structure(model: M, section: dict[str, Any], kernel: str = "auto") -> 
         if isinstance(m, nn.Linear):
             q = QuantLinear(m.in_features, m.out_features, f, m.bias is not None, kernel, device=dev)
         elif isinstance(m, nn.Embedding):
-            q = QuantEmbedding(m.num_embeddings, m.embedding_dim, f, device=dev)
+            q = QuantEmbedding(m.num_embeddings, m.embedding_dim, f, device=dev, kernel=kernel)
         else:
             raise ValueError(f"module {name!r} is a {type(m).__name__}, not a Linear, Embedding or "
                              "MoE expert matrix")
