@@ -23,7 +23,8 @@ _RANDOM_INIT = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_unifo
 class skip_random_init(TorchFunctionMode):  # noqa: N801  (used as a context manager, like torch.no_grad)
     """Within this context random initialisation leaves its tensor as it is (uninitialised)."""
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") in _RANDOM_INIT:
             return args[0] if args else kwargs["tensor"]
