@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("looplm.chat_command", "a multi-turn conversation with a checkpoint's chat template"),
     "eval": ("looplm.train.evaluate", "validation loss and bits per byte of a checkpoint"),
     "info": ("looplm.info", "parameters, FLOPs per token and config of a checkpoint"),
-    "quantize": ("looplm.quant.command", "write a low-precision copy of a checkpoint"),
+    "quantize": ("looplm.quantize_command", "write a low-precision copy of a checkpoint"),
     "serve": ("looplm.serve.command", "serve a checkpoint over OpenAI's HTTP API (continuous batching)"),
     "import": ("looplm.import_command", "a GGUF file or Hugging Face Llama directory as a looplm checkpoint"),
     "pull": ("looplm.pull_command", "download a known pretrained model into the cache (smollm2)"),
