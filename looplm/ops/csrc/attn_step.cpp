@@ -22,9 +22,9 @@
 #include "decode.h"
 
 // Fortran BLAS (MKL), exported by libtorch_cpu; called from within the threads of parallel_for
-extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
-                       const int* lda, const float* x, const int* incx, const float* beta, float* y,
-                       const int* incy);
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
 
 namespace {
 
@@ -122,31 +122,32 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
   const int64_t group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   // The cache is read in chunks of keys over threads, once for q k^T and once for p v, with one
-  // BLAS gemv per head and chunk (hand-written dot products per key ran 1.5-3x slower than SDPA
-  // at 8192-16384 keys); the chunks' partial outputs are summed in chunk order. Int8 rows are
-  // dequantised a chunk at a time into a buffer of the thread's own.
+  // BLAS product per key head and chunk for the `group` query heads that share it (each key and
+  // value row read once per step, not once per query head; hand-written dot products per key ran
+  // 1.5-3x slower than SDPA at 8192-16384 keys); the chunks' partial outputs are summed in chunk
+  // order. Int8 rows are dequantised a chunk at a time into a buffer of the thread's own.
   using looplm::Vec;
   const int64_t V = Vec::size();
   constexpr int64_t kKeys = 256;  // keys per chunk
-  const int64_t chunks = (S + kKeys - 1) / kKeys, BH = B * H;
+  const int64_t chunks = (S + kKeys - 1) / kKeys, BH = B * H, BK = B * Hkv;
   std::vector<float> score(static_cast<size_t>(BH) * S), partial(static_cast<size_t>(chunks) * BH * D, 0.0f);
-  const int Di = static_cast<int>(D), inc = 1;
+  const int Di = static_cast<int>(D), G = static_cast<int>(group), Si = static_cast<int>(S);
   const char tr = 'T', no = 'N';
   const float fzero = 0.0f, fone = 1.0f;
   auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
   const bool quantised = kr.f == nullptr || vr.f == nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
-    for (int64_t c = c0; c < c1; ++c) {  // scores of a chunk of keys: BLAS gemv per head
+    for (int64_t c = c0; c < c1; ++c) {  // scores [group, n] = q [group, D] k [n, D]^T per key head
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
-      for (int64_t bh = 0; bh < BH; ++bh) {
-        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, from(b));
+      for (int64_t bk = 0; bk < BK; ++bk) {
+        const int64_t b = bk / Hkv, hk = bk % Hkv, bh = b * H + hk * group, lo = std::max(t0, from(b));
         const int n = nk - static_cast<int>(lo - t0);
         if (n <= 0) continue;
         int ld = 0;
         const float* keys = kr.at(b, hk, lo, n, D, tmp.data(), &ld);
-        sgemv_(&tr, &Di, &n, &scale, keys, &ld, qp + bh * D, &inc, &fzero, score.data() + bh * S + lo, &inc);
+        sgemm_(&tr, &no, &n, &G, &Di, &scale, keys, &ld, qp + bh * D, &Di, &fzero, score.data() + bh * S + lo, &Si);
       }
     }
   });
@@ -166,17 +167,18 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
   });
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
-    for (int64_t c = c0; c < c1; ++c) {  // p v of a chunk of keys: BLAS gemv per head
+    for (int64_t c = c0; c < c1; ++c) {  // out [group, D] = p [group, n] v [n, D] per key head
       const int64_t t0 = c * kKeys;
       const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
       float* part = partial.data() + c * BH * D;
-      for (int64_t bh = 0; bh < BH; ++bh) {
-        const int64_t b = bh / H, hk = (bh % H) / group, lo = std::max(t0, from(b));
+      for (int64_t bk = 0; bk < BK; ++bk) {
+        const int64_t b = bk / Hkv, hk = bk % Hkv, bh = b * H + hk * group, lo = std::max(t0, from(b));
         const int n = nk - static_cast<int>(lo - t0);
         if (n <= 0) continue;  // its part stays zero
         int ld = 0;
         const float* values = vr.at(b, hk, lo, n, D, tmp.data(), &ld);
-        sgemv_(&no, &Di, &n, &fone, values, &ld, score.data() + bh * S + lo, &inc, &fzero, part + bh * D, &inc);
+        sgemm_(&no, &no, &Di, &G, &n, &fone, values, &ld, score.data() + bh * S + lo, &Si, &fzero, part + bh * D,
+               &Di);
       }
     }
   });
