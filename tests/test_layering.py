@@ -29,8 +29,8 @@ TIERS: list[tuple[str, ...]] = [
     ("looplm.hf", "looplm.pretrained", "looplm.train", "looplm.convert"),
     ("looplm.bench", "looplm.serve", "looplm.info", "looplm.generate_command", "looplm.import_command",
      "looplm.pull_command", "looplm.export_command", "looplm.chat_command", "looplm.train.command",
-     "looplm.train.evaluate", "looplm.quantize_command", "looplm.linearize_command", "looplm.recursify_command",
-     "looplm.train_draft_command"),
+     "looplm.train.evaluate", "looplm.quantize_command", "looplm.linearize_command",
+     "looplm.recursify_command", "looplm.train_draft_command"),
     ("looplm.cli", "looplm.__main__"),
 ]
 
