@@ -121,6 +121,13 @@ def sampler(corpus: Corpus, cfg: TrainConfig) -> Callable[[torch.nn.Module], str
 def run(args: argparse.Namespace) -> int:
     model_cfg, cfg = resolve(args)
     d = distributed.setup()
+    try:
+        return _train(args, model_cfg, cfg, d)
+    finally:  # on an error too: a process group left to the interpreter's exit can abort it (gloo threads)
+        distributed.teardown()
+
+
+def _train(args: argparse.Namespace, model_cfg: dict[str, Any], cfg: TrainConfig, d: Dist) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
@@ -167,5 +174,4 @@ def run(args: argparse.Namespace) -> int:
         bpb = f", val bits/byte {row['val_bpb']:.3f}" if "val_bpb" in row else ""
         print(f"done: step {row.get('step')}, val loss {row.get('val_loss', float('nan')):.4f}{bpb}; "
               f"checkpoint {run_dir / 'latest'}")
-    distributed.teardown()
     return 0
