@@ -1,5 +1,6 @@
 """``looplm info CHECKPOINT``: parameters (unique and with reuse), FLOPs per token, config, and the
-implementation each layer decodes with (:func:`looplm.layers.layer_step.describe`)."""
+implementation each layer decodes with (:func:`looplm.layers.layer_step.describe`), or the one C++
+call a whole decoding step takes (:func:`looplm.layers.layer_step.stack_plan`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from looplm.checkpoint import load_model
 from looplm.errors import CheckpointError
-from looplm.layers.layer_step import describe
+from looplm.layers.layer_step import describe, stack_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
         "config": model.config.to_dict(),
         "kernels": {name: f"{layer.mixer_name}: {describe(layer)}" for name, layer in layers},
     }
+    stack = model.stack_layers()
+    if stack is not None and stack_plan(stack[1]) is not None:
+        info["decoding_step"] = "C++ whole-stack step: attn_stack_step (every layer in one call per token)"
     state_file = ckpt / "train_state" / "state.json"
     if state_file.is_file():
         try:
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if info.get("step") is not None:
         print(f"trained steps    {info['step']}")
     print("decoding kernels")
+    if "decoding_step" in info:  # one token per row on unmasked caches; the layers' own steps otherwise
+        print(f"  {'whole step':<20} {info['decoding_step']}")
     for name, text in info["kernels"].items():
         print(f"  {name:<20} {text}")
     print("config")

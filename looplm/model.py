@@ -447,17 +447,29 @@ class LoopLM(nn.Module):
             raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}")
         return B, T
 
-    def _stack_step(self, h, positions, state, tally):
-        """A decoding step of every layer (prelude, core recursions, coda) by
-        :func:`~looplm.layers.layer_step.stack_step`, states updated in ``state``; returns (h, depth)
-        or None where the layers run one by one (routing, shared caches, a layer it does not take)."""
+    def stack_layers(self) -> tuple[list[str], list[Layer]] | None:
+        """The state keys and layers of one decoding step in order (prelude, core recursions, coda)
+        when the model allows the whole-stack step (no depth router, no Mixture-of-Depths, no
+        recurrent MoE router, no shared caches), else None; the layers themselves must also suit
+        :func:`~looplm.layers.layer_step.stack_plan`."""
         c = self.config
-        if state is None or self.router is not None or c.kv_sharing:
+        if self.router is not None or c.kv_sharing or len(self.mod_routers) or (
+                c.ffn == "moe" and c.moe_router == "recurrent"):
             return None
         keys = [f"prelude.{i}" for i in range(len(self.prelude))]
         keys += [f"core.{j}.{r}" for r in range(c.n_recursions) for j in range(len(self.core))]
         keys += [f"coda.{i}" for i in range(len(self.coda))]
-        layers = [*self.prelude, *(b for _ in range(c.n_recursions) for b in self.core), *self.coda]
+        prelude, core, coda = as_layers(self.prelude), as_layers(self.core), as_layers(self.coda)
+        return keys, [*prelude, *(b for _ in range(c.n_recursions) for b in core), *coda]
+
+    def _stack_step(self, h, positions, state, tally):
+        """A decoding step of every layer (prelude, core recursions, coda) by
+        :func:`~looplm.layers.layer_step.stack_step`, states updated in ``state``; returns (h, depth)
+        or None where the layers run one by one (routing, shared caches, a layer it does not take)."""
+        stack = self.stack_layers()
+        if state is None or stack is None:
+            return None
+        keys, layers = stack
         states = [state.layers.get(key) for key in keys]
         fused = stack_step(layers, h, states, positions)
         if fused is None:
@@ -467,8 +479,9 @@ class LoopLM(nn.Module):
         state.layers.update(zip(keys, states))
         for layer, s in zip(layers, states):
             tally.decoding_step(layer, B, s.k.shape[1] - 1)
-        tally.reach.extend(B for _ in range(c.n_recursions))
-        return h, torch.full((B, 1), c.n_recursions, dtype=torch.long, device=h.device)
+        R = self.config.n_recursions
+        tally.reach.extend(B for _ in range(R))
+        return h, torch.full((B, 1), R, dtype=torch.long, device=h.device)
 
     def _run(self, layer: Layer, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False,
              route=None):

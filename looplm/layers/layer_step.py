@@ -77,7 +77,7 @@ from looplm.ops.qlinear import parts_ok
 
 _NONE3: list[None] = [None, None, None]
 
-__all__ = ["layer_step", "decide", "describe", "stack_step"]
+__all__ = ["layer_step", "decide", "describe", "stack_plan", "stack_step"]
 
 _registrations = [0]  # modules, parameters and buffers registered in this process so far
 
@@ -331,37 +331,24 @@ def _visible_until(state: KVState) -> int | None:
     return until
 
 
-def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
-               positions: torch.Tensor) -> tuple[torch.Tensor, list[KVState]] | None:
-    """A decoding step of attention layers in a row in one C++ call (``attn_stack_step``, each
-    cache appended in place in its buffer, :func:`looplm.layers.kv_cache.reserve`): ``x [B, 1, d]``,
-    ``states`` the layers' KVStates, ``positions [B, 1]`` the token's position -> ``(h [B, 1, d],
-    new states)``, or None where :func:`layer_step` per layer must run (its conditions, plus: every
-    layer attention with a dense SwiGLU FFN or none, the same heads and RoPE, every cache float32
-    or every one int8 (QuantKVState: the kernel quantises the new rows as
-    :func:`looplm.ops.kv_quant.quantize_rows` does), no autograd at all, every cached key unmasked
-    and not after the token)."""
-    if (not cpp_ext.layer_steps() or not layers or torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1
-            or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-            or positions.dtype != torch.long or not cpp_ext.available()):
+def stack_plan(layers: list[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor | None], list[float]] | None:
+    """What :func:`stack_step` needs of ``layers`` that does not change from step to step: their
+    shared heads and RoPE, the kernels' weight list and the norms' eps; None unless every layer is
+    attention with a dense SwiGLU FFN or none, decided for the attention kernels, with the same
+    heads and RoPE, and the layer steps are on (:func:`looplm.ops.cpp_ext.layer_steps`)."""
+    if (not layers or not cpp_ext.available() or not cpp_ext.layer_steps()
+            or type(layers[0].mixer) is not Attention):
         return None
-    B, first = x.shape[0], layers[0].mixer
-    if type(first) is not Attention:
-        return None
+    first = layers[0].mixer
     rope = (first.n_heads, first.n_kv_heads, first.head_dim, first.rope_base, first.rope_scaling)
     weights: list[torch.Tensor | None] = []
     eps: list[float] = []
-    kind_of_cache = type(states[0]) if states else KVState
-    if kind_of_cache not in (KVState, QuantKVState):
-        return None
-    codes = torch.int8 if kind_of_cache is QuantKVState else torch.float32
-    for layer, state in zip(layers, states, strict=True):
+    for layer in layers:
         mixer = layer.mixer
-        if (type(mixer) is not Attention or type(state) is not kind_of_cache
-                or (layer.training and layer.drop.p) or not (layer.ffn is None or type(layer.ffn) is SwiGLU)
+        if (type(mixer) is not Attention or (layer.training and layer.drop.p)
+                or not (layer.ffn is None or type(layer.ffn) is SwiGLU)
                 or (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.rope_base,
-                    mixer.rope_scaling) != rope
-                or state.k.shape[0] != B or state.k.dtype != codes or state.v.dtype != codes):
+                    mixer.rope_scaling) != rope):
             return None
         kind, plan = _decision(layer)
         if kind != "attention":
@@ -370,6 +357,33 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
         weights += [layer.mixer_norm.weight, *_padded(qkv_w), *_padded(o_w), ffn_norm, *_padded(ffn_in),
                     *_padded(ffn_out)]
         eps += [_eps(layer.mixer_norm), ffn_eps]
+    return rope, weights, eps
+
+
+def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
+               positions: torch.Tensor) -> tuple[torch.Tensor, list[KVState]] | None:
+    """A decoding step of attention layers in a row in one C++ call (``attn_stack_step``, each
+    cache appended in place in its buffer, :func:`looplm.layers.kv_cache.reserve`): ``x [B, 1, d]``,
+    ``states`` the layers' KVStates, ``positions [B, 1]`` the token's position -> ``(h [B, 1, d],
+    new states)``, or None where :func:`layer_step` per layer must run (its conditions, plus
+    :func:`stack_plan`'s, every cache float32 or every one int8 (QuantKVState: the kernel quantises
+    the new rows as :func:`looplm.ops.kv_quant.quantize_rows` does), no autograd at all, every
+    cached key unmasked and not after the token)."""
+    if (torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu"
+            or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or positions.dtype != torch.long):
+        return None
+    planned = stack_plan(layers)
+    if planned is None:
+        return None
+    rope, weights, eps = planned
+    first, B = layers[0].mixer, x.shape[0]
+    kind_of_cache = type(states[0]) if states else KVState
+    if kind_of_cache not in (KVState, QuantKVState):
+        return None
+    codes = torch.int8 if kind_of_cache is QuantKVState else torch.float32
+    if any(type(state) is not kind_of_cache or state.k.shape[0] != B or state.k.dtype != codes
+           or state.v.dtype != codes for state in states) or len(states) != len(layers):
+        return None
     lo, hi = (int(v) for v in torch.aminmax(positions))
     maybe = [_visible_until(state) for state in states]
     untils = [u for u in maybe if u is not None and u <= lo]

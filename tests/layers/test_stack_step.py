@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import looplm.model as model_module
-from looplm.layers.layer_step import stack_step
+from looplm.layers.layer_step import stack_plan, stack_step
 from looplm.layers.mixer_states import QuantKVState
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
@@ -129,3 +129,23 @@ def test_int8_caches_take_the_stack_step_and_equal_python_int8_steps(monkeypatch
             assert torch.equal(s.key_mask, r.key_mask) and torch.equal(s.pos, r.pos)
             assert torch.equal(s.seen, r.seen)
     assert calls.count(True) == 4  # each of the 4 steps ran the kernel (the Python int8 steps: not)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kw", [{}, {"n_prelude": 1, "n_recursions": 2, "n_coda": 1}, {"layer_router": "mod"},
+                                {"mixer": "gated_deltanet"}, {"ffn": "moe", "n_experts": 4, "top_k": 2},
+                                {"ffn": "moe", "n_experts": 4, "top_k": 2, "moe_router": "recurrent"},
+                                {"n_recursions": 2, "router": "expert_choice"}])
+def test_what_info_reports_is_what_a_decoding_step_runs(kw, monkeypatch):
+    """``LoopLM.stack_layers`` + ``stack_plan`` (what ``looplm info`` prints) say the whole-stack
+    step runs exactly when a decoding step of one token per row on unmasked caches calls it."""
+    calls = _spy(monkeypatch)
+    torch.manual_seed(0)
+    m = _model(None, **kw)
+    stack = m.stack_layers()
+    predicted = stack is not None and stack_plan(stack[1]) is not None
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.no_grad():
+        m(ids[:, -1:], state=m(ids[:, :5], use_cache=True).state)
+    assert any(calls) == predicted
+    assert predicted == (not kw or "n_prelude" in kw)  # attention with dense FFNs, no routing
