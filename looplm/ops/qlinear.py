@@ -90,15 +90,17 @@ def bf16_rows() -> int:
     return int(torch.ops.looplm.qlinear_bf16_rows())  # of the build loaded (tests load others)
 
 
-def dequantized(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The float32 weight ``[N, K]`` that int8 / int4 ``parts`` hold (``scale·q``, ``offset + scale·q``)."""
+def dequantized(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight ``[N, K]`` in ``dtype`` that int8 / int4 ``parts`` hold (``scale·q``,
+    ``offset + scale·q``, computed in ``dtype``); the int8 / int4 formats of
+    :mod:`looplm.quant.formats` dequantise through it."""
     if len(parts) == 2:
         q, scale = parts
-        return q.float() * scale[:, None]
+        return q.to(dtype) * scale.to(dtype)[:, None]
     packed, scale, offset = parts
     n, groups = scale.shape
-    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, groups, -1).float()
-    return (offset[..., None] + codes * scale[..., None]).reshape(n, -1)
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, groups, -1).to(dtype)
+    return (offset.to(dtype)[..., None] + codes * scale.to(dtype)[..., None]).reshape(n, -1)
 
 
 def qlinear_reference(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from looplm.errors import ConfigError
-from looplm.ops import kv_quant
+from looplm.ops import kv_quant, qlinear
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
@@ -143,7 +143,7 @@ def quantize_int8(w: Tensor) -> dict[str, Tensor]:
 
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    return qlinear.dequantized([q, scale], dtype)
 
 
 def _groups(w: Tensor, g: int) -> Tensor:
@@ -171,9 +171,7 @@ def quantize_int4(w: Tensor, group_size: int = 64, zero_point: bool = True) -> d
 def dequantize_int4(
     packed: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    out, groups = scale.shape
-    q = unpack_nibbles(packed).reshape(out, groups, -1).to(dtype)
-    return (offset.to(dtype)[..., None] + q * scale.to(dtype)[..., None]).flatten(1)
+    return qlinear.dequantized([packed, scale, offset], dtype)
 
 
 # ---------------------------------------------------------------- FP8
