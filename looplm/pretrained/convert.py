@@ -14,13 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from looplm.checkpoint import save_model
+from looplm.checkpoint import empty_model, save_model
 from looplm.data.tokenizer import PretrainedTokenizer
 from looplm.errors import ConfigError, ConversionError
-from looplm.layers.init import skip_random_init
-from looplm.model import LoopLM
 from looplm.pretrained.gguf_file import read_gguf
 from looplm.pretrained.hf_dir import read_hf_dir
 from looplm.pretrained.llama import loop_config, loop_state_dict
@@ -65,8 +61,7 @@ def build(source: Source):
             f"{source.origin!r}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
             f"only {config.vocab_size} embeddings; they do not belong together"
         )
-    with torch.device("meta"), skip_random_init():
-        model = LoopLM(config)
+    model = empty_model(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:  # shapes that do not match the config
