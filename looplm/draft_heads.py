@@ -31,6 +31,7 @@ from looplm.data.corpus import in_validation
 from looplm.data.finetune import LICENSES
 from looplm.data.stdlib import stdlib_files
 from looplm.errors import CheckpointError, ConfigError
+from looplm.layers.init import skip_random_init
 from looplm.layers.norms import RMSNorm
 from looplm.model import LoopLM
 from looplm.ops.linear import linear
@@ -143,7 +144,7 @@ def truncated_model(model: LoopLM, layers: int, final: nn.Module | None = None) 
     c = model.config
     unique = [*model.prelude, *model.core, *model.coda]
     config = dataclasses.replace(c, n_prelude=0, n_core=layers, n_coda=0)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_random_init():  # its modules are replaced by the model's
         draft = LoopLM(config)
     draft.embed, draft.head = model.embed, model.head
     # an exit head stands in for the final norm (with the ``weight`` whose device LoopLM reads)
@@ -156,7 +157,7 @@ def fewer_recursions(model: LoopLM, recursions: int) -> LoopLM:
     """A LoopLM sharing ``model``'s modules that runs every token through ``recursions`` passes of
     the core (no router)."""
     config = dataclasses.replace(model.config, n_recursions=recursions, router="none", capacity=None)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_random_init():  # its modules are replaced by the model's
         draft = LoopLM(config)
     draft.embed, draft.head, draft.norm = model.embed, model.head, model.norm
     draft.prelude, draft.core, draft.coda = model.prelude, model.core, model.coda
