@@ -8,7 +8,7 @@ import time
 
 from looplm.errors import ConfigError
 from looplm.pretrained.convert import import_checkpoint
-from looplm.quant.formats import FORMATS, GROUP_SIZES
+from looplm.quant.formats import FORMATS, GROUP_SIZES, INT8_GROUP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FORMAT",
         help=f"write a quantised checkpoint: {', '.join(FORMATS)}",
     )
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, help="int4 group size (default 64)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        metavar="G",
+        help=f"inputs per scale: int4 one of {', '.join(map(str, GROUP_SIZES))} (default 64), int8 a "
+        f"multiple of {INT8_GROUP} (default: one per row). int4 g32 keeps a GGUF's Q4_1 codes as they "
+        "are, int8 g32 its Q8_0 ones (lossless)",
+    )
     parser.add_argument(
         "--quantize-embeddings",
         action="store_true",
@@ -39,16 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FORMAT",
         help="with --quantize: the embedding table and head in this format (e.g. int8 beside int4)",
     )
+    parser.add_argument(
+        "--embedding-group-size",
+        type=int,
+        metavar="G",
+        help="with --embedding-format: its group size (int8 g32 keeps a GGUF's Q8_0 table as it is)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     options = None
     if args.quantize is not None:
-        if args.group_size is not None and args.quantize != "int4":
-            raise ConfigError(f"--group-size applies to int4 only, not {args.quantize}")
+        if args.group_size is not None and args.quantize not in ("int4", "int8"):
+            raise ConfigError(f"--group-size applies to int4 and int8 only, not {args.quantize}")
+        if args.embedding_group_size is not None and args.embedding_format is None:
+            raise ConfigError("--embedding-group-size needs --embedding-format")
         keep = not (args.quantize_embeddings or args.embedding_format)
         options = {"group_size": args.group_size, "keep_embeddings": keep, "keep_head": keep,
-                   "embedding_format": args.embedding_format}
+                   "embedding_format": args.embedding_format,
+                   "embedding_group_size": args.embedding_group_size}
     elif args.group_size is not None or args.quantize_embeddings or args.embedding_format:
         raise ConfigError("--group-size, --quantize-embeddings and --embedding-format need --quantize FORMAT")
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from looplm.checkpoint import load_model, save_model
 from looplm.errors import CheckpointError, ConfigError
-from looplm.quant.formats import FORMATS, GROUP_SIZES
+from looplm.quant.formats import FORMATS, GROUP_SIZES, INT8_GROUP
 from looplm.quant.ptq import quantize_model
 
 OWN_FILES = ("config.json", "model.safetensors", "checksums.json")
@@ -23,8 +23,10 @@ OWN_FILES = ("config.json", "model.safetensors", "checksums.json")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a float checkpoint directory (looplm train's or save_model's)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="weight format")
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES,
-                        help="int4 group size (default 64); fp4_mx always uses groups of 32")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help=f"inputs per scale: int4 in {', '.join(map(str, GROUP_SIZES))} (default 64); "
+                             f"int8 a multiple of {INT8_GROUP} (default: one scale per output row); "
+                             "fp4_mx always uses groups of 32")
     parser.add_argument("--no-zero-point", action="store_true", help="int4: symmetric groups")
     parser.add_argument("--keep-embeddings", dest="keep_embeddings", action="store_true", default=True,
                         help="keep the embedding (and a tied head) in float (default)")
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-format", choices=FORMATS, default=None,
                         help="the embedding table and the head in this format (implies "
                              "--quantize-embeddings), e.g. int8 beside an int4 body")
+    parser.add_argument("--embedding-group-size", type=int, metavar="G",
+                        help="with --embedding-format: its group size (int8 default: one scale per row)")
     parser.add_argument("--out", required=True, help="directory to write")
 
 
@@ -58,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model, "quantization", None) is not None:
         raise CheckpointError(f"{str(src)!r} is already quantised ({model.quantization['format']}); "
                               "quantise its float checkpoint instead")
-    group = args.group_size if args.format == "int4" else None
-    if args.group_size is not None and group is None:
-        raise ConfigError(f"--group-size applies to int4 only, not {args.format}")
+    if args.group_size is not None and args.format not in ("int4", "int8"):
+        raise ConfigError(f"--group-size applies to int4 and int8 only, not {args.format}")
+    if args.embedding_group_size is not None and args.embedding_format is None:
+        raise ConfigError("--embedding-group-size needs --embedding-format")
     keep = args.keep_embeddings and args.embedding_format is None
-    quantize_model(model, args.format, group_size=group, zero_point=not args.no_zero_point,
-                   keep_embeddings=keep, keep_head=keep, embedding_format=args.embedding_format)
+    quantize_model(model, args.format, group_size=args.group_size, zero_point=not args.no_zero_point,
+                   keep_embeddings=keep, keep_head=keep, embedding_format=args.embedding_format,
+                   embedding_group_size=args.embedding_group_size)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_model(model, tmp)

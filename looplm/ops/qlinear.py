@@ -16,8 +16,9 @@ et al., ggml); their error is that of an int8 activation, ~0.3% of a group's lar
 input, random in sign.
 
 Weight parts (as :mod:`looplm.quant.formats` stores them, no repacking): ``[q int8 [N,K], scale
-[N]]`` (``W = scale·q``) or ``[packed uint8 [N,K/2], scale, offset [N,K/g]]`` (``W = offset +
-scale·q``, element 2j in byte j's low nibble); ``[w float32 [N,K]]`` also works (plain dot products).
+[N] or [N,K/g]]`` (``W = scale·q``, one scale per row or per group of ``g`` inputs) or
+``[packed uint8 [N,K/2], scale, offset [N,K/g]]`` (``W = offset + scale·q``, element 2j in byte
+j's low nibble); ``[w float32 [N,K]]`` also works (plain dot products).
 ``K`` must be a multiple of 32 and ``g`` of 32. :func:`qlinear_reference` is the same arithmetic
 in PyTorch (float64 sums), the tests' reference.
 """
@@ -41,12 +42,17 @@ def parts_ok(parts: list[torch.Tensor], k: int) -> bool:
     if len(parts) == 1:
         return parts[0].dtype == torch.float32 and parts[0].shape[1] == k
     if len(parts) == 2:
-        return parts[0].dtype == torch.int8 and parts[0].shape[1] == k and k % GROUP == 0
+        return parts[0].dtype == torch.int8 and parts[0].shape[1] == k and k % GROUP == 0 and (
+            parts[1].dim() == 1 or _groups_ok(parts[1], k))
     if len(parts) == 3:
-        groups = parts[1].shape[1]
-        return (parts[0].dtype == torch.uint8 and parts[0].shape[1] * 2 == k and k % groups == 0
-                and (k // groups) % GROUP == 0)
+        return parts[0].dtype == torch.uint8 and parts[0].shape[1] * 2 == k and _groups_ok(parts[1], k)
     return False
+
+
+def _groups_ok(scale: torch.Tensor, k: int) -> bool:
+    """Whether ``scale [N, G]`` splits ``k`` inputs into groups of a multiple of :data:`GROUP`."""
+    groups = scale.shape[1] if scale.dim() == 2 else 0
+    return groups > 0 and k % groups == 0 and (k // groups) % GROUP == 0
 
 
 def kernel_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
@@ -90,13 +96,19 @@ def bf16_rows() -> int:
     return int(torch.ops.looplm.qlinear_bf16_rows())  # of the build loaded (tests load others)
 
 
+def _row_groups(scale: torch.Tensor) -> torch.Tensor:
+    """An int8 scale as ``[N, G]`` (per row: ``[N]`` -> ``[N, 1]``)."""
+    return scale[:, None] if scale.dim() == 1 else scale
+
+
 def dequantized(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight ``[N, K]`` in ``dtype`` that int8 / int4 ``parts`` hold (``scale·q``,
     ``offset + scale·q``, computed in ``dtype``); the int8 / int4 formats of
     :mod:`looplm.quant.formats` dequantise through it."""
     if len(parts) == 2:
         q, scale = parts
-        return q.to(dtype) * scale.to(dtype)[:, None]
+        s = _row_groups(scale).to(dtype)
+        return (q.to(dtype).reshape(q.shape[0], s.shape[1], -1) * s[..., None]).reshape(q.shape)
     packed, scale, offset = parts
     n, groups = scale.shape
     codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, groups, -1).to(dtype)
@@ -118,8 +130,9 @@ def qlinear_reference(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tenso
     if len(parts) == 2:
         q, scale = parts
         qb = q.double().reshape(q.shape[0], k // GROUP, GROUP)
-        per_group = torch.einsum("mbi,nbi->mnb", xqb, qb)
-        return (scale.double() * (per_group * d.double()[:, None]).sum(-1)).float()
+        per_group = torch.einsum("mbi,nbi->mnb", xqb, qb) * d.double()[:, None]  # [M, N, K/32]
+        s = _row_groups(scale).double()
+        return (per_group * s.repeat_interleave(k // GROUP // s.shape[1], dim=1)).sum(-1).float()
     packed, scale, offset = parts
     n, groups = scale.shape
     codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, k // GROUP, GROUP).double()

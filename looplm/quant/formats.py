@@ -2,9 +2,11 @@
 
 Formats (docs/mechanisms.md §4.1; error bounds are per element, for finite inputs):
 
-- ``int8``: symmetric per output row, ``s = max|W_row| / 127`` rounded *up* to a bfloat16 value
-  (so the CPU packed kernel, which takes bf16 scales, sees the exact scale), ``q = round(W/s)``.
-  ``|W - s·q| ≤ s/2``.
+- ``int8``: symmetric, one scale per output row or per group of ``g`` inputs (a multiple of 32:
+  llama.cpp's Q8_0 is ``g = 32``), ``s = max|W| / 127`` over the row or group, ``q = round(W/s)``,
+  ``|W - s·q| ≤ s/2``. Per row, ``s`` is rounded *up* to a bfloat16 value (so torch's packed CPU
+  kernel, which takes bf16 scales, sees the exact scale) and stored ``[out]``; in groups it is
+  float32 ``[out, in/g]``.
 - ``int4``: per group of ``g`` inputs (32/64/128), ``q ∈ [0, 15]``, ``W ≈ offset + s·q``;
   with a zero point ``s = (max - min)/15, offset = min``; without, ``s = max|W|/7,
   offset = -8s``. ``|W - Ŵ| ≤ s/2``. Two codes per byte, low nibble first.
@@ -38,7 +40,8 @@ FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes by code 0..7
 MX_GROUP = 32
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128)  # int4's
+INT8_GROUP = 32  # int8 group sizes are multiples of this (the kernels' activation group)
 PartShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # part name -> (shape, dtype)
 
 
@@ -100,8 +103,9 @@ def register(cls: type[Format]) -> type[Format]:
 
 
 def make_format(name: str, group_size: int | None = None, zero_point: bool = True) -> Format:
-    """The registered format ``name`` with its options (int4: group 32/64/128, default 64;
-    ``zero_point`` applies to int4 only); ConfigError naming the known formats otherwise."""
+    """The registered format ``name`` with its options (int4: group 32/64/128, default 64; int8:
+    none, one scale per row, or a multiple of 32; ``zero_point`` applies to int4 only);
+    ConfigError naming the known formats otherwise."""
     cls = FORMAT_CLASSES.get(name)
     if cls is None:
         raise ConfigError(f"format={name!r} is not one of {', '.join(FORMAT_CLASSES)}")
@@ -134,12 +138,18 @@ def _bf16_ceil(x: Tensor) -> Tensor:
     return b.float()
 
 
-def quantize_int8(w: Tensor) -> dict[str, Tensor]:
-    """``w [out, in]`` → ``q int8 [out, in]``, ``scale float32 [out]`` (bf16-exact)."""
-    w = w.float()
-    scale = _bf16_ceil(w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return {"q": q, "scale": scale}
+def quantize_int8(w: Tensor, group_size: int | None = None) -> dict[str, Tensor]:
+    """``w [out, in]`` → ``q int8 [out, in]`` and ``scale float32``: ``[out]`` (bf16-exact) per
+    row, ``[out, in/group_size]`` in groups."""
+    if group_size is None:
+        w = w.float()
+        scale = _bf16_ceil(w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"q": q, "scale": scale}
+    wg = _groups(w, group_size)
+    scale = (wg.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(wg / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return {"q": q.flatten(1), "scale": scale}
 
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -238,26 +248,34 @@ def dequantize_fp4_mx(packed: Tensor, exponent: Tensor, dtype: torch.dtype = tor
 @register
 @dataclass(frozen=True)
 class Int8(Format):
-    """Symmetric int8 per output row."""
+    """Symmetric int8, one scale per output row (``group_size`` None) or per group of inputs."""
 
     name: ClassVar[str] = "int8"
     parts: ClassVar[tuple[str, ...]] = ("q", "scale")
 
+    @classmethod
+    def make(cls, group_size: int | None, zero_point: bool) -> Format:
+        if group_size is not None and (group_size <= 0 or group_size % INT8_GROUP):
+            raise ConfigError(f"group_size={group_size} for int8 must be a positive multiple of {INT8_GROUP} "
+                              "(or none: one scale per output row)")
+        return cls(group_size)
+
     @property
     def bits(self) -> float:
-        return 8.0
+        return 8.0 + (32.0 / self.group_size if self.group_size else 0.0)
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]:
-        return quantize_int8(w)
+        return quantize_int8(w, self.group_size)
 
     def dequantize(self, parts: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_int8(parts["q"], parts["scale"], dtype)
 
     def part_shapes(self, out_features: int, in_features: int) -> PartShapes:
-        return {"q": ((out_features, in_features), torch.int8), "scale": ((out_features,), torch.float32)}
+        scale = (out_features,) if self.group_size is None else (out_features, in_features // self.group_size)
+        return {"q": ((out_features, in_features), torch.int8), "scale": (scale, torch.float32)}
 
     def packed_op(self, out_features: int) -> bool:
-        return True
+        return self.group_size is None  # torch's int8 CPU op takes one scale per row
 
 
 @register

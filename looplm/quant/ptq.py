@@ -68,11 +68,12 @@ def select_modules(model: nn.Module, fmt: Format, *, keep_embeddings: bool = Tru
 
 def quantize_model(model: M, format: str, *, group_size: int | None = None, zero_point: bool = True,
                    keep_embeddings: bool = True, keep_head: bool = True, kernel: str = "auto",
-                   embedding_format: str | None = None) -> M:
+                   embedding_format: str | None = None, embedding_group_size: int | None = None) -> M:
     """Quantise ``model``'s weights in place (and return it) in ``format`` (formats.FORMATS).
 
     ``embedding_format`` (e.g. ``"int8"`` beside an int4 body, as llama.cpp's Q4 files keep a Q8_0
-    tied embedding) stores the embeddings and the head in that format (its default group) instead.
+    tied embedding) stores the embeddings and the head in that format instead, in groups of
+    ``embedding_group_size`` (None: the format's default).
     Sets ``model.quantization``: the description ``apply_structure`` needs to rebuild the
     quantised modules (format, group_size, zero_point, modules, and per-module ``overrides``);
     checkpoints store it in config.json.
@@ -81,7 +82,7 @@ def quantize_model(model: M, format: str, *, group_size: int | None = None, zero
         raise ConfigError("the model has LoRA adapters, which quantisation would drop: merge them first "
                           "(looplm.train.finetune.merge_adapters) or quantise the model they were trained on")
     fmt = make_format(format, group_size, zero_point)
-    ends = make_format(embedding_format) if embedding_format else None
+    ends = make_format(embedding_format, embedding_group_size) if embedding_format else None
     names = select_modules(model, fmt, keep_embeddings=keep_embeddings, keep_head=keep_head)
     if ends is not None:  # the ends' own format decides whether they fit
         names = [n for n in names if n not in END_MODULES]

@@ -28,8 +28,8 @@ needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel
 
 def _parts(fmt: str, w: torch.Tensor, group: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(kernel parts, dequantised float weight) of ``w`` in ``fmt``."""
-    if fmt == "int8":
-        p = quantize_int8(w)
+    if fmt == "int8":  # group 0: one scale per row
+        p = quantize_int8(w, group or None)
         return [p["q"], p["scale"]], dequantize_int8(p["q"], p["scale"])
     if fmt == "int4":
         p = quantize_int4(w, group)
@@ -41,12 +41,13 @@ def _parts(fmt: str, w: torch.Tensor, group: int) -> tuple[list[torch.Tensor], t
 @settings(max_examples=40, deadline=None)
 @given(fmt=st.sampled_from(["int8", "int4", "float32"]), rows=st.integers(1, 3 * MAX_ROWS),
        n=st.integers(1, 150), groups32=st.sampled_from([1, 2, 3, 4, 6, 18]),
-       group=st.sampled_from([32, 64, 128]), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+       group=st.sampled_from([0, 32, 64, 96, 128]), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
 def test_kernel_equals_reference(fmt, rows, n, groups32, group, threads, seed):
     k = GROUP * groups32
     if fmt == "float32":  # float weights: a decoding step's few rows only
         rows = min(rows, MAX_ROWS)
-    if fmt == "int4" and k % group:
+    if (fmt == "int4" and group == 0) or k % max(group, 1):  # int8 group 0: per row
         group = 32
     gen = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
@@ -62,7 +63,7 @@ def test_kernel_equals_reference(fmt, rows, n, groups32, group, threads, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 32), ("int8", 192), ("int4", 32), ("int4", 64)])
 def test_kernel_within_the_activation_rounding_bound(fmt, group):
     """|kernel - x Ŵᵀ| ≤ Σ_i (d_b(i)/2)·|Ŵ_i| (each int8 activation is off by at most half a step)."""
     gen = torch.Generator().manual_seed(1)
@@ -97,7 +98,7 @@ def test_leading_dimensions_and_when_it_applies():
 
 
 @needs_kernel
-@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)])
 def test_embedding_rows_equal_the_dequantised_table(fmt, group):
     w = torch.randn(100, 128)
     parts, w_hat = _parts(fmt, w, group)
@@ -112,6 +113,10 @@ def test_bad_parts_are_rejected():
     x, z = torch.randn(1, 64), torch.zeros
     with pytest.raises(RuntimeError, match="int8 scale"):
         torch.ops.looplm.qlinear(x, [torch.zeros(4, 64, dtype=torch.int8), torch.zeros(5)])
+    with pytest.raises(RuntimeError, match="int8 scale"):  # groups of 32 need [4, 2]
+        torch.ops.looplm.qlinear(x, [torch.zeros(4, 64, dtype=torch.int8), torch.zeros(5, 2)])
+    with pytest.raises(RuntimeError, match="int8 group size"):  # groups of 16
+        torch.ops.looplm.qlinear(x, [torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4, 4)])
     with pytest.raises(RuntimeError, match="int4 packed"):
         torch.ops.looplm.qlinear(x, [z(4, 31, dtype=torch.uint8), z(4, 2), z(4, 2)])
     with pytest.raises(RuntimeError, match="group size"):
@@ -120,7 +125,7 @@ def test_bad_parts_are_rejected():
 
 @needs_kernel
 @pytest.mark.skipif(not bf16_rows(), reason="no AMX bfloat16 matrix product in this build or CPU")
-@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64)])
 def test_many_rows_run_in_bfloat16(fmt, group):
     """From bf16_rows() rows on, quantised weights are dequantised and multiplied in bfloat16: the
     kernel equals the bfloat16 product of x and the dequantised weight (float32 sums), one row

@@ -42,6 +42,9 @@ def test_qat_train_quantize_eval_generate(tmp_path, capsys, monkeypatch):
     # quantising a quantised checkpoint, or onto itself, is a one-line error
     assert main(["quantize", str(out), "--format", "int8", "--out", str(tmp_path / "qq")]) == 2
     assert main(["quantize", str(ckpt), "--format", "int8", "--out", str(ckpt)]) == 2
-    g = str(tmp_path / "g")
-    assert main(["quantize", str(ckpt), "--format", "int8", "--group-size", "64", "--out", g]) == 2
     assert "already quantised" in capsys.readouterr().err
+    g = str(tmp_path / "g")
+    assert main(["quantize", str(ckpt), "--format", "int8", "--group-size", "48", "--out", g]) == 2
+    assert "group_size=48 for int8 must be a positive multiple of 32" in capsys.readouterr().err
+    assert main(["quantize", str(ckpt), "--format", "fp8_e4m3", "--group-size", "64", "--out", g]) == 2
+    assert "--group-size applies to int4 and int8 only" in capsys.readouterr().err

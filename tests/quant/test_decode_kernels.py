@@ -21,7 +21,7 @@ from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
 
-FORMATS = [("int8", None), ("int4", 32), ("int4", 64)]
+FORMATS = [("int8", None), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)]
 
 
 def _config(**kw) -> LoopConfig:

@@ -29,7 +29,7 @@ def test_unknown_format_is_one_config_error_listing_the_known_ones() -> None:
         qf.make_format("int3")
     assert all(name in str(err.value) for name in qf.FORMATS)
     with pytest.raises(ConfigError, match="group_size"):
-        qf.make_format("int8", 64)
+        qf.make_format("int8", 48)
 
 
 @dataclass(frozen=True)

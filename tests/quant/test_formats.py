@@ -29,6 +29,35 @@ def test_int8_round_trip_within_half_step(shape, scale, seed):
     assert (err <= s[:, None] / 2 * (1 + 1e-5)).all()
 
 
+@given(shapes, scales, st.integers(0, 99), st.sampled_from([32, 64, 96, 128, 256]))
+def test_int8_groups_round_trip_within_half_step_of_their_own_scale(shape, scale, seed, g):
+    if shape[1] % g:
+        return
+    w = rand(shape, scale, seed)
+    fmt = qf.make_format("int8", g)
+    parts = qf.quantize(w, fmt)
+    assert parts["scale"].shape == (shape[0], shape[1] // g) and parts["scale"].dtype == torch.float32
+    assert {k: (tuple(v.shape), v.dtype) for k, v in parts.items()} == fmt.part_shapes(*shape)
+    assert (parts["q"].abs() <= 127).all()
+    s = parts["scale"].repeat_interleave(g, 1)
+    err = (qf.dequantize(parts, fmt) - w).abs()
+    assert (err <= s / 2 * (1 + 1e-5)).all()
+    # each group's scale is its own largest magnitude / 127, never more than the row's
+    assert torch.allclose(s, w.abs().reshape(shape[0], -1, g).amax(-1).repeat_interleave(g, 1) / 127)
+    assert (parts["scale"].amax(1) <= qf.quantize_int8(w)["scale"]).all()
+
+
+def test_int8_group_sizes_are_checked():
+    assert qf.make_format("int8").group_size is None and qf.make_format("int8").packed_op(64)
+    assert qf.make_format("int8", 96).group_size == 96 and not qf.make_format("int8", 32).packed_op(64)
+    for bad in (0, 16, 48, -32):
+        with pytest.raises(ValueError, match=f"group_size={bad} for int8 must be a positive multiple of 32"):
+            qf.make_format("int8", bad)
+    assert not qf.make_format("int8", 64).supports(4, 96)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        qf.quantize_int8(torch.randn(4, 96), 64)
+
+
 @given(shapes, scales, st.integers(0, 99), st.sampled_from(qf.GROUP_SIZES), st.booleans())
 def test_int4_round_trip_within_half_step(shape, scale, seed, g, zp):
     if shape[1] % g:
@@ -126,3 +155,4 @@ def test_bits_per_weight():
     assert qf.make_format("int4", 64).bits == 5.0
     assert qf.make_format("fp4_mx").bits == 4.25
     assert qf.make_format("int8").bits == 8.0
+    assert qf.make_format("int8", 32).bits == 9.0

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from looplm.checkpoint import load_model, save_model
@@ -136,6 +137,33 @@ def test_embedding_format_keeps_the_tied_table_in_its_own_format_through_a_check
     all4 = quantize_model(tiny(), "int4", group_size=32, keep_embeddings=False, keep_head=False)
     err = {k: (m.embed(torch.arange(64)) - ref).norm() for k, m in (("int8", model), ("int4", all4))}
     assert err["int8"] < err["int4"] / 4
+
+
+def test_int8_groups_through_a_checkpoint_and_per_row_checkpoints_keep_their_layout(tmp_path):
+    """Grouped int8 (body g64, tied table g32) saves, loads and runs equal; a per-row int8
+    checkpoint keeps the layout checkpoints always had (scale [out], group_size null), and a
+    section whose group size does not fit the stored scales is refused."""
+    ids = torch.randint(0, 64, (2, 6))
+    model = quantize_model(tiny(), "int8", group_size=64, keep_embeddings=False, keep_head=False,
+                           embedding_format="int8", embedding_group_size=32)
+    assert model.embed.fmt.group_size == 32 and model.embed.part("scale").shape == (64, 2)
+    body = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert body and all(m.fmt.group_size == 64 and m.part("scale").dim() == 2 for m in body)
+    save_model(model, tmp_path / "g")
+    loaded = load_model(tmp_path / "g")
+    assert loaded.quantization == model.quantization
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    per_row = quantize_model(tiny(), "int8")
+    save_model(per_row, tmp_path / "r")
+    section = json.loads((tmp_path / "r" / "config.json").read_text())["quantization"]
+    assert section["format"] == "int8" and section["group_size"] is None
+    with safe_open(str(tmp_path / "r" / "model.safetensors"), "pt") as f:
+        scales = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith(".scale")]
+    assert scales and all(len(shape) == 1 for shape in scales)
+    assert torch.equal(load_model(tmp_path / "r")(ids).logits, per_row(ids).logits)
+    _edit_section(tmp_path / "r", group_size=32)
+    with pytest.raises(CheckpointError, match="bad 'quantization' .* cannot use int8 with group_size=32"):
+        load_model(tmp_path / "r")
 
 
 def test_overrides_naming_an_unquantised_module_are_refused(tmp_path):

@@ -41,7 +41,8 @@ Tensor qembedding(const Tensor& ids, at::TensorList w) {
     float* o = op + r * dim;
     if (W.kind == looplm::QWeight::I8) {
       const int8_t* q = W.q + i * dim;
-      for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<float>(q[c]) * W.scale[i];
+      const float* s = W.scale + i * (dim / W.group);
+      for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<float>(q[c]) * s[c / W.group];
     } else {
       const int64_t groups = dim / W.group;
       const uint8_t* p = W.packed + i * (dim / 2);

@@ -3,7 +3,8 @@
 //
 // Weights [n, k], given as a list of tensors:
 //   float32  [w]                     w [n, k]
-//   int8     [q, scale]              q int8 [n, k], scale float32 [n]: W = scale * q
+//   int8     [q, scale]              q int8 [n, k], scale float32 [n] (one per row) or [n, k/g]
+//                                    (one per group of g inputs): W = scale * q
 //   int4     [packed, scale, offset] packed uint8 [n, k/2] (element 2j in byte j's low nibble,
 //                                    2j+1 in its high one), scale, offset float32 [n, k/g]:
 //                                    W = offset + scale * q for the g inputs of a group
@@ -12,7 +13,7 @@
 // set is the build machine's, -march=native: AVX-512 VNNI vpdpbusd on 512-bit vectors for int4
 // and 256-bit ones for int8 where the CPU has it, AVX2 vpmaddubsw + vpmaddwd on AVX2-only CPUs
 // such as older AMD EPYCs, plain loops elsewhere):
-//   int8: y = scale * sum_b d_b (xq_b . q_b)
+//   int8: y = scale * sum_b d_b (xq_b . q_b) per row, y = sum_b d_b s_G(b) (xq_b . q_b) in groups
 //   int4: y = sum_b d_b s_G(b) (xq_b . q_b) + sum_G offset_G sum_{b in G} d_b sum(xq_b)
 // (llama.cpp's Q8_0 x Q8_0 and Q4_1 x Q8_1 dot products compute the same sums). Float32 weights
 // times kGemmRows rows or more go to BLAS instead (a batch of decoding rows: compute-bound there).
@@ -44,12 +45,12 @@ constexpr int64_t kQGroup = 32;  // inputs per activation quantisation group
 // One weight matrix [n, k] in a kernel format (pointers into tensors the caller keeps alive).
 struct QWeight {
   enum Kind { F32, I8, I4 } kind = F32;
-  int64_t n = 0, k = 0, group = 0;
-  const float* w = nullptr;         // F32
-  const int8_t* q = nullptr;        // I8
-  const uint8_t* packed = nullptr;  // I4
-  const float* scale = nullptr;     // I8 [n], I4 [n, k/group]
-  const float* offset = nullptr;    // I4 [n, k/group]
+  int64_t n = 0, k = 0, group = 0;  // group: inputs per scale (I8 per row: k)
+  const float* w = nullptr;          // F32
+  const int8_t* q = nullptr;         // I8
+  const uint8_t* packed = nullptr;   // I4
+  const float* scale = nullptr;      // I8, I4 [n, k/group]
+  const float* offset = nullptr;     // I4 [n, k/group]
   bool quantised() const { return kind != F32; }
 };
 
@@ -59,6 +60,14 @@ inline void check_part(const at::Tensor& t, at::ScalarType dtype, std::vector<in
               " must be a contiguous CPU tensor of ", dtype);
   TORCH_CHECK(t.sizes().vec() == shape, op, ": ", what, " has shape ", t.sizes(), ", expected ",
               at::IntArrayRef(shape));
+}
+
+// Groups of a scale [n, groups] over k inputs (each a multiple of kQGroup inputs).
+inline int64_t group_count(const at::Tensor& scale, int64_t k, const char* op, const char* what) {
+  TORCH_CHECK(scale.dim() == 2 && scale.size(1) > 0, op, ": ", what, " scale must be a matrix [n, groups]");
+  const int64_t groups = scale.size(1), g = k / groups;
+  TORCH_CHECK(g * groups == k && g % kQGroup == 0, op, ": ", what, " group size must be a multiple of ", kQGroup);
+  return groups;
 }
 
 // The weight [n, k] held by `parts` (see the top of this file); `op` names the kernel in errors.
@@ -72,15 +81,17 @@ inline QWeight qweight(const std::vector<at::Tensor>& parts, int64_t n, int64_t 
   } else if (parts.size() == 2) {
     TORCH_CHECK(k % kQGroup == 0, op, ": int8 weights need in_features divisible by ", kQGroup);
     check_part(parts[0], at::kChar, {n, k}, op, "int8 q");
-    check_part(parts[1], at::kFloat, {n}, op, "int8 scale");
+    const bool per_row = parts[1].dim() == 1;
+    const int64_t groups = per_row ? 1 : group_count(parts[1], k, op, "int8");
+    check_part(parts[1], at::kFloat, per_row ? std::vector<int64_t>{n} : std::vector<int64_t>{n, groups}, op,
+               "int8 scale");
     W.kind = QWeight::I8;
+    W.group = k / groups;
     W.q = parts[0].data_ptr<int8_t>();
     W.scale = parts[1].data_ptr<float>();
   } else {
-    TORCH_CHECK(parts.size() == 3 && parts[1].dim() == 2 && parts[1].size(1) > 0, op,
-                ": weight parts must be [w], [q, scale] or [packed, scale, offset]");
-    const int64_t groups = parts[1].size(1), g = k / groups;
-    TORCH_CHECK(g * groups == k && g % kQGroup == 0, op, ": int4 group size must be a multiple of ", kQGroup);
+    TORCH_CHECK(parts.size() == 3, op, ": weight parts must be [w], [q, scale] or [packed, scale, offset]");
+    const int64_t groups = group_count(parts[1], k, op, "int4"), g = k / groups;
     check_part(parts[0], at::kByte, {n, k / 2}, op, "int4 packed");
     check_part(parts[1], at::kFloat, {n, groups}, op, "int4 scale");
     check_part(parts[2], at::kFloat, {n, groups}, op, "int4 offset");
@@ -165,11 +176,11 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// y[i] = sum_b d_b (xq_b . q_b) for R consecutive int8 weight rows q (row stride k), before the
-// rows' scales.
+// y[i] = sum_b d_b s_i,G(b) (xq_b . q_b) for R consecutive int8 weight rows q (row stride k) with
+// `groups` scales each (row stride groups; one: the row's scale, multiplied once at the end).
 template <int R>
-inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
-  const int64_t k = x.k, nb = k / kQGroup;
+inline void dot_i8(const QRow& x, const int8_t* q, const float* scale, int64_t groups, float* y) {
+  const int64_t k = x.k, nb = k / kQGroup, per = nb / groups;
 #ifdef LOOPLM_SIMD
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
@@ -180,8 +191,8 @@ inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
 #else
     const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq.data() + b * kQGroup));
 #endif
-    const __m256 db = _mm256_set1_ps(x.d[b]);
     for (int i = 0; i < R; ++i) {
+      const __m256 db = _mm256_set1_ps(groups == 1 ? x.d[b] : x.d[b] * scale[i * groups + b / per]);
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * k + b * kQGroup));
 #ifdef LOOPLM_VNNI
       const __m256i sw = _mm256_mask_sub_epi8(w, neg, _mm256_setzero_si256(), w);
@@ -191,16 +202,16 @@ inline void dot_i8(const QRow& x, const int8_t* q, float* y) {
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dpbusd(_mm256_setzero_si256(), a, sw)), db, acc[i]);
     }
   }
-  for (int i = 0; i < R; ++i) y[i] = hsum(acc[i]);
+  for (int i = 0; i < R; ++i) y[i] = hsum(acc[i]) * (groups == 1 ? scale[i] : 1.0f);
 #else
   for (int i = 0; i < R; ++i) {
     float acc = 0;
     for (int64_t b = 0; b < nb; ++b) {
       int32_t s = 0;
       for (int64_t e = 0; e < kQGroup; ++e) s += int32_t(x.xq[b * kQGroup + e]) * int32_t(q[i * k + b * kQGroup + e]);
-      acc += x.d[b] * static_cast<float>(s);
+      acc += (groups == 1 ? x.d[b] : x.d[b] * scale[i * groups + b / per]) * static_cast<float>(s);
     }
-    y[i] = acc;
+    y[i] = acc * (groups == 1 ? scale[i] : 1.0f);
   }
 #endif
 }
@@ -309,14 +320,9 @@ inline void qrows(const QWeight& W, const QRow& x, const float* xf, const float*
   if (W.kind == QWeight::F32) {
     for (; j < j1; ++j) o[j] = dot(xf, W.w + j * k, k);
   } else if (W.kind == QWeight::I8) {
-    for (; j + R <= j1; j += R) {
-      dot_i8<R>(x, W.q + j * k, o + j);
-      for (int i = 0; i < R; ++i) o[j + i] *= W.scale[j + i];
-    }
-    for (; j < j1; ++j) {
-      dot_i8<1>(x, W.q + j * k, o + j);
-      o[j] *= W.scale[j];
-    }
+    const int64_t groups = k / W.group;
+    for (; j + R <= j1; j += R) dot_i8<R>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
+    for (; j < j1; ++j) dot_i8<1>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
   } else {
     const int64_t groups = k / W.group;
     for (; j + R <= j1; j += R)
@@ -372,8 +378,8 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
   for (int64_t j = j0; j < j1; ++j) {
     uint16_t* o = out + (j - j0) * k;
     if (W.kind == QWeight::I8) {
-      const __m512 s = _mm512_set1_ps(W.scale[j]);
       for (int64_t i = 0; i < k; i += 32) {
+        const __m512 s = _mm512_set1_ps(W.scale[j * (k / W.group) + i / W.group]);
         const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W.q + j * k + i)));
         const __m512i q2 = _mm512_cvtepi8_epi32(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(W.q + j * k + i + 16)));
