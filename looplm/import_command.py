@@ -4,10 +4,11 @@ of a Llama-family model as a looplm checkpoint (see :mod:`looplm.pretrained`).""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from looplm.errors import ConfigError
-from looplm.pretrained.convert import import_checkpoint
+from looplm.pretrained.convert import INFO_FILE, import_checkpoint
 from looplm.quant.formats import FORMATS, GROUP_SIZES, INT8_GROUP
 
 
@@ -70,5 +71,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = import_checkpoint(args.source, args.out, quantize=args.quantize, quantize_options=options)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"{out}: {size / 1e6:.1f} MB written in {time.perf_counter() - start:.1f} s")
+    kept = json.loads((out / INFO_FILE).read_text()).get("file_codes", 0)
+    lossless = f"; {kept} matrices keep the file's own codes" if kept else ""
+    print(f"{out}: {size / 1e6:.1f} MB written in {time.perf_counter() - start:.1f} s{lossless}")
     return 0

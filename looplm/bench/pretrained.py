@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed runs per prompt length (the fastest counts)")
     parser.add_argument("--keep-head", action="store_true",
                         help="int8/int4 rows: keep the tied embedding/head in float32")
+    parser.add_argument("--int8-group-size", type=int, default=INT8_BODY_GROUP, metavar="G",
+                        help=f"int8 row: inputs per scale of every linear (default {INT8_BODY_GROUP}; "
+                             "0: one per row)")
+    parser.add_argument("--head-group-size", type=int, default=HEAD_GROUP, metavar="G",
+                        help=f"int8 and int4 rows: inputs per scale of the int8 tied embedding/head (default "
+                             f"{HEAD_GROUP}; 0: one per row)")
     parser.add_argument("--prose", default=str(PROSE), help="English prose text (default: the GPL-3 text)")
     parser.add_argument("--code", default=None, help="Python source text (default: the stdlib's pprint.py)")
     parser.add_argument("--out", default="bench_results/pretrained")
@@ -91,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     s = dict(prompts=sorted(args.prompts), new_tokens=args.new_tokens, eval_tokens=args.eval_tokens,
              window=args.window, repeats=args.repeats, rows=list(args.rows), keep_head=args.keep_head,
+             int8_group=args.int8_group_size or None, head_group=args.head_group_size or None,
              threads=args.threads or torch.get_num_threads(), bandwidth_bytes=1 << 30)
     if args.quick:
         s.update(prompts=[8, 24], new_tokens=4, eval_tokens=96, window=32, repeats=1, bandwidth_bytes=1 << 26)
@@ -112,11 +119,17 @@ def model_file(args: argparse.Namespace) -> Path:
 # int4 rows: groups of 32 inputs with a scale and an offset each, as the file's own Q4_1, and the tied
 # embedding/head in int8, as the file keeps it in Q8_0.
 INT4_GROUP = 32
+# int8 rows: one scale per INT8_BODY_GROUP inputs; the int8 table of both rows: per HEAD_GROUP inputs (None:
+# one scale per row)
+INT8_BODY_GROUP: int | None = None
+HEAD_GROUP: int | None = None
 
 
-def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool) -> dict[str, Path]:
+def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool,
+                        int8_group: int | None = INT8_BODY_GROUP,
+                        head_group: int | None = HEAD_GROUP) -> dict[str, Path]:
     """The float32 import of ``gguf`` and its int8/int4 copies under ``work`` (made once: the
-    directory name carries the file's size and mtime)."""
+    directory name carries the file's size and mtime and the formats' group sizes)."""
     st = gguf.stat()
     base = work / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
     ckpts = {"float32": base / "float32"}
@@ -125,12 +138,13 @@ def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool
     for fmt in ("int8", "int4"):
         if f"looplm-{fmt}" not in rows:
             continue
-        group = INT4_GROUP if fmt == "int4" else None
-        path = base / (fmt + (f"-g{group}-head8" if group else "") + ("-keephead" if keep_head else ""))
+        group = INT4_GROUP if fmt == "int4" else int8_group
+        head = "-keephead" if keep_head else f"-head8g{head_group or 'row'}"
+        path = base / f"{fmt}-g{group or 'row'}{head}"
         if not path.is_dir():
             model = load_model(ckpts["float32"])
             quantize_model(model, fmt, group_size=group, keep_embeddings=keep_head, keep_head=keep_head,
-                           embedding_format="int8" if group else None)
+                           embedding_format="int8", embedding_group_size=head_group)
             tmp = path.with_name(path.name + ".tmp")
             save_model(model, tmp)
             load_tokenizer(ckpts["float32"]).save(tmp)
@@ -501,7 +515,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(s["threads"])
     gguf = model_file(args)
     out = Path(args.out)
-    ckpts = prepare_checkpoints(gguf, out / "work", s["rows"], s["keep_head"])
+    ckpts = prepare_checkpoints(gguf, out / "work", s["rows"], s["keep_head"], s["int8_group"],
+                                s["head_group"])
     tokenizer = load_tokenizer(ckpts["float32"])
     texts: dict[str, dict[str, Any]] = {}
     for name, path in (("prose", args.prose), ("code", args.code or code_text())):

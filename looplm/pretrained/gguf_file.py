@@ -7,6 +7,11 @@ Q4_1, Q4_K, Q6_K and the other types it knows). Two things it leaves to the read
   RoPE can rotate adjacent pairs; looplm (as Hugging Face) rotates the halves ``(i, i + D/2)``.
   :func:`unpermute_qk` undoes it exactly; :func:`permute_qk` is the converter's direction.
 - GGUF shapes list the fastest dimension first; tensors here are ``[out, in]`` as in PyTorch.
+
+Two of its types are looplm weight formats exactly (:func:`file_codes`): Q8_0 (blocks of 32 int8
+codes with one float16 scale, ``W = d·q``) is int8 in groups of 32, and Q4_1 (blocks of 32 4-bit
+codes with a float16 scale and minimum, ``W = m + d·q``) is int4 in groups of 32 with a zero point;
+a checkpoint quantised to those formats can keep the file's own codes, bit-exact.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from looplm.errors import ConversionError
 from looplm.pretrained.source import Source
 from looplm.pretrained.tokenizer import tokenizer_from_gguf
+from looplm.quant.formats import Format, make_format, pack_nibbles
 
 # tensor types dequantised here (others the gguf package knows are accepted too, see _dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -146,9 +152,40 @@ def _dequantize(t: Any, path: Path) -> torch.Tensor:
     )  # a copy: the file is read-only
 
 
-def read_gguf(path: str | Path) -> Source:
+def _halves(blocks: np.ndarray, at: int) -> torch.Tensor:
+    """The float16 at byte ``at`` of each block, as float32 ``[n_blocks]``."""
+    return torch.from_numpy(blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32).reshape(-1))
+
+
+def file_codes(t: Any) -> tuple[Format, dict[str, torch.Tensor]] | None:
+    """A Q8_0 or Q4_1 tensor's own codes as looplm parts of the same ``[out, in]`` weight, no float
+    round trip: Q8_0 -> int8 in groups of 32 (``q``, ``scale = d``); Q4_1 -> int4 in groups of 32
+    with a zero point (``scale = d``, ``offset = m``; the block's element ``i < 16`` is byte ``i``'s
+    low nibble and ``i + 16`` its high one, repacked as looplm's pairs). None for other types, and
+    for Q8_0 blocks holding the code -128, which the int8 kernels do not take."""
+    kind = t.tensor_type.name
+    if kind not in ("Q8_0", "Q4_1") or len(t.shape) != 2:
+        return None
+    rows = int(t.shape[1])
+    size = 34 if kind == "Q8_0" else 20  # bytes per block of 32
+    blocks = np.asarray(t.data).reshape(-1, size)
+    d = _halves(blocks, 0).reshape(rows, -1)
+    if kind == "Q8_0":
+        q = torch.from_numpy(blocks[:, 2:].copy().view(np.int8)).reshape(rows, -1)
+        if bool((q == -128).any()):
+            return None
+        return make_format("int8", 32), {"q": q, "scale": d}
+    qs = torch.from_numpy(blocks[:, 4:].copy())
+    codes = torch.cat([qs & 15, qs >> 4], dim=1)  # [n_blocks, 32] in element order
+    parts = {"packed": pack_nibbles(codes).reshape(rows, -1), "scale": d,
+             "offset": _halves(blocks, 2).reshape(rows, -1)}
+    return make_format("int4", 32, zero_point=True), parts
+
+
+def read_gguf(path: str | Path, keep_codes: bool = False) -> Source:
     """The model in the GGUF file ``path`` as a :class:`Source` (float32 tensors, Hugging Face names,
-    q/k rows in the rotate-half layout); ConversionError for anything it cannot represent."""
+    q/k rows in the rotate-half layout; ``keep_codes``: also the codes of its Q8_0 / Q4_1 tensors,
+    :func:`file_codes`); ConversionError for anything it cannot represent."""
     path = Path(path)
     reader = _open(path)
     fields = reader.fields
@@ -165,6 +202,7 @@ def read_gguf(path: str | Path) -> Source:
         )
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     out: dict[str, torch.Tensor] = {}
+    codes: dict[str, tuple[Format, dict[str, torch.Tensor]]] = {}
     for name, t in tensors.items():
         parts = name.split(".")
         if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
@@ -174,8 +212,14 @@ def read_gguf(path: str | Path) -> Source:
         else:
             raise ConversionError(f"{str(path)!r}: unexpected tensor {name!r} for a llama model")
         w = _dequantize(t, path)
+        kept = file_codes(t) if keep_codes else None
         if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
-            w = unpermute_qk(w, heads if parts[2] == "attn_q" else kv_heads)
+            n = heads if parts[2] == "attn_q" else kv_heads
+            w = unpermute_qk(w, n)
+            if kept is not None:
+                kept = (kept[0], {k: unpermute_qk(v, n) for k, v in kept[1].items()})
         out[hf] = w
+        if kept is not None:
+            codes[hf] = kept
     tokenizer_json, tokenizer_config = tokenizer_from_gguf(fields, path)
-    return Source(config, out, tokenizer_json, tokenizer_config, str(path))
+    return Source(config, out, tokenizer_json, tokenizer_config, str(path), codes)

@@ -74,8 +74,12 @@ class _QuantWeight(nn.Module):
         return None
 
     def set_weight(self, w: Tensor) -> None:
-        for name, value in quantize(w.detach(), self.fmt).items():
-            getattr(self, name).copy_(value)
+        self.set_parts(quantize(w.detach(), self.fmt))
+
+    def set_parts(self, parts: dict[str, Tensor]) -> None:
+        """Store ``parts`` (every part of the format, in its shapes) as they are."""
+        for name, value in parts.items():
+            self.part(name).copy_(value)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight ``[rows, cols]`` in ``dtype``."""
@@ -118,8 +122,8 @@ class QuantLinear(_QuantWeight):
             q.bias.data.copy_(linear.bias.detach())
         return q
 
-    def set_weight(self, w: Tensor) -> None:
-        super().set_weight(w)
+    def set_parts(self, parts: dict[str, Tensor]) -> None:
+        super().set_parts(parts)
         self._int4_cache = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # new parts: drop the kernel layout
