@@ -4,9 +4,10 @@ side by side on the same file, tokens and threads.
 Rows: transformers float32 on the dequantised weights (``from_pretrained(dir, gguf_file=...)``);
 llama.cpp through ``llama-cpp-python`` on the original file (the optional ``looplm[bench]`` extra;
 the row says "not installed" without it); looplm float32, bfloat16, int8 and int4 (``looplm
-import`` of the file, then ``quantize_model`` of every linear and, unless ``--keep-head``, the tied
-embedding/head; int4 in groups of 32 with the table in int8, as the file's Q4_1 + Q8_0). Each row
-runs in its own subprocess so its peak RSS is its own.
+import --quantize`` of the file: every linear and, unless ``--keep-head``, the tied embedding/head
+quantised; int4 in groups of 32 with the table in int8, as the file's Q4_1 + Q8_0, whose codes they
+keep where the formats are the same; int8 in groups of ``--int8-group-size``, the table in groups of
+``--head-group-size``). Each row runs in its own subprocess so its peak RSS is its own.
 
 Figures per row, all on the same token ids (the looplm import's tokenizer):
 - decode tokens/s after a 32- and a 1024-token prompt (greedy, 128 new tokens; the first new
@@ -45,14 +46,13 @@ from torch.nn import functional as F
 
 from looplm.bench.common import machine_info, markdown_table, write_json
 from looplm.bench.runner import save_figure, subplots
-from looplm.checkpoint import load_model, save_model
+from looplm.checkpoint import load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
 from looplm.generate import iter_tokens
 from looplm.perplexity import score_tokens, scored_bytes, windows
 from looplm.pretrained.convert import import_checkpoint
 from looplm.pretrained.pull import cached_model_path
-from looplm.quant.ptq import quantize_model
 
 ROWS = ("transformers-float32", "llama.cpp", "looplm-float32", "looplm-bfloat16", "looplm-int8",
         "looplm-int4")
@@ -116,8 +116,8 @@ def model_file(args: argparse.Namespace) -> Path:
     return path
 
 
-# int4 rows: groups of 32 inputs with a scale and an offset each, as the file's own Q4_1, and the tied
-# embedding/head in int8, as the file keeps it in Q8_0.
+# int4 rows: groups of 32 inputs with a scale and an offset each, as the file's own Q4_1 (whose codes
+# they keep), and the tied embedding/head in int8, as the file keeps it in Q8_0.
 INT4_GROUP = 32
 # int8 rows: one scale per INT8_BODY_GROUP inputs; the int8 table of both rows: per HEAD_GROUP inputs (None:
 # one scale per row)
@@ -141,14 +141,10 @@ def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool
         group = INT4_GROUP if fmt == "int4" else int8_group
         head = "-keephead" if keep_head else f"-head8g{head_group or 'row'}"
         path = base / f"{fmt}-g{group or 'row'}{head}"
-        if not path.is_dir():
-            model = load_model(ckpts["float32"])
-            quantize_model(model, fmt, group_size=group, keep_embeddings=keep_head, keep_head=keep_head,
-                           embedding_format="int8", embedding_group_size=head_group)
-            tmp = path.with_name(path.name + ".tmp")
-            save_model(model, tmp)
-            load_tokenizer(ckpts["float32"]).save(tmp)
-            tmp.rename(path)
+        if not path.is_dir():  # matrices in the file's own format keep its codes (int4 g32, int8 g32)
+            import_checkpoint(gguf, path, quantize=fmt, quantize_options=dict(
+                group_size=group, keep_embeddings=keep_head, keep_head=keep_head, embedding_format="int8",
+                embedding_group_size=head_group))
         ckpts[fmt] = path
     return ckpts
 

@@ -19,6 +19,7 @@ import torch
 from looplm.checkpoint import empty_model, save_model
 from looplm.data.tokenizer import PretrainedTokenizer
 from looplm.errors import ConfigError, ConversionError
+from looplm.model import LoopLM
 from looplm.pretrained.gguf_file import read_gguf
 from looplm.pretrained.hf_dir import read_hf_dir
 from looplm.pretrained.llama import loop_config, loop_state_dict, name_map
@@ -74,7 +75,7 @@ def build(source: Source):
     return model.eval(), tokenizer
 
 
-def keep_file_codes(model: torch.nn.Module, source: Source) -> int:
+def keep_file_codes(model: LoopLM, source: Source) -> int:
     """Give each quantised matrix of ``model`` whose every source tensor the file stores in the
     matrix's own format (``source.codes``: Q8_0 as int8 g32, Q4_1 as int4 g32) those codes,
     concatenated in the rows' order (q | k | v, gate | up) in place of its requantised parts, so
