@@ -8,6 +8,7 @@ from safetensors import safe_open
 from torch import nn
 
 from looplm.checkpoint import load_model, save_model
+from looplm.cli import main
 from looplm.errors import CheckpointError
 from looplm.generate import generate_ids
 from looplm.layers.linear import Linear
@@ -164,6 +165,24 @@ def test_int8_groups_through_a_checkpoint_and_per_row_checkpoints_keep_their_lay
     _edit_section(tmp_path / "r", group_size=32)
     with pytest.raises(CheckpointError, match="bad 'quantization' .* cannot use int8 with group_size=32"):
         load_model(tmp_path / "r")
+
+
+def test_info_counts_the_bytes_a_quantised_checkpoint_stores(tmp_path, capsys):
+    """``looplm info``'s weight bytes are the stored tensors' (codes, scales, float parameters), and
+    its per-format counts cover every quantised weight at the format's bits."""
+    model = quantize_model(tiny(), "int8", group_size=32, keep_embeddings=False, keep_head=False,
+                           embedding_format="int8")
+    save_model(model, tmp_path)
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    w = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["weights"]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert w["bytes"] == stored
+    assert set(w["formats"]) == {"int8 g32", "int8 per row"}
+    assert w["formats"]["int8 g32"]["bits"] == 9.0 and w["formats"]["int8 per row"]["weights"] == 64 * 64
+    assert w["quantised"] == sum(v["weights"] for v in w["formats"].values())
+    assert main(["info", str(tmp_path)]) == 0
+    assert "in int8 g32 (9 bits each)" in capsys.readouterr().out
 
 
 def test_overrides_naming_an_unquantised_module_are_refused(tmp_path):
