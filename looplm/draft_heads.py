@@ -6,7 +6,11 @@
   and the norm at the final norm's weights, so an untrained exit head is the plain truncation.
 - ``MedusaHeads`` (Cai et al. 2024): H residual blocks ``x + SiLU(W_i x)`` on the model's final
   normed hidden state ``x`` at position t; head i (1-based) predicts token ``t + 1 + i``
-  through the model's output head (the model itself predicts ``t + 1``).
+  through the model's output head (the model itself predicts ``t + 1``), restricted to a
+  shortlist of the corpus's most frequent tokens (``vocab [N]``, as FR-Spec, Zhao et al. 2025,
+  does for its draft): the heads' logits cost N/V of the full head's, in training and drafting.
+  A draft outside the shortlist is never proposed; verification by the full model keeps the
+  output exact either way.
 
 ``distill_heads`` trains either from the model's own next-token distributions on a corpus
 (soft cross-entropy against the frozen model's softmax), and ``save_heads`` / ``load_heads``
@@ -27,9 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from looplm.data.corpus import in_validation
-from looplm.data.finetune import LICENSES
-from looplm.data.stdlib import stdlib_files
+from looplm.data.finetune import finetune_source
 from looplm.errors import CheckpointError, ConfigError
 from looplm.layers.init import skip_random_init
 from looplm.layers.norms import RMSNorm
@@ -37,16 +39,6 @@ from looplm.model import LoopLM
 from looplm.ops.linear import linear
 
 HEAD_KINDS = ("exit", "medusa")
-
-
-def lm_head(model: LoopLM, x: torch.Tensor) -> torch.Tensor:
-    """The model's output head on normed hidden states ``x [..., d]`` -> logits ``[..., V]``."""
-    if model.head is not None:
-        return model.head(x)
-    as_head = getattr(model.embed, "as_head", None)
-    if as_head is not None:  # a quantised tied table
-        return as_head(x)
-    return linear(x, model.embed.weight)
 
 
 class ExitHead(nn.Module):
@@ -68,22 +60,52 @@ class ExitHead(nn.Module):
         return self.norm(h + self.proj(h))
 
 
-class MedusaHeads(nn.Module):
-    """``H`` heads: ``forward(x [N, d]) -> [N, H, d]``, head i's input to the output head."""
+def head_weight(model: LoopLM) -> torch.Tensor:
+    """The output head's weight ``[V, d]`` in float32 (a quantised one dequantised)."""
+    return (model.embed if model.head is None else model.head).weight.float()
 
-    def __init__(self, d_model: int, heads: int) -> None:
+
+def shortlist(tokens: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """The ``size`` most frequent ids of ``tokens [N]`` (ties: the lower id), ascending ``[size]``;
+    every id when ``size`` is 0 or at least ``vocab_size``."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = torch.bincount(tokens.reshape(-1), minlength=vocab_size).double()
+    rank = counts - torch.arange(vocab_size, dtype=torch.float64) / vocab_size  # stable among ties
+    return rank.topk(size).indices.sort().values
+
+
+class MedusaHeads(nn.Module):
+    """``H`` heads: ``forward(x [N, d]) -> [N, H, d]``, head i's input to the output head;
+    ``vocab [n]`` long: the token ids the heads draft (their logits: :meth:`logits`)."""
+
+    def __init__(self, d_model: int, heads: int, vocab: torch.Tensor) -> None:
         super().__init__()
         linears = [nn.Linear(d_model, d_model, bias=False) for _ in range(heads)]
         for lin in linears:
             nn.init.zeros_(lin.weight)
         self.blocks = nn.ModuleList(linears)  # the paper's ResBlocks; the name keys the heads file
+        self.register_buffer("vocab", vocab.clone().long())
+        self.table: torch.Tensor | None = None  # the head's rows for vocab, [n, d] (set_table)
+
+    def set_table(self, model: LoopLM) -> None:
+        """Keep the output head's rows of the shortlist (float32, read by :meth:`logits`)."""
+        self.table = head_weight(model)[self.vocab.to(model.norm.weight.device)].detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([x + F.silu(lin(x)) for lin in self.blocks], dim=-2)
 
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``y [..., d]`` -> logits over the shortlist ``[..., n]``."""
+        if self.table is None:
+            raise RuntimeError("MedusaHeads.set_table(model) first")
+        return linear(y.float(), self.table)
 
-def new_heads(model: LoopLM, kind: str, count: int) -> ExitHead | MedusaHeads:
-    """Fresh heads for ``model``: ``exit`` after ``count`` layers or ``medusa`` with ``count`` heads."""
+
+def new_heads(model: LoopLM, kind: str, count: int,
+              vocab: torch.Tensor | None = None) -> ExitHead | MedusaHeads:
+    """Fresh heads for ``model``: ``exit`` after ``count`` layers or ``medusa`` with ``count`` heads
+    drafting the ids ``vocab`` (default: every id)."""
     c = model.config
     if kind == "exit":
         n_layers = c.n_prelude + c.n_core + c.n_coda
@@ -100,7 +122,13 @@ def new_heads(model: LoopLM, kind: str, count: int) -> ExitHead | MedusaHeads:
     if kind == "medusa":
         if count < 1:
             raise ConfigError(f"medusa:{count}: give at least one head")
-        return MedusaHeads(c.d_model, count)
+        if vocab is None:
+            vocab = torch.arange(c.vocab_size)
+        if vocab.dim() != 1 or not len(vocab) or int(vocab.min()) < 0 or int(vocab.max()) >= c.vocab_size:
+            raise ConfigError(f"a draft vocabulary must be ids in [0, {c.vocab_size}), at least one")
+        heads = MedusaHeads(c.d_model, count, vocab)
+        heads.set_table(model)
+        return heads
     raise ConfigError(f"draft head kind {kind!r} is not one of {', '.join(HEAD_KINDS)}")
 
 
@@ -129,12 +157,16 @@ def load_heads(path: str | Path, model: LoopLM) -> ExitHead | MedusaHeads:
     if d_model != model.config.d_model:
         raise CheckpointError(f"{str(path)!r} holds heads for d_model={d_model}, the model has "
                               f"{model.config.d_model}")
-    heads = new_heads(model, kind, count)
+    vocab = tensors.get("vocab") if kind == "medusa" else None
+    heads = new_heads(model, kind, count, vocab)
     try:
         heads.load_state_dict(tensors)
     except RuntimeError as err:
         raise CheckpointError(f"{str(path)!r} does not match {kind} heads: {err}") from None
-    return heads.to(model.norm.weight.device).eval()
+    heads = heads.to(model.norm.weight.device).eval()
+    if isinstance(heads, MedusaHeads):
+        heads.set_table(model)
+    return heads
 
 
 def truncated_model(model: LoopLM, layers: int, final: nn.Module | None = None) -> LoopLM:
@@ -167,21 +199,25 @@ def fewer_recursions(model: LoopLM, recursions: int) -> LoopLM:
 # ---------------------------------------------------------------- distillation
 
 
-def corpus_texts(source: str = "stdlib") -> list[str]:
-    """Training text for draft heads: ``stdlib`` is the training split of looplm's stdlib corpus
-    (never its validation files, e.g. ``pprint.py``) plus the licence texts of
-    ``/usr/share/common-licenses`` except the GPL family (the GPL-3 text is held out for
-    evaluation); otherwise ``source`` is a text file."""
-    if source != "stdlib":
+def corpus_texts(source: str = "finetune") -> list[str]:
+    """Training text for draft heads: ``finetune`` is the fine-tuning corpus of
+    :mod:`looplm.data.finetune` (the stdlib's Python and the English text beside it, without the
+    held-out texts ``bench speculative`` and ``bench pretrained`` evaluate on); otherwise
+    ``source`` is a text file."""
+    if source != "finetune":
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"--data {source!r} is not a file (give a text file or 'stdlib')")
+            raise ConfigError(f"--data {source!r} is not a file (give a text file or 'finetune')")
         return [path.read_text(encoding="utf-8", errors="replace")]
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p, key in stdlib_files()
-             if not in_validation(key, 0.01)]
-    if LICENSES.is_dir():
-        texts += [p.read_text(encoding="utf-8", errors="replace") for p in sorted(LICENSES.iterdir())
-                  if p.is_file() and "GPL" not in p.name]
+    texts: list[str] = []
+    whole = True  # whether the previous document ended its file (a large file comes in pieces)
+    for doc in finetune_source().documents():
+        piece = doc.data.decode("utf-8", errors="replace")
+        if whole:
+            texts.append(piece)
+        else:
+            texts[-1] += piece
+        whole = doc.last
     return texts
 
 
@@ -207,6 +243,7 @@ def distill_heads(model: LoopLM, heads: ExitHead | MedusaHeads, tokens: torch.Te
     hidden: dict[str, torch.Tensor] = {}
     hook = model.norm.register_forward_hook(lambda mod, args, out: hidden.__setitem__("h", out))
     student = truncated_model(model, heads.layers, heads) if isinstance(heads, ExitHead) else None
+    no_logits = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
     losses: list[float] = []
     start = time.monotonic()
     model.eval()
@@ -217,20 +254,23 @@ def distill_heads(model: LoopLM, heads: ExitHead | MedusaHeads, tokens: torch.Te
         while True:
             at = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=gen)
             ids = torch.stack([tokens[i:i + seq_len] for i in at.tolist()]).to(device)
-            with torch.no_grad():
-                teacher = model(ids).logits
-                h = hidden["h"]
             if student is not None:
+                with torch.no_grad():
+                    teacher = model(ids).logits
                 loss = _soft_ce(student(ids).logits, teacher)
-            else:
+            else:  # teacher and heads over the heads' shortlist only
+                with torch.no_grad():
+                    model(ids, logits_at=no_logits)
+                    h = hidden["h"]
+                    teacher = heads.logits(h)
                 x = heads(h)  # [B, T, H, d]
-                parts = [_soft_ce(lm_head(model, x[:, : seq_len - i, i - 1]), teacher[:, i:])
+                parts = [_soft_ce(heads.logits(x[:, : seq_len - i, i - 1]), teacher[:, i:])
                          for i in range(1, x.shape[2] + 1) if seq_len > i]
                 loss = torch.stack(parts).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if log is not None:
                 log(len(losses), losses[-1])
             if steps is not None and len(losses) >= steps:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from looplm.draft_heads import MedusaHeads, fewer_recursions, lm_head, load_heads, truncated_model
+from looplm.draft_heads import MedusaHeads, fewer_recursions, load_heads, truncated_model
 from looplm.errors import ConfigError
 from looplm.generate import _as_rows, check_prompts, check_sampling, decoding_mode, keep_mask, sample_next
 from looplm.layers import kv_cache
@@ -196,8 +196,13 @@ class MedusaDrafter(Drafter):
     def propose(self, context, g, sampler):
         if self.h is None or g == 0:
             return [], []
-        logits = lm_head(self.model, self.heads(self.h[None])[0, :g])  # [g, V]
-        drawn = [sampler.draw(row) for row in logits]
+        vocab = self.heads.vocab
+        logits = self.heads.logits(self.heads(self.h[None])[0, :g])  # [g, n] over the shortlist
+        if sampler.greedy:
+            return vocab[logits.argmax(-1)].tolist(), [None] * len(logits)
+        full = logits.new_full((len(logits), self.model.config.vocab_size), float("-inf"))
+        full[:, vocab] = logits
+        drawn = [sampler.draw(row) for row in full]
         return [t for t, _ in drawn], [q for _, q in drawn]
 
 

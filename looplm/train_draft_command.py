@@ -13,7 +13,7 @@ import torch
 
 from looplm.checkpoint import load_model
 from looplm.data.tokenizer import load_tokenizer
-from looplm.draft_heads import HEAD_KINDS, corpus_texts, distill_heads, new_heads, save_heads
+from looplm.draft_heads import HEAD_KINDS, corpus_texts, distill_heads, new_heads, save_heads, shortlist
 from looplm.errors import CheckpointError, ConfigError
 
 
@@ -21,9 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="the model the heads draft for")
     parser.add_argument("--kind", required=True, metavar="exit:K|medusa:H",
                         help="an early-exit head after layer K, or H Medusa heads on the last hidden state")
-    parser.add_argument("--data", default="stdlib", help="a text file, or 'stdlib' (default: the "
-                        "stdlib corpus's training split and the non-GPL licence texts of "
-                        "/usr/share/common-licenses)")
+    parser.add_argument("--data", default="finetune", help="a text file, or 'finetune' (default: the "
+                        "fine-tuning corpus of looplm train --data finetune, without the held-out texts)")
     parser.add_argument("--out", required=True, help="the heads file to write (safetensors)")
     parser.add_argument("--max-minutes", type=float, default=10.0, help="training time budget (default 10)")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
@@ -31,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="windows per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--max-tokens", type=int, default=1_000_000, help="corpus tokens to read at most")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="Medusa heads draft only the corpus's "
+                        "this many most frequent tokens (their logits cost that fraction of the full head's; "
+                        "0: every token)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file order and the windows")
 
 
@@ -53,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.draft_vocab < 0:
+        raise ConfigError(f"--draft-vocab must be 0 (every token) or positive, got {args.draft_vocab}")
     model = load_model(directory)
     tokenizer = load_tokenizer(directory)
-    heads = new_heads(model, kind, count)
     texts = corpus_texts(args.data)
     random.Random(args.seed).shuffle(texts)
     ids: list[int] = []
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if len(ids) >= args.max_tokens:
             break
     tokens = torch.tensor(ids[:args.max_tokens], dtype=torch.long)
+    vocab = shortlist(tokens, args.draft_vocab, model.config.vocab_size) if kind == "medusa" else None
+    heads = new_heads(model, kind, count, vocab)
     print(f"train-draft: {kind}:{count} on {tokens.numel()} tokens", file=sys.stderr)
 
     def log(step: int, loss: float) -> None:
