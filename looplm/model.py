@@ -42,6 +42,9 @@ from looplm.routers import (
 from looplm.state import ModelState
 
 MIXERS = tuple(MIXER_REGISTRY)  # layers/mixers.py registers them
+# one row's forward of at most this many tokens over a state (speculative decoding's verification)
+# runs the whole stack in one C++ call, as a decoding step does
+VERIFY_TOKENS = 16
 CHOICES = {
     "mixer": MIXERS,
     "sharing": ("cycle", "middle_cycle"),
@@ -405,7 +408,8 @@ class LoopLM(nn.Module):
         # the recurrent MoE router's hidden state, carried through the layers of each token
         recurrent = c.ffn == "moe" and c.moe_router == "recurrent"
         route = h.new_zeros(B, T, c.moe_router_dim) if recurrent else None
-        stepping = T == 1 and mask is None and depth is None and route is None and not len(self.mod_routers)
+        stepping = ((T == 1 or B == 1 and T <= VERIFY_TOKENS) and mask is None and depth is None
+                    and route is None and not len(self.mod_routers))
         fused = self._stack_step(h, positions, new, tally) if stepping else None
         if fused is not None:  # the whole stack's decoding step in one C++ call
             h, depth = fused
@@ -475,13 +479,14 @@ class LoopLM(nn.Module):
         if fused is None:
             return None
         h, states = fused
-        B = h.shape[0]
+        B, T = h.shape[:2]
         state.layers.update(zip(keys, states))
         for layer, s in zip(layers, states):
-            tally.decoding_step(layer, B, s.k.shape[1] - 1)
+            for t in range(T):
+                tally.decoding_step(layer, B, s.k.shape[1] - T + t)
         R = self.config.n_recursions
-        tally.reach.extend(B for _ in range(R))
-        return h, torch.full((B, 1), R, dtype=torch.long, device=h.device)
+        tally.reach.extend(B * T for _ in range(R))
+        return h, torch.full((B, T), R, dtype=torch.long, device=h.device)
 
     def _run(self, layer: Layer, key: str, h, state, positions, mask, tally, shared_kv=None, keep_kv=False,
              route=None):

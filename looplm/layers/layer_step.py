@@ -368,10 +368,14 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     new states)``, or None where :func:`layer_step` per layer must run (its conditions, plus
     :func:`stack_plan`'s, every cache float32 or every one int8 (QuantKVState: the kernel quantises
     the new rows as :func:`looplm.ops.kv_quant.quantize_rows` does), no autograd at all, every
-    cached key unmasked and not after the token)."""
-    if (torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu"
-            or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or positions.dtype != torch.long):
+    cached key unmasked and not after the token). One row (``B = 1``) may also bring T > 1 tokens
+    (``x [1, T, d]``, ``positions [1, T]`` consecutive; float32 caches): ``attn_stack_verify``,
+    causal among them (speculative decoding's verification)."""
+    if (torch.is_grad_enabled() or x.dim() != 3 or (x.shape[1] != 1 and x.shape[0] != 1)
+            or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or positions.dtype != torch.long):
         return None
+    T = x.shape[1]
     planned = stack_plan(layers)
     if planned is None:
         return None
@@ -379,6 +383,8 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     first, B = layers[0].mixer, x.shape[0]
     kind_of_cache = type(states[0]) if states else KVState
     if kind_of_cache not in (KVState, QuantKVState):
+        return None
+    if T > 1 and kind_of_cache is not KVState:
         return None
     codes = torch.int8 if kind_of_cache is QuantKVState else torch.float32
     if any(type(state) is not kind_of_cache or state.k.shape[0] != B or state.k.dtype != codes
@@ -393,20 +399,24 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
         inv_freq = rope_inv_freq(first.head_dim, first.rope_base, x.device, first.rope_scaling)
         first._inv_freq = inv_freq
-    buffers = [kv_cache.reserve(state, 1) for state in states]
+    buffers = [kv_cache.reserve(state, T) for state in states]
     lengths = [state.k.shape[1] for state in states]
     caches = [p for buf in buffers for p in buf.parts]
-    h = torch.ops.looplm.attn_stack_step(x[:, 0].contiguous(), weights, eps, inv_freq, positions[:, 0],
-                                         rope[0], rope[1], caches, lengths)
+    if T == 1:
+        h = torch.ops.looplm.attn_stack_step(x[:, 0].contiguous(), weights, eps, inv_freq, positions[:, 0],
+                                             rope[0], rope[1], caches, lengths)[:, None]
+    else:
+        h = torch.ops.looplm.attn_stack_verify(x[0].contiguous(), weights, eps, inv_freq, positions[0],
+                                               rope[0], rope[1], caches, lengths)[None]
     seen: dict[int, torch.Tensor] = {}  # states sharing a seen tensor share the next one
     new = []
     for buf, state, S, until in zip(buffers, states, lengths, untils):
         if id(state.seen) not in seen:
-            seen[id(state.seen)] = state.seen + 1
-        out = kv_cache.grown(buf, S + 1, seen[id(state.seen)], kind_of_cache)
+            seen[id(state.seen)] = state.seen + T
+        out = kv_cache.grown(buf, S + T, seen[id(state.seen)], kind_of_cache)
         vars(out)["_visible_until"] = max(hi, until)  # kept beside the dataclass fields
         new.append(out)
-    return h[:, None], new
+    return h, new
 
 
 def _ffn_step(layer: Any, h: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any, dict[str, Any]]:

@@ -8,7 +8,9 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``qlinear.cpp`` (+ ``qmatvec.h``): the same with int8 / int4 weights, and quantised embedding rows
   (:mod:`looplm.ops.qlinear`);
 - ``layer_step.cpp``: a whole fixed-state layer's decoding step in one call, ``moe_step.cpp`` its
-  mixture-of-experts FFN, ``attn_step.cpp`` an attention layer's (:mod:`looplm.layers.layer_step`);
+  mixture-of-experts FFN, ``attn_step.cpp`` an attention layer's (:mod:`looplm.layers.layer_step`),
+  ``attn_verify.cpp`` a few tokens of one row through every attention layer (speculative decoding's
+  verification forward);
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
 - ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
@@ -49,8 +51,8 @@ __all__ = ["available", "layer_steps", "kernels", "kernel_setting"]
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "layer_step.cpp",
-                                     "attn_step.cpp", "moe_step.cpp", "norm_rope.cpp", "swiglu.cpp",
-                                     "qlinear.cpp")]
+                                     "attn_step.cpp", "attn_verify.cpp", "moe_step.cpp", "norm_rope.cpp",
+                                     "swiglu.cpp", "qlinear.cpp")]
 HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatvec.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold
 # [2048, 384] matrix-vector product of linear_small.cpp took 115 instead of 137 us here

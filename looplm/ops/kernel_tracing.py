@@ -119,7 +119,7 @@ FAKE_OPS: dict[str, Callable[..., Any]] = {
     "swiglu_forward": _swiglu_forward, "swiglu_backward": _swiglu_backward,
     "delta_chunk_backward": _delta_chunk_backward, "delta_layer_step": _layer_step,
     "decay_layer_step": _layer_step, "attn_step_in": _attn_step_in, "attn_step_out": _attn_step_out,
-    "attn_stack_step": _attn_stack_step, "moe_step": _moe_step}
+    "attn_stack_step": _attn_stack_step, "attn_stack_verify": _attn_stack_step, "moe_step": _moe_step}
 _registered: list[str] = []
 
 

@@ -80,10 +80,45 @@ def test_stack_step_runs_on_decoding_and_leaves_older_states_intact(monkeypatch)
         a_again = m(ids[:, 6:7], state=base)
         with cpp_ext.kernels("ops"):
             want_b = m(ids[:, 7:8], state=base)
-    assert calls == [True, True, True, False]  # the last one inside cpp_ext.kernels("ops")
+    assert calls == [True, True, True, True, False]  # the prefill of 6 tokens in one row too; the last one
+    # inside cpp_ext.kernels("ops")
     torch.testing.assert_close(a.logits, a_again.logits, rtol=0, atol=0)
     torch.testing.assert_close(b.logits, want_b.logits, rtol=1e-5, atol=1e-5)
     assert all(s.k.shape[1] == 6 for s in base.layers.values())
+
+
+@needs_kernel
+@settings(max_examples=12, deadline=None)
+@given(fmt=st.sampled_from([None, "int8", "int4"]), kv_heads=st.sampled_from([1, 2, 4]),
+       prompt=st.sampled_from([1, 7, 300]), tokens=st.integers(2, 6), threads=st.sampled_from([1, 2]))
+def test_a_few_tokens_of_one_row_equal_the_python_layers(fmt, kv_heads, prompt, tokens, threads):
+    """A forward of T > 1 tokens of one row over a cache (speculative decoding's verification) runs
+    the whole stack in one call (``attn_stack_verify``), causal among the T tokens: logits, caches
+    and FLOPs equal the Python layers'; the state it started from is left as it was."""
+    torch.manual_seed(prompt + tokens)
+    m = _model(fmt, n_kv_heads=kv_heads, max_seq_len=512)
+    ids = torch.randint(0, 96, (2, prompt + tokens))
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad(), torch_threads(threads):
+        calls = _spy(patch)
+        with cpp_ext.kernels("ops"):
+            base = m(ids[:1, :prompt], use_cache=True).state
+        calls.clear()
+        at = torch.ones(1, tokens, dtype=torch.bool)
+        out = m(ids[:1, prompt:], state=base, logits_at=at)
+        again = m(ids[:1, prompt:], state=base, logits_at=at)
+        with cpp_ext.kernels("ops"):
+            want = m(ids[:1, prompt:], state=base, logits_at=at)
+    assert calls == [True, True, False]
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
+    assert out.stats["flops"] == pytest.approx(want.stats["flops"])
+    for key, s in out.state.layers.items():
+        r, b = want.state.layers[key], base.layers[key]
+        torch.testing.assert_close(s.k, r.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.v, r.v, rtol=1e-5, atol=1e-5)
+        assert torch.equal(s.key_mask, r.key_mask) and torch.equal(s.pos, r.pos)
+        assert torch.equal(s.seen, r.seen) and b.k.shape[1] == prompt
+    assert torch.equal(out.state.positions, want.state.positions)
 
 
 @needs_kernel
