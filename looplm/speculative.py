@@ -6,7 +6,8 @@ Drafts (``--draft SPEC``): ``layers:K`` the first K layers + the final norm and 
 (early exit); ``recursions:R`` a recursive model run with R < n_recursions passes of its core;
 ``ngram:N`` prompt lookup (the tokens that followed the latest earlier occurrence of the last
 n <= N tokens of the context, longest n first; Saxena 2023); ``heads:PATH`` trained heads of
-:mod:`looplm.draft_heads` (an exit head at layer K, or Medusa heads, Cai et al. 2024).
+:mod:`looplm.draft_heads` (an exit head at layer K, or Medusa heads, Cai et al. 2024). Drafts
+joined by ``+`` (``ngram:3+heads:PATH``) take turns: the first that proposes anything drafts.
 
 Acceptance: greedy keeps a draft token while it equals the model's argmax, so the output is the
 plain greedy output. Sampling accepts a draft token ``x ~ q`` with probability
@@ -120,6 +121,9 @@ class Drafter:
     def update(self, accepted: int, token: int) -> None:
         pass
 
+    def skip(self, new: list[int]) -> None:
+        """Another drafter drafted this round; ``new``: the tokens emitted (accepted, the model's)."""
+
     def observe(self, hidden: torch.Tensor) -> None:
         pass
 
@@ -161,6 +165,10 @@ class ModelDrafter(Drafter):
             return
         i = min(accepted, len(self.steps) - 1)  # steps[i] has read the pending tokens and i drafts
         self.state, self.pending = self.steps[i], [*self.tokens[i:accepted], token]
+        self.steps = []
+
+    def skip(self, new):
+        self.steps, self.pending = [], [*self.pending, *new]
 
 
 class NgramDrafter(Drafter):
@@ -206,6 +214,43 @@ class MedusaDrafter(Drafter):
         return [t for t, _ in drawn], [q for _, q in drawn]
 
 
+class CombinedDrafter(Drafter):
+    """Drafters in turn: the first one that proposes anything drafts this round (e.g. prompt
+    lookup where the context repeats itself, trained heads elsewhere); the others are told the
+    emitted tokens."""
+
+    def __init__(self, drafters: list[Drafter]) -> None:
+        self.drafters = drafters
+        self.hidden = any(d.hidden for d in drafters)
+        self.used: Drafter | None = None
+        self.drafts: list[int] = []
+
+    def start(self, prompt, first):
+        for d in self.drafters:
+            d.start(prompt, first)
+
+    def propose(self, context, g, sampler):
+        self.used, self.drafts = None, []
+        for d in self.drafters:
+            drafts, qs = d.propose(context, g, sampler)
+            if drafts:
+                self.used, self.drafts = d, drafts
+                return drafts, qs
+        return [], []
+
+    def update(self, accepted, token):
+        for d in self.drafters:
+            if self.used is None or d is self.used:
+                d.update(accepted, token)
+            else:
+                d.skip([*self.drafts[:accepted], token])
+        self.used, self.drafts = None, []
+
+    def observe(self, hidden):
+        for d in self.drafters:
+            d.observe(hidden)
+
+
 def parse_draft(spec: str) -> tuple[str, str]:
     """``KIND:VALUE`` -> (kind, value); ConfigError naming the flag for anything else."""
     kind, sep, value = spec.partition(":")
@@ -223,7 +268,10 @@ def _count(kind: str, value: str) -> int:
 
 
 def build_drafter(model: LoopLM, spec: str) -> Drafter:
-    """The drafter of ``--draft SPEC`` for ``model`` (one ConfigError per bad spec)."""
+    """The drafter of ``--draft SPEC`` for ``model`` (one ConfigError per bad spec); drafts joined
+    by ``+`` make a :class:`CombinedDrafter`."""
+    if "+" in spec:
+        return CombinedDrafter([build_drafter(model, part) for part in spec.split("+")])
     kind, value = parse_draft(spec)
     c = model.config
     n_layers = c.n_prelude + c.n_core + c.n_coda

@@ -34,9 +34,9 @@ def _model(name):
     return model(init_std=1.0, **MODELS[name])
 
 
-def _heads_file(m, kind, count, path):
+def _heads_file(m, kind, count, path, vocab=None):
     torch.manual_seed(5)
-    heads = new_heads(m, kind, count)
+    heads = new_heads(m, kind, count, vocab)
     with torch.no_grad():  # random weights: drafts that differ from the model's
         for p in heads.parameters():
             p.add_(torch.randn_like(p) * 0.5)
@@ -46,10 +46,14 @@ def _heads_file(m, kind, count, path):
 
 def _drafts(m, name, tmp_path):
     if m.config.n_recursions > 1:
-        model_drafts = ["recursions:1", "recursions:2"]
+        model_drafts = ["recursions:1", "recursions:2", "ngram:2+recursions:1"]
     else:
-        model_drafts = ["layers:1", "layers:3", _heads_file(m, "exit", 2, tmp_path / "exit.safetensors")]
-    return ["ngram:3", *model_drafts, _heads_file(m, "medusa", 3, tmp_path / "medusa.safetensors")]
+        model_drafts = ["layers:1", "layers:3", _heads_file(m, "exit", 2, tmp_path / "exit.safetensors"),
+                        "ngram:2+layers:2"]
+    shortlist = torch.arange(0, m.config.vocab_size, 2)  # Medusa heads drafting the even ids only
+    medusa = _heads_file(m, "medusa", 3, tmp_path / "medusa.safetensors")
+    return ["ngram:3", *model_drafts, medusa, "ngram:3+" + medusa,
+            _heads_file(m, "medusa", 2, tmp_path / "even.safetensors", shortlist)]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -63,6 +67,41 @@ def test_greedy_equals_plain_decoding(name, tmp_path):
             assert got == want, (spec, gamma)
             assert stats.tokens == 23 and stats.accepted <= stats.proposed  # after the prompt's token
             assert stats.rounds + stats.accepted == 23  # one forward per round, one token of its own
+
+
+def test_shortlisted_heads_draft_only_their_ids_and_round_trip(tmp_path):
+    m = _model("attention")
+    vocab = torch.tensor([1, 4, 9, 16])
+    spec = _heads_file(m, "medusa", 3, tmp_path / "short.safetensors", vocab)
+    drafter = build_drafter(m, spec)
+    assert torch.equal(drafter.heads.vocab, vocab)
+    drafter.observe(torch.randn(m.config.d_model))
+    for temperature in (0.0, 1.0):
+        sampler = speculative._Sampler(temperature, None, None, None, torch.Generator().manual_seed(0))
+        drafts, qs = drafter.propose(PROMPT, 3, sampler)
+        assert len(drafts) == 3 and set(drafts) <= set(vocab.tolist())
+        if temperature:  # the draft distributions are zero outside the shortlist
+            assert all(float(q[vocab].sum()) == pytest.approx(1.0) for q in qs)
+
+
+def test_combined_draft_takes_turns():
+    """``ngram:N+layers:K``: prompt lookup drafts where the context repeats, the model draft
+    elsewhere; both kinds of round happen and the output is plain greedy decoding's."""
+    m = _model("attention")
+    drafter = build_drafter(m, "ngram:2+layers:2")
+    assert isinstance(drafter, speculative.CombinedDrafter)
+    used = []
+    propose = drafter.propose
+
+    def spy(context, g, sampler):
+        out = propose(context, g, sampler)
+        used.append(type(drafter.used).__name__)
+        return out
+
+    drafter.propose = spy
+    got = speculative_ids(m, PROMPT, draft=drafter, gamma=3, max_new_tokens=24)
+    assert got == generate_ids(m, [PROMPT], max_new_tokens=24)[0]
+    assert {"NgramDrafter", "ModelDrafter"} <= set(used)
 
 
 def test_drafts_are_rejected_and_accepted():
