@@ -109,4 +109,7 @@ def test_bench_speculative_quick(checkpoint, tmp_path, capsys):
     rows = json.loads((tmp_path / "speculative.json").read_text())["rows"]
     assert [r["draft"] for r in rows] == ["plain", "ngram:3", "layers:1"] * 2
     assert all(r["identical"] for r in rows)
-    assert "speed-up" in capsys.readouterr().out
+    assert all(r["verify_ms"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert all(0 <= r["accepted_per_round"] <= 4 for r in rows[1:] if r["draft"] != "plain")
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "a verification of 5 tokens" in printed
