@@ -85,6 +85,7 @@ class MedusaHeads(nn.Module):
         for lin in linears:
             nn.init.zeros_(lin.weight)
         self.blocks = nn.ModuleList(linears)  # the paper's ResBlocks; the name keys the heads file
+        self.vocab: torch.Tensor
         self.register_buffer("vocab", vocab.clone().long())
         self.table: torch.Tensor | None = None  # the head's rows for vocab, [n, d] (set_table)
 
@@ -254,11 +255,7 @@ def distill_heads(model: LoopLM, heads: ExitHead | MedusaHeads, tokens: torch.Te
         while True:
             at = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=gen)
             ids = torch.stack([tokens[i:i + seq_len] for i in at.tolist()]).to(device)
-            if student is not None:
-                with torch.no_grad():
-                    teacher = model(ids).logits
-                loss = _soft_ce(student(ids).logits, teacher)
-            else:  # teacher and heads over the heads' shortlist only
+            if isinstance(heads, MedusaHeads):  # teacher and heads over the heads' shortlist only
                 with torch.no_grad():
                     model(ids, logits_at=no_logits)
                     h = hidden["h"]
@@ -267,6 +264,10 @@ def distill_heads(model: LoopLM, heads: ExitHead | MedusaHeads, tokens: torch.Te
                 parts = [_soft_ce(heads.logits(x[:, : seq_len - i, i - 1]), teacher[:, i:])
                          for i in range(1, x.shape[2] + 1) if seq_len > i]
                 loss = torch.stack(parts).mean()
+            elif student is not None:
+                with torch.no_grad():
+                    teacher = model(ids).logits
+                loss = _soft_ce(student(ids).logits, teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
