@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from looplm.bench.speculative import same_output
 from looplm.chat import Chat
 from looplm.checkpoint import load_model, save_model
 from looplm.cli import main
@@ -17,6 +18,7 @@ from looplm.draft_heads import distill_heads, new_heads
 from looplm.generate import generate
 from looplm.model import LoopConfig, LoopLM
 from looplm.pretrained.convert import import_checkpoint
+from tests.model.util import model
 from tests.pretrained import synthetic as S
 
 TOK = ByteTokenizer()
@@ -113,3 +115,20 @@ def test_bench_speculative_quick(checkpoint, tmp_path, capsys):
     assert all(0 <= r["accepted_per_round"] <= 4 for r in rows[1:] if r["draft"] != "plain")
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "a verification of 5 tokens" in printed
+
+
+def test_bench_tells_a_near_tie_from_a_wrong_token():
+    """``same_output``: a first difference where the model's two candidates tie is rounding
+    ("tie"), one where the emitted token is far behind the model's choice is a bug ("NO")."""
+    m = model(init_std=1.0)
+    prompt = [3, 4, 5, 6]
+    with torch.no_grad():
+        logits = m(torch.tensor([prompt])).logits[0, -1]
+        best, worst = int(logits.argmax()), int(logits.argmin())
+        twin = next(t for t in range(m.config.vocab_size) if t not in (best, *prompt))
+        table = m.embed.weight if m.head is None else m.head.weight
+        table[twin] = table[best]  # its logit now equals the best one's
+    assert same_output(m, prompt, [best, 1], [best, 1]) == "yes"
+    assert same_output(m, prompt, [best, 1], [twin, 2]) == "tie"
+    assert same_output(m, prompt, [best, 1], [worst, 2]) == "NO"
+    assert same_output(m, prompt, [best, 1], [best]) == "NO"  # cut short
