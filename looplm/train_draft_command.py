@@ -13,7 +13,16 @@ import torch
 
 from looplm.checkpoint import load_model
 from looplm.data.tokenizer import load_tokenizer
-from looplm.draft_heads import HEAD_KINDS, corpus_texts, distill_heads, new_heads, save_heads, shortlist
+from looplm.draft_heads import (
+    HEAD_KINDS,
+    ExitHead,
+    corpus_texts,
+    distill_heads,
+    load_heads,
+    new_heads,
+    save_heads,
+    shortlist,
+)
 from looplm.errors import CheckpointError, ConfigError
 
 
@@ -32,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=1_000_000, help="corpus tokens to read at most")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="Medusa heads draft only the corpus's "
                         "this many most frequent tokens (their logits cost that fraction of the full head's; "
-                        "0: every token)")
+                        "0: every token; a file given to --init keeps its own)")
+    parser.add_argument("--init", default=None, metavar="HEADS_FILE",
+                        help="continue training these heads (a file of looplm train-draft of the same kind)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file order and the windows")
 
 
@@ -67,8 +78,14 @@ def run(args: argparse.Namespace) -> int:
         if len(ids) >= args.max_tokens:
             break
     tokens = torch.tensor(ids[:args.max_tokens], dtype=torch.long)
-    vocab = shortlist(tokens, args.draft_vocab, model.config.vocab_size) if kind == "medusa" else None
-    heads = new_heads(model, kind, count, vocab)
+    if args.init is not None:
+        heads = load_heads(args.init, model)
+        have = ("exit", heads.layers) if isinstance(heads, ExitHead) else ("medusa", len(heads.blocks))
+        if have != (kind, count):
+            raise ConfigError(f"--init {args.init!r} holds {have[0]}:{have[1]} heads, not {kind}:{count}")
+    else:
+        vocab = shortlist(tokens, args.draft_vocab, model.config.vocab_size) if kind == "medusa" else None
+        heads = new_heads(model, kind, count, vocab)
     print(f"train-draft: {kind}:{count} on {tokens.numel()} tokens", file=sys.stderr)
 
     def log(step: int, loss: float) -> None:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from looplm.bench.speculative import same_output
 from looplm.chat import Chat
@@ -78,6 +79,15 @@ def test_train_draft_heads_then_decode_with_them(checkpoint, tmp_path, capsys):
     assert main(["train-draft", str(directory), "--kind", "exit:3", "--data", str(text),
                  "--out", str(tmp_path / "x.safetensors"), "--steps", "1"]) == 2
     assert "layer must be in 1..2" in capsys.readouterr().err
+    first = tmp_path / "medusa2.safetensors"
+    more = tmp_path / "more.safetensors"
+    assert main(["train-draft", str(directory), "--kind", "medusa:2", "--data", str(text), "--out", str(more),
+                 "--steps", "2", "--seq-len", "32", "--init", str(first), "--draft-vocab", "5"]) == 0
+    with safe_open(str(first), "pt") as a, safe_open(str(more), "pt") as b:  # the shortlist is kept
+        assert torch.equal(a.get_tensor("vocab"), b.get_tensor("vocab")) and b.get_tensor("vocab").numel() > 5
+    assert main(["train-draft", str(directory), "--kind", "medusa:3", "--data", str(text), "--out", str(more),
+                 "--steps", "1", "--init", str(first)]) == 2
+    assert "holds medusa:2 heads, not medusa:3" in capsys.readouterr().err
     assert main(["train-draft", str(directory), "--kind", "tree:2", "--out", str(tmp_path / "x")]) == 2
     assert "--kind" in capsys.readouterr().err
 
