@@ -67,7 +67,7 @@ def prompts_of(ids: list[int], count: int, length: int) -> list[list[int]]:
     return [ids[i * step:i * step + length] for i in range(count)]
 
 
-def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, list[int]]:
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return time.perf_counter() - start, out
@@ -120,7 +120,7 @@ def _model_rows(directory: Path, args: argparse.Namespace,
             print(f"{directory.name}: a decoding step {cost[0] * 1e3:.2f} ms, a verification of "
                   f"{args.gamma + 1} tokens {cost[1] * 1e3:.2f} ms ({cost[1] / cost[0]:.2f}x a step)")
         plain_s = 0.0
-        # per draft: seconds, acceptance statistics, whether every output equals plain decoding's
+        # per draft: seconds, acceptance statistics, each output's verdict against plain decoding's
         totals: dict[str, list[Any]] = {spec: [0.0, SpecStats(), []] for spec in drafters}
         for prompt in prompts:
             seconds, (want,) = _timed(generate_ids, model, [prompt], max_new_tokens=args.new_tokens)
