@@ -1,5 +1,5 @@
-"""The few-row int8 / int4 kernel built for an AVX2-only CPU (older AMD EPYCs: no AVX-512, no VNNI)
-against its PyTorch reference, in a subprocess that loads only that build."""
+"""The few-row int8 (per row and grouped) / int4 kernel built for an AVX2-only CPU (older AMD EPYCs:
+no AVX-512, no VNNI) against its PyTorch reference, in a subprocess that loads only that build."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ SCRIPT = textwrap.dedent("""
     flags = ["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp"]
     cpp_ext.build(cpp_ext._name(src, flags, ["-fopenmp"]), src, flags, ["-fopenmp"])
     torch.manual_seed(0)
-    for fmt, group, k in [("int8", None, 576), ("int4", 32, 576), ("int4", 64, 1536), ("int4", 32, 96),
-                          ("int4", 128, 384)]:
+    for fmt, group, k in [("int8", None, 576), ("int8", 32, 576), ("int8", 64, 192), ("int4", 32, 576),
+                          ("int4", 64, 1536), ("int4", 32, 96), ("int4", 128, 384)]:
         for rows in (1, 3):
             w, x = torch.randn(37, k), torch.randn(rows, k)
             q = quantize(w, make_format(fmt, group_size=group))

@@ -177,13 +177,15 @@ inline float hsum(__m256 v) {
 #endif
 
 // y[i] = sum_b d_b s_i,G(b) (xq_b . q_b) for R consecutive int8 weight rows q (row stride k) with
-// `groups` scales each (row stride groups; one: the row's scale, multiplied once at the end).
-template <int R>
+// `groups` scales each (row stride groups). Grouped: each activation group's factor d_b becomes
+// d_b s_i,G(b); per row (groups == 1): the row's scale multiplies the sum once at the end.
+template <int R, bool Grouped>
 inline void dot_i8(const QRow& x, const int8_t* q, const float* scale, int64_t groups, float* y) {
   const int64_t k = x.k, nb = k / kQGroup, per = nb / groups;
 #ifdef LOOPLM_SIMD
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t G = 0, left = per;  // the weight group of activation group b, and its activation groups to go
   for (int64_t b = 0; b < nb; ++b) {
     const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ax.data() + b * kQGroup));
 #ifdef LOOPLM_VNNI
@@ -192,7 +194,7 @@ inline void dot_i8(const QRow& x, const int8_t* q, const float* scale, int64_t g
     const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq.data() + b * kQGroup));
 #endif
     for (int i = 0; i < R; ++i) {
-      const __m256 db = _mm256_set1_ps(groups == 1 ? x.d[b] : x.d[b] * scale[i * groups + b / per]);
+      const __m256 db = _mm256_set1_ps(Grouped ? x.d[b] * scale[i * groups + G] : x.d[b]);
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * k + b * kQGroup));
 #ifdef LOOPLM_VNNI
       const __m256i sw = _mm256_mask_sub_epi8(w, neg, _mm256_setzero_si256(), w);
@@ -201,17 +203,21 @@ inline void dot_i8(const QRow& x, const int8_t* q, const float* scale, int64_t g
 #endif
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dpbusd(_mm256_setzero_si256(), a, sw)), db, acc[i]);
     }
+    if (Grouped && --left == 0) {
+      ++G;
+      left = per;
+    }
   }
-  for (int i = 0; i < R; ++i) y[i] = hsum(acc[i]) * (groups == 1 ? scale[i] : 1.0f);
+  for (int i = 0; i < R; ++i) y[i] = Grouped ? hsum(acc[i]) : hsum(acc[i]) * scale[i];
 #else
   for (int i = 0; i < R; ++i) {
     float acc = 0;
     for (int64_t b = 0; b < nb; ++b) {
       int32_t s = 0;
       for (int64_t e = 0; e < kQGroup; ++e) s += int32_t(x.xq[b * kQGroup + e]) * int32_t(q[i * k + b * kQGroup + e]);
-      acc += (groups == 1 ? x.d[b] : x.d[b] * scale[i * groups + b / per]) * static_cast<float>(s);
+      acc += (Grouped ? x.d[b] * scale[i * groups + b / per] : x.d[b]) * static_cast<float>(s);
     }
-    y[i] = acc * (groups == 1 ? scale[i] : 1.0f);
+    y[i] = Grouped ? acc : acc * scale[i];
   }
 #endif
 }
@@ -321,8 +327,13 @@ inline void qrows(const QWeight& W, const QRow& x, const float* xf, const float*
     for (; j < j1; ++j) o[j] = dot(xf, W.w + j * k, k);
   } else if (W.kind == QWeight::I8) {
     const int64_t groups = k / W.group;
-    for (; j + R <= j1; j += R) dot_i8<R>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
-    for (; j < j1; ++j) dot_i8<1>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
+    if (groups == 1) {
+      for (; j + R <= j1; j += R) dot_i8<R, false>(x, W.q + j * k, W.scale + j, 1, o + j);
+      for (; j < j1; ++j) dot_i8<1, false>(x, W.q + j * k, W.scale + j, 1, o + j);
+    } else {
+      for (; j + R <= j1; j += R) dot_i8<R, true>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
+      for (; j < j1; ++j) dot_i8<1, true>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
+    }
   } else {
     const int64_t groups = k / W.group;
     for (; j + R <= j1; j += R)
