@@ -20,12 +20,13 @@ def _samples() -> dict[str, list[tuple]]:
 
     x, w, h, gate = r(3, 64), r(5, 64), r(4, 16), r(3, 64)
     q8, s8 = quantize_int8(w).values()
+    g8 = quantize_int8(w, 32)["scale"]  # int8 in groups of 32
     cos, sin = r(1, 3, 1, 4), r(1, 3, 1, 4)
     y, rr = torch.ops.looplm.rms_norm_forward(x, r(64), gate, 1e-6)
     return {**_step_samples(r), **_delta_backward_samples(r),
         "linear_small": [(x, w, None), (x, w, r(5))],
-        "qlinear": [(x, [q8, s8])],
-        "qembedding": [(torch.tensor([0, 4, 2]), [q8, s8])],
+        "qlinear": [(x, [q8, s8]), (x, [q8, g8])],
+        "qembedding": [(torch.tensor([0, 4, 2]), [q8, s8]), (torch.tensor([1]), [q8, g8])],
         "rope_rotate": [(r(1, 3, 2, 8), cos, sin, 1)],
         "rms_norm_forward": [(x, r(64), None, 1e-6), (x, r(64), gate, 1e-6)],
         "rms_norm_backward": [(r(3, 64), x, rr, r(64), gate, True), (r(3, 64), x, rr, r(64), None, False)],
