@@ -1,6 +1,8 @@
-"""Text generation: one prefill forward, then step-by-step decoding with the model's state.
+"""Text generation: a prefill, then step-by-step decoding with the model's state.
 
-The prompt goes through one forward (chunkwise forms, ``use_cache=True``); each new token then
+The prompt goes through the model in forwards of at most ``PREFILL_CHUNK`` tokens, each continuing
+the state of the one before (one forward for models whose routers decide over the whole sequence),
+so a long prompt's activations never exceed one chunk's; each new token then
 costs one ``T = 1`` forward that reads and updates the state, so a fixed-state model decodes in
 constant time and memory per token. Prompts of different lengths share a batch through left
 padding with ``mask`` False on the pads (the model's positions skip them).
@@ -22,9 +24,10 @@ import torch
 from typing_extensions import Unpack
 
 from looplm.errors import LoopLMError
-from looplm.model import LoopLM
+from looplm.model import LoopLM, LoopOutput
 from looplm.quant import state as qstate
 from looplm.routers import causal_routing
+from looplm.state import ModelState
 
 Decoder = Callable[..., Generator[torch.Tensor, None, None]]  # iter_tokens or one with its arguments
 
@@ -263,6 +266,41 @@ def decoding_mode(model: LoopLM) -> Iterator[None]:
         model.train(was_training)
 
 
+PREFILL_CHUNK = 128  # prompt tokens per forward of a chunked prefill
+
+
+def chunks_exact(model: LoopLM) -> bool:
+    """Whether a prompt prefilled in chunks gives what one forward over it gives: no router that
+    decides over the sequence (Mixture-of-Recursions' depth router, Mixture-of-Depths' layer
+    routers), so every layer sees each token with the state its predecessors left (attention's
+    cache, a fixed-state mixer's state, token-choice MoE's per-token routing)."""
+    return model.router is None and not len(model.mod_routers)
+
+
+def prefill(model: LoopLM, ids: torch.Tensor, mask: torch.Tensor | None = None,
+            state: ModelState | None = None, chunk: int | None = None) -> LoopOutput:
+    """The prompt ``ids [B, T]`` (``mask [B, T]``: False on left padding) through the model after
+    ``state`` (None: a new one); returns the output with the logits of the last position only
+    (``[B, V]``) and the state after the prompt. Where :func:`chunks_exact`, in forwards of at most
+    ``chunk`` tokens (default :data:`PREFILL_CHUNK`), each continuing the previous one's state:
+    activations (a layer's FFN hidden ``[B, chunk, 2·d_ffn]``, attention scores ``[B, H, chunk, S]``)
+    are then bounded by the chunk, not the prompt, so the peak memory of a long prompt is its cache
+    plus one chunk's work (and the memory the allocator keeps of it). Call under
+    :func:`decoding_mode` and without autograd."""
+    T = ids.shape[1]
+    step = (chunk or PREFILL_CHUNK) if chunks_exact(model) else T
+    out = None
+    for start in range(0, T, step):
+        part = slice(start, min(start + step, T))
+        m = None if mask is None else mask[:, part]
+        last = torch.zeros(ids.shape[0], part.stop - start, dtype=torch.bool, device=ids.device)
+        last[:, -1] = True  # the head only where the next token is read
+        state = state if out is None else out.state
+        out = model(ids[:, part], state=state, mask=m, use_cache=True, logits_at=last)
+    assert out is not None
+    return out
+
+
 @torch.no_grad()
 def iter_tokens(model: LoopLM, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -297,11 +335,10 @@ def iter_tokens(model: LoopLM, input_ids: torch.Tensor | Sequence[Sequence[int]]
         for i, row in enumerate(rows):  # each row's own tokens, not its padding
             seen[i, torch.tensor(row, device=device)] = True
     with decoding_mode(model):
-        last = torch.zeros_like(mask)
-        last[:, -1] = True  # the head only where the next token is read (logits [B, V])
-        # a quantised state from the first token on: the prompt's cache is never held in float
-        first = None if state_format is None else load(store(model.init_state(len(rows))))
-        out = model(ids, state=first, mask=None if bool(mask.all()) else mask, use_cache=True, logits_at=last)
+        # a quantised state from the first token on: the prompt's cache is never held in float;
+        # every cache sized for the whole generation before the prefill, never copied to grow
+        first = load(store(model.init_state(len(rows)))).reserve(ids.shape[1] + max_new_tokens)
+        out = prefill(model, ids, None if bool(mask.all()) else mask, first)
         for step in range(max_new_tokens):
             logits = out.logits if out.logits.dim() == 2 else out.logits[:, -1]
             if seen is not None:

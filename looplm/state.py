@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from looplm.layers import kv_cache
 from looplm.layers.mixer_states import KVState, LinearizedState, RecurrentState
 
 
@@ -36,6 +37,22 @@ class ModelState:
         """Bytes held by all tensors of the state."""
         total = self.positions.numel() * self.positions.element_size()
         return total + sum(s.nbytes() for s in self.layers.values())
+
+    def reserve(self, capacity: int) -> ModelState:
+        """This state (its attention caches empty, as ``LoopLM.init_state`` makes them) with room for
+        ``capacity`` tokens in every cache: the caches of one type and shape share one allocation
+        (:func:`looplm.layers.kv_cache.preallocate`), so a generation of at most ``capacity``
+        tokens never copies or reallocates its cache."""
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for key, s in self.layers.items():
+            if isinstance(s, KVState):
+                kind = (type(s), *((getattr(s, n).shape[0], *getattr(s, n).shape[2:], getattr(s, n).dtype)
+                                   for n in _slot_fields(s)))
+                groups.setdefault(kind, []).append(key)
+        layers = dict(self.layers)
+        for keys in groups.values():
+            layers.update(zip(keys, kv_cache.preallocate([layers[k] for k in keys], capacity)))
+        return ModelState(self.positions, layers)
 
 
 def _pad_front(t: torch.Tensor, length: int, value: float | bool = 0) -> torch.Tensor:

@@ -4,7 +4,8 @@
 that was about half of a decoding step of bench model's 6-layer attention model (transformers'
 ``DynamicCache`` does the same). :func:`append` writes the new keys and values into spare room of
 a buffer behind the cache instead, and grows the buffer by a quarter (at least 256 slots) when it
-is full, so each cached token is copied O(1) times on average.
+is full, so each cached token is copied O(1) times on average. :func:`preallocate` gives empty
+caches room for a whole generation (prompt + new tokens) up front, one allocation for all layers.
 
 States stay immutable: a :class:`~looplm.layers.mixer_states.KVState`'s tensors are views of the first S
 slots of its buffer, and new tokens go only into slots past every existing view. The buffer
@@ -15,6 +16,8 @@ state counts its S cached tokens, not the reserve (at most a quarter of S plus 2
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import fields
 
 import torch
@@ -23,21 +26,27 @@ from looplm.layers.mixer_states import KVState, QuantKVState
 from looplm.ops.kv_quant import quantize_rows
 from looplm.ops.nodes import tracked
 
-__all__ = ["append", "append_rows", "grown", "reserve", "truncate"]
+__all__ = ["append", "append_rows", "grown", "preallocate", "reserve", "truncate"]
 
 _MIN_RESERVE = 256
+_ALIGN = 64  # bytes: each field of a preallocated block starts on a cache line
 
 
 class _Buffer:
     """Storage for a cache's per-slot tensors (``k, v [B, C, Hkv, D]``, ``key_mask, pos [B, C]``, and
     a quantised cache's scales); ``length`` slots are in use."""
 
-    def __init__(self, parts: list[torch.Tensor], capacity: int) -> None:
-        self.parts = [p.new_empty(p.shape[0], capacity, *p.shape[2:]) for p in parts]
+    def __init__(self, parts: list[torch.Tensor], length: int) -> None:
+        self.parts, self.length = parts, length
+
+    @classmethod
+    def holding(cls, parts: list[torch.Tensor], capacity: int) -> _Buffer:
+        """A new buffer of ``capacity`` slots holding a copy of ``parts`` in its first slots."""
+        bufs = [p.new_empty(p.shape[0], capacity, *p.shape[2:]) for p in parts]
         length = parts[0].shape[1]
-        for buf, p in zip(self.parts, parts):
+        for buf, p in zip(bufs, parts):
             buf[:, :length] = p
-        self.length = length
+        return cls(bufs, length)
 
     @property
     def capacity(self) -> int:
@@ -45,8 +54,9 @@ class _Buffer:
 
     def owns(self, parts: list[torch.Tensor]) -> bool:
         """Whether ``parts`` are this buffer's first ``length`` slots (the newest state's views)."""
-        return all(p.shape[1] == self.length and p.data_ptr() == b.data_ptr() and p.dtype == b.dtype
-                   for p, b in zip(parts, self.parts))
+        # an empty view's data_ptr() is 0: no slot is in use then, nothing to compare
+        return all(p.shape[1] == self.length and p.dtype == b.dtype
+                   and (self.length == 0 or p.data_ptr() == b.data_ptr()) for p, b in zip(parts, self.parts))
 
 
 def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor,
@@ -85,8 +95,37 @@ def reserve(state: KVState, T: int) -> _Buffer:
     S = state.k.shape[1]
     buf = getattr(state, "_buffer", None)
     if buf is None or not buf.owns(old) or S + T > buf.capacity:
-        buf = _Buffer(old, S + T + max(_MIN_RESERVE, (S + T) // 4))
+        buf = _Buffer.holding(old, S + T + max(_MIN_RESERVE, (S + T) // 4))
     return buf
+
+
+def preallocate(states: Sequence[KVState], capacity: int) -> list[KVState]:
+    """``states`` (empty caches, float or quantised, all of one type and shape) with room for
+    ``capacity`` slots each, every per-slot field of all of them carved out of one allocation, so
+    appending up to ``capacity`` tokens never copies a cache. A large allocation is memory the
+    kernel maps for it alone (glibc's malloc maps every request above 32 MB itself, whatever its
+    threshold has grown to): its pages become resident only as slots are written, and the cache
+    never sits between short-lived tensors in the allocator's heap, where the memory those free
+    stays resident."""
+    if not states:
+        return []
+    first = states[0]
+    names = _slots(type(first))
+    fields_of = [getattr(first, n) for n in names]
+    shapes = [(len(states), t.shape[0], capacity, *t.shape[2:]) for t in fields_of]
+    for s in states:
+        if type(s) is not type(first) or s.k.shape[1] or any(getattr(s, n).shape != t.shape
+                                                             or getattr(s, n).dtype != t.dtype
+                                                             for n, t in zip(names, fields_of)):
+            raise ValueError("preallocate takes empty caches of one type, shape and dtype")
+    sizes = [math.prod(shape) * t.element_size() for shape, t in zip(shapes, fields_of)]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // _ALIGN) * _ALIGN)
+    block = torch.empty(starts[-1], dtype=torch.uint8, device=first.k.device)
+    blocks = [block[a:a + size].view(t.dtype).view(shape)
+              for a, size, shape, t in zip(starts, sizes, shapes, fields_of)]
+    return [grown(_Buffer([b[i] for b in blocks], 0), 0, s.seen, type(s)) for i, s in enumerate(states)]
 
 
 def grown(buf: _Buffer, length: int, seen: torch.Tensor, cls: type[KVState] = KVState) -> KVState:
