@@ -17,8 +17,11 @@ Figures per row, all on the same token ids (the looplm import's tokenizer):
   source, the running interpreter's ``pprint.py`` (a file of the validation split of looplm's
   stdlib corpus, so no looplm run trained on it); the first ``--eval-tokens`` tokens of each, in
   non-overlapping windows of ``--window`` tokens (:mod:`looplm.perplexity`);
-- peak RSS (the subprocess's high-water mark after loading and decoding; the interpreter and
-  libraries it starts with are reported beside it);
+- peak RSS growth: the subprocess's resident high-water mark over loading, prefills and decoding
+  (before the texts are scored) minus its resident size once the interpreter, torch and this module
+  are imported, i.e. what the row's library, weights, caches and work add (both are in the JSON),
+  and its ratio to the issue's budget for it, 1.5x the weights read per token plus the KV cache of
+  the longest prompt and its new tokens;
 - bytes read per decoded token: the weights a step reads (tied embedding/head once; an untied
   embedding only by its row) plus the KV cache at the mean context, and the GB/s that implies
   against the memory bandwidth measured in the same run (a torch sum over 1 GB of float32).
@@ -415,6 +418,7 @@ def measure(row: str, job: dict[str, Any]) -> dict[str, Any]:
                        "bytes_per_token": bytes_per_token,
                        "implied_gb_per_s": bytes_per_token * decode_tps / 1e9, "tokens": runs[0][2]})
     peak = _peak_rss_mb()
+    cache = backend.kv_bytes_per_token * (max(job["prompts"]) + job["new_tokens"])
     quality = {}
     for name, text in job["texts"].items():
         nll = backend.nll(text["ids"], job["window"])
@@ -423,6 +427,8 @@ def measure(row: str, job: dict[str, Any]) -> dict[str, Any]:
                          "bits_per_byte": nll / math.log(2) / text["bytes"]}
     out = {"row": row, "status": "ok", "load_s": load_s, "weight_bytes": backend.weight_bytes,
            "kv_bytes_per_token": backend.kv_bytes_per_token, "peak_rss_mb": peak, "start_rss_mb": base_rss,
+           "rss_growth_mb": None if peak is None or base_rss is None else peak - base_rss,
+           "rss_budget_mb": (1.5 * backend.weight_bytes + cache) / 2**20,
            "points": points, "quality": quality}
     if isinstance(backend, LlamaCppBackend):
         out.update(file_type=backend.file_type, extra_bufts=backend.extra_bufts)
@@ -466,7 +472,8 @@ def table(results: dict[str, Any], prompts: list[int], bandwidth: float) -> str:
     for n in prompts:
         head += [f"decode tok/s @{n}", "x llama.cpp", "x transformers"]
     head += [f"prefill tok/s @{prompts[-1]}", "x transformers", "ppl prose", "ppl code", "bits/byte prose",
-             "bits/byte code", "peak RSS MB", "MB read/token", f"GB/s (of {bandwidth:.0f})"]
+             "bits/byte code", "RSS growth MB", "x (1.5 W + KV)", "MB read/token",
+             f"GB/s (of {bandwidth:.0f})"]
     rows = []
     for r in results.values():
         if r.get("status") != "ok":
@@ -478,8 +485,10 @@ def table(results: dict[str, Any], prompts: list[int], bandwidth: float) -> str:
         last = r["points"][-1]
         cells += [last["prefill_tokens_per_s"], last["prefill_vs_transformers"]]
         q = r["quality"]
+        growth = r.get("rss_growth_mb")
         cells += [q["prose"]["perplexity"], q["code"]["perplexity"], q["prose"]["bits_per_byte"],
-                  q["code"]["bits_per_byte"], r["peak_rss_mb"], r["points"][0]["bytes_per_token"] / 1e6,
+                  q["code"]["bits_per_byte"], growth, None if growth is None else growth / r["rss_budget_mb"],
+                  r["points"][0]["bytes_per_token"] / 1e6,
                   r["points"][0]["implied_gb_per_s"]]
         rows.append(cells)
     return markdown_table(head, rows)

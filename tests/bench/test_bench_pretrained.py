@@ -40,6 +40,9 @@ def test_every_row_reports_speed_quality_and_memory(result):
             assert p["decode_tokens_per_s"] > 0 and p["prefill_tokens_per_s"] > 0 and len(p["tokens"]) == 4
             assert p["bytes_per_token"] > r["weight_bytes"] > 0
         assert r["peak_rss_mb"] >= r["start_rss_mb"] > 0
+        assert r["rss_growth_mb"] == pytest.approx(r["peak_rss_mb"] - r["start_rss_mb"])
+        cache = r["kv_bytes_per_token"] * (24 + 4)  # the longest prompt and its new tokens
+        assert r["rss_budget_mb"] == pytest.approx((1.5 * r["weight_bytes"] + cache) / 2**20)
         for text, q in r["quality"].items():
             info = data["texts"][text]
             assert q["tokens"] == info["tokens"] == 95 and q["bytes"] == info["bytes"] > 0
