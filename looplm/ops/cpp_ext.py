@@ -15,6 +15,7 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
 - ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
 - ``vec.h``: the dot product they share; ``simd.h``: ATen's vector type at this CPU's width;
+  ``rows_gemm.h``: float32 ``x W^T`` for the 4-64 rows of a batched decoding step (AVX-512);
   ``decode.h``: what the decoding kernels share (checks, few-row products, norms, SwiGLU FFN).
 
 The build needs a C++ compiler and ``ninja`` (seconds; ``~/.cache/torch_extensions``, one directory
@@ -53,7 +54,7 @@ _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "layer_step.cpp",
                                      "attn_step.cpp", "attn_verify.cpp", "moe_step.cpp", "norm_rope.cpp",
                                      "swiglu.cpp", "qlinear.cpp")]
-HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatvec.h"]
+HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatvec.h", _CSRC / "rows_gemm.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold
 # [2048, 384] matrix-vector product of linear_small.cpp took 115 instead of 137 us here
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]

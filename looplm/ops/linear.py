@@ -4,9 +4,11 @@ Decoding one token multiplies a handful of rows by every weight matrix: memory-b
 torch's CPU ``F.linear`` (MKL) does at ~9 GB/s here, while the machine reads memory at 35+ GB/s
 per core. ``csrc/linear_small.cpp`` is a plain dot product per output row (16 lanes, compiled for
 this CPU), rows split over threads: 24 matrices of ``[1152, 384]`` times one row took 4.4 ms with
-``F.linear`` and 1.6 ms (1 thread) / 1.0 ms (2 threads) with it (ad-hoc timing). It runs only when
-nothing is recorded for autograd, on CPU float32 with at most :data:`MAX_ROWS` rows; else
-``F.linear``. Its sums are in another order than MKL's (differences ~1e-7 relative).
+``F.linear`` and 1.6 ms (1 thread) / 1.0 ms (2 threads) with it (ad-hoc timing). From 4 rows on
+(a batch of decoding rows, e.g. the output head of a serving batch) it is ``csrc/rows_gemm.h``'s
+blocked product, which reads each weight row once for all rows. It runs only when nothing is
+recorded for autograd, on CPU float32 with at most :data:`MAX_ROWS` rows; else ``F.linear``.
+Its sums are in another order than MKL's (differences ~1e-7 relative).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from looplm.ops.nodes import tracked
 
 __all__ = ["linear", "MAX_ROWS"]
 
-MAX_ROWS = 8  # rows of x up to which the small kernel runs (a decoding step of a small batch)
+MAX_ROWS = 64  # rows of x up to which the small kernel runs (a decoding step of a batch)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

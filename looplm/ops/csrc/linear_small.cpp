@@ -1,9 +1,10 @@
-// y = x W^T (+ b) for a few rows of x: the matrix-vector products of decoding.
-// See looplm/ops/linear.py for why this exists.
+// y = x W^T (+ b) for a few rows of x: the matrix-vector products of decoding (from 4 rows on,
+// rows_gemm.h's blocked product where it is built). See looplm/ops/linear.py for why this exists.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "rows_gemm.h"
 #include "vec.h"
 
 namespace {
@@ -25,6 +26,15 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const std::opt
     bp = bc.data_ptr<float>();
   }
   float* yp = y.data_ptr<float>();
+#ifdef LOOPLM_ROWS_GEMM
+  if (m >= 4) {
+    looplm::rows_gemm(xp, m, k, {{wp, n, 0}}, yp, n);
+    if (bp != nullptr)
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < n; ++j) yp[r * n + j] += bp[j];
+    return y;
+  }
+#endif
   at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t j = n0; j < n1; ++j) {
       for (int64_t r = 0; r < m; ++r) {

@@ -16,7 +16,8 @@
 //   int8: y = scale * sum_b d_b (xq_b . q_b) per row, y = sum_b d_b s_G(b) (xq_b . q_b) in groups
 //   int4: y = sum_b d_b s_G(b) (xq_b . q_b) + sum_G offset_G sum_{b in G} d_b sum(xq_b)
 // (llama.cpp's Q8_0 x Q8_0 and Q4_1 x Q8_1 dot products compute the same sums). Float32 weights
-// times kGemmRows rows or more go to BLAS instead (a batch of decoding rows: compute-bound there).
+// times kGemmRows rows or more go to rows_gemm.h's blocked product instead (BLAS where it is not
+// built): a batch of decoding rows.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +28,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "rows_gemm.h"
 #include "vec.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
@@ -462,8 +464,8 @@ inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vec
 }
 #endif
 
-// From this many rows on, float32 weights are multiplied by BLAS (a matrix product reuses each
-// weight from registers across rows; the row-by-row dot products below re-read it per row).
+// From this many rows on, float32 weights are multiplied as a matrix product (rows_gemm.h: each
+// weight reused from registers across rows; the row-by-row dot products below re-read it per row).
 constexpr int64_t kGemmRows = 4;
 
 // out[r, off + j] = x[r] . W[j] for the rows r of x [rows, k] (float32) and every weight of `ws`
@@ -479,7 +481,15 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
     any_q |= w.quantised();
     total += w.n;
   }
-  if (!any_q && rows >= kGemmRows) {  // float32 weights, several rows: BLAS matrix products
+#ifdef LOOPLM_ROWS_GEMM
+  if (!any_q && rows >= kGemmRows) {  // float32 weights, several rows
+    std::vector<RowsPart> parts;
+    for (size_t p = 0; p < ws.size(); ++p) parts.push_back({ws[p].w, ws[p].n, offs[p]});
+    rows_gemm(x, rows, k, parts, out, width);
+    return;
+  }
+#endif
+  if (!any_q && rows >= kGemmRows) {  // the same by BLAS where rows_gemm.h is not built
     const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, k}, at::kFloat);
     for (size_t p = 0; p < ws.size(); ++p) {
       const at::Tensor wt = at::from_blob(const_cast<float*>(ws[p].w), {ws[p].n, k}, at::kFloat);
