@@ -32,6 +32,7 @@ Ratios against llama.cpp and transformers are printed. Writes ``pretrained.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,23 +287,32 @@ class TransformersBackend(Backend):
         return self.model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def _llama(path: Path, extra_bufts: bool, **kwargs: Any) -> Any:
-    """A ``llama_cpp.Llama``; ``extra_bufts=False`` turns off llama.cpp's extra CPU buffer types
-    (AMX and repacked weights), which crash in some virtual machines whose CPUs report AMX."""
+@contextlib.contextmanager
+def llama_extra_bufts(on: bool) -> Iterator[None]:
+    """Inside, ``llama_cpp`` loads models with llama.cpp's extra CPU buffer types (AMX and repacked
+    weights) ``on`` or off: they crash in some virtual machines whose CPUs report AMX."""
     import llama_cpp.llama as api
 
     defaults = api.llama_cpp.llama_model_default_params
 
     def params() -> Any:
         p = defaults()
-        p.use_extra_bufts = extra_bufts
+        p.use_extra_bufts = on
         return p
 
     api.llama_cpp.llama_model_default_params = params
     try:
-        return api.Llama(model_path=str(path), verbose=False, **kwargs)
+        yield
     finally:
         api.llama_cpp.llama_model_default_params = defaults
+
+
+def _llama(path: Path, extra_bufts: bool, **kwargs: Any) -> Any:
+    """A ``llama_cpp.Llama`` (extra buffer types as :func:`llama_extra_bufts` sets them)."""
+    import llama_cpp
+
+    with llama_extra_bufts(extra_bufts):
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
 
 
 class LlamaCppBackend(Backend):

@@ -10,7 +10,8 @@ checkpoint's tokenizer, lengths in turn. Servers, side by side in one run:
 - ``looplm``: continuous batching (``--max-batch`` = the largest concurrency);
 - ``looplm-serial``: the same server with ``--max-batch 1`` (one request at a time);
 - ``llama.cpp``: ``llama-cpp-python``'s OpenAI server on ``--gguf`` (the same model), where the
-  package is installed.
+  package is installed (:mod:`looplm.bench.llama_server`; started again with llama.cpp's extra CPU
+  buffer types off if it dies by a signal, as its AMX path does in some virtual machines).
 
 Per server and concurrency: requests/s and generated tokens/s (completed requests and their
 tokens over the level's wall time), time to first token p50/p99 (request sent to first text),
@@ -113,6 +114,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise LoopLMError(f"the server at {url} did not answer within {timeout:.0f} s")
 
 
+SERVERS = ("looplm", "looplm-serial", "llama.cpp")
+
+
 class Server:
     """A server process on loopback: ``url``, ``model`` (its model id), ``extra`` request fields."""
 
@@ -151,13 +155,51 @@ def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None) -> Server
     return Server(name, cmd, None, {"ignore_eos": True, "stream_options": {"include_usage": True}})
 
 
-def _llama_cpp(gguf: str, threads: int | None) -> Server:
+def _llama_cpp(gguf: str, threads: int | None, extra_bufts: bool = True) -> Server:
+    """llama-cpp-python's server on ``gguf`` (:mod:`looplm.bench.llama_server`), llama.cpp's extra
+    CPU buffer types (AMX, repacked weights) on or off."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "2048"]
+    cmd = [sys.executable, "-m", "looplm.bench.llama_server", "--model", gguf, "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "2048", *(() if extra_bufts else ("--no-extra-bufts",))]
     if threads:
         cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
     return Server("llama.cpp", cmd, port, {})
+
+
+def _started(start: Any, texts: list[str], seconds: float) -> tuple[Server | None, str]:
+    """``start()``'s server after one warm-up request (first-call costs), or None and why not."""
+    try:
+        server = start()
+    except LoopLMError as err:
+        return None, str(err)
+    warm = asyncio.run(_level(server, 1, 1, seconds, texts[:1], 2))
+    if not warm["errors"]:
+        return server, ""
+    code = server.proc.poll()
+    server.close()
+    return None, f"its first request failed: {warm['error_examples'][0]}" + (
+        "" if code is None else f" (the process exited with status {code})")
+
+
+def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[str], seconds: float
+           ) -> tuple[Server | None, str]:
+    """The server ``name`` started and warmed up, or None and why it is skipped. llama.cpp's server
+    is started again with its extra buffer types off if it dies by a signal (as AMX does in some
+    virtual machines)."""
+    if name == "llama.cpp":
+        if args.gguf is None:
+            return None, "no --gguf given"
+        if importlib.util.find_spec("llama_cpp") is None:
+            return None, "llama-cpp-python is not installed"
+        server, why = _started(partial(_llama_cpp, args.gguf, args.threads), texts, seconds)
+        if server is None and "status -" in why:
+            print(f"llama.cpp: {why}; again with its extra buffer types off", flush=True)
+            server, why = _started(partial(_llama_cpp, args.gguf, args.threads, False), texts, seconds)
+        return server, why
+    if name in ("looplm", "looplm-serial"):
+        batch = 1 if name == "looplm-serial" else max(levels)
+        return _started(partial(_looplm, name, args.checkpoint, batch, args.threads), texts, seconds)
+    raise LoopLMError(f"unknown server {name!r} in --servers ({', '.join(SERVERS)})")
 
 
 def prompts(checkpoint: str, lengths: list[int]) -> list[str]:
@@ -351,6 +393,9 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         levels, lengths, max_tokens, seconds = levels[:2] if len(levels) > 1 else levels, lengths[:2], 4, 20.0
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for name in wanted:
+        if name not in SERVERS:
+            raise LoopLMError(f"unknown server {name!r} in --servers ({', '.join(SERVERS)})")
     texts = prompts(args.checkpoint, lengths)
     began = time.perf_counter()
     engine_rows = parse_int_list(args.engine_rows, "--engine-rows") if args.engine_rows.strip() else []
@@ -375,28 +420,11 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     for name in wanted:
-        if name == "llama.cpp":
-            if args.gguf is None:
-                skipped[name] = "no --gguf given"
-                continue
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                skipped[name] = "llama-cpp-python is not installed"
-                continue
-            server = _llama_cpp(args.gguf, args.threads)
-        elif name in ("looplm", "looplm-serial"):
-            batch = 1 if name == "looplm-serial" else max(levels)
-            server = _looplm(name, args.checkpoint, batch, args.threads)
-        else:
-            raise LoopLMError(f"unknown server {name!r} in --servers (looplm, looplm-serial, llama.cpp)")
+        server, why = _start(name, args, levels, texts, seconds)
+        if server is None:
+            skipped[name] = why
+            continue
         try:
-            warm = asyncio.run(_level(server, 1, 1, seconds, texts[:1], 2))  # first-call costs
-            if warm["errors"]:
-                code = server.proc.poll()
-                skipped[name] = f"its first request failed: {warm['error_examples'][0]}" + (
-                    "" if code is None else f" (the process exited with status {code})")
-                continue
             for c in levels:
                 n = args.requests or (c if args.quick else max(8, 2 * c))
                 row = asyncio.run(_level(server, c, n, seconds, texts, max_tokens))

@@ -113,12 +113,87 @@ struct CacheRows {
   }
 };
 
+#ifdef LOOPLM_ROWS_GEMM
+#define LOOPLM_ATTEND_SHORT 1
+constexpr int64_t kShortKeys = 256;  // caches up to this long: attend_short
+
+// Lanes [j, j + 16) of a row of D floats: all 16, or the first D - j.
+inline __mmask16 lanes(int64_t j, int64_t D) {
+  return D - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - j)) - 1);
+}
+
+// attend for a cache of S <= kShortKeys slots, where attend's chunk loop is one chunk: one thread
+// for the whole attention, B * Hkv BLAS calls (a 64-row int4 step of SmolLM2-135M after 64-128
+// tokens spends ~30% of its time there, `perf`: reading a float32 cache larger than the int4
+// weights). Here the (row, key head) pairs go over threads; per query head, the scores of 4 keys at
+// a time (16-lane products reduced together, rows_gemm.h's sum4), softmax, and
+// o = (sum_t e_t v_t) / sum_t e_t with o's lanes in registers over the keys. Same arguments and
+// result as attend (AVX-512 builds).
+void attend_short(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B, int64_t H, int64_t Hkv,
+                  int64_t D, int64_t S, const int64_t* first, float* op) {
+  using looplm::Vec;
+  const int64_t group = H / Hkv, V = Vec::size();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const bool quantised = kr.f == nullptr || vr.f == nullptr;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> p(static_cast<size_t>(S)), ktmp(quantised ? static_cast<size_t>(S * D) : 0),
+        vtmp(quantised ? static_cast<size_t>(S * D) : 0);
+    for (int64_t bk = a; bk < e; ++bk) {
+      const int64_t b = bk / Hkv, hk = bk % Hkv, lo = first == nullptr ? 0 : first[b];
+      const int n = static_cast<int>(S - lo);
+      int ldk = 0, ldv = 0;
+      const float* keys = kr.at(b, hk, lo, n, D, ktmp.data(), &ldk);
+      const float* values = vr.at(b, hk, lo, n, D, vtmp.data(), &ldv);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t bh = b * H + hk * group + g;
+        const float* q = qp + bh * D;
+        int t = 0;
+        for (; t + 4 <= n; t += 4) {  // p[t .. t + 3] = scale * q . k_t
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int64_t j = 0; j < D; j += 16) {
+            const __mmask16 m = lanes(j, D);
+            const __m512 qv = _mm512_maskz_loadu_ps(m, q + j);
+            for (int i = 0; i < 4; ++i)
+              acc[i] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, keys + (t + i) * ldk + j), acc[i]);
+          }
+          _mm_storeu_ps(p.data() + t, _mm_mul_ps(_mm_set1_ps(scale), looplm::sum4(acc[0], acc[1], acc[2], acc[3])));
+        }
+        for (; t < n; ++t) p[t] = scale * looplm::dot(q, keys + t * ldk, D);
+        float top = -std::numeric_limits<float>::infinity();
+        for (t = 0; t < n; ++t) top = std::max(top, p[t]);
+        for (t = 0; t + V <= n; t += V) (Vec::loadu(p.data() + t) - Vec(top)).exp().store(p.data() + t);
+        for (; t < n; ++t) p[t] = std::exp(p[t] - top);
+        float total = 0;
+        for (t = 0; t < n; ++t) total += p[t];
+        const __m512 inv = _mm512_set1_ps(1.0f / total);
+        float* o = op + bh * D;
+        for (int64_t j0 = 0; j0 < D; j0 += 64) {  // 64 lanes of o at a time, in registers over the keys
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          const int parts = static_cast<int>(std::min<int64_t>(4, (D - j0 + 15) / 16));
+          for (t = 0; t < n; ++t) {
+            const __m512 w = _mm512_set1_ps(p[t]);
+            const float* v = values + t * ldv + j0;
+            for (int c = 0; c < parts; ++c)
+              acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes(j0 + 16 * c, D), v + 16 * c), acc[c]);
+          }
+          for (int c = 0; c < parts; ++c)
+            _mm512_mask_storeu_ps(o + j0 + 16 * c, lanes(j0 + 16 * c, D), _mm512_mul_ps(acc[c], inv));
+        }
+      }
+    }
+  });
+}
+#endif
+
 // A cache k, v [B, S, Hkv, D] (CacheRows) read by the decoding step's queries q [B, H, D] ->
 // o [B, H, D] = softmax(q k^T / sqrt(D)) v. Row b's query sees its keys from slot first[b] on
 // (first: nullptr for all; the slots before are unused: a batch of caches of different lengths
 // padded at the front); query head i reads key/value head i / (H / Hkv).
 void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B, int64_t H, int64_t Hkv, int64_t D,
             int64_t S, const int64_t* first, float* op) {
+#ifdef LOOPLM_ATTEND_SHORT
+  if (S <= kShortKeys) return attend_short(qp, kr, vr, B, H, Hkv, D, S, first, op);
+#endif
   const int64_t group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   // The cache is read in chunks of keys over threads, once for q k^T and once for p v, with one

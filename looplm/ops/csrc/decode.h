@@ -75,8 +75,12 @@ inline void add_swiglu_ffn(at::Tensor& h, const at::Tensor& norm_w, double eps, 
   qmatvecs(fptr(u), B, d, {w_in}, {0}, z.data_ptr<float>(), 2 * F);
   const float* zp = fptr(z);
   float* ap = act.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < F; ++i) ap[b * F + i] = silu(zp[b * 2 * F + i]) * zp[b * 2 * F + F + i];
+  at::parallel_for(0, B * F, 4096, [&](int64_t a, int64_t e) {  // many rows: a batch's step
+    for (int64_t t = a; t < e; ++t) {
+      const int64_t b = t / F, i = t % F;
+      ap[t] = silu(zp[b * 2 * F + i]) * zp[b * 2 * F + F + i];
+    }
+  });
   qmatvecs(ap, B, F, {w_out}, {0}, f.data_ptr<float>(), d);
   const float* fp = fptr(f);
   for (int64_t e = 0; e < B * d; ++e) hp[e] += fp[e];
