@@ -21,11 +21,6 @@
 
 #include "decode.h"
 
-// Fortran BLAS (MKL), exported by libtorch_cpu; called from within the threads of parallel_for
-extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-
 namespace {
 
 using at::Tensor;
@@ -113,153 +108,159 @@ struct CacheRows {
   }
 };
 
-#ifdef LOOPLM_ROWS_GEMM
-#define LOOPLM_ATTEND_SHORT 1
-constexpr int64_t kShortKeys = 256;  // caches up to this long: attend_short
+// sum_j a[j] b[j] over D floats in vector lanes (two independent sums).
+inline float dot_lanes(const float* a, const float* b, int64_t D) {
+  using looplm::Vec;
+  const int64_t V = Vec::size();
+  Vec acc0(0.0f), acc1(0.0f);
+  int64_t j = 0;
+  for (; j + 2 * V <= D; j += 2 * V) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + j + V), Vec::loadu(b + j + V), acc1);
+  }
+  for (; j + V <= D; j += V) acc0 = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc0);
+  float s = (acc0 + acc1).reduce_add();
+  for (; j < D; ++j) s += a[j] * b[j];
+  return s;
+}
 
+// out [D] = sum_u w[u] x[u] over n rows x (row stride ld): four independent sums per lane block, so
+// the loop is bound by loads and fused multiply-adds rather than by one sum's latency.
+inline void weighted_rows(const float* w, const float* x, int64_t ld, int64_t n, int64_t D, float* out) {
+  using looplm::Vec;
+  const int64_t V = Vec::size();
+  int64_t j = 0;
+  for (; j + V <= D; j += V) {
+    Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+    int64_t u = 0;
+    for (; u + 4 <= n; u += 4) {
+      a0 = at::vec::fmadd(Vec(w[u]), Vec::loadu(x + u * ld + j), a0);
+      a1 = at::vec::fmadd(Vec(w[u + 1]), Vec::loadu(x + (u + 1) * ld + j), a1);
+      a2 = at::vec::fmadd(Vec(w[u + 2]), Vec::loadu(x + (u + 2) * ld + j), a2);
+      a3 = at::vec::fmadd(Vec(w[u + 3]), Vec::loadu(x + (u + 3) * ld + j), a3);
+    }
+    for (; u < n; ++u) a0 = at::vec::fmadd(Vec(w[u]), Vec::loadu(x + u * ld + j), a0);
+    ((a0 + a1) + (a2 + a3)).store(out + j);
+  }
+  for (; j < D; ++j) {
+    float acc = 0;
+    for (int64_t u = 0; u < n; ++u) acc += w[u] * x[u * ld + j];
+    out[j] = acc;
+  }
+}
+
+// y[j] += w x[j] over D floats.
+inline void axpy_lanes(float w, const float* x, float* y, int64_t D) {
+  using looplm::Vec;
+  const int64_t V = Vec::size();
+  int64_t j = 0;
+  for (; j + V <= D; j += V) at::vec::fmadd(Vec(w), Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
+  for (; j < D; ++j) y[j] += w * x[j];
+}
+
+#ifdef LOOPLM_ROWS_GEMM
 // Lanes [j, j + 16) of a row of D floats: all 16, or the first D - j.
 inline __mmask16 lanes(int64_t j, int64_t D) {
   return D - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - j)) - 1);
 }
-
-// attend for a cache of S <= kShortKeys slots, where attend's chunk loop is one chunk: one thread
-// for the whole attention, B * Hkv BLAS calls (a 64-row int4 step of SmolLM2-135M after 64-128
-// tokens spends ~30% of its time there, `perf`: reading a float32 cache larger than the int4
-// weights). Here the (row, key head) pairs go over threads; per query head, the scores of 4 keys at
-// a time (16-lane products reduced together, rows_gemm.h's sum4), softmax, and
-// o = (sum_t e_t v_t) / sum_t e_t with o's lanes in registers over the keys. Same arguments and
-// result as attend (AVX-512 builds).
-void attend_short(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B, int64_t H, int64_t Hkv,
-                  int64_t D, int64_t S, const int64_t* first, float* op) {
-  using looplm::Vec;
-  const int64_t group = H / Hkv, V = Vec::size();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const bool quantised = kr.f == nullptr || vr.f == nullptr;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> p(static_cast<size_t>(S)), ktmp(quantised ? static_cast<size_t>(S * D) : 0),
-        vtmp(quantised ? static_cast<size_t>(S * D) : 0);
-    for (int64_t bk = a; bk < e; ++bk) {
-      const int64_t b = bk / Hkv, hk = bk % Hkv, lo = first == nullptr ? 0 : first[b];
-      const int n = static_cast<int>(S - lo);
-      int ldk = 0, ldv = 0;
-      const float* keys = kr.at(b, hk, lo, n, D, ktmp.data(), &ldk);
-      const float* values = vr.at(b, hk, lo, n, D, vtmp.data(), &ldv);
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t bh = b * H + hk * group + g;
-        const float* q = qp + bh * D;
-        int t = 0;
-        for (; t + 4 <= n; t += 4) {  // p[t .. t + 3] = scale * q . k_t
-          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          for (int64_t j = 0; j < D; j += 16) {
-            const __mmask16 m = lanes(j, D);
-            const __m512 qv = _mm512_maskz_loadu_ps(m, q + j);
-            for (int i = 0; i < 4; ++i)
-              acc[i] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, keys + (t + i) * ldk + j), acc[i]);
-          }
-          _mm_storeu_ps(p.data() + t, _mm_mul_ps(_mm_set1_ps(scale), looplm::sum4(acc[0], acc[1], acc[2], acc[3])));
-        }
-        for (; t < n; ++t) p[t] = scale * looplm::dot(q, keys + t * ldk, D);
-        float top = -std::numeric_limits<float>::infinity();
-        for (t = 0; t < n; ++t) top = std::max(top, p[t]);
-        for (t = 0; t + V <= n; t += V) (Vec::loadu(p.data() + t) - Vec(top)).exp().store(p.data() + t);
-        for (; t < n; ++t) p[t] = std::exp(p[t] - top);
-        float total = 0;
-        for (t = 0; t < n; ++t) total += p[t];
-        const __m512 inv = _mm512_set1_ps(1.0f / total);
-        float* o = op + bh * D;
-        for (int64_t j0 = 0; j0 < D; j0 += 64) {  // 64 lanes of o at a time, in registers over the keys
-          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          const int parts = static_cast<int>(std::min<int64_t>(4, (D - j0 + 15) / 16));
-          for (t = 0; t < n; ++t) {
-            const __m512 w = _mm512_set1_ps(p[t]);
-            const float* v = values + t * ldv + j0;
-            for (int c = 0; c < parts; ++c)
-              acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes(j0 + 16 * c, D), v + 16 * c), acc[c]);
-          }
-          for (int c = 0; c < parts; ++c)
-            _mm512_mask_storeu_ps(o + j0 + 16 * c, lanes(j0 + 16 * c, D), _mm512_mul_ps(acc[c], inv));
-        }
-      }
-    }
-  });
-}
 #endif
+
+// s[t] = scale * q . k_t for n keys k (row stride ld) of D floats; four keys at a time with their
+// 16-lane products reduced together (rows_gemm.h's sum4) where the build has AVX-512.
+inline void key_scores(const float* q, const float* keys, int64_t ld, int n, int64_t D, float scale, float* s) {
+  int t = 0;
+#ifdef LOOPLM_ROWS_GEMM
+  for (; t + 4 <= n; t += 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < D; j += 16) {
+      const __mmask16 m = lanes(j, D);
+      const __m512 qv = _mm512_maskz_loadu_ps(m, q + j);
+      for (int i = 0; i < 4; ++i)
+        acc[i] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, keys + (t + i) * ld + j), acc[i]);
+    }
+    _mm_storeu_ps(s + t, _mm_mul_ps(_mm_set1_ps(scale), looplm::sum4(acc[0], acc[1], acc[2], acc[3])));
+  }
+#endif
+  for (; t < n; ++t) s[t] = scale * dot_lanes(q, keys + t * ld, D);
+}
 
 // A cache k, v [B, S, Hkv, D] (CacheRows) read by the decoding step's queries q [B, H, D] ->
 // o [B, H, D] = softmax(q k^T / sqrt(D)) v. Row b's query sees its keys from slot first[b] on
 // (first: nullptr for all; the slots before are unused: a batch of caches of different lengths
 // padded at the front); query head i reads key/value head i / (H / Hkv).
+//
+// Split-K decoding attention (Dao et al., "Flash-Decoding", 2023): one parallel pass over chunks of
+// 64 keys (row, chunk); per key head, the chunk's keys and values are read once for the `group`
+// query heads sharing them, and its softmax is kept unnormalised: max m, sum l of exp(s - m) and
+// acc = sum exp(s - m) v per query head. The chunks are then combined per query head in chunk
+// order: o = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c. One parallel region per
+// call (each costs a fork and a barrier) and vector dot products instead of BLAS calls (at 64 keys a
+// call's packing costs more than the product). Int8 rows are dequantised a chunk at a time into a
+// buffer of the thread's own.
 void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B, int64_t H, int64_t Hkv, int64_t D,
             int64_t S, const int64_t* first, float* op) {
-#ifdef LOOPLM_ATTEND_SHORT
-  if (S <= kShortKeys) return attend_short(qp, kr, vr, B, H, Hkv, D, S, first, op);
-#endif
-  const int64_t group = H / Hkv;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // The cache is read in chunks of keys over threads, once for q k^T and once for p v, with one
-  // BLAS product per key head and chunk for the `group` query heads that share it (each key and
-  // value row read once per step, not once per query head; hand-written dot products per key ran
-  // 1.5-3x slower than SDPA at 8192-16384 keys); the chunks' partial outputs are summed in chunk
-  // order. Int8 rows are dequantised a chunk at a time into a buffer of the thread's own.
   using looplm::Vec;
-  const int64_t V = Vec::size();
-  constexpr int64_t kKeys = 256;  // keys per chunk
-  const int64_t chunks = (S + kKeys - 1) / kKeys, BH = B * H, BK = B * Hkv;
-  std::vector<float> score(static_cast<size_t>(BH) * S), partial(static_cast<size_t>(chunks) * BH * D, 0.0f);
-  const int Di = static_cast<int>(D), G = static_cast<int>(group), Si = static_cast<int>(S);
-  const char tr = 'T', no = 'N';
-  const float fzero = 0.0f, fone = 1.0f;
-  auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
+  const int64_t group = H / Hkv, V = Vec::size();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  constexpr int64_t kKeys = 64;  // keys per chunk
+  const int64_t chunks = (S + kKeys - 1) / kKeys, items = B * Hkv * chunks;
+  // per (row, key head, chunk) and query head of the group: m, l, then acc [D]
+  const int64_t per = 2 + D;
+  std::vector<float> part(static_cast<size_t>(items * group * per));
   const bool quantised = kr.f == nullptr || vr.f == nullptr;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
-    for (int64_t c = c0; c < c1; ++c) {  // scores [group, n] = q [group, D] k [n, D]^T per key head
-      const int64_t t0 = c * kKeys;
-      const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
-      for (int64_t bk = 0; bk < BK; ++bk) {
-        const int64_t b = bk / Hkv, hk = bk % Hkv, bh = b * H + hk * group, lo = std::max(t0, from(b));
-        const int n = nk - static_cast<int>(lo - t0);
-        if (n <= 0) continue;
-        int ld = 0;
-        const float* keys = kr.at(b, hk, lo, n, D, tmp.data(), &ld);
-        sgemm_(&tr, &no, &n, &G, &Di, &scale, keys, &ld, qp + bh * D, &Di, &fzero, score.data() + bh * S + lo, &Si);
+  auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
+  // Work items are (row, chunk): a chunk's slots hold every key head's row side by side, so one
+  // thread reads them in address order (an item per key head would stride over the others' rows).
+  at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> ktmp(quantised ? static_cast<size_t>(kKeys * D) : 0), vtmp(ktmp.size());
+    std::vector<float> sc(static_cast<size_t>(group * kKeys));
+    for (int64_t bc = i0; bc < i1; ++bc) {
+      const int64_t b = bc / chunks, c = bc % chunks;
+      const int64_t lo = std::max(c * kKeys, from(b)), hi = std::min(S, (c + 1) * kKeys);
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        float* pt = part.data() + ((b * Hkv + hk) * chunks + c) * group * per;
+        if (lo >= hi) {  // nothing seen in this chunk: weight 0
+          for (int64_t g = 0; g < group; ++g) pt[g * per] = -std::numeric_limits<float>::infinity(), pt[g * per + 1] = 0;
+          continue;
+        }
+        const int n = static_cast<int>(hi - lo);
+        int kld = 0, vld = 0;
+        const float* keys = kr.at(b, hk, lo, n, D, ktmp.data(), &kld);
+        const float* values = vr.at(b, hk, lo, n, D, vtmp.data(), &vld);
+        const float* q = qp + (b * H + hk * group) * D;
+        for (int64_t g = 0; g < group; ++g) {
+          float* s = sc.data() + g * kKeys;
+          key_scores(q + g * D, keys, kld, n, D, scale, s);
+          const float top = *std::max_element(s, s + n);
+          int64_t t = 0;
+          for (; t + V <= n; t += V) (Vec::loadu(s + t) - Vec(top)).exp().store(s + t);
+          for (; t < n; ++t) s[t] = std::exp(s[t] - top);
+          float total = 0;
+          for (t = 0; t < n; ++t) total += s[t];
+          weighted_rows(s, values, vld, n, D, pt + g * per + 2);
+          pt[g * per] = top, pt[g * per + 1] = total;
+        }
       }
     }
   });
-  at::parallel_for(0, BH, 1, [&](int64_t a, int64_t e) {  // softmax of each row of scores
-    for (int64_t bh = a; bh < e; ++bh) {
-      const int64_t n = S - from(bh / H);
-      float* sc = score.data() + bh * S + from(bh / H);
-      const float top = *std::max_element(sc, sc + n);
-      int64_t t = 0;
-      for (; t + V <= n; t += V) (Vec::loadu(sc + t) - Vec(top)).exp().store(sc + t);
-      for (; t < n; ++t) sc[t] = std::exp(sc[t] - top);
+  for (int64_t bk = 0; bk < B * Hkv; ++bk) {
+    for (int64_t g = 0; g < group; ++g) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, part[((bk * chunks + c) * group + g) * per]);
+      float* o = op + (bk * group + g) * D;  // query head (b, hk * group + g)
+      std::fill(o, o + D, 0.0f);
       float total = 0;
-      for (t = 0; t < n; ++t) total += sc[t];
-      const float inv = 1.0f / total;
-      for (t = 0; t < n; ++t) sc[t] *= inv;
-    }
-  });
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> tmp(quantised ? static_cast<size_t>(kKeys * D) : 0);
-    for (int64_t c = c0; c < c1; ++c) {  // out [group, D] = p [group, n] v [n, D] per key head
-      const int64_t t0 = c * kKeys;
-      const int nk = static_cast<int>(std::min(S, t0 + kKeys) - t0);
-      float* part = partial.data() + c * BH * D;
-      for (int64_t bk = 0; bk < BK; ++bk) {
-        const int64_t b = bk / Hkv, hk = bk % Hkv, bh = b * H + hk * group, lo = std::max(t0, from(b));
-        const int n = nk - static_cast<int>(lo - t0);
-        if (n <= 0) continue;  // its part stays zero
-        int ld = 0;
-        const float* values = vr.at(b, hk, lo, n, D, tmp.data(), &ld);
-        sgemm_(&no, &no, &Di, &G, &n, &fone, values, &ld, score.data() + bh * S + lo, &Si, &fzero, part + bh * D,
-               &Di);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* pt = part.data() + ((bk * chunks + c) * group + g) * per;
+        if (pt[1] == 0) continue;
+        const float w = std::exp(pt[0] - top);
+        total += w * pt[1];
+        axpy_lanes(w, pt + 2, o, D);
       }
+      const float inv = 1.0f / total;
+      for (int64_t j = 0; j < D; ++j) o[j] *= inv;
     }
-  });
-  for (int64_t i = 0; i < BH * D; ++i) op[i] = 0;
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t i = 0; i < BH * D; ++i) op[i] += partial[c * BH * D + i];
+  }
 }
 
 // out [B, d] = h + o W_o^T (o: the attention output [B, H D]), then + the dense SwiGLU FFN of it
