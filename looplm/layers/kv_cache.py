@@ -82,9 +82,15 @@ def append(state: KVState, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Ten
     return out
 
 
-def _slots(cls: type[KVState]) -> list[str]:
-    """The per-slot fields of a cache type, in order (every field but ``seen``)."""
-    return [f.name for f in fields(cls) if f.name != "seen"]
+_SLOTS: dict[type, tuple[str, ...]] = {}
+
+
+def _slots(cls: type[KVState]) -> tuple[str, ...]:
+    """The per-slot fields of a cache type, in order (every field but ``seen``; looked up once)."""
+    names = _SLOTS.get(cls)
+    if names is None:
+        names = _SLOTS[cls] = tuple(f.name for f in fields(cls) if f.name != "seen")
+    return names
 
 
 def reserve(state: KVState, T: int) -> _Buffer:

@@ -335,10 +335,22 @@ def stack_plan(layers: list[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor | 
     """What :func:`stack_step` needs of ``layers`` that does not change from step to step: their
     shared heads and RoPE, the kernels' weight list and the norms' eps; None unless every layer is
     attention with a dense SwiGLU FFN or none, decided for the attention kernels, with the same
-    heads and RoPE, and the layer steps are on (:func:`looplm.ops.cpp_ext.layer_steps`)."""
+    heads and RoPE, and the layer steps are on (:func:`looplm.ops.cpp_ext.layer_steps`). Kept on
+    the first layer for the same layers and training flags until a module, parameter or buffer is
+    registered anywhere (as :func:`decide`'s decisions): a decoding step does not rebuild it."""
     if (not layers or not cpp_ext.available() or not cpp_ext.layer_steps()
             or type(layers[0].mixer) is not Attention):
         return None
+    key = (_registrations[0], tuple(map(id, layers)), tuple(layer.training for layer in layers))
+    cached = layers[0].__dict__.get("_stack_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = _stack_plan(layers)
+    layers[0].__dict__["_stack_plan"] = (key, plan)
+    return plan
+
+
+def _stack_plan(layers: list[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor | None], list[float]] | None:
     first = layers[0].mixer
     rope = (first.n_heads, first.n_kv_heads, first.head_dim, first.rope_base, first.rope_scaling)
     weights: list[torch.Tensor | None] = []
