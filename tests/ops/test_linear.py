@@ -11,7 +11,7 @@ from torch import nn
 
 from looplm.layers.linear import Linear
 from looplm.ops import cpp_ext
-from looplm.ops.linear import MAX_ROWS, linear
+from looplm.ops.linear import MAX_ROWS, MAX_STEP_ROWS, linear
 from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
@@ -30,6 +30,21 @@ def test_small_rows_equal_f_linear(rows, k, n, bias, threads):
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert (got.double() - want).abs().max() <= 1e-5 * (want.abs().max() + 1)
+
+
+@needs_kernel
+@given(rows=st.sampled_from([9, 16, MAX_STEP_ROWS]), k=st.sampled_from([15, 576]),
+       n=st.sampled_from([3, 130]))
+def test_a_batch_decoding_step_equals_f_linear(rows, k, n):
+    gen = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x, w = torch.randn(rows, 1, k, generator=gen), torch.randn(n, k, generator=gen)
+    with torch.no_grad():
+        got = linear(x, w)
+    want = F.linear(x.double(), w.double())
+    assert got.shape == (rows, 1, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * (want.abs().max() + 1)
+    many = torch.randn(rows, 2, k, generator=gen)  # more than one token per row: F.linear exactly
+    assert torch.equal(linear(many, w), F.linear(many, w))
 
 
 @needs_kernel
