@@ -24,6 +24,7 @@ import torch
 from typing_extensions import Unpack
 
 from looplm.errors import LoopLMError
+from looplm.memory import release_free_memory
 from looplm.model import LoopLM, LoopOutput
 from looplm.quant import state as qstate
 from looplm.routers import causal_routing
@@ -323,6 +324,17 @@ def iter_tokens(model: LoopLM, input_ids: torch.Tensor | Sequence[Sequence[int]]
     store, load = _state_codec(state_format)
     if max_new_tokens == 0:
         return
+    try:
+        yield from _decode(model, rows, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                           seed, store, load)
+    finally:  # the generation's cache and temporaries are freed by now
+        release_free_memory()
+
+
+def _decode(model: LoopLM, rows: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
+            top_p: float | None, min_p: float | None, repetition_penalty: float, seed: int | None,
+            store: Any, load: Any) -> Generator[torch.Tensor, None, None]:
+    """:func:`iter_tokens` after its checks."""
     device = _device(model)
     generator = None
     if seed is not None:

@@ -8,6 +8,10 @@ allocator's error after minutes of swapping.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+
 import torch
 
 from looplm.errors import ConfigError
@@ -16,6 +20,27 @@ from looplm.model import LoopConfig, LoopLM
 
 TRAIN_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
 LOAD_BYTES_PER_PARAM = 4  # float32 weights
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the memory the C allocator keeps free back to the OS: glibc's ``malloc_trim(0)`` also
+    returns the whole free pages inside its heap, not only past its top. glibc raises its threshold
+    for mapping a request on its own up to the largest one freed (32 MB at most; loading a model
+    frees tens of MB), so afterwards a prefill's temporaries come from the heap and, once freed,
+    stay resident there, next to the next generation's: with SmolLM2-135M int4, a 32-token then two
+    1024-token generations peaked 60 MB higher. A no-op where the allocator is not glibc's."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def param_count(config: LoopConfig) -> int:

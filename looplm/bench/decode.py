@@ -37,7 +37,6 @@ Writes ``decode.json`` (resumable per model) and ``decode.png``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import time
@@ -53,6 +52,7 @@ from looplm.errors import ConfigError
 from looplm.generate import decoding_mode
 from looplm.layers import kv_cache
 from looplm.layers.mixer_states import KVState
+from looplm.memory import release_free_memory
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.state import STATE_FORMATS, compress_state, decompress_state
 from looplm.state import ModelState
@@ -117,7 +117,7 @@ def _status_kib(field: str) -> int | None:
 def _reset_peak_rss() -> int | None:
     """Hand freed memory back (glibc), reset the peak RSS; the RSS now in KiB, None where unsupported."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_free_memory()
         Path("/proc/self/clear_refs").write_text("5")
     except (OSError, AttributeError):
         return None

@@ -20,6 +20,20 @@ PROMPT, NEW = 1024, 32
 # of the kernels it runs for the first time (libtorch's MKL/oneDNN paths, ~16 MB of file pages) and
 # the thread pools' stacks and buffers.
 RUNTIME_MB = 16
+# a fresh interpreter's start of a probe: kb(field) reads /proc/self/status; 2 threads, kernels built
+PREAMBLE = textwrap.dedent('''
+        import torch
+        from pathlib import Path
+        from looplm.checkpoint import load_model
+        from looplm.generate import iter_tokens
+        from looplm.ops import cpp_ext
+        def kb(field):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field):
+                    return int(line.split()[1])
+        torch.set_num_threads(2)
+        cpp_ext.available()
+''')
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +48,7 @@ def int4_smollm2(tmp_path_factory):
 
 @pytest.mark.slow
 def test_int4_decoding_peak_is_weights_and_cache(int4_smollm2):
-    probe = textwrap.dedent(f"""
-        import torch
-        from pathlib import Path
-        from looplm.checkpoint import load_model
-        from looplm.generate import iter_tokens
-        from looplm.ops import cpp_ext
-        def kb(field):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(field):
-                    return int(line.split()[1])
-        torch.set_num_threads(2)
-        cpp_ext.available()
+    probe = PREAMBLE + textwrap.dedent(f"""
         start = kb("VmRSS:")
         model = load_model({str(int4_smollm2)!r})
         ids = torch.randint(0, model.config.vocab_size, (1, {PROMPT})).tolist()
@@ -61,3 +64,25 @@ def test_int4_decoding_peak_is_weights_and_cache(int4_smollm2):
     cache_kb = 2 * c.n_core * c.kv_heads * (c.d_model // c.n_heads) * 4 * (PROMPT + NEW) // 1024
     budget_kb = 1.5 * weights_kb + cache_kb + RUNTIME_MB * 1024
     assert grown_kb <= budget_kb, f"peak grew {grown_kb / 1024:.0f} MB > {budget_kb / 1024:.0f} MB"
+
+
+@pytest.mark.slow
+def test_a_generation_peaks_no_higher_after_others(int4_smollm2):
+    """bench pretrained's sequence in one process: short generations, then two long ones of the same
+    length; the second long one must not raise the peak (memory the first left free in the heap is
+    handed back when it ends, so the next one does not grow beside it)."""
+    probe = PREAMBLE + textwrap.dedent(f"""
+        model = load_model({str(int4_smollm2)!r})
+        ids = torch.randint(0, model.config.vocab_size, (1, {PROMPT})).tolist()
+        peaks = []
+        for n, new in ((8, 3), (32, 128), (32, 128), ({PROMPT}, 128), ({PROMPT}, 128)):
+            for _ in iter_tokens(model, [ids[0][:n]], max_new_tokens=new):
+                pass
+            peaks.append(kb("VmHWM:"))
+        print(peaks[-2], peaks[-1])
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first_kb, second_kb = map(int, out.stdout.split())
+    grown_mb = (second_kb - first_kb) / 1024
+    assert grown_mb <= 8, f"the second generation raised the peak by {grown_mb:.0f} MB"
