@@ -267,8 +267,9 @@ def decoding_mode(model: LoopLM) -> Iterator[None]:
         model.train(was_training)
 
 
-PREFILL_CHUNK = 256  # prompt tokens per forward of a chunked prefill (each chunk costs a masked attention
-# over the cache and, for int8/int4 weights, its own bfloat16 weight tiles: 128 cost SmolLM2 25% of its prefill)
+# Prompt tokens per forward of a chunked prefill. Each chunk costs a masked attention over the cache and,
+# for int8/int4 weights, its own bfloat16 weight tiles: chunks of 128 cost SmolLM2 25% of its prefill.
+PREFILL_CHUNK = 256
 
 
 def chunks_exact(model: LoopLM) -> bool:
