@@ -360,18 +360,6 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   return out;
 }
 
-// The parts (1-3 tensors, the rest None) of a weight among a layer's slots.
-std::vector<Tensor> parts_at(const c10::List<std::optional<Tensor>>& w, int64_t at) {
-  std::vector<Tensor> parts;
-  for (int64_t i = at; i < at + 3; ++i) {
-    const std::optional<Tensor> t = w.get(i);
-    if (t.has_value()) parts.push_back(*t);
-  }
-  return parts;
-}
-
-constexpr int64_t kSlots = 14;  // per layer: norm, qkv (3), o (3), ffn norm, ffn in (3), ffn out (3)
-
 // A decoding step (T = 1) of L attention layers in a row, each with its cache appended in place:
 // h [B, d]; w: kSlots entries per layer (mixer norm; the parts of qkv, o, FFN in, FFN out, each
 // padded with None to 3; FFN norm and parts None for a layer without an FFN); eps [2 L] (mixer,
@@ -388,9 +376,9 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
   TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_stack_step: h [B, d], inv_freq [D/2]");
   const bool int8 = !caches.empty() && caches[0].scalar_type() == at::kChar;
   const int64_t per = int8 ? 6 : 4;  // cache buffers per layer
-  TORCH_CHECK(static_cast<int64_t>(w.size()) == kSlots * L && static_cast<int64_t>(eps.size()) == 2 * L &&
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == looplm::kSlots * L && static_cast<int64_t>(eps.size()) == 2 * L &&
                   static_cast<int64_t>(caches.size()) == per * L,
-              "attn_stack_step: ", kSlots, " weights, 2 eps and 4 cache buffers (6 for int8) per layer");
+              "attn_stack_step: ", looplm::kSlots, " weights, 2 eps and 4 cache buffers (6 for int8) per layer");
   const int64_t B = h.size(0), d = h.size(1), half = inv_freq.size(0), D = 2 * half, H = n_heads, Hkv = n_kv_heads;
   const int64_t R = H + 2 * Hkv;
   TORCH_CHECK(H % Hkv == 0, "attn_stack_step: n_heads must be a multiple of n_kv_heads");
@@ -402,7 +390,7 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
   Tensor x = h.clone(), y = at::empty_like(h);
   std::vector<float> qkv(static_cast<size_t>(B * R * D)), o(static_cast<size_t>(B * H * D));
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t base = kSlots * l, S = lengths[l];
+    const int64_t base = looplm::kSlots * l, S = lengths[l];
     const Tensor &k = caches[per * l], &v = caches[per * l + 1], &km = caches[per * l + 2], &kp = caches[per * l + 3];
     std::optional<Tensor> k_scale, v_scale;
     if (int8) {
@@ -420,15 +408,15 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
     const std::optional<Tensor> norm_w = w.get(base), ffn_norm_w = w.get(base + 7);
     TORCH_CHECK(norm_w.has_value(), "attn_stack_step: layer ", l, " has no mixer norm");
     check(*norm_w, "norm_w", {d});
-    const looplm::QWeight Wqkv = looplm::qweight(parts_at(w, base + 1), R * D, d, "attn_stack_step: qkv");
-    const looplm::QWeight O = looplm::qweight(parts_at(w, base + 4), d, H * D, "attn_stack_step: o");
+    const looplm::QWeight Wqkv = looplm::qweight(looplm::parts_at(w, base + 1), R * D, d, "attn_stack_step: qkv");
+    const looplm::QWeight O = looplm::qweight(looplm::parts_at(w, base + 4), d, H * D, "attn_stack_step: o");
     looplm::QWeight fin, fout;
     if (ffn_norm_w.has_value()) {
       check(*ffn_norm_w, "ffn_norm_w", {d});
-      const std::vector<Tensor> out_parts = parts_at(w, base + 11);
+      const std::vector<Tensor> out_parts = looplm::parts_at(w, base + 11);
       TORCH_CHECK(!out_parts.empty() && out_parts[0].dim() == 2, "attn_stack_step: FFN out weight missing");
       const int64_t F = out_parts.size() == 3 ? 2 * out_parts[0].size(1) : out_parts[0].size(1);
-      fin = looplm::qweight(parts_at(w, base + 8), 2 * F, d, "attn_stack_step: ffn_in");
+      fin = looplm::qweight(looplm::parts_at(w, base + 8), 2 * F, d, "attn_stack_step: ffn_in");
       fout = looplm::qweight(out_parts, d, F, "attn_stack_step: ffn_out");
     }
     step_in(ptr(x), B, d, ptr(*norm_w), static_cast<float>(eps[2 * l]), Wqkv, ptr(inv_freq), half, pp, H, Hkv,

@@ -27,18 +27,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kSlots = 14;  // per layer, as attn_stack_step takes them
-
-// The parts (1-3 tensors, the rest None) of the weight at slot `at` of w.
-std::vector<Tensor> weight_parts(const c10::List<std::optional<Tensor>>& w, int64_t at) {
-  std::vector<Tensor> parts;
-  for (int64_t i = at; i < at + 3; ++i) {
-    const std::optional<Tensor> t = w.get(i);
-    if (t.has_value()) parts.push_back(*t);
-  }
-  return parts;
-}
-
 // qkv [T, R, D] (R = H + 2 Hkv): q and k heads rotated by their row's position (RoPE, "rotate
 // half" pairs (j, j + D/2), frequencies f [D/2]).
 void rotate(float* qkv, int64_t T, int64_t R, int64_t rotated, int64_t half, const float* f, const int64_t* pos) {
@@ -103,9 +91,9 @@ Tensor attn_stack_verify(const Tensor& h, const c10::List<std::optional<Tensor>>
                          at::TensorList caches, at::IntArrayRef lengths) {
   const int64_t L = static_cast<int64_t>(lengths.size());
   TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_stack_verify: h [T, d], inv_freq [D/2]");
-  TORCH_CHECK(static_cast<int64_t>(w.size()) == kSlots * L && static_cast<int64_t>(eps.size()) == 2 * L &&
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == looplm::kSlots * L && static_cast<int64_t>(eps.size()) == 2 * L &&
                   static_cast<int64_t>(caches.size()) == 4 * L,
-              "attn_stack_verify: ", kSlots, " weights, 2 eps and 4 cache buffers per layer");
+              "attn_stack_verify: ", looplm::kSlots, " weights, 2 eps and 4 cache buffers per layer");
   const int64_t T = h.size(0), d = h.size(1), half = inv_freq.size(0), D = 2 * half, H = n_heads, Hkv = n_kv_heads;
   const int64_t R = H + 2 * Hkv;
   TORCH_CHECK(H % Hkv == 0, "attn_stack_verify: n_heads must be a multiple of n_kv_heads");
@@ -119,7 +107,7 @@ Tensor attn_stack_verify(const Tensor& h, const c10::List<std::optional<Tensor>>
   std::vector<float> u(static_cast<size_t>(T * d)), qkv(static_cast<size_t>(T * R * D)),
       o(static_cast<size_t>(T * H * D));
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t base = kSlots * l, S = lengths[l];
+    const int64_t base = looplm::kSlots * l, S = lengths[l];
     const Tensor &k = caches[4 * l], &v = caches[4 * l + 1], &km = caches[4 * l + 2], &kp = caches[4 * l + 3];
     TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() &&
                     k.dim() == 4 && k.size(0) == 1 && k.size(2) == Hkv && k.size(3) == D && S >= 0 &&
@@ -132,8 +120,8 @@ Tensor attn_stack_verify(const Tensor& h, const c10::List<std::optional<Tensor>>
     const std::optional<Tensor> norm_w = w.get(base), ffn_norm_w = w.get(base + 7);
     TORCH_CHECK(norm_w.has_value(), "attn_stack_verify: layer ", l, " has no mixer norm");
     looplm::check_float(*norm_w, "attn_stack_verify", "norm_w", {d});
-    const looplm::QWeight Wqkv = looplm::qweight(weight_parts(w, base + 1), R * D, d, "attn_stack_verify: qkv");
-    const looplm::QWeight O = looplm::qweight(weight_parts(w, base + 4), d, H * D, "attn_stack_verify: o");
+    const looplm::QWeight Wqkv = looplm::qweight(looplm::parts_at(w, base + 1), R * D, d, "attn_stack_verify: qkv");
+    const looplm::QWeight O = looplm::qweight(looplm::parts_at(w, base + 4), d, H * D, "attn_stack_verify: o");
     looplm::rms_norm(x.data_ptr<float>(), norm_w->data_ptr<float>(), static_cast<float>(eps[2 * l]), T, d, u.data());
     looplm::qmatvecs(u.data(), T, d, {Wqkv}, {0}, qkv.data(), R * D);
     rotate(qkv.data(), T, R, H + Hkv, half, inv_freq.data_ptr<float>(), pp);
@@ -152,11 +140,11 @@ Tensor attn_stack_verify(const Tensor& h, const c10::List<std::optional<Tensor>>
     for (int64_t i = 0; i < T * d; ++i) yp[i] += xp[i];
     if (ffn_norm_w.has_value()) {
       looplm::check_float(*ffn_norm_w, "attn_stack_verify", "ffn_norm_w", {d});
-      const std::vector<Tensor> out_parts = weight_parts(w, base + 11);
+      const std::vector<Tensor> out_parts = looplm::parts_at(w, base + 11);
       TORCH_CHECK(!out_parts.empty() && out_parts[0].dim() == 2, "attn_stack_verify: FFN out weight missing");
       const int64_t F = out_parts.size() == 3 ? 2 * out_parts[0].size(1) : out_parts[0].size(1);
       looplm::add_swiglu_ffn(y, *ffn_norm_w, eps[2 * l + 1],
-                             looplm::qweight(weight_parts(w, base + 8), 2 * F, d, "attn_stack_verify: ffn_in"),
+                             looplm::qweight(looplm::parts_at(w, base + 8), 2 * F, d, "attn_stack_verify: ffn_in"),
                              looplm::qweight(out_parts, d, F, "attn_stack_verify: ffn_out"));
     }
     std::swap(x, y);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "qmatvec.h"
@@ -91,6 +92,20 @@ inline void add_swiglu_ffn(at::Tensor& h, const at::Tensor& norm_w, double eps, 
                            const at::Tensor& w_out) {
   const int64_t d = h.size(1), F = w_out.size(1);
   add_swiglu_ffn(h, norm_w, eps, qweight({w_in}, 2 * F, d, "swiglu_ffn"), qweight({w_out}, d, F, "swiglu_ffn"));
+}
+
+// The whole-stack attention kernels' weight list (attn_stack_step, attn_stack_verify): kSlots
+// entries per layer (norm, qkv (3), o (3), ffn norm, ffn in (3), ffn out (3)); parts_at: the parts
+// (1-3 tensors, the rest None) of the weight at slot `at`.
+constexpr int64_t kSlots = 14;
+
+inline std::vector<at::Tensor> parts_at(const c10::List<std::optional<at::Tensor>>& w, int64_t at) {
+  std::vector<at::Tensor> parts;
+  for (int64_t i = at; i < at + 3; ++i) {
+    const std::optional<at::Tensor> t = w.get(i);
+    if (t.has_value()) parts.push_back(*t);
+  }
+  return parts;
 }
 
 }  // namespace looplm
