@@ -268,8 +268,9 @@ def decoding_mode(model: LoopLM) -> Iterator[None]:
 
 
 # Prompt tokens per forward of a chunked prefill. Each chunk costs a masked attention over the cache and,
-# for int8/int4 weights, its own bfloat16 weight tiles: chunks of 128 cost SmolLM2 25% of its prefill.
-PREFILL_CHUNK = 256
+# for int8/int4 weights, its own bfloat16 weight tiles (chunks of 128 cost SmolLM2 ~25% of its prefill);
+# 256 exceeds tests/model/test_decode_memory.py's peak budget in a fresh process (220 > 217 MB).
+PREFILL_CHUNK = 128
 
 
 def chunks_exact(model: LoopLM) -> bool:
