@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     model_cfg, cfg = resolve(args)
     d = distributed.setup()
     try:
-        return _train(args, model_cfg, cfg, d)
+        code = _train(args, model_cfg, cfg, d)
+        distributed.barrier(d)  # no rank leaves while another still talks to it (checkpoint writes)
+        return code
     finally:  # on an error too: a process group left to the interpreter's exit can abort it (gloo threads)
         distributed.teardown()
 

@@ -6,6 +6,7 @@ and these helpers are no-ops.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -41,8 +42,16 @@ def setup(device: str | None = None) -> Dist:
 
 
 def teardown() -> None:
+    """Leave the process group while the interpreter is fully alive.
+
+    DDP wrappers keep the group (and gloo's worker threads) alive past ``destroy_process_group``
+    until they are collected; left to the interpreter's exit, that collection can abort the
+    process ("terminate called without an active exception"). Collect them first.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_sum(values: list[float], d: Dist) -> list[float]:
