@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "attend_chunk.h"
 #include "decode.h"
 
 namespace {
@@ -195,25 +196,31 @@ inline void key_scores(const float* q, const float* keys, int64_t ld, int n, int
 // acc = sum exp(s - m) v per query head. The chunks are then combined per query head in chunk
 // order: o = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c. One parallel region per
 // call (each costs a fork and a barrier) and vector dot products instead of BLAS calls (at 64 keys a
-// call's packing costs more than the product). Int8 rows are dequantised a chunk at a time into a
-// buffer of the thread's own.
+// call's packing costs more than the product). A chunk is attend_chunk.h's AVX-512 kernel where the
+// build has it and D is a multiple of 64; the portable path below dequantises int8 rows a chunk at a
+// time into a buffer of the thread's own.
 void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B, int64_t H, int64_t Hkv, int64_t D,
             int64_t S, const int64_t* first, float* op) {
   using looplm::Vec;
   const int64_t group = H / Hkv, V = Vec::size();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  constexpr int64_t kKeys = 64;  // keys per chunk
+  constexpr int64_t kKeys = 64;  // keys per chunk (attend_chunk.h's kChunkKeys)
   const int64_t chunks = (S + kKeys - 1) / kKeys, items = B * Hkv * chunks;
   // per (row, key head, chunk) and query head of the group: m, l, then acc [D]
   const int64_t per = 2 + D;
   std::vector<float> part(static_cast<size_t>(items * group * per));
   const bool quantised = kr.f == nullptr || vr.f == nullptr;
+#ifdef LOOPLM_ROWS_GEMM
+  const bool chunked = D % 64 == 0;  // attend_chunk.h's kernels
+#else
+  const bool chunked = false;
+#endif
   auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
   // Work items are (row, chunk): a chunk's slots hold every key head's row side by side, so one
   // thread reads them in address order (an item per key head would stride over the others' rows).
   at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> ktmp(quantised ? static_cast<size_t>(kKeys * D) : 0), vtmp(ktmp.size());
-    std::vector<float> sc(static_cast<size_t>(group * kKeys));
+    std::vector<float> ktmp(quantised && !chunked ? static_cast<size_t>(kKeys * D) : 0), vtmp(ktmp.size());
+    std::vector<float> sc(static_cast<size_t>(std::max<int64_t>(group, 4) * kKeys));
     for (int64_t bc = i0; bc < i1; ++bc) {
       const int64_t b = bc / chunks, c = bc % chunks;
       const int64_t lo = std::max(c * kKeys, from(b)), hi = std::min(S, (c + 1) * kKeys);
@@ -224,10 +231,29 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
           continue;
         }
         const int n = static_cast<int>(hi - lo);
+        const float* q = qp + (b * H + hk * group) * D;
+#ifdef LOOPLM_ROWS_GEMM
+        if (chunked) {
+          if (!quantised) {
+            const looplm::FloatRows keys{kr.f + b * kr.sb + lo * kr.ss + hk * D, kr.ss},
+                values{vr.f + b * vr.sb + lo * vr.ss + hk * D, vr.ss};
+            looplm::chunk_attend_group(q, group, D, keys, values, n, nullptr, nullptr, scale, sc.data(), pt, per);
+            continue;
+          }
+          float ks[kKeys], vs[kKeys];
+          for (int t = 0; t < n; ++t) {
+            ks[t] = kr.scale[b * kr.scb + (lo + t) * kr.scs + hk];
+            vs[t] = vr.scale[b * vr.scb + (lo + t) * vr.scs + hk];
+          }
+          const looplm::Int8Rows keys{kr.q + b * kr.sb + lo * kr.ss + hk * D, kr.ss},
+              values{vr.q + b * vr.sb + lo * vr.ss + hk * D, vr.ss};
+          looplm::chunk_attend_group(q, group, D, keys, values, n, ks, vs, scale, sc.data(), pt, per);
+          continue;
+        }
+#endif
         int kld = 0, vld = 0;
         const float* keys = kr.at(b, hk, lo, n, D, ktmp.data(), &kld);
         const float* values = vr.at(b, hk, lo, n, D, vtmp.data(), &vld);
-        const float* q = qp + (b * H + hk * group) * D;
         for (int64_t g = 0; g < group; ++g) {
           float* s = sc.data() + g * kKeys;
           key_scores(q + g * D, keys, kld, n, D, scale, s);
