@@ -7,7 +7,11 @@ the row says "not installed" without it); looplm float32, bfloat16, int8 and int
 import --quantize`` of the file: every linear and, unless ``--keep-head``, the tied embedding/head
 quantised; int4 in groups of 32 with the table in int8, as the file's Q4_1 + Q8_0, whose codes they
 keep where the formats are the same; int8 in groups of ``--int8-group-size``, the table in groups of
-``--head-group-size``). Each row runs in its own subprocess so its peak RSS is its own.
+``--head-group-size``); the ``-kv8`` rows decode the same int8/int4 checkpoints with the KV cache held
+as int8 codes with a float32 scale per cached row and head (``iter_tokens(state_format="int8")``,
+:mod:`looplm.quant.state`; llama.cpp holds its cache in float16 by default), and score the texts
+through such a cache (every key and value of a window read back from its int8 codes, as decoding
+reads them). Each row runs in its own subprocess so its peak RSS is its own.
 
 Figures per row, all on the same token ids (the looplm import's tokenizer):
 - decode tokens/s after a 32- and a 1024-token prompt (greedy, 128 new tokens; the first new
@@ -58,9 +62,10 @@ from looplm.generate import iter_tokens
 from looplm.perplexity import score_tokens, scored_bytes, windows
 from looplm.pretrained.convert import import_checkpoint
 from looplm.pretrained.pull import cached_model_path
+from looplm.quant.state import compress_state, decompress_state
 
 ROWS = ("transformers-float32", "llama.cpp", "looplm-float32", "looplm-bfloat16", "looplm-int8",
-        "looplm-int4")
+        "looplm-int4", "looplm-int8-kv8", "looplm-int4-kv8")
 PROSE = Path("/usr/share/common-licenses/GPL-3")
 
 
@@ -142,7 +147,7 @@ def prepare_checkpoints(gguf: Path, work: Path, rows: list[str], keep_head: bool
     if not ckpts["float32"].is_dir():
         import_checkpoint(gguf, ckpts["float32"])
     for fmt in ("int8", "int4"):
-        if f"looplm-{fmt}" not in rows:
+        if not any(r == f"looplm-{fmt}" or r.startswith(f"looplm-{fmt}-") for r in rows):
             continue
         group = INT4_GROUP if fmt == "int4" else int8_group
         head = "-keephead" if keep_head else f"-head8g{head_group or 'row'}"
@@ -230,8 +235,11 @@ def _unique_bytes(tensors: Any) -> int:
 
 
 class LoopBackend(Backend):
-    def __init__(self, ckpt: Path, dtype: torch.dtype) -> None:
+    """A looplm checkpoint in ``dtype``; ``cache``: the KV cache's format (None: the model's dtype)."""
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype, cache: str | None = None) -> None:
         self.model = load_model(ckpt).eval()
+        self.cache = cache
         if dtype != torch.float32:
             self.model.to(dtype)
         c = self.model.config
@@ -242,16 +250,26 @@ class LoopBackend(Backend):
         n_layers = c.n_prelude + c.n_core * c.n_recursions + c.n_coda
         n_kv = getattr(c, "n_kv_heads", None) or c.n_heads
         self.kv_bytes_per_token = _kv_per_token(n_layers, n_kv, head_dim, 2 if dtype == torch.bfloat16 else 4)
+        if cache is not None:  # one byte per element and a float32 scale per cached row and head
+            self.kv_bytes_per_token = _kv_per_token(n_layers, n_kv, head_dim + 4, 1)
 
     def generate(self, prompt, n_new):
         start = time.perf_counter()
-        it = iter_tokens(self.model, [prompt], max_new_tokens=n_new)
+        it = iter_tokens(self.model, [prompt], max_new_tokens=n_new, state_format=self.cache)
         out = [int(next(it))]
         first = time.perf_counter()
         out += [int(t) for t in it]
         return first - start, time.perf_counter() - first, out
 
+    def window_logits(self, ids):
+        """Through a cache in ``self.cache``: every key and value read back from its codes."""
+        state = decompress_state(compress_state(self.model.init_state(1), self.cache))
+        with torch.no_grad():
+            return self.model(torch.tensor([ids]), state=state, use_cache=True).logits[0]
+
     def nll(self, ids, window):
+        if self.cache is not None:
+            return super().nll(ids, window)
         return score_tokens(self.model, torch.tensor(ids), window=window).nll
 
 
@@ -411,9 +429,10 @@ def measure(row: str, job: dict[str, Any]) -> dict[str, Any]:
         except ImportError:
             return {"row": row, "status": "not installed (pip install 'looplm[bench]')"}
     else:
-        kind = row.split("-", 1)[1]
+        kind, *cache = row.split("-")[1:]
         ckpt = Path(job["ckpts"]["float32" if kind == "bfloat16" else kind])
-        backend = LoopBackend(ckpt, torch.bfloat16 if kind == "bfloat16" else torch.float32)
+        backend = LoopBackend(ckpt, torch.bfloat16 if kind == "bfloat16" else torch.float32,
+                              "int8" if cache == ["kv8"] else None)
     load_s = time.perf_counter() - start
     prompt_ids = job["prompt_ids"]
     backend.generate(prompt_ids[:8], 3)  # warm-up: thread pools, allocator, lazy paths

@@ -77,6 +77,18 @@ def test_low_precision_rows_read_fewer_bytes_and_stay_close(result):
             assert abs(rows["llama.cpp"]["quality"][text]["perplexity_vs_looplm_float32"]) < 0.02
 
 
+def test_int8_cache_rows_read_a_quarter_of_the_cache_and_stay_close(result):
+    rows = result[0]["results"]
+    for fmt in ("int8", "int4"):
+        base, kv8 = rows[f"looplm-{fmt}"], rows[f"looplm-{fmt}-kv8"]
+        assert kv8["weight_bytes"] == base["weight_bytes"]
+        assert 0.25 < kv8["kv_bytes_per_token"] / base["kv_bytes_per_token"] < 0.4  # codes, a scale per row
+        for text in ("prose", "code"):
+            ppl = kv8["quality"][text]["perplexity"]
+            assert ppl != base["quality"][text]["perplexity"]  # scored through the int8 cache
+            assert ppl == pytest.approx(base["quality"][text]["perplexity"], rel=0.05)
+
+
 def test_missing_model_file_is_one_line(tmp_path: Path, capsys):
     assert main(["bench", "pretrained", "--gguf", str(tmp_path / "none.gguf"), "--quick"]) == 2
     err = capsys.readouterr().err
