@@ -27,7 +27,8 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
 - :func:`stack_step`: every layer of an attention model (dense FFN or none) in one call,
   ``attn_stack_step`` in ``csrc/attn_step.cpp``, each cache appended in place in its buffer (at 30
   layers the Python around two calls per layer cost as much as their arithmetic); float32 caches
-  or int8 ones (the kernel quantises the new rows).
+  or int8 ones (the kernel quantises the new rows); rows of different cache lengths (unused slots
+  in front, each row's first seen slot passed per layer) take it too.
 
 The decision (:func:`decide`): whether a layer is built of the parts the kernels compute (module
 types, float32 plain projections, contiguous weights) is decided once, when the layer is put in
@@ -317,18 +318,24 @@ def _padded(parts: list[torch.Tensor]) -> list[torch.Tensor | None]:
     return [*parts, *_NONE3[len(parts):]]
 
 
-def _visible_until(state: KVState) -> int | None:
-    """The latest position in ``state``'s cache if every slot is in use (None if one is masked);
-    -1 for an empty cache. Kept on the state: a stack step's states carry it, others pay a read."""
-    known = getattr(state, "_visible_until", None)
+def _layout(state: KVState) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(until, starts)`` of ``state``'s cache when each row's unused slots (``key_mask`` False) are
+    one run at its front: each row's latest position among its seen slots ``[B]`` (-1: none) and
+    its first seen slot ``[B]`` (None: every slot is seen); None when a masked slot lies between
+    seen ones. Kept on the state: a stack step's states carry it, others pay a read."""
+    known = vars(state).get("_layout")
     if known is not None:
         return known
     if state.k.shape[1] == 0:
-        return -1
-    if not bool(state.key_mask.all()):
-        return None
-    until = vars(state)["_visible_until"] = int(state.pos.max())  # kept beside the dataclass fields
-    return until
+        layout: tuple[torch.Tensor, torch.Tensor | None] = (state.seen.new_full(state.seen.shape, -1), None)
+    else:
+        starts = _front_padding(state.key_mask)
+        if starts is False:
+            return None
+        pos = state.pos if starts is None else state.pos.masked_fill(~state.key_mask, -1)
+        layout = (pos.amax(1), starts)
+    vars(state)["_layout"] = layout  # kept beside the dataclass fields
+    return layout
 
 
 def stack_plan(layers: list[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor | None], list[float]] | None:
@@ -380,9 +387,11 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     new states)``, or None where :func:`layer_step` per layer must run (its conditions, plus
     :func:`stack_plan`'s, every cache float32 or every one int8 (QuantKVState: the kernel quantises
     the new rows as :func:`looplm.ops.kv_quant.quantize_rows` does), no autograd at all, every
-    cached key unmasked and not after the token). One row (``B = 1``) may also bring T > 1 tokens
-    (``x [1, T, d]``, ``positions [1, T]`` consecutive; float32 caches): ``attn_stack_verify``,
-    causal among them (speculative decoding's verification)."""
+    cached key not after the token, unused slots only in a run at the front of each row: caches of
+    different lengths in one batch, as :func:`looplm.state.cat_states` joins them). One row
+    (``B = 1``, no unused slot) may also bring T > 1 tokens (``x [1, T, d]``, ``positions [1, T]``
+    consecutive; float32 caches): ``attn_stack_verify``, causal among them (speculative decoding's
+    verification)."""
     if (torch.is_grad_enabled() or x.dim() != 3 or (x.shape[1] != 1 and x.shape[0] != 1)
             or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or positions.dtype != torch.long):
@@ -402,11 +411,16 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     if any(type(state) is not kind_of_cache or state.k.shape[0] != B or state.k.dtype != codes
            or state.v.dtype != codes for state in states) or len(states) != len(layers):
         return None
-    lo, hi = (int(v) for v in torch.aminmax(positions))
-    maybe = [_visible_until(state) for state in states]
-    untils = [u for u in maybe if u is not None and u <= lo]
-    if len(untils) < len(maybe):
-        return None  # masked slots or later positions in a cache: the Python layer's masks
+    maybe = [_layout(state) for state in states]
+    layouts = [u for u in maybe if u is not None]
+    if len(layouts) < len(maybe):
+        return None  # masked slots between seen ones: the Python layer's masks
+    untils = {id(until): until for until, _ in layouts}  # the layers of one step share one
+    if any(not bool((until <= positions[:, 0]).all()) for until in untils.values()):
+        return None  # later positions in a cache: the Python layer's masks
+    if T > 1 and any(starts is not None for _, starts in layouts):
+        return None  # verification reads every slot
+    last = positions[:, -1].clone()  # each row's latest position after the step
     inv_freq = getattr(first, "_inv_freq", None)
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
         inv_freq = rope_inv_freq(first.head_dim, first.rope_base, x.device, first.rope_scaling)
@@ -416,17 +430,18 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     caches = [p for buf in buffers for p in buf.parts]
     if T == 1:
         h = torch.ops.looplm.attn_stack_step(x[:, 0].contiguous(), weights, eps, inv_freq, positions[:, 0],
-                                             rope[0], rope[1], caches, lengths)[:, None]
+                                             rope[0], rope[1], caches, lengths,
+                                             [starts for _, starts in layouts])[:, None]
     else:
         h = torch.ops.looplm.attn_stack_verify(x[0].contiguous(), weights, eps, inv_freq, positions[0],
                                                rope[0], rope[1], caches, lengths)[None]
     seen: dict[int, torch.Tensor] = {}  # states sharing a seen tensor share the next one
     new = []
-    for buf, state, S, until in zip(buffers, states, lengths, untils):
+    for buf, state, S, (_, starts) in zip(buffers, states, lengths, layouts):
         if id(state.seen) not in seen:
             seen[id(state.seen)] = state.seen + T
         out = kv_cache.grown(buf, S + T, seen[id(state.seen)], kind_of_cache)
-        vars(out)["_visible_until"] = max(hi, until)  # kept beside the dataclass fields
+        vars(out)["_layout"] = (last, starts)  # the new slots are seen and the latest: the same front runs
         new.append(out)
     return h, new
 

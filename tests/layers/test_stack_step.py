@@ -14,6 +14,7 @@ from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
 from looplm.quant.ptq import quantize_model
 from looplm.quant.state import compress_state, decompress_state
+from looplm.state import cat_states
 from tests.decoding import kernel_and_python_steps
 from tests.threads import torch_threads
 
@@ -122,14 +123,45 @@ def test_a_few_tokens_of_one_row_equal_the_python_layers(fmt, kv_heads, prompt, 
 
 
 @needs_kernel
+@settings(max_examples=10, deadline=None)
+@given(fmt=st.sampled_from([None, "int8"]), lengths=st.lists(st.integers(1, 140), min_size=2, max_size=4),
+       cache=st.sampled_from(["float", "int8"]), threads=st.sampled_from([1, 2]))
+def test_caches_of_different_lengths_take_the_stack_step(fmt, lengths, cache, threads):
+    """Rows whose caches have different lengths, joined with unused slots in front
+    (``cat_states``), decode in the one-call step, each row's logits and new cache slot equal to
+    its own step alone (up to 140 slots: across the kernel's 64-key chunks)."""
+    torch.manual_seed(len(lengths) + sum(lengths))
+    m = _model(fmt)
+    prompts = [torch.randint(0, 96, (1, n)) for n in lengths]
+    nxt = torch.randint(0, 96, (len(lengths), 1))
+    with torch.no_grad(), torch_threads(threads), pytest.MonkeyPatch.context() as patch:
+        calls = _spy(patch)
+        alone = [m(p, use_cache=True).state for p in prompts]
+        if cache == "int8":
+            alone = [decompress_state(compress_state(s, "int8")) for s in alone]
+        out = m(nxt, state=cat_states(alone))
+        assert calls[0]
+        for i, s in enumerate(alone):
+            want = m(nxt[i:i + 1], state=s)
+            torch.testing.assert_close(out.logits[i:i + 1], want.logits, rtol=1e-4, atol=1e-4)
+            for key, got in out.state.layers.items():
+                ref = want.state.layers[key]
+                torch.testing.assert_close(got.k[i, -1].float(), ref.k[0, -1].float(), rtol=1e-4, atol=1.01)
+                assert bool(got.key_mask[i, -1]) and int(got.pos[i, -1]) == lengths[i]
+        calls.clear()
+        m(nxt, state=out.state)  # the step's states carry their layout on
+        assert calls == [True]
+
+
+@needs_kernel
 def test_masked_caches_and_non_attention_stacks_fall_back(monkeypatch):
     calls = _spy(monkeypatch)
     torch.manual_seed(1)
     m = _model(None)
     ids = torch.randint(0, 96, (2, 6))
-    mask = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    mask = torch.tensor([[True, False, True, True, False, True], [True] * 6])
     with torch.no_grad():
-        state = m(ids, mask=mask, use_cache=True).state  # row 0's first slots are masked
+        state = m(ids, mask=mask, use_cache=True).state  # row 0's masked slots lie between seen ones
         out = m(ids[:, :1], state=state)
         with cpp_ext.kernels("ops"):
             want = m(ids[:, :1], state=state)

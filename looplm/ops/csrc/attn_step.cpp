@@ -386,6 +386,19 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   return out;
 }
 
+// starts[l] (None: every row from slot 0) as each row's first seen slot, checked to lie in [0, S).
+std::vector<int64_t> first_slots(const c10::List<std::optional<Tensor>>& starts, int64_t l, int64_t B, int64_t S) {
+  if (starts.empty()) return {};
+  const std::optional<Tensor> st = starts.get(l);
+  if (!st.has_value()) return {};
+  TORCH_CHECK(st->scalar_type() == at::kLong && st->dim() == 1 && st->size(0) == B,
+              "attn_stack_step: layer ", l, "'s starts must be a long tensor [B]");
+  const Tensor c = st->contiguous();
+  std::vector<int64_t> first(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + B);
+  for (const int64_t f : first) TORCH_CHECK(f >= 0 && f < S, "attn_stack_step: starts must be in [0, S)");
+  return first;
+}
+
 // A decoding step (T = 1) of L attention layers in a row, each with its cache appended in place:
 // h [B, d]; w: kSlots entries per layer (mixer norm; the parts of qkv, o, FFN in, FFN out, each
 // padded with None to 3; FFN norm and parts None for a layer without an FFN); eps [2 L] (mixer,
@@ -394,11 +407,16 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
 // True and the position, then the layer attends over lengths[l] + 1 slots (the caller checks they
 // are all unmasked and not later). An int8 cache (k, v int8 codes; every layer's alike) has two
 // more buffers per layer, k_scale, v_scale [B, C, Hkv, 1] float32: the new key and value are
-// quantised per head as looplm/ops/kv_quant.py's quantize_rows does. -> h after the L layers.
+// quantised per head as looplm/ops/kv_quant.py's quantize_rows does. starts: empty, or per layer
+// None or [B] long: each row's first seen slot in that layer (slots before it are unused: caches of
+// different lengths in one batch, padded at the front). -> h after the L layers.
 Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& w, at::ArrayRef<double> eps,
                        const Tensor& inv_freq, const Tensor& positions, int64_t n_heads, int64_t n_kv_heads,
-                       at::TensorList caches, at::IntArrayRef lengths) {
+                       at::TensorList caches, at::IntArrayRef lengths,
+                       const c10::List<std::optional<Tensor>>& starts) {
   const int64_t L = static_cast<int64_t>(lengths.size());
+  TORCH_CHECK(starts.empty() || static_cast<int64_t>(starts.size()) == L,
+              "attn_stack_step: starts must be empty or one entry per layer");
   TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_stack_step: h [B, d], inv_freq [D/2]");
   const bool int8 = !caches.empty() && caches[0].scalar_type() == at::kChar;
   const int64_t per = int8 ? 6 : 4;  // cache buffers per layer
@@ -469,7 +487,8 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
     }
     std::vector<float> q(static_cast<size_t>(B * H * D));
     for (int64_t b = 0; b < B; ++b) std::copy(qkv.data() + b * R * D, qkv.data() + b * R * D + H * D, q.data() + b * H * D);
-    attend(q.data(), kr, vr, B, H, Hkv, D, S + 1, nullptr, o.data());
+    const std::vector<int64_t> first = first_slots(starts, l, B, S + 1);
+    attend(q.data(), kr, vr, B, H, Hkv, D, S + 1, first.empty() ? nullptr : first.data(), o.data());
     step_out(ptr(x), o.data(), O, ffn_norm_w.has_value() ? &*ffn_norm_w : nullptr, eps[2 * l + 1], fin, fout, y);
     std::swap(x, y);
   }
@@ -487,7 +506,7 @@ TORCH_LIBRARY_FRAGMENT(looplm, m) {
       "Tensor[] ffn_out_w, float ffn_eps, Tensor? starts=None, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
   m.def(
       "attn_stack_step(Tensor h, Tensor?[] w, float[] eps, Tensor inv_freq, Tensor positions, int n_heads, "
-      "int n_kv_heads, Tensor(a!)[] caches, int[] lengths) -> Tensor");
+      "int n_kv_heads, Tensor(a!)[] caches, int[] lengths, Tensor?[] starts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {
