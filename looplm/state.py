@@ -68,13 +68,13 @@ def _slot_fields(s: KVState) -> list[str]:
     return [f.name for f in fields(s) if f.name != "seen"]
 
 
-def _cat_layer(parts: list[Any]) -> Any:
+def cat_layer(parts: list[Any]) -> Any:
     """One mixer state of several rows from states of one or more rows each (same type)."""
     first = parts[0]
     if isinstance(first, RecurrentState):
         return RecurrentState(torch.cat([p.conv for p in parts]), torch.cat([p.ssm for p in parts]))
     if isinstance(first, LinearizedState):
-        window = None if first.window is None else _cat_layer([p.window for p in parts])
+        window = None if first.window is None else cat_layer([p.window for p in parts])
         return LinearizedState(torch.cat([p.ssm for p in parts]), window)
     if isinstance(first, KVState):  # float or quantised: every field but seen is per slot
         S = max(p.k.shape[1] for p in parts)
@@ -84,11 +84,12 @@ def _cat_layer(parts: list[Any]) -> Any:
     raise TypeError(f"cannot join decoding states of type {type(first).__name__}")
 
 
-def _select_layer(s: Any, rows: torch.Tensor) -> Any:
+def select_layer(s: Any, rows: torch.Tensor) -> Any:
+    """The mixer state of ``rows [n]`` (long indices) of ``s`` (see :func:`select_rows`)."""
     if isinstance(s, RecurrentState):
         return RecurrentState(s.conv[rows], s.ssm[rows])
     if isinstance(s, LinearizedState):
-        return LinearizedState(s.ssm[rows], None if s.window is None else _select_layer(s.window, rows))
+        return LinearizedState(s.ssm[rows], None if s.window is None else select_layer(s.window, rows))
     if isinstance(s, KVState):
         key_mask = s.key_mask[rows]
         if bool(key_mask.all()):
@@ -116,7 +117,7 @@ def cat_states(states: list[ModelState]) -> ModelState:
         return states[0]
     keys = states[0].layers.keys()
     return ModelState(torch.cat([s.positions for s in states]),
-                      {k: _cat_layer([s.layers[k] for s in states]) for k in keys})
+                      {k: cat_layer([s.layers[k] for s in states]) for k in keys})
 
 
 def select_rows(state: ModelState, rows: list[int]) -> ModelState:
@@ -124,4 +125,4 @@ def select_rows(state: ModelState, rows: list[int]) -> ModelState:
     compacted: each row's used slots (``key_mask`` True) keep their order and move to the end, and
     slots no kept row uses are dropped, so a row selected alone has no unused slot."""
     index = torch.tensor(rows, dtype=torch.long, device=state.positions.device)
-    return ModelState(state.positions[index], {k: _select_layer(s, index) for k, s in state.layers.items()})
+    return ModelState(state.positions[index], {k: select_layer(s, index) for k, s in state.layers.items()})

@@ -26,7 +26,7 @@ from looplm.layers.mixer_states import KVState, QuantKVState
 from looplm.ops.kv_quant import quantize_rows
 from looplm.ops.nodes import tracked
 
-__all__ = ["append", "append_rows", "grown", "preallocate", "reserve", "truncate"]
+__all__ = ["append", "append_rows", "grown", "in_place", "preallocate", "reserve", "slot_fields", "truncate"]
 
 _MIN_RESERVE = 256
 _ALIGN = 64  # bytes: each field of a preallocated block starts on a cache line
@@ -91,6 +91,20 @@ def _slots(cls: type[KVState]) -> tuple[str, ...]:
     if names is None:
         names = _SLOTS[cls] = tuple(f.name for f in fields(cls) if f.name != "seen")
     return names
+
+
+def slot_fields(cls: type[KVState]) -> tuple[str, ...]:
+    """The per-slot fields ``[B, S, ...]`` of a cache type in their order: ``k, v, key_mask, pos``
+    (and a QuantKVState's ``k_scale, v_scale``); every field but ``seen``."""
+    return _slots(cls)
+
+
+def in_place(parts: Sequence[torch.Tensor], length: int, seen: torch.Tensor,
+             cls: type[KVState] = KVState) -> KVState:
+    """The state (a ``cls``) of the first ``length`` slots of ``parts`` (its per-slot fields'
+    storage ``[B, C, ...]``, in :func:`slot_fields` order, contiguous rows), whose appends go into
+    ``parts``' spare slots while ``length + T <= C`` (the caller's storage, never copied)."""
+    return grown(_Buffer(list(parts), length), length, seen, cls)
 
 
 def reserve(state: KVState, T: int) -> _Buffer:

@@ -7,13 +7,14 @@ next ``prefill_chunk`` tokens of the admitted requests' prompts (chunked prefill
 chunk, left-padded with a mask). A request whose prompt is read joins the batch at the
 next step; a finished or cancelled request leaves it at the next step.
 
-Each request owns its rows of the decoding state: a fixed-state layer's state row, an attention
-layer's cache. The batch state is the requests' rows joined with :func:`looplm.state.cat_states`
-(caches of different lengths padded at the front with unused, masked slots, so every row decodes
-exactly as it would alone) and split with :func:`looplm.state.select_rows` when some leave (slots
-no remaining row uses are dropped). The join and split copy the caches; steps in between append
-in place. Sampling draws from one ``torch.Generator`` per request, so a seeded request gives the
-same tokens whatever else is in the batch.
+Each request owns a row of the batch's decoding state (:class:`looplm.serve.batch.BatchState`):
+a fixed-state layer's state row, an attention layer's cache in a row of storage allocated once,
+every row ending at the same slot (caches of different lengths have unused, masked slots in front,
+which the whole-stack step skips, so every row decodes exactly as it would alone). A request
+joins by copying its own prefilled state into a free row and leaves by moving the last row into
+its place; no join or leave copies the other rows' caches, and steps append in place. Sampling
+draws from one ``torch.Generator`` per request, so a seeded request gives the same tokens
+whatever else is in the batch.
 
 The API layer talks to the engine through :meth:`Engine.submit` (from any thread; events come
 back through the request's ``emit`` callback, called on the engine thread) and
@@ -42,6 +43,7 @@ from looplm.generate import (
     sample_next,
 )
 from looplm.model import LoopLM
+from looplm.serve.batch import BatchState
 from looplm.serve.metrics import ServeMetrics
 from looplm.state import ModelState, cat_states, select_rows
 
@@ -154,7 +156,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefilling: list[Request] = []
         self._rows: list[Request] = []  # the running batch, in state row order
-        self._state: ModelState | None = None
+        self._batch = BatchState(max_batch)
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -226,7 +228,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        """Requests decoding in the batch (a finished one no longer counts, even before its row is freed)."""
+        return sum(not r.done for r in list(self._rows))
 
     # ------------------------------------------------------------ engine thread
 
@@ -244,7 +247,7 @@ class Engine:
                 except Exception as err:  # a model failure ends the requests in flight, not the server
                     for req in self._rows + self._prefilling:
                         self._finish(req, "", "error", error=f"{type(err).__name__}: {err}")
-                    self._rows, self._prefilling, self._state = [], [], None
+                    self._rows, self._prefilling, self._batch = [], [], BatchState(self.max_batch)
                 self._report()
             for req in list(self._waiting) + self._prefilling + self._rows:
                 self._finish(req, "", "error", error="the server is shutting down")
@@ -277,16 +280,17 @@ class Engine:
         """One token for every running request; finished and cancelled ones leave the batch."""
         t0 = time.perf_counter()
         tokens = torch.tensor([[r.last_token] for r in self._rows], dtype=torch.long, device=self.device)
-        out = self.model(tokens, state=self._state, use_cache=True)
+        self._batch.reserve(1)
+        out = self.model(tokens, state=self._batch.state(), use_cache=True)
+        self._batch.update(out.state)
         nxt = self._sample(out.logits[:, -1], self._rows)
         self.metrics.batch_size.observe(len(self._rows))
-        keep = [i for i, (req, tok) in enumerate(zip(self._rows, nxt)) if not self._accept(req, tok)]
+        done = [i for i, (req, tok) in enumerate(zip(self._rows, nxt)) if self._accept(req, tok)]
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
-        state = out.state
-        if len(keep) < len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            state = select_rows(state, keep) if keep else None
-        self._state = state
+        for i in reversed(done):  # the last row moves into the freed one
+            self._batch.remove(i)
+            self._rows[i] = self._rows[-1]
+            self._rows.pop()
 
     def _prefill(self) -> None:
         """Read the next ``prefill_chunk`` prompt tokens of the admitted requests, oldest first
@@ -323,10 +327,9 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(req.prompt))
             if not self._accept(req, token):
                 joining.append(req)
-        if joining:
-            self._state = cat_states(([self._state] if self._state is not None else [])
-                                     + [_prefilled(req) for req in joining])
-            self._rows += joining
+        for req in joining:
+            self._batch.add(_prefilled(req))
+            self._rows.append(req)
         for req in done:
             req.state = None
 
@@ -399,4 +402,4 @@ class Engine:
     def _report(self) -> None:
         self.metrics.running.set(len(self._rows))
         self.metrics.prefilling.set(len(self._prefilling))
-        self.metrics.state_bytes.set(0 if self._state is None else self._state.nbytes())
+        self.metrics.state_bytes.set(self._batch.nbytes())
