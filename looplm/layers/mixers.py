@@ -37,7 +37,7 @@ from looplm.layers.norms import HeadRMSNorm, l2_normalize
 from looplm.ops.attention import apply_rope, attention, rope_cos_sin
 from looplm.ops.conv import causal_conv1d, causal_conv1d_step
 from looplm.ops.delta_rule import delta_chunk, delta_step
-from looplm.ops.kv_quant import quantized_attention
+from looplm.ops.kv_quant import dequantize_rows, quantized_attention
 from looplm.ops.linear_attn import decay_chunk, decay_step
 
 
@@ -111,6 +111,12 @@ class Attention(nn.Module):
 def read_cache(q: torch.Tensor, cache: KVState, positions: torch.Tensor) -> torch.Tensor:
     """Attention of ``q [B, T, H, D]`` at ``positions [B, T]`` over every slot of ``cache`` (float
     or quantised) that its positions and key mask allow; -> ``[B, T, H, Dv]``."""
+    B, T, H, _ = q.shape
+    if isinstance(cache, QuantKVState) and T * H >= 2 * cache.k.shape[2] * cache.k.shape[3]:
+        # many queries (a prefill chunk): one layer's keys and values in float are no larger than
+        # the chunk's scores [B, H, T, S], and the float attention's fast kernels take them
+        k, v = dequantize_rows(cache.k, cache.k_scale), dequantize_rows(cache.v, cache.v_scale)
+        return attention(q, k, v, q_pos=positions, k_pos=cache.pos, key_mask=cache.key_mask)
     if isinstance(cache, QuantKVState):
         return quantized_attention(q, cache.k, cache.k_scale, cache.v, cache.v_scale, q_pos=positions,
                                    k_pos=cache.pos, key_mask=cache.key_mask)
