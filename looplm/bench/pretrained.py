@@ -21,6 +21,11 @@ Figures per row, all on the same token ids (the looplm import's tokenizer):
   source, the running interpreter's ``pprint.py`` (a file of the validation split of looplm's
   stdlib corpus, so no looplm run trained on it); the first ``--eval-tokens`` tokens of each, in
   non-overlapping windows of ``--window`` tokens (:mod:`looplm.perplexity`);
+- prefill GFLOP/s: the useful work of a prefill of T tokens (every linear of every layer per token,
+  causal attention's T(T+1)/2 score and value products, the head once: :func:`prefill_flops`, the
+  same count for every row) over its time, against the float32 matrix-product rate measured in
+  the same run (``torch.mm`` of a prefill-shaped ``[1024, d] x [d, F]``: the machine's fused
+  multiply-add peak as a well-tuned BLAS reaches it);
 - peak RSS growth: the subprocess's resident high-water mark over loading, prefills and decoding
   (before the texts are scored) minus its resident size once the interpreter, torch and this module
   are imported, i.e. what the row's library, weights, caches and work add (both are in the JSON),
@@ -55,7 +60,7 @@ from torch.nn import functional as F
 
 from looplm.bench.common import machine_info, markdown_table, write_json
 from looplm.bench.runner import save_figure, subplots
-from looplm.checkpoint import load_model
+from looplm.checkpoint import load_config, load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
 from looplm.generate import iter_tokens
@@ -166,6 +171,31 @@ def read_text(path: str | Path, what: str) -> str:
     except OSError as err:
         raise LoopLMError(f"cannot read the {what} text {path} ({err.strerror}); "
                           f"give another with --{what}") from None
+
+
+def prefill_flops(config: Any, tokens: int) -> float:
+    """FLOPs a prefill of ``tokens`` needs: 2 per weight of every layer's linears per token, the
+    causal attention's scores and weighted values (4 H D per visible pair), the head at the last
+    token (a tied or untied table of ``vocab x d``)."""
+    c = config
+    D = c.head_dim or c.d_model // c.n_heads
+    layers = c.n_prelude + c.n_core * c.n_recursions + c.n_coda
+    d, H = c.d_model, c.n_heads
+    per_layer = d * (H + 2 * c.kv_heads) * D + H * D * d + 3 * d * c.ffn_dim
+    pairs = tokens * (tokens + 1) // 2
+    return 2.0 * tokens * layers * per_layer + 4.0 * layers * H * D * pairs + 2.0 * c.vocab_size * d
+
+
+def matmul_gflops(d: int, f: int, rows: int = 1024, repeats: int = 7) -> float:
+    """GFLOP/s of a float32 ``torch.mm`` of ``[rows, d] x [d, f]`` (median of ``repeats`` after a warm-up)."""
+    a, b = torch.randn(rows, d), torch.randn(d, f)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2.0 * rows * d * f / sorted(times)[len(times) // 2] / 1e9
 
 
 def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -497,11 +527,12 @@ def label(r: dict[str, Any]) -> str:
     return f"llama.cpp {r['file_type']}" if r["row"] == "llama.cpp" and "file_type" in r else r["row"]
 
 
-def table(results: dict[str, Any], prompts: list[int], bandwidth: float) -> str:
+def table(results: dict[str, Any], prompts: list[int], bandwidth: float, matmul: float) -> str:
     head = ["row"]
     for n in prompts:
         head += [f"decode tok/s @{n}", "x llama.cpp", "x transformers"]
-    head += [f"prefill tok/s @{prompts[-1]}", "x transformers", "ppl prose", "ppl code", "bits/byte prose",
+    head += [f"prefill tok/s @{prompts[-1]}", "x transformers", f"GFLOP/s (of {matmul:.0f})",
+             "ppl prose", "ppl code", "bits/byte prose",
              "bits/byte code", "RSS growth MB", "x (1.5 W + KV)", "MB read/token",
              f"GB/s (of {bandwidth:.0f})"]
     rows = []
@@ -513,7 +544,7 @@ def table(results: dict[str, Any], prompts: list[int], bandwidth: float) -> str:
         for p in r["points"]:
             cells += [p["decode_tokens_per_s"], p["decode_vs_llama_cpp"], p["decode_vs_transformers"]]
         last = r["points"][-1]
-        cells += [last["prefill_tokens_per_s"], last["prefill_vs_transformers"]]
+        cells += [last["prefill_tokens_per_s"], last["prefill_vs_transformers"], last["prefill_gflop_per_s"]]
         q = r["quality"]
         growth = r.get("rss_growth_mb")
         cells += [q["prose"]["perplexity"], q["code"]["perplexity"], q["prose"]["bits_per_byte"],
@@ -564,6 +595,8 @@ def run(args: argparse.Namespace) -> int:
     while len(prompt_ids) < max(s["prompts"]):
         prompt_ids = prompt_ids * 2
     bandwidth = memory_bandwidth(s["bandwidth_bytes"])
+    config = load_config(ckpts["float32"])
+    matmul = matmul_gflops(config.d_model, config.ffn_dim, rows=64 if args.quick else 1024)
     job = {**s, "gguf": str(gguf), "ckpts": {k: str(v) for k, v in ckpts.items()}, "texts": texts,
            "prompt_ids": prompt_ids[:max(s["prompts"])]}
     job_path = out / "work" / "job.json"
@@ -574,7 +607,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.quick:
             print(f"{row}: {results[row].get('status')}", flush=True)
     ratios(results)
-    info = {**machine_info(), "memory_bandwidth_gb_per_s": bandwidth}
+    for r in results.values():
+        for p in r.get("points", []):
+            seconds = p["prompt"] / p["prefill_tokens_per_s"]
+            p["prefill_gflop_per_s"] = prefill_flops(config, p["prompt"]) / seconds / 1e9
+            p["prefill_vs_matmul"] = p["prefill_gflop_per_s"] / matmul
+    info = {**machine_info(), "memory_bandwidth_gb_per_s": bandwidth, "matmul_gflop_per_s": matmul}
     summary = {"settings": {k: v for k, v in s.items()}, "model": str(gguf),
                "texts": {k: {"path": v["path"], "tokens": len(v["ids"]) - 1, "bytes": v["bytes"]}
                          for k, v in texts.items()},
@@ -583,8 +621,9 @@ def run(args: argparse.Namespace) -> int:
     figure = plot(results, s["prompts"], out / "pretrained.png")
     if args.plot:
         plot(results, s["prompts"], Path(args.plot))
-    print(table(results, s["prompts"], bandwidth))
-    print(f"memory bandwidth {bandwidth:.1f} GB/s; wrote {path} and {figure}")
+    print(table(results, s["prompts"], bandwidth, matmul))
+    print(f"memory bandwidth {bandwidth:.1f} GB/s, float32 matmul {matmul:.0f} GFLOP/s; "
+          f"wrote {path} and {figure}")
     return 0
 
 

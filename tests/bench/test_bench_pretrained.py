@@ -8,9 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from looplm.bench.pretrained import ROWS
+from looplm.bench.pretrained import ROWS, prefill_flops
 from looplm.cli import main
+from looplm.model import LoopConfig, LoopLM
 from tests.pretrained import synthetic as S
 
 
@@ -40,6 +44,7 @@ def test_every_row_reports_speed_quality_and_memory(result):
             assert p["decode_tokens_per_s"] > 0 and p["prefill_tokens_per_s"] > 0 and len(p["tokens"]) == 4
             assert p["bytes_per_token"] > r["weight_bytes"] > 0
         assert r["peak_rss_mb"] >= r["start_rss_mb"] > 0
+        assert all(p["prefill_gflop_per_s"] > 0 for p in r["points"])
         assert r["rss_growth_mb"] == pytest.approx(r["peak_rss_mb"] - r["start_rss_mb"])
         cache = r["kv_bytes_per_token"] * (24 + 4)  # the longest prompt and its new tokens
         assert r["rss_budget_mb"] == pytest.approx((1.5 * r["weight_bytes"] + cache) / 2**20)
@@ -87,6 +92,21 @@ def test_int8_cache_rows_read_a_quarter_of_the_cache_and_stay_close(result):
             ppl = kv8["quality"][text]["perplexity"]
             assert ppl != base["quality"][text]["perplexity"]  # scored through the int8 cache
             assert ppl == pytest.approx(base["quality"][text]["perplexity"], rel=0.05)
+
+
+@settings(max_examples=10, deadline=None)
+@given(tokens=st.integers(1, 40), kv_heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([None, 8]),
+       layout=st.sampled_from([(0, 2, 1, 0), (1, 1, 2, 1)]))
+def test_prefill_flops_equal_what_the_model_counts(tokens, kv_heads, head_dim, layout):
+    prelude, core, recursions, coda = layout
+    cfg = LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=kv_heads, head_dim=head_dim, d_ffn=64,
+                     n_prelude=prelude, n_core=core, n_recursions=recursions, n_coda=coda)
+    m = LoopLM(cfg).eval()
+    last = torch.zeros(1, tokens, dtype=torch.bool)
+    last[0, -1] = True  # the head at the last token only, as a prefill runs it
+    with torch.no_grad():
+        out = m(torch.randint(0, 64, (1, tokens)), logits_at=last)
+    assert prefill_flops(m.config, tokens) == out.stats["flops"]
 
 
 def test_missing_model_file_is_one_line(tmp_path: Path, capsys):
