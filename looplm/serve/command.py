@@ -33,8 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-in-flight", type=int, default=None,
                         help="prompt + max_tokens summed over running requests at most (default: no limit)")
     parser.add_argument("--prefill-chunk", type=int, default=256,
-                        help="prompt tokens read per scheduler iteration, between decoding steps (several "
-                        "prompts share them)")
+                        help="prompt tokens read per prefill forward (several prompts share them)")
+    parser.add_argument("--max-stall", type=float, default=0.5,
+                        help="seconds running streams may wait for prefill forwards between two decoding "
+                        "steps (0: a decoding step after every prefill forward)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens of a request that gives none")
     parser.add_argument("--api-key", default=os.environ.get("LOOPLM_API_KEY"),
@@ -64,7 +66,8 @@ def build_app(args: argparse.Namespace) -> Any:
     model, tokenizer = load(args.checkpoint)
     try:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                        max_tokens_in_flight=args.max_tokens_in_flight, prefill_chunk=args.prefill_chunk)
+                        max_tokens_in_flight=args.max_tokens_in_flight, prefill_chunk=args.prefill_chunk,
+                        max_stall=args.max_stall)
     except ValueError as err:
         raise LoopLMError(str(err)) from None
     name = args.model_name or Path(args.checkpoint).resolve().name

@@ -1,11 +1,21 @@
 """The serving engine: one scheduler thread owns the model and decodes every request in one batch.
 
-Iteration-level scheduling (continuous batching, as in Orca, Yu et al. 2022): each iteration
-runs one decoding step (``T = 1``) for every running request together, then one forward over the
-next ``prefill_chunk`` tokens of the admitted requests' prompts (chunked prefill, Agrawal et al.
-2023, so that running streams keep flowing while a long prompt is read; short prompts share the
-chunk, left-padded with a mask). A request whose prompt is read joins the batch at the
-next step; a finished or cancelled request leaves it at the next step.
+Iteration-level scheduling (continuous batching, as in Orca, Yu et al. 2022): an iteration runs
+one decoding step (``T = 1``) for every running request together and one prefill forward over at
+most ``prefill_chunk`` prompt tokens of the admitted requests (chunked prefill, Agrawal et al.
+2023, so that running streams keep flowing while long prompts are read). A prefill forward is
+``[B, T]`` without padding: ``T`` is what the oldest admitted prompt has left (at most the chunk),
+and the next prompts with at least ``T`` tokens left read ``T`` tokens beside it (FIFO; short
+prompts share a forward). A request whose prompt is read samples its first token and joins the
+batch at the next step; a finished or cancelled request leaves it at the next step.
+
+The policy between the two: prefill first, but running streams wait at most ``max_stall`` seconds
+(0.5) for prefill forwards between two decoding steps. Every new request's first token waits for
+the prefills ahead of it, and a decoding step costs every waiting prompt its time; decoding only
+when the running rows have waited ``max_stall`` leaves fewer, fuller steps during a burst of
+arrivals (less work in all, earlier first tokens for the last prompts of a burst) at a bounded
+inter-token gap. ``max_stall=0``: a decoding step after every prefill forward (the smallest gaps,
+the latest first tokens in a burst); a large value: prefill until no prompt is left.
 
 Each request owns a row of the batch's decoding state (:class:`looplm.serve.batch.BatchState`):
 a fixed-state layer's state row, an attention layer's cache in a row of storage allocated once,
@@ -135,13 +145,14 @@ class Engine:
     """Serves ``model`` (a LoopLM) with ``tokenizer``: ``max_batch`` requests decode together,
     at most ``max_queue`` wait (more: :class:`QueueFullError`), the running and prefilling
     requests together hold at most ``max_tokens_in_flight`` prompt + new tokens (None: no limit),
-    ``prefill_chunk`` prompt tokens are read per iteration (one forward, several prompts)."""
+    at most ``prefill_chunk`` prompt tokens are read per prefill forward (several prompts), and
+    running streams wait at most ``max_stall`` seconds for prefill forwards between two steps."""
 
     def __init__(self, model: LoopLM, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
-                 max_tokens_in_flight: int | None = None, prefill_chunk: int = 256,
+                 max_tokens_in_flight: int | None = None, prefill_chunk: int = 256, max_stall: float = 0.5,
                  metrics: ServeMetrics | None = None) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or not max_stall >= 0:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue and max_stall >= 0")
         self.model = model
         self.tokenizer = tokenizer
         self.eos_id = getattr(tokenizer, "eos_id", None)
@@ -149,6 +160,8 @@ class Engine:
         self.max_queue = max_queue
         self.max_tokens_in_flight = max_tokens_in_flight
         self.prefill_chunk = prefill_chunk
+        self.max_stall = max_stall
+        self._stepped = 0.0  # when the running rows last got a token
         self.metrics = metrics or ServeMetrics()
         self.device = next(model.parameters()).device
         self._ids = itertools.count()
@@ -271,7 +284,7 @@ class Engine:
         for req in [r for r in self._prefilling if r.cancelled]:
             self._prefilling.remove(req)
             self._drop(req)
-        if self._rows:
+        if self._rows and (not self._prefilling or time.perf_counter() - self._stepped >= self.max_stall):
             self._decode_step()
         if self._prefilling:
             self._prefill()
@@ -291,34 +304,28 @@ class Engine:
             self._batch.remove(i)
             self._rows[i] = self._rows[-1]
             self._rows.pop()
+        self._stepped = time.perf_counter()
 
     def _prefill(self) -> None:
-        """Read the next ``prefill_chunk`` prompt tokens of the admitted requests, oldest first
-        (several short prompts share one forward, left-padded with ``mask``); a request whose
-        prompt is now read samples its first token and joins the batch."""
-        group, budget = [], self.prefill_chunk
-        for req in self._prefilling:
-            n = min(len(req.prompt) - req.read, budget)
-            if n == 0:
-                break
-            group.append((req, n))
-            budget -= n
-        T = max(n for _, n in group)
-        ids = torch.zeros(len(group), T, dtype=torch.long)
-        mask = torch.zeros(len(group), T, dtype=torch.bool)
-        for i, (req, n) in enumerate(group):
-            ids[i, T - n:] = torch.tensor(req.prompt[req.read:req.read + n])
-            mask[i, T - n:] = True
-            req.read += n
-        at = torch.zeros_like(mask)
-        at[:, -1] = torch.tensor([req.read == len(req.prompt) for req, _ in group])  # head only there
-        state = cat_states([req.state if req.state is not None else self.model.init_state(1)
-                            for req, _ in group])
-        out = self.model(ids.to(self.device), state=state, use_cache=True, logits_at=at.to(self.device),
-                         mask=None if bool(mask.all()) else mask.to(self.device))
-        for i, (req, _) in enumerate(group):  # each request keeps its own row, padding slots dropped
+        """Read the next prompt tokens of the admitted requests in one forward of ``[B, T]``
+        tokens, no padding: ``T`` is what the oldest request has left (at most ``prefill_chunk``),
+        and the next requests with at least ``T`` tokens left (oldest first) read ``T`` tokens
+        beside it, ``B T <= prefill_chunk``; a request whose prompt is now read samples its first
+        token and joins the batch."""
+        head = self._prefilling[0]
+        T = min(len(head.prompt) - head.read, self.prefill_chunk)
+        group = [req for req in self._prefilling if len(req.prompt) - req.read >= T]
+        group = group[:max(1, self.prefill_chunk // T)]
+        ids = torch.tensor([req.prompt[req.read:req.read + T] for req in group], dtype=torch.long)
+        for req in group:
+            req.read += T
+        at = torch.zeros(len(group), T, dtype=torch.bool)
+        at[:, -1] = torch.tensor([req.read == len(req.prompt) for req in group])  # head only there
+        state = cat_states([self.model.init_state(1) if req.state is None else req.state for req in group])
+        out = self.model(ids.to(self.device), state=state, use_cache=True, logits_at=at.to(self.device))
+        for i, req in enumerate(group):  # each request keeps its own row, padding slots dropped
             req.state = out.state if len(group) == 1 else select_rows(out.state, [i])
-        done = [req for req, _ in group if req.read == len(req.prompt)]
+        done = [req for req in group if req.read == len(req.prompt)]
         if not done:
             return
         joining = []
@@ -327,6 +334,8 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(req.prompt))
             if not self._accept(req, token):
                 joining.append(req)
+        if joining and not self._rows:
+            self._stepped = time.perf_counter()
         for req in joining:
             self._batch.add(_prefilled(req))
             self._rows.append(req)

@@ -32,10 +32,10 @@ def engine_for():
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_greedy_equals_alone(name, engine_for):
-    """Requests that join the batch at different steps (prompts read in chunks of 16, one chunk
-    per iteration) get the tokens each gets alone, and those of generate_ids."""
+    """Requests that join the batch at different steps (prompts read in forwards of at most 16
+    tokens, a decoding step after each) get the tokens each gets alone, and those of generate_ids."""
     model = tiny_model(name)
-    eng = engine_for(model, max_batch=8, prefill_chunk=16)
+    eng = engine_for(model, max_batch=8, prefill_chunk=16, max_stall=0)
     sp = SamplingParams(max_tokens=10, temperature=0)
     batched = run_requests(eng, [(p, sp) for p in PROMPTS])
     alone = [run_requests(eng, [(p, sp)])[0] for p in PROMPTS]
@@ -45,7 +45,7 @@ def test_batched_greedy_equals_alone(name, engine_for):
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine_for):
-    eng = engine_for(tiny_model("hybrid"), max_batch=8, prefill_chunk=8)
+    eng = engine_for(tiny_model("hybrid"), max_batch=8, prefill_chunk=8, max_stall=0)
     mine = (PROMPTS[1], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7))
     alone = run_requests(eng, [mine])[0]
     others = [(p, SamplingParams(max_tokens=6 + i, temperature=0.8, seed=i)) for i, p in enumerate(PROMPTS)]
@@ -124,6 +124,43 @@ def test_finish_reasons_and_text(engine_for):
         eng.submit(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, stop=[cut]), emit)
         assert done.wait(30)
         assert "".join(e.text for e in events) == full[:2] and events[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stall", [0.0, 1e9])
+def test_prefill_forwards_are_unpadded_and_stall_bounds_the_wait(stall, monkeypatch):
+    """Prefill forwards carry no padding (no mask, B T <= prefill_chunk, every prompt token read
+    once); with max_stall=0 a decoding step follows every prefill forward once rows run, with a
+    large max_stall every prompt is read before the first decoding step."""
+    model = tiny_model("attention")
+    calls: list[tuple[int, int, bool, bool]] = []  # B, T, a mask given, a prefill (the head at chosen tokens)
+    forward = type(model).forward
+
+    def spy(self, ids, *args, **kw):
+        calls.append((*ids.shape, kw.get("mask") is not None, kw.get("logits_at") is not None))
+        return forward(self, ids, *args, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    eng = Engine(model, tokenizer(False), max_batch=8, prefill_chunk=16, max_stall=stall)
+    sp = SamplingParams(max_tokens=4, temperature=0)
+    done = threading.Semaphore(0)
+    reqs = [eng.submit(p, sp, lambda ev: ev.finish_reason and done.release()) for p in PROMPTS]
+    eng.start()  # every request queued before the scheduler starts
+    try:
+        for _ in PROMPTS:
+            assert done.acquire(timeout=60)
+    finally:
+        eng.stop()
+    assert all(len(r.tokens) == 4 for r in reqs)
+    assert not any(masked for _, _, masked, _ in calls)
+    reads = [(i, b, t) for i, (b, t, _, prefill) in enumerate(calls) if prefill]
+    assert sum(b * t for _, b, t in reads) == sum(map(len, PROMPTS))
+    assert all(t <= 16 and (b == 1 or b * t <= 16) for _, b, t in reads)
+    steps = [i for i, (*_, prefill) in enumerate(calls) if not prefill]
+    if stall:
+        assert max(i for i, *_ in reads) < min(steps)
+    else:
+        later = [i for i, *_ in reads if i > min(steps)]
+        assert later and all(i + 1 in steps for i in later[:-1])
 
 
 def test_bad_requests_raise():
