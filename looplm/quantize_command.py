@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from looplm.checkpoint import load_model, save_model
 from looplm.errors import CheckpointError, ConfigError
@@ -53,6 +54,25 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is not writable")
 
 
+def write_copy(model: Any, src: Path, out: Path) -> None:
+    """Save ``model`` (a quantised copy of checkpoint ``src``) as checkpoint ``out`` (new or an empty
+    directory: :func:`check_out`) with ``src``'s other files (tokenizer, run.json); written beside
+    it and renamed, so ``out`` is never half written."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_model(model, tmp)
+        for f in src.iterdir():
+            if f.is_file() and f.name not in OWN_FILES:
+                shutil.copy2(f, tmp / f.name)
+        if out.is_dir():  # empty (check_out): replaced by the finished copy
+            out.rmdir()
+        os.rename(tmp, out)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
     src, out = Path(args.checkpoint), Path(args.out)
     if out.resolve() == src.resolve():
@@ -70,19 +90,7 @@ def run(args: argparse.Namespace) -> int:
     quantize_model(model, args.format, group_size=args.group_size, zero_point=not args.no_zero_point,
                    keep_embeddings=keep, keep_head=keep, embedding_format=args.embedding_format,
                    embedding_group_size=args.embedding_group_size)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_model(model, tmp)
-        for f in src.iterdir():
-            if f.is_file() and f.name not in OWN_FILES:
-                shutil.copy2(f, tmp / f.name)
-        if out.is_dir():  # empty (check_out): replaced by the finished copy
-            out.rmdir()
-        os.rename(tmp, out)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_copy(model, src, out)
     sizes = [(d / "model.safetensors").stat().st_size for d in (src, out)]
     print(f"{out}: {args.format}, {len(model.quantization['modules'])} modules quantised, "
           f"{sizes[1] / 1e6:.2f} MB ({100 * sizes[1] / sizes[0]:.1f}% of {sizes[0] / 1e6:.2f} MB)")

@@ -8,6 +8,9 @@ official ``openai`` client (``AsyncOpenAI``, streaming completions, greedy) at e
 checkpoint's tokenizer, lengths in turn. Servers, side by side in one run:
 
 - ``looplm``: continuous batching (``--max-batch`` = the largest concurrency);
+- ``looplm-int4``: the same on the checkpoint's int4 copy (``--int4-checkpoint``, or one written
+  for the run into a temporary directory: every linear, the embedding and the head in groups of
+  32, as the engine table's int4 model);
 - ``looplm-serial``: the same server with ``--max-batch 1`` (one request at a time);
 - ``llama.cpp``: ``llama-cpp-python``'s OpenAI server on ``--gguf`` (the same model), where the
   package is installed (:mod:`looplm.bench.llama_server`; started again with llama.cpp's extra CPU
@@ -52,6 +55,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from functools import partial
@@ -67,6 +71,8 @@ from looplm.checkpoint import load_config, load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
 from looplm.model import LoopConfig, LoopLM
+from looplm.quant.ptq import quantize_model
+from looplm.quantize_command import write_copy
 from looplm.serve.engine import Engine, Event, SamplingParams
 from looplm.serve.metrics import parse_metrics
 
@@ -80,8 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop starting requests of a level after this long")
     parser.add_argument("--prompt-tokens", default="32,128,256", help="prompt lengths, used in turn")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    parser.add_argument("--servers", default="looplm,looplm-serial,llama.cpp",
+    parser.add_argument("--servers", default="looplm,looplm-int4,looplm-serial,llama.cpp",
                         help="which servers to load (those not available are skipped)")
+    parser.add_argument("--int4-checkpoint", default=None,
+                        help="the int4 checkpoint looplm-int4 serves (default: the checkpoint quantised "
+                        "for the run, int4 in groups of 32, embedding and head too)")
+    parser.add_argument("--max-stall", type=float, default=None,
+                        help="looplm servers' --max-stall (default: the server's)")
     parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
     parser.add_argument("--state-streams", type=int, default=64, help="streams of the state-memory table")
     parser.add_argument("--state-tokens", type=int, default=4096, help="tokens per stream of that table")
@@ -114,7 +125,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise LoopLMError(f"the server at {url} did not answer within {timeout:.0f} s")
 
 
-SERVERS = ("looplm", "looplm-serial", "llama.cpp")
+SERVERS = ("looplm", "looplm-int4", "looplm-serial", "llama.cpp")
 
 
 class Server:
@@ -147,11 +158,13 @@ class Server:
             self.proc.kill()
 
 
-def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None) -> Server:
+def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall: float | None) -> Server:
     cmd = [sys.executable, "-m", "looplm.cli", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
            "--max-queue", "4096"]
     if threads:
         cmd += ["--threads", str(threads)]
+    if max_stall is not None:
+        cmd += ["--max-stall", str(max_stall)]
     return Server(name, cmd, None, {"ignore_eos": True, "stream_options": {"include_usage": True}})
 
 
@@ -181,11 +194,22 @@ def _started(start: Any, texts: list[str], seconds: float) -> tuple[Server | Non
         "" if code is None else f" (the process exited with status {code})")
 
 
-def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[str], seconds: float
-           ) -> tuple[Server | None, str]:
+def int4_copy(checkpoint: str, out: Path) -> str:
+    """``checkpoint`` quantised to int4 in groups of 32 (every linear, the embedding and the head,
+    as the engine table's int4 model) and written to ``out``; its path."""
+    model = load_model(checkpoint)
+    if getattr(model, "quantization", None) is not None:
+        raise LoopLMError(f"{checkpoint} is already quantised (give --int4-checkpoint)")
+    quantize_model(model, "int4", group_size=32, keep_embeddings=False, keep_head=False)
+    write_copy(model, Path(checkpoint), out)
+    return str(out)
+
+
+def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[str], seconds: float,
+           scratch: Path) -> tuple[Server | None, str]:
     """The server ``name`` started and warmed up, or None and why it is skipped. llama.cpp's server
     is started again with its extra buffer types off if it dies by a signal (as AMX does in some
-    virtual machines)."""
+    virtual machines); looplm-int4's checkpoint is written into ``scratch`` unless given."""
     if name == "llama.cpp":
         if args.gguf is None:
             return None, "no --gguf given"
@@ -196,9 +220,15 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
             print(f"llama.cpp: {why}; again with its extra buffer types off", flush=True)
             server, why = _started(partial(_llama_cpp, args.gguf, args.threads, False), texts, seconds)
         return server, why
-    if name in ("looplm", "looplm-serial"):
+    if name in ("looplm", "looplm-serial", "looplm-int4"):
         batch = 1 if name == "looplm-serial" else max(levels)
-        return _started(partial(_looplm, name, args.checkpoint, batch, args.threads), texts, seconds)
+        ckpt = args.checkpoint
+        if name == "looplm-int4":
+            try:
+                ckpt = args.int4_checkpoint or int4_copy(args.checkpoint, scratch / "int4")
+            except LoopLMError as err:
+                return None, str(err)
+        return _started(partial(_looplm, name, ckpt, batch, args.threads, args.max_stall), texts, seconds)
     raise LoopLMError(f"unknown server {name!r} in --servers ({', '.join(SERVERS)})")
 
 
@@ -386,6 +416,21 @@ def _pct(xs: list[float], q: float) -> float | None:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1]
 
 
+def _drive(server: Server, levels: list[int], args: argparse.Namespace, seconds: float, texts: list[str],
+           max_tokens: int, rows: list[dict[str, Any]]) -> str:
+    """Each load level against ``server``, its rows appended to ``rows``; why it stopped early
+    (the process died) or ""."""
+    for c in levels:
+        n = args.requests or (c if args.quick else max(8, 2 * c))
+        row = asyncio.run(_level(server, c, n, seconds, texts, max_tokens))
+        rows.append(row)
+        print(f"{server.name:14s} c={c:3d}: {row['requests']} requests, {row['tokens_per_s']:.1f} tok/s, "
+              f"{row['errors']} errors", flush=True)
+        if server.proc.poll() is not None:  # it crashed: the remaining levels would only fail
+            return f"the server process exited with status {server.proc.returncode} at c={c}"
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     levels = parse_int_list(args.concurrency, "--concurrency")
     lengths = parse_int_list(args.prompt_tokens, "--prompt-tokens")
@@ -419,23 +464,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    for name in wanted:
-        server, why = _start(name, args, levels, texts, seconds)
-        if server is None:
-            skipped[name] = why
-            continue
-        try:
-            for c in levels:
-                n = args.requests or (c if args.quick else max(8, 2 * c))
-                row = asyncio.run(_level(server, c, n, seconds, texts, max_tokens))
-                rows.append(row)
-                print(f"{name:14s} c={c:3d}: {row['requests']} requests, {row['tokens_per_s']:.1f} tok/s, "
-                      f"{row['errors']} errors", flush=True)
-                if server.proc.poll() is not None:  # it crashed: the remaining levels would only fail
-                    skipped[name] = f"the server process exited with status {server.proc.returncode} at c={c}"
-                    break
-        finally:
-            server.close()
+    with tempfile.TemporaryDirectory(prefix="looplm-bench-serve-") as scratch:
+        for name in wanted:
+            server, why = _start(name, args, levels, texts, seconds, Path(scratch))
+            if server is None:
+                skipped[name] = why
+                continue
+            try:
+                crashed = _drive(server, levels, args, seconds, texts, max_tokens, rows)
+            finally:
+                server.close()
+            if crashed:
+                skipped[name] = crashed
     load_table = _report(rows, skipped, levels)
     streams, tokens = (4, 256) if args.quick else (args.state_streams, args.state_tokens)
     memory = state_memory(load_config(args.checkpoint), streams, tokens)
@@ -470,11 +510,16 @@ def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[in
     print(text)
     by = {(r["server"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     lo, hi = min(levels), max(c for c in levels if c <= 16) if any(c <= 16 for c in levels) else None
-    if hi and ("looplm", lo) in by and ("looplm", hi) in by and hi != lo:
-        print(f"looplm: tokens/s at concurrency {hi} / at {lo}: {by['looplm', hi] / by['looplm', lo]:.2f}x")
+    for name in ("looplm", "looplm-int4"):
+        if hi and (name, lo) in by and (name, hi) in by and hi != lo:
+            print(f"{name}: tokens/s at concurrency {hi} / at {lo}: {by[name, hi] / by[name, lo]:.2f}x")
+        for c in levels:
+            if (name, c) in by and ("llama.cpp", c) in by:
+                print(f"concurrency {c}: {name} / llama.cpp tokens/s {by[name, c] / by['llama.cpp', c]:.2f}x")
     for c in levels:
-        if ("looplm", c) in by and ("llama.cpp", c) in by:
-            print(f"concurrency {c}: looplm / llama.cpp tokens/s {by['looplm', c] / by['llama.cpp', c]:.2f}x")
+        if ("looplm", c) in by and ("looplm-int4", c) in by:
+            ratio = by["looplm-int4", c] / by["looplm", c]
+            print(f"concurrency {c}: looplm-int4 / looplm tokens/s {ratio:.2f}x")
     for name, why in skipped.items():
         print(f"{name}: skipped ({why})")
     return text

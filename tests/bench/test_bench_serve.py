@@ -18,18 +18,19 @@ def test_bench_serve_quick(tmp_path, capsys):
     save_model(tiny_model("gated_deltanet"), ckpt)
     tokenizer().save(ckpt)
     out = tmp_path / "out"
-    assert main(["bench", "serve", str(ckpt), "--quick", "--servers", "looplm,llama.cpp",
+    assert main(["bench", "serve", str(ckpt), "--quick", "--servers", "looplm,looplm-int4,llama.cpp",
                  "--concurrency", "1,3", "--threads", "1", "--engine-rows", "3", "--out", str(out)]) == 0
     data = json.loads((out / "serve.json").read_text())
     rows = data["results"]
-    assert [(r["server"], r["concurrency"]) for r in rows] == [("looplm", 1), ("looplm", 3)]
+    assert [(r["server"], r["concurrency"]) for r in rows] == [(name, c) for name in ("looplm", "looplm-int4")
+                                                               for c in (1, 3)]
     for r in rows:
         assert r["errors"] == 0 and r["cut"] == 0 and r["requests"] == r["concurrency"]
         assert r["generated_tokens"] == 4 * r["requests"]  # ignore_eos: every request runs to max_tokens
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] > 0
     # 3 requests, each prompt length once: the longest prompt's TTFT is at most the largest of the
     # three, and the interpolated p99 of three values is at least 0.98 times their largest
-    assert 0 < rows[1]["ttft_longest_p99"] <= rows[1]["ttft_p99"] / 0.98
+    assert all(0 < r["ttft_longest_p99"] <= r["ttft_p99"] / 0.98 for r in rows[1::2])
     assert "llama.cpp" in data["skipped"]
     memory = {m["model"]: m for m in data["state_memory"]}
     assert memory["attention"]["vs_attention"] == 1
@@ -38,7 +39,8 @@ def test_bench_serve_quick(tmp_path, capsys):
     assert [(e["model"], e["rows"]) for e in data["engine"]] == [("looplm_float32", 3), ("looplm_int4", 3)]
     assert all(e["decode_tok_s"] > 0 for e in data["engine"])
     printed = capsys.readouterr().out
-    assert "| looplm | 3 |" in printed and "| looplm_int4 | 3 |" in printed
+    assert all(f"| {name} | 3 |" in printed for name in ("looplm", "looplm_int4", "looplm-int4"))
+    assert "concurrency 3: looplm-int4 / looplm tokens/s" in printed
 
 
 def test_bench_serve_engine_only(tmp_path, capsys):
