@@ -1,10 +1,10 @@
 """Text generation: a prefill, then step-by-step decoding with the model's state.
 
-The prompt goes through the model in forwards of at most ``PREFILL_CHUNK`` tokens, each continuing
-the state of the one before (one forward for models whose routers decide over the whole sequence),
-so a long prompt's activations never exceed one chunk's; each new token then
-costs one ``T = 1`` forward that reads and updates the state, so a fixed-state model decodes in
-constant time and memory per token. Prompts of different lengths share a batch through left
+The prompt goes through the model in forwards of at most ``prefill_chunk(model)`` tokens (more for
+larger weights), each continuing the state of the one before (one forward for models whose routers
+decide over the whole sequence), so a long prompt's activations never exceed one chunk's; each new
+token then costs one ``T = 1`` forward that reads and updates the state, so a fixed-state model
+decodes in constant time and memory per token. Prompts of different lengths share a batch through left
 padding with ``mask`` False on the pads (the model's positions skip them).
 
 ``generate_ids`` works on token ids; ``generate`` adds the tokenizer, stop strings and
@@ -26,6 +26,7 @@ from typing_extensions import Unpack
 from looplm.errors import LoopLMError
 from looplm.memory import release_free_memory
 from looplm.model import LoopLM, LoopOutput
+from looplm.quant import QuantEmbedding, QuantLinear
 from looplm.quant import state as qstate
 from looplm.routers import causal_routing
 from looplm.state import ModelState
@@ -267,10 +268,41 @@ def decoding_mode(model: LoopLM) -> Iterator[None]:
         model.train(was_training)
 
 
-# Prompt tokens per forward of a chunked prefill. Each chunk costs a masked attention over the cache and,
-# for int8/int4 weights, its own bfloat16 weight tiles (chunks of 128 cost SmolLM2 ~25% of its prefill);
-# 256 exceeds tests/model/test_decode_memory.py's peak budget in a fresh process (220 > 217 MB).
-PREFILL_CHUNK = 128
+# Prompt tokens per forward of a chunked prefill, per stored byte of a weight (see prefill_chunk).
+PREFILL_TOKENS_PER_BYTE = 256
+MIN_PREFILL_CHUNK = 128
+
+
+def weight_bytes_per_parameter(model: LoopLM) -> float:
+    """Stored bytes per weight of ``model``: float parameters at their element size, int8 / int4 /
+    fp8 matrices (``QuantLinear``, ``QuantEmbedding``) at their parts' bytes (codes, scales,
+    offsets) over their ``rows × cols``."""
+    stored = weights = 0
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            weights += m.rows * m.cols
+            stored += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+    for p in model.parameters():
+        weights += p.numel()
+        stored += p.numel() * p.element_size()
+    return stored / max(weights, 1)
+
+
+def prefill_chunk(model: LoopLM) -> int:
+    """Prompt tokens per forward of ``model``'s chunked prefill: :data:`PREFILL_TOKENS_PER_BYTE` times
+    its weights' stored bytes per parameter, rounded down to a power of two, at least
+    :data:`MIN_PREFILL_CHUNK` (float32 1024, bfloat16 512, int8 256, int4 128).
+
+    Why it scales with the weights' bytes: every chunk reads every weight again (from memory: the
+    weights are far larger than the caches; int8 / int4 matrices are dequantised again into bfloat16
+    tiles), which one forward over the prompt does once; that costs a chunk about the time of
+    streaming the weights' bytes, so it is a share ∝ bytes per parameter / chunk of the chunk's
+    arithmetic. What a chunk adds to the peak memory, its activations, grows with the chunk, and the
+    peak's budget (weights + cache + a share of the weights) with the weights' bytes. A chunk
+    proportional to bytes per parameter keeps both shares the same in every format
+    (docs/mechanisms.md, chunked prefill)."""
+    per = PREFILL_TOKENS_PER_BYTE * weight_bytes_per_parameter(model)
+    return max(MIN_PREFILL_CHUNK, 1 << int(math.log2(max(per, 1))))
 
 
 def chunks_exact(model: LoopLM) -> bool:
@@ -286,19 +318,21 @@ def prefill(model: LoopLM, ids: torch.Tensor, mask: torch.Tensor | None = None,
     """The prompt ``ids [B, T]`` (``mask [B, T]``: False on left padding) through the model after
     ``state`` (None: a new one); returns the output with the logits of the last position only
     (``[B, V]``) and the state after the prompt. Where :func:`chunks_exact`, in forwards of at most
-    ``chunk`` tokens (default :data:`PREFILL_CHUNK`), each continuing the previous one's state:
+    ``chunk`` tokens (default :func:`prefill_chunk`), each continuing the previous one's state:
     activations (a layer's FFN hidden ``[B, chunk, 2·d_ffn]``, attention scores ``[B, H, chunk, S]``)
     are then bounded by the chunk, not the prompt, so the peak memory of a long prompt is its cache
     plus one chunk's work (and the memory the allocator keeps of it). Call under
     :func:`decoding_mode` and without autograd."""
     T = ids.shape[1]
-    step = (chunk or PREFILL_CHUNK) if chunks_exact(model) else T
+    step = T
+    if chunks_exact(model):  # a prompt that fits the smallest chunk needs no look at the weights
+        step = chunk or (prefill_chunk(model) if T > MIN_PREFILL_CHUNK else T)
     out = None
     for start in range(0, T, step):
         part = slice(start, min(start + step, T))
         m = None if mask is None else mask[:, part]
         last = torch.zeros(ids.shape[0], part.stop - start, dtype=torch.bool, device=ids.device)
-        last[:, -1] = True  # the head only where the next token is read
+        last[:, -1] = part.stop == T  # the head only where the next token is read: the last chunk's end
         state = state if out is None else out.state
         out = model(ids[:, part], state=state, mask=m, use_cache=True, logits_at=last)
     assert out is not None

@@ -384,7 +384,7 @@ class LoopLM(nn.Module):
         loss is supervised); logits are then ``[N, V]`` for its N True positions in row-major
         order (``logits[i]`` belongs to ``logits_at.nonzero()[i]``), the loss is over those
         positions only (the same value as the full loss when every supervised target is among
-        them), and the head's FLOPs are counted for N positions.
+        them), and the head's FLOPs are counted for N positions (none selected: no head runs).
         """
         B, T = self._check(input_ids, targets, mask, depth, state)
         if logits_at is not None and (logits_at.dtype != torch.bool or tuple(logits_at.shape) != (B, T)):
@@ -422,7 +422,9 @@ class LoopLM(nn.Module):
         h = self.norm(h)
         if logits_at is not None:
             h = h[logits_at]  # [N, d]
-        if self.head is not None:
+        if not h.shape[0]:  # no position selected (a prefill chunk before the last): no head
+            logits = h.new_empty(0, c.vocab_size)
+        elif self.head is not None:
             logits = self.head(h)
         elif (as_head := getattr(self.embed, "as_head", None)) is not None:  # a quantised tied table
             logits = as_head(h)

@@ -92,15 +92,19 @@ class Attention(nn.Module):
                     o = o * mask[:, :, None, None]
                 return self.o_proj(o.reshape(B, T, H * D)), new_state
             k, v, key_mask, kpos = new_state.k, new_state.v, new_state.key_mask, new_state.pos
-        # causal by index == causal by position when positions increase and nothing was cached (a
-        # compiled graph cannot branch on the values: it takes the general, position-masked path)
-        if mask is None and (state is None or state.k.shape[1] == 0) and (
-                default_pos or T == 1 or (not torch.compiler.is_compiling()
-                                          and bool((positions[:, 1:] > positions[:, :-1]).all()))):
+        # causal by index == causal by position when positions increase and nothing was cached, or
+        # when every cached key is unmasked and before the chunk (a compiled graph cannot branch on
+        # the values: it takes the general, position-masked path)
+        increasing = default_pos or T == 1 or (not torch.compiler.is_compiling()
+                                               and bool((positions[:, 1:] > positions[:, :-1]).all()))
+        if mask is None and (state is None or state.k.shape[1] == 0) and increasing:
             o = attention(q, k, v)
         elif (T == 1 and mask is None and key_mask is not None and bool(key_mask.all())
               and bool((kpos <= positions).all())):  # a decoding step that sees every cached key
             o = attention(q, k, v, causal=False)
+        elif (mask is None and increasing and key_mask is not None and not torch.compiler.is_compiling()
+              and bool(key_mask.all()) and bool((kpos[:, :-T] < positions[:, :1]).all())):
+            o = attention(q, k, v)  # a prefill chunk after a cache: its queries are the last T keys
         else:
             o = attention(q, k, v, q_pos=positions, k_pos=kpos, key_mask=key_mask)
         if mask is not None:

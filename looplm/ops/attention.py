@@ -208,6 +208,28 @@ class _CausalByChunks(torch.autograd.Function):
         return torch.cat(dq, dim=2), dk, dv, None
 
 
+def _after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of ``q [B, H, T, D]`` whose queries are the last T of the S keys
+    ``k, v [B, Hkv, S, D]`` (a prefill chunk after a cache; CPU, nothing recorded for autograd),
+    with no mask built: every query sees the P = S - T keys before the chunk, so those are one
+    flash call without a mask (the query heads sharing a key head stacked as its rows: each cached
+    key read once per key head); the chunk's own keys are a square causal flash call; the two
+    softmaxes are merged by their log-sum-exps ``l1, l2``: ``o = o2 + sigmoid(l1 - l2) (o1 - o2)``
+    (the first part's share of the total probability mass; as Flash-Decoding combines splits)."""
+    B, H, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    P, g = S - T, H // Hkv
+    stacked = q.reshape(B, Hkv, g * T, D)  # rows of key head j: its g query heads' T queries
+    o1, l1 = _flash(stacked, k[:, :, :P], v[:, :, :P], 0.0, False, scale=scale)
+    o1, l1 = o1.reshape(B, H, T, Dv), l1.reshape(B, H, T, 1)
+    kc, vc = k[:, :, P:], v[:, :, P:]
+    if g > 1:  # the flash kernels take equal heads: the chunk's T keys repeated for each group
+        kc, vc = kc.repeat_interleave(g, dim=1), vc.repeat_interleave(g, dim=1)
+    o2, l2 = _flash(q, kc, vc, 0.0, True, scale=scale)
+    share = torch.sigmoid(l1 - l2.view(B, H, T, 1))
+    return torch.lerp(o2.float(), o1.float(), share).to(q.dtype)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,6 +270,9 @@ def attention(
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and T > 1, scale=scale,
                                              enable_gqa=gqa)
         return out.transpose(1, 2)
+    if (causal and not window and key_mask is None and q_pos is None and k_pos is None and 1 < T < S
+            and v.shape[-1] == D and q.device.type == "cpu" and not tracked(q, k, v)):  # a chunk after keys
+        return _after_prefix(qt, kt, vt, scale).transpose(1, 2)
     allowed = torch.ones(B, T, S, dtype=torch.bool, device=q.device)
     if causal:
         if q_pos is None:

@@ -6,9 +6,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from looplm.generate import chunks_exact, decoding_mode, generate_ids, prefill
+from looplm.generate import (
+    MIN_PREFILL_CHUNK,
+    chunks_exact,
+    decoding_mode,
+    generate_ids,
+    prefill,
+    prefill_chunk,
+)
 from looplm.layers import kv_cache
 from looplm.model import LoopConfig, LoopLM
+from looplm.quant.ptq import quantize_model
 
 BASE = dict(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, n_core=3, init_std=0.2)
 CHUNKED = {
@@ -79,10 +87,31 @@ def test_sequence_routed_models_prefill_in_one_forward(name, monkeypatch):
 def test_generation_is_unchanged_by_the_chunk(name, monkeypatch):
     model = make({**CHUNKED, **ONE_SHOT}[name])
     rows = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(2)).tolist()
-    monkeypatch.setattr("looplm.generate.PREFILL_CHUNK", 10_000)
+    monkeypatch.setattr("looplm.generate.MIN_PREFILL_CHUNK", 1)
+    monkeypatch.setattr("looplm.generate.prefill_chunk", lambda model: 10_000)
     want = generate_ids(model, rows, max_new_tokens=6)
-    monkeypatch.setattr("looplm.generate.PREFILL_CHUNK", 7)
+    monkeypatch.setattr("looplm.generate.prefill_chunk", lambda model: 7)
     assert generate_ids(model, rows, max_new_tokens=6) == want
+
+
+@pytest.mark.parametrize("fmt, group, chunk", [(None, None, 1024), ("bfloat16", None, 512),
+                                               ("int8", None, 256), ("int8", 32, 256), ("int4", 32, 128)])
+def test_the_chunk_scales_with_the_weights_bytes(fmt, group, chunk, monkeypatch):
+    """Chunks of 256 tokens per stored byte of a weight (rounded down to a power of two): a long
+    prompt goes through the model in forwards of that many tokens."""
+    model = make(dict(mixer="attention", d_model=64, max_seq_len=2048))
+    if fmt == "bfloat16":
+        model.to(torch.bfloat16)
+    elif fmt is not None:
+        quantize_model(model, fmt, group_size=group, keep_embeddings=False, keep_head=False)
+    assert prefill_chunk(model) == chunk
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, **kw: calls.append(ids.shape[1]) or forward(ids, **kw))
+    with torch.no_grad(), decoding_mode(model):
+        prefill(model, torch.randint(0, 97, (1, chunk + 5)))
+        prefill(model, torch.randint(0, 97, (1, MIN_PREFILL_CHUNK)))
+    assert calls == [chunk, 5, MIN_PREFILL_CHUNK]
 
 
 def test_reserved_caches_share_one_block_and_are_never_copied():
@@ -112,3 +141,15 @@ def test_preallocate_takes_only_empty_caches_of_one_shape():
                            torch.zeros(1, 1, dtype=torch.long), states[0].seen + 1)
     with pytest.raises(ValueError, match="empty caches"):
         kv_cache.preallocate([full], 8)
+
+
+def test_the_head_runs_only_at_the_last_chunk():
+    model = make(dict(mixer="attention", tie_embeddings=False))
+    calls = []
+    model.head.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad(), decoding_mode(model):
+        out = prefill(model, ids, chunk=8)  # chunks of 8, 8, 4
+        assert calls == [2] and out.logits.shape == (2, 97)
+        none = model(ids[:, :3], use_cache=True, logits_at=torch.zeros(2, 3, dtype=torch.bool))
+    assert calls == [2] and none.logits.shape == (0, 97)

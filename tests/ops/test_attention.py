@@ -44,6 +44,32 @@ def test_gqa_matches_reference_with_cache_and_mask(B, T, extra, hkv, rep, seed):
     torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
 
 
+@given(T=st.integers(2, 12), before=st.integers(1, 40), hkv=st.sampled_from([1, 3]),
+       rep=st.sampled_from([1, 3]), bf16=st.booleans(), seed=st.integers(0, 1000))
+def test_chunk_after_a_cache_matches_reference_without_a_mask(T, before, hkv, rep, bf16, seed):
+    """A prefill chunk's T queries after ``before`` cached keys: the prefix call and the square causal
+    call merged by their log-sum-exps equal the masked softmax; with autograd recording, the masked
+    path (same values)."""
+    g = torch.Generator().manual_seed(seed)
+    S, H, D = T + before, hkv * rep, 16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    q = torch.randn(2, T, H, D, generator=g).to(dtype)
+    k, v = (torch.randn(2, S, hkv, D, generator=g).to(dtype) for _ in range(2))
+    calls = []
+    split = attention_module._after_prefix
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_module, "_after_prefix", lambda *a: calls.append(1) or split(*a))
+        out = attention(q, k, v)
+        assert len(calls) == 1 and out.dtype == dtype
+        tracked = attention(q.clone().requires_grad_(), k, v)
+        assert len(calls) == 1  # autograd records: the masked path
+    causal = torch.arange(S)[None, :] <= torch.arange(before, S)[:, None]
+    want = reference(q.double(), k.double(), v.double(), causal.expand(2, T, S))
+    tol = 2e-2 if bf16 else 1e-5
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(tracked.double(), want, atol=tol, rtol=tol)
+
+
 def test_non_causal_and_gradients():
     q, k, v = (torch.randn(2, 4, 4, 8, requires_grad=True) for _ in range(3))
     out = attention(q, k, v, causal=False)
