@@ -47,6 +47,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "pretrained": ("looplm.bench.pretrained", "a pretrained GGUF model: transformers, llama.cpp and looplm"),
     "convert": ("looplm.bench.convert", "a pretrained model linearised and recursified, against itself"),
     "speculative": ("looplm.bench.speculative", "self-speculative decoding: tokens/s, acceptance"),
+    "prefill": ("looplm.bench.prefill", "a chunked prefill's time against one forward over the prompt"),
     "report": ("looplm.bench.report", "write docs/results.md from saved results"),
 }
 

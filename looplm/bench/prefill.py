@@ -1,0 +1,89 @@
+"""``looplm bench prefill CKPT [CKPT...]``: what a chunked prefill costs against one forward.
+
+Per checkpoint, one process: a random prompt of ``--prompt`` tokens prefilled (``generate.prefill``,
+caches reserved as a generation reserves them) in chunks of each ``--chunks`` size and of
+``generate.prefill_chunk``'s own size, and in one forward over the prompt (the reference), timed in
+interleaved repeats (medians, wall and this process's CPU seconds). Prints tokens/s and each row's
+time over the one forward's; ``--threads 1`` (the default) keeps the comparison steady on a machine
+other work shares. ``--quick``: a 96-token prompt, one repeat (for the test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from looplm.bench.common import markdown_table, parse_int_list
+from looplm.checkpoint import load_model
+from looplm.errors import LoopLMError
+from looplm.generate import chunks_exact, decoding_mode, prefill, prefill_chunk
+from looplm.model import LoopLM
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories")
+    parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens (default 1024)")
+    parser.add_argument("--chunks", default="128,256", help="chunk sizes besides the rule's (128,256)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each row (medians)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--quick", action="store_true", help="a 96-token prompt, one repeat")
+
+
+def _times(fn: Any) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call of ``fn``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(model: LoopLM, prompt: int, chunks: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Rows ``{chunk, wall_s, cpu_s, tokens_per_s, vs_one_forward}`` for each chunk size and the
+    one forward (``chunk`` = the prompt), the chunk sizes interleaved in every repeat."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    sizes = sorted({min(c, prompt) for c in chunks} | {prompt})
+
+    def run(chunk: int) -> Any:
+        return lambda: prefill(model, ids, None, model.init_state(1).reserve(prompt), chunk=chunk)
+
+    with torch.no_grad(), decoding_mode(model):
+        for c in sizes:  # warm-up: thread pools, allocator, lazy paths
+            run(c)()
+        times: dict[int, list[tuple[float, float]]] = {c: [] for c in sizes}
+        for _ in range(repeats):
+            for c in sizes:
+                times[c].append(_times(run(c)))
+    med = {c: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+           for c, ts in times.items()}
+    ref = med[prompt][0]
+    return [{"chunk": c, "wall_s": w, "cpu_s": cpu, "tokens_per_s": prompt / w, "vs_one_forward": w / ref}
+            for c, (w, cpu) in med.items()]
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt, repeats = (96, 1) if args.quick else (args.prompt, args.repeats)
+    try:
+        chunks = parse_int_list(args.chunks, "--chunks")
+    except ValueError as e:
+        raise LoopLMError(str(e)) from e
+    if prompt < 1 or repeats < 1 or args.threads < 1:
+        raise LoopLMError("--prompt, --repeats and --threads must be positive")
+    torch.set_num_threads(args.threads)
+    table = []
+    for path in args.checkpoints:
+        model = load_model(path)
+        if not chunks_exact(model):
+            print(f"{path}: prefills in one forward (routers that choose over the sequence): skipped")
+            continue
+        rule = prefill_chunk(model)
+        for r in measure(model, prompt, [*chunks, rule], repeats):
+            name = "one forward" if r["chunk"] == prompt else f"{r['chunk']}"
+            name += " (default)" if r["chunk"] == min(rule, prompt) else ""
+            table.append([path, name, f"{r['tokens_per_s']:.0f}", f"{r['wall_s'] * 1e3:.0f}",
+                          f"{r['cpu_s'] * 1e3:.0f}", f"{r['vs_one_forward']:.3f}"])
+    print(f"prefill of {prompt} prompt tokens, {args.threads} thread(s), medians of {repeats}")
+    print(markdown_table(["checkpoint", "chunk", "tok/s", "wall ms", "CPU ms", "time x one forward"], table))
+    return 0
