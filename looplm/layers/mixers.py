@@ -92,24 +92,33 @@ class Attention(nn.Module):
                     o = o * mask[:, :, None, None]
                 return self.o_proj(o.reshape(B, T, H * D)), new_state
             k, v, key_mask, kpos = new_state.k, new_state.v, new_state.key_mask, new_state.pos
-        # causal by index == causal by position when positions increase and nothing was cached, or
-        # when every cached key is unmasked and before the chunk (a compiled graph cannot branch on
-        # the values: it takes the general, position-masked path)
-        increasing = default_pos or T == 1 or (not torch.compiler.is_compiling()
-                                               and bool((positions[:, 1:] > positions[:, :-1]).all()))
-        if mask is None and (state is None or state.k.shape[1] == 0) and increasing:
+        # causal by index == causal by position when positions increase and nothing was cached (a
+        # compiled graph cannot branch on the values: it takes the general, position-masked path)
+        if mask is None and (state is None or state.k.shape[1] == 0) and (
+                default_pos or T == 1 or (not torch.compiler.is_compiling()
+                                          and bool((positions[:, 1:] > positions[:, :-1]).all()))):
             o = attention(q, k, v)
         elif (T == 1 and mask is None and key_mask is not None and bool(key_mask.all())
               and bool((kpos <= positions).all())):  # a decoding step that sees every cached key
             o = attention(q, k, v, causal=False)
-        elif (mask is None and increasing and key_mask is not None and not torch.compiler.is_compiling()
-              and bool(key_mask.all()) and bool((kpos[:, :-T] < positions[:, :1]).all())):
+        elif mask is None and key_mask is not None and ends_cache(positions, kpos, key_mask):
             o = attention(q, k, v)  # a prefill chunk after a cache: its queries are the last T keys
         else:
             o = attention(q, k, v, q_pos=positions, k_pos=kpos, key_mask=key_mask)
         if mask is not None:
             o = o * mask[:, :, None, None]
         return self.o_proj(o.reshape(B, T, H * D)), new_state
+
+
+def ends_cache(positions: torch.Tensor, k_pos: torch.Tensor, key_mask: torch.Tensor) -> bool:
+    """Whether T > 1 queries at ``positions [B, T]`` are the last T of the cached slots at ``k_pos
+    [B, S]`` (a prefill chunk just appended), in increasing order, after every earlier slot, with no
+    slot masked: causal attention by index (no positions, no mask) is then causal by position.
+    False while a graph is compiled (it cannot branch on values)."""
+    T = positions.shape[1]
+    return (1 < T <= k_pos.shape[1] and not torch.compiler.is_compiling() and bool(key_mask.all())
+            and torch.equal(k_pos[:, -T:], positions) and bool((positions[:, 1:] > positions[:, :-1]).all())
+            and bool((k_pos[:, :-T] < positions[:, :1]).all()))
 
 
 def read_cache(q: torch.Tensor, cache: KVState, positions: torch.Tensor) -> torch.Tensor:
@@ -120,6 +129,8 @@ def read_cache(q: torch.Tensor, cache: KVState, positions: torch.Tensor) -> torc
         # many queries (a prefill chunk): one layer's keys and values in float are no larger than
         # the chunk's scores [B, H, T, S], and the float attention's fast kernels take them
         k, v = dequantize_rows(cache.k, cache.k_scale), dequantize_rows(cache.v, cache.v_scale)
+        if ends_cache(positions, cache.pos, cache.key_mask):
+            return attention(q, k, v)
         return attention(q, k, v, q_pos=positions, k_pos=cache.pos, key_mask=cache.key_mask)
     if isinstance(cache, QuantKVState):
         return quantized_attention(q, cache.k, cache.k_scale, cache.v, cache.v_scale, q_pos=positions,

@@ -14,9 +14,10 @@ from looplm.generate import (
     prefill,
     prefill_chunk,
 )
-from looplm.layers import kv_cache
+from looplm.layers import kv_cache, mixers
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import quantize_model
+from looplm.quant.state import compress_state, decompress_state
 
 BASE = dict(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, n_core=3, init_std=0.2)
 CHUNKED = {
@@ -153,3 +154,37 @@ def test_the_head_runs_only_at_the_last_chunk():
         assert calls == [2] and out.logits.shape == (2, 97)
         none = model(ids[:, :3], use_cache=True, logits_at=torch.zeros(2, 3, dtype=torch.bool))
     assert calls == [2] and none.logits.shape == (0, 97)
+
+
+@pytest.mark.parametrize("state_format", [None, "int8"])
+def test_a_chunk_after_a_cache_attends_by_index_as_by_position(state_format, monkeypatch):
+    """A chunk's queries at the end of an unmasked cache attend without positions or a mask (float
+    cache, and an int8 one read in float): the same logits and state as the position-masked path."""
+    model = make(dict(mixer="attention", n_heads=4, n_kv_heads=1))
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        state = model.init_state(2)
+        if state_format:
+            state = decompress_state(compress_state(state, state_format))
+        return prefill(model, ids, state=state.reserve(40), chunk=16)
+
+    calls = []
+    ends = mixers.ends_cache
+    with torch.no_grad(), decoding_mode(model):
+        monkeypatch.setattr(mixers, "ends_cache", lambda *a: calls.append(1) or ends(*a))
+        got = run()
+        assert calls
+        monkeypatch.setattr(mixers, "ends_cache", lambda *a: False)
+        want = run()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_ends_cache_only_for_queries_that_end_an_unmasked_cache_in_order():
+    pos, kpos, keep = torch.arange(16, 32)[None], torch.arange(32)[None], torch.ones(1, 32, dtype=torch.bool)
+    assert mixers.ends_cache(pos, kpos, keep)
+    assert not mixers.ends_cache(pos[:, -1:], kpos, keep)  # one query: the decoding step's own path
+    assert not mixers.ends_cache(pos, kpos, keep.index_fill(1, torch.tensor([3]), False))  # a masked slot
+    assert not mixers.ends_cache(pos - 1, kpos, keep)  # not the cache's last slots
+    assert not mixers.ends_cache(pos, kpos.index_fill(1, torch.tensor([2]), 40), keep)  # a slot after them
+    assert not mixers.ends_cache(pos.flip(1), kpos.index_copy(1, torch.arange(16, 32), pos.flip(1)), keep)
