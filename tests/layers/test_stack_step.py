@@ -95,7 +95,10 @@ def test_stack_step_runs_on_decoding_and_leaves_older_states_intact(monkeypatch)
 def test_a_few_tokens_of_one_row_equal_the_python_layers(fmt, kv_heads, prompt, tokens, threads):
     """A forward of T > 1 tokens of one row over a cache (speculative decoding's verification) runs
     the whole stack in one call (``attn_stack_verify``), causal among the T tokens: logits, caches
-    and FLOPs equal the Python layers'; the state it started from is left as it was."""
+    and FLOPs equal the Python layers'; the state it started from is left as it was. Quantised
+    weights: both paths quantise each projection's input to int8, and their float sums (attention,
+    norms) differ by ~1e-7, which can move one activation code by a step at a rounding tie: ~1e-3
+    in the logits, far below what a wrong mask or cache slot gives."""
     torch.manual_seed(prompt + tokens)
     m = _model(fmt, n_kv_heads=kv_heads, max_seq_len=512)
     ids = torch.randint(0, 96, (2, prompt + tokens))
@@ -110,13 +113,14 @@ def test_a_few_tokens_of_one_row_equal_the_python_layers(fmt, kv_heads, prompt, 
         with cpp_ext.kernels("ops"):
             want = m(ids[:1, prompt:], state=base, logits_at=at)
     assert calls == [True, True, False]
-    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if fmt is None else 1e-2
+    torch.testing.assert_close(out.logits, want.logits, rtol=tol, atol=tol)
     torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
     assert out.stats["flops"] == pytest.approx(want.stats["flops"])
     for key, s in out.state.layers.items():
         r, b = want.state.layers[key], base.layers[key]
-        torch.testing.assert_close(s.k, r.k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(s.v, r.v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.k, r.k, rtol=tol, atol=tol)
+        torch.testing.assert_close(s.v, r.v, rtol=tol, atol=tol)
         assert torch.equal(s.key_mask, r.key_mask) and torch.equal(s.pos, r.pos)
         assert torch.equal(s.seen, r.seen) and b.k.shape[1] == prompt
     assert torch.equal(out.state.positions, want.state.positions)

@@ -63,6 +63,29 @@ def test_kernel_equals_reference(fmt, rows, n, groups32, group, threads, seed):
 
 
 @needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4"]), rows=st.integers(2, 15), n=st.integers(1, 70),
+       groups32=st.sampled_from([1, 2, 3, 4, 5, 6, 18, 48]), group=st.sampled_from([0, 32, 64, 128]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_a_row_among_others_equals_the_row_alone(fmt, rows, n, groups32, group, threads, seed):
+    """A few rows (a verification's draft tokens) share each weight vector's unpacking; every row's
+    result is bit for bit what a one-row product (a decoding step) gives, so speculative decoding
+    with a quantised model stays lossless. From bf16_rows() rows on the bfloat16 route differs."""
+    k = GROUP * groups32
+    if (fmt == "int4" and group == 0) or k % max(group, 1):
+        group = 32
+    rows = min(rows, (bf16_rows() or 16) - 1)
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    x[seed % rows, :GROUP] = 0  # an all-zero activation group in one row
+    parts, _ = _parts(fmt, w, group)
+    with torch_threads(threads), torch.no_grad():
+        together = qlinear(x, parts)
+        alone = torch.cat([qlinear(x[t:t + 1], parts) for t in range(rows)])
+    assert torch.equal(together, alone)
+
+
+@needs_kernel
 @pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 32), ("int8", 192), ("int4", 32), ("int4", 64)])
 def test_kernel_within_the_activation_rounding_bound(fmt, group):
     """|kernel - x Ŵᵀ| ≤ Σ_i (d_b(i)/2)·|Ŵ_i| (each int8 activation is off by at most half a step)."""

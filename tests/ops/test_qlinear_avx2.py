@@ -1,5 +1,6 @@
 """The few-row int8 (per row and grouped) / int4 kernel built for an AVX2-only CPU (older AMD EPYCs:
-no AVX-512, no VNNI) against its PyTorch reference, in a subprocess that loads only that build."""
+no AVX-512, no VNNI) against its PyTorch reference, rows together equal to rows alone, in a subprocess
+that loads only that build."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ SCRIPT = textwrap.dedent("""
             parts = [q["q"], q["scale"]] if fmt == "int8" else [q["packed"], q["scale"], q["offset"]]
             got, want = torch.ops.looplm.qlinear(x, parts), qlinear_reference(x, parts)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            alone = torch.cat([torch.ops.looplm.qlinear(x[t:t + 1], parts) for t in range(rows)])
+            assert torch.equal(got, alone), (fmt, group, k)  # rows taken together: each row's own result
     print("ok")
 """)
 

@@ -130,6 +130,19 @@ struct QRow {
     xeo.resize(k);
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + b * kQGroup;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      // the scalar loop below in vectors: the same roundings (the current mode, nearest even)
+      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inv)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inv)));
+      const __m256i v = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq.data() + b * kQGroup), v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ax.data() + b * kQGroup), _mm256_abs_epi8(v));
+      const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(v));
+      const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
       float amax = 0;
       for (int64_t i = 0; i < kQGroup; ++i) amax = std::max(amax, std::fabs(xb[i]));
       const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
@@ -142,6 +155,7 @@ struct QRow {
         bits |= static_cast<uint32_t>(v < 0) << i;
         s += v;
       }
+#endif
       d[b] = db;
       bsum[b] = db * static_cast<float>(s);
       neg[b] = bits;
@@ -178,48 +192,90 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// y[i] = sum_b d_b s_i,G(b) (xq_b . q_b) for R consecutive int8 weight rows q (row stride k) with
-// `groups` scales each (row stride groups). Grouped: each activation group's factor d_b becomes
-// d_b s_i,G(b); per row (groups == 1): the row's scale multiplies the sum once at the end.
-template <int R, bool Grouped>
-inline void dot_i8(const QRow& x, const int8_t* q, const float* scale, int64_t groups, float* y) {
-  const int64_t k = x.k, nb = k / kQGroup, per = nb / groups;
+#ifdef LOOPLM_VNNI
+// The sum of a's 16 lanes as ((c0 + c2) + (c1 + c3)) over its 128-bit chunks c, then (e0 + e2) +
+// (e1 + e3) over the 4 floats e left: reduce4's order for one vector.
+inline float reduce1(__m512 a) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+// out[i] = reduce1(a[i]) for 4 vectors at once (the same additions, shared shuffles).
+inline void reduce4(const __m512* a, float* out) {
+  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
+  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));  // chunk i: a[i]'s 4
+  const __m512 p = _mm512_add_ps(q, _mm512_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512 t = _mm512_add_ps(p, _mm512_shuffle_ps(p, p, _MM_SHUFFLE(2, 3, 0, 1)));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(
+                         _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), t)));
+}
+#endif
+
+// y[r ldy + i] = sum_b d_b s_i,G(b) (xq_b . q_b) for R consecutive int8 weight rows q (row stride k)
+// with `groups` scales each (row stride groups) and NR activation rows x[r]. Grouped: each
+// activation group's factor d_b becomes d_b s_i,G(b); per row (groups == 1): the row's scale
+// multiplies the sum once at the end. Each weight vector is loaded once for all NR rows; every
+// (weight row, activation row) pair runs the same operations in the same order as NR == 1 does,
+// so a row's result does not depend on the rows beside it.
+template <int R, int NR, bool Grouped>
+inline void dot_i8(const QRow* const* x, const int8_t* q, const float* scale, int64_t groups, float* y,
+                   int64_t ldy) {
+  const int64_t k = x[0]->k, nb = k / kQGroup, per = nb / groups;
 #ifdef LOOPLM_SIMD
-  __m256 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 acc[R][NR];
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
   int64_t G = 0, left = per;  // the weight group of activation group b, and its activation groups to go
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ax.data() + b * kQGroup));
+    __m256i a[NR];
 #ifdef LOOPLM_VNNI
-    const __mmask32 neg = static_cast<__mmask32>(x.neg[b]);
+    __mmask32 neg[NR];
 #else
-    const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq.data() + b * kQGroup));
+    __m256i xs[NR];
 #endif
+    for (int r = 0; r < NR; ++r) {
+      a[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r]->ax.data() + b * kQGroup));
+#ifdef LOOPLM_VNNI
+      neg[r] = static_cast<__mmask32>(x[r]->neg[b]);
+#else
+      xs[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r]->xq.data() + b * kQGroup));
+#endif
+    }
     for (int i = 0; i < R; ++i) {
-      const __m256 db = _mm256_set1_ps(Grouped ? x.d[b] * scale[i * groups + G] : x.d[b]);
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * k + b * kQGroup));
+      for (int r = 0; r < NR; ++r) {
+        const __m256 db = _mm256_set1_ps(Grouped ? x[r]->d[b] * scale[i * groups + G] : x[r]->d[b]);
 #ifdef LOOPLM_VNNI
-      const __m256i sw = _mm256_mask_sub_epi8(w, neg, _mm256_setzero_si256(), w);
+        const __m256i sw = _mm256_mask_sub_epi8(w, neg[r], _mm256_setzero_si256(), w);
 #else
-      const __m256i sw = _mm256_sign_epi8(w, xs);  // the sign of x moved onto w (0 where x is 0)
+        const __m256i sw = _mm256_sign_epi8(w, xs[r]);  // the sign of x moved onto w (0 where x is 0)
 #endif
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dpbusd(_mm256_setzero_si256(), a, sw)), db, acc[i]);
+        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dpbusd(_mm256_setzero_si256(), a[r], sw)), db, acc[i][r]);
+      }
     }
     if (Grouped && --left == 0) {
       ++G;
       left = per;
     }
   }
-  for (int i = 0; i < R; ++i) y[i] = Grouped ? hsum(acc[i]) : hsum(acc[i]) * scale[i];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < R; ++i) y[r * ldy + i] = Grouped ? hsum(acc[i][r]) : hsum(acc[i][r]) * scale[i];
 #else
-  for (int i = 0; i < R; ++i) {
-    float acc = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      int32_t s = 0;
-      for (int64_t e = 0; e < kQGroup; ++e) s += int32_t(x.xq[b * kQGroup + e]) * int32_t(q[i * k + b * kQGroup + e]);
-      acc += (Grouped ? x.d[b] * scale[i * groups + b / per] : x.d[b]) * static_cast<float>(s);
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < R; ++i) {
+      float acc = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t s = 0;
+        for (int64_t e = 0; e < kQGroup; ++e)
+          s += int32_t(x[r]->xq[b * kQGroup + e]) * int32_t(q[i * k + b * kQGroup + e]);
+        acc += (Grouped ? x[r]->d[b] * scale[i * groups + b / per] : x[r]->d[b]) * static_cast<float>(s);
+      }
+      y[r * ldy + i] = Grouped ? acc : acc * scale[i];
     }
-    y[i] = Grouped ? acc : acc * scale[i];
   }
 #endif
 }
@@ -233,34 +289,35 @@ inline int32_t dot_i4_group(const QRow& x, const uint8_t* packed, int64_t b) {
   return s;
 }
 
-// R consecutive int4 weight rows (packed row stride k/2, scale / offset row stride k/g) times x;
-// xs [k/g]: sum of x's activation-group sums per weight group (the offset terms). A vector step takes 128 inputs
-// (64 bytes, 512-bit) or 64 (32 bytes): 32-bit lane l sums the products of inputs [8 l, 8 l + 8)
-// of the step (low nibbles with the even inputs, high with the odd: x.xeo's layout), so each lane
-// lies in one activation group of 32 and is scaled by its d and its weight group's scale.
-template <int R>
-inline void dot_i4(const QRow& x, const uint8_t* packed, const float* scale, const float* offset, int64_t g,
-                   const float* xs, float* y) {
-  const int64_t k = x.k, per = g / kQGroup, groups = k / g, pk = k / 2;
-  float acc[R] = {0};
-  int64_t done = 0;  // inputs handled by the vector loops
+// R consecutive int4 weight rows (packed row stride k/2, scale / offset row stride k/g) times NR
+// activation rows x[r] into y[r ldy + i]; xs[r] [k/g]: the sum of row r's activation-group sums per
+// weight group (the offset terms). A vector step takes 128 inputs (64 bytes, 512-bit) or 64 (32
+// bytes): 32-bit lane l sums the products of inputs [8 l, 8 l + 8) of the step (low nibbles with
+// the even inputs, high with the odd: x.xeo's layout), so each lane lies in one activation group
+// of 32 and is scaled by its d and its weight group's scale. The codes of a step are loaded and
+// unpacked once for all NR rows; every (weight row, activation row) pair runs the same operations
+// in the same order as NR == 1 does, so a row's result does not depend on the rows beside it.
+template <int R, int NR>
+inline void dot_i4(const QRow* const* x, const uint8_t* packed, const float* scale, const float* offset, int64_t g,
+                   const float* const* xs, float* y, int64_t ldy) {
+  const int64_t k = x[0]->k, per = g / kQGroup, groups = k / g, pk = k / 2;
+  float acc[R][NR] = {};
+  int64_t done = 0;       // inputs handled by the vector loops
+  bool offsets = false;   // whether acc holds the offset terms
 #ifdef LOOPLM_SIMD
   {
 #ifdef LOOPLM_VNNI
     if (g == 32 || g == 64 || g % 128 == 0) {  // lanes' scales: 4, 2 or 1 per step
-      __m512 zacc[R];
-      for (int i = 0; i < R; ++i) zacc[i] = _mm512_setzero_ps();
+      __m512 zacc[NR][R];
+      for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < R; ++i) zacc[r][i] = _mm512_setzero_ps();
       const __m512i low = _mm512_set1_epi8(15);
       const __m512i spread = g == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                      : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
       for (; done + 128 <= k; done += 128) {
-        const __m512i xe = _mm512_loadu_si512(x.xeo.data() + done);
-        const __m512i xo = _mm512_loadu_si512(x.xeo.data() + done + 64);
-        const __m512 dl = _mm512_loadu_ps(x.lane_d.data() + done / 8);
         for (int i = 0; i < R; ++i) {
           const __m512i v = _mm512_loadu_si512(packed + i * pk + done / 2);
           const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-          const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe), hi, xo);
           const float* sc = scale + i * groups + done / g;
           __m512 sl;
           if (g == 32) {
@@ -271,77 +328,157 @@ inline void dot_i4(const QRow& x, const uint8_t* packed, const float* scale, con
           } else {
             sl = _mm512_set1_ps(*sc);
           }
-          zacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sl, dl), zacc[i]);
+          for (int r = 0; r < NR; ++r) {
+            const __m512i xe = _mm512_loadu_si512(x[r]->xeo.data() + done);
+            const __m512i xo = _mm512_loadu_si512(x[r]->xeo.data() + done + 64);
+            const __m512 dl = _mm512_loadu_ps(x[r]->lane_d.data() + done / 8);
+            const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe), hi, xo);
+            zacc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sl, dl), zacc[r][i]);
+          }
         }
       }
-      for (int i = 0; i < R; ++i) acc[i] = _mm512_reduce_add_ps(zacc[i]);
+      if (done + 64 <= k) {  // 64 inputs left (x.xeo: 32 even, 32 odd) in 256-bit vectors, into the low lanes
+        const __m256i low4 = _mm256_set1_epi8(15);
+        for (int i = 0; i < R; ++i) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + i * pk + done / 2));
+          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          const float* sc = scale + i * groups + done / g;
+          const __m256 sl = g == 32 ? _mm256_setr_ps(sc[0], sc[0], sc[0], sc[0], sc[1], sc[1], sc[1], sc[1])
+                                    : _mm256_set1_ps(sc[0]);
+          for (int r = 0; r < NR; ++r) {
+            const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r]->xeo.data() + done));
+            const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r]->xeo.data() + done + 32));
+            const __m256 dl = _mm256_loadu_ps(x[r]->lane_d.data() + done / 8);
+            const __m256i s = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
+            zacc[r][i] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(s)),
+                                         _mm512_zextps256_ps512(_mm256_mul_ps(sl, dl)), zacc[r][i]);
+          }
+        }
+        done += 64;
+      }
+      for (int64_t G = 0; G < groups; G += 16) {  // the offset terms, 16 weight groups at a time
+        const __mmask16 m = static_cast<__mmask16>(groups - G >= 16 ? 0xFFFF : (1u << (groups - G)) - 1);
+        for (int i = 0; i < R; ++i) {
+          const __m512 off = _mm512_maskz_loadu_ps(m, offset + i * groups + G);
+          for (int r = 0; r < NR; ++r)
+            zacc[r][i] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, xs[r] + G), zacc[r][i]);
+        }
+      }
+      offsets = true;
+      float sums[R];
+      for (int r = 0; r < NR; ++r) {
+        if constexpr (R == 4) {
+          reduce4(zacc[r], sums);
+        } else {
+          for (int i = 0; i < R; ++i) sums[i] = reduce1(zacc[r][i]);
+        }
+        for (int i = 0; i < R; ++i) acc[i][r] = sums[i];
+      }
     }
 #endif
-    __m256 facc[R];
-    for (int i = 0; i < R; ++i) facc[i] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(15);
-    const __m256i first_half = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    const bool by128 = done == 0;  // no 512-bit loop: x.xeo is laid out per 128 inputs up to k - k % 128
-    const bool one_scale = g % 64 == 0;  // else g == 32 (two per step) or the scalar loop
-    for (; (g == 32 || one_scale) && done + 64 <= k; done += 64) {  // 64 inputs: 32 bytes, 8 lanes
-      // where x.xeo holds [64 even, 64 odd] per 128 inputs, the 32 even of this half start at
-      // done - done % 128 + done % 128 / 2, the odd 64 later
-      const bool in128 = by128 && done - done % 128 + 128 <= k;
-      const int64_t e0 = in128 ? done - done % 128 + (done % 128) / 2 : done, o0 = e0 + (in128 ? 64 : 32);
-      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + e0));
-      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xeo.data() + o0));
-      const __m256 dl = _mm256_loadu_ps(x.lane_d.data() + done / 8);
-      for (int i = 0; i < R; ++i) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + i * pk + done / 2));
-        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        const __m256i s = dpbusd(dpbusd(_mm256_setzero_si256(), lo, xe), hi, xo);
-        const float* sc = scale + i * groups;
-        __m256 sl;
-        if (g == 32) {  // lanes 0-3: group done/32, lanes 4-7: the next one
-          sl = _mm256_permutevar8x32_ps(
-              _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sc + done / 32)))),
-              first_half);
-        } else {
-          sl = _mm256_set1_ps(sc[done / g]);
+    if (!offsets) {  // no 512-bit loop: 64 inputs a step
+      __m256 facc[R][NR];
+      for (int i = 0; i < R; ++i)
+        for (int r = 0; r < NR; ++r) facc[i][r] = _mm256_setzero_ps();
+      const __m256i low = _mm256_set1_epi8(15);
+      const __m256i first_half = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+      const bool by128 = done == 0;  // no 512-bit loop: x.xeo is laid out per 128 inputs up to k - k % 128
+      const bool one_scale = g % 64 == 0;  // else g == 32 (two per step) or the scalar loop
+      for (; (g == 32 || one_scale) && done + 64 <= k; done += 64) {  // 64 inputs: 32 bytes, 8 lanes
+        // where x.xeo holds [64 even, 64 odd] per 128 inputs, the 32 even of this half start at
+        // done - done % 128 + done % 128 / 2, the odd 64 later
+        const bool in128 = by128 && done - done % 128 + 128 <= k;
+        const int64_t e0 = in128 ? done - done % 128 + (done % 128) / 2 : done, o0 = e0 + (in128 ? 64 : 32);
+        for (int i = 0; i < R; ++i) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + i * pk + done / 2));
+          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          const float* sc = scale + i * groups;
+          __m256 sl;
+          if (g == 32) {  // lanes 0-3: group done/32, lanes 4-7: the next one
+            sl = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sc + done / 32)))),
+                first_half);
+          } else {
+            sl = _mm256_set1_ps(sc[done / g]);
+          }
+          for (int r = 0; r < NR; ++r) {
+            const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r]->xeo.data() + e0));
+            const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r]->xeo.data() + o0));
+            const __m256 dl = _mm256_loadu_ps(x[r]->lane_d.data() + done / 8);
+            const __m256i s = dpbusd(dpbusd(_mm256_setzero_si256(), lo, xe), hi, xo);
+            facc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sl, dl), facc[i][r]);
+          }
         }
-        facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sl, dl), facc[i]);
       }
+      for (int i = 0; i < R; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] += hsum(facc[i][r]);
     }
-    for (int i = 0; i < R; ++i) acc[i] += hsum(facc[i]);
   }
 #endif
-  for (int i = 0; i < R; ++i) {
-    const float* sc = scale + i * groups;
-    for (int64_t b = done / kQGroup; b < k / kQGroup; ++b)
-      acc[i] += sc[b / per] * x.d[b] * static_cast<float>(dot_i4_group(x, packed + i * pk, b));
-    y[i] = acc[i] + dot(offset + i * groups, xs, groups);
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < R; ++i) {
+      const float* sc = scale + i * groups;
+      for (int64_t b = done / kQGroup; b < k / kQGroup; ++b)
+        acc[i][r] += sc[b / per] * x[r]->d[b] * static_cast<float>(dot_i4_group(*x[r], packed + i * pk, b));
+      y[r * ldy + i] = offsets ? acc[i][r] : acc[i][r] + dot(offset + i * groups, xs[r], groups);
+    }
   }
 }
 
-// Rows [j0, j1) of W times x into o[j - j0] (xf: x in float32, xs: as dot_i4 takes it).
-inline void qrows(const QWeight& W, const QRow& x, const float* xf, const float* xs, int64_t j0, int64_t j1,
-                  float* o) {
+// Activation rows a call of the dot products takes at once (each weight vector unpacked once for
+// them all: a verification's few rows); more are taken in turns. Fewer on AVX2, which has 16
+// vector registers instead of 32.
+#ifdef LOOPLM_VNNI
+constexpr int kActRows = 8;
+#else
+constexpr int kActRows = 2;
+#endif
+
+// Rows [j0, j1) of W times the nr <= kActRows activation rows x[r] (float32 xf[r], xs[r] as dot_i4
+// takes it) into o[r ldo + j - j0], a few weight rows at a time.
+template <int NR>
+inline void qrows_of(const QWeight& W, const QRow* const* x, const float* const* xf, const float* const* xs,
+                     int64_t j0, int64_t j1, float* o, int64_t ldo) {
   const int64_t k = W.k;
-  constexpr int R = 4;
+  constexpr int R = NR <= 4 ? 4 : 2;  // weight rows at a time: R x NR accumulators in registers
   int64_t j = j0;
   o -= j0;
   if (W.kind == QWeight::F32) {
-    for (; j < j1; ++j) o[j] = dot(xf, W.w + j * k, k);
+    for (int r = 0; r < NR; ++r)
+      for (j = j0; j < j1; ++j) o[r * ldo + j] = dot(xf[r], W.w + j * k, k);
   } else if (W.kind == QWeight::I8) {
     const int64_t groups = k / W.group;
     if (groups == 1) {
-      for (; j + R <= j1; j += R) dot_i8<R, false>(x, W.q + j * k, W.scale + j, 1, o + j);
-      for (; j < j1; ++j) dot_i8<1, false>(x, W.q + j * k, W.scale + j, 1, o + j);
+      for (; j + R <= j1; j += R) dot_i8<R, NR, false>(x, W.q + j * k, W.scale + j, 1, o + j, ldo);
+      for (; j < j1; ++j) dot_i8<1, NR, false>(x, W.q + j * k, W.scale + j, 1, o + j, ldo);
     } else {
-      for (; j + R <= j1; j += R) dot_i8<R, true>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
-      for (; j < j1; ++j) dot_i8<1, true>(x, W.q + j * k, W.scale + j * groups, groups, o + j);
+      for (; j + R <= j1; j += R) dot_i8<R, NR, true>(x, W.q + j * k, W.scale + j * groups, groups, o + j, ldo);
+      for (; j < j1; ++j) dot_i8<1, NR, true>(x, W.q + j * k, W.scale + j * groups, groups, o + j, ldo);
     }
   } else {
     const int64_t groups = k / W.group;
     for (; j + R <= j1; j += R)
-      dot_i4<R>(x, W.packed + j * (k / 2), W.scale + j * groups, W.offset + j * groups, W.group, xs, o + j);
+      dot_i4<R, NR>(x, W.packed + j * (k / 2), W.scale + j * groups, W.offset + j * groups, W.group, xs, o + j, ldo);
     for (; j < j1; ++j)
-      dot_i4<1>(x, W.packed + j * (k / 2), W.scale + j * groups, W.offset + j * groups, W.group, xs, o + j);
+      dot_i4<1, NR>(x, W.packed + j * (k / 2), W.scale + j * groups, W.offset + j * groups, W.group, xs, o + j, ldo);
+  }
+}
+
+// qrows_of for nr = 1 .. kActRows activation rows.
+inline void qrows(int64_t nr, const QWeight& W, const QRow* const* x, const float* const* xf, const float* const* xs,
+                  int64_t j0, int64_t j1, float* o, int64_t ldo) {
+  switch (nr) {
+    case 1: return qrows_of<1>(W, x, xf, xs, j0, j1, o, ldo);
+    case 2: return qrows_of<2>(W, x, xf, xs, j0, j1, o, ldo);
+#ifdef LOOPLM_VNNI
+    case 3: return qrows_of<3>(W, x, xf, xs, j0, j1, o, ldo);
+    case 4: return qrows_of<4>(W, x, xf, xs, j0, j1, o, ldo);
+    case 5: return qrows_of<5>(W, x, xf, xs, j0, j1, o, ldo);
+    case 6: return qrows_of<6>(W, x, xf, xs, j0, j1, o, ldo);
+    case 7: return qrows_of<7>(W, x, xf, xs, j0, j1, o, ldo);
+    case 8: return qrows_of<8>(W, x, xf, xs, j0, j1, o, ldo);
+#endif
+    default: TORCH_CHECK(false, "qrows: ", nr, " rows at once, at most ", kActRows);
   }
 }
 
@@ -472,9 +609,14 @@ constexpr int64_t kGemmRows = 4;
 // (each with its column offset `offs`), all weight rows over threads. Quantised weights use xq.
 inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<QWeight>& ws,
                      const std::vector<int64_t>& offs, float* out, int64_t width) {
-  std::vector<QRow> xq;
+  // the rows quantised, and per weight and row the activation-group sums per weight group: kept per
+  // thread between calls (a decoding step makes ~100 calls; their buffers keep their sizes)
+  thread_local std::vector<QRow> xq_kept;
+  thread_local std::vector<std::vector<float>> xs_kept;
+  std::vector<QRow>& xq = xq_kept;  // (the lambdas below run on other threads: they capture these)
+  std::vector<std::vector<float>>& xs = xs_kept;
   const QRow none;
-  std::vector<std::vector<float>> xs(ws.size() * rows);  // per weight and row: activation-group sums per weight group
+  if (xs.size() < ws.size() * rows) xs.resize(ws.size() * rows);
   bool any_q = false;
   int64_t total = 0;
   for (const QWeight& w : ws) {
@@ -505,7 +647,7 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
   }
 #endif
   if (any_q) {
-    xq.resize(rows);
+    if (xq.size() < static_cast<size_t>(rows)) xq.resize(rows);
     at::parallel_for(0, rows, 8, [&](int64_t a, int64_t e) {
       for (int64_t r = a; r < e; ++r) xq[r].set(x + r * k, k);
     });
@@ -520,20 +662,30 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
     }
   }
   // Weight rows in tiles of kTile, each tile times every row of x while it sits in cache (many
-  // rows of x: a prefill), tiles over threads.
+  // rows of x: a prefill), kActRows rows of x at a time, tiles over threads.
   constexpr int64_t kTile = 64;
+  std::vector<const QRow*> xr(static_cast<size_t>(rows), &none);
+  std::vector<const float*> xf(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    if (any_q) xr[r] = &xq[r];
+    xf[r] = x + r * k;
+  }
   at::parallel_for(0, total, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(static_cast<size_t>(kTile));
+    std::vector<float> buf(static_cast<size_t>(kActRows * kTile));
+    std::vector<const float*> xsp(static_cast<size_t>(rows), nullptr);
     int64_t base = 0;
     for (size_t p = 0; p < ws.size(); ++p) {
       const QWeight& W = ws[p];
       const int64_t a0 = std::max(r0, base) - base, e0 = std::min(r1, base + W.n) - base;
+      if (W.kind == QWeight::I4)
+        for (int64_t r = 0; r < rows; ++r) xsp[r] = xs[p * rows + r].data();
       for (int64_t a = a0; a < e0; a += kTile) {
         const int64_t e = std::min(e0, a + kTile);
-        for (int64_t r = 0; r < rows; ++r) {
-          qrows(W, any_q ? xq[r] : none, x + r * k, W.kind == QWeight::I4 ? xs[p * rows + r].data() : nullptr,
-                a, e, buf.data());
-          for (int64_t j = a; j < e; ++j) out[r * width + offs[p] + j] = buf[j - a];
+        for (int64_t r = 0; r < rows; r += kActRows) {
+          const int64_t nr = std::min<int64_t>(kActRows, rows - r);
+          qrows(nr, W, xr.data() + r, xf.data() + r, xsp.data() + r, a, e, buf.data(), kTile);
+          for (int64_t t = 0; t < nr; ++t)
+            for (int64_t j = a; j < e; ++j) out[(r + t) * width + offs[p] + j] = buf[t * kTile + j - a];
         }
       }
       base += W.n;
