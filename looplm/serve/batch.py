@@ -7,8 +7,9 @@ its first ``B`` rows. Every row's cache ends at the same slot ``end`` (a decodin
 there for every row, in place: :func:`looplm.layers.kv_cache.in_place`); row ``b``'s own slots
 are ``[end - len_b, end)`` and the slots before are unused (``key_mask`` False, ``pos`` 0), which
 the attention skips (the whole-stack step takes each row's first seen slot), so each row decodes
-as it would alone. Unused slots hold finite old values (storage starts zeroed), so masked
-attention never meets NaN.
+as it would alone. Storage is allocated uninitialised (its pages become resident only as rows
+use them); a row's unused front slots are zeroed when it joins or moves right, so masked
+attention never meets a NaN there, and slots past ``end`` are written before they are read.
 
 - A request joins (:meth:`BatchState.add`): its one-row state is copied into row ``B`` ending at
   ``end``; a cache longer than ``end`` first moves every row right (copies the caches; rare: a
@@ -50,7 +51,7 @@ class _Cache:
         capacity = _round_up(max(2 * (first.k.shape[1] + 1), min_slots))
         self.names = slot_fields(self.cls)
         like = [getattr(first, n) for n in self.names]
-        self.parts = [t.new_zeros(max_rows, capacity, *t.shape[2:]) for t in like]
+        self.parts = [t.new_empty(max_rows, capacity, *t.shape[2:]) for t in like]
         self.end = 0
         self.rows = 0
         self.seen = first.seen[:0]
@@ -69,9 +70,9 @@ class _Cache:
         return [p[rows, a:b] for p in self.parts]
 
     def _blank(self, rows: slice | int, a: int, b: int) -> None:
-        """Slots ``[a, b)`` of ``rows`` unused (key_mask False, pos 0)."""
-        self.parts[2][rows, a:b] = False
-        self.parts[3][rows, a:b] = 0
+        """Slots ``[a, b)`` of ``rows`` unused: every field zero (key_mask False, pos 0, k and v 0)."""
+        for p in self.parts:
+            p[rows, a:b] = 0
 
     def _move(self, shift: int, room: int, grow: bool = False) -> None:
         """Every row's slots moved by ``shift`` (> 0: right, < 0: left), with ``room`` spare slots
@@ -80,7 +81,7 @@ class _Cache:
         need = end + room
         if grow or need > self.capacity:
             size = _round_up(max(2 * need, self.min_slots))
-            bigger = [p.new_zeros(p.shape[0], size, *p.shape[2:]) for p in self.parts]
+            bigger = [p.new_empty(p.shape[0], size, *p.shape[2:]) for p in self.parts]
             for dst, src in zip(bigger, self.parts):
                 dst[:self.rows, max(shift, 0):max(shift, 0) + min(end, self.end)] = \
                     src[:self.rows, max(-shift, 0):self.end]
@@ -140,7 +141,7 @@ class _Cache:
         if not mine:
             if n + 1 > self.capacity:
                 size = _round_up(2 * (n + 1))
-                self.parts = [p.new_zeros(p.shape[0], size, *p.shape[2:]) for p in self.parts]
+                self.parts = [p.new_empty(p.shape[0], size, *p.shape[2:]) for p in self.parts]
             for dst, t in zip(self._fields(slice(0, self.rows), 0, n), fields):
                 dst.copy_(t)
             self.end, self.seen = n, new.seen

@@ -104,6 +104,37 @@ def test_a_batch_of_attention_caches_of_different_lengths_takes_the_stack_step(m
     assert all(type(s) is not KVState or s.k.shape[1] == 34 for s in batch.state().layers.values())
 
 
+def test_unused_storage_never_reaches_the_logits():
+    """Storage is uninitialised: with every slot of it NaN before rows join (as recycled memory may
+    hold), rows of different lengths, a leave and steps through the Python layers' masked
+    attention still give each row's logits alone."""
+    model = tiny_model("hybrid")
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 259, (1, n), generator=gen) for n in (20, 3, 9)]
+    tokens = torch.randint(3, 259, (3, 4), generator=gen)
+    with torch.no_grad(), decoding_mode(model), cpp_ext.kernels("torch"):
+        alone = [_alone(model, p, tokens[i].tolist(), False) for i, p in enumerate(prompts)]
+        batch = BatchState(3, min_slots=8)
+        batch.add(alone[0][0])
+        for cache in batch._caches.values():
+            for part in cache.parts:
+                if part.is_floating_point():
+                    part[1:] = float("nan")
+                    part[:, cache.end:] = float("nan")
+        batch.add(alone[1][0])
+        batch.add(alone[2][0])
+        rows = [0, 1, 2]
+        for step in range(4):
+            if step == 2:
+                batch.remove(0)
+                rows = [2, 1]
+            batch.reserve(1)
+            out = model(tokens[rows, step:step + 1], state=batch.state(), use_cache=True)
+            batch.update(out.state)
+            for i, j in enumerate(rows):
+                torch.testing.assert_close(out.logits[i, -1], alone[j][1][step], rtol=1e-4, atol=1e-4)
+
+
 def test_bad_use_is_refused():
     model = tiny_model("attention")
     batch = BatchState(1)
