@@ -196,9 +196,9 @@ inline void key_scores(const float* q, const float* keys, int64_t ld, int n, int
 // acc = sum exp(s - m) v per query head. The chunks are then combined per query head in chunk
 // order: o = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c. One parallel region per
 // call (each costs a fork and a barrier) and vector dot products instead of BLAS calls (at 64 keys a
-// call's packing costs more than the product). A chunk is attend_chunk.h's AVX-512 kernel where the
-// build has it and D is a multiple of 64; the portable path below dequantises int8 rows a chunk at a
-// time into a buffer of the thread's own.
+// call's packing costs more than the product). A chunk is attend_chunk.h's kernel where the build
+// has AVX-512 or AVX2 and D suits it; the portable path below dequantises int8 rows a chunk at a time
+// into a buffer of the thread's own.
 void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B, int64_t H, int64_t Hkv, int64_t D,
             int64_t S, const int64_t* first, float* op) {
   using looplm::Vec;
@@ -210,8 +210,8 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
   const int64_t per = 2 + D;
   std::vector<float> part(static_cast<size_t>(items * group * per));
   const bool quantised = kr.f == nullptr || vr.f == nullptr;
-#ifdef LOOPLM_ROWS_GEMM
-  const bool chunked = D % 64 == 0;  // attend_chunk.h's kernels
+#ifdef LOOPLM_ATTEND_CHUNK
+  const bool chunked = looplm::chunk_head_dim(D);  // attend_chunk.h's kernels
 #else
   const bool chunked = false;
 #endif
@@ -232,7 +232,7 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
         }
         const int n = static_cast<int>(hi - lo);
         const float* q = qp + (b * H + hk * group) * D;
-#ifdef LOOPLM_ROWS_GEMM
+#ifdef LOOPLM_ATTEND_CHUNK
         if (chunked) {
           if (!quantised) {
             const looplm::FloatRows keys{kr.f + b * kr.sb + lo * kr.ss + hk * D, kr.ss},
