@@ -300,7 +300,7 @@ def prefill_chunk(model: LoopLM) -> int:
     arithmetic. What a chunk adds to the peak memory, its activations, grows with the chunk, and the
     peak's budget (weights + cache + a share of the weights) with the weights' bytes. A chunk
     proportional to bytes per parameter keeps both shares the same in every format
-    (docs/mechanisms.md, chunked prefill)."""
+    (docs/mechanisms.md §4.5)."""
     per = PREFILL_TOKENS_PER_BYTE * weight_bytes_per_parameter(model)
     return max(MIN_PREFILL_CHUNK, 1 << int(math.log2(max(per, 1))))
 
