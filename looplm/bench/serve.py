@@ -337,12 +337,13 @@ def state_memory(config: LoopConfig, streams: int, tokens: int) -> list[dict[str
     return rows
 
 
-def engine_decode(model: LoopLM, tokenizer: Any, prompts: list[list[int]], new_tokens: int) -> float:
+def engine_decode(model: LoopLM, tokenizer: Any, prompts: list[list[int]], new_tokens: int,
+                  kv_cache: str | None = None) -> float:
     """Aggregate greedy decode tokens/s of the serving engine when ``prompts`` are served together
     (read in one prefill iteration, then every decoding step has all rows): the tokens of its
     decoding steps over their seconds, from its metrics."""
     eng = Engine(model, tokenizer, max_batch=len(prompts), max_queue=len(prompts),
-                 prefill_chunk=sum(len(p) for p in prompts))
+                 prefill_chunk=sum(len(p) for p in prompts), kv_cache=kv_cache)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     done = threading.Semaphore(0)
 
@@ -363,11 +364,13 @@ def engine_decode(model: LoopLM, tokenizer: Any, prompts: list[list[int]], new_t
 
 
 def engine_table(checkpoint: str, rows: list[int], prompt_len: int, new_tokens: int) -> list[dict[str, Any]]:
-    """The engine's decode tokens/s at each row count, float32 and int4, and transformers'
-    batched ``generate`` on the same weights (skipped with the reason when it cannot hold them)."""
+    """The engine's decode tokens/s at each row count, float32, int4 and int4 with int8 caches, and
+    transformers' batched ``generate`` on the same weights (skipped with the reason when it cannot
+    hold them)."""
     base = load_model(checkpoint).float().eval()
     tokenizer = load_tokenizer(checkpoint)
     models: dict[str, Any] = looplm_models(base, ["float32", "int4"], group_size=32)
+    models["looplm_int4_kv8"] = models["looplm_int4"]  # the same model, its caches held in int8
     c = base.config
     if not (c.mixer == "attention" and c.n_recursions == 1 and c.n_prelude == c.n_coda == 0
             and c.ffn == "dense" and c.tie_embeddings and not c.qkv_bias and c.rope_scaling is None):
@@ -382,8 +385,9 @@ def engine_table(checkpoint: str, rows: list[int], prompt_len: int, new_tokens: 
         ids = torch.randint(0, vocab, (n, prompt_len), generator=torch.Generator().manual_seed(n))
         for name, m in models.items():
             if name.startswith("looplm"):
-                engine_decode(m, tokenizer, ids[:, :4].tolist(), 2)  # warm-up (threads, allocator)
-                tok_s = engine_decode(m, tokenizer, ids.tolist(), new_tokens)
+                kv = "int8" if name.endswith("_kv8") else None
+                engine_decode(m, tokenizer, ids[:, :4].tolist(), 2, kv)  # warm-up (threads, allocator)
+                tok_s = engine_decode(m, tokenizer, ids.tolist(), new_tokens, kv)
             else:
                 secs = time_interleaved({"1": partial(hf_generate, m, ids, 1),
                                          "n": partial(hf_generate, m, ids, new_tokens + 1)},

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt + max_tokens summed over running requests at most (default: no limit)")
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens read per prefill forward (several prompts share them)")
+    parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                        help="attention caches in float or as int8 codes with a scale per cached row "
+                             "(a quarter of the bytes a decoding step reads; default float)")
     parser.add_argument("--max-stall", type=float, default=0.5,
                         help="seconds running streams may wait for prefill forwards between two decoding "
                         "steps (0: a decoding step after every prefill forward)")
@@ -67,7 +70,7 @@ def build_app(args: argparse.Namespace) -> Any:
     try:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_tokens_in_flight=args.max_tokens_in_flight, prefill_chunk=args.prefill_chunk,
-                        max_stall=args.max_stall)
+                        max_stall=args.max_stall, kv_cache=args.kv_cache)
     except ValueError as err:
         raise LoopLMError(str(err)) from None
     name = args.model_name or Path(args.checkpoint).resolve().name

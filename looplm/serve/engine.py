@@ -53,6 +53,7 @@ from looplm.generate import (
     sample_next,
 )
 from looplm.model import LoopLM
+from looplm.quant.state import compress_state, decompress_state
 from looplm.serve.batch import BatchState
 from looplm.serve.metrics import ServeMetrics
 from looplm.state import ModelState, cat_states, select_rows
@@ -145,14 +146,19 @@ class Engine:
     """Serves ``model`` (a LoopLM) with ``tokenizer``: ``max_batch`` requests decode together,
     at most ``max_queue`` wait (more: :class:`QueueFullError`), the running and prefilling
     requests together hold at most ``max_tokens_in_flight`` prompt + new tokens (None: no limit),
-    at most ``prefill_chunk`` prompt tokens are read per prefill forward (several prompts), and
-    running streams wait at most ``max_stall`` seconds for prefill forwards between two steps."""
+    at most ``prefill_chunk`` prompt tokens are read per prefill forward (several prompts),
+    running streams wait at most ``max_stall`` seconds for prefill forwards between two steps, and
+    ``kv_cache="int8"`` holds every attention cache as int8 codes with a scale per cached row
+    (:mod:`looplm.quant.state`; the decoding attention reads a quarter of the bytes)."""
 
     def __init__(self, model: LoopLM, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
                  max_tokens_in_flight: int | None = None, prefill_chunk: int = 256, max_stall: float = 0.5,
-                 metrics: ServeMetrics | None = None) -> None:
+                 kv_cache: str | None = None, metrics: ServeMetrics | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or not max_stall >= 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue and max_stall >= 0")
+        if kv_cache not in (None, "float", "int8"):
+            raise ValueError(f"kv_cache must be float or int8, got {kv_cache!r}")
+        self.kv_cache = None if kv_cache == "float" else kv_cache
         self.model = model
         self.tokenizer = tokenizer
         self.eos_id = getattr(tokenizer, "eos_id", None)
@@ -190,6 +196,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def _init_state(self) -> ModelState:
+        """A request's empty decoding state: its attention caches in ``kv_cache``'s format."""
+        state = self.model.init_state(1)
+        return state if self.kv_cache is None else decompress_state(compress_state(state, self.kv_cache))
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that can never be served (empty prompt, bad ids,
@@ -321,7 +332,7 @@ class Engine:
             req.read += T
         at = torch.zeros(len(group), T, dtype=torch.bool)
         at[:, -1] = torch.tensor([req.read == len(req.prompt) for req in group])  # head only there
-        state = cat_states([self.model.init_state(1) if req.state is None else req.state for req in group])
+        state = cat_states([self._init_state() if req.state is None else req.state for req in group])
         out = self.model(ids.to(self.device), state=state, use_cache=True, logits_at=at.to(self.device))
         for i, req in enumerate(group):  # each request keeps its own row, padding slots dropped
             req.state = out.state if len(group) == 1 else select_rows(out.state, [i])

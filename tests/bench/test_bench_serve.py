@@ -35,8 +35,9 @@ def test_bench_serve_quick(tmp_path, capsys):
     memory = {m["model"]: m for m in data["state_memory"]}
     assert memory["attention"]["vs_attention"] == 1
     assert 0 < memory["gated_deltanet"]["bytes"] < memory["hybrid"]["bytes"] < memory["attention"]["bytes"]
-    # the engine table: float32 and int4 on a gated DeltaNet (no transformers twin for it)
-    assert [(e["model"], e["rows"]) for e in data["engine"]] == [("looplm_float32", 3), ("looplm_int4", 3)]
+    # the engine table: float32, int4 and int4 with int8 caches on a gated DeltaNet (no transformers twin)
+    assert [(e["model"], e["rows"]) for e in data["engine"]] == [("looplm_float32", 3), ("looplm_int4", 3),
+                                                                 ("looplm_int4_kv8", 3)]
     assert all(e["decode_tok_s"] > 0 for e in data["engine"])
     printed = capsys.readouterr().out
     assert all(f"| {name} | 3 |" in printed for name in ("looplm", "looplm_int4", "looplm-int4"))
@@ -52,7 +53,7 @@ def test_bench_serve_engine_only(tmp_path, capsys):
                  "--threads", "1", "--out", str(out)]) == 0
     data = json.loads((out / "serve.json").read_text())
     assert "results" not in data and "state_memory" not in data  # no server was started
-    assert {e["model"] for e in data["engine"]} >= {"looplm_float32", "looplm_int4"}
+    assert {e["model"] for e in data["engine"]} >= {"looplm_float32", "looplm_int4", "looplm_int4_kv8"}
     assert all(e["rows"] == 2 and e["decode_tok_s"] > 0 for e in data["engine"])
     assert "| looplm_int4 | 2 |" in capsys.readouterr().out
     assert main(["bench", "serve", str(ckpt), "--engine-only", "--engine-rows", "", "--out", str(out)]) == 2

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("prometheus_client")
 
-from looplm.generate import generate_ids  # noqa: E402
+from looplm.generate import generate_ids, iter_tokens  # noqa: E402
+from looplm.layers.mixer_states import KVState, QuantKVState  # noqa: E402
 from looplm.serve.engine import Engine, QueueFullError, SamplingParams  # noqa: E402
 from tests.serve.util import CONFIGS, run_requests, tiny_model, tokenizer  # noqa: E402
 
@@ -239,3 +240,24 @@ def test_select_rows_compacts_padding_inside_a_cache():
         nxt = torch.tensor([[5]])
         torch.testing.assert_close(model(nxt, state=kept, use_cache=True).logits,
                                    model(nxt, state=alone.state, use_cache=True).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["attention", "hybrid"])
+def test_int8_caches_batched_equal_alone_and_stay_int8(name, engine_for):
+    """kv_cache="int8": the batch's attention caches are int8 codes (QuantKVState), and requests
+    batched get the tokens each gets alone (an attention model: those of ``iter_tokens`` holding its
+    state, i.e. its caches, in int8)."""
+    model = tiny_model(name)
+    eng = engine_for(model, max_batch=8, prefill_chunk=16, max_stall=0, kv_cache="int8")
+    sp = SamplingParams(max_tokens=10, temperature=0)
+    batched = run_requests(eng, [(p, sp) for p in PROMPTS])
+    alone = [run_requests(eng, [(p, sp)])[0] for p in PROMPTS]
+    assert batched == alone
+    caches = [s for s in eng._init_state().layers.values() if isinstance(s, KVState)]
+    assert caches and all(isinstance(s, QuantKVState) for s in caches)
+    if name == "attention":
+        want = [[int(t) for t in iter_tokens(model, [p], max_new_tokens=10, state_format="int8")]
+                for p in PROMPTS]
+        assert alone == want
+    with pytest.raises(ValueError, match="kv_cache"):
+        Engine(model, tokenizer(), kv_cache="int4")
