@@ -67,7 +67,7 @@ from looplm.generate import iter_tokens
 from looplm.perplexity import score_tokens, scored_bytes, windows
 from looplm.pretrained.convert import import_checkpoint
 from looplm.pretrained.pull import cached_model_path
-from looplm.quant.state import compress_state, decompress_state
+from looplm.quant.state import quantize_caches
 
 ROWS = ("transformers-float32", "llama.cpp", "looplm-float32", "looplm-bfloat16", "looplm-int8",
         "looplm-int4", "looplm-int8-kv8", "looplm-int4-kv8")
@@ -293,7 +293,7 @@ class LoopBackend(Backend):
 
     def window_logits(self, ids):
         """Through a cache in ``self.cache``: every key and value read back from its codes."""
-        state = decompress_state(compress_state(self.model.init_state(1), self.cache))
+        state = quantize_caches(self.model.init_state(1), self.cache)
         with torch.no_grad():
             return self.model(torch.tensor([ids]), state=state, use_cache=True).logits[0]
 

@@ -90,6 +90,13 @@ def quantize_cache(kv: KVState, fmt: str = "int8") -> QuantKVState:
     return QuantKVState(k, v, kv.key_mask, kv.pos, kv.seen, k_scale, v_scale)
 
 
+def quantize_caches(state: ModelState, fmt: str = "int8") -> ModelState:
+    """``state`` with its attention caches quantised (:func:`quantize_cache`), its other layer
+    states as they are: e.g. an empty state from which decoding keeps int8 caches."""
+    return ModelState(state.positions, {k: quantize_cache(s, fmt) if isinstance(s, KVState) else s
+                                        for k, s in state.layers.items()})
+
+
 def compress_state(state: ModelState, fmt: str = "int8") -> QuantizedState:
     """``state`` held in ``fmt``: attention caches as QuantKVState (already quantised ones as they
     are: O(1)), every floating tensor (≥ 2-D) of the other layer states as a QTensor."""

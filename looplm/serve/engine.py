@@ -53,7 +53,7 @@ from looplm.generate import (
     sample_next,
 )
 from looplm.model import LoopLM
-from looplm.quant.state import compress_state, decompress_state
+from looplm.quant.state import quantize_caches
 from looplm.serve.batch import BatchState
 from looplm.serve.metrics import ServeMetrics
 from looplm.state import ModelState, cat_states, select_rows
@@ -200,7 +200,7 @@ class Engine:
     def _init_state(self) -> ModelState:
         """A request's empty decoding state: its attention caches in ``kv_cache``'s format."""
         state = self.model.init_state(1)
-        return state if self.kv_cache is None else decompress_state(compress_state(state, self.kv_cache))
+        return state if self.kv_cache is None else quantize_caches(state, self.kv_cache)
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that can never be served (empty prompt, bad ids,

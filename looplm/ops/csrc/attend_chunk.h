@@ -20,6 +20,10 @@
 
 #include "rows_gemm.h"
 
+namespace looplm {
+constexpr int kChunkKeys = 64;  // cached rows per chunk of the split-K decoding attention
+}  // namespace looplm
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #define LOOPLM_ATTEND_CHUNK 1
@@ -70,8 +74,6 @@ inline float top(VF a) {
 #endif
 
 }  // namespace chunk
-
-constexpr int kChunkKeys = 64;  // rows per chunk
 
 // Rows of a cache side: row t, lanes [j, j + kLanes) as float32.
 struct FloatRows {

@@ -204,7 +204,7 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
   using looplm::Vec;
   const int64_t group = H / Hkv, V = Vec::size();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  constexpr int64_t kKeys = 64;  // keys per chunk (attend_chunk.h's kChunkKeys)
+  constexpr int64_t kKeys = looplm::kChunkKeys;  // keys per chunk
   const int64_t chunks = (S + kKeys - 1) / kKeys, items = B * Hkv * chunks;
   // per (row, key head, chunk) and query head of the group: m, l, then acc [D]
   const int64_t per = 2 + D;

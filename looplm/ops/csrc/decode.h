@@ -28,14 +28,6 @@ inline void check_float(const at::Tensor& t, const char* op, const char* name, s
               at::IntArrayRef(shape));
 }
 
-// One weight matrix [n, k] of a group of products that share their input x [B, k]: its
-// outputs go to columns off .. off+n-1 of out [B, width].
-struct Part {
-  const float* w;
-  int64_t n;
-  int64_t off;
-};
-
 // out[b, part.off + j] = x[b] . part.w[j] for every part, all output rows over threads.
 inline void matvecs(const float* x, int64_t rows, int64_t k, const std::vector<Part>& parts, float* out,
              int64_t width) {

@@ -625,7 +625,7 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
   }
 #ifdef LOOPLM_ROWS_GEMM
   if (!any_q && rows >= kGemmRows) {  // float32 weights, several rows
-    std::vector<RowsPart> parts;
+    std::vector<Part> parts;
     for (size_t p = 0; p < ws.size(); ++p) parts.push_back({ws[p].w, ws[p].n, offs[p]});
     rows_gemm(x, rows, k, parts, out, width);
     return;

@@ -24,6 +24,14 @@
 
 namespace looplm {
 
+// One weight matrix [n, k] of a group of products that share their input x [B, k]: its outputs go
+// to columns off .. off+n-1 of out [B, width] (rows_gemm here, decode.h's matvecs).
+struct Part {
+  const float* w;
+  int64_t n;
+  int64_t off;
+};
+
 #ifdef LOOPLM_ROWS_GEMM
 // The sums of the 16 lanes of a, b, c, e -> one vector of 4 floats (in that order).
 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 e) {
@@ -100,22 +108,15 @@ inline void rows_gemm_range(const float* x, int64_t rows, int64_t k, const float
   for (; j < j1; ++j) rows_block<1>(x, rows, W + j * k, k, out + j, ldo, nullptr);
 }
 
-// One weight of a group of products sharing their input x: W [n, k], its outputs at column off.
-struct RowsPart {
-  const float* w;
-  int64_t n;
-  int64_t off;
-};
-
 // out[r * ldo + part.off + j] = x[r] . part.w[j] for every part and row j < part.n: the parts'
 // weight rows in groups of 4 over threads (one parallel region for them all).
-inline void rows_gemm(const float* x, int64_t rows, int64_t k, const std::vector<RowsPart>& parts, float* out,
+inline void rows_gemm(const float* x, int64_t rows, int64_t k, const std::vector<Part>& parts, float* out,
                       int64_t ldo) {
   int64_t groups = 0;
-  for (const RowsPart& p : parts) groups += (p.n + 3) / 4;
+  for (const Part& p : parts) groups += (p.n + 3) / 4;
   at::parallel_for(0, groups, 8, [&](int64_t a, int64_t e) {
     int64_t base = 0;  // the first group of the part
-    for (const RowsPart& p : parts) {
+    for (const Part& p : parts) {
       const int64_t g = (p.n + 3) / 4, lo = std::max(a, base), hi = std::min(e, base + g);
       if (lo < hi) rows_gemm_range(x, rows, k, p.w, 4 * (lo - base), std::min(p.n, 4 * (hi - base)), out + p.off, ldo);
       base += g;
