@@ -56,7 +56,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -73,7 +72,7 @@ from looplm.errors import LoopLMError
 from looplm.model import LoopConfig, LoopLM
 from looplm.quant.ptq import quantize_model
 from looplm.quantize_command import write_copy
-from looplm.serve.engine import Engine, Event, SamplingParams
+from looplm.serve.engine import Engine, SamplingParams
 from looplm.serve.metrics import parse_metrics
 
 
@@ -341,24 +340,13 @@ def engine_decode(model: LoopLM, tokenizer: Any, prompts: list[list[int]], new_t
                   kv_cache: str | None = None) -> float:
     """Aggregate greedy decode tokens/s of the serving engine when ``prompts`` are served together
     (read in one prefill iteration, then every decoding step has all rows): the tokens of its
-    decoding steps over their seconds, from its metrics."""
+    decoding steps over their seconds, from its metrics. The engine runs in this thread."""
     eng = Engine(model, tokenizer, max_batch=len(prompts), max_queue=len(prompts),
                  prefill_chunk=sum(len(p) for p in prompts), kv_cache=kv_cache)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    done = threading.Semaphore(0)
-
-    def emit(ev: Event) -> None:
-        if ev.finish_reason is not None:
-            done.release()
-
-    eng.start()
-    try:
-        for p in prompts:
-            eng.submit(p, params, emit)
-        for _ in prompts:
-            done.acquire()
-    finally:
-        eng.stop()
+    for p in prompts:
+        eng.submit(p, params, lambda ev: None)
+    eng.run_until_idle()  # in this thread, as transformers' rows run (see Engine.run_until_idle)
     m = parse_metrics(eng.metrics.render().decode())
     return m["looplm_batch_size_sum"] / m["looplm_step_seconds_sum"]
 

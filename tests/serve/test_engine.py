@@ -31,6 +31,25 @@ def engine_for():
         eng.stop()
 
 
+def test_run_until_idle_serves_in_the_calling_thread_as_the_scheduler_thread_does(engine_for):
+    """The same requests served by run_until_idle (no scheduler thread) get the scheduler thread's
+    tokens, every request ends, and run_until_idle refuses to run beside a started thread."""
+    model = tiny_model("attention")
+    sp = SamplingParams(max_tokens=7, temperature=0)
+    threaded = run_requests(engine_for(model, max_batch=3, prefill_chunk=16), [(p, sp) for p in PROMPTS])
+    eng = Engine(model, tokenizer(True), max_batch=3, prefill_chunk=16)
+    ended = []
+    reqs = [eng.submit(p, sp, lambda ev: ended.append(ev) if ev.finish_reason else None) for p in PROMPTS]
+    eng.run_until_idle()
+    assert [r.tokens for r in reqs] == threaded and len(ended) == len(PROMPTS)
+    eng.start()
+    try:
+        with pytest.raises(RuntimeError, match="scheduler thread"):
+            eng.run_until_idle()
+    finally:
+        eng.stop()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_greedy_equals_alone(name, engine_for):
     """Requests that join the batch at different steps (prompts read in forwards of at most 16
