@@ -100,6 +100,11 @@ class _Sampler:
         return float(torch.rand((), generator=self.generator))
 
 
+def greedy_sampler() -> _Sampler:
+    """The sampler of greedy decoding (a draft token is kept while it is the model's argmax)."""
+    return _Sampler(0.0, None, None, None, None)
+
+
 # ---------------------------------------------------------------- drafts
 
 
@@ -197,6 +202,9 @@ class MedusaDrafter(Drafter):
     def __init__(self, model: LoopLM, heads: MedusaHeads) -> None:
         self.model, self.heads = model, heads
         self.h: torch.Tensor | None = None
+
+    def start(self, prompt, first):
+        self.h = None  # a hidden state of an earlier text would draft nonsense
 
     def observe(self, hidden):
         self.h = hidden

@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
                         help="attention caches in float or as int8 codes with a scale per cached row "
                              "(a quarter of the bytes a decoding step reads; default float)")
+    parser.add_argument("--draft", default=None, metavar="SPEC",
+                        help="self-speculative decoding of a greedy request that runs alone: layers:K, "
+                        "recursions:R, ngram:N or heads:PATH as in looplm generate (tokens unchanged)")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens verified per forward (default 4)")
     parser.add_argument("--max-stall", type=float, default=0.5,
                         help="seconds running streams may wait for prefill forwards between two decoding "
                         "steps (0: a decoding step after every prefill forward)")
@@ -70,7 +74,8 @@ def build_app(args: argparse.Namespace) -> Any:
     try:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_tokens_in_flight=args.max_tokens_in_flight, prefill_chunk=args.prefill_chunk,
-                        max_stall=args.max_stall, kv_cache=args.kv_cache)
+                        max_stall=args.max_stall, kv_cache=args.kv_cache, draft=args.draft,
+                        gamma=args.gamma)
     except ValueError as err:
         raise LoopLMError(str(err)) from None
     name = args.model_name or Path(args.checkpoint).resolve().name

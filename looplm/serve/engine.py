@@ -26,6 +26,13 @@ its place; no join or leave copies the other rows' caches, and steps append in p
 draws from one ``torch.Generator`` per request, so a seeded request gives the same tokens
 whatever else is in the batch.
 
+Self-speculative decoding (``draft``, e.g. ``ngram:4``; :mod:`looplm.speculative`): while one
+greedy request runs alone (nothing waiting or prefilling; no penalties, no logprobs), each
+iteration drafts up to ``gamma`` tokens and verifies them in one forward over the request's own
+state, emitting the accepted tokens and the model's next one (the greedy output is unchanged).
+When another request arrives, the tokens emitted but not yet in the state are read in one
+forward and the request's state returns to the batch.
+
 The API layer talks to the engine through :meth:`Engine.submit` (from any thread; events come
 back through the request's ``emit`` callback, called on the engine thread) and
 :meth:`Engine.cancel`.
@@ -52,10 +59,12 @@ from looplm.generate import (
     penalize_counts,
     sample_next,
 )
+from looplm.layers.mixer_states import KVState
 from looplm.model import LoopLM
 from looplm.quant.state import quantize_caches
 from looplm.serve.batch import BatchState
 from looplm.serve.metrics import ServeMetrics
+from looplm.speculative import build_drafter, check_gamma, greedy_sampler, verify
 from looplm.state import ModelState, cat_states, select_rows
 
 
@@ -142,6 +151,20 @@ def _prefilled(req: Request) -> ModelState:
     return req.state
 
 
+@dataclass(eq=False)
+class _Solo:
+    """A greedy request decoding alone, speculatively: its own one-row ``state``, the tokens
+    emitted but not yet in it (``pending``, the newest last), and its text so far (``context``)."""
+
+    req: Request
+    state: ModelState
+    pending: list[int]
+    context: list[int]
+    fixed: bool  # the state has fixed-size layers (rolled back by holding tokens in pending)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    hook: Any = None
+
+
 class Engine:
     """Serves ``model`` (a LoopLM) with ``tokenizer``: ``max_batch`` requests decode together,
     at most ``max_queue`` wait (more: :class:`QueueFullError`), the running and prefilling
@@ -149,16 +172,25 @@ class Engine:
     at most ``prefill_chunk`` prompt tokens are read per prefill forward (several prompts),
     running streams wait at most ``max_stall`` seconds for prefill forwards between two steps, and
     ``kv_cache="int8"`` holds every attention cache as int8 codes with a scale per cached row
-    (:mod:`looplm.quant.state`; the decoding attention reads a quarter of the bytes)."""
+    (:mod:`looplm.quant.state`; the decoding attention reads a quarter of the bytes), and ``draft``
+    (a ``--draft`` SPEC) decodes a greedy request that runs alone speculatively, ``gamma`` draft
+    tokens per verification."""
 
     def __init__(self, model: LoopLM, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
                  max_tokens_in_flight: int | None = None, prefill_chunk: int = 256, max_stall: float = 0.5,
-                 kv_cache: str | None = None, metrics: ServeMetrics | None = None) -> None:
+                 kv_cache: str | None = None, draft: str | None = None, gamma: int = 4,
+                 metrics: ServeMetrics | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or not max_stall >= 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue and max_stall >= 0")
         if kv_cache not in (None, "float", "int8"):
             raise ValueError(f"kv_cache must be float or int8, got {kv_cache!r}")
         self.kv_cache = None if kv_cache == "float" else kv_cache
+        if draft is not None and self.kv_cache is not None:
+            raise ValueError("a draft (speculative decoding) needs float caches, not kv_cache=int8")
+        check_gamma(gamma)
+        self.drafter = None if draft is None else build_drafter(model, draft)  # ConfigError if bad
+        self.gamma = gamma
+        self._solo: _Solo | None = None
         self.model = model
         self.tokenizer = tokenizer
         self.eos_id = getattr(tokenizer, "eos_id", None)
@@ -294,6 +326,9 @@ class Engine:
             for req in self._rows + self._prefilling:
                 self._finish(req, "", "error", error=f"{type(err).__name__}: {err}")
             self._rows, self._prefilling, self._batch = [], [], BatchState(self.max_batch)
+            if self._solo is not None and self._solo.hook is not None:
+                self._solo.hook.remove()
+            self._solo = None
         self._report()
 
     def _admit(self) -> None:
@@ -312,6 +347,8 @@ class Engine:
         self.metrics.queue.set(len(self._waiting))
 
     def _iteration(self) -> None:
+        if self._solo is not None and (self._prefilling or self._waiting):
+            self._leave_solo()
         for req in [r for r in self._prefilling if r.cancelled]:
             self._prefilling.remove(req)
             self._drop(req)
@@ -322,6 +359,11 @@ class Engine:
 
     def _decode_step(self) -> None:
         """One token for every running request; finished and cancelled ones leave the batch."""
+        if self._solo is None and self._may_go_solo():
+            self._enter_solo()
+        if self._solo is not None:
+            self._solo_step()
+            return
         t0 = time.perf_counter()
         tokens = torch.tensor([[r.last_token] for r in self._rows], dtype=torch.long, device=self.device)
         self._batch.reserve(1)
@@ -334,6 +376,71 @@ class Engine:
         for i in reversed(done):  # the last row moves into the freed one
             self._batch.remove(i)
             self._rows[i] = self._rows[-1]
+            self._rows.pop()
+        self._stepped = time.perf_counter()
+
+    def _may_go_solo(self) -> bool:
+        """Whether the one running request may decode speculatively now."""
+        if self.drafter is None or len(self._rows) != 1 or self._prefilling or self._waiting:
+            return False
+        p = self._rows[0].params
+        return (p.temperature == 0 and not p.presence_penalty and not p.frequency_penalty
+                and p.logprobs is None and not self._rows[0].cancelled)
+
+    def _enter_solo(self) -> None:
+        """Take the running request's row out of the batch as a state of its own."""
+        assert self.drafter is not None
+        req = self._rows[0]
+        state = select_rows(self._batch.state(), [0])
+        self._batch.remove(0)
+        fixed = any(not isinstance(s, KVState) for s in state.layers.values())
+        solo = _Solo(req, state, [req.last_token], [*req.prompt, *req.tokens], fixed)
+        if self.drafter.hidden:
+            norm = self.model.norm
+            solo.hook = norm.register_forward_hook(lambda mod, args, out: solo.hidden.__setitem__("h", out))
+        self.drafter.start(solo.context[:-1], solo.context[-1])
+        self._solo = solo
+
+    def _leave_solo(self) -> None:
+        """The solo request's pending tokens read, its state back in the batch."""
+        solo, self._solo = self._solo, None
+        assert solo is not None
+        if solo.hook is not None:
+            solo.hook.remove()
+        if solo.req.done:
+            return
+        state = solo.state
+        if len(solo.pending) > 1:  # all but the newest token, which the next step reads
+            ids = torch.tensor([solo.pending[:-1]], device=self.device)
+            none = torch.zeros(ids.shape, dtype=torch.bool, device=self.device)
+            state = self.model(ids, state=state, use_cache=True, logits_at=none).state
+        self._batch.add(state)
+
+    def _solo_step(self) -> None:
+        """Draft up to ``gamma`` tokens, verify them in one forward, emit what was accepted."""
+        solo, drafter = self._solo, self.drafter
+        assert solo is not None and drafter is not None
+        req = solo.req
+        t0 = time.perf_counter()
+        g = min(self.gamma, req.params.max_tokens - req.generated - 1)
+        drafts, qs = drafter.propose(solo.context, g, greedy_sampler()) if g > 0 else ([], [])
+        drafts, qs = drafts[:g], qs[:g]
+        n, token, solo.state, solo.pending, row = verify(
+            self.model, solo.state, solo.pending, drafts, qs, greedy_sampler(), solo.fixed,
+            solo.hidden if drafter.hidden else None)
+        if row is not None:
+            drafter.observe(row)
+        drafter.update(n, token)
+        new = drafts[:n] + [token]
+        solo.context += new
+        self.metrics.draft_tokens.inc(len(drafts))
+        self.metrics.draft_accepted.inc(n)
+        self.metrics.batch_size.observe(1)
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        if any(self._accept(req, t) for t in new):  # stops at the first token that ends it
+            if solo.hook is not None:
+                solo.hook.remove()
+            self._solo = None
             self._rows.pop()
         self._stepped = time.perf_counter()
 
@@ -442,4 +549,5 @@ class Engine:
     def _report(self) -> None:
         self.metrics.running.set(len(self._rows))
         self.metrics.prefilling.set(len(self._prefilling))
-        self.metrics.state_bytes.set(self._batch.nbytes())
+        solo = self._solo
+        self.metrics.state_bytes.set(self._batch.nbytes() if solo is None else solo.state.nbytes())

@@ -3,7 +3,9 @@
 Written with ``prometheus_client`` (the reference client library); names follow its
 conventions: ``looplm_requests_total{outcome}`` (stop, length, error, cancelled),
 ``looplm_rejected_total`` (queue full), ``looplm_prompt_tokens_total``,
-``looplm_generated_tokens_total``, gauges ``looplm_queue_length``, ``looplm_running_requests``,
+``looplm_generated_tokens_total``, ``looplm_draft_tokens_total`` and
+``looplm_draft_accepted_total`` (speculative decoding's proposed and accepted draft tokens),
+gauges ``looplm_queue_length``, ``looplm_running_requests``,
 ``looplm_prefilling_requests``, ``looplm_state_bytes`` (the decoding batch's state),
 histograms ``looplm_batch_size`` (rows per decoding step),
 ``looplm_step_seconds``, ``looplm_time_to_first_token_seconds``, ``looplm_request_seconds``.
@@ -28,6 +30,8 @@ class ServeMetrics:
         self.rejected = Counter("looplm_rejected", "requests refused because the queue was full", registry=r)
         self.prompt_tokens = Counter("looplm_prompt_tokens", "prompt tokens read", registry=r)
         self.generated_tokens = Counter("looplm_generated_tokens", "tokens generated", registry=r)
+        self.draft_tokens = Counter("looplm_draft_tokens", "draft tokens proposed", registry=r)
+        self.draft_accepted = Counter("looplm_draft_accepted", "draft tokens the model accepted", registry=r)
         self.queue = Gauge("looplm_queue_length", "requests waiting to start", registry=r)
         self.running = Gauge("looplm_running_requests", "requests in the decoding batch", registry=r)
         self.prefilling = Gauge("looplm_prefilling_requests", "requests whose prompt is being read",

@@ -11,6 +11,8 @@ pytest.importorskip("prometheus_client")
 from looplm.generate import generate_ids, iter_tokens  # noqa: E402
 from looplm.layers.mixer_states import KVState, QuantKVState  # noqa: E402
 from looplm.serve.engine import Engine, QueueFullError, SamplingParams  # noqa: E402
+from looplm.serve.metrics import parse_metrics  # noqa: E402
+from looplm.speculative import Drafter  # noqa: E402
 from tests.serve.util import CONFIGS, run_requests, tiny_model, tokenizer  # noqa: E402
 
 PROMPTS = [list(range(1 + i, 1 + i + n)) for i, n in enumerate([3, 17, 40, 9, 26])]
@@ -280,3 +282,68 @@ def test_int8_caches_batched_equal_alone_and_stay_int8(name, engine_for):
         assert alone == want
     with pytest.raises(ValueError, match="kv_cache"):
         Engine(model, tokenizer(), kv_cache="int4")
+
+
+REPEATING = [5, 6, 7, 8, 9] * 6  # a prompt an n-gram draft can copy from
+
+
+class _Oracle(Drafter):
+    """Drafts the known greedy continuation but makes its last draft token wrong: every round
+    accepts g - 1 tokens and rejects one (a fixed-state model then holds tokens back)."""
+
+    def __init__(self, prompt, want):
+        self.prompt, self.want = prompt, want
+
+    def propose(self, context, g, sampler):
+        at = len(context) - len(self.prompt)
+        drafts = self.want[at:at + g]
+        if drafts:
+            drafts[-1] = (drafts[-1] + 1) % 259
+        return drafts, [None] * len(drafts)
+
+
+@pytest.mark.parametrize("name,draft", [("attention", "ngram:3"), ("gated_deltanet", "ngram:3"),
+                                        ("hybrid", "ngram:3"), ("mor", "ngram:2"), ("moe", "ngram:2"),
+                                        ("attention", "layers:1")])
+def test_speculative_alone_and_with_a_request_joining_equals_plain_greedy(name, draft, engine_for):
+    """A greedy request alone decodes speculatively (drafts counted in the metrics) with the tokens
+    of plain greedy decoding; with drafts that are partly rejected, a second request arriving
+    mid-way takes the running one back into the batch (the tokens it held back read in one
+    forward), and both keep their plain greedy tokens."""
+    model = tiny_model(name)
+    want = generate_ids(model, [REPEATING], max_new_tokens=24)[0]
+    eng = engine_for(model, max_batch=4, prefill_chunk=16, draft=draft, gamma=3)
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    assert run_requests(eng, [(REPEATING, sp)]) == [want]
+    m = parse_metrics(eng.metrics.render().decode())
+    assert 0 <= m["looplm_draft_accepted_total"] <= m["looplm_draft_tokens_total"]
+    assert m["looplm_draft_tokens_total"] > 0 or draft.startswith("ngram")  # random weights rarely repeat
+
+    eng.drafter = _Oracle(REPEATING, want)
+    other = PROMPTS[2]
+    done = threading.Semaphore(0)
+    joined: list = []
+
+    def emit(ev):
+        if len(first.tokens) >= 9 and not joined:  # the engine thread: the next iteration sees it
+            joined.append(eng.submit(other, sp, lambda e: done.release() if e.finish_reason else None))
+        if ev.finish_reason is not None:
+            done.release()
+
+    before = parse_metrics(eng.metrics.render().decode())["looplm_draft_accepted_total"]
+    first = eng.submit(REPEATING, sp, emit)
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    assert first.tokens == want
+    assert joined[0].tokens == generate_ids(model, [other], max_new_tokens=24)[0]
+    assert parse_metrics(eng.metrics.render().decode())["looplm_draft_accepted_total"] >= before + 4
+
+
+def test_speculative_engine_rejects_bad_drafts():
+    from looplm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ngram"):
+        Engine(tiny_model(), tokenizer(True), draft="ngram:0")
+    with pytest.raises(ValueError, match="float caches"):
+        Engine(tiny_model(), tokenizer(True), draft="ngram:2", kv_cache="int8")
+    with pytest.raises(ValueError, match="gamma"):
+        Engine(tiny_model(), tokenizer(True), draft="ngram:2", gamma=0)
