@@ -40,7 +40,8 @@ def test_serve_command(tmp_path):
     err = tmp_path / "stderr.txt"
     with open(err, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "looplm.cli", "serve", str(ckpt), "--port", "0",
-                                 "--threads", "1"], stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV)
+                                 "--threads", "1", "--draft", "ngram:3"],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV)
     try:
         line = first_line(proc)
         m = re.search(r"http://(127\.0\.0\.1):(\d+)", line)
@@ -49,6 +50,9 @@ def test_serve_command(tmp_path):
         r = httpx.post(url + "/v1/completions", json={"model": "ckpt", "prompt": "hi", "max_tokens": 4},
                        timeout=PATIENCE)
         assert r.status_code == 200 and r.json()["model"] == "ckpt"
+        r = httpx.post(url + "/v1/completions", json={"model": "ckpt", "prompt": "abcabcabc", "max_tokens": 8,
+                                                      "temperature": 0}, timeout=PATIENCE)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1  # greedy: speculative
         assert httpx.get(url + "/v1/models", timeout=PATIENCE).json()["data"][0]["id"] == "ckpt"
     finally:
         proc.kill()
@@ -59,3 +63,12 @@ def test_serve_command_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "looplm.cli", "serve", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=PATIENCE, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: checkpoint directory")
+
+
+def test_serve_command_bad_draft(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_model(), ckpt)
+    tokenizer().save(ckpt)
+    r = subprocess.run([sys.executable, "-m", "looplm.cli", "serve", str(ckpt), "--draft", "layers:9"],
+                       capture_output=True, text=True, timeout=PATIENCE, env=ENV)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --draft layers:9")
