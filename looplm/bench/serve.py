@@ -92,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "for the run, int4 in groups of 32, embedding and head too)")
     parser.add_argument("--max-stall", type=float, default=None,
                         help="looplm servers' --max-stall (default: the server's)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="looplm servers' --prefill-chunk (default: the server's)")
     parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
     parser.add_argument("--state-streams", type=int, default=64, help="streams of the state-memory table")
     parser.add_argument("--state-tokens", type=int, default=4096, help="tokens per stream of that table")
@@ -157,13 +159,16 @@ class Server:
             self.proc.kill()
 
 
-def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall: float | None) -> Server:
+def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall: float | None,
+            prefill_chunk: int | None = None) -> Server:
     cmd = [sys.executable, "-m", "looplm.cli", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
            "--max-queue", "4096"]
     if threads:
         cmd += ["--threads", str(threads)]
     if max_stall is not None:
         cmd += ["--max-stall", str(max_stall)]
+    if prefill_chunk is not None:
+        cmd += ["--prefill-chunk", str(prefill_chunk)]
     return Server(name, cmd, None, {"ignore_eos": True, "stream_options": {"include_usage": True}})
 
 
@@ -227,7 +232,8 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
                 ckpt = args.int4_checkpoint or int4_copy(args.checkpoint, scratch / "int4")
             except LoopLMError as err:
                 return None, str(err)
-        return _started(partial(_looplm, name, ckpt, batch, args.threads, args.max_stall), texts, seconds)
+        return _started(partial(_looplm, name, ckpt, batch, args.threads, args.max_stall, args.prefill_chunk),
+                        texts, seconds)
     raise LoopLMError(f"unknown server {name!r} in --servers ({', '.join(SERVERS)})")
 
 

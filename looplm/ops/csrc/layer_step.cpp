@@ -5,6 +5,8 @@
 // tests compare the two. Every matrix-vector product reads each weight row once for all B rows,
 // rows split over threads; the rest (norms, short conv, delta-rule update) is a few thousand
 // flops per head and runs on the calling thread.
+#include "simd.h"  // first: it selects ATen's vector instruction set
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -2,6 +2,8 @@
 // one call: h + MoE(rmsnorm(h)) with top-k routing over SwiGLU experts and an optional shared
 // expert. See looplm/layers/layer_step.py for why this exists; looplm/layers/moe.py is the
 // reference and the tests compare the two.
+#include "simd.h"  // first: it selects ATen's vector instruction set
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
