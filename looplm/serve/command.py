@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting at most; more get 429 with Retry-After")
     parser.add_argument("--max-tokens-in-flight", type=int, default=None,
                         help="prompt + max_tokens summed over running requests at most (default: no limit)")
-    parser.add_argument("--prefill-chunk", type=int, default=256,
-                        help="prompt tokens read per prefill forward (several prompts share them)")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prompt tokens read per prefill forward (several prompts share them; default "
+                        "512: SmolLM2-135M reads 512 ~1.2x as fast per token as 256, float32 or int4)")
     parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
                         help="attention caches in float or as int8 codes with a scale per cached row "
                              "(a quarter of the bytes a decoding step reads; default float)")

@@ -177,7 +177,7 @@ class Engine:
     tokens per verification."""
 
     def __init__(self, model: LoopLM, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
-                 max_tokens_in_flight: int | None = None, prefill_chunk: int = 256, max_stall: float = 0.5,
+                 max_tokens_in_flight: int | None = None, prefill_chunk: int = 512, max_stall: float = 0.5,
                  kv_cache: str | None = None, draft: str | None = None, gamma: int = 4,
                  metrics: ServeMetrics | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or not max_stall >= 0:
