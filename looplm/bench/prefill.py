@@ -8,6 +8,10 @@ wall and CPU time over the one forward's (CPU seconds stay near the work done wh
 take the cores; wall seconds are the figure on an idle machine); ``--threads 1`` (the default)
 keeps the comparison steady on a shared machine. ``--quick``: a 96-token prompt, one repeat (for
 the test).
+
+``--groups BxT,...`` adds the serving engine's shape: forwards of B prompts of T tokens together,
+each from an empty state with the head only at the last token (``looplm serve``'s prefill forward),
+their prompt tokens/s.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", default="128,256", help="chunk sizes besides the rule's (128,256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each row (medians)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--groups", default="", help="also forwards of B prompts of T tokens together: "
+                        "BxT,... (e.g. 1x256,4x128: the serving engine's prefill forwards)")
     parser.add_argument("--quick", action="store_true", help="a 96-token prompt, one repeat")
 
 
@@ -65,6 +71,38 @@ def measure(model: LoopLM, prompt: int, chunks: list[int], repeats: int) -> list
              "cpu_vs_one_forward": cpu / ref_cpu} for c, (w, cpu) in med.items()]
 
 
+def parse_groups(text: str) -> list[tuple[int, int]]:
+    """``"1x256,4x128"`` -> [(1, 256), (4, 128)]; LoopLMError naming the flag otherwise."""
+    groups = []
+    for part in filter(None, text.split(",")):
+        b, sep, t = part.partition("x")
+        if not (sep and b.isdigit() and t.isdigit() and int(b) > 0 and int(t) > 0):
+            raise LoopLMError(f"--groups {text!r}: each group must be BxT, B and T positive, not {part!r}")
+        groups.append((int(b), int(t)))
+    return groups
+
+
+def measure_groups(model: LoopLM, groups: list[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
+    """Rows ``{rows, tokens, wall_s, tokens_per_s}``: one forward of B prompts of T tokens from an
+    empty state, the head at each last token (the engine's prefill forward), groups interleaved."""
+    def run(b: int, t: int) -> Any:
+        ids = torch.randint(0, model.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
+        at = torch.zeros(b, t, dtype=torch.bool)
+        at[:, -1] = True
+        return lambda: model(ids, state=model.init_state(b), use_cache=True, logits_at=at)
+
+    with torch.no_grad(), decoding_mode(model):
+        fns = {g: run(*g) for g in groups}
+        for fn in fns.values():
+            fn()
+        times: dict[tuple[int, int], list[float]] = {g: [] for g in groups}
+        for _ in range(repeats):
+            for g, fn in fns.items():
+                times[g].append(_times(fn)[0])
+    return [{"rows": b, "tokens": t, "wall_s": statistics.median(times[(b, t)]),
+             "tokens_per_s": b * t / statistics.median(times[(b, t)])} for b, t in groups]
+
+
 def run(args: argparse.Namespace) -> int:
     prompt, repeats = (96, 1) if args.quick else (args.prompt, args.repeats)
     try:
@@ -73,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
         raise LoopLMError(str(e)) from e
     if prompt < 1 or repeats < 1 or args.threads < 1:
         raise LoopLMError("--prompt, --repeats and --threads must be positive")
+    groups = parse_groups(args.groups)
     torch.set_num_threads(args.threads)
-    table = []
+    table, group_table = [], []
     for path in args.checkpoints:
         model = load_model(path)
         if not chunks_exact(model):
@@ -87,7 +126,13 @@ def run(args: argparse.Namespace) -> int:
             table.append([path, name, f"{r['tokens_per_s']:.0f}", f"{r['wall_s'] * 1e3:.0f}",
                           f"{r['cpu_s'] * 1e3:.0f}", f"{r['vs_one_forward']:.3f}",
                           f"{r['cpu_vs_one_forward']:.3f}"])
+        for r in measure_groups(model, groups, repeats):
+            group_table.append([path, f"{r['rows']} x {r['tokens']}", f"{r['tokens_per_s']:.0f}",
+                                f"{r['wall_s'] * 1e3:.0f}"])
     print(f"prefill of {prompt} prompt tokens, {args.threads} thread(s), medians of {repeats}")
     print(markdown_table(["checkpoint", "chunk", "tok/s", "wall ms", "CPU ms", "wall x one forward",
                           "CPU x one forward"], table))
+    if group_table:
+        print(f"forwards of B prompts of T tokens together (the engine's prefill), medians of {repeats}")
+        print(markdown_table(["checkpoint", "B x T", "tok/s", "wall ms"], group_table))
     return 0

@@ -37,3 +37,12 @@ def test_measure_orders_sizes_and_caps_them_at_the_prompt(ckpt):
 def test_bad_chunks_give_one_clear_error(ckpt, capsys):
     assert main(["bench", "prefill", str(ckpt), "--chunks", "a,0"]) != 0
     assert "--chunks must be comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_groups_rows_and_bad_groups(ckpt, capsys):
+    assert main(["bench", "prefill", str(ckpt), "--quick", "--groups", "1x16,3x8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(f"| {ckpt}") and " x " in line]
+    assert [r[2].strip() for r in rows] == ["1 x 16", "3 x 8"] and all(float(r[3]) > 0 for r in rows)
+    assert main(["bench", "prefill", str(ckpt), "--groups", "4x"]) != 0
+    assert "--groups '4x': each group must be BxT" in capsys.readouterr().err
