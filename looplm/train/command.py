@@ -71,6 +71,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     sections["train"].update({k: v for k, v in flags.items() if v is not None})
     sections = apply_overrides(sections, args.set, model_keys())
     train_cfg = TrainConfig.from_dict(sections["train"])
+    if getattr(args, "init", None):  # --set changes the checkpoint's own config: init_model checks it
+        return sections["model"], train_cfg
     config = LoopConfig.from_dict(sections["model"])  # fail on a bad model key before touching the data
     vocab = 64 * math.ceil((259 if train_cfg.tokenizer == "byte" else train_cfg.vocab_size) / 64)
     check_fits(dataclasses.replace(config, vocab_size=max(vocab, config.vocab_size)), TRAIN_BYTES_PER_PARAM,

@@ -83,3 +83,20 @@ def test_recursify_command_writes_a_loadable_checkpoint_and_reports_bad_input(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not divide the model's 4 layers" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_init_adds_a_mor_router_to_a_recursified_checkpoint(tmp_path):
+    """``--set router=expert_choice`` applies to the --init checkpoint's config (3 recursions),
+    not to the default model's (one recursion, where the router is refused)."""
+    src = tmp_path / "src"
+    save_model(model(n_prelude=0, n_core=3, n_coda=0, vocab_size=320), src)  # the byte tokenizer's ids fit
+    ByteTokenizer().save(src)
+    assert main(["recursify", str(src), "--recursions", "3", "--out", str(tmp_path / "r")]) == 0
+    assert main(["train", "--init", str(tmp_path / "r"), "--no-progress", "--data", "finetune",
+                 "--out", str(tmp_path / "mor"), "--set", "router=expert_choice", "seq_len=32", "batch_size=2",
+                 "steps=2", "warmup_steps=1", "eval_interval=2", "eval_iters=1", "sample_tokens=0",
+                 "max_files=3", "threads=1"]) == 0
+    trained = load_model(tmp_path / "mor" / "latest")
+    assert (trained.config.router, trained.config.n_recursions) == ("expert_choice", 3)
+    assert main(["train", "--init", str(tmp_path / "r"), "--out", str(tmp_path / "bad"),
+                 "--set", "n_heads=3"]) == 2  # a shape change of the checkpoint: one clear error
