@@ -93,9 +93,9 @@ def test_train_init_adds_a_mor_router_to_a_recursified_checkpoint(tmp_path):
     ByteTokenizer().save(src)
     assert main(["recursify", str(src), "--recursions", "3", "--out", str(tmp_path / "r")]) == 0
     assert main(["train", "--init", str(tmp_path / "r"), "--no-progress", "--data", "finetune",
-                 "--out", str(tmp_path / "mor"), "--set", "router=expert_choice", "seq_len=32", "batch_size=2",
-                 "steps=2", "warmup_steps=1", "eval_interval=2", "eval_iters=1", "sample_tokens=0",
-                 "max_files=3", "threads=1"]) == 0
+                 "--out", str(tmp_path / "mor"), "--set", "router=expert_choice", "seq_len=32",
+                 "batch_size=2", "steps=2", "warmup_steps=1", "eval_interval=2", "eval_iters=1",
+                 "sample_tokens=0", "max_files=3", "threads=1"]) == 0
     trained = load_model(tmp_path / "mor" / "latest")
     assert (trained.config.router, trained.config.n_recursions) == ("expert_choice", 3)
     assert main(["train", "--init", str(tmp_path / "r"), "--out", str(tmp_path / "bad"),
