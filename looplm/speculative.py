@@ -373,10 +373,24 @@ def verify(model: LoopLM, state: ModelState, pending: list[int], drafts: list[in
         return n, token, truncate_state(out.state, int(state.positions[0]) + len(pending) + n), [token], row
     pending = pending + drafts[:n] + [token]
     if len(pending) > LAG:
-        none = torch.zeros(1, len(pending) - 1, dtype=torch.bool, device=device)
-        state = model(torch.tensor([pending[:-1]], device=device), state=state, logits_at=none).state
-        pending = [token]
+        state, pending = commit_pending(model, state, pending), [token]
     return n, token, state, pending, row
+
+
+def commit_pending(model: LoopLM, state: ModelState, pending: list[int]) -> ModelState:
+    """``state`` (batch 1) after reading every ``pending`` token but the newest (which the next
+    forward reads), in one forward without the head."""
+    if len(pending) < 2:
+        return state
+    device = state.positions.device
+    none = torch.zeros(1, len(pending) - 1, dtype=torch.bool, device=device)
+    return model(torch.tensor([pending[:-1]], device=device), state=state, logits_at=none).state
+
+
+def keep_hidden(model: LoopLM, hidden: dict[str, torch.Tensor]) -> Any:
+    """A forward hook on ``model``'s final norm that keeps its output in ``hidden["h"]`` (what
+    :func:`verify` and hidden-state drafters read); remove it with ``.remove()``."""
+    return model.norm.register_forward_hook(lambda mod, args, out: hidden.__setitem__("h", out))
 
 
 def check_gamma(gamma: int) -> None:
@@ -418,7 +432,7 @@ def iter_speculative(model: LoopLM, input_ids: torch.Tensor | Sequence[Sequence[
     hidden: dict[str, torch.Tensor] = {}
     hook = None
     if drafter.hidden:
-        hook = model.norm.register_forward_hook(lambda mod, args, out: hidden.__setitem__("h", out))
+        hook = keep_hidden(model, hidden)
     try:
         with decoding_mode(model):
             last = torch.zeros(1, len(prompt), dtype=torch.bool, device=device)

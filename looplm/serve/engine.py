@@ -64,7 +64,7 @@ from looplm.model import LoopLM
 from looplm.quant.state import quantize_caches
 from looplm.serve.batch import BatchState
 from looplm.serve.metrics import ServeMetrics
-from looplm.speculative import build_drafter, check_gamma, greedy_sampler, verify
+from looplm.speculative import build_drafter, check_gamma, commit_pending, greedy_sampler, keep_hidden, verify
 from looplm.state import ModelState, cat_states, select_rows
 
 
@@ -326,9 +326,7 @@ class Engine:
             for req in self._rows + self._prefilling:
                 self._finish(req, "", "error", error=f"{type(err).__name__}: {err}")
             self._rows, self._prefilling, self._batch = [], [], BatchState(self.max_batch)
-            if self._solo is not None and self._solo.hook is not None:
-                self._solo.hook.remove()
-            self._solo = None
+            self._end_solo()
         self._report()
 
     def _admit(self) -> None:
@@ -396,25 +394,23 @@ class Engine:
         fixed = any(not isinstance(s, KVState) for s in state.layers.values())
         solo = _Solo(req, state, [req.last_token], [*req.prompt, *req.tokens], fixed)
         if self.drafter.hidden:
-            norm = self.model.norm
-            solo.hook = norm.register_forward_hook(lambda mod, args, out: solo.hidden.__setitem__("h", out))
+            solo.hook = keep_hidden(self.model, solo.hidden)
         self.drafter.start(solo.context[:-1], solo.context[-1])
         self._solo = solo
 
-    def _leave_solo(self) -> None:
-        """The solo request's pending tokens read, its state back in the batch."""
+    def _end_solo(self) -> _Solo | None:
+        """Stop decoding speculatively (the draft's hook removed); the solo state it held."""
         solo, self._solo = self._solo, None
-        assert solo is not None
-        if solo.hook is not None:
+        if solo is not None and solo.hook is not None:
             solo.hook.remove()
-        if solo.req.done:
-            return
-        state = solo.state
-        if len(solo.pending) > 1:  # all but the newest token, which the next step reads
-            ids = torch.tensor([solo.pending[:-1]], device=self.device)
-            none = torch.zeros(ids.shape, dtype=torch.bool, device=self.device)
-            state = self.model(ids, state=state, use_cache=True, logits_at=none).state
-        self._batch.add(state)
+        return solo
+
+    def _leave_solo(self) -> None:
+        """The solo request's pending tokens read (the newest stays for the next step), its state
+        back in the batch."""
+        solo = self._end_solo()
+        if solo is not None and not solo.req.done:
+            self._batch.add(commit_pending(self.model, solo.state, solo.pending))
 
     def _solo_step(self) -> None:
         """Draft up to ``gamma`` tokens, verify them in one forward, emit what was accepted."""
@@ -438,9 +434,7 @@ class Engine:
         self.metrics.batch_size.observe(1)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         if any(self._accept(req, t) for t in new):  # stops at the first token that ends it
-            if solo.hook is not None:
-                solo.hook.remove()
-            self._solo = None
+            self._end_solo()
             self._rows.pop()
         self._stepped = time.perf_counter()
 
