@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from looplm.bench.common import markdown_table, parse_int_list
+from looplm.bench.common import markdown_table, parse_int_list, time_interleaved
 from looplm.checkpoint import load_model
 from looplm.errors import LoopLMError
 from looplm.generate import chunks_exact, decoding_mode, prefill, prefill_chunk
@@ -92,15 +92,9 @@ def measure_groups(model: LoopLM, groups: list[tuple[int, int]], repeats: int) -
         return lambda: model(ids, state=model.init_state(b), use_cache=True, logits_at=at)
 
     with torch.no_grad(), decoding_mode(model):
-        fns = {g: run(*g) for g in groups}
-        for fn in fns.values():
-            fn()
-        times: dict[tuple[int, int], list[float]] = {g: [] for g in groups}
-        for _ in range(repeats):
-            for g, fn in fns.items():
-                times[g].append(_times(fn)[0])
-    return [{"rows": b, "tokens": t, "wall_s": statistics.median(times[(b, t)]),
-             "tokens_per_s": b * t / statistics.median(times[(b, t)])} for b, t in groups]
+        secs = time_interleaved({f"{b}x{t}": run(b, t) for b, t in groups}, repeats)
+    return [{"rows": b, "tokens": t, "wall_s": secs[f"{b}x{t}"], "tokens_per_s": b * t / secs[f"{b}x{t}"]}
+            for b, t in groups]
 
 
 def run(args: argparse.Namespace) -> int:
