@@ -70,18 +70,13 @@ inline void add_swiglu_ffn(at::Tensor& h, const at::Tensor& norm_w, double eps, 
   qmatvecs(fptr(u), B, d, {w_in}, {0}, z.data_ptr<float>(), 2 * F);
   const float* zp = fptr(z);
   float* ap = act.data_ptr<float>();
-  // silu(gate) * up a vector at a time (a row's last one partial), each element computed alike
-  // wherever the threads' ranges split the rows (a row's result does not depend on the batch)
+  // each element computed alike wherever the threads' ranges split the rows (silu_mul), so a
+  // row's result does not depend on the batch
   at::parallel_for(0, B * F, 4096, [&](int64_t a, int64_t e) {  // many rows: a batch's step
     for (int64_t t = a; t < e;) {
       const int64_t b = t / F, i0 = t % F, n = std::min(e - t, F - i0);
       const float* gate = zp + b * 2 * F + i0;
-      const float* up = gate + F;
-      for (int64_t i = 0; i < n; i += Vec::size()) {
-        const int m = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
-        const Vec g = Vec::loadu(gate + i, m);
-        (g * sigmoid(g) * Vec::loadu(up + i, m)).store(ap + t + i, m);
-      }
+      silu_mul(gate, gate + F, 1.0f, n, ap + t);
       t += n;
     }
   });

@@ -33,7 +33,7 @@ void check(const Tensor& h, const std::optional<Tensor>& w) {
 // h [N, 2H] = gate | up, weight [N] or None -> y [N, H] = silu(gate) * up (* weight)
 Tensor swiglu_forward(const Tensor& h, const std::optional<Tensor>& weight) {
   check(h, weight);
-  const int64_t n = h.size(0), H = h.size(1) / 2, V = Vec::size();
+  const int64_t n = h.size(0), H = h.size(1) / 2;
   Tensor y = at::empty({n, H}, h.options());
   const float* hp = h.data_ptr<float>();
   const float* wp = weight.has_value() ? weight->data_ptr<float>() : nullptr;
@@ -42,13 +42,7 @@ Tensor swiglu_forward(const Tensor& h, const std::optional<Tensor>& weight) {
     for (int64_t i = a; i < b; ++i) {
       const float *g = hp + i * 2 * H, *u = g + H;
       float* yi = yp + i * H;
-      const float wi = wp ? wp[i] : 1.0f;
-      int64_t j = 0;
-      for (; j + V <= H; j += V) {
-        const Vec gv = Vec::loadu(g + j);
-        (gv * looplm::sigmoid(gv) * Vec::loadu(u + j) * Vec(wi)).store(yi + j);
-      }
-      for (; j < H; ++j) yi[j] = g[j] * sigmoid1(g[j]) * u[j] * wi;
+      looplm::silu_mul(g, u, wp ? wp[i] : 1.0f, H, yi);
     }
   });
   return y;
