@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "amx_gemm.h"
 #include "rows_gemm.h"
 #include "vec.h"
 
@@ -482,46 +483,24 @@ inline void qrows(int64_t nr, const QWeight& W, const QRow* const* x, const floa
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AMX_BF16__)
-#include <immintrin.h>
-// MKL's bfloat16 x bfloat16 -> float32 matrix product (AMX tiles where the CPU has them), exported by
-// libtorch_cpu on x86 builds; weak, so the kernels still load where a torch build lacks it.
-extern "C" __attribute__((weak)) void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n,
-                                                             int k, float alpha, const uint16_t* a, int lda,
-                                                             const uint16_t* b, int ldb, float beta, float* c,
-                                                             int ldc);
-// MKL's threads for the calling thread only (returns the previous setting; 0: the global one)
-extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int n);
-#define LOOPLM_BF16_GEMM 1
-#endif
-
-// From this many rows on, int8 / int4 weights are dequantised tile by tile into bfloat16 and
-// multiplied by MKL's bf16 matrix product (AMX) instead: the dequantisation is paid once per step
-// for all rows, and AMX's bf16 products run ~4x float32's FMA rate (a [64, 576] x [576, 256] tile:
-// 543 vs 123 GFLOP/s on one core here). Error: x and W rounded to bfloat16 (2^-9 relative), of the
-// order of the int8 activations of the row-by-row path, but not the same bits.
+// From this many rows on, int8 / int4 weights are dequantised 32 rows at a time into bfloat16 and
+// multiplied by every row of x on AMX tiles (amx_gemm.h) instead: the dequantisation is paid once
+// per step for all rows, and a tile product does 16 x 16 x 32 multiply-adds. Error: x and W
+// rounded to bfloat16 (2^-9 relative), of the order of the int8 activations of the row-by-row
+// path, but not the same bits.
 constexpr int64_t kBf16Rows = 16;
 
-inline bool bf16_gemm_available() {
-#ifdef LOOPLM_BF16_GEMM
-  return cblas_gemm_bf16bf16f32 != nullptr;
+// Rows of x from which qmatvecs takes quantised weights through bfloat16 (0: never, on this build
+// or CPU).
+inline int64_t bf16_rows() {
+#ifdef LOOPLM_AMX
+  return amx_ready() ? kBf16Rows : 0;
 #else
-  return false;
+  return 0;
 #endif
 }
 
-// Rows of x from which qmatvecs takes quantised weights through bfloat16 (0: never, on this build).
-inline int64_t bf16_rows() { return bf16_gemm_available() ? kBf16Rows : 0; }
-
-#ifdef LOOPLM_BF16_GEMM
-// n floats (n % 32 == 0) -> bfloat16, rounded to nearest even.
-inline void to_bf16(const float* x, int64_t n, uint16_t* out) {
-  for (int64_t i = 0; i < n; i += 32) {
-    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
-    _mm512_storeu_si512(out + i, (__m512i)v);
-  }
-}
-
+#ifdef LOOPLM_AMX
 // Weight rows [j0, j1) of W (int8 or int4) as bfloat16, row-major [j1 - j0, k].
 inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out) {
   const int64_t k = W.k;
@@ -560,43 +539,40 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
   }
 }
 
-// out[r, off + j] = x[r] . W[j] through bfloat16 tiles of the quantised weights (float32 ones by
-// BLAS in float32): weight rows over threads (one parallel region per call: each barrier costs),
-// each thread dequantising a tile of rows that fits its L2 cache and multiplying it by every row of
-// x with a one-thread MKL call.
+// out[r, off + j] = x[r] . W[j] on AMX tiles for quantised weights (float32 ones by BLAS in
+// float32): x packed once, strips of 32 weight rows over threads (one parallel region per call:
+// each barrier costs), each dequantised into L1 and multiplied by every row of x.
 inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vector<QWeight>& ws,
                          const std::vector<int64_t>& offs, float* out, int64_t width) {
-  std::vector<uint16_t> xb(static_cast<size_t>(rows * k));
-  for (int64_t r = 0; r < rows; ++r) to_bf16(x + r * k, k, xb.data() + r * k);
-  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, k}, at::kFloat);
-  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(256, (128 * 1024 / k) / 16 * 16));
-  int64_t total = 0;
-  for (const QWeight& w : ws) total += w.n;
-  at::parallel_for(0, total, tile, [&](int64_t r0, int64_t r1) {
-    const int mkl_threads = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
-    std::vector<uint16_t> wb(static_cast<size_t>(tile * k));
-    int64_t base = 0;
-    for (size_t p = 0; p < ws.size(); ++p) {
-      const QWeight& W = ws[p];
-      const int64_t a0 = std::max(r0, base) - base, e0 = std::min(r1, base + W.n) - base;
-      base += W.n;
-      if (a0 >= e0) continue;
-      if (!W.quantised()) {
-        const at::Tensor wt = at::from_blob(const_cast<float*>(W.w + a0 * k), {e0 - a0, k}, at::kFloat);
-        at::Tensor o = at::from_blob(out + offs[p] + a0, {rows, e0 - a0}, {width, 1}, at::kFloat);
-        at::mm_out(o, xt, wt.t());
-        continue;
-      }
-      for (int64_t a = a0; a < e0; a += tile) {
-        const int64_t e = std::min(e0, a + tile);
-        dequant_bf16(W, a, e, wb.data());
-        cblas_gemm_bf16bf16f32(101 /* row-major */, 111 /* x as is */, 112 /* W transposed */,
-                               static_cast<int>(rows), static_cast<int>(e - a), static_cast<int>(k), 1.0f,
-                               xb.data(), static_cast<int>(k), wb.data(), static_cast<int>(k), 0.0f,
-                               out + offs[p] + a, static_cast<int>(width));
-      }
+  thread_local std::vector<uint16_t> xp_kept;
+  std::vector<uint16_t>& xp = xp_kept;  // (the lambdas below run on other threads: they capture it)
+  xp.resize(static_cast<size_t>(amx_packed_size(rows, k)));
+  const int64_t blocks = (rows + kAmxRows - 1) / kAmxRows;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { amx_pack_x(x, rows, k, b0, b1, xp.data()); });
+  std::vector<std::pair<size_t, int64_t>> strips;  // (weight, first row)
+  for (size_t p = 0; p < ws.size(); ++p) {
+    if (!ws[p].quantised()) {
+      const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, k}, at::kFloat);
+      const at::Tensor wt = at::from_blob(const_cast<float*>(ws[p].w), {ws[p].n, k}, at::kFloat);
+      at::Tensor o = at::from_blob(out + offs[p], {rows, ws[p].n}, {width, 1}, at::kFloat);
+      at::mm_out(o, xt, wt.t());
+      continue;
     }
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
+    for (int64_t j = 0; j < ws[p].n; j += kAmxStrip) strips.emplace_back(p, j);
+  }
+  at::parallel_for(0, static_cast<int64_t>(strips.size()), 1, [&](int64_t s0, int64_t s1) {
+    thread_local std::vector<uint16_t> strip_kept;
+    std::vector<uint16_t>& strip = strip_kept;
+    strip.resize(static_cast<size_t>(kAmxStrip * k));
+    amx_configure();
+    for (int64_t s = s0; s < s1; ++s) {
+      const QWeight& W = ws[strips[s].first];
+      const int64_t j = strips[s].second, n = std::min(kAmxStrip, W.n - j);
+      dequant_bf16(W, j, j + n, strip.data());
+      if (n < kAmxStrip) std::fill(strip.begin() + n * k, strip.end(), uint16_t{0});
+      amx_strip(xp.data(), rows, k, strip.data(), n, out + offs[strips[s].first], width, j);
+    }
+    _tile_release();
   });
 }
 #endif
@@ -640,8 +616,8 @@ inline void qmatvecs(const float* x, int64_t rows, int64_t k, const std::vector<
     }
     return;
   }
-#ifdef LOOPLM_BF16_GEMM
-  if (any_q && rows >= kBf16Rows && bf16_gemm_available()) {
+#ifdef LOOPLM_AMX
+  if (any_q && rows >= kBf16Rows && amx_ready()) {
     qmatmul_bf16(x, rows, k, ws, offs, out, width);
     return;
   }
