@@ -9,8 +9,9 @@ quantised to int8 in groups of 32 inputs (``x ≈ d_b·xq``, ``d_b = max|x_b|/12
 row is an integer dot product per group (AVX-512 VNNI ``vpdpbusd``: 32 int4 or int8 products per
 instruction) scaled in float; weight rows are split over threads, in tiles of 64 that meet every
 row of ``x`` while in cache. From :func:`bf16_rows` rows on (a batch of decoding rows, a prefill;
-CPUs with AMX bf16) each thread instead dequantises a tile of weight rows to bfloat16 and multiplies
-it by all rows in one MKL bf16 product (float32 sums): the unpacking is paid once for all rows.
+CPUs with AMX bf16) each thread instead dequantises a strip of 32 weight rows to bfloat16 and
+multiplies it by all rows on AMX tiles (``csrc/amx_gemm.h``, float32 sums): the unpacking is paid
+once for all rows.
 The int8 path computes the same sums as llama.cpp's Q8_0×Q8_0 and Q4_1×Q8_1 products (Gerganov
 et al., ggml); their error is that of an int8 activation, ~0.3% of a group's largest value per
 input, random in sign.
