@@ -5,12 +5,15 @@ official ``openai`` client (``AsyncOpenAI``, streaming completions, greedy) at e
 ``--concurrency``: ``c`` workers send ``--requests`` requests in total (default ``2c``, at least
 8) and stop starting new ones after ``--level-seconds``. Prompts are pieces of a fixed text (the
 ``os`` module's source, present in every Python) cut to ``--prompt-tokens`` tokens of the
-checkpoint's tokenizer, lengths in turn. Servers, side by side in one run:
+checkpoint's tokenizer, lengths in turn; each request generates ``--max-tokens`` (128, vLLM's
+``benchmark_serving`` default output length). Servers, side by side in one run:
 
 - ``looplm``: continuous batching (``--max-batch`` = the largest concurrency);
 - ``looplm-int4``: the same on the checkpoint's int4 copy (``--int4-checkpoint``, or one written
   for the run into a temporary directory: every linear, the embedding and the head in groups of
   32, as the engine table's int4 model);
+- ``looplm-bf16p``: ``looplm`` with ``--bf16-prefill`` (prompts' products in bfloat16 on AMX
+  tiles, decoding in float32; skipped where the CPU has no AMX tiles);
 - ``looplm-serial``: the same server with ``--max-batch 1`` (one request at a time);
 - ``llama.cpp``: ``llama-cpp-python``'s OpenAI server on ``--gguf`` (the same model), where the
   package is installed (:mod:`looplm.bench.llama_server`; started again with llama.cpp's extra CPU
@@ -70,6 +73,7 @@ from looplm.checkpoint import load_config, load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
 from looplm.model import LoopConfig, LoopLM
+from looplm.ops.qlinear import bf16_rows
 from looplm.quant.ptq import quantize_model
 from looplm.quantize_command import write_copy
 from looplm.serve.engine import Engine, SamplingParams
@@ -84,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level-seconds", type=float, default=30.0,
                         help="stop starting requests of a level after this long")
     parser.add_argument("--prompt-tokens", default="32,128,256", help="prompt lengths, used in turn")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    parser.add_argument("--servers", default="looplm,looplm-int4,looplm-serial,llama.cpp",
+    parser.add_argument("--max-tokens", type=int, default=128,
+                        help="tokens generated per request (default 128, as vLLM's benchmark_serving)")
+    parser.add_argument("--servers", default="looplm,looplm-bf16p,looplm-int4,looplm-serial,llama.cpp",
                         help="which servers to load (those not available are skipped)")
     parser.add_argument("--int4-checkpoint", default=None,
                         help="the int4 checkpoint looplm-int4 serves (default: the checkpoint quantised "
@@ -126,7 +131,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise LoopLMError(f"the server at {url} did not answer within {timeout:.0f} s")
 
 
-SERVERS = ("looplm", "looplm-int4", "looplm-serial", "llama.cpp")
+SERVERS = ("looplm", "looplm-bf16p", "looplm-int4", "looplm-serial", "llama.cpp")
 
 
 class Server:
@@ -162,7 +167,7 @@ class Server:
 def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall: float | None,
             prefill_chunk: int | None = None) -> Server:
     cmd = [sys.executable, "-m", "looplm.cli", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", "4096"]
+           "--max-queue", "4096", *(["--bf16-prefill"] if name == "looplm-bf16p" else [])]
     if threads:
         cmd += ["--threads", str(threads)]
     if max_stall is not None:
@@ -224,7 +229,9 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
             print(f"llama.cpp: {why}; again with its extra buffer types off", flush=True)
             server, why = _started(partial(_llama_cpp, args.gguf, args.threads, False), texts, seconds)
         return server, why
-    if name in ("looplm", "looplm-serial", "looplm-int4"):
+    if name == "looplm-bf16p" and not bf16_rows():
+        return None, "no AMX bfloat16 tiles on this CPU (or no kernels built)"
+    if name in ("looplm", "looplm-serial", "looplm-int4", "looplm-bf16p"):
         batch = 1 if name == "looplm-serial" else max(levels)
         ckpt = args.checkpoint
         if name == "looplm-int4":
@@ -508,7 +515,7 @@ def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[in
     print(text)
     by = {(r["server"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     lo, hi = min(levels), max(c for c in levels if c <= 16) if any(c <= 16 for c in levels) else None
-    for name in ("looplm", "looplm-int4"):
+    for name in ("looplm", "looplm-bf16p", "looplm-int4"):
         if hi and (name, lo) in by and (name, hi) in by and hi != lo:
             print(f"{name}: tokens/s at concurrency {hi} / at {lo}: {by[name, hi] / by[name, lo]:.2f}x")
         for c in levels:

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
                         help="attention caches in float or as int8 codes with a scale per cached row "
                              "(a quarter of the bytes a decoding step reads; default float)")
+    parser.add_argument("--bf16-prefill", action="store_true",
+                        help="prompt forwards multiply float32 weights in bfloat16 on AMX tiles (CPUs with "
+                        "AMX: several times float32's rate; decoding steps stay float32)")
     parser.add_argument("--draft", default=None, metavar="SPEC",
                         help="self-speculative decoding of a greedy request that runs alone: layers:K, "
                         "recursions:R, ngram:N or heads:PATH as in looplm generate (tokens unchanged)")
@@ -76,7 +79,7 @@ def build_app(args: argparse.Namespace) -> Any:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_tokens_in_flight=args.max_tokens_in_flight, prefill_chunk=args.prefill_chunk,
                         max_stall=args.max_stall, kv_cache=args.kv_cache, draft=args.draft,
-                        gamma=args.gamma)
+                        gamma=args.gamma, bf16_prefill=args.bf16_prefill)
     except ValueError as err:
         raise LoopLMError(str(err)) from None
     name = args.model_name or Path(args.checkpoint).resolve().name

@@ -61,6 +61,8 @@ from looplm.generate import (
 )
 from looplm.layers.mixer_states import KVState
 from looplm.model import LoopLM
+from looplm.ops.linear import bf16_products
+from looplm.ops.qlinear import bf16_rows
 from looplm.quant.state import quantize_caches
 from looplm.serve.batch import BatchState
 from looplm.serve.metrics import ServeMetrics
@@ -174,12 +176,14 @@ class Engine:
     ``kv_cache="int8"`` holds every attention cache as int8 codes with a scale per cached row
     (:mod:`looplm.quant.state`; the decoding attention reads a quarter of the bytes), and ``draft``
     (a ``--draft`` SPEC) decodes a greedy request that runs alone speculatively, ``gamma`` draft
-    tokens per verification."""
+    tokens per verification. ``bf16_prefill``: prompt forwards multiply float32 weights in
+    bfloat16 on AMX tiles (:func:`looplm.ops.linear.bf16_products`; decoding steps stay float32;
+    ValueError where the CPU has no AMX bf16 tiles)."""
 
     def __init__(self, model: LoopLM, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
                  max_tokens_in_flight: int | None = None, prefill_chunk: int = 512, max_stall: float = 0.5,
                  kv_cache: str | None = None, draft: str | None = None, gamma: int = 4,
-                 metrics: ServeMetrics | None = None) -> None:
+                 bf16_prefill: bool = False, metrics: ServeMetrics | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or not max_stall >= 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue and max_stall >= 0")
         if kv_cache not in (None, "float", "int8"):
@@ -187,6 +191,9 @@ class Engine:
         self.kv_cache = None if kv_cache == "float" else kv_cache
         if draft is not None and self.kv_cache is not None:
             raise ValueError("a draft (speculative decoding) needs float caches, not kv_cache=int8")
+        if bf16_prefill and bf16_rows() == 0:
+            raise ValueError("bf16 prefill needs a CPU with AMX bfloat16 tiles (and looplm's kernels built)")
+        self.bf16_prefill = bf16_prefill
         check_gamma(gamma)
         self.drafter = None if draft is None else build_drafter(model, draft)  # ConfigError if bad
         self.gamma = gamma
@@ -454,7 +461,8 @@ class Engine:
         at = torch.zeros(len(group), T, dtype=torch.bool)
         at[:, -1] = torch.tensor([req.read == len(req.prompt) for req in group])  # head only there
         state = cat_states([self._init_state() if req.state is None else req.state for req in group])
-        out = self.model(ids.to(self.device), state=state, use_cache=True, logits_at=at.to(self.device))
+        with bf16_products(self.bf16_prefill):
+            out = self.model(ids.to(self.device), state=state, use_cache=True, logits_at=at.to(self.device))
         for i, req in enumerate(group):  # each request keeps its own row, padding slots dropped
             req.state = out.state if len(group) == 1 else select_rows(out.state, [i])
         done = [req for req in group if req.read == len(req.prompt)]

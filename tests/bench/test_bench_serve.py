@@ -9,6 +9,7 @@ pytest.importorskip("openai")
 
 from looplm.checkpoint import save_model  # noqa: E402
 from looplm.cli import main  # noqa: E402
+from looplm.ops.qlinear import bf16_rows  # noqa: E402
 from tests.serve.util import tiny_model, tokenizer  # noqa: E402
 
 
@@ -18,12 +19,14 @@ def test_bench_serve_quick(tmp_path, capsys):
     save_model(tiny_model("gated_deltanet"), ckpt)
     tokenizer().save(ckpt)
     out = tmp_path / "out"
-    assert main(["bench", "serve", str(ckpt), "--quick", "--servers", "looplm,looplm-int4,llama.cpp",
+    servers = "looplm,looplm-bf16p,looplm-int4,llama.cpp"
+    assert main(["bench", "serve", str(ckpt), "--quick", "--servers", servers,
                  "--concurrency", "1,3", "--threads", "1", "--engine-rows", "3", "--out", str(out)]) == 0
     data = json.loads((out / "serve.json").read_text())
     rows = data["results"]
-    assert [(r["server"], r["concurrency"]) for r in rows] == [(name, c) for name in ("looplm", "looplm-int4")
-                                                               for c in (1, 3)]
+    served = ("looplm", "looplm-bf16p", "looplm-int4") if bf16_rows() else ("looplm", "looplm-int4")
+    assert [(r["server"], r["concurrency"]) for r in rows] == [(name, c) for name in served for c in (1, 3)]
+    assert bf16_rows() or "AMX" in data["skipped"]["looplm-bf16p"]
     for r in rows:
         assert r["errors"] == 0 and r["cut"] == 0 and r["requests"] == r["concurrency"]
         assert r["generated_tokens"] == 4 * r["requests"]  # ignore_eos: every request runs to max_tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,8 @@ from torch import nn
 
 from looplm.layers.linear import Linear
 from looplm.ops import cpp_ext
-from looplm.ops.linear import MAX_ROWS, MAX_STEP_ROWS, linear
+from looplm.ops.linear import MAX_ROWS, MAX_STEP_ROWS, bf16_products, linear
+from looplm.ops.qlinear import bf16_rows
 from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
@@ -76,3 +79,42 @@ def test_linear_module_is_an_nn_linear():
     assert set(m.state_dict()) == set(nn.Linear(4, 3).state_dict())
     x = torch.randn(2, 4, requires_grad=True)
     torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
+
+
+needs_amx = pytest.mark.skipif(not cpp_ext.available() or not bf16_rows(),
+                               reason="no AMX bfloat16 tiles on this CPU or build")
+
+
+@needs_amx
+@given(rows=st.integers(1, 80), k=st.sampled_from([32, 64, 576]), n=st.sampled_from([1, 17, 32, 100]),
+       bias=st.booleans(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 100))
+def test_bf16_products_are_the_bfloat16_product_from_bf16_rows_rows_on(rows, k, n, bias, threads, seed):
+    """Inside bf16_products, float32 weights times bf16_rows() rows or more equal the product of x and
+    W rounded to bfloat16 (float32 sums, bias added after); fewer rows, or outside, are float32."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(2, rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    with torch_threads(threads), torch.no_grad():
+        with bf16_products():
+            got = linear(x, w, b)
+        plain = linear(x, w, b)
+    exact = x.double() @ w.double().t() + (0 if b is None else b.double())
+    rounded = x.bfloat16().double() @ w.bfloat16().double().t() + (0 if b is None else b.double())
+    want = rounded if 2 * rows >= bf16_rows() else exact
+    assert got.shape == (2, rows, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * (1 + want.abs().max())
+    assert (plain.double() - exact).abs().max() <= 1e-4 * (1 + exact.abs().max())
+
+
+@needs_amx
+def test_bf16_products_leave_autograd_and_other_threads_alone():
+    x, w = torch.randn(64, 64), torch.randn(8, 64, requires_grad=True)
+    seen = []
+    with bf16_products():
+        y = linear(x, w)  # recorded for autograd: F.linear in float32
+        t = threading.Thread(target=lambda: seen.append(linear(x, w.detach())))
+        t.start()
+        t.join()
+    exact = x.double() @ w.detach().double().t()
+    assert (y.detach().double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+    assert (seen[0].double() - exact).abs().max() <= 1e-4 * exact.abs().max()

@@ -72,3 +72,12 @@ def test_serve_command_bad_draft(tmp_path):
     r = subprocess.run([sys.executable, "-m", "looplm.cli", "serve", str(ckpt), "--draft", "layers:9"],
                        capture_output=True, text=True, timeout=PATIENCE, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --draft layers:9")
+
+
+def test_serve_command_bf16_prefill_without_kernels_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_model(), ckpt)
+    tokenizer().save(ckpt)
+    r = subprocess.run([sys.executable, "-m", "looplm.cli", "serve", str(ckpt), "--bf16-prefill"],
+                       capture_output=True, text=True, timeout=PATIENCE, env=ENV)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: bf16 prefill needs a CPU with AMX")

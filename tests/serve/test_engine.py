@@ -10,6 +10,7 @@ pytest.importorskip("prometheus_client")
 
 from looplm.generate import generate_ids, iter_tokens  # noqa: E402
 from looplm.layers.mixer_states import KVState, QuantKVState  # noqa: E402
+from looplm.ops.qlinear import bf16_rows  # noqa: E402
 from looplm.serve.engine import Engine, QueueFullError, SamplingParams  # noqa: E402
 from looplm.serve.metrics import parse_metrics  # noqa: E402
 from looplm.speculative import Drafter  # noqa: E402
@@ -347,3 +348,32 @@ def test_speculative_engine_rejects_bad_drafts():
         Engine(tiny_model(), tokenizer(True), draft="ngram:2", kv_cache="int8")
     with pytest.raises(ValueError, match="gamma"):
         Engine(tiny_model(), tokenizer(True), draft="ngram:2", gamma=0)
+
+
+def _first_logprob(eng: Engine, prompt: list[int]) -> float:
+    reports = []
+    req = eng.submit(prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=1), reports.append)
+    while not req.done:
+        threading.Event().wait(0.01)
+    return [e for ev in reports for e in ev.logprobs][0].logprob
+
+
+@pytest.mark.skipif(not bf16_rows(), reason="no AMX bfloat16 tiles on this CPU or build")
+def test_bf16_prefill_reads_prompts_in_bfloat16_and_batches_as_alone(engine_for):
+    """With bf16_prefill the prompt forwards' products are bfloat16 (the first token's log-probability
+    moves by about bfloat16's rounding, not more), batched greedy tokens equal each request's alone."""
+    model = tiny_model("attention", d_model=128)
+    long_prompts = [list(range(1 + i, 1 + i + n)) for i, n in enumerate([40, 33, 64])]
+    exact = _first_logprob(engine_for(model, max_batch=4), long_prompts[0])
+    eng = engine_for(model, max_batch=4, prefill_chunk=64, max_stall=0, bf16_prefill=True)
+    rounded = _first_logprob(eng, long_prompts[0])
+    assert 0 < abs(rounded - exact) < 0.05
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    assert run_requests(eng, [(p, sp) for p in long_prompts]) == [run_requests(eng, [(p, sp)])[0]
+                                                                   for p in long_prompts]
+
+
+def test_bf16_prefill_without_amx_is_refused(monkeypatch):
+    monkeypatch.setattr("looplm.serve.engine.bf16_rows", lambda: 0)
+    with pytest.raises(ValueError, match="AMX"):
+        Engine(tiny_model("attention"), tokenizer(True), bf16_prefill=True)

@@ -24,6 +24,23 @@ Tensor qlinear(const Tensor& x, at::TensorList w) {
   return y;
 }
 
+// x [M, K] float32 times w [N, K] float32 -> [M, N], both rounded to bfloat16, float32 sums, on
+// AMX tiles (qmatmul_bf16); K % 32 == 0, CPUs where bf16_rows() > 0.
+Tensor linear_bf16(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "linear_bf16: x must be a contiguous float32 CPU tensor [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "linear_bf16: w must be [N, K]");
+  TORCH_CHECK(x.size(1) % 32 == 0, "linear_bf16: K must be a multiple of 32");
+  TORCH_CHECK(looplm::bf16_rows() > 0, "linear_bf16: no AMX bfloat16 tiles on this CPU or build");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const looplm::QWeight W = looplm::qweight({w}, n, k, "linear_bf16");
+  Tensor y = at::empty({m, n}, x.options());
+#ifdef LOOPLM_AMX
+  looplm::qmatmul_bf16(x.data_ptr<float>(), m, k, {W}, {0}, y.data_ptr<float>(), n, /*all=*/true);
+#endif
+  return y;
+}
+
 // ids [M] long, w: parts of a table [V, D] (int8 or int4) -> its rows [M, D] in float32.
 Tensor qembedding(const Tensor& ids, at::TensorList w) {
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "qembedding: ids must be a long tensor [M]");
@@ -62,10 +79,12 @@ Tensor qembedding(const Tensor& ids, at::TensorList w) {
 TORCH_LIBRARY_FRAGMENT(looplm, m) {
   m.def("qlinear(Tensor x, Tensor[] w) -> Tensor");
   m.def("qembedding(Tensor ids, Tensor[] w) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("qlinear_bf16_rows() -> int", [] { return looplm::bf16_rows(); });
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {
   m.impl("qlinear", qlinear);
   m.impl("qembedding", qembedding);
+  m.impl("linear_bf16", linear_bf16);
 }

@@ -501,11 +501,18 @@ inline int64_t bf16_rows() {
 }
 
 #ifdef LOOPLM_AMX
-// Weight rows [j0, j1) of W (int8 or int4) as bfloat16, row-major [j1 - j0, k].
+// Weight rows [j0, j1) of W as bfloat16 (rounded to nearest even), row-major [j1 - j0, k].
 inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out) {
   const int64_t k = W.k;
   for (int64_t j = j0; j < j1; ++j) {
     uint16_t* o = out + (j - j0) * k;
+    if (W.kind == QWeight::F32) {
+      for (int64_t i = 0; i < k; i += 32) {
+        const float* w = W.w + j * k + i;
+        _mm512_storeu_si512(o + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(w + 16), _mm512_loadu_ps(w)));
+      }
+      continue;
+    }
     if (W.kind == QWeight::I8) {
       for (int64_t i = 0; i < k; i += 32) {
         const __m512 s = _mm512_set1_ps(W.scale[j * (k / W.group) + i / W.group]);
@@ -539,11 +546,12 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
   }
 }
 
-// out[r, off + j] = x[r] . W[j] on AMX tiles for quantised weights (float32 ones by BLAS in
-// float32): x packed once, strips of 32 weight rows over threads (one parallel region per call:
-// each barrier costs), each dequantised into L1 and multiplied by every row of x.
+// out[r, off + j] = x[r] . W[j] on AMX tiles for quantised weights, and for float32 ones too if
+// `all` (else by BLAS in float32): x packed once, strips of 32 weight rows over threads (one
+// parallel region per call: each barrier costs), each dequantised (or rounded) into L1 and
+// multiplied by every row of x. k % 32 == 0.
 inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vector<QWeight>& ws,
-                         const std::vector<int64_t>& offs, float* out, int64_t width) {
+                         const std::vector<int64_t>& offs, float* out, int64_t width, bool all = false) {
   thread_local std::vector<uint16_t> xp_kept;
   std::vector<uint16_t>& xp = xp_kept;  // (the lambdas below run on other threads: they capture it)
   xp.resize(static_cast<size_t>(amx_packed_size(rows, k)));
@@ -551,7 +559,7 @@ inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vec
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { amx_pack_x(x, rows, k, b0, b1, xp.data()); });
   std::vector<std::pair<size_t, int64_t>> strips;  // (weight, first row)
   for (size_t p = 0; p < ws.size(); ++p) {
-    if (!ws[p].quantised()) {
+    if (!ws[p].quantised() && !all) {
       const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, k}, at::kFloat);
       const at::Tensor wt = at::from_blob(const_cast<float*>(ws[p].w), {ws[p].n, k}, at::kFloat);
       at::Tensor o = at::from_blob(out + offs[p], {rows, ws[p].n}, {width, 1}, at::kFloat);
