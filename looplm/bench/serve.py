@@ -99,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="looplm servers' --max-stall (default: the server's)")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="looplm servers' --prefill-chunk (default: the server's)")
+    parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                        help="looplm servers' --kv-cache (attention caches in float or int8; default float)")
     parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
     parser.add_argument("--state-streams", type=int, default=64, help="streams of the state-memory table")
     parser.add_argument("--state-tokens", type=int, default=4096, help="tokens per stream of that table")
@@ -165,7 +167,7 @@ class Server:
 
 
 def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall: float | None,
-            prefill_chunk: int | None = None) -> Server:
+            prefill_chunk: int | None = None, kv_cache: str = "float") -> Server:
     cmd = [sys.executable, "-m", "looplm.cli", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
            "--max-queue", "4096", *(["--bf16-prefill"] if name == "looplm-bf16p" else [])]
     if threads:
@@ -174,6 +176,8 @@ def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall
         cmd += ["--max-stall", str(max_stall)]
     if prefill_chunk is not None:
         cmd += ["--prefill-chunk", str(prefill_chunk)]
+    if kv_cache != "float":
+        cmd += ["--kv-cache", kv_cache]
     return Server(name, cmd, None, {"ignore_eos": True, "stream_options": {"include_usage": True}})
 
 
@@ -239,7 +243,8 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
                 ckpt = args.int4_checkpoint or int4_copy(args.checkpoint, scratch / "int4")
             except LoopLMError as err:
                 return None, str(err)
-        return _started(partial(_looplm, name, ckpt, batch, args.threads, args.max_stall, args.prefill_chunk),
+        return _started(partial(_looplm, name, ckpt, batch, args.threads, args.max_stall, args.prefill_chunk,
+                                args.kv_cache),
                         texts, seconds)
     raise LoopLMError(f"unknown server {name!r} in --servers ({', '.join(SERVERS)})")
 
