@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from looplm.checkpoint import load_model
 from looplm.data import eval_batches, load_tokenizer
 from looplm.data.corpus import cache_root, resolve_source
 from looplm.errors import CheckpointError, ConfigError, DataError
+from looplm.ops.linear import bf16_products
+from looplm.ops.qlinear import bf16_rows
 from looplm.perplexity import score_tokens, scored_bytes
 from looplm.routers import causal_routing, sees_future
 from looplm.train.command import load_corpus
@@ -45,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per batch (default 16; --data: 1)")
     parser.add_argument("--iters", type=int, default=16, help="without --data: batches to evaluate")
+    parser.add_argument("--bf16-products", action="store_true",
+                        help="with --data: multiply float32 weights in bfloat16 on AMX tiles, as "
+                        "`looplm serve --bf16-prefill` reads prompts (CPUs with AMX)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
 
 
@@ -78,7 +84,9 @@ def _score_file(model, tokenizer, args: argparse.Namespace) -> dict:
         s.bytes = n_bytes
         return s.as_dict()
 
-    with causal_routing(model):  # expert-choice routers as decoding routes
+    # bf16 products apply where nothing is recorded for autograd
+    with causal_routing(model), (torch.no_grad() if args.bf16_products else nullcontext()), \
+            bf16_products(args.bf16_products):  # expert-choice routers as decoding routes
         result = {**score(), "window": window, "stride": args.stride or window}
     if sees_future(model):
         topk = score()
@@ -135,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.data is None and (args.max_tokens is not None or args.stride is not None):
-        raise DataError("--max-tokens and --stride apply to --data FILE; give the text to score")
+    if args.data is None and (args.max_tokens is not None or args.stride is not None or args.bf16_products):
+        raise DataError("--max-tokens, --stride and --bf16-products apply to --data FILE; "
+                        "give the text to score")
+    if args.bf16_products and not bf16_rows():
+        raise ConfigError("--bf16-products needs a CPU with AMX bfloat16 tiles (and looplm's kernels built)")
     ckpt = Path(args.checkpoint)
     model = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt)

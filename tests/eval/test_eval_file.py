@@ -15,6 +15,7 @@ from looplm.checkpoint import save_model
 from looplm.cli import main
 from looplm.data.tokenizer import ByteTokenizer
 from looplm.model import LoopConfig, LoopLM
+from looplm.ops.qlinear import bf16_rows
 from looplm.perplexity import windows
 
 TOK = ByteTokenizer()
@@ -127,3 +128,20 @@ def test_expert_choice_is_scored_causally_and_top_k_beside(tmp_path, capsys):
     assert got["loss"] == pytest.approx(causal, rel=1e-5)
     assert got["loss_topk"] == pytest.approx(topk, rel=1e-5)
     assert causal != topk
+
+
+@pytest.mark.skipif(not bf16_rows(), reason="no AMX bfloat16 tiles on this CPU or build")
+def test_bf16_products_score_the_file_near_float32(checkpoint, capsys):
+    """--bf16-products (the products of `looplm serve --bf16-prefill`) moves the loss by about
+    bfloat16's rounding, not more, and not at all is suspicious (the products did not change)."""
+    directory, _, data = checkpoint
+    exact = _eval(capsys, str(directory), "--data", str(data), "--seq-len", "64")
+    rounded = _eval(capsys, str(directory), "--data", str(data), "--seq-len", "64", "--bf16-products")
+    assert rounded["tokens"] == exact["tokens"]
+    assert 0 < abs(rounded["loss"] - exact["loss"]) < 0.01 * exact["loss"]
+
+
+def test_bf16_products_need_data(checkpoint, capsys):
+    directory, _, _ = checkpoint
+    assert main(["eval", str(directory), "--bf16-products"]) == 2
+    assert "--bf16-products apply to --data FILE" in capsys.readouterr().err
