@@ -28,6 +28,8 @@ from looplm.checkpoint import load_model
 from looplm.errors import LoopLMError
 from looplm.generate import chunks_exact, decoding_mode, prefill, prefill_chunk
 from looplm.model import LoopLM
+from looplm.ops.linear import bf16_products
+from looplm.ops.qlinear import bf16_rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,17 +86,30 @@ def parse_groups(text: str) -> list[tuple[int, int]]:
 
 def measure_groups(model: LoopLM, groups: list[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
     """Rows ``{rows, tokens, wall_s, tokens_per_s}``: one forward of B prompts of T tokens from an
-    empty state, the head at each last token (the engine's prefill forward), groups interleaved."""
-    def run(b: int, t: int) -> Any:
+    empty state, the head at each last token (the engine's prefill forward), groups interleaved;
+    where the CPU has AMX tiles also ``tokens_per_s_bf16``: the same with float32 weights' products
+    in bfloat16 (``looplm serve --bf16-prefill``)."""
+    def run(b: int, t: int, bf16: bool) -> Any:
         ids = torch.randint(0, model.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
         at = torch.zeros(b, t, dtype=torch.bool)
         at[:, -1] = True
-        return lambda: model(ids, state=model.init_state(b), use_cache=True, logits_at=at)
 
+        def forward() -> Any:
+            with bf16_products(bf16):
+                return model(ids, state=model.init_state(b), use_cache=True, logits_at=at)
+        return forward
+
+    modes = (False, True) if bf16_rows() else (False,)
+    fns = {f"{b}x{t}{' bf16' * bf16}": run(b, t, bf16) for b, t in groups for bf16 in modes}
     with torch.no_grad(), decoding_mode(model):
-        secs = time_interleaved({f"{b}x{t}": run(b, t) for b, t in groups}, repeats)
-    return [{"rows": b, "tokens": t, "wall_s": secs[f"{b}x{t}"], "tokens_per_s": b * t / secs[f"{b}x{t}"]}
-            for b, t in groups]
+        secs = time_interleaved(fns, repeats)
+    rows = []
+    for b, t in groups:
+        row = {"rows": b, "tokens": t, "wall_s": secs[f"{b}x{t}"], "tokens_per_s": b * t / secs[f"{b}x{t}"]}
+        if bf16_rows():
+            row["tokens_per_s_bf16"] = b * t / secs[f"{b}x{t} bf16"]
+        rows.append(row)
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,12 +136,14 @@ def run(args: argparse.Namespace) -> int:
                           f"{r['cpu_s'] * 1e3:.0f}", f"{r['vs_one_forward']:.3f}",
                           f"{r['cpu_vs_one_forward']:.3f}"])
         for r in measure_groups(model, groups, repeats):
+            bf16 = r.get("tokens_per_s_bf16")
             group_table.append([path, f"{r['rows']} x {r['tokens']}", f"{r['tokens_per_s']:.0f}",
-                                f"{r['wall_s'] * 1e3:.0f}"])
+                                f"{r['wall_s'] * 1e3:.0f}", "-" if bf16 is None else f"{bf16:.0f}"])
     print(f"prefill of {prompt} prompt tokens, {args.threads} thread(s), medians of {repeats}")
     print(markdown_table(["checkpoint", "chunk", "tok/s", "wall ms", "CPU ms", "wall x one forward",
                           "CPU x one forward"], table))
     if group_table:
         print(f"forwards of B prompts of T tokens together (the engine's prefill), medians of {repeats}")
-        print(markdown_table(["checkpoint", "B x T", "tok/s", "wall ms"], group_table))
+        print(markdown_table(["checkpoint", "B x T", "tok/s", "wall ms", "tok/s, bf16 products"],
+                             group_table))
     return 0

@@ -8,6 +8,7 @@ from looplm.bench.prefill import measure
 from looplm.checkpoint import load_model, save_model
 from looplm.cli import main
 from looplm.model import LoopConfig, LoopLM
+from looplm.ops.qlinear import bf16_rows
 
 
 @pytest.fixture(scope="module")
@@ -44,5 +45,6 @@ def test_groups_rows_and_bad_groups(ckpt, capsys):
     out = capsys.readouterr().out
     rows = [line.split("|") for line in out.splitlines() if line.startswith(f"| {ckpt}") and " x " in line]
     assert [r[2].strip() for r in rows] == ["1 x 16", "3 x 8"] and all(float(r[3]) > 0 for r in rows)
+    assert all((float(r[5]) > 0) if bf16_rows() else r[5].strip() == "-" for r in rows)  # bf16 products
     assert main(["bench", "prefill", str(ckpt), "--groups", "4x"]) != 0
     assert "--groups '4x': each group must be BxT" in capsys.readouterr().err

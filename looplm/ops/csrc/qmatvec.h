@@ -487,8 +487,11 @@ inline void qrows(int64_t nr, const QWeight& W, const QRow* const* x, const floa
 // multiplied by every row of x on AMX tiles (amx_gemm.h) instead: the dequantisation is paid once
 // per step for all rows, and a tile product does 16 x 16 x 32 multiply-adds. Error: x and W
 // rounded to bfloat16 (2^-9 relative), of the order of the int8 activations of the row-by-row
-// path, but not the same bits.
-constexpr int64_t kBf16Rows = 16;
+// path, but not the same bits. 9: more rows than one pass of the row-by-row kernel (kActRows, 8 on
+// the VNNI CPUs that AMX ones are), where the tiles' one dequantisation starts to pay (int4
+// SmolLM2-135M decoding steps of 4-12 rows timed both ways: the row-by-row kernel was faster at 4
+// and 8 rows, the tiles at 9 and 12).
+constexpr int64_t kBf16Rows = 9;
 
 // Rows of x from which qmatvecs takes quantised weights through bfloat16 (0: never, on this build
 // or CPU).
