@@ -2,6 +2,7 @@
 a model of SmolLM2-135M's shape with random int4 weights (int8 tied embedding/head), loaded in a
 fresh interpreter, prefills 1024 tokens and decodes 32."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,13 @@ PROMPT, NEW = 1024, 32
 # of the kernels it runs for the first time (libtorch's MKL/oneDNN paths, ~16 MB of file pages) and
 # the thread pools' stacks and buffers.
 RUNTIME_MB = 16
+# MKL's memory manager keeps the work buffers its products free, for reuse: a cache of MKL's (~26 MB
+# after this prefill's attention products, none of it the model's; 0 with it off), which the probes
+# leave out so that the peak is the model's and the runtime's pages above
+ENV = {**os.environ, "MKL_DISABLE_FAST_MM": "1"}
 # a fresh interpreter's start of a probe: kb(field) reads /proc/self/status; 2 threads, kernels built
+# (in a fresh clone the first probe may build them, whose peak is not the model's: VmHWM is reset
+# through /proc/self/clear_refs after that)
 PREAMBLE = textwrap.dedent('''
         import torch
         from pathlib import Path
@@ -33,6 +40,7 @@ PREAMBLE = textwrap.dedent('''
                     return int(line.split()[1])
         torch.set_num_threads(2)
         cpp_ext.available()
+        Path("/proc/self/clear_refs").write_text("5")
 ''')
 
 
@@ -57,7 +65,7 @@ def test_int4_decoding_peak_is_weights_and_cache(int4_smollm2):
         stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         print(kb("VmHWM:") - start, stored // 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr[-2000:]
     grown_kb, weights_kb = map(int, out.stdout.split())
     c = LoopConfig(**SMOLLM2)
@@ -81,7 +89,7 @@ def test_a_generation_peaks_no_higher_after_others(int4_smollm2):
             peaks.append(kb("VmHWM:"))
         print(peaks[-2], peaks[-1])
     """)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr[-2000:]
     first_kb, second_kb = map(int, out.stdout.split())
     grown_mb = (second_kb - first_kb) / 1024
