@@ -102,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
                         help="looplm servers' --kv-cache (attention caches in float or int8; default float)")
     parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
-    parser.add_argument("--state-streams", type=int, default=64, help="streams of the state-memory table")
+    parser.add_argument("--state-streams", type=int, default=64,
+                        help="streams of the state-memory table (0: no table)")
     parser.add_argument("--state-tokens", type=int, default=4096, help="tokens per stream of that table")
     parser.add_argument("--engine-rows", default="16,64", help="rows of the engine table ('' : none)")
     parser.add_argument("--engine-prompt", type=int, default=64, help="prompt tokens of the engine table")
@@ -488,12 +489,13 @@ def run(args: argparse.Namespace) -> int:
                 skipped[name] = crashed
     load_table = _report(rows, skipped, levels)
     streams, tokens = (4, 256) if args.quick else (args.state_streams, args.state_tokens)
-    memory = state_memory(load_config(args.checkpoint), streams, tokens)
+    memory = state_memory(load_config(args.checkpoint), streams, tokens) if streams > 0 else []
     memory_table = markdown_table(["model", "layers", "attention layers", "streams x tokens", "state MiB",
                                    "vs attention"],
                                   [[m["model"], m["layers"], m["attention_layers"], f"{streams} x {tokens}",
-                                    m["bytes"] / 2**20, m["vs_attention"]] for m in memory])
-    print(memory_table)
+                                    m["bytes"] / 2**20, m["vs_attention"]] for m in memory]) if memory else ""
+    if memory_table:
+        print(memory_table)
     elapsed = time.perf_counter() - began
     print(f"bench serve took {elapsed:.0f} s")
     write_json(args.out, "serve", {"settings": {**settings, "levels": levels, "prompt_tokens": lengths,
@@ -501,7 +503,8 @@ def run(args: argparse.Namespace) -> int:
                                                 "gguf": args.gguf},
                                    "machine": machine_info(), "results": rows, "skipped": skipped,
                                    "state_memory": memory, "engine": engine, "seconds": elapsed,
-                                   "table": load_table + "\n\nDecoding-state memory:\n\n" + memory_table
+                                   "table": load_table
+                                   + ("\n\nDecoding-state memory:\n\n" + memory_table if memory_table else "")
                                    + ("\n\nEngine decode:\n\n" + engine_text if engine_text else "")})
     return 0
 
