@@ -90,8 +90,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bf16_rows() -> int:
-    """Rows of ``x`` from which the kernel multiplies int8 / int4 weights in bfloat16 (0: never here:
-    no kernels, or a CPU or torch build without AMX bf16 products)."""
+    """Rows of ``x`` from which the kernel multiplies int8 / int4 weights in bfloat16 on AMX tiles
+    (0: never here: no kernels, a CPU without AMX bf16 tiles, or a kernel that does not grant them)."""
     if not hasattr(torch.ops.looplm, "qlinear_bf16_rows") and not cpp_ext.available():
         return 0
     return int(torch.ops.looplm.qlinear_bf16_rows())  # of the build loaded (tests load others)
