@@ -123,8 +123,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | 
     if not bool(torch.isfinite(logits).all()):
         raise LoopLMError("the model produced NaN or infinite logits; its weights are broken "
                           "(a diverged or corrupted checkpoint): check them with looplm eval")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    if temperature == 0:  # max's first maximum, as argmax's, in under half its time on the CPU here
+        return logits.max(dim=-1).indices
     scores = logits.float() / temperature
     scores = scores.masked_fill(~keep_mask(scores, top_k=top_k, top_p=top_p, min_p=min_p), float("-inf"))
     probs = scores.softmax(dim=-1)
