@@ -1,6 +1,7 @@
 // x W^T in bfloat16 on AMX tiles (Intel Sapphire Rapids and later), float32 sums: the products of
 // many rows of x (a batched decoding step, a prefill) with weights that another routine turns into
-// bfloat16 32 rows at a time (qmatvec.h dequantises int8 / int4 weights into them).
+// bfloat16 32 rows at a time (qmatvec.h dequantises int8 / int4 weights into them, or rounds
+// float32 ones for a prompt read in bfloat16).
 //
 // Why hand-written: MKL's bf16 product (cblas_gemm_bf16bf16f32) repacks both operands on every
 // call, and a call per cache-sized tile of dequantised weights repacked x each time (~16% of a
