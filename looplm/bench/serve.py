@@ -73,6 +73,7 @@ from looplm.checkpoint import load_config, load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
 from looplm.model import LoopConfig, LoopLM
+from looplm.ops.linear import BF16_NEEDS
 from looplm.ops.qlinear import bf16_rows
 from looplm.quant.ptq import quantize_model
 from looplm.quantize_command import write_copy
@@ -235,7 +236,7 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
             server, why = _started(partial(_llama_cpp, args.gguf, args.threads, False), texts, seconds)
         return server, why
     if name == "looplm-bf16p" and not bf16_rows():
-        return None, "no AMX bfloat16 tiles on this CPU (or no kernels built)"
+        return None, f"--bf16-prefill needs {BF16_NEEDS}"
     if name in ("looplm", "looplm-serial", "looplm-int4", "looplm-bf16p"):
         batch = 1 if name == "looplm-serial" else max(levels)
         ckpt = args.checkpoint

@@ -30,7 +30,7 @@ from looplm.ops import cpp_ext
 from looplm.ops.nodes import tracked
 from looplm.ops.qlinear import bf16_rows
 
-__all__ = ["linear", "bf16_products", "MAX_ROWS", "MAX_STEP_ROWS"]
+__all__ = ["linear", "bf16_products", "BF16_NEEDS", "MAX_ROWS", "MAX_STEP_ROWS"]
 
 MAX_ROWS = 8  # rows of x up to which the small kernel runs (a decoding step of a small batch)
 MAX_STEP_ROWS = 64  # the same for x [B, 1, K] (one token of B rows: a batch's decoding step)
@@ -52,9 +52,15 @@ def bf16_products(enabled: bool = True) -> Iterator[None]:
         _mode.bf16 = before
 
 
+# what bf16_products needs to do anything (the refusals of the commands that ask for it)
+BF16_NEEDS = "a CPU with AMX bfloat16 tiles (and looplm's kernels built)"
+
+
 def _bf16_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if not getattr(_mode, "bf16", False):  # every linear asks: the common answer first
+        return False
     rows = x.numel() // max(1, x.shape[-1])
-    return (getattr(_mode, "bf16", False) and x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.is_contiguous() and x.shape[-1] % 32 == 0
             and not tracked(x, weight, bias) and cpp_ext.available() and 0 < bf16_rows() <= rows)
 

@@ -61,7 +61,7 @@ from looplm.generate import (
 )
 from looplm.layers.mixer_states import KVState
 from looplm.model import LoopLM
-from looplm.ops.linear import bf16_products
+from looplm.ops.linear import BF16_NEEDS, bf16_products
 from looplm.ops.qlinear import bf16_rows
 from looplm.quant.state import quantize_caches
 from looplm.serve.batch import BatchState
@@ -192,7 +192,7 @@ class Engine:
         if draft is not None and self.kv_cache is not None:
             raise ValueError("a draft (speculative decoding) needs float caches, not kv_cache=int8")
         if bf16_prefill and bf16_rows() == 0:
-            raise ValueError("bf16 prefill needs a CPU with AMX bfloat16 tiles (and looplm's kernels built)")
+            raise ValueError(f"bf16 prefill needs {BF16_NEEDS}")
         self.bf16_prefill = bf16_prefill
         check_gamma(gamma)
         self.drafter = None if draft is None else build_drafter(model, draft)  # ConfigError if bad

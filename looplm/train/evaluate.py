@@ -23,7 +23,7 @@ from looplm.checkpoint import load_model
 from looplm.data import eval_batches, load_tokenizer
 from looplm.data.corpus import cache_root, resolve_source
 from looplm.errors import CheckpointError, ConfigError, DataError
-from looplm.ops.linear import bf16_products
+from looplm.ops.linear import BF16_NEEDS, bf16_products
 from looplm.ops.qlinear import bf16_rows
 from looplm.perplexity import score_tokens, scored_bytes
 from looplm.routers import causal_routing, sees_future
@@ -84,13 +84,13 @@ def _score_file(model, tokenizer, args: argparse.Namespace) -> dict:
         s.bytes = n_bytes
         return s.as_dict()
 
-    # bf16 products apply where nothing is recorded for autograd
-    with causal_routing(model), (torch.no_grad() if args.bf16_products else nullcontext()), \
-            bf16_products(args.bf16_products):  # expert-choice routers as decoding routes
-        result = {**score(), "window": window, "stride": args.stride or window}
-    if sees_future(model):
-        topk = score()
-        result.update(loss_topk=topk["loss"], bits_per_byte_topk=topk["bits_per_byte"])
+    # bf16 products apply where nothing is recorded for autograd; they hold for both scores
+    with (torch.no_grad() if args.bf16_products else nullcontext()), bf16_products(args.bf16_products):
+        with causal_routing(model):  # expert-choice routers as decoding routes
+            result = {**score(), "window": window, "stride": args.stride or window}
+        if sees_future(model):
+            topk = score()
+            result.update(loss_topk=topk["loss"], bits_per_byte_topk=topk["bits_per_byte"])
     return result
 
 
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--max-tokens, --stride and --bf16-products apply to --data FILE; "
                         "give the text to score")
     if args.bf16_products and not bf16_rows():
-        raise ConfigError("--bf16-products needs a CPU with AMX bfloat16 tiles (and looplm's kernels built)")
+        raise ConfigError(f"--bf16-products needs {BF16_NEEDS}")
     ckpt = Path(args.checkpoint)
     model = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt)

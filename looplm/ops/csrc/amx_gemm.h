@@ -51,6 +51,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// 32 floats at p as bfloat16 (rounded to nearest even), in their order.
+inline __m512i bf16x32(const float* p) {
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
+}
+
 // Loads the eight 16 x 64-byte tiles in the calling thread (each thread has its own configuration).
 inline void amx_configure() {
   TileConfig cfg;
@@ -75,8 +80,7 @@ inline void amx_pack_x(const float* x, int64_t rows, int64_t k, int64_t b0, int6
       for (int64_t c = 0; c < kb; ++c) {
         uint32_t* tile = reinterpret_cast<uint32_t*>(xp + (b * kb + c) * kAmxRows * kAmxK);
         if (r < rows) {
-          const float* s = x + r * k + c * kAmxK;
-          _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 16), _mm512_loadu_ps(s)));
+          _mm512_store_si512(pairs, bf16x32(x + r * k + c * kAmxK));
         } else {
           std::memset(pairs, 0, sizeof(pairs));
         }

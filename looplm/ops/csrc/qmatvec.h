@@ -510,10 +510,7 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
   for (int64_t j = j0; j < j1; ++j) {
     uint16_t* o = out + (j - j0) * k;
     if (W.kind == QWeight::F32) {
-      for (int64_t i = 0; i < k; i += 32) {
-        const float* w = W.w + j * k + i;
-        _mm512_storeu_si512(o + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(w + 16), _mm512_loadu_ps(w)));
-      }
+      for (int64_t i = 0; i < k; i += 32) _mm512_storeu_si512(o + i, bf16x32(W.w + j * k + i));
       continue;
     }
     if (W.kind == QWeight::I8) {
