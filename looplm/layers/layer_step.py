@@ -24,6 +24,10 @@ projections are BLAS matrix products, which a batch of rows needs to stay ahead 
   :class:`~looplm.layers.moe.MoE` FFN (SwiGLU experts, optional shared expert, no
   zero-computation experts, no recurrent router) in ``csrc/moe_step.cpp``, which also returns the
   MoE's aux (load, balance and z losses) as the Python layer does.
+- ``csrc/liger_step.cpp``: a linearised layer's (Liger GLA with a sliding window,
+  :class:`~looplm.layers.liger.LigerGLA`) recurrence (``liger_gla_step``), its window's cache
+  appended in Python, then ``attn_step_out`` (the window's attention averaged with the
+  recurrence's output, output projection, FFN); the projections may be int8 / int4 as above.
 - :func:`stack_step`: every layer of an attention model (dense FFN or none) in one call,
   ``attn_stack_step`` in ``csrc/attn_step.cpp``, each cache appended in place in its buffer (at 30
   layers the Python around two calls per layer cost as much as their arithmetic); float32 caches
@@ -58,8 +62,9 @@ from torch.nn.modules.module import (
 
 from looplm.layers import kv_cache
 from looplm.layers.ffn import SwiGLU
+from looplm.layers.liger import LigerGLA, trim_window
 from looplm.layers.linear import Linear
-from looplm.layers.mixer_states import KVState, QuantKVState, RecurrentState
+from looplm.layers.mixer_states import KVState, LinearizedState, QuantKVState, RecurrentState
 from looplm.layers.mixers import (
     GLA,
     Attention,
@@ -94,12 +99,16 @@ register_module_buffer_registration_hook(_registered)
 
 def decide(layer: Any) -> tuple[str, Any]:
     """Decide (again) which step ``layer`` (a Layer) runs: ``("attention", plan)`` (the attention
-    kernels' weight arguments), ``(op, None)`` for a fixed-state kernel (``delta_layer_step`` /
-    ``decay_layer_step``), or ``("python", None)``. Kept on the layer (not a submodule or buffer:
+    kernels' weight arguments), ``("liger", plan)`` (a Liger GLA layer with a window: the same
+    plan), ``(op, None)`` for a fixed-state kernel (``delta_layer_step`` / ``decay_layer_step``), or
+    ``("python", None)``. Kept on the layer (not a submodule or buffer:
     out of ``state_dict``) with the registration count it was made at."""
     if type(layer.mixer) is Attention:
         plan = _attention_plan(layer)
         choice: tuple[str, Any] = ("python", None) if plan is None else ("attention", plan)
+    elif type(layer.mixer) is LigerGLA:
+        plan = _attention_plan(layer) if layer.mixer.window > 0 else None
+        choice = ("python", None) if plan is None else ("liger", plan)
     else:
         args = _mixer_args(layer.mixer) if eligible(layer) else None
         choice = ("python", None) if args is None else (args[0], None)
@@ -122,7 +131,8 @@ def describe(layer: Any) -> str:
         return "PyTorch forms (C++ kernels off or not built)"
     if kind == "python" or not cpp_ext.layer_steps():
         return "Python layer (C++ ops where they apply)"
-    ops = ["attn_step_in", "attn_step_out"] if kind == "attention" else [kind]
+    ops = {"attention": ["attn_step_in", "attn_step_out"], "liger": ["liger_gla_step", "attn_step_out"]}.get(
+        kind, [kind])
     if isinstance(layer.ffn, MoE):
         ops.append("moe_step")
     return "C++ layer step: " + " + ".join(ops)
@@ -252,6 +262,17 @@ def layer_step(layer: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | Non
         if starts is False:
             return None  # masked slots between seen ones: the Python layer's masks
         h, state = _attention_step(layer, x[:, 0].contiguous(), state, pos, plan, starts)
+    elif kind == "liger" and isinstance(state, LinearizedState):
+        window = state.window
+        if (window is None or type(window) is not KVState or window.k.dtype != torch.float32
+                or state.ssm.dtype != torch.float32 or state.ssm.shape[0] != x.shape[0]
+                or not cpp_ext.layer_steps()):
+            return None
+        pos = (window.seen[:, None] if positions is None else positions.expand(x.shape[0], 1))[:, 0]
+        stepped = _liger_step(layer, x[:, 0].contiguous(), state, window, pos, plan)
+        if stepped is None:
+            return None
+        h, state = stepped
     else:
         return None
     return _ffn_step(layer, h, state)
@@ -312,6 +333,36 @@ def _attention_step(layer: Any, x: torch.Tensor, state: KVState, pos: torch.Tens
     h = torch.ops.looplm.attn_step_out(x, qkv[:, :H].contiguous(), new.k, new.v, o_w, *ffn, ffn_eps, starts,
                                        *scales)
     return h, new
+
+
+def _liger_step(layer: Any, x: torch.Tensor, state: LinearizedState, window: KVState, pos: torch.Tensor,
+                plan: tuple[Any, ...]) -> tuple[torch.Tensor, LinearizedState] | None:
+    """Liger GLA layer step: norm and projection in Python (any projection module), the recurrence
+    and RoPE in C++ (``liger_gla_step``), the window's cache append in Python, then the window's
+    attention averaged with the recurrence's output, the output projection and the FFN in C++
+    (``attn_step_out``). The window's cache is trimmed to the window only once it holds twice the
+    window (each step's trim would copy it every step; the kernel reads each row from its first key
+    inside the window). None (nothing kept) where some row's keys inside the window are not one run
+    at the end of its cache (the Python layer's masks)."""
+    mixer = layer.mixer
+    H, Hkv, D, W = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.window
+    B = x.shape[0]
+    inv_freq = getattr(mixer, "_inv_freq", None)
+    if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
+        inv_freq = mixer._inv_freq = rope_inv_freq(D, mixer.rope_base, x.device, mixer.rope_scaling)
+    qkv = mixer.qkv(layer.mixer_norm(x)).view(B, H + 2 * Hkv, D)
+    o, ssm, qk = torch.ops.looplm.liger_gla_step(qkv, state.ssm, H, Hkv, float(mixer.gate_tau), inv_freq, pos)
+    ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+    cache = kv_cache.append(window, qk[:, None, H:], qkv[:, None, H + Hkv:], ones, pos[:, None],
+                            window.seen + 1)
+    seen = cache.key_mask & (cache.pos > pos[:, None] - W) & (cache.pos <= pos[:, None])
+    starts = _front_padding(seen)
+    if starts is False:
+        return None
+    _, o_w, ffn, ffn_eps = plan
+    q = qk[:, :H].contiguous()
+    h = torch.ops.looplm.attn_step_out(x, q, cache.k, cache.v, o_w, *ffn, ffn_eps, starts, None, None, o)
+    return h, LinearizedState(ssm, cache if cache.k.shape[1] < 2 * W else trim_window(cache, W))
 
 
 def _padded(parts: list[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -147,12 +147,14 @@ class LinearizedAttention(nn.Module):
             cache = kv_cache.append(cache, k, v, key_mask, positions, cache.seen + T)
             k, v, key_mask, kpos = cache.k, cache.v, cache.key_mask, cache.pos
         o = attention(q, k, v, q_pos=positions, k_pos=kpos, key_mask=key_mask, window=self.window)
-        return o, None if cache is None else _trim(cache, self.window)
+        return o, None if cache is None else trim_window(cache, self.window)
 
 
-def _trim(cache: KVState, window: int) -> KVState:
+def trim_window(cache: KVState, window: int) -> KVState:
     """``cache`` without its leading slots that no row's later queries can see (every row's key
     there unused or ``window`` or more positions behind that row's newest key)."""
+    if cache.k.shape[1] == 0:
+        return cache
     newest = cache.pos.masked_fill(~cache.key_mask, -1).amax(1, keepdim=True)  # [B, 1]
     needed = (cache.key_mask & (cache.pos > newest + 1 - window)).any(0)
     first = int(needed.int().argmax()) if bool(needed.any()) else cache.k.shape[1]

@@ -10,7 +10,7 @@ Hand-written only where a benchmark showed PyTorch's own CPU ops leave a large f
 - ``layer_step.cpp``: a whole fixed-state layer's decoding step in one call, ``moe_step.cpp`` its
   mixture-of-experts FFN, ``attn_step.cpp`` an attention layer's (:mod:`looplm.layers.layer_step`),
   ``attn_verify.cpp`` a few tokens of one row through every attention layer (speculative decoding's
-  verification forward);
+  verification forward); ``liger_step.cpp`` the recurrence of a linearised (Liger GLA) layer's step;
 - ``norm_rope.cpp``: RMSNorm (forward, backward) and the RoPE rotation in one pass per row
   (:mod:`looplm.layers.norms`, :mod:`looplm.ops.attention`);
 - ``swiglu.cpp``: the SwiGLU activation, forward and backward (:mod:`looplm.layers.ffn`);
@@ -53,7 +53,7 @@ __all__ = ["available", "layer_steps", "kernels", "kernel_setting"]
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "layer_step.cpp",
                                      "attn_step.cpp", "attn_verify.cpp", "moe_step.cpp", "norm_rope.cpp",
-                                     "swiglu.cpp", "qlinear.cpp")]
+                                     "swiglu.cpp", "qlinear.cpp", "liger_step.cpp")]
 HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatvec.h", _CSRC / "rows_gemm.h",
            _CSRC / "amx_gemm.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold

@@ -106,6 +106,13 @@ def _attn_stack_step(h: torch.Tensor, *rest: Any) -> torch.Tensor:
     return h.new_empty(h.shape)
 
 
+def _liger_gla_step(qkv: torch.Tensor, ssm: torch.Tensor, n_heads: int, n_kv_heads: int,
+                    *rest: Any) -> list[torch.Tensor]:
+    """(o [B, H, D], ssm' [B, H, D, D], roped q and k [B, H + Hkv, D])."""
+    B, _, D = qkv.shape
+    return [qkv.new_empty(B, n_heads, D), ssm.new_empty(ssm.shape), qkv.new_empty(B, n_heads + n_kv_heads, D)]
+
+
 def _moe_step(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router_w: torch.Tensor,
               *rest: Any) -> list[torch.Tensor]:
     """(y [B, d], load [E], balance loss [], z loss [])."""
@@ -119,7 +126,8 @@ FAKE_OPS: dict[str, Callable[..., Any]] = {
     "swiglu_forward": _swiglu_forward, "swiglu_backward": _swiglu_backward,
     "delta_chunk_backward": _delta_chunk_backward, "delta_layer_step": _layer_step,
     "decay_layer_step": _layer_step, "attn_step_in": _attn_step_in, "attn_step_out": _attn_step_out,
-    "attn_stack_step": _attn_stack_step, "attn_stack_verify": _attn_stack_step, "moe_step": _moe_step}
+    "attn_stack_step": _attn_stack_step, "attn_stack_verify": _attn_stack_step, "moe_step": _moe_step,
+    "liger_gla_step": _liger_gla_step}
 _registered: list[str] = []
 
 

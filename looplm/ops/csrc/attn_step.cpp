@@ -344,12 +344,14 @@ CacheRows cache_rows(const Tensor& t, const std::optional<Tensor>& scale, int64_
 // last dim contiguous: views of its buffer), o_w: parts of [d, H D]; ffn_norm_w [d], ffn_in_w:
 // parts of [2F, d], ffn_out_w: of [d, F] (all or none: None and empty lists); starts [B] long or
 // None (zeros): each row's first seen slot; k_scale, v_scale [B, S, Hkv, 1] float32 (both or
-// none): k, v are int8 codes of rows times these scales -> h + o_proj(attend(q, k, v)) (+ the
-// FFN). The caller checks that no seen slot is masked or holds a later position.
+// none): k, v are int8 codes of rows times these scales; mix [B, H, D] or None: an output to
+// average with the attention's, o = (attend(q, k, v) + mix) / 2 (Liger Attention's sliding window
+// beside its recurrence) -> h + o_proj(o) (+ the FFN). The caller checks that no seen slot is
+// masked or holds a later position.
 Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList o_w,
                      const std::optional<Tensor>& ffn_norm_w, at::TensorList ffn_in_w, at::TensorList ffn_out_w,
                      double ffn_eps, const std::optional<Tensor>& starts, const std::optional<Tensor>& k_scale,
-                     const std::optional<Tensor>& v_scale) {
+                     const std::optional<Tensor>& v_scale, const std::optional<Tensor>& mix) {
   TORCH_CHECK(h.dim() == 2 && q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
               "attn_step: h [B, d], q [B, H, D], k, v [B, S, Hkv, D]");
   const int64_t B = h.size(0), d = h.size(1), H = q.size(1), D = q.size(2), S = k.size(1), Hkv = k.size(2);
@@ -381,6 +383,11 @@ Tensor attn_step_out(const Tensor& h, const Tensor& q, const Tensor& k, const Te
   }
   std::vector<float> o(static_cast<size_t>(B * H * D));
   attend(ptr(q), kr, vr, B, H, Hkv, D, S, first.data(), o.data());
+  if (mix.has_value()) {
+    check(*mix, "mix", {B, H, D});
+    const float* m = ptr(*mix);
+    for (int64_t i = 0; i < B * H * D; ++i) o[i] = 0.5f * (m[i] + o[i]);
+  }
   Tensor out = at::empty({B, d}, h.options());
   step_out(ptr(h), o.data(), O, ffn ? &*ffn_norm_w : nullptr, ffn_eps, fin, fout, out);
   return out;
@@ -503,7 +510,8 @@ TORCH_LIBRARY_FRAGMENT(looplm, m) {
       "int n_heads, int n_kv_heads) -> Tensor");
   m.def(
       "attn_step_out(Tensor h, Tensor q, Tensor k, Tensor v, Tensor[] o_w, Tensor? ffn_norm_w, Tensor[] ffn_in_w, "
-      "Tensor[] ffn_out_w, float ffn_eps, Tensor? starts=None, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
+      "Tensor[] ffn_out_w, float ffn_eps, Tensor? starts=None, Tensor? k_scale=None, Tensor? v_scale=None, "
+      "Tensor? mix=None) -> Tensor");
   m.def(
       "attn_stack_step(Tensor h, Tensor?[] w, float[] eps, Tensor inv_freq, Tensor positions, int n_heads, "
       "int n_kv_heads, Tensor(a!)[] caches, int[] lengths, Tensor?[] starts) -> Tensor");
