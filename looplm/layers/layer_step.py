@@ -264,7 +264,8 @@ def layer_step(layer: Any, x: torch.Tensor, state: Any, mask: torch.Tensor | Non
         h, state = _attention_step(layer, x[:, 0].contiguous(), state, pos, plan, starts)
     elif kind == "liger" and isinstance(state, LinearizedState):
         window = state.window
-        if (window is None or type(window) is not KVState or window.k.dtype != torch.float32
+        if (window is None or layer.mixer.exact_softmax or type(window) is not KVState
+                or window.k.dtype != torch.float32
                 or state.ssm.dtype != torch.float32 or state.ssm.shape[0] != x.shape[0]
                 or not cpp_ext.layer_steps()):
             return None

@@ -80,8 +80,8 @@ def test_int4_projections_take_the_kernel_and_equal_python():
 
 @needs_kernel
 def test_runs_only_where_it_applies():
-    """No window (no cache for attn_step_out), the gated delta rule's recurrence and a mask run
-    the Python layer."""
+    """No window (no cache for attn_step_out), the gated delta rule's recurrence, a mask and the
+    exact-softmax test hook run the Python layer."""
     for model in (_model(window=0), LoopLM(LoopConfig(vocab_size=64, d_model=32, n_heads=4, n_core=1,
                                                       mixer="liger_gated_deltanet", window=3)).eval()):
         assert describe(model.core[0]) == "Python layer (C++ ops where they apply)"
@@ -90,6 +90,8 @@ def test_runs_only_where_it_applies():
     s = layer.mixer.init_state(2)
     with torch.no_grad():
         assert layer_step(layer, torch.randn(2, 1, 32), s, torch.ones(2, 1, dtype=torch.bool), None) is None
+        layer.mixer.exact_softmax = True  # the test hook: the Python layer refuses a state
+        assert layer_step(layer, torch.randn(2, 1, 32), s, None, None) is None
 
 
 @needs_kernel
