@@ -98,12 +98,14 @@ class Tally:
             pairs = attention_pairs(n, None if state is None else state.key_mask.sum(1))
         self.add(float(layer.spec.pair_flops(layer.mixer)) * pairs)
 
-    def decoding_step(self, layer: Layer, rows: int, cached: int) -> None:
+    def decoding_step(self, layer: Layer, rows: int, cached: int, seen: Number | None = None) -> None:
         """Count an attention layer with a dense FFN (or none) decoding one token in each of ``rows``
-        rows after ``cached`` keys, all visible: what :meth:`layer` and :meth:`ffn` count then."""
-        pairs = rows * (1 + cached)
+        rows after ``cached`` keys, all visible: what :meth:`layer` and :meth:`ffn` count then.
+        ``seen``: the (query, key) pairs of the step when the rows saw different numbers of keys
+        (caches of different lengths in one batch: the keys each row holds, its new one included)."""
+        pairs = rows * (1 + cached) if seen is None else seen
         self.flops += 2.0 * rows * (layer.mixer_matmul + layer.ffn_cost.token_params)
-        self.flops += float(layer.spec.pair_flops(layer.mixer)) * pairs
+        self.add(float(layer.spec.pair_flops(layer.mixer)) * pairs)
 
     def ffn(self, layer: Layer, aux: dict[str, Any]) -> None:
         """Count a layer's FFN after it ran and collect an MoE's losses and load."""

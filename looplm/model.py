@@ -25,6 +25,7 @@ from looplm.layers.layer import Layer, as_layers
 from looplm.layers.layer_step import stack_step
 from looplm.layers.linear import Linear
 from looplm.layers.lora import LoRALinear, add_lora
+from looplm.layers.mixer_states import KVState
 from looplm.layers.mixers import MEMORY_MIXERS
 from looplm.layers.mixers import MIXERS as MIXER_REGISTRY
 from looplm.layers.norms import RMSNorm
@@ -484,8 +485,13 @@ class LoopLM(nn.Module):
         B, T = h.shape[:2]
         state.layers.update(zip(keys, states))
         for layer, s in zip(layers, states):
-            for t in range(T):
-                tally.decoding_step(layer, B, s.k.shape[1] - T + t)
+            if not isinstance(s, KVState):  # a linearised layer: its window costs no pair FLOPs
+                tally.decoding_step(layer, B, 0)
+            elif T == 1:  # each row's held keys (rows of different lengths: unused slots in front)
+                tally.decoding_step(layer, B, 0, s.key_mask.sum())
+            else:
+                for t in range(T):
+                    tally.decoding_step(layer, B, s.k.shape[1] - T + t)
         R = self.config.n_recursions
         tally.reach.extend(B * T for _ in range(R))
         return h, torch.full((B, T), R, dtype=torch.long, device=h.device)

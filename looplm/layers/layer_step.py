@@ -392,13 +392,15 @@ def _layout(state: KVState) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
 def stack_plan(layers: list[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor | None], list[float]] | None:
     """What :func:`stack_step` needs of ``layers`` that does not change from step to step: their
-    shared heads and RoPE, the kernels' weight list and the norms' eps; None unless every layer is
-    attention with a dense SwiGLU FFN or none, decided for the attention kernels, with the same
-    heads and RoPE, and the layer steps are on (:func:`looplm.ops.cpp_ext.layer_steps`). Kept on
-    the first layer for the same layers and training flags until a module, parameter or buffer is
-    registered anywhere (as :func:`decide`'s decisions): a decoding step does not rebuild it."""
+    shared heads, RoPE, each layer's window (0: attention) and the linearised layers' gate
+    temperature ``(H, Hkv, D, rope_base, rope_scaling, windows, tau)``, the kernels' weight list and
+    the norms' eps; None unless every layer is attention or Liger GLA with a window (decided for
+    their kernels) with a dense SwiGLU FFN or none, the same heads and RoPE (and one temperature),
+    and the layer steps are on (:func:`looplm.ops.cpp_ext.layer_steps`). Kept on the first layer for
+    the same layers and training flags until a module, parameter or buffer is registered anywhere
+    (as :func:`decide`'s decisions): a decoding step does not rebuild it."""
     if (not layers or not cpp_ext.available() or not cpp_ext.layer_steps()
-            or type(layers[0].mixer) is not Attention):
+            or type(layers[0].mixer) not in (Attention, LigerGLA)):
         return None
     key = (_registrations[0], tuple(map(id, layers)), tuple(layer.training for layer in layers))
     cached = layers[0].__dict__.get("_stack_plan")
@@ -414,25 +416,33 @@ def _stack_plan(layers: list[Any]) -> tuple[tuple[Any, ...], list[torch.Tensor |
     rope = (first.n_heads, first.n_kv_heads, first.head_dim, first.rope_base, first.rope_scaling)
     weights: list[torch.Tensor | None] = []
     eps: list[float] = []
+    windows: list[int] = []
+    taus = set()
     for layer in layers:
         mixer = layer.mixer
-        if (type(mixer) is not Attention or (layer.training and layer.drop.p)
+        liger = type(mixer) is LigerGLA
+        if ((type(mixer) is not Attention and not liger) or (layer.training and layer.drop.p)
                 or not (layer.ffn is None or type(layer.ffn) is SwiGLU)
                 or (mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.rope_base,
                     mixer.rope_scaling) != rope):
             return None
         kind, plan = _decision(layer)
-        if kind != "attention":
+        if kind != ("liger" if liger else "attention"):
             return None
         qkv_w, o_w, (ffn_norm, ffn_in, ffn_out), ffn_eps = plan
         weights += [layer.mixer_norm.weight, *_padded(qkv_w), *_padded(o_w), ffn_norm, *_padded(ffn_in),
                     *_padded(ffn_out)]
         eps += [_eps(layer.mixer_norm), ffn_eps]
-    return rope, weights, eps
+        windows.append(mixer.window if liger else 0)
+        if liger:
+            taus.add(float(mixer.gate_tau))
+    if len(taus) > 1:
+        return None
+    return (*rope, windows, taus.pop() if taus else 16.0), weights, eps
 
 
 def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
-               positions: torch.Tensor) -> tuple[torch.Tensor, list[KVState]] | None:
+               positions: torch.Tensor) -> tuple[torch.Tensor, list[Any]] | None:
     """A decoding step of attention layers in a row in one C++ call (``attn_stack_step``, each
     cache appended in place in its buffer, :func:`looplm.layers.kv_cache.reserve`): ``x [B, 1, d]``,
     ``states`` the layers' KVStates, ``positions [B, 1]`` the token's position -> ``(h [B, 1, d],
@@ -440,8 +450,11 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     :func:`stack_plan`'s, every cache float32 or every one int8 (QuantKVState: the kernel quantises
     the new rows as :func:`looplm.ops.kv_quant.quantize_rows` does), no autograd at all, every
     cached key not after the token, unused slots only in a run at the front of each row: caches of
-    different lengths in one batch, as :func:`looplm.state.cat_states` joins them). One row
-    (``B = 1``, no unused slot) may also bring T > 1 tokens (``x [1, T, d]``, ``positions [1, T]``
+    different lengths in one batch, as :func:`looplm.state.cat_states` joins them). Liger GLA
+    layers with a window may be among them (LinearizedStates: their window's cache is appended as
+    an attention cache, trimmed to the window once it holds twice the window, as
+    :func:`_liger_step` does; float32 caches, one token per row). One row (``B = 1``, no unused
+    slot) may also bring T > 1 tokens to attention layers (``x [1, T, d]``, ``positions [1, T]``
     consecutive; float32 caches): ``attn_stack_verify``, causal among them (speculative decoding's
     verification)."""
     if (torch.is_grad_enabled() or x.dim() != 3 or (x.shape[1] != 1 and x.shape[0] != 1)
@@ -450,20 +463,28 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
         return None
     T = x.shape[1]
     planned = stack_plan(layers)
-    if planned is None:
+    if planned is None or len(states) != len(layers):
         return None
     rope, weights, eps = planned
+    windows, tau = rope[5], rope[6]
     first, B = layers[0].mixer, x.shape[0]
-    kind_of_cache = type(states[0]) if states else KVState
-    if kind_of_cache not in (KVState, QuantKVState):
+    linearised = [isinstance(state, LinearizedState) for state in states]
+    if any(lin != bool(w) for lin, w in zip(linearised, windows)):
+        return None
+    if any(linearised) and (T > 1 or any(s.ssm.shape[0] != B or s.ssm.dtype != torch.float32
+                                         for s, lin in zip(states, linearised) if lin)):
+        return None
+    caches = [state.window if lin else state for state, lin in zip(states, linearised)]
+    kind_of_cache = type(caches[0]) if caches else KVState
+    if kind_of_cache not in (KVState, QuantKVState) or (any(linearised) and kind_of_cache is not KVState):
         return None
     if T > 1 and kind_of_cache is not KVState:
         return None
     codes = torch.int8 if kind_of_cache is QuantKVState else torch.float32
-    if any(type(state) is not kind_of_cache or state.k.shape[0] != B or state.k.dtype != codes
-           or state.v.dtype != codes for state in states) or len(states) != len(layers):
+    if any(type(cache) is not kind_of_cache or cache.k.shape[0] != B or cache.k.dtype != codes
+           or cache.v.dtype != codes for cache in caches):
         return None
-    maybe = [_layout(state) for state in states]
+    maybe = [_layout(cache) for cache in caches]
     layouts = [u for u in maybe if u is not None]
     if len(layouts) < len(maybe):
         return None  # masked slots between seen ones: the Python layer's masks
@@ -477,24 +498,30 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     if inv_freq is None or inv_freq.device != x.device:  # computed once per mixer
         inv_freq = rope_inv_freq(first.head_dim, first.rope_base, x.device, first.rope_scaling)
         first._inv_freq = inv_freq
-    buffers = [kv_cache.reserve(state, T) for state in states]
-    lengths = [state.k.shape[1] for state in states]
-    caches = [p for buf in buffers for p in buf.parts]
+    buffers = [kv_cache.reserve(cache, T) for cache in caches]
+    lengths = [cache.k.shape[1] for cache in caches]
+    parts = [p for buf in buffers for p in buf.parts]
+    ssm_out = [torch.empty_like(state.ssm) for state, lin in zip(states, linearised) if lin]
     if T == 1:
-        h = torch.ops.looplm.attn_stack_step(x[:, 0].contiguous(), weights, eps, inv_freq, positions[:, 0],
-                                             rope[0], rope[1], caches, lengths,
-                                             [starts for _, starts in layouts])[:, None]
+        ssm = [state.ssm if lin else None for state, lin in zip(states, linearised)] if ssm_out else []
+        h = torch.ops.looplm.attn_stack_step(
+            x[:, 0].contiguous(), weights, eps, inv_freq, positions[:, 0], rope[0], rope[1], parts, lengths,
+            [starts for _, starts in layouts], ssm, ssm_out, windows if ssm_out else [], tau)[:, None]
     else:
         h = torch.ops.looplm.attn_stack_verify(x[0].contiguous(), weights, eps, inv_freq, positions[0],
-                                               rope[0], rope[1], caches, lengths)[None]
+                                               rope[0], rope[1], parts, lengths)[None]
     seen: dict[int, torch.Tensor] = {}  # states sharing a seen tensor share the next one
-    new = []
-    for buf, state, S, (_, starts) in zip(buffers, states, lengths, layouts):
-        if id(state.seen) not in seen:
-            seen[id(state.seen)] = state.seen + T
-        out = kv_cache.grown(buf, S + T, seen[id(state.seen)], kind_of_cache)
+    new: list[Any] = []
+    recurrent = iter(ssm_out)
+    for buf, cache, S, (_, starts), W in zip(buffers, caches, lengths, layouts, windows):
+        if id(cache.seen) not in seen:
+            seen[id(cache.seen)] = cache.seen + T
+        out = kv_cache.grown(buf, S + T, seen[id(cache.seen)], kind_of_cache)
         vars(out)["_layout"] = (last, starts)  # the new slots are seen and the latest: the same front runs
-        new.append(out)
+        if W:
+            new.append(LinearizedState(next(recurrent), out if S + T < 2 * W else trim_window(out, W)))
+        else:
+            new.append(out)
     return h, new
 
 

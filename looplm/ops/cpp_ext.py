@@ -55,7 +55,7 @@ SOURCES = [_CSRC / name for name in ("delta_kernel.cpp", "linear_small.cpp", "la
                                      "attn_step.cpp", "attn_verify.cpp", "moe_step.cpp", "norm_rope.cpp",
                                      "swiglu.cpp", "qlinear.cpp", "liger_step.cpp")]
 HEADERS = [_CSRC / "vec.h", _CSRC / "simd.h", _CSRC / "decode.h", _CSRC / "qmatvec.h", _CSRC / "rows_gemm.h",
-           _CSRC / "amx_gemm.h"]
+           _CSRC / "amx_gemm.h", _CSRC / "liger.h"]
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some AVX-512 CPUs): a cold
 # [2048, 384] matrix-vector product of linear_small.cpp took 115 instead of 137 us here
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]

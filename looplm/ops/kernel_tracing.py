@@ -102,7 +102,8 @@ def _attn_step_out(h: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
 
 
 def _attn_stack_step(h: torch.Tensor, *rest: Any) -> torch.Tensor:
-    """The stack's output ``[B, d]``; the caches it writes in place are its arguments."""
+    """The stack's output ``[B, d]`` (or ``[T, d]``); the caches (and linearised layers' states) it
+    writes in place are its arguments."""
     return h.new_empty(h.shape)
 
 

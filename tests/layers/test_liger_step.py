@@ -1,6 +1,7 @@
 """The C++ decoding step of a linearised (Liger GLA, sliding window) layer equals the Python
 layer: rows of different lengths, windows shorter and longer than the context, grouped heads,
-with or without a dense FFN, int4 projections; it runs only where it applies."""
+with or without a dense FFN, int4 projections; it runs only where it applies. Models of such layers
+(alone or with attention layers) take the whole-stack step, with the same outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from looplm.layers.layer_step import describe, layer_step
+from looplm import model as model_module
+from looplm.layers.layer_step import describe, layer_step, stack_step
 from looplm.layers.liger import trim_window
 from looplm.model import LoopConfig, LoopLM
 from looplm.ops import cpp_ext
@@ -101,3 +103,64 @@ def test_bad_shapes_are_rejected_by_the_kernel():
         torch.ops.looplm.liger_gla_step(torch.zeros(1, 5, 8), torch.zeros(1, 4, 8, 8), 4, 1, 16.0, rope, pos)
     with pytest.raises(RuntimeError, match="liger_gla_step"):
         torch.ops.looplm.liger_gla_step(torch.zeros(1, 6, 8), torch.zeros(1, 4, 8, 7), 4, 1, 16.0, rope, pos)
+
+
+def _spy(monkeypatch) -> list[bool]:
+    """Records the outcome of each stack_step call of one token per row made with the layer steps on
+    (True: it ran the kernel; the Python reference steps run with them off, prompts of several
+    tokens are not decoding steps)."""
+    calls: list[bool] = []
+
+    def spy(*args):
+        out = stack_step(*args)
+        if cpp_ext.layer_steps() and args[1].shape[1] == 1:
+            calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(model_module, "stack_step", spy)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("attn_every", [0, 2])
+@given(window=st.integers(1, 8), lengths=st.lists(st.integers(1, 16), min_size=1, max_size=3),
+       threads=st.sampled_from([1, 2]))
+@settings(max_examples=12, deadline=None)
+def test_whole_stack_step_equals_python_steps(attn_every, window, lengths, threads):
+    """A linearised model (attn_every=2: every second layer attention) decodes in one call per token:
+    the same logits, recurrent states, keys inside the windows and FLOPs as the Python layers."""
+    with pytest.MonkeyPatch.context() as patch:  # hypothesis reruns the body: a patch per run
+        calls = _spy(patch)
+        model = _model(window, kv_heads=2, attn_every=attn_every)
+        gen = torch.Generator().manual_seed(len(lengths))
+        rows = [torch.randint(0, 64, (1, n), generator=gen) for n in lengths]
+        with torch.no_grad():
+            state = cat_states([model(r, state=model.init_state(1), use_cache=True).state for r in rows])
+        ids = torch.randint(0, 64, (len(rows), 2 + 2 * window), generator=gen)
+        with torch_threads(threads):
+            for _, out, ref in kernel_and_python_steps(model, ids, 1, state):
+                torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+                assert out.stats["flops"] == pytest.approx(ref.stats["flops"], rel=1e-6)
+                for key, s in ref.state.layers.items():
+                    mine = out.state.layers[key]
+                    if not hasattr(s, "ssm"):  # an attention layer's cache
+                        torch.testing.assert_close(mine.k, s.k, rtol=1e-5, atol=1e-6)
+                        continue
+                    torch.testing.assert_close(mine.ssm, s.ssm, rtol=1e-5, atol=1e-6)
+                    held = trim_window(mine.window, window)
+                    assert torch.equal(held.pos, s.window.pos)
+                    assert torch.equal(held.key_mask, s.window.key_mask)
+                    torch.testing.assert_close(held.k, s.window.k, rtol=1e-5, atol=1e-6)
+        assert calls and all(calls)  # every kernel step was the whole stack's
+
+
+@needs_kernel
+def test_whole_stack_steps_equal_the_full_forward(monkeypatch):
+    calls = _spy(monkeypatch)
+    model = _model(window=3, kv_heads=2, attn_every=2)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+    for t, out, _ in kernel_and_python_steps(model, ids, 5):
+        torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+    assert calls and all(calls)

@@ -21,6 +21,7 @@
 
 #include "attend_chunk.h"
 #include "decode.h"
+#include "liger.h"
 
 namespace {
 
@@ -32,34 +33,16 @@ void check(const Tensor& t, const char* name, std::vector<int64_t> shape) {
   looplm::check_float(t, "attn_step", name, std::move(shape));
 }
 
-// h [B, d], norm_w [d], qkv_w: parts of [(H + 2 Hkv) D, d], inv_freq [D/2] (RoPE frequencies, as
-// looplm.ops.attention.rope_cos_sin computes them), positions [B] long -> qkv [B, H + 2 Hkv, D]:
-// q and k rotated by their row's position ("rotate half" pairs (i, i + D/2)), v as projected.
 // u = rmsnorm(h) [B, d] -> out [B, H + 2 Hkv, D] = u W_qkv^T with q and k rotated by their row's
-// position (RoPE, "rotate half" pairs (i, i + D/2)); f: inv_freq [D/2].
+// position (RoPE, "rotate half" pairs (i, i + D/2); not when !rotate); f: inv_freq [D/2].
 void step_in(const float* h, int64_t B, int64_t d, const float* norm_w, float eps, const looplm::QWeight& W,
-             const float* f, int64_t half, const int64_t* pp, int64_t n_heads, int64_t n_kv_heads, float* out) {
-  const int64_t D = 2 * half, R = n_heads + 2 * n_kv_heads, rotated = n_heads + n_kv_heads;
+             const float* f, int64_t half, const int64_t* pp, int64_t n_heads, int64_t n_kv_heads, float* out,
+             bool rotate = true) {
+  const int64_t D = 2 * half, R = n_heads + 2 * n_kv_heads;
   std::vector<float> u(static_cast<size_t>(B * d));
   looplm::rms_norm(h, norm_w, eps, B, d, u.data());
   looplm::qmatvecs(u.data(), B, d, {W}, {0}, out, R * D);
-  std::vector<float> c(half), s(half);
-  for (int64_t b = 0; b < B; ++b) {
-    const float p = static_cast<float>(pp[b]);
-    for (int64_t j = 0; j < half; ++j) {
-      const float angle = p * f[j];
-      c[j] = std::cos(angle);
-      s[j] = std::sin(angle);
-    }
-    for (int64_t r = 0; r < rotated; ++r) {
-      float* x = out + (b * R + r) * D;
-      for (int64_t j = 0; j < half; ++j) {
-        const float x1 = x[j], x2 = x[half + j];
-        x[j] = x1 * c[j] - x2 * s[j];
-        x[half + j] = x2 * c[j] + x1 * s[j];
-      }
-    }
-  }
+  if (rotate) looplm::rope_rows(out, B, R * D, n_heads + n_kv_heads, half, f, pp);
 }
 
 // h [B, d], norm_w [d], qkv_w: parts of [(H + 2 Hkv) D, d], inv_freq [D/2] (RoPE frequencies, as
@@ -416,14 +399,23 @@ std::vector<int64_t> first_slots(const c10::List<std::optional<Tensor>>& starts,
 // more buffers per layer, k_scale, v_scale [B, C, Hkv, 1] float32: the new key and value are
 // quantised per head as looplm/ops/kv_quant.py's quantize_rows does. starts: empty, or per layer
 // None or [B] long: each row's first seen slot in that layer (slots before it are unused: caches of
-// different lengths in one batch, padded at the front). -> h after the L layers.
+// different lengths in one batch, padded at the front). ssm: empty, or per layer None (attention)
+// or [B, H, D, D] float32: the layer is linearised attention (Liger GLA, looplm/layers/liger.py)
+// with that recurrent state and a sliding window of windows[l] > 0 positions (its cache holds the
+// window's keys, positions increasing along each row's slots): the recurrence (liger.h) reads q, k
+// before RoPE, the window's attention each row's keys of the last windows[l] positions, and the two
+// outputs are averaged, the new state written into ssm_out (one buffer per linearised layer, in
+// order); tau: the gate's temperature. -> h after the L layers.
 Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& w, at::ArrayRef<double> eps,
                        const Tensor& inv_freq, const Tensor& positions, int64_t n_heads, int64_t n_kv_heads,
-                       at::TensorList caches, at::IntArrayRef lengths,
-                       const c10::List<std::optional<Tensor>>& starts) {
+                       at::TensorList caches, at::IntArrayRef lengths, const c10::List<std::optional<Tensor>>& starts,
+                       const c10::List<std::optional<Tensor>>& ssm, at::TensorList ssm_out, at::IntArrayRef windows,
+                       double tau) {
   const int64_t L = static_cast<int64_t>(lengths.size());
   TORCH_CHECK(starts.empty() || static_cast<int64_t>(starts.size()) == L,
               "attn_stack_step: starts must be empty or one entry per layer");
+  TORCH_CHECK(ssm.empty() || (static_cast<int64_t>(ssm.size()) == L && static_cast<int64_t>(windows.size()) == L),
+              "attn_stack_step: ssm and windows must be empty or one entry per layer");
   TORCH_CHECK(h.dim() == 2 && inv_freq.dim() == 1, "attn_stack_step: h [B, d], inv_freq [D/2]");
   const bool int8 = !caches.empty() && caches[0].scalar_type() == at::kChar;
   const int64_t per = int8 ? 6 : 4;  // cache buffers per layer
@@ -439,7 +431,8 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
   const Tensor pos = positions.contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
   Tensor x = h.clone(), y = at::empty_like(h);
-  std::vector<float> qkv(static_cast<size_t>(B * R * D)), o(static_cast<size_t>(B * H * D));
+  std::vector<float> qkv(static_cast<size_t>(B * R * D)), o(static_cast<size_t>(B * H * D)), rec;
+  size_t linearised = 0;  // linearised layers so far: the next one's ssm_out buffer
   for (int64_t l = 0; l < L; ++l) {
     const int64_t base = looplm::kSlots * l, S = lengths[l];
     const Tensor &k = caches[per * l], &v = caches[per * l + 1], &km = caches[per * l + 2], &kp = caches[per * l + 3];
@@ -470,8 +463,21 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
       fin = looplm::qweight(looplm::parts_at(w, base + 8), 2 * F, d, "attn_stack_step: ffn_in");
       fout = looplm::qweight(out_parts, d, F, "attn_stack_step: ffn_out");
     }
+    const std::optional<Tensor> s_in = ssm.empty() ? std::nullopt : ssm.get(l);
+    const bool liger = s_in.has_value();
     step_in(ptr(x), B, d, ptr(*norm_w), static_cast<float>(eps[2 * l]), Wqkv, ptr(inv_freq), half, pp, H, Hkv,
-            qkv.data());
+            qkv.data(), !liger);
+    if (liger) {  // the recurrence reads q and k before RoPE
+      TORCH_CHECK(!int8 && windows[l] > 0, "attn_stack_step: a linearised layer needs float32 caches and a window");
+      check(*s_in, "ssm", {B, H, D, D});
+      TORCH_CHECK(linearised < ssm_out.size(), "attn_stack_step: one ssm_out buffer per linearised layer");
+      const Tensor& s_out = ssm_out[linearised++];
+      check(s_out, "ssm_out", {B, H, D, D});
+      rec.resize(static_cast<size_t>(B * H * D));
+      looplm::liger_gla_heads(qkv.data(), ptr(*s_in), B, H, Hkv, D, static_cast<float>(tau), rec.data(),
+                              s_out.data_ptr<float>());
+      looplm::rope_rows(qkv.data(), B, R * D, H + Hkv, half, ptr(inv_freq), pp);
+    }
     int64_t* pb = kp.data_ptr<int64_t>();
     bool* mb = km.data_ptr<bool>();
     const int64_t C = k.size(1), row = C * Hkv * D;
@@ -494,8 +500,18 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
     }
     std::vector<float> q(static_cast<size_t>(B * H * D));
     for (int64_t b = 0; b < B; ++b) std::copy(qkv.data() + b * R * D, qkv.data() + b * R * D + H * D, q.data() + b * H * D);
-    const std::vector<int64_t> first = first_slots(starts, l, B, S + 1);
+    std::vector<int64_t> first = first_slots(starts, l, B, S + 1);
+    if (liger) {  // each row from its first key inside the window: positions > p - W
+      if (first.empty()) first.assign(static_cast<size_t>(B), 0);
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t t = S;
+        while (t > first[b] && pb[b * C + t - 1] > pp[b] - windows[l]) --t;
+        first[b] = t;
+      }
+    }
     attend(q.data(), kr, vr, B, H, Hkv, D, S + 1, first.empty() ? nullptr : first.data(), o.data());
+    if (liger)
+      for (int64_t i = 0; i < B * H * D; ++i) o[i] = 0.5f * (rec[i] + o[i]);
     step_out(ptr(x), o.data(), O, ffn_norm_w.has_value() ? &*ffn_norm_w : nullptr, eps[2 * l + 1], fin, fout, y);
     std::swap(x, y);
   }
@@ -514,7 +530,8 @@ TORCH_LIBRARY_FRAGMENT(looplm, m) {
       "Tensor? mix=None) -> Tensor");
   m.def(
       "attn_stack_step(Tensor h, Tensor?[] w, float[] eps, Tensor inv_freq, Tensor positions, int n_heads, "
-      "int n_kv_heads, Tensor(a!)[] caches, int[] lengths, Tensor?[] starts) -> Tensor");
+      "int n_kv_heads, Tensor(a!)[] caches, int[] lengths, Tensor?[] starts, Tensor?[] ssm, Tensor(b!)[] ssm_out, "
+      "int[] windows, float tau) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(looplm, CPU, m) {
