@@ -20,7 +20,9 @@ Figures per row: perplexity on the first ``--eval-tokens`` tokens of two held-ou
 corpus the fine-tunes read), its ratio to the original; the decoding state's bytes at a
 ``--context``-token context and greedy decode tokens/s there (the state is filled with random keys
 and values of that length: a step's cost depends on the state's size, not its values), the
-ratios to the original; forward FLOPs per token at the evaluation window. Fine-tunes run as
+ratios to the original; the same decode figure with the model's weights in int4 (groups of 32,
+embedding and head too; not for the recursive rows, whose per-recursion LoRA stays unmerged); forward
+FLOPs per token at the evaluation window. Fine-tunes run as
 ``looplm train --init`` subprocesses (``--data finetune``). Writes ``convert.json``.
 """
 
@@ -49,6 +51,7 @@ from looplm.errors import ConfigError
 from looplm.layers.mixer_states import KVState, LinearizedState
 from looplm.model import LoopLM
 from looplm.perplexity import score_tokens
+from looplm.quant.ptq import quantize_model
 from looplm.state import ModelState
 from looplm.train.finetune import merge_adapters
 
@@ -201,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
                **decode_figures(model, args.context, args.decode_tokens),
                "flops_per_token": model.flops_per_token(min(args.eval_tokens, 1024), training=False),
                "params": model.num_params(), "minutes": args.minutes if row != "original" else 0}
+        if model.config.n_recursions == 1:  # the same model with int4 weights (recursions keep LoRA: none)
+            quantize_model(model, "int4", group_size=32, keep_embeddings=False, keep_head=False)
+            fig["decode_int4_tok_s"] = decode_figures(model, args.context, args.decode_tokens)["decode_tok_s"]
         results[row] = fig
         write_json(out / "rows", row, fig)
         print(f"{row}: {fig}", flush=True)
@@ -213,15 +219,18 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     """Each row's figures and its ratios to the original (and of mor to recursive)."""
     ref = results.get("original")
     head = ["row", "ppl prose", "ppl code", "ppl ratio (prose/code)", f"state @{args.context}",
-            "state ratio", "decode tok/s", "decode ratio", "GFLOPs/token", "minutes"]
+            "state ratio", "decode tok/s", "decode ratio", "int4 decode tok/s", "int4 ratio", "GFLOPs/token",
+            "minutes"]
     lines = []
     for row, r in results.items():
         base = results.get("recursive") if row == "mor" else ref
         ratio = "-"
         if base is not None:
             ratio = f"{r['ppl_prose'] / base['ppl_prose']:.3f} / {r['ppl_code'] / base['ppl_code']:.3f}"
+        int4, ref4 = r.get("decode_int4_tok_s"), None if ref is None else ref.get("decode_int4_tok_s")
         lines.append([row, r["ppl_prose"], r["ppl_code"], ratio, f"{r['state_bytes'] / 2**20:.1f} MiB",
                       None if ref is None else r["state_bytes"] / ref["state_bytes"], r["decode_tok_s"],
                       None if ref is None else r["decode_tok_s"] / ref["decode_tok_s"],
+                      int4, None if int4 is None or ref4 is None else int4 / ref4,
                       r["flops_per_token"] / 1e9, r["minutes"]])
     return markdown_table(head, lines)

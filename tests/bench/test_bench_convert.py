@@ -1,12 +1,14 @@
 """bench convert's measuring parts: the synthetic decoding state has the size of a real one at that
 context (growing for attention, fixed for a linearised model), and truncation keeps the first
-layers exactly."""
+layers exactly; the table's int4 columns."""
 
 from __future__ import annotations
 
+from argparse import Namespace
+
 import torch
 
-from looplm.bench.convert import decode_figures, synthetic_state, truncate
+from looplm.bench.convert import decode_figures, synthetic_state, table, truncate
 from looplm.convert.linearize import linearize
 from tests.model.util import model, tokens
 
@@ -32,3 +34,16 @@ def test_truncation_is_the_first_layers():
         h, _, _ = layer(h)
     ref = torch.nn.functional.linear(src.norm(h), src.embed.weight)
     torch.testing.assert_close(cut(x).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_table_gives_int4_ratios_where_measured():
+    """Rows carry an int4 decode figure (recursive rows and older rows do not: a dash)."""
+    base = {"ppl_prose": 20.0, "ppl_code": 8.0, "state_bytes": 2**20, "decode_tok_s": 10.0,
+            "flops_per_token": 3e8, "minutes": 0}
+    rows = {"original": {**base, "decode_int4_tok_s": 12.0},
+            "linear": {**base, "ppl_prose": 40.0, "decode_tok_s": 30.0, "decode_int4_tok_s": 60.0},
+            "recursive": {**base, "decode_tok_s": 5.0}}
+    lines = table(rows, Namespace(context=16384)).splitlines()
+    assert "int4 ratio" in lines[0]
+    assert "| 30 | 3 | 60 | 5 |" in lines[3]  # decode, its ratio, int4 decode, its ratio
+    assert "| 5 | 0.5 | - | - |" in lines[4]
