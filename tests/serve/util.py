@@ -22,6 +22,7 @@ CONFIGS = {
     "mor": dict(n_prelude=1, n_core=1, n_coda=1, n_recursions=3, sharing="middle_cycle",
                 router="expert_choice", selection="threshold"),
     "moe": dict(ffn="moe", n_experts=4, top_k=2, d_ffn=64),
+    "liger": dict(mixer="liger_gla", window=4, attn_every=2),  # linearised, a window shorter than prompts
 }
 
 
