@@ -487,8 +487,10 @@ class LoopLM(nn.Module):
         for layer, s in zip(layers, states):
             if not isinstance(s, KVState):  # a linearised layer: its window costs no pair FLOPs
                 tally.decoding_step(layer, B, 0)
-            elif T == 1:  # each row's held keys (rows of different lengths: unused slots in front)
-                tally.decoding_step(layer, B, 0, s.key_mask.sum())
+            elif T == 1:  # rows of different lengths (unused slots in front): each row's held keys
+                layout = vars(s).get("_layout")
+                padded = layout is None or layout[1] is not None
+                tally.decoding_step(layer, B, s.k.shape[1] - 1, s.key_mask.sum() if padded else None)
             else:
                 for t in range(T):
                     tally.decoding_step(layer, B, s.k.shape[1] - T + t)

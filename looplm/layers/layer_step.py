@@ -472,7 +472,8 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
     if any(lin != bool(w) for lin, w in zip(linearised, windows)):
         return None
     if any(linearised) and (T > 1 or any(s.ssm.shape[0] != B or s.ssm.dtype != torch.float32
-                                         for s, lin in zip(states, linearised) if lin)):
+                                         or layer.mixer.exact_softmax  # the test hook: Python refuses
+                                         for s, lin, layer in zip(states, linearised, layers) if lin)):
         return None
     caches = [state.window if lin else state for state, lin in zip(states, linearised)]
     kind_of_cache = type(caches[0]) if caches else KVState

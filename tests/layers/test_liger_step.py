@@ -164,3 +164,17 @@ def test_whole_stack_steps_equal_the_full_forward(monkeypatch):
     for t, out, _ in kernel_and_python_steps(model, ids, 5):
         torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
     assert calls and all(calls)
+
+
+@needs_kernel
+def test_exact_softmax_hook_is_not_stepped_by_the_kernels():
+    """The test hook puts exact softmax in place of the recurrence on the training path only: a
+    decoding step with it set is refused (by the Python layer), never computed by the kernels."""
+    model = _model(window=3)
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        state = model(ids, use_cache=True).state
+        for layer in model.core:
+            layer.mixer.exact_softmax = True
+        with pytest.raises(ValueError, match="exact_softmax"):
+            model(ids[:, -1:], state=state)
