@@ -341,10 +341,9 @@ def _liger_step(layer: Any, x: torch.Tensor, state: LinearizedState, window: KVS
     """Liger GLA layer step: norm and projection in Python (any projection module), the recurrence
     and RoPE in C++ (``liger_gla_step``), the window's cache append in Python, then the window's
     attention averaged with the recurrence's output, the output projection and the FFN in C++
-    (``attn_step_out``). The window's cache is trimmed to the window only once it holds twice the
-    window (each step's trim would copy it every step; the kernel reads each row from its first key
-    inside the window). None (nothing kept) where some row's keys inside the window are not one run
-    at the end of its cache (the Python layer's masks)."""
+    (``attn_step_out``); the window's cache kept as :func:`_kept_window` says. None (nothing kept)
+    where some row's keys inside the window are not one run at the end of its cache (the Python
+    layer's masks)."""
     mixer = layer.mixer
     H, Hkv, D, W = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, mixer.window
     B = x.shape[0]
@@ -363,7 +362,14 @@ def _liger_step(layer: Any, x: torch.Tensor, state: LinearizedState, window: KVS
     _, o_w, ffn, ffn_eps = plan
     q = qk[:, :H].contiguous()
     h = torch.ops.looplm.attn_step_out(x, q, cache.k, cache.v, o_w, *ffn, ffn_eps, starts, None, None, o)
-    return h, LinearizedState(ssm, cache if cache.k.shape[1] < 2 * W else trim_window(cache, W))
+    return h, LinearizedState(ssm, _kept_window(cache, W))
+
+
+def _kept_window(cache: KVState, window: int) -> KVState:
+    """A C++ step's window cache after its append: trimmed to the window (:func:`trim_window`) only
+    once it holds twice the window, so that its slots are copied once per ``window`` steps instead of
+    every step (the kernels read each row from its first key inside the window)."""
+    return cache if cache.k.shape[1] < 2 * window else trim_window(cache, window)
 
 
 def _padded(parts: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -520,7 +526,7 @@ def stack_step(layers: list[Any], x: torch.Tensor, states: list[Any],
         out = kv_cache.grown(buf, S + T, seen[id(cache.seen)], kind_of_cache)
         vars(out)["_layout"] = (last, starts)  # the new slots are seen and the latest: the same front runs
         if W:
-            new.append(LinearizedState(next(recurrent), out if S + T < 2 * W else trim_window(out, W)))
+            new.append(LinearizedState(next(recurrent), _kept_window(out, W)))
         else:
             new.append(out)
     return h, new

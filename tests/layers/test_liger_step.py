@@ -38,6 +38,17 @@ def test_kernel_steps_equal_python_steps(window, kv_heads, ffn, lengths, threads
     """Rows prefilled alone (different lengths: their window caches differ) and joined, then decoded
     with the C++ step and with the Python layer: the same logits and states."""
     model = _model(window, kv_heads, ffn)
+    for out, ref in _joined_steps(model, window, lengths, threads):
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        for key, s in ref.state.layers.items():
+            mine = out.state.layers[key]
+            assert mine.window.k.shape[1] < 2 * window + 1  # trimmed once twice the window
+            _assert_same_linearised_state(mine, s, window)
+
+
+def _joined_steps(model, window: int, lengths: list[int], threads: int):
+    """Rows of ``lengths`` tokens prefilled alone and joined, then ``2 + 2 window`` tokens decoded:
+    yields (the kernel step's output, the Python step's output) on ``threads`` threads."""
     gen = torch.Generator().manual_seed(len(lengths))
     rows = [torch.randint(0, 64, (1, n), generator=gen) for n in lengths]
     with torch.no_grad():
@@ -45,14 +56,16 @@ def test_kernel_steps_equal_python_steps(window, kv_heads, ffn, lengths, threads
     ids = torch.randint(0, 64, (len(rows), 2 + 2 * window), generator=gen)
     with torch_threads(threads):
         for _, out, ref in kernel_and_python_steps(model, ids, 1, state):
-            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-            for key, s in ref.state.layers.items():
-                mine = out.state.layers[key]
-                torch.testing.assert_close(mine.ssm, s.ssm, rtol=1e-5, atol=1e-6)
-                assert mine.window.k.shape[1] < 2 * window + 1  # trimmed once twice the window
-                held = trim_window(mine.window, window)  # the keys inside the window: the Python layer's
-                assert torch.equal(held.pos, s.window.pos) and torch.equal(held.key_mask, s.window.key_mask)
-                torch.testing.assert_close(held.k, s.window.k, rtol=1e-5, atol=1e-6)
+            yield out, ref
+
+
+def _assert_same_linearised_state(mine, want, window: int) -> None:
+    """The same recurrent state, and the same keys inside the window (the Python layer's cache)
+    in the kernel's (which may hold up to twice the window)."""
+    torch.testing.assert_close(mine.ssm, want.ssm, rtol=1e-5, atol=1e-6)
+    held = trim_window(mine.window, window)
+    assert torch.equal(held.pos, want.window.pos) and torch.equal(held.key_mask, want.window.key_mask)
+    torch.testing.assert_close(held.k, want.window.k, rtol=1e-5, atol=1e-6)
 
 
 @needs_kernel
@@ -132,25 +145,15 @@ def test_whole_stack_step_equals_python_steps(attn_every, window, lengths, threa
     with pytest.MonkeyPatch.context() as patch:  # hypothesis reruns the body: a patch per run
         calls = _spy(patch)
         model = _model(window, kv_heads=2, attn_every=attn_every)
-        gen = torch.Generator().manual_seed(len(lengths))
-        rows = [torch.randint(0, 64, (1, n), generator=gen) for n in lengths]
-        with torch.no_grad():
-            state = cat_states([model(r, state=model.init_state(1), use_cache=True).state for r in rows])
-        ids = torch.randint(0, 64, (len(rows), 2 + 2 * window), generator=gen)
-        with torch_threads(threads):
-            for _, out, ref in kernel_and_python_steps(model, ids, 1, state):
-                torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-                assert out.stats["flops"] == pytest.approx(ref.stats["flops"], rel=1e-6)
-                for key, s in ref.state.layers.items():
-                    mine = out.state.layers[key]
-                    if not hasattr(s, "ssm"):  # an attention layer's cache
-                        torch.testing.assert_close(mine.k, s.k, rtol=1e-5, atol=1e-6)
-                        continue
-                    torch.testing.assert_close(mine.ssm, s.ssm, rtol=1e-5, atol=1e-6)
-                    held = trim_window(mine.window, window)
-                    assert torch.equal(held.pos, s.window.pos)
-                    assert torch.equal(held.key_mask, s.window.key_mask)
-                    torch.testing.assert_close(held.k, s.window.k, rtol=1e-5, atol=1e-6)
+        for out, ref in _joined_steps(model, window, lengths, threads):
+            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+            assert out.stats["flops"] == pytest.approx(ref.stats["flops"], rel=1e-6)
+            for key, s in ref.state.layers.items():
+                mine = out.state.layers[key]
+                if hasattr(s, "ssm"):
+                    _assert_same_linearised_state(mine, s, window)
+                else:  # an attention layer's cache
+                    torch.testing.assert_close(mine.k, s.k, rtol=1e-5, atol=1e-6)
         assert calls and all(calls)  # every kernel step was the whole stack's
 
 
