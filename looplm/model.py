@@ -87,7 +87,8 @@ class LoopConfig:
     have no FFN at all (mixer-only models, as Zoology's MQAR models). ``lora_rank = r > 0`` wraps
     every layer's linear layers in LoRA adapters (layers/lora.py); the core's layers get one
     adapter per recursion (Relaxed Recursive Transformers). ``window``: the sliding window of
-    the linearised ``liger_*`` mixers (0: none). ``grad_checkpoint``: in training, each layer
+    the linearised ``liger_*`` mixers (0: none); ``liger_norm``: ``liger_gla`` reads its state
+    normalised (layers/liger.py). ``grad_checkpoint``: in training, each layer
     application (every layer at every recursion) keeps only its input and recomputes its
     activations in the backward (Chen et al. 2016), trading one more forward for memory; results
     and gradients are unchanged.
@@ -147,6 +148,7 @@ class LoopConfig:
     tie_embeddings: bool = True
     conv_size: int = 4
     window: int = 0  # linearised mixers (liger_*): sliding-window softmax attention inside the layer
+    liger_norm: bool = False  # liger_gla: normalised read-out q S / q z (not in Liger; layers/liger.py)
     chunk_size: int | None = None  # None: each op's fastest (64 decay family, 32 delta rule)
     dropout: float = 0.0
     init_std: float = 0.02
@@ -211,6 +213,8 @@ class LoopConfig:
             raise ConfigError("head_dim applies to attention-only or linearised models (mixer='attention' "
                               "with attn_every=0, or a liger_* mixer)")
         check_rope_scaling(self.rope_scaling)
+        if self.liger_norm and self.mixer != "liger_gla":
+            raise ConfigError(f"liger_norm applies to mixer='liger_gla', not {self.mixer!r}")
         eps = self.norm_eps
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r}")

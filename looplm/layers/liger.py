@@ -7,7 +7,12 @@ its H / Hkv query heads at run time (the weights stay shared, GQA):
 
 - ``gla``: feature map softmax over the head dim on q and k, gate from the key projection
   ``g = logsigmoid(k) / tau`` per key channel (log decay, ``tau = 16``), scale 1:
-  ``S_t = diag(exp g_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
+  ``S_t = diag(exp g_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. With ``normalize`` (not in
+  Liger; the denominator of linear attention, Katharopoulos et al. 2020, kept by Hedgehog and
+  LoLCATs) ``o_t = q_t S_t / q_t z_t`` with ``z_t = diag(exp g_t) z_{t-1} + k_t``: a weighted mean
+  of the values, whose scale does not grow with the context (the unnormalised sum does, along key
+  channels whose gate stays near 1, so a model fine-tuned on short windows breaks on longer ones).
+  ``z`` is carried as one more value column (``v`` extended by a 1): the state is ``[B, H, D, D+1]``.
 - ``gated_deltanet``: q, k L2-normalised, scalar gate and write strength from the key's mean over
   the head dim ``m``: ``g = logsigmoid(m) / tau``, ``beta = sigmoid(m)``; the gated delta rule.
 
@@ -17,7 +22,8 @@ keeps only the keys inside the window, so it stays bounded. ``exact_softmax = Tr
 puts exact causal softmax attention in place of the recurrence: with ``window = 0`` the layer
 then computes the original attention layer exactly.
 
-Shapes: ``x [B, T, d]`` -> ``y [B, T, d]``; state :class:`LinearizedState` (``ssm [B, H, D, D]``).
+Shapes: ``x [B, T, d]`` -> ``y [B, T, d]``; state :class:`LinearizedState` (``ssm [B, H, D, D]``,
+``[B, H, D, D+1]`` normalised).
 Masked tokens write nothing (k = 0, g = 0, beta = 0) and output zeros, as in layers/mixers.py.
 """
 
@@ -39,6 +45,7 @@ from looplm.ops.delta_rule import delta_chunk, delta_step
 from looplm.ops.linear_attn import decay_chunk, decay_step
 
 RECURRENCES = ("gla", "gated_deltanet")
+NORM_EPS = 1e-6  # the normalised read-out's least denominator (csrc/liger.h has the same)
 
 
 class LinearizedAttention(nn.Module):
@@ -50,10 +57,12 @@ class LinearizedAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_base: float = 10000.0,
                  rope_scaling: dict[str, Any] | None = None, bias: bool = False, window: int = 0,
-                 gate_tau: float = 16.0, chunk_size: int | None = None) -> None:
+                 gate_tau: float = 16.0, chunk_size: int | None = None, normalize: bool = False) -> None:
         super().__init__()
         if window < 0:
             raise ConfigError(f"window must be >= 0 (0: no sliding-window attention), got {window}")
+        if normalize and self.recurrence != "gla":
+            raise ConfigError(f"normalize applies to the gla recurrence, not {self.recurrence}")
         self.d_model, self.n_heads = d_model, n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         if n_heads % self.n_kv_heads:
@@ -63,7 +72,7 @@ class LinearizedAttention(nn.Module):
                               "or set head_dim")
         self.head_dim = head_dim or d_model // n_heads
         self.rope_base, self.rope_scaling = rope_base, rope_scaling
-        self.window, self.gate_tau = window, gate_tau
+        self.window, self.gate_tau, self.normalize = window, gate_tau, normalize
         self.chunk_kw = {} if chunk_size is None else {"chunk_size": chunk_size}
         self.exact_softmax = False
         D, Hkv = self.head_dim, self.n_kv_heads
@@ -73,7 +82,7 @@ class LinearizedAttention(nn.Module):
     def init_state(self, batch_size: int) -> LinearizedState:
         """A zero recurrent state (and an empty window) for ``batch_size`` rows."""
         p = activation_like(self.o_proj)
-        ssm = p.new_zeros(batch_size, self.n_heads, self.head_dim, self.head_dim)
+        ssm = p.new_zeros(batch_size, self.n_heads, self.head_dim, self.head_dim + self.normalize)
         window = KVState.empty(batch_size, self.n_kv_heads, self.head_dim, p) if self.window else None
         return LinearizedState(ssm, window)
 
@@ -121,10 +130,16 @@ class LinearizedAttention(nn.Module):
             qf, kf = q.softmax(-1), k.softmax(-1)
             if m is not None:
                 kf, g = kf * m[..., None], g * m[..., None]
+            if self.normalize:  # z as one more value column
+                v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
             if step:
                 o, s = decay_step(qf[:, 0], kf[:, 0], v[:, 0], g[:, 0], state=ssm, scale=1.0)
-                return o[:, None], s
-            return decay_chunk(qf, kf, v, g, scale=1.0, initial_state=ssm, **self.chunk_kw)
+                o = o[:, None]
+            else:
+                o, s = decay_chunk(qf, kf, v, g, scale=1.0, initial_state=ssm, **self.chunk_kw)
+            if self.normalize:
+                o = o[..., :-1] / o[..., -1:].clamp_min(NORM_EPS)
+            return o, s
         pooled = k.mean(-1)  # [B, T, H]
         g, beta = F.logsigmoid(pooled) / self.gate_tau, torch.sigmoid(pooled)
         qf, kf = l2_normalize(q), l2_normalize(k)
@@ -180,4 +195,4 @@ def liger_options(config: Any) -> dict[str, Any]:
     """Constructor options of a linearised mixer from a LoopConfig (the attention's, plus the window)."""
     return {"n_kv_heads": config.n_kv_heads, "rope_base": config.rope_base,
             "rope_scaling": config.rope_scaling, "head_dim": config.head_dim, "bias": config.qkv_bias,
-            "window": config.window, "chunk_size": config.chunk_size}
+            "window": config.window, "chunk_size": config.chunk_size, "normalize": config.liger_norm}

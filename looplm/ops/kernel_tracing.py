@@ -109,7 +109,7 @@ def _attn_stack_step(h: torch.Tensor, *rest: Any) -> torch.Tensor:
 
 def _liger_gla_step(qkv: torch.Tensor, ssm: torch.Tensor, n_heads: int, n_kv_heads: int,
                     *rest: Any) -> list[torch.Tensor]:
-    """(o [B, H, D], ssm' [B, H, D, D], roped q and k [B, H + Hkv, D])."""
+    """(o [B, H, D], ssm' shaped as ssm, roped q and k [B, H + Hkv, D])."""
     B, _, D = qkv.shape
     return [qkv.new_empty(B, n_heads, D), ssm.new_empty(ssm.shape), qkv.new_empty(B, n_heads + n_kv_heads, D)]
 

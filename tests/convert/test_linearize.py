@@ -50,9 +50,11 @@ def test_mapped_weights_are_the_originals_and_nothing_is_added():
     assert lin.config.window == 4 and lin.core[0].mixer.n_kv_heads == 2
 
 
-@pytest.mark.parametrize("mixer,window", [("liger_gla", 0), ("liger_gla", 3), ("liger_gated_deltanet", 5)])
-def test_decoding_a_linearised_model_equals_its_forward_with_bounded_state(mixer, window):
-    m = gqa_model(mixer=mixer, window=window)
+@pytest.mark.parametrize("mixer,window,norm", [("liger_gla", 0, False), ("liger_gla", 3, False),
+                                             ("liger_gla", 0, True), ("liger_gla", 3, True),
+                                             ("liger_gated_deltanet", 5, False)])
+def test_decoding_a_linearised_model_equals_its_forward_with_bounded_state(mixer, window, norm):
+    m = gqa_model(mixer=mixer, window=window, liger_norm=norm)
     x = tokens(length=12)
     full = m(x).logits
     state, steps, sizes = None, [], []
@@ -63,6 +65,37 @@ def test_decoding_a_linearised_model_equals_its_forward_with_bounded_state(mixer
         sizes.append(state.nbytes())
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert len(set(sizes[window:])) == 1  # fixed once the window is full
+
+
+def test_linearize_normalises_gla_unless_asked_not_to():
+    src = gqa_model()
+    assert linearize(src, "gla").config.liger_norm
+    assert not linearize(src, "gla", normalize=False).config.liger_norm
+    assert not linearize(src, "gated_deltanet").config.liger_norm  # L2-normalised keys: bounded already
+    with pytest.raises(ConfigError, match="liger_norm"):
+        gqa_model(mixer="liger_gated_deltanet", liger_norm=True)
+
+
+@settings(max_examples=10, deadline=None)
+@given(length=st.integers(1, 300), seed=st.integers(0, 100))
+def test_the_normalised_read_out_is_a_weighted_mean_of_the_values(length, seed):
+    """q S / q z weighs the values with positive weights summing to 1: the same value at every
+    position is read back exactly at every position and any context length, and outputs stay inside
+    the values' range; the unnormalised read-out q S grows with the context."""
+    torch.manual_seed(seed)
+    layer = LinearizedAttention(16, 2, head_dim=8, normalize=True)
+    plain = LinearizedAttention(16, 2, head_dim=8)
+    q = torch.randn(1, length, 2, 8)
+    k = 3 * torch.randn(1, length, 2, 8)
+    v = torch.randn(8).expand(1, length, 2, 8)
+    o, _ = layer._recur(q, k, v, None, None, False)
+    torch.testing.assert_close(o, v, rtol=1e-4, atol=1e-5)
+    w = torch.randn(1, length, 2, 8)
+    o, _ = layer._recur(q, k, w, None, None, False)
+    assert bool((o.amax(1) <= w.amax(1) + 1e-4).all()) and bool((o.amin(1) >= w.amin(1) - 1e-4).all())
+    ones = torch.ones(1, length, 2, 8)
+    grown, _ = plain._recur(q, 4 * torch.ones(1, length, 2, 8), ones, None, None, False)
+    assert grown[0, -1].mean() >= min(length, 50) * 0.9 / 8  # keys with no decay: the sum keeps growing
 
 
 def test_bad_sources_raise_one_clear_error():

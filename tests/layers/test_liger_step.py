@@ -32,12 +32,14 @@ def _model(window: int, kv_heads: int = 1, ffn: str = "dense", seed: int = 0, **
 
 @needs_kernel
 @given(window=st.integers(1, 12), kv_heads=st.sampled_from([1, 2, 4]), ffn=st.sampled_from(["dense", "none"]),
-       lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4), threads=st.sampled_from([1, 2]))
+       lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4), threads=st.sampled_from([1, 2]),
+       norm=st.booleans())
 @settings(max_examples=25, deadline=None)
-def test_kernel_steps_equal_python_steps(window, kv_heads, ffn, lengths, threads):
+def test_kernel_steps_equal_python_steps(window, kv_heads, ffn, lengths, threads, norm):
     """Rows prefilled alone (different lengths: their window caches differ) and joined, then decoded
-    with the C++ step and with the Python layer: the same logits and states."""
-    model = _model(window, kv_heads, ffn)
+    with the C++ step and with the Python layer: the same logits and states (plain or normalised
+    read-out)."""
+    model = _model(window, kv_heads, ffn, liger_norm=norm)
     for out, ref in _joined_steps(model, window, lengths, threads):
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
         for key, s in ref.state.layers.items():
@@ -69,8 +71,9 @@ def _assert_same_linearised_state(mine, want, window: int) -> None:
 
 
 @needs_kernel
-def test_steps_equal_the_full_forward_and_take_the_kernel():
-    model = _model(window=3, kv_heads=2)
+@pytest.mark.parametrize("norm", [False, True])
+def test_steps_equal_the_full_forward_and_take_the_kernel(norm):
+    model = _model(window=3, kv_heads=2, liger_norm=norm)
     layer = model.core[0]
     assert describe(layer) == "C++ layer step: liger_gla_step + attn_step_out"
     ids = torch.randint(0, 64, (2, 12))
@@ -116,6 +119,8 @@ def test_bad_shapes_are_rejected_by_the_kernel():
         torch.ops.looplm.liger_gla_step(torch.zeros(1, 5, 8), torch.zeros(1, 4, 8, 8), 4, 1, 16.0, rope, pos)
     with pytest.raises(RuntimeError, match="liger_gla_step"):
         torch.ops.looplm.liger_gla_step(torch.zeros(1, 6, 8), torch.zeros(1, 4, 8, 7), 4, 1, 16.0, rope, pos)
+    with pytest.raises(RuntimeError, match="liger_gla_step"):  # D + 1 is the normalised state, D + 2 nothing
+        torch.ops.looplm.liger_gla_step(torch.zeros(1, 6, 8), torch.zeros(1, 4, 8, 10), 4, 1, 16.0, rope, pos)
 
 
 def _spy(monkeypatch) -> list[bool]:
@@ -137,14 +142,14 @@ def _spy(monkeypatch) -> list[bool]:
 @needs_kernel
 @pytest.mark.parametrize("attn_every", [0, 2])
 @given(window=st.integers(1, 8), lengths=st.lists(st.integers(1, 16), min_size=1, max_size=3),
-       threads=st.sampled_from([1, 2]))
+       threads=st.sampled_from([1, 2]), norm=st.booleans())
 @settings(max_examples=12, deadline=None)
-def test_whole_stack_step_equals_python_steps(attn_every, window, lengths, threads):
+def test_whole_stack_step_equals_python_steps(attn_every, window, lengths, threads, norm):
     """A linearised model (attn_every=2: every second layer attention) decodes in one call per token:
     the same logits, recurrent states, keys inside the windows and FLOPs as the Python layers."""
     with pytest.MonkeyPatch.context() as patch:  # hypothesis reruns the body: a patch per run
         calls = _spy(patch)
-        model = _model(window, kv_heads=2, attn_every=attn_every)
+        model = _model(window, kv_heads=2, attn_every=attn_every, liger_norm=norm)
         for out, ref in _joined_steps(model, window, lengths, threads):
             torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
             assert out.stats["flops"] == pytest.approx(ref.stats["flops"], rel=1e-6)
@@ -158,9 +163,10 @@ def test_whole_stack_step_equals_python_steps(attn_every, window, lengths, threa
 
 
 @needs_kernel
-def test_whole_stack_steps_equal_the_full_forward(monkeypatch):
+@pytest.mark.parametrize("norm", [False, True])
+def test_whole_stack_steps_equal_the_full_forward(monkeypatch, norm):
     calls = _spy(monkeypatch)
-    model = _model(window=3, kv_heads=2, attn_every=2)
+    model = _model(window=3, kv_heads=2, attn_every=2, liger_norm=norm)
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         full = model(ids).logits

@@ -400,7 +400,7 @@ std::vector<int64_t> first_slots(const c10::List<std::optional<Tensor>>& starts,
 // quantised per head as looplm/ops/kv_quant.py's quantize_rows does. starts: empty, or per layer
 // None or [B] long: each row's first seen slot in that layer (slots before it are unused: caches of
 // different lengths in one batch, padded at the front). ssm: empty, or per layer None (attention)
-// or [B, H, D, D] float32: the layer is linearised attention (Liger GLA, looplm/layers/liger.py)
+// or [B, H, D, D or D + 1] float32 (D + 1: normalised, liger.h): the layer is linearised attention (Liger GLA, looplm/layers/liger.py)
 // with that recurrent state and a sliding window of windows[l] > 0 positions (its cache holds the
 // window's keys, positions increasing along each row's slots): the recurrence (liger.h) reads q, k
 // before RoPE, the window's attention each row's keys of the last windows[l] positions, and the two
@@ -469,12 +469,13 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
             qkv.data(), !liger);
     if (liger) {  // the recurrence reads q and k before RoPE
       TORCH_CHECK(!int8 && windows[l] > 0, "attn_stack_step: a linearised layer needs float32 caches and a window");
-      check(*s_in, "ssm", {B, H, D, D});
+      const int64_t Dv = s_in->dim() == 4 && s_in->size(3) == D + 1 ? D + 1 : D;
+      check(*s_in, "ssm", {B, H, D, Dv});
       TORCH_CHECK(linearised < ssm_out.size(), "attn_stack_step: one ssm_out buffer per linearised layer");
       const Tensor& s_out = ssm_out[linearised++];
-      check(s_out, "ssm_out", {B, H, D, D});
+      check(s_out, "ssm_out", {B, H, D, Dv});
       rec.resize(static_cast<size_t>(B * H * D));
-      looplm::liger_gla_heads(qkv.data(), ptr(*s_in), B, H, Hkv, D, static_cast<float>(tau), rec.data(),
+      looplm::liger_gla_heads(qkv.data(), ptr(*s_in), B, H, Hkv, D, Dv, static_cast<float>(tau), rec.data(),
                               s_out.data_ptr<float>());
       looplm::rope_rows(qkv.data(), B, R * D, H + Hkv, half, ptr(inv_freq), pp);
     }

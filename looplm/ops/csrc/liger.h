@@ -13,6 +13,8 @@
 
 namespace looplm {
 
+constexpr float kLigerNormEps = 1e-6f;  // looplm/layers/liger.py's NORM_EPS
+
 inline float liger_logsigmoid(float x) { return std::min(x, 0.0f) - std::log1p(std::exp(-std::fabs(x))); }
 
 // x [D] -> softmax(x) [D] (max subtracted first, as torch.softmax).
@@ -24,16 +26,18 @@ inline void liger_softmax(const float* x, int64_t D, float* out) {
   for (int64_t i = 0; i < D; ++i) out[i] *= inv;
 }
 
-// qkv [B, H + 2 Hkv, D]: q, k, v as projected (before RoPE); s0 [B, H, D, D] -> o [B, H, D], s1
-// [B, H, D, D]. Per query head h (key/value head h / (H / Hkv)): q' = softmax(q), k' = softmax(k),
-// a = exp(logsigmoid(k) / tau) per key channel; S' = diag(a) S + k'^T v; o = q' S'. Heads of all
-// rows split over threads.
+// qkv [B, H + 2 Hkv, D]: q, k, v as projected (before RoPE); s0 [B, H, D, Dv] -> o [B, H, D], s1
+// [B, H, D, Dv]. Per query head h (key/value head h / (H / Hkv)): q' = softmax(q), k' = softmax(k),
+// a = exp(logsigmoid(k) / tau) per key channel; S' = diag(a) S + k'^T v; o = q' S'. Dv = D + 1 is
+// the normalised read-out: v carries a last component 1 (so S's last column is z, the decayed sum
+// of k'), and o = (q' S')[:D] / max((q' S')[D], kLigerNormEps). Heads of all rows split over threads.
 inline void liger_gla_heads(const float* qkv, const float* s0, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                            float tau, float* o, float* s1) {
+                            int64_t Dv, float tau, float* o, float* s1) {
   const int64_t group = H / Hkv;
   const float inv_tau = 1.0f / tau;
+  const bool norm = Dv > D;
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(D), kf(D), a(D);
+    std::vector<float> qf(D), kf(D), a(D), acc(Dv);
     for (int64_t bh = i0; bh < i1; ++bh) {
       const int64_t b = bh / H, h = bh % H, hk = h / group;
       const float* row = qkv + b * (H + 2 * Hkv) * D;
@@ -41,19 +45,25 @@ inline void liger_gla_heads(const float* qkv, const float* s0, int64_t B, int64_
       liger_softmax(q, D, qf.data());
       liger_softmax(k, D, kf.data());
       for (int64_t i = 0; i < D; ++i) a[i] = std::exp(liger_logsigmoid(k[i]) * inv_tau);
-      const float* s = s0 + bh * D * D;
-      float* sn = s1 + bh * D * D;
-      float* ob = o + bh * D;
-      std::fill(ob, ob + D, 0.0f);
+      const float* s = s0 + bh * D * Dv;
+      float* sn = s1 + bh * D * Dv;
+      std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t i = 0; i < D; ++i) {
         const float ai = a[i], ki = kf[i], qi = qf[i];
-        const float* si = s + i * D;
-        float* ni = sn + i * D;
+        const float* si = s + i * Dv;
+        float* ni = sn + i * Dv;
         for (int64_t j = 0; j < D; ++j) {
           ni[j] = si[j] * ai + ki * v[j];
-          ob[j] += qi * ni[j];
+          acc[j] += qi * ni[j];
+        }
+        if (norm) {
+          ni[D] = si[D] * ai + ki;
+          acc[D] += qi * ni[D];
         }
       }
+      const float inv = norm ? 1.0f / std::max(acc[D], kLigerNormEps) : 1.0f;
+      float* ob = o + bh * D;
+      for (int64_t j = 0; j < D; ++j) ob[j] = acc[j] * inv;
     }
   });
 }
