@@ -257,6 +257,10 @@ def attention(
                          f"k {tuple(k.shape)} v {tuple(v.shape)}")
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if not q.dtype == k.dtype == v.dtype:  # under autocast: RoPE'd q, k float32, v bfloat16
+        device = q.device.type  # the flash calls below do not autocast: cast as SDPA would
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = H != Hkv
     if window and not causal:

@@ -144,6 +144,19 @@ def test_causal_query_chunks_in_bfloat16(monkeypatch):
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def test_causal_query_chunks_under_autocast_with_mixed_inputs(monkeypatch):
+    """bf16 training: q, k come out of RoPE in float32, v from the projection in bfloat16; the
+    chunked path's flash calls do not autocast, so attention casts them as SDPA would."""
+    monkeypatch.setattr(attention_module, "CAUSAL_CHUNK", 4)
+    q, k, v = (torch.randn(1, 11, 2, 8, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attention(q, k, v), rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 @pytest.mark.skipif(not attention_module.cpp_ext.available(), reason="no C++ kernel built here")
 @pytest.mark.parametrize("per_row", [False, True])
 def test_rope_kernel_float32_matches_float64_with_gradients(per_row):
