@@ -5,8 +5,8 @@ fine-tunes, so the full table can be built over several sessions):
 
 - ``original``: the checkpoint as imported (e.g. ``looplm import`` of SmolLM2-135M).
 - ``hybrid``: ``linearize --mixer gla --keep-attention 4 --window W`` (Liger GLA + Liger
-  Attention, one attention layer in four), then a LoRA fine-tune (rank ``--lora``) with KL
-  distillation from the original for ``--minutes``.
+  Attention, one attention layer in four; the normalised read-out, linearize's default), then a
+  LoRA fine-tune (rank ``--lora``) with KL distillation from the original for ``--minutes``.
 - ``linear``: the same with every layer linearised.
 - ``truncated``: the first third of the layers (the papers' baseline), fully fine-tuned
   ``--minutes``.
