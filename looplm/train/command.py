@@ -1,7 +1,8 @@
 """``looplm train``: a YAML config (+ flags) → corpus, tokenizer, model → the training loop.
 
-Runs the same under ``torchrun --nproc_per_node=N`` (DDP; each rank its own share of every
-batch). ``--set key=value`` overrides any field of the ``model:`` or ``train:`` section.
+Runs the same under ``torchrun --nproc_per_node=N`` (DDP, or FSDP2 with ``--set fsdp=true``;
+each rank its own share of every batch). ``--set key=value`` overrides any field of the
+``model:`` or ``train:`` section.
 ``--init DIR`` fine-tunes a checkpoint instead (its model and tokenizer; ``--set`` model fields
 change it, e.g. ``router=expert_choice``), ``--lora RANK`` trains LoRA adapters only and
 ``--distill TEACHER`` adds a KL loss against a teacher checkpoint's logits (train/finetune.py).

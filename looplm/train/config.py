@@ -59,6 +59,7 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens of that sample (0 = no sample)
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2), not DDP
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -3,8 +3,9 @@
 AdamW + schedule (``optim.py``), batches as a function of the step
 (``looplm.data.BatchSampler``: the data position is the step),
 atomic resumable checkpoints (``run_checkpoint.py``), DDP when launched by torchrun
-(``distributed.py``). The model is any module whose ``forward(x, y)`` returns an object
-with ``loss`` (mean cross-entropy, nats) and optionally ``aux_loss`` and ``stats``.
+(``distributed.py``), or FSDP2 with ``fsdp`` (``fsdp.py``). The model is any module whose
+``forward(x, y)`` returns an object with ``loss`` (mean cross-entropy, nats) and optionally
+``aux_loss`` and ``stats``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from looplm.data.loader import BatchSampler, eval_batches
 from looplm.errors import CheckpointError, ConfigError, LoopLMError
 from looplm.routers import causal_routing, sees_future
-from looplm.train import distributed
+from looplm.train import distributed, fsdp
 from looplm.train.config import TrainConfig
 from looplm.train.distributed import Dist
 from looplm.train.optim import build_optimizer, lr_at, set_lr
@@ -186,8 +187,9 @@ def _forward_backward(
     for i, (x, y) in enumerate(micro):
         x, y = x.to(d.device), y.to(d.device)
         sync = d.world == 1 or i == len(micro) - 1
-        with (net.no_sync() if not sync and isinstance(net, DistributedDataParallel)
-              else contextlib.nullcontext()), _autocast(d, cfg.bf16):
+        held = contextlib.nullcontext() if sync else (
+            net.no_sync() if isinstance(net, DistributedDataParallel) else fsdp.no_sync(net))
+        with held, _autocast(d, cfg.bf16):
             out = net(x, y)
             aux = getattr(out, "aux_loss", None)
             total = out.loss if aux is None else out.loss + aux
@@ -242,12 +244,18 @@ def train(
     steps = total_steps(cfg)
     sched = dataclasses.replace(cfg, steps=steps)
     model.to(d.device).train()
+    sharded = cfg.fsdp and d.world > 1
+    if sharded:
+        fsdp.shard(model)
+        if d.main:
+            log(f"FSDP2: weights, gradients and optimizer state sharded over {d.world} processes")
     optimizer = build_optimizer(model, cfg)
     run: dict[str, Any] = {"tokens": 0, "bad_steps": 0, "best_val": math.inf}
     start, resume_step = 0, None
     existing = list_checkpoints(run_dir)
     if resume and existing:
-        run = load_checkpoint(existing[-1][1], model, optimizer)
+        run = (fsdp.load_full(existing[-1][1], model, optimizer, cfg) if sharded
+               else load_checkpoint(existing[-1][1], model, optimizer))
         start = resume_step = run.pop("step")
         if not isinstance(run.get("data"), dict):
             raise CheckpointError(f"cannot resume from {existing[-1][1]}: no data position in its state")
@@ -266,7 +274,7 @@ def train(
     if d.main:
         clean_partial(run_dir)
     distributed.barrier(d)
-    net = DistributedDataParallel(model) if d.world > 1 else model
+    net = DistributedDataParallel(model) if d.world > 1 and not sharded else model
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step, d.main, log)
     bar = tqdm(total=steps, initial=start, disable=not (progress and d.main), dynamic_ncols=True, unit="step")
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -279,7 +287,7 @@ def train(
         lr = lr_at(_schedule_step(step, elapsed, run, sched, budget_s), sched)
         set_lr(optimizer, lr)
         loss, stats = _forward_backward(net, *train_data.batch(step), cfg, d, extra_loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = fsdp.local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             run["bad_steps"] += 1
@@ -325,14 +333,16 @@ def train(
                 bpb = f", val bits/byte {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
                 if d.main:
                     bar.write(f"step {done}: val loss {ev['val_loss']:.4f}{bpb}")
-            if sample is not None and cfg.sample_tokens > 0 and d.main:
+            if sample is not None and cfg.sample_tokens > 0 and d.main and not sharded:  # (one rank)
                 with torch.random.fork_rng(devices=[]):
                     text = sample(model)
                 bar.write(f"--- sample at step {done} ---\n{text}\n---")
             train_data.step = done
             run["data"] = train_data.state_dict()
-            if d.main:
-                save_checkpoint(run_dir, done, model, optimizer, dict(run), extras, cfg.keep_last, is_best)
+            whole = fsdp.full_state(model, optimizer, cfg) if sharded else (model, optimizer)
+            if d.main and whole is not None:  # (sharded: gathered onto a plain copy on rank 0)
+                saved, saved_opt = whole
+                save_checkpoint(run_dir, done, saved, saved_opt, dict(run), extras, cfg.keep_last, is_best)
             distributed.barrier(d)
         if out_of_time:
             log(f"time budget of {cfg.max_minutes} min reached at step {done}")

@@ -1,7 +1,7 @@
 """Fine-tuning from a checkpoint: LoRA adapters are the only trainable (and the only changed)
 parameters, a router can be added to a converted model, distillation is a KL that vanishes
 against itself, and ``looplm linearize`` → ``looplm train --init --lora --distill`` runs under
-torchrun with 2 processes as with 1."""
+torchrun with 2 processes (DDP or FSDP2) as with 1."""
 
 from __future__ import annotations
 
@@ -111,14 +111,21 @@ def test_linearize_then_lora_distillation_under_torchrun_equals_one_process(tmp_
     out = finish(looplm(*common, "grad_accum=2", "--out", str(tmp_path / "one")))
     assert "(LoRA)" in out
     finish(ddp)
-    two, one = _train_losses(tmp_path / "ddp"), _train_losses(tmp_path / "one")
+    # FSDP2: the frozen weights sharded beside the adapters, the teacher whole in each process
+    assert "FSDP2" in finish(looplm(*common, "fsdp=true", "--out", str(tmp_path / "fsdp"), launcher=torchrun))
+    one = _train_losses(tmp_path / "one")
     assert len(one) == 5
-    for step in one:
-        assert abs(two[step] - one[step]) < 1e-4, (step, two[step], one[step])
+    for run in ("ddp", "fsdp"):
+        two = _train_losses(tmp_path / run)
+        for step in one:
+            assert abs(two[step] - one[step]) < 1e-4, (run, step, two[step], one[step])
     before = load_file(str(tmp_path / "lin" / "model.safetensors"))
     after = load_file(str(tmp_path / "one" / "ckpt-000005" / "model.safetensors"))
     changed = {k for k in after if k not in before or not torch.equal(after[k], before[k])}
     assert changed and all(".lora_" in k for k in changed)
+    sharded = load_file(str(tmp_path / "fsdp" / "ckpt-000005" / "model.safetensors"))
+    for k in after:
+        torch.testing.assert_close(sharded[k], after[k], rtol=1e-4, atol=1e-5)
 
 
 def test_quantising_a_model_with_adapters_is_one_error():

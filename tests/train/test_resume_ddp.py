@@ -101,3 +101,35 @@ def test_two_process_mor_moe_matches_single_process(tmp_path: Path) -> None:
     assert max(two) == 50 and (tmp_path / "ddp" / "ckpt-000050" / "model.safetensors").is_file()
     for step in range(1, 6):
         assert abs(two[step] - one[step]) < 1e-4, (step, two[step], one[step])
+
+
+def test_fsdp_two_processes_match_one_and_resume(tmp_path: Path) -> None:
+    """FSDP2 (weights, gradients and optimizer state sharded over 2 gloo processes) trains the MoR +
+    MoE++ model as one process does; its checkpoints are whole (one process reads them) and a run
+    stopped and resumed under FSDP ends with the uninterrupted run's weights."""
+    env = {**ENV, "LOOPLM_CACHE": str(tmp_path / "cache"), "LOOPLM_NO_CPP_EXT": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # the learning rate is constant after the 2 warmup steps, so 5 steps then 5 resumed are 10 steps
+    short = [*MOR_MOE, "steps=10", "eval_interval=5", "log_interval=1"]
+
+    def train(launcher: list[str], out: str, *extra: str) -> subprocess.Popen:
+        cmd = [*launcher, "-m", "looplm", "train", *short, *extra, "--out", str(tmp_path / out)]
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    finish(train([sys.executable], "warm", "max_tokens=256"))
+    out = finish(train(torchrun, "fsdp", "fsdp=true"))
+    assert "FSDP2: weights, gradients and optimizer state sharded over 2 processes" in out
+    finish(train([sys.executable], "one", "grad_accum=2"))
+    finish(train(torchrun, "part", "fsdp=true", "steps=5"))
+    out = finish(train(torchrun, "part", "fsdp=true", "--resume"))
+    assert "resuming" in out
+    two, one, resumed = (train_losses(tmp_path / run) for run in ("fsdp", "one", "part"))
+    for step in range(1, 11):
+        assert abs(two[step] - one[step]) < 1e-4, (step, two[step], one[step])
+        assert abs(resumed[step] - two[step]) < 1e-6, (step, resumed[step], two[step])
+    sharded, single, again = (weights(tmp_path / run / "ckpt-000010") for run in ("fsdp", "one", "part"))
+    assert sharded.keys() == single.keys() == again.keys()
+    for name in sharded:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(again[name], sharded[name], rtol=0, atol=1e-6)
