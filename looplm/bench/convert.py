@@ -90,7 +90,10 @@ def synthetic_state(model: LoopLM, context: int) -> ModelState:
         elif isinstance(s, LinearizedState):
             n = min(context, model.config.window - 1)  # what the next query can still see
             window = None if s.window is None else _kv(s.window, n, context, g)
-            state.layers[key] = LinearizedState(0.01 * torch.randn(s.ssm.shape, generator=g), window)
+            ssm = 0.01 * torch.randn(s.ssm.shape, generator=g)
+            if ssm.shape[-1] == ssm.shape[-2] + 1:  # normalised read-out: z, a sum of softmax weights, > 0
+                ssm[..., -1] = ssm[..., -1].abs() + 1.0
+            state.layers[key] = LinearizedState(ssm, window)
     state.positions = torch.full((1,), context, dtype=torch.long)
     return state
 

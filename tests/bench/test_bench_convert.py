@@ -23,6 +23,12 @@ def test_synthetic_state_is_the_size_of_decoding_that_context():
     assert synthetic_state(lin, 20).nbytes() == real.nbytes() == synthetic_state(lin, 500).nbytes()
     fig = decode_figures(lin, 500, 2)
     assert fig["decode_tok_s"] > 0 and fig["state_bytes"] == real.nbytes()
+    # the normalised read-out's z column (a decayed sum of softmax weights) is positive, so the
+    # decoding steps timed from it stay finite, as a real state's
+    state = synthetic_state(lin, 500)
+    assert lin.config.liger_norm and all(bool((s.ssm[..., -1] > 0).all()) for s in state.layers.values())
+    with torch.no_grad():
+        assert torch.isfinite(lin(tokens(batch=1, length=1), state=state).logits).all()
 
 
 def test_truncation_is_the_first_layers():
