@@ -31,6 +31,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from looplm.errors import ConfigError
+from looplm.layers.init import skip_random_init
 from looplm.model import LoopLM
 from looplm.train.config import TrainConfig
 from looplm.train.optim import build_optimizer
@@ -69,9 +70,10 @@ def local(value: torch.Tensor) -> torch.Tensor:
 
 
 def _plain(model: LoopLM, cfg: TrainConfig) -> tuple[LoopLM, torch.optim.Optimizer]:
-    """An unsharded copy of ``model``'s structure (weights not copied; the same trainable
-    parameters) and its optimizer, built as the run's."""
-    plain = LoopLM(model.config)
+    """An unsharded copy of ``model``'s structure (weights not copied, nor randomly initialised:
+    the callers load every one; the same trainable parameters) and its optimizer, built as the run's."""
+    with skip_random_init():
+        plain = LoopLM(model.config)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, p in plain.named_parameters():
         p.requires_grad_(trainable[name])
