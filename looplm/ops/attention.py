@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from looplm.errors import ConfigError
 from looplm.ops import cpp_ext
+from looplm.ops.linear import bf16_products_on
 from looplm.ops.nodes import row_tiles, tracked
 
 ROPE_SCALINGS = ("linear", "llama3")
@@ -251,7 +252,7 @@ def attention(
     causal only): query t sees key s only if also ``k_pos[b, s] > q_pos[b, t] - W``.
     """
     B, T, H, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[-1] != D:
         raise ValueError(f"k, v must be [B, S, Hkv, D] matching q {tuple(q.shape)}, got "
                          f"k {tuple(k.shape)} v {tuple(v.shape)}")
@@ -261,10 +262,25 @@ def attention(
         device = q.device.type  # the flash calls below do not autocast: cast as SDPA would
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = H != Hkv
     if window and not causal:
         raise ValueError("a sliding window needs causal attention")
+    if (T > 1 and q.dtype == torch.float32 and q.device.type == "cpu" and bf16_products_on()
+            and not tracked(q, k, v)):
+        # several queries inside bf16_products: bfloat16 operands (SDPA's CPU flash kernels run them
+        # on AMX tiles, ~2.5x float32 at 256 prompt tokens here), float32 softmax, sums and output
+        out = _attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, q_pos, k_pos, key_mask, scale, window)
+        return out.float()
+    return _attend(q, k, v, causal, q_pos, k_pos, key_mask, scale, window)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, q_pos: torch.Tensor | None,
+            k_pos: torch.Tensor | None, key_mask: torch.Tensor | None, scale: float | None,
+            window: int) -> torch.Tensor:
+    """:func:`attention` of checked operands of one dtype."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = H != Hkv
     if not window and key_mask is None and q_pos is None and k_pos is None and (T == S or not causal):
         if causal and CAUSAL_CHUNK < T <= 4 * CAUSAL_CHUNK and q.device.type == "cpu":
             if gqa:  # the flash kernels take equal heads: repeat each key/value head for its group

@@ -30,7 +30,7 @@ from looplm.ops import cpp_ext
 from looplm.ops.nodes import tracked
 from looplm.ops.qlinear import bf16_rows
 
-__all__ = ["linear", "bf16_products", "BF16_NEEDS", "MAX_ROWS", "MAX_STEP_ROWS"]
+__all__ = ["linear", "bf16_products", "bf16_products_on", "BF16_NEEDS", "MAX_ROWS", "MAX_STEP_ROWS"]
 
 MAX_ROWS = 8  # rows of x up to which the small kernel runs (a decoding step of a small batch)
 MAX_STEP_ROWS = 64  # the same for x [B, 1, K] (one token of B rows: a batch's decoding step)
@@ -42,14 +42,21 @@ _mode = threading.local()  # .bf16: inside bf16_products, in this thread
 @contextlib.contextmanager
 def bf16_products(enabled: bool = True) -> Iterator[None]:
     """Within (this thread): float32 weights times :func:`~looplm.ops.qlinear.bf16_rows` rows or
-    more (a prompt's forward) multiply in bfloat16 on AMX tiles; everything else as before. No
-    effect where the CPU or build has no AMX bf16 tiles (``bf16_rows() == 0``)."""
+    more (a prompt's forward) multiply in bfloat16 on AMX tiles, and the softmax attention of
+    several queries (:func:`looplm.ops.attention.attention`) reads bfloat16 copies of q, k, v
+    (float32 softmax and sums); everything else as before. No effect where the CPU or build has
+    no AMX bf16 tiles (``bf16_rows() == 0``)."""
     before = getattr(_mode, "bf16", False)
     _mode.bf16 = enabled
     try:
         yield
     finally:
         _mode.bf16 = before
+
+
+def bf16_products_on() -> bool:
+    """Whether this thread is inside :func:`bf16_products` on a CPU (and build) with AMX bf16 tiles."""
+    return getattr(_mode, "bf16", False) and cpp_ext.available() and bf16_rows() > 0
 
 
 # what bf16_products needs to do anything (the refusals of the commands that ask for it)

@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention caches in float or as int8 codes with a scale per cached row "
                              "(a quarter of the bytes a decoding step reads; default float)")
     parser.add_argument("--bf16-prefill", action="store_true",
-                        help="prompt forwards multiply float32 weights in bfloat16 on AMX tiles (CPUs with "
-                        "AMX: several times float32's rate; decoding steps stay float32)")
+                        help="prompt forwards multiply float32 weights and attend in bfloat16 on AMX tiles "
+                        "(CPUs with AMX: several times float32's rate; decoding steps stay float32)")
     parser.add_argument("--draft", default=None, metavar="SPEC",
                         help="self-speculative decoding of a greedy request that runs alone: layers:K, "
                         "recursions:R, ngram:N or heads:PATH as in looplm generate (tokens unchanged)")

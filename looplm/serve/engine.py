@@ -176,8 +176,8 @@ class Engine:
     ``kv_cache="int8"`` holds every attention cache as int8 codes with a scale per cached row
     (:mod:`looplm.quant.state`; the decoding attention reads a quarter of the bytes), and ``draft``
     (a ``--draft`` SPEC) decodes a greedy request that runs alone speculatively, ``gamma`` draft
-    tokens per verification. ``bf16_prefill``: prompt forwards multiply float32 weights in
-    bfloat16 on AMX tiles (:func:`looplm.ops.linear.bf16_products`; decoding steps stay float32;
+    tokens per verification. ``bf16_prefill``: prompt forwards multiply float32 weights and attend
+    in bfloat16 on AMX tiles (:func:`looplm.ops.linear.bf16_products`; decoding steps stay float32;
     ValueError where the CPU has no AMX bf16 tiles)."""
 
     def __init__(self, model: LoopLM, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,

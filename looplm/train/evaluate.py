@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="windows per batch (default 16; --data: 1)")
     parser.add_argument("--iters", type=int, default=16, help="without --data: batches to evaluate")
     parser.add_argument("--bf16-products", action="store_true",
-                        help="with --data: multiply float32 weights in bfloat16 on AMX tiles, as "
+                        help="with --data: multiply float32 weights and attend in bfloat16 on AMX tiles, as "
                         "`looplm serve --bf16-prefill` reads prompts (CPUs with AMX)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
 
