@@ -12,8 +12,9 @@ checkpoint's tokenizer, lengths in turn; each request generates ``--max-tokens``
 - ``looplm-int4``: the same on the checkpoint's int4 copy (``--int4-checkpoint``, or one written
   for the run into a temporary directory: every linear, the embedding and the head in groups of
   32, as the engine table's int4 model);
-- ``looplm-bf16p``: ``looplm`` with ``--bf16-prefill`` (prompts' products in bfloat16 on AMX
-  tiles, decoding in float32; skipped where the CPU has no AMX tiles);
+- ``looplm-bf16p``: ``looplm`` with ``--bf16-prefill`` (prompts' products and attention in bfloat16
+  on AMX tiles, decoding in float32; skipped where the CPU has no AMX tiles; ``--bf16-prefill``
+  gives every looplm server the flag, as ``--kv-cache`` gives them its format);
 - ``looplm-serial``: the same server with ``--max-batch 1`` (one request at a time);
 - ``llama.cpp``: ``llama-cpp-python``'s OpenAI server on ``--gguf`` (the same model), where the
   package is installed (:mod:`looplm.bench.llama_server`; started again with llama.cpp's extra CPU
@@ -102,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="looplm servers' --prefill-chunk (default: the server's)")
     parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
                         help="looplm servers' --kv-cache (attention caches in float or int8; default float)")
+    parser.add_argument("--bf16-prefill", action="store_true",
+                        help="every looplm server with --bf16-prefill (prompts' products and attention in "
+                        "bfloat16 on AMX tiles; looplm-bf16p has it anyway)")
     parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
     parser.add_argument("--state-streams", type=int, default=64,
                         help="streams of the state-memory table (0: no table)")
@@ -169,9 +173,10 @@ class Server:
 
 
 def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall: float | None,
-            prefill_chunk: int | None = None, kv_cache: str = "float") -> Server:
+            prefill_chunk: int | None = None, kv_cache: str = "float", bf16_prefill: bool = False) -> Server:
+    bf16 = bf16_prefill or name == "looplm-bf16p"
     cmd = [sys.executable, "-m", "looplm.cli", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", "4096", *(["--bf16-prefill"] if name == "looplm-bf16p" else [])]
+           "--max-queue", "4096", *(["--bf16-prefill"] if bf16 else [])]
     if threads:
         cmd += ["--threads", str(threads)]
     if max_stall is not None:
@@ -235,7 +240,7 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
             print(f"llama.cpp: {why}; again with its extra buffer types off", flush=True)
             server, why = _started(partial(_llama_cpp, args.gguf, args.threads, False), texts, seconds)
         return server, why
-    if name == "looplm-bf16p" and not bf16_rows():
+    if (name == "looplm-bf16p" or args.bf16_prefill) and not bf16_rows():
         return None, f"--bf16-prefill needs {BF16_NEEDS}"
     if name in ("looplm", "looplm-serial", "looplm-int4", "looplm-bf16p"):
         batch = 1 if name == "looplm-serial" else max(levels)
@@ -246,7 +251,7 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
             except LoopLMError as err:
                 return None, str(err)
         return _started(partial(_looplm, name, ckpt, batch, args.threads, args.max_stall, args.prefill_chunk,
-                                args.kv_cache),
+                                args.kv_cache, args.bf16_prefill),
                         texts, seconds)
     raise LoopLMError(f"unknown server {name!r} in --servers ({', '.join(SERVERS)})")
 

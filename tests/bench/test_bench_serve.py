@@ -9,6 +9,7 @@ pytest.importorskip("openai")
 
 from looplm.checkpoint import save_model  # noqa: E402
 from looplm.cli import main  # noqa: E402
+from looplm.errors import LoopLMError  # noqa: E402
 from looplm.ops.qlinear import bf16_rows  # noqa: E402
 from tests.serve.util import tiny_model, tokenizer  # noqa: E402
 
@@ -61,3 +62,33 @@ def test_bench_serve_engine_only(tmp_path, capsys):
     assert "| looplm_int4 | 2 |" in capsys.readouterr().out
     assert main(["bench", "serve", str(ckpt), "--engine-only", "--engine-rows", "", "--out", str(out)]) == 2
     assert "--engine-only needs --engine-rows" in capsys.readouterr().err
+
+
+def test_bench_serve_bf16_prefill_reaches_every_looplm_server(tmp_path, monkeypatch):
+    """``--bf16-prefill`` starts every looplm server with it (looplm-bf16p always has it); where the
+    CPU has no AMX tiles the servers are skipped with the reason."""
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_model("attention"), ckpt)
+    tokenizer().save(ckpt)
+    started: dict[str, list[str]] = {}
+
+    def fake_server(name, cmd, port, extra, timeout=300):
+        started[name] = cmd
+        raise LoopLMError("not started in this test")
+
+    monkeypatch.setattr("looplm.bench.serve.Server", fake_server)
+    monkeypatch.setattr("looplm.bench.serve.bf16_rows", lambda: 9)
+    args = ["bench", "serve", str(ckpt), "--quick", "--servers", "looplm,looplm-int4,looplm-bf16p",
+            "--engine-rows", "", "--state-streams", "0", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert ["--bf16-prefill" in cmd for cmd in started.values()] == [False, False, True]
+    started.clear()
+    assert main([*args, "--bf16-prefill"]) == 0
+    assert set(started) == {"looplm", "looplm-int4", "looplm-bf16p"}
+    assert all("--bf16-prefill" in cmd for cmd in started.values())
+    monkeypatch.setattr("looplm.bench.serve.bf16_rows", lambda: 0)
+    started.clear()
+    assert main([*args, "--bf16-prefill"]) == 0
+    assert not started
+    skipped = json.loads((tmp_path / "out" / "serve.json").read_text())["skipped"]
+    assert all("AMX" in skipped[name] for name in ("looplm", "looplm-int4", "looplm-bf16p"))
