@@ -267,7 +267,7 @@ def attention(
     if (T > 1 and q.dtype == torch.float32 and q.device.type == "cpu" and bf16_products_on()
             and not tracked(q, k, v)):
         # several queries inside bf16_products: bfloat16 operands (SDPA's CPU flash kernels run them
-        # on AMX tiles, ~2.5x float32 at 256 prompt tokens here), float32 softmax, sums and output
+        # on AMX tiles), float32 softmax, sums and output
         out = _attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, q_pos, k_pos, key_mask, scale, window)
         return out.float()
     return _attend(q, k, v, causal, q_pos, k_pos, key_mask, scale, window)
