@@ -8,10 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import looplm.ops.attention as attention_module
-from looplm.ops import cpp_ext
 from looplm.ops.attention import apply_rope, attention, rope, rope_cos_sin
 from looplm.ops.linear import bf16_products
-from looplm.ops.qlinear import bf16_rows
+from tests.amx import needs_amx
 
 
 def reference(q, k, v, allowed):
@@ -181,18 +180,14 @@ def test_rope_kernel_float32_matches_float64_with_gradients(per_row):
         torch.testing.assert_close(apply_rope(x, cos, sin), out)
 
 
-needs_amx = pytest.mark.skipif(not cpp_ext.available() or not bf16_rows(),
-                               reason="no AMX bfloat16 tiles on this CPU or build")
-
-
 @needs_amx
 @given(T=st.integers(2, 300), before=st.sampled_from([0, 0, 5, 130]), hkv=st.sampled_from([1, 3]),
        rep=st.sampled_from([1, 3]), masked=st.booleans(), seed=st.integers(0, 1000))
 def test_bf16_products_attend_prompts_in_bfloat16(T, before, hkv, rep, masked, seed):
     """Inside bf16_products, several queries (a prompt, with or without a cache before it, with or
     without positions and a key mask) attend with q, k, v rounded to bfloat16: the result is float32
-    and near the exact attention of the rounded operands; one query (a
-    decoding step) and recorded ops (training) stay float32."""
+    and near the exact attention of the rounded operands; one query (a decoding step) and recorded
+    ops (training) stay float32."""
     g = torch.Generator().manual_seed(seed)
     S, H = T + before, hkv * rep
     q, k, v = (torch.randn(1, n, h, 64, generator=g) for n, h in ((T, H), (S, hkv), (S, hkv)))
@@ -203,13 +198,13 @@ def test_bf16_products_attend_prompts_in_bfloat16(T, before, hkv, rep, masked, s
               "key_mask": torch.rand(1, S, generator=g) > 0.2}
         causal = causal & kw["key_mask"][0][None, :]
     want = reference(*(t.bfloat16().double() for t in (q, k, v)), causal[None])
+    step_kw = {n: t[:, -1:] if n == "q_pos" else t for n, t in kw.items()}  # the last query alone
     with torch.no_grad(), bf16_products():
         got = attention(q, k, v, **kw)
-        step = attention(q[:, -1:], k, v, **{n: t[:, -1:] if n == "q_pos" else t for n, t in kw.items()})
+        step = attention(q[:, -1:], k, v, **step_kw)
     assert got.dtype == torch.float32
     assert (got.double() - want).abs().max() < 2e-2
-    torch.testing.assert_close(step, attention(q[:, -1:], k, v, **{n: t[:, -1:] if n == "q_pos" else t
-                                                                    for n, t in kw.items()}), rtol=0, atol=0)
+    torch.testing.assert_close(step, attention(q[:, -1:], k, v, **step_kw), rtol=0, atol=0)
     qg = q.clone().requires_grad_()
     with bf16_products():
         trained = attention(qg, k, v, **kw)

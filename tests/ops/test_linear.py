@@ -15,6 +15,7 @@ from looplm.layers.linear import Linear
 from looplm.ops import cpp_ext
 from looplm.ops.linear import MAX_ROWS, MAX_STEP_ROWS, bf16_products, linear
 from looplm.ops.qlinear import bf16_rows
+from tests.amx import needs_amx
 from tests.threads import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpp_ext.available(), reason="no C++ kernel built here")
@@ -79,10 +80,6 @@ def test_linear_module_is_an_nn_linear():
     assert set(m.state_dict()) == set(nn.Linear(4, 3).state_dict())
     x = torch.randn(2, 4, requires_grad=True)
     torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
-
-
-needs_amx = pytest.mark.skipif(not cpp_ext.available() or not bf16_rows(),
-                               reason="no AMX bfloat16 tiles on this CPU or build")
 
 
 @needs_amx
