@@ -64,12 +64,12 @@ BF16_NEEDS = "a CPU with AMX bfloat16 tiles (and looplm's kernels built)"
 
 
 def _bf16_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if not getattr(_mode, "bf16", False):  # every linear asks: the common answer first
+    if not bf16_products_on():  # every linear asks: the common answer (outside) first
         return False
     rows = x.numel() // max(1, x.shape[-1])
     return (x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.is_contiguous() and x.shape[-1] % 32 == 0
-            and not tracked(x, weight, bias) and cpp_ext.available() and 0 < bf16_rows() <= rows)
+            and not tracked(x, weight, bias) and bf16_rows() <= rows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
