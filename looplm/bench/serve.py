@@ -174,9 +174,8 @@ class Server:
 
 def _looplm(name: str, ckpt: str, max_batch: int, threads: int | None, max_stall: float | None,
             prefill_chunk: int | None = None, kv_cache: str = "float", bf16_prefill: bool = False) -> Server:
-    bf16 = bf16_prefill or name == "looplm-bf16p"
     cmd = [sys.executable, "-m", "looplm.cli", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", "4096", *(["--bf16-prefill"] if bf16 else [])]
+           "--max-queue", "4096", *(["--bf16-prefill"] if bf16_prefill else [])]
     if threads:
         cmd += ["--threads", str(threads)]
     if max_stall is not None:
@@ -240,7 +239,8 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
             print(f"llama.cpp: {why}; again with its extra buffer types off", flush=True)
             server, why = _started(partial(_llama_cpp, args.gguf, args.threads, False), texts, seconds)
         return server, why
-    if (name == "looplm-bf16p" or args.bf16_prefill) and not bf16_rows():
+    bf16 = args.bf16_prefill or name == "looplm-bf16p"
+    if bf16 and not bf16_rows():
         return None, f"--bf16-prefill needs {BF16_NEEDS}"
     if name in ("looplm", "looplm-serial", "looplm-int4", "looplm-bf16p"):
         batch = 1 if name == "looplm-serial" else max(levels)
@@ -251,7 +251,7 @@ def _start(name: str, args: argparse.Namespace, levels: list[int], texts: list[s
             except LoopLMError as err:
                 return None, str(err)
         return _started(partial(_looplm, name, ckpt, batch, args.threads, args.max_stall, args.prefill_chunk,
-                                args.kv_cache, args.bf16_prefill),
+                                args.kv_cache, bf16),
                         texts, seconds)
     raise LoopLMError(f"unknown server {name!r} in --servers ({', '.join(SERVERS)})")
 
