@@ -525,23 +525,27 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
       }
       continue;
     }
+    // A group has only 16 values, offset + scale * q for q = 0..15: they are computed once per
+    // group (offset + (scale * q) rounded twice, as PyTorch dequantises: the empty asm keeps the
+    // compiler from contracting the product and the sum into one fused multiply-add), rounded to
+    // bfloat16 into the low half of a register, and each 4-bit code picks its value by a word
+    // permutation (vpermw reads the low 5 bits of each 16-bit index).
     const int64_t groups = k / W.group;
     const uint8_t* p = W.packed + j * (k / 2);
-    const __m128i lo4 = _mm_set1_epi8(0x0F);
-    for (int64_t i = 0; i < k; i += 32) {
-      const int64_t gi = j * groups + i / W.group;
-      const __m512 s = _mm512_set1_ps(W.scale[gi]), off = _mm512_set1_ps(W.offset[gi]);
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i / 2));
-      const __m128i lo = _mm_and_si128(b, lo4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
-      // element 2t is byte t's low nibble, 2t + 1 its high one
-      const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
-      // offset + (scale * q) rounded twice, as PyTorch dequantises: the empty asm keeps the compiler
-      // from contracting the product and the sum into one fused multiply-add
-      __m512 sa = _mm512_mul_ps(s, a), sc = _mm512_mul_ps(s, c);
-      __asm__("" : "+v"(sa), "+v"(sc));
-      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_add_ps(off, sc), _mm512_add_ps(off, sa));
-      _mm512_storeu_si512(o + i, (__m512i)v);
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lo4 = _mm512_set1_epi32(0x0F);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 sq = _mm512_mul_ps(_mm512_set1_ps(W.scale[j * groups + g]), codes);
+      __asm__("" : "+v"(sq));
+      const __m512i table = _mm512_castsi256_si512(
+          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_set1_ps(W.offset[j * groups + g]), sq)));
+      for (int64_t i = g * W.group; i < (g + 1) * W.group; i += 32) {
+        // byte t (codes 2t: low nibble, 2t + 1: high) -> the 32-bit lane (low nibble) | (byte << 12):
+        // word 2t's low 5 bits hold the low nibble, word 2t + 1's the high one
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i / 2)));
+        const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, lo4), _mm512_slli_epi32(b, 12));
+        _mm512_storeu_si512(o + i, _mm512_permutexvar_epi16(idx, table));
+      }
     }
   }
 }
