@@ -148,7 +148,7 @@ def test_bad_parts_are_rejected():
 
 @needs_kernel
 @pytest.mark.skipif(not bf16_rows(), reason="no AMX bfloat16 matrix product in this build or CPU")
-@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 192)])
 def test_many_rows_run_in_bfloat16(fmt, group):
     """From bf16_rows() rows on, quantised weights are dequantised and multiplied in bfloat16: the
     kernel equals the bfloat16 product of x and the dequantised weight (float32 sums), one row
