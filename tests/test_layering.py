@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "looplm"
 # prefix decides a module's tier (``looplm.train.command`` is a command, ``looplm.train.loop``
 # training library).
 TIERS: list[tuple[str, ...]] = [
-    ("looplm", "looplm.errors"),
+    ("looplm", "looplm.errors", "looplm.argtypes"),
     ("looplm.ops", "looplm.data"),
     ("looplm.layers",),
     ("looplm.routers", "looplm.state", "looplm.flops", "looplm.model", "looplm.memory"),

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from looplm.errors import ConfigError
 from looplm.model import LoopLM
 
 
@@ -122,13 +123,14 @@ def write_json(out_dir: str | os.PathLike, name: str, data: Any) -> Path:
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
-    """``"512,1024"`` -> ``[512, 1024]``; a ValueError naming the flag for anything else."""
+    """``"512,1024"`` -> ``[512, 1024]``; a ConfigError (a ValueError: the CLI prints one line)
+    naming the flag for anything else."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
     if not values or any(x < 1 for x in values):
-        raise ValueError(f"{name} must be comma-separated positive integers, got {text!r}")
+        raise ConfigError(f"{name} must be comma-separated positive integers, got {text!r}")
     return values
 
 

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, time_interleaved, write_json
 from looplm.bench.train import VOCAB, trainer_step
 from looplm.errors import ConfigError
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, eager, ...)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (numbers meaningless)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/compile"))
 

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch.profiler import profile
 
+from looplm.argtypes import positive_int
 from looplm.bench.runner import Sweep, markdown_table, save_figure, subplots
 from looplm.errors import ConfigError
 from looplm.generate import decoding_mode
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-format", nargs="+", default=["float"], choices=["float", *STATE_FORMATS],
                         help="decode with the state held in these formats (float: as computed)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", default="bench_results/decode")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
 

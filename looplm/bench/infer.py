@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, markdown_table, time_interleaved, write_json
 from looplm.checkpoint import load_model
 from looplm.errors import ConfigError
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=32, help="int4 group size")
     parser.add_argument("--prompts", type=int, nargs="+", default=[32, 1024], help="prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true", help="looplm rows only")
     parser.add_argument("--out", default="bench_results/infer")

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench import lm_stats
 from looplm.bench.runner import Sweep, markdown_table, save_figure, subplots, train_model
 from looplm.data.corpus import prepare_corpus
@@ -87,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches (of --batch-size)")
     parser.add_argument("--data", default=None, help="corpus source (default: the Python stdlib)")
     parser.add_argument("--max-files", type=int, default=None, help="only the first N files of the corpus")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", default="bench_results/lm")
     parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run at a tiny size")
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import (
     causal_lm_loss,
     machine_info,
@@ -326,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="F", help="fraction of the sequence kept at each of the 3 recursions")
     parser.add_argument("--only", choices=("train", "decode", "mor", "mod"), action="append",
                         help="run only these parts (repeatable)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/model"))
 
 

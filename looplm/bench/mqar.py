@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.runner import Sweep, markdown_table, save_figure, subplots, train_model
 from looplm.data.mqar import IGNORE_INDEX, check_mqar_args, make_mqar
 from looplm.model import MIXERS, LoopConfig, LoopLM
@@ -104,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-examples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes, one configuration each")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads per worker (default 1 with several workers, else torch's)")
     parser.add_argument("--out", default="bench_results/mqar")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")

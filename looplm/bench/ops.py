@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import (
     machine_info,
     markdown_table,
@@ -241,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixers", default=",".join(MIXERS), help=f"subset of {','.join(MIXERS)}")
     parser.add_argument("--step-positions", default="256,16384", help="two prefill lengths for the step form")
     parser.add_argument("--out", default="bench_results/ops", help="results directory (JSON, PNG)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny sizes)")
 
 

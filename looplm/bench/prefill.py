@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import markdown_table, parse_int_list, time_interleaved
 from looplm.checkpoint import load_model
 from looplm.errors import LoopLMError
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens (default 1024)")
     parser.add_argument("--chunks", default="128,256", help="chunk sizes besides the rule's (128,256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each row (medians)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     parser.add_argument("--groups", default="", help="also forwards of B prompts of T tokens together: "
                         "BxT,... (e.g. 1x256,4x128: the serving engine's prefill forwards)")
     parser.add_argument("--quick", action="store_true", help="a 96-token prompt, one repeat")

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, markdown_table, write_json
 from looplm.bench.runner import save_figure, subplots
 from looplm.checkpoint import load_config, load_model
@@ -82,7 +83,8 @@ def code_text() -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="a model `looplm pull` knows (default smollm2)")
     parser.add_argument("--gguf", default=None, help="a GGUF file instead of --model")
-    parser.add_argument("--threads", type=int, default=None, help="threads of every row (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="threads of every row (default: torch's)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--prompts", type=int, nargs="+", default=[32, 1024], help="prompt lengths (tokens)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens decoded after each prompt")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, markdown_table, time_interleaved, write_json
 from looplm.bench.runner import save_figure, subplots, train_model
 from looplm.checkpoint import load_model, save_model
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=8, help="tokens per timed decode")
     parser.add_argument("--speed-d-model", type=int, default=1024, help="width of the random speed model")
     parser.add_argument("--speed-layers", type=int, default=8, help="layers of the random speed model")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (default 1: ratios stay stable on a shared machine)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (medians)")
     parser.add_argument("--quick", action="store_true", help="seconds-sized run for the test")

@@ -68,6 +68,7 @@ from typing import Any
 import httpx
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, markdown_table, parse_int_list, time_interleaved, write_json
 from looplm.bench.infer import hf_generate, llama_twin, looplm_models
 from looplm.checkpoint import load_config, load_model
@@ -106,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16-prefill", action="store_true",
                         help="every looplm server with --bf16-prefill (prompts' products and attention in "
                         "bfloat16 on AMX tiles; looplm-bf16p has it anyway)")
-    parser.add_argument("--threads", type=int, default=None, help="threads of each server (default: all)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="threads of each server (default: all)")
     parser.add_argument("--state-streams", type=int, default=64,
                         help="streams of the state-memory table (0: no table)")
     parser.add_argument("--state-tokens", type=int, default=4096, help="tokens per stream of that table")

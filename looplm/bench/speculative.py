@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, markdown_table, write_json
 from looplm.bench.pretrained import PROSE, code_text, read_text
 from looplm.checkpoint import load_model
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens decoded per prompt")
     parser.add_argument("--cost-repeats", type=int, default=20, help="timings of the verification cost")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--prose", default=str(PROSE), help="English prose text (default: the GPL-3 text)")
     parser.add_argument("--code", default=None, help="Python source text (default: the stdlib's pprint.py)")
     parser.add_argument("--out", default="bench_results/speculative")

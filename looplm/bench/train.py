@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.bench.common import causal_lm_loss, machine_info, parse_int_list, time_interleaved, write_json
 from looplm.model import LoopConfig, LoopLM
 from looplm.train.config import TrainConfig, load_sections
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--threads-list", default=None,
                         help="compare these thread counts on --config's training step (e.g. 1,2)")
     parser.add_argument("--config", default="small", help="configuration for --threads-list (default small)")

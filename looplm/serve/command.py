@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from looplm.argtypes import positive_int
 from looplm.checkpoint import load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import CheckpointError, LoopLMError
@@ -23,10 +24,21 @@ else:
     _MISSING = None
 
 
+def _port(text: str) -> int:
+    """A TCP port number, 0-65535 (argparse type)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests waiting at most; more get 429 with Retry-After")
@@ -54,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $LOOPLM_API_KEY, none)")
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: "
                         "the checkpoint directory's name)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
 def load(directory: str | Path) -> tuple[Any, Any]:

@@ -9,6 +9,7 @@ import pytest
 
 from looplm.bench import common, ops
 from looplm.cli import main
+from looplm.errors import ConfigError
 
 
 def test_quick_run_writes_json_and_png(tmp_path, capsys):
@@ -70,7 +71,19 @@ def test_common_helpers(tmp_path):
     path = common.write_json(tmp_path / "d", "r", {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1} and path.name == "r.json"
     assert common.parse_int_list("3, 5", "--n") == [3, 5]
-    with pytest.raises(ValueError, match="--n"):
+    with pytest.raises(ConfigError, match="--n"):  # a ValueError too; the CLI prints one line
         common.parse_int_list("0", "--n")
     assert common.pass_fail(None) == "n/a" and common.pass_fail(True) == "PASS"
     assert common.machine_info()["cpu_count"] >= 1
+
+
+def test_bench_list_flags_and_threads_are_one_error_line(capsys):
+    """A bad list flag is ``error: ...`` with status 2 and a thread count below 1 is argparse's usage
+    error, neither a traceback."""
+    assert main(["bench", "serve", "ckpt", "--concurrency", "0", "--engine-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --concurrency must be comma-separated positive integers, got '0'"
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "prefill", "ckpt", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --threads: must be a positive integer" in err

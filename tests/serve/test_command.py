@@ -81,3 +81,15 @@ def test_serve_command_bf16_prefill_without_kernels_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "looplm.cli", "serve", str(ckpt), "--bf16-prefill"],
                        capture_output=True, text=True, timeout=PATIENCE, env=ENV)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: bf16 prefill needs a CPU with AMX")
+
+
+@pytest.mark.parametrize("flag,value,says", [("--port", "99999", "port number 0-65535"),
+                                             ("--threads", "-1", "positive integer")])
+def test_serve_command_bad_numbers_are_one_usage_error(tmp_path, flag, value, says):
+    """A port out of range or a thread count below 1 is argparse's one error line (status 2), before
+    any model is loaded."""
+    r = subprocess.run([sys.executable, "-m", "looplm.cli", "serve", str(tmp_path / "nope"), flag, value],
+                       capture_output=True, text=True, timeout=PATIENCE, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"looplm serve: error: argument {flag}: must be a {says}, " \
+        f"got '{value}'"
