@@ -71,6 +71,7 @@ import torch
 from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, markdown_table, parse_int_list, time_interleaved, write_json
 from looplm.bench.infer import hf_generate, llama_twin, looplm_models
+from looplm.bench.runner import save_figure, subplots
 from looplm.checkpoint import load_config, load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
@@ -117,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-tokens", type=int, default=32, help="new tokens of the engine table")
     parser.add_argument("--engine-only", action="store_true",
                         help="only the engine table: no servers, no state-memory table")
+    parser.add_argument("--plot", default=None,
+                        help="also write the load figure here (it is always written to OUT/serve.png)")
     parser.add_argument("--out", default="bench_results/serve")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
 
@@ -496,6 +499,9 @@ def run(args: argparse.Namespace) -> int:
             if crashed:
                 skipped[name] = crashed
     load_table = _report(rows, skipped, levels)
+    if rows:
+        for path in [Path(args.out) / "serve.png", *([Path(args.plot)] if args.plot else [])]:
+            print(f"figure: {plot(rows, path)}")
     streams, tokens = (4, 256) if args.quick else (args.state_streams, args.state_tokens)
     memory = state_memory(load_config(args.checkpoint), streams, tokens) if streams > 0 else []
     memory_table = markdown_table(["model", "layers", "attention layers", "streams x tokens", "state MiB",
@@ -515,6 +521,36 @@ def run(args: argparse.Namespace) -> int:
                                    + ("\n\nDecoding-state memory:\n\n" + memory_table if memory_table else "")
                                    + ("\n\nEngine decode:\n\n" + engine_text if engine_text else "")})
     return 0
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The load levels against concurrency, one line per server: generated tokens/s, time to first
+    token (p50 dashed, p99 solid) and inter-token latency p50 (log scales)."""
+    fig, axes = subplots(3, 1, size=(4.4, 3.6))
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    for k, name in enumerate(servers):
+        mine = sorted((r for r in rows if r["server"] == name), key=lambda r: r["concurrency"])
+        conc = [r["concurrency"] for r in mine]
+        color = f"C{k}"
+        axes[0][0].plot(conc, [r["tokens_per_s"] for r in mine], marker="o", color=color, label=name)
+        for key, style in (("ttft_p99", "-"), ("ttft_p50", "--")):
+            pts = [(c, r[key]) for c, r in zip(conc, mine) if r[key] is not None]
+            axes[0][1].plot([c for c, _ in pts], [v for _, v in pts], style, marker="o", color=color,
+                            label=name if key == "ttft_p99" else None)
+        pts = [(c, 1000 * r["itl_p50"]) for c, r in zip(conc, mine) if r["itl_p50"] is not None]
+        axes[0][2].plot([c for c, _ in pts], [v for _, v in pts], marker="o", color=color, label=name)
+    labels = ("generated tokens/s", "time to first token (s; p99 solid, p50 dashed)",
+              "inter-token latency p50 (ms)")
+    for ax, ylabel in zip(axes[0], labels):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    axes[0][0].set_title("throughput")
+    axes[0][1].set_title("first token")
+    axes[0][2].set_title("streaming")
+    return save_figure(fig, path)
 
 
 def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[int]) -> str:

@@ -25,6 +25,7 @@ def test_bench_serve_quick(tmp_path, capsys):
                  "--concurrency", "1,3", "--threads", "1", "--engine-rows", "3", "--out", str(out)]) == 0
     data = json.loads((out / "serve.json").read_text())
     rows = data["results"]
+    assert (out / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the load figure
     served = ("looplm", "looplm-bf16p", "looplm-int4") if bf16_rows() else ("looplm", "looplm-int4")
     assert [(r["server"], r["concurrency"]) for r in rows] == [(name, c) for name in served for c in (1, 3)]
     assert bf16_rows() or "AMX" in data["skipped"]["looplm-bf16p"]
