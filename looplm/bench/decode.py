@@ -48,7 +48,7 @@ import torch
 from torch.profiler import profile
 
 from looplm.argtypes import positive_int
-from looplm.bench.runner import Sweep, markdown_table, save_figure, subplots
+from looplm.bench.runner import Sweep, log_axes, markdown_table, save_figure, subplots
 from looplm.errors import ConfigError
 from looplm.generate import decoding_mode
 from looplm.layers import kv_cache
@@ -246,14 +246,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ctx = [p["context"] for p in r["points"]]
         axes[0][0].plot(ctx, [p["ms_per_token"] for p in r["points"]], marker="o", label=key)
         axes[0][1].plot(ctx, [p["state_bytes"] / 2**20 for p in r["points"]], marker="o", label=key)
-    for ax, ylabel in zip(axes[0], ("ms per decoded token (median)", "decoding state (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-    axes[0][0].set_title("decoding latency")
-    axes[0][1].set_title("decoding memory")
+    log_axes(axes[0], "context length (tokens)", ("ms per decoded token (median)", "decoding state (MiB)"),
+             ("decoding latency", "decoding memory"))
     return save_figure(fig, path)
 
 

@@ -183,6 +183,18 @@ def subplots(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 4
     return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
 
 
+def log_axes(axes: Any, xlabel: str, ylabels: Sequence[str], titles: Sequence[str],
+             legend_size: int = 8) -> None:
+    """Each of ``axes`` log-log (x in powers of two) with ``xlabel``, its y label and title, a legend."""
+    for ax, ylabel, title in zip(axes, ylabels, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=legend_size)
+        ax.set_title(title)
+
+
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Save a matplotlib figure as PNG (150 dpi) and close it."""
     import matplotlib.pyplot as plt

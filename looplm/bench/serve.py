@@ -71,7 +71,7 @@ import torch
 from looplm.argtypes import positive_int
 from looplm.bench.common import machine_info, markdown_table, parse_int_list, time_interleaved, write_json
 from looplm.bench.infer import hf_generate, llama_twin, looplm_models
-from looplm.bench.runner import save_figure, subplots
+from looplm.bench.runner import log_axes, save_figure, subplots
 from looplm.checkpoint import load_config, load_model
 from looplm.data.tokenizer import load_tokenizer
 from looplm.errors import LoopLMError
@@ -539,17 +539,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
                             label=name if key == "ttft_p99" else None)
         pts = [(c, 1000 * r["itl_p50"]) for c, r in zip(conc, mine) if r["itl_p50"] is not None]
         axes[0][2].plot([c for c, _ in pts], [v for _, v in pts], marker="o", color=color, label=name)
-    labels = ("generated tokens/s", "time to first token (s; p99 solid, p50 dashed)",
-              "inter-token latency p50 (ms)")
-    for ax, ylabel in zip(axes[0], labels):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("concurrent streams")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    axes[0][0].set_title("throughput")
-    axes[0][1].set_title("first token")
-    axes[0][2].set_title("streaming")
+    log_axes(axes[0], "concurrent streams",
+             ("generated tokens/s", "time to first token (s; p99 solid, p50 dashed)",
+              "inter-token latency p50 (ms)"),
+             ("throughput", "first token", "streaming"), legend_size=7)
     return save_figure(fig, path)
 
 
