@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-tokens", type=int, default=1024, help="tokens of each held-out text scored")
     parser.add_argument("--context", type=int, default=16384, help="context of the state/decode figures")
     parser.add_argument("--decode-tokens", type=int, default=16, help="decoding steps timed")
-    parser.add_argument("--threads", type=positive_int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seq-len", type=int, default=256, help="fine-tune sequence length")
     parser.add_argument("--batch-size", type=int, default=8, help="fine-tune sequences per step")
     parser.add_argument("--max-files", type=int, default=0, help="fine-tune on N corpus files (0: all)")
