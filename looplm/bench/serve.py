@@ -21,8 +21,12 @@ checkpoint's tokenizer, lengths in turn; each request generates ``--max-tokens``
   buffer types off if it dies by a signal, as its AMX path does in some virtual machines).
 
 Per server and concurrency: requests/s and generated tokens/s (completed requests and their
-tokens over the level's wall time), time to first token p50/p99 (request sent to first text),
-inter-token latency p50/p99 (gaps between streamed text chunks), errors. looplm servers are
+tokens over the level's wall time), steady tokens/s (text chunks streamed while all ``c``
+workers had a request in flight, over that window: from the last first chunk of the ``c``
+requests that open the level to the first worker that finds no request left, so the opening
+burst of ``c`` prompts and the drain are left out; :func:`steady_rate`), time to first token
+p50/p99 (request sent to first text), inter-token latency p50/p99 (gaps between streamed text
+chunks), errors. looplm servers are
 asked to ignore the end-of-text token (``ignore_eos``) so every request generates ``--max-tokens``;
 token counts come from each stream's ``usage`` (looplm) or its chunks (llama.cpp, one token
 each).
@@ -209,7 +213,7 @@ def _started(start: Any, texts: list[str], seconds: float) -> tuple[Server | Non
         server = start()
     except LoopLMError as err:
         return None, str(err)
-    warm = asyncio.run(_level(server, 1, 1, seconds, texts[:1], 2))
+    warm = _run(_level(server, 1, 1, seconds, texts[:1], 2))
     if not warm["errors"]:
         return server, ""
     code = server.proc.poll()
@@ -278,6 +282,7 @@ async def _one(client: Any, server: Server, prompt: str, max_tokens: int) -> dic
     first: float | None = None
     last = 0.0
     gaps: list[float] = []
+    stamps: list[float] = []  # when each text chunk arrived
     chunks, used = 0, None
     stream = await client.completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0, stream=True, extra_body=server.extra)
@@ -291,8 +296,24 @@ async def _one(client: Any, server: Server, prompt: str, max_tokens: int) -> dic
             else:
                 gaps.append(now - last)
             last, chunks = now, chunks + 1
+            stamps.append(now)
     return {"ttft": None if first is None else first - t0, "gaps": gaps, "tokens": used or chunks,
-            "prompt": prompt}
+            "prompt": prompt, "stamps": stamps}
+
+
+def steady_rate(results: list[dict[str, Any]], drained: list[float]) -> float | None:
+    """Streamed text chunks per second while every worker of a level had a request in flight: from
+    the last first chunk of the requests that opened the level (``initial``) to the first time a
+    worker found no request left to start (``drained``), so the opening burst of prompts and the
+    drain at the end are left out; None when that window is empty. ``results``: ``_one``'s, with
+    ``initial`` set."""
+    firsts = [r["stamps"][0] for r in results if r.get("initial") and r["stamps"]]
+    if not firsts or not drained:
+        return None
+    t0, t1 = max(firsts), min(drained)
+    if t1 <= t0:
+        return None
+    return sum(t0 < t <= t1 for r in results for t in r["stamps"]) / (t1 - t0)
 
 
 async def _level(server: Server, c: int, n: int, seconds: float, texts: list[str], max_tokens: int
@@ -306,14 +327,18 @@ async def _level(server: Server, c: int, n: int, seconds: float, texts: list[str
     counter = iter(range(n))
     start = time.perf_counter()
 
+    drained: list[float] = []  # when each worker stopped starting requests
+
     async def worker() -> None:
         for i in counter:
             if time.perf_counter() - start > seconds:
-                return
+                break
             try:
-                results.append(await _one(client, server, texts[i % len(texts)], max_tokens))
+                results.append({**await _one(client, server, texts[i % len(texts)], max_tokens),
+                                "initial": i < c})
             except Exception as err:  # counted and reported, the load goes on
                 errors.append(f"{type(err).__name__}: {err}")
+        drained.append(time.perf_counter())
 
     tasks = [asyncio.ensure_future(worker()) for _ in range(c)]
     _, late = await asyncio.wait(tasks, timeout=2 * seconds)
@@ -332,6 +357,7 @@ async def _level(server: Server, c: int, n: int, seconds: float, texts: list[str
             "ttft_longest_p99": _pct(ttft_long, 99),
             "error_examples": errors[:3], "seconds": wall, "requests_per_s": len(results) / wall,
             "tokens_per_s": tokens / wall, "generated_tokens": tokens,
+            "steady_tokens_per_s": steady_rate(results, drained),
             "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
             "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99)}
 
@@ -430,6 +456,16 @@ def _engine_report(rows: list[dict[str, Any]]) -> str:
     return text
 
 
+def _run(level: Any) -> Any:
+    """The load generator's coroutine run on uvloop where installed (it shares the cores with the
+    servers, and uvloop's loop spends less of them per streamed chunk), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(level)
+    return uvloop.run(level)
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -444,7 +480,7 @@ def _drive(server: Server, levels: list[int], args: argparse.Namespace, seconds:
     (the process died) or ""."""
     for c in levels:
         n = args.requests or (c if args.quick else max(8, 2 * c))
-        row = asyncio.run(_level(server, c, n, seconds, texts, max_tokens))
+        row = _run(_level(server, c, n, seconds, texts, max_tokens))
         rows.append(row)
         print(f"{server.name:14s} c={c:3d}: {row['requests']} requests, {row['tokens_per_s']:.1f} tok/s, "
               f"{row['errors']} errors", flush=True)
@@ -551,18 +587,21 @@ def _report(rows: list[dict[str, Any]], skipped: dict[str, str], levels: list[in
         return None if v is None else 1000 * v
 
     table = [[r["server"], r["concurrency"], r["requests"], r["requests_per_s"], r["tokens_per_s"],
-              ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["ttft_longest_p99"]), ms(r["itl_p50"]),
-              ms(r["itl_p99"]), r["errors"], r["cut"]]
+              r["steady_tokens_per_s"], ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["ttft_longest_p99"]),
+              ms(r["itl_p50"]), ms(r["itl_p99"]), r["errors"], r["cut"]]
              for r in rows]
-    text = markdown_table(["server", "conc.", "requests", "req/s", "gen tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                           "TTFT p99 ms (longest prompts)", "ITL p50 ms", "ITL p99 ms", "errors", "cut"],
-                          table)
+    text = markdown_table(["server", "conc.", "requests", "req/s", "gen tok/s", "steady tok/s", "TTFT p50 ms",
+                           "TTFT p99 ms", "TTFT p99 ms (longest prompts)", "ITL p50 ms", "ITL p99 ms",
+                           "errors", "cut"], table)
     print(text)
     by = {(r["server"], r["concurrency"]): r["tokens_per_s"] for r in rows}
+    steady = {(r["server"], r["concurrency"]): r["steady_tokens_per_s"] for r in rows}
     lo, hi = min(levels), max(c for c in levels if c <= 16) if any(c <= 16 for c in levels) else None
     for name in ("looplm", "looplm-bf16p", "looplm-int4"):
         if hi and (name, lo) in by and (name, hi) in by and hi != lo:
-            print(f"{name}: tokens/s at concurrency {hi} / at {lo}: {by[name, hi] / by[name, lo]:.2f}x")
+            a, b = steady[name, hi], steady[name, lo]
+            print(f"{name}: tokens/s at concurrency {hi} / at {lo}: {by[name, hi] / by[name, lo]:.2f}x"
+                  + (f" (steady: {a / b:.2f}x)" if a and b else ""))
         for c in levels:
             if (name, c) in by and ("llama.cpp", c) in by:
                 print(f"concurrency {c}: {name} / llama.cpp tokens/s {by[name, c] / by['llama.cpp', c]:.2f}x")

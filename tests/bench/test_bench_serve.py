@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 
+from looplm.bench.serve import steady_rate  # noqa: E402
 from looplm.checkpoint import save_model  # noqa: E402
 from looplm.cli import main  # noqa: E402
 from looplm.errors import LoopLMError  # noqa: E402
@@ -33,6 +34,7 @@ def test_bench_serve_quick(tmp_path, capsys):
         assert r["errors"] == 0 and r["cut"] == 0 and r["requests"] == r["concurrency"]
         assert r["generated_tokens"] == 4 * r["requests"]  # ignore_eos: every request runs to max_tokens
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] > 0
+        assert r["steady_tokens_per_s"] is None or r["steady_tokens_per_s"] > 0
     # 3 requests, each prompt length once: the longest prompt's TTFT is at most the largest of the
     # three, and the interpolated p99 of three values is at least 0.98 times their largest
     assert all(0 < r["ttft_longest_p99"] <= r["ttft_p99"] / 0.98 for r in rows[1::2])
@@ -47,6 +49,18 @@ def test_bench_serve_quick(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(f"| {name} | 3 |" in printed for name in ("looplm", "looplm_int4", "looplm-int4"))
     assert "concurrency 3: looplm-int4 / looplm tokens/s" in printed
+
+
+def test_steady_rate_counts_chunks_between_the_opening_burst_and_the_drain():
+    # two workers: requests a and b open the level, c follows a; b's first chunk (t = 2) ends the
+    # opening burst, the first worker to find nothing left to start (t = 8) begins the drain
+    a = {"initial": True, "stamps": [0, 1, 2, 3, 4]}
+    b = {"initial": True, "stamps": [2, 3, 4, 5, 6, 7]}
+    c = {"initial": False, "stamps": [5, 6, 7, 8]}
+    assert steady_rate([a, b, c], [9, 8]) == pytest.approx((2 + 5 + 4) / 6)
+    assert steady_rate([a, b, c], []) is None  # no worker drained (all cut)
+    assert steady_rate([a, b, c], [2]) is None  # drained before the burst ended: no window
+    assert steady_rate([c], [9]) is None  # no opening request finished
 
 
 def test_bench_serve_engine_only(tmp_path, capsys):
