@@ -27,6 +27,7 @@ next state is not in its storage (a model that reallocated its cache) is copied 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -60,6 +61,12 @@ class _Cache:
     @property
     def capacity(self) -> int:
         return self.parts[0].shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes of the rows' slots up to ``end`` and their ``seen`` (what ``state.nbytes()``
+        counts), from the shapes: the engine reports it after every iteration."""
+        per_slot = sum(math.prod(p.shape[2:]) * p.element_size() for p in self.parts)
+        return self.rows * self.end * per_slot + self.seen.numel() * self.seen.element_size()
 
     def _view(self) -> None:
         """The state of the first ``rows`` rows, after the storage or the rows changed."""
@@ -224,5 +231,10 @@ class BatchState:
         self._positions = new.positions
 
     def nbytes(self) -> int:
-        """Bytes of the rows' states (each cache's slots up to its end, not its spare storage)."""
-        return self.state().nbytes() if self.rows else 0
+        """Bytes of the rows' states (each cache's slots up to its end, not its spare storage): the
+        same count as ``state().nbytes()``, without building the state."""
+        if not self.rows or self._positions is None:
+            return 0
+        total = self._positions.numel() * self._positions.element_size()
+        total += sum(c.nbytes() for c in self._caches.values())
+        return total + sum(s.nbytes() for s in self._other.values())

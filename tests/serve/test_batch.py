@@ -63,6 +63,7 @@ def test_rows_joining_and_leaving_decode_as_alone(name, requests, order, int8, m
             batch.reserve(1)
             out = model(tokens, state=batch.state(), use_cache=True)
             batch.update(out.state)
+            assert batch.nbytes() == batch.state().nbytes()  # counted from shapes, as the state's
             for i, (j, done) in enumerate(rows):
                 torch.testing.assert_close(out.logits[i, -1], alone[j][1][done], rtol=1e-4, atol=1e-4)
                 rows[i][1] += 1
@@ -74,6 +75,7 @@ def test_rows_joining_and_leaving_decode_as_alone(name, requests, order, int8, m
                 rows[i] = rows[-1]
                 rows.pop()
             assert batch.rows == len(rows)
+            assert batch.nbytes() == (batch.state().nbytes() if rows else 0)
 
 
 def test_a_batch_of_attention_caches_of_different_lengths_takes_the_stack_step(monkeypatch):
