@@ -39,7 +39,7 @@ TIERS: list[tuple[str, ...]] = [
 LAZY_ALLOWED = {
     "accelerate", "datasets", "fastapi", "gguf", "httpx", "jinja2", "llama_cpp", "matplotlib", "openai",
     "pyarrow", "tokenizers", "torch.profiler", "torch.utils.cpp_extension", "torch.utils.tensorboard",
-    "tqdm", "transformers", "uvicorn",
+    "tqdm", "transformers", "uvicorn", "uvloop",
 }
 
 
