@@ -201,10 +201,24 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
   auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
   // Work items are (row, chunk): a chunk's slots hold every key head's row side by side, so one
   // thread reads them in address order (an item per key head would stride over the others' rows).
-  at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
+  // Each thread takes one run of consecutive items holding an equal share of the keys: the rows of
+  // a batch hold different numbers of keys, and runs of equal item counts would leave one thread
+  // the longer rows.
+  const int64_t n_items = B * chunks;
+  std::vector<int64_t> upto(static_cast<size_t>(n_items + 1), 0);  // keys (+ a fixed cost) before item i
+  for (int64_t i = 0; i < n_items; ++i) {
+    const int64_t b = i / chunks, c = i % chunks;
+    const int64_t keys = std::min(S, (c + 1) * kKeys) - std::max(c * kKeys, from(b));
+    upto[i + 1] = upto[i] + std::max<int64_t>(keys, 0) + 8;
+  }
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  const auto run_start = [&](int64_t r) {  // the first item of run r
+    return static_cast<int64_t>(std::lower_bound(upto.begin(), upto.end(), upto.back() * r / runs) - upto.begin());
+  };
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> ktmp(quantised && !chunked ? static_cast<size_t>(kKeys * D) : 0), vtmp(ktmp.size());
     std::vector<float> sc(static_cast<size_t>(std::max<int64_t>(group, 4) * kKeys));
-    for (int64_t bc = i0; bc < i1; ++bc) {
+    for (int64_t bc = run_start(r0), last = run_start(r1); bc < last; ++bc) {
       const int64_t b = bc / chunks, c = bc % chunks;
       const int64_t lo = std::max(c * kKeys, from(b)), hi = std::min(S, (c + 1) * kKeys);
       for (int64_t hk = 0; hk < Hkv; ++hk) {
