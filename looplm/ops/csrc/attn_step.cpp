@@ -305,7 +305,7 @@ void check_cache(const Tensor& t, int64_t D) {
 
 // x [D] -> int8 codes [D] and their scale, as looplm/ops/kv_quant.py's quantize_rows: s =
 // max(max |x| / 127, FLT_MIN), code = x / s rounded half to even, a vector at a time (a decoding
-// step of B rows quantises 2 B Hkv of these per layer, one thread).
+// step of B rows quantises 2 B Hkv of these per layer, its rows over threads).
 void quantize_row(const float* x, int64_t D, int8_t* code, float* scale) {
   using looplm::Vec;
   const int64_t V = Vec::size();
@@ -505,23 +505,27 @@ Tensor attn_stack_step(const Tensor& h, const c10::List<std::optional<Tensor>>& 
     int64_t* pb = kp.data_ptr<int64_t>();
     bool* mb = km.data_ptr<bool>();
     const int64_t C = k.size(1), row = C * Hkv * D;
-    for (int64_t b = 0; b < B; ++b) {  // the append: slot S of every row
-      const float* src = qkv.data() + b * R * D;
-      const int64_t at = b * row + S * Hkv * D;
-      if (int8) {
-        for (int64_t j = 0; j < Hkv; ++j) {
-          const int64_t scale_at = (b * C + S) * Hkv + j;
-          quantize_row(src + (H + j) * D, D, k.data_ptr<int8_t>() + at + j * D, k_scale->data_ptr<float>() + scale_at);
-          quantize_row(src + (H + Hkv + j) * D, D, v.data_ptr<int8_t>() + at + j * D,
-                       v_scale->data_ptr<float>() + scale_at);
+    // the append: slot S of every row (an int8 cache's rows quantised), rows over threads
+    at::parallel_for(0, B, int8 ? 4 : 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* src = qkv.data() + b * R * D;
+        const int64_t at = b * row + S * Hkv * D;
+        if (int8) {
+          for (int64_t j = 0; j < Hkv; ++j) {
+            const int64_t scale_at = (b * C + S) * Hkv + j;
+            quantize_row(src + (H + j) * D, D, k.data_ptr<int8_t>() + at + j * D,
+                         k_scale->data_ptr<float>() + scale_at);
+            quantize_row(src + (H + Hkv + j) * D, D, v.data_ptr<int8_t>() + at + j * D,
+                         v_scale->data_ptr<float>() + scale_at);
+          }
+        } else {
+          std::copy(src + H * D, src + (H + Hkv) * D, k.data_ptr<float>() + at);
+          std::copy(src + (H + Hkv) * D, src + R * D, v.data_ptr<float>() + at);
         }
-      } else {
-        std::copy(src + H * D, src + (H + Hkv) * D, k.data_ptr<float>() + at);
-        std::copy(src + (H + Hkv) * D, src + R * D, v.data_ptr<float>() + at);
+        mb[b * C + S] = true;
+        pb[b * C + S] = pp[b];
       }
-      mb[b * C + S] = true;
-      pb[b * C + S] = pp[b];
-    }
+    });
     std::vector<float> q(static_cast<size_t>(B * H * D));
     for (int64_t b = 0; b < B; ++b) std::copy(qkv.data() + b * R * D, qkv.data() + b * R * D + H * D, q.data() + b * H * D);
     std::vector<int64_t> first = first_slots(starts, l, B, S + 1);
