@@ -1,7 +1,8 @@
 """``looplm bench serve CHECKPOINT_DIR``: load test of ``looplm serve`` through the ``openai`` client.
 
 Each server runs in its own process on loopback; the load comes from this process with the
-official ``openai`` client (``AsyncOpenAI``, streaming completions, greedy) at each concurrency of
+official ``openai`` client (``AsyncOpenAI``, streaming completions, greedy; on uvloop's event loop
+where installed, which spends less of the cores the servers share) at each concurrency of
 ``--concurrency``: ``c`` workers send ``--requests`` requests in total (default ``2c``, at least
 8) and stop starting new ones after ``--level-seconds``. Prompts are pieces of a fixed text (the
 ``os`` module's source, present in every Python) cut to ``--prompt-tokens`` tokens of the
