@@ -87,7 +87,8 @@ def _train_losses(run: Path) -> dict[int, float]:
 
 def test_linearize_then_lora_distillation_under_torchrun_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "LOOPLM_CACHE": str(tmp_path / "cache"), "LOOPLM_NO_CPP_EXT": "1"}
+           "LOOPLM_CACHE": str(tmp_path / "cache"), "LOOPLM_NO_CPP_EXT": "1",
+           "TMPDIR": str(tmp_path)}  # torchrun's rendezvous directories land here, not in /tmp
     src = checkpoint(tmp_path / "src", model(vocab_size=320, n_heads=4, n_kv_heads=2))
 
     def looplm(*args: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.Popen:

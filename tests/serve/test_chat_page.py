@@ -35,7 +35,10 @@ def test_chat_page_streams_a_reply(tmp_path):
     for flag in FLAGS:
         options.add_argument(flag)
     with serve(app) as url:
-        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+        # Chromium's profile and singleton-socket directories go under tmp_path, not /tmp
+        options.add_argument(f"--user-data-dir={tmp_path / 'chromium'}")
+        service = webdriver.ChromeService(executable_path=DRIVER, env={**os.environ, "TMPDIR": str(tmp_path)})
+        driver = webdriver.Chrome(service=service, options=options)
         try:
             driver.get(url + "/")
             wait = WebDriverWait(driver, 60)
