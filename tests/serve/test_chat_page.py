@@ -3,6 +3,7 @@ screenshot (``$LOOPLM_TEST_ARTIFACTS`` or the test's temporary directory)."""
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,11 @@ def test_chat_page_streams_a_reply(tmp_path):
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
-    with serve(app) as url:
-        # Chromium's profile and singleton-socket directories go under tmp_path, not /tmp
-        options.add_argument(f"--user-data-dir={tmp_path / 'chromium'}")
-        service = webdriver.ChromeService(executable_path=DRIVER, env={**os.environ, "TMPDIR": str(tmp_path)})
+    # Chromium's profile and its temporary directories (singleton socket) in one directory removed
+    # afterwards, short enough for a socket's path (at most 107 bytes; tmp_path can be longer)
+    with serve(app) as url, tempfile.TemporaryDirectory(prefix="looplm-chromium-") as scratch:
+        options.add_argument(f"--user-data-dir={scratch}/profile")
+        service = webdriver.ChromeService(executable_path=DRIVER, env={**os.environ, "TMPDIR": scratch})
         driver = webdriver.Chrome(service=service, options=options)
         try:
             driver.get(url + "/")

@@ -79,7 +79,8 @@ MOR_MOE = ["--config", "tiny", "--no-progress", "--set", "d_model=32", "n_core=1
 
 def test_two_process_mor_moe_matches_single_process(tmp_path: Path) -> None:
     # PyTorch forms: DDP is under test, not the kernels (whose first build would dominate the time)
-    env = {**ENV, "LOOPLM_CACHE": str(tmp_path / "cache"), "LOOPLM_NO_CPP_EXT": "1"}
+    env = {**ENV, "LOOPLM_CACHE": str(tmp_path / "cache"), "LOOPLM_NO_CPP_EXT": "1",
+           "TMPDIR": str(tmp_path)}  # torchrun's rendezvous directories land here, not in /tmp
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
     def train(launcher: list[str], out: str, *extra: str) -> subprocess.Popen:
@@ -107,7 +108,8 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path: Path) -> None:
     """FSDP2 (weights, gradients and optimizer state sharded over 2 gloo processes) trains the MoR +
     MoE++ model as one process does; its checkpoints are whole (one process reads them) and a run
     stopped and resumed under FSDP ends with the uninterrupted run's weights."""
-    env = {**ENV, "LOOPLM_CACHE": str(tmp_path / "cache"), "LOOPLM_NO_CPP_EXT": "1"}
+    env = {**ENV, "LOOPLM_CACHE": str(tmp_path / "cache"), "LOOPLM_NO_CPP_EXT": "1",
+           "TMPDIR": str(tmp_path)}  # torchrun's rendezvous directories land here, not in /tmp
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     # the learning rate is constant after the 2 warmup steps, so 5 steps then 5 resumed are 10 steps
     short = [*MOR_MOE, "steps=10", "eval_interval=5", "log_interval=1"]
