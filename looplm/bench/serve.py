@@ -280,26 +280,17 @@ def prompts(checkpoint: str, lengths: list[int]) -> list[str]:
 
 async def _one(client: Any, server: Server, prompt: str, max_tokens: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    first: float | None = None
-    last = 0.0
-    gaps: list[float] = []
     stamps: list[float] = []  # when each text chunk arrived
-    chunks, used = 0, None
+    used = None
     stream = await client.completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0, stream=True, extra_body=server.extra)
     async for ch in stream:
         if getattr(ch, "usage", None) is not None:
             used = ch.usage.completion_tokens
         if ch.choices and ch.choices[0].text:
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            else:
-                gaps.append(now - last)
-            last, chunks = now, chunks + 1
-            stamps.append(now)
-    return {"ttft": None if first is None else first - t0, "gaps": gaps, "tokens": used or chunks,
-            "prompt": prompt, "stamps": stamps}
+            stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - t0 if stamps else None, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": used or len(stamps), "prompt": prompt, "stamps": stamps}
 
 
 def steady_rate(results: list[dict[str, Any]], drained: list[float]) -> float | None:
