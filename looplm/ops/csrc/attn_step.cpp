@@ -198,7 +198,12 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
 #else
   const bool chunked = false;
 #endif
-  auto from = [&](int64_t b) { return first == nullptr ? int64_t{0} : first[b]; };
+  // item bc = (row b, chunk c) reads slots [lo, hi) of row b (none when lo >= hi)
+  const auto span = [&](int64_t bc, int64_t* lo, int64_t* hi) {
+    const int64_t b = bc / chunks, c = bc % chunks;
+    *lo = std::max(c * kKeys, first == nullptr ? int64_t{0} : first[b]);
+    *hi = std::min(S, (c + 1) * kKeys);
+  };
   // Work items are (row, chunk): a chunk's slots hold every key head's row side by side, so one
   // thread reads them in address order (an item per key head would stride over the others' rows).
   // Each thread takes one run of consecutive items holding an equal share of the keys: the rows of
@@ -207,9 +212,9 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
   const int64_t n_items = B * chunks;
   std::vector<int64_t> upto(static_cast<size_t>(n_items + 1), 0);  // keys (+ a fixed cost) before item i
   for (int64_t i = 0; i < n_items; ++i) {
-    const int64_t b = i / chunks, c = i % chunks;
-    const int64_t keys = std::min(S, (c + 1) * kKeys) - std::max(c * kKeys, from(b));
-    upto[i + 1] = upto[i] + std::max<int64_t>(keys, 0) + 8;
+    int64_t lo = 0, hi = 0;
+    span(i, &lo, &hi);
+    upto[i + 1] = upto[i] + std::max<int64_t>(hi - lo, 0) + 8;
   }
   const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   const auto run_start = [&](int64_t r) {  // the first item of run r
@@ -220,7 +225,8 @@ void attend(const float* qp, const CacheRows& kr, const CacheRows& vr, int64_t B
     std::vector<float> sc(static_cast<size_t>(std::max<int64_t>(group, 4) * kKeys));
     for (int64_t bc = run_start(r0), last = run_start(r1); bc < last; ++bc) {
       const int64_t b = bc / chunks, c = bc % chunks;
-      const int64_t lo = std::max(c * kKeys, from(b)), hi = std::min(S, (c + 1) * kKeys);
+      int64_t lo = 0, hi = 0;
+      span(bc, &lo, &hi);
       for (int64_t hk = 0; hk < Hkv; ++hk) {
         float* pt = part.data() + ((b * Hkv + hk) * chunks + c) * group * per;
         if (lo >= hi) {  // nothing seen in this chunk: weight 0
