@@ -556,11 +556,10 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
 // multiplied by every row of x. k % 32 == 0.
 inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vector<QWeight>& ws,
                          const std::vector<int64_t>& offs, float* out, int64_t width, bool all = false) {
-  thread_local std::vector<uint16_t> xp_kept;
-  std::vector<uint16_t>& xp = xp_kept;  // (the lambdas below run on other threads: they capture it)
-  xp.resize(static_cast<size_t>(amx_packed_size(rows, k)));
+  thread_local TileBuffer xp_kept;
+  uint16_t* xp = xp_kept.reserve(amx_packed_size(rows, k));  // (the lambdas run on other threads)
   const int64_t blocks = (rows + kAmxRows - 1) / kAmxRows;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { amx_pack_x(x, rows, k, b0, b1, xp.data()); });
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { amx_pack_x(x, rows, k, b0, b1, xp); });
   std::vector<std::pair<size_t, int64_t>> strips;  // (weight, first row)
   for (size_t p = 0; p < ws.size(); ++p) {
     if (!ws[p].quantised() && !all) {
@@ -573,16 +572,15 @@ inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vec
     for (int64_t j = 0; j < ws[p].n; j += kAmxStrip) strips.emplace_back(p, j);
   }
   at::parallel_for(0, static_cast<int64_t>(strips.size()), 1, [&](int64_t s0, int64_t s1) {
-    thread_local std::vector<uint16_t> strip_kept;
-    std::vector<uint16_t>& strip = strip_kept;
-    strip.resize(static_cast<size_t>(kAmxStrip * k));
+    thread_local TileBuffer strip_kept;
+    uint16_t* strip = strip_kept.reserve(kAmxStrip * k);
     amx_configure();
     for (int64_t s = s0; s < s1; ++s) {
       const QWeight& W = ws[strips[s].first];
       const int64_t j = strips[s].second, n = std::min(kAmxStrip, W.n - j);
-      dequant_bf16(W, j, j + n, strip.data());
-      if (n < kAmxStrip) std::fill(strip.begin() + n * k, strip.end(), uint16_t{0});
-      amx_strip(xp.data(), rows, k, strip.data(), n, out + offs[strips[s].first], width, j);
+      dequant_bf16(W, j, j + n, strip);
+      if (n < kAmxStrip) std::fill(strip + n * k, strip + kAmxStrip * k, uint16_t{0});
+      amx_strip(xp, rows, k, strip, n, out + offs[strips[s].first], width, j);
     }
     _tile_release();
   });
