@@ -507,13 +507,13 @@ inline int64_t bf16_rows() {
 // Weight rows [j0, j1) of W as bfloat16 (rounded to nearest even), row-major [j1 - j0, k].
 inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out) {
   const int64_t k = W.k;
-  for (int64_t j = j0; j < j1; ++j) {
-    uint16_t* o = out + (j - j0) * k;
-    if (W.kind == QWeight::F32) {
-      for (int64_t i = 0; i < k; i += 32) _mm512_storeu_si512(o + i, bf16x32(W.w + j * k + i));
-      continue;
-    }
-    if (W.kind == QWeight::I8) {
+  if (W.kind == QWeight::F32) {
+    for (int64_t i = 0; i < (j1 - j0) * k; i += 32) _mm512_storeu_si512(out + i, bf16x32(W.w + j0 * k + i));
+    return;
+  }
+  if (W.kind == QWeight::I8) {
+    for (int64_t j = j0; j < j1; ++j) {
+      uint16_t* o = out + (j - j0) * k;
       for (int64_t i = 0; i < k; i += 32) {
         const __m512 s = _mm512_set1_ps(W.scale[j * (k / W.group) + i / W.group]);
         const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W.q + j * k + i)));
@@ -523,29 +523,32 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
                                                _mm512_mul_ps(s, _mm512_cvtepi32_ps(q)));
         _mm512_storeu_si512(o + i, (__m512i)v);
       }
-      continue;
     }
-    // A group has only 16 values, offset + scale * q for q = 0..15: they are computed once per
-    // group (offset + (scale * q) rounded twice, as PyTorch dequantises: the empty asm keeps the
-    // compiler from contracting the product and the sum into one fused multiply-add), rounded to
-    // bfloat16 into the low half of a register, and each 4-bit code picks its value by a word
-    // permutation (vpermw reads the low 5 bits of each 16-bit index).
-    const int64_t groups = k / W.group;
-    const uint8_t* p = W.packed + j * (k / 2);
-    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i lo4 = _mm512_set1_epi32(0x0F);
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 sq = _mm512_mul_ps(_mm512_set1_ps(W.scale[j * groups + g]), codes);
-      __asm__("" : "+v"(sq));
-      const __m512i table = _mm512_castsi256_si512(
-          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_set1_ps(W.offset[j * groups + g]), sq)));
-      for (int64_t i = g * W.group; i < (g + 1) * W.group; i += 32) {
-        // byte t (codes 2t: low nibble, 2t + 1: high) -> the 32-bit lane (low nibble) | (byte << 12):
-        // word 2t's low 5 bits hold the low nibble, word 2t + 1's the high one
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i / 2)));
-        const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, lo4), _mm512_slli_epi32(b, 12));
-        _mm512_storeu_si512(o + i, _mm512_permutexvar_epi16(idx, table));
-      }
+    return;
+  }
+  // A group has only 16 values, offset + scale * q for q = 0..15: they are computed once per
+  // group (offset + (scale * q) rounded twice, as PyTorch dequantises: the empty asm keeps the
+  // compiler from contracting the product and the sum into one fused multiply-add), rounded to
+  // bfloat16 into the low half of a register, and each 4-bit code picks its value by a word
+  // permutation (vpermw reads the low 5 bits of each 16-bit index). The rows [j0, j1) are
+  // contiguous in the packed codes, the scales and the offsets, and in `out`: one run of groups.
+  const int64_t group = W.group, blocks = group / 32, groups = (j1 - j0) * (k / group);
+  const uint8_t* p = W.packed + j0 * (k / 2);
+  const float* scale = W.scale + j0 * (k / group);
+  const float* offset = W.offset + j0 * (k / group);
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo4 = _mm512_set1_epi32(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 sq = _mm512_mul_ps(_mm512_set1_ps(scale[g]), codes);
+    __asm__("" : "+v"(sq));
+    const __m512i table =
+        _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_set1_ps(offset[g]), sq)));
+    for (int64_t b = 0; b < blocks; ++b, p += 16, out += 32) {
+      // byte t (codes 2t: low nibble, 2t + 1: high) -> the 32-bit lane (low nibble) | (byte << 12):
+      // word 2t's low 5 bits hold the low nibble, word 2t + 1's the high one
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m512i idx = _mm512_or_si512(_mm512_and_si512(v, lo4), _mm512_slli_epi32(v, 12));
+      _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, table));
     }
   }
 }
