@@ -22,7 +22,9 @@ from torch import nn
 
 from looplm.layers.linear import Linear
 from looplm.ops import cpp_ext
+from looplm.ops.linear import bf16_products_on
 from looplm.ops.nodes import row_tiles, tracked
+from looplm.ops.qlinear import qlinear_swiglu, swiglu_applies
 
 _TILE = 1 << 18  # elements per tile of rows
 
@@ -120,4 +122,21 @@ class SwiGLU(nn.Module):
         self.w_out = Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.w_out(swiglu(self.w_in(x))), {}
+        parts = self._fused_parts(x)
+        h = qlinear_swiglu(x, parts) if parts is not None else swiglu(self.w_in(x))
+        return self.w_out(h), {}
+
+    def _fused_parts(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The weight parts of ``w_in`` where its product of ``x`` and the activation run as one
+        kernel (:func:`~looplm.ops.qlinear.qlinear_swiglu`: many rows on AMX tiles): a bias-free
+        int8 / int4 module with its kernels on (``kernel_parts()``), or a float32 ``Linear`` inside
+        :func:`~looplm.ops.linear.bf16_products`; else None (the product, then :func:`swiglu`)."""
+        m = self.w_in
+        if m.bias is not None:
+            return None
+        if type(m) is Linear:
+            parts = [m.weight] if m.weight.dtype == torch.float32 and bf16_products_on() else None
+        else:
+            quantised = getattr(m, "kernel", None) == "auto" and hasattr(m, "kernel_parts")
+            parts = m.kernel_parts() if quantised else None
+        return parts if parts is not None and swiglu_applies(x, parts) else None

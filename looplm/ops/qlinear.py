@@ -31,8 +31,8 @@ import torch
 from looplm.ops import cpp_ext
 from looplm.ops.nodes import tracked
 
-__all__ = ["MAX_ROWS", "GROUP", "parts_ok", "kernel_applies", "qlinear", "qembedding", "quantize_rows",
-           "bf16_rows", "dequantized", "qlinear_reference"]
+__all__ = ["MAX_ROWS", "GROUP", "parts_ok", "kernel_applies", "qlinear", "swiglu_applies", "qlinear_swiglu",
+           "qembedding", "quantize_rows", "bf16_rows", "dequantized", "qlinear_reference"]
 
 MAX_ROWS = 8  # rows of x up to which float32 weights run here (a decoding step of a small batch)
 GROUP = 32  # inputs per activation quantisation group
@@ -69,6 +69,28 @@ def kernel_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
 def qlinear(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
     """``x [..., K] @ Wᵀ`` -> ``[..., N]`` float32 by the C++ kernel (check :func:`kernel_applies`)."""
     y = torch.ops.looplm.qlinear(x.reshape(-1, x.shape[-1]).contiguous(), parts)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def swiglu_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    """Whether :func:`qlinear_swiglu` takes ``x [..., K]`` and ``parts`` of a fused gate | up weight
+    ``[2F, K]`` (any of the layouts :func:`parts_ok` takes): CPU float32 ``x`` with nothing recorded
+    for autograd, ``K`` a multiple of :data:`GROUP`, and :func:`bf16_rows` rows or more (the AMX
+    route; 0 there: never)."""
+    k = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // k if k else 0
+    return (0 < bf16_rows() <= rows and x.device.type == "cpu" and x.dtype == torch.float32
+            and k % GROUP == 0 and not tracked(x) and parts_ok(parts, k) and parts[0].shape[0] % 2 == 0
+            and all(p.device.type == "cpu" and p.is_contiguous() for p in parts))
+
+
+def qlinear_swiglu(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``silu(x W_gateᵀ) * (x W_upᵀ)`` of ``x [..., K]`` and the fused weight ``[2F, K]`` that
+    ``parts`` hold (gate rows, then up rows) -> ``[..., F]`` float32, on AMX tiles (check
+    :func:`swiglu_applies`). The same floats as the product's bfloat16 route followed by the
+    activation kernel (``csrc/swiglu.cpp``), without writing and reading back the ``[..., 2F]``
+    product: each thread keeps a strip's gate and up products in a scratch of its own."""
+    y = torch.ops.looplm.qlinear_swiglu(x.reshape(-1, x.shape[-1]).contiguous(), parts)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

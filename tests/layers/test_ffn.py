@@ -236,3 +236,32 @@ def test_swiglu_kernel_gives_the_same_bits_on_any_thread_count():
             y = swiglu(h, w)
             results.append([y, *torch.autograd.grad(y, (h, w), gy)])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float32"])
+def test_swiglu_runs_its_product_and_activation_as_one_kernel_on_amx_rows(fmt, monkeypatch):
+    """From bf16_rows() rows on (a prompt's forward), an int8 / int4 w_in, or a float32 one inside
+    bf16_products, runs qlinear_swiglu: the same floats as its product followed by the activation;
+    fewer rows take the product, then the activation."""
+    from looplm.ops import cpp_ext
+    from looplm.ops.linear import bf16_products
+    from looplm.ops.qlinear import bf16_rows
+    from looplm.quant.formats import make_format
+    from looplm.quant.linear import QuantLinear
+
+    if not cpp_ext.available() or not bf16_rows():
+        pytest.skip("no AMX bfloat16 matrix product in this build or CPU")
+    torch.manual_seed(0)
+    ffn = SwiGLU(64, 80)
+    if fmt != "float32":
+        ffn.w_in = QuantLinear.from_linear(ffn.w_in, make_format(fmt, 32))
+    fused = []
+    real = ffn_module.qlinear_swiglu
+    monkeypatch.setattr(ffn_module, "qlinear_swiglu", lambda x, p: fused.append(x.shape) or real(x, p))
+    for rows in (bf16_rows() - 1, bf16_rows() + 5):
+        x = torch.randn(rows, 64)
+        with torch.no_grad(), bf16_products(fmt == "float32"):
+            y, _ = ffn(x)
+            want = ffn.w_out(swiglu(ffn.w_in(x)))
+        assert torch.equal(y, want)
+    assert fused == [(bf16_rows() + 5, 64)]

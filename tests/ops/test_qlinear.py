@@ -18,7 +18,9 @@ from looplm.ops.qlinear import (
     qembedding,
     qlinear,
     qlinear_reference,
+    qlinear_swiglu,
     quantize_rows,
+    swiglu_applies,
 )
 from looplm.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from tests.threads import torch_threads
@@ -167,3 +169,36 @@ def test_many_rows_run_in_bfloat16(fmt, group):
     exact = x.double() @ w_hat.double().t()
     for y in (got, fewer):
         assert (y.double() - exact[:len(y)]).abs().max() <= 0.02 * exact.abs().max()
+
+
+@needs_kernel
+@pytest.mark.skipif(not bf16_rows(), reason="no AMX bfloat16 matrix product in this build or CPU")
+@settings(max_examples=25, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4", "float32"]), extra=st.integers(0, 40), f=st.integers(1, 100),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_swiglu_product_is_the_product_then_the_activation(fmt, extra, f, threads, seed):
+    """qlinear_swiglu of a fused gate | up weight [2F, K] gives the same floats as the product on
+    its bfloat16 route (qlinear for quantised weights, linear_bf16 for float32 ones) followed by
+    the activation kernel, for any F (strips of 32 gate rows split anywhere) and row count."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = bf16_rows() + extra
+    x, w = torch.randn(rows, 96, generator=gen), torch.randn(2 * f, 96, generator=gen)
+    parts, _ = _parts(fmt, w, 32)
+    assert swiglu_applies(x, parts)
+    with torch_threads(threads), torch.no_grad():
+        h = qlinear(x, parts) if fmt != "float32" else torch.ops.looplm.linear_bf16(x, w)
+        want = torch.ops.looplm.swiglu_forward(h.contiguous(), None)
+        got = qlinear_swiglu(x, parts)
+    assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_swiglu_product_refuses_what_it_does_not_take():
+    """Too few rows (the few-row kernels' route), an odd number of weight rows, and autograd are
+    not qlinear_swiglu's; the op itself says which."""
+    x, w = torch.randn(max(bf16_rows(), 1) + 2, 64), torch.randn(10, 64)
+    assert not swiglu_applies(x[:1], [w])
+    assert not swiglu_applies(x, [w[:9]])
+    assert not swiglu_applies(x.requires_grad_(), [w])
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        torch.ops.looplm.qlinear_swiglu(x.detach(), [w[:9]])

@@ -1,5 +1,8 @@
-// y = x W^T for a few rows of x with float32, int8 or int4 weights (qmatvec.h), and the rows of
-// a quantised embedding table. See looplm/ops/qlinear.py for why this exists and its reference.
+// y = x W^T for a few rows of x with float32, int8 or int4 weights (qmatvec.h), the SwiGLU of
+// such a product for many rows, and the rows of a quantised embedding table. See
+// looplm/ops/qlinear.py for why this exists and its reference.
+#include "simd.h"  // first: it selects ATen's vector instruction set
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,6 +40,59 @@ Tensor linear_bf16(const Tensor& x, const Tensor& w) {
   Tensor y = at::empty({m, n}, x.options());
 #ifdef LOOPLM_AMX
   looplm::qmatmul_bf16(x.data_ptr<float>(), m, k, {W}, {0}, y.data_ptr<float>(), n, /*all=*/true);
+#endif
+  return y;
+}
+
+#ifdef LOOPLM_AMX
+// out[r, j] = silu(x[r] . W[j]) * (x[r] . W[F + j]) for j < F: W [2F, k] holds the gate rows, then
+// the up rows (SwiGLU, Shazeer 2020, as looplm/layers/ffn.py fuses them). The products are
+// qmatmul_bf16's (every weight kind in bfloat16, float32 sums; the same floats), but each thread
+// takes strips of 32 gate rows with their 32 up rows, keeps both products of its strip in a scratch
+// of its own and writes only out: the [rows, 2F] product is never stored and read back.
+void qmatmul_bf16_swiglu(const float* x, int64_t rows, int64_t k, const looplm::QWeight& W, float* out) {
+  using looplm::kAmxStrip;
+  const int64_t F = W.n / 2, blocks = (rows + looplm::kAmxRows - 1) / looplm::kAmxRows;
+  thread_local looplm::TileBuffer xp_kept;
+  uint16_t* xp = xp_kept.reserve(looplm::amx_packed_size(rows, k));  // (the lambdas run on other threads)
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { looplm::amx_pack_x(x, rows, k, b0, b1, xp); });
+  at::parallel_for(0, (F + kAmxStrip - 1) / kAmxStrip, 1, [&](int64_t s0, int64_t s1) {
+    thread_local looplm::TileBuffer strip_kept;
+    uint16_t* strip = strip_kept.reserve(kAmxStrip * k);
+    thread_local std::vector<float> products;  // the strip's gate products [rows, 32], then its up ones
+    products.resize(static_cast<size_t>(2 * rows * kAmxStrip));
+    float *gate = products.data(), *up = gate + rows * kAmxStrip;
+    looplm::amx_configure();
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t j = s * kAmxStrip, n = std::min(kAmxStrip, F - j);
+      for (const int64_t half : {int64_t{0}, F}) {
+        looplm::dequant_bf16(W, half + j, half + j + n, strip);
+        if (n < kAmxStrip) std::fill(strip + n * k, strip + kAmxStrip * k, uint16_t{0});
+        looplm::amx_strip(xp, rows, k, strip, n, half ? up : gate, kAmxStrip, 0);
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        looplm::silu_mul(gate + r * kAmxStrip, up + r * kAmxStrip, 1.0f, n, out + r * F + j);
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// x [M, K] float32, w: weight parts of [2F, K] (gate rows, then up rows) -> silu(x Wg^T) * (x Wu^T)
+// [M, F], on AMX tiles: M >= bf16_rows() (> 0).
+Tensor qlinear_swiglu(const Tensor& x, at::TensorList w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "qlinear_swiglu: x must be a contiguous float32 CPU tensor [M, K]");
+  TORCH_CHECK(!w.empty() && w[0].dim() == 2 && w[0].size(0) % 2 == 0,
+              "qlinear_swiglu: weight parts must start with a matrix of an even number of rows");
+  TORCH_CHECK(x.size(1) % 32 == 0, "qlinear_swiglu: K must be a multiple of 32");
+  TORCH_CHECK(looplm::bf16_rows() > 0 && x.size(0) >= looplm::bf16_rows(),
+              "qlinear_swiglu: needs AMX bfloat16 tiles and at least bf16_rows() rows of x");
+  const int64_t m = x.size(0), k = x.size(1), n = w[0].size(0);
+  const looplm::QWeight W = looplm::qweight(w.vec(), n, k, "qlinear_swiglu");
+  Tensor y = at::empty({m, n / 2}, x.options());
+#ifdef LOOPLM_AMX
+  qmatmul_bf16_swiglu(x.data_ptr<float>(), m, k, W, y.data_ptr<float>());
 #endif
   return y;
 }
@@ -80,6 +136,7 @@ TORCH_LIBRARY_FRAGMENT(looplm, m) {
   m.def("qlinear(Tensor x, Tensor[] w) -> Tensor");
   m.def("qembedding(Tensor ids, Tensor[] w) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("qlinear_swiglu(Tensor x, Tensor[] w) -> Tensor");
   m.def("qlinear_bf16_rows() -> int", [] { return looplm::bf16_rows(); });
 }
 
@@ -87,4 +144,5 @@ TORCH_LIBRARY_IMPL(looplm, CPU, m) {
   m.impl("qlinear", qlinear);
   m.impl("qembedding", qembedding);
   m.impl("linear_bf16", linear_bf16);
+  m.impl("qlinear_swiglu", qlinear_swiglu);
 }
