@@ -76,7 +76,10 @@ def swiglu_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
     """Whether :func:`qlinear_swiglu` takes ``x [..., K]`` and ``parts`` of a fused gate | up weight
     ``[2F, K]`` (any of the layouts :func:`parts_ok` takes): CPU float32 ``x`` with nothing recorded
     for autograd, ``K`` a multiple of :data:`GROUP`, and :func:`bf16_rows` rows or more (the AMX
-    route; 0 there: never)."""
+    route; 0 there: never). Never while torch.compile or torch.export traces (the product and the
+    activation then go into the graph as they are)."""
+    if torch.compiler.is_compiling():
+        return False
     k = x.shape[-1] if x.dim() else 0
     rows = x.numel() // k if k else 0
     return (0 < bf16_rows() <= rows and x.device.type == "cpu" and x.dtype == torch.float32
