@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.layers.linear import Linear
+from looplm.layers.linear import Linear, kernel_parts
 from looplm.ops import cpp_ext
 from looplm.ops.linear import bf16_products_on
 from looplm.ops.nodes import row_tiles, tracked
@@ -137,6 +137,5 @@ class SwiGLU(nn.Module):
         if type(m) is Linear:
             parts = [m.weight] if m.weight.dtype == torch.float32 and bf16_products_on() else None
         else:
-            quantised = getattr(m, "kernel", None) == "auto" and hasattr(m, "kernel_parts")
-            parts = m.kernel_parts() if quantised else None
+            parts = kernel_parts(m)
         return parts if parts is not None and swiglu_applies(x, parts) else None

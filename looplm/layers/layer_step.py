@@ -63,7 +63,7 @@ from torch.nn.modules.module import (
 from looplm.layers import kv_cache
 from looplm.layers.ffn import SwiGLU
 from looplm.layers.liger import LigerGLA, trim_window
-from looplm.layers.linear import Linear
+from looplm.layers.linear import Linear, kernel_parts
 from looplm.layers.mixer_states import KVState, LinearizedState, QuantKVState, RecurrentState
 from looplm.layers.mixers import (
     GLA,
@@ -149,7 +149,7 @@ def _step_weights(m: Any) -> list[torch.Tensor] | None:
     float32 ``Linear``, a quantised module's ``kernel_parts()`` (int8, int4), else None."""
     if _plain_linear(m, False):
         return [m.weight]
-    parts = m.kernel_parts() if hasattr(m, "kernel_parts") and getattr(m, "kernel", None) == "auto" else None
+    parts = kernel_parts(m)
     if parts is None or m.bias is not None or not parts_ok(parts, m.in_features):
         return None
     return parts if all(p.device.type == "cpu" and p.is_contiguous() for p in parts) else None

@@ -6,17 +6,25 @@ quantisation (which swaps ``nn.Linear`` modules) and transformers integration se
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from looplm.ops.linear import linear
 
-__all__ = ["Linear", "activation_like"]
+__all__ = ["Linear", "kernel_parts", "activation_like"]
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def kernel_parts(m: Any) -> list[torch.Tensor] | None:
+    """The weight parts a quantised module's own kernels multiply (its ``kernel_parts()``, where its
+    ``kernel`` setting is ``auto``), else None (a float module, or its kernels turned off)."""
+    return m.kernel_parts() if hasattr(m, "kernel_parts") and getattr(m, "kernel", None) == "auto" else None
 
 
 def activation_like(m: nn.Module) -> torch.Tensor:

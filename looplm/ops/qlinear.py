@@ -61,9 +61,15 @@ def kernel_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
     for autograd, shapes it takes, kernels built; float32 weights: at most :data:`MAX_ROWS` rows,
     int8 / int4 weights: any number, as a prefill's rows run through weight tiles kept in cache)."""
     rows_ok = 0 < x.numel() and (len(parts) > 1 or x.numel() <= MAX_ROWS * x.shape[-1])
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and rows_ok
-            and not tracked(x) and parts_ok(parts, x.shape[-1])
-            and all(p.device.type == "cpu" and p.is_contiguous() for p in parts) and cpp_ext.available())
+    return rows_ok and _cpu_operands(x, parts) and cpp_ext.available()
+
+
+def _cpu_operands(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    """CPU float32 ``x [..., K]`` with nothing recorded for autograd, and contiguous CPU weight parts
+    of ``[N, K]`` in a layout the kernels take."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not tracked(x)
+            and parts_ok(parts, x.shape[-1])
+            and all(p.device.type == "cpu" and p.is_contiguous() for p in parts))
 
 
 def qlinear(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -82,9 +88,8 @@ def swiglu_applies(x: torch.Tensor, parts: list[torch.Tensor]) -> bool:
         return False
     k = x.shape[-1] if x.dim() else 0
     rows = x.numel() // k if k else 0
-    return (0 < bf16_rows() <= rows and x.device.type == "cpu" and x.dtype == torch.float32
-            and k % GROUP == 0 and not tracked(x) and parts_ok(parts, k) and parts[0].shape[0] % 2 == 0
-            and all(p.device.type == "cpu" and p.is_contiguous() for p in parts))
+    return (0 < bf16_rows() <= rows and k % GROUP == 0 and _cpu_operands(x, parts)
+            and parts[0].shape[0] % 2 == 0)
 
 
 def qlinear_swiglu(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -74,7 +74,6 @@ inline void amx_configure() {
 // 16 bytes off a line, as malloc's large blocks are).
 class TileBuffer {
  public:
-  uint16_t* data() { return p_.get(); }
   uint16_t* reserve(int64_t n) {
     if (n > n_) {
       const size_t bytes = (static_cast<size_t>(n) * sizeof(uint16_t) + 63) / 64 * 64;

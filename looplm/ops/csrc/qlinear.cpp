@@ -52,24 +52,17 @@ Tensor linear_bf16(const Tensor& x, const Tensor& w) {
 // of its own and writes only out: the [rows, 2F] product is never stored and read back.
 void qmatmul_bf16_swiglu(const float* x, int64_t rows, int64_t k, const looplm::QWeight& W, float* out) {
   using looplm::kAmxStrip;
-  const int64_t F = W.n / 2, blocks = (rows + looplm::kAmxRows - 1) / looplm::kAmxRows;
-  thread_local looplm::TileBuffer xp_kept;
-  uint16_t* xp = xp_kept.reserve(looplm::amx_packed_size(rows, k));  // (the lambdas run on other threads)
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { looplm::amx_pack_x(x, rows, k, b0, b1, xp); });
+  const int64_t F = W.n / 2;
+  const uint16_t* xp = looplm::amx_packed(x, rows, k);
   at::parallel_for(0, (F + kAmxStrip - 1) / kAmxStrip, 1, [&](int64_t s0, int64_t s1) {
-    thread_local looplm::TileBuffer strip_kept;
-    uint16_t* strip = strip_kept.reserve(kAmxStrip * k);
     thread_local std::vector<float> products;  // the strip's gate products [rows, 32], then its up ones
     products.resize(static_cast<size_t>(2 * rows * kAmxStrip));
     float *gate = products.data(), *up = gate + rows * kAmxStrip;
     looplm::amx_configure();
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t j = s * kAmxStrip, n = std::min(kAmxStrip, F - j);
-      for (const int64_t half : {int64_t{0}, F}) {
-        looplm::dequant_bf16(W, half + j, half + j + n, strip);
-        if (n < kAmxStrip) std::fill(strip + n * k, strip + kAmxStrip * k, uint16_t{0});
-        looplm::amx_strip(xp, rows, k, strip, n, half ? up : gate, kAmxStrip, 0);
-      }
+      for (const int64_t half : {int64_t{0}, F})
+        looplm::amx_weight_rows(W, half + j, n, xp, rows, half ? up : gate, kAmxStrip, 0);
       for (int64_t r = 0; r < rows; ++r)
         looplm::silu_mul(gate + r * kAmxStrip, up + r * kAmxStrip, 1.0f, n, out + r * F + j);
     }

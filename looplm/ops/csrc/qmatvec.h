@@ -553,16 +553,36 @@ inline void dequant_bf16(const QWeight& W, int64_t j0, int64_t j1, uint16_t* out
   }
 }
 
+// x [rows, k] packed for the tiles (amx_pack_x, its blocks over threads) into a buffer of the
+// calling thread's, kept between calls.
+inline const uint16_t* amx_packed(const float* x, int64_t rows, int64_t k) {
+  thread_local TileBuffer kept;
+  uint16_t* xp = kept.reserve(amx_packed_size(rows, k));  // (the lambda runs on other threads too)
+  at::parallel_for(0, (rows + kAmxRows - 1) / kAmxRows, 4,
+                   [&](int64_t b0, int64_t b1) { amx_pack_x(x, rows, k, b0, b1, xp); });
+  return xp;
+}
+
+// out[r * ldo + j0 + i] = x[r] . W[j + i] for i < n (n <= kAmxStrip) and every row r of x (xp, from
+// amx_packed): the weight rows dequantised into this thread's strip, then multiplied on the tiles
+// (configured in this thread).
+inline void amx_weight_rows(const QWeight& W, int64_t j, int64_t n, const uint16_t* xp, int64_t rows, float* out,
+                            int64_t ldo, int64_t j0) {
+  thread_local TileBuffer kept;
+  const int64_t k = W.k;
+  uint16_t* strip = kept.reserve(kAmxStrip * k);
+  dequant_bf16(W, j, j + n, strip);
+  if (n < kAmxStrip) std::fill(strip + n * k, strip + kAmxStrip * k, uint16_t{0});
+  amx_strip(xp, rows, k, strip, n, out, ldo, j0);
+}
+
 // out[r, off + j] = x[r] . W[j] on AMX tiles for quantised weights, and for float32 ones too if
 // `all` (else by BLAS in float32): x packed once, strips of 32 weight rows over threads (one
 // parallel region per call: each barrier costs), each dequantised (or rounded) into L1 and
 // multiplied by every row of x. k % 32 == 0.
 inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vector<QWeight>& ws,
                          const std::vector<int64_t>& offs, float* out, int64_t width, bool all = false) {
-  thread_local TileBuffer xp_kept;
-  uint16_t* xp = xp_kept.reserve(amx_packed_size(rows, k));  // (the lambdas run on other threads)
-  const int64_t blocks = (rows + kAmxRows - 1) / kAmxRows;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { amx_pack_x(x, rows, k, b0, b1, xp); });
+  const uint16_t* xp = amx_packed(x, rows, k);
   std::vector<std::pair<size_t, int64_t>> strips;  // (weight, first row)
   for (size_t p = 0; p < ws.size(); ++p) {
     if (!ws[p].quantised() && !all) {
@@ -575,15 +595,11 @@ inline void qmatmul_bf16(const float* x, int64_t rows, int64_t k, const std::vec
     for (int64_t j = 0; j < ws[p].n; j += kAmxStrip) strips.emplace_back(p, j);
   }
   at::parallel_for(0, static_cast<int64_t>(strips.size()), 1, [&](int64_t s0, int64_t s1) {
-    thread_local TileBuffer strip_kept;
-    uint16_t* strip = strip_kept.reserve(kAmxStrip * k);
     amx_configure();
     for (int64_t s = s0; s < s1; ++s) {
       const QWeight& W = ws[strips[s].first];
-      const int64_t j = strips[s].second, n = std::min(kAmxStrip, W.n - j);
-      dequant_bf16(W, j, j + n, strip);
-      if (n < kAmxStrip) std::fill(strip + n * k, strip + kAmxStrip * k, uint16_t{0});
-      amx_strip(xp, rows, k, strip, n, out + offs[strips[s].first], width, j);
+      const int64_t j = strips[s].second;
+      amx_weight_rows(W, j, std::min(kAmxStrip, W.n - j), xp, rows, out + offs[strips[s].first], width, j);
     }
     _tile_release();
   });
